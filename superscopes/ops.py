@@ -1,0 +1,131 @@
+"""Trace snippets: read, amplify and write a site, inside any nnsight trace.
+
+Everything here is plain torch on the values nnsight hands over, so the same calls run
+locally, under ``remote="local"`` and on NDIF (``superscopes`` registers this module and
+``sites`` to be shipped by value with remote requests)::
+
+    from superscopes import ops
+
+    with model.trace("Diana, Princess of Wales"):
+        v = ops.read(model, "mlp_out", 3, position=-1)          # [batch, d]
+    with model.trace(target_prompt):
+        ops.patch(model, "resid_post", 0, v, position=-1, alpha=6.0)
+
+Sites are described in ``superscopes.sites``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from superscopes.sites import architecture_of, resolve
+
+Transform = Literal["scale", "cfg", "norm", "affine", "random"]
+TRANSFORMS: tuple[str, ...] = ("scale", "cfg", "norm", "affine", "random")
+WRITE_MODES: tuple[str, ...] = ("replace", "add")
+
+Position = int | torch.Tensor
+
+
+def activation(model, site: str, layer: int) -> torch.Tensor:
+    """The live ``[batch, seq, d_model]`` tensor of ``site`` at ``layer``; writes to it patch the run."""
+    arch = architecture_of(model)
+    spec = arch.sites[site]
+    module = resolve(resolve(model, arch.blocks)[layer], spec.module)
+    value = module.input if spec.io == "input" else module.output
+    return value if spec.index is None else value[spec.index]
+
+
+def _index(position: Position, rows: torch.Tensor | None) -> tuple:
+    return (slice(None), position) if rows is None else (rows, position)
+
+
+def read(model, site: str, layer: int, position: Position = -1, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """A copy of ``site`` at ``layer``: ``[batch, d]`` at one position, or ``[len(rows), d]``
+    at ``(rows[i], position[i])``. Cloned so that saving it ships only these values."""
+    return activation(model, site, layer)[_index(position, rows)].clone()
+
+
+def amplify(
+    vectors: torch.Tensor,
+    alpha: float | torch.Tensor = 1.0,
+    transform: Transform = "scale",
+    base: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    direction: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Transform ``[n, d]`` vectors before they are written.
+
+    - ``scale``:  alpha * v (the Superscopes paper's code).
+    - ``cfg``:    base + alpha * (v - base), classifier-free-guidance style; ``base`` is the
+                  vector being replaced at the write site.
+    - ``norm``:   v rescaled to the norm of ``base``, then times alpha: tells amplification
+                  apart from merely restoring a normal residual norm.
+    - ``affine``: alpha * (v @ weight.T + bias), e.g. a map fitted between two models.
+    - ``random``: a random ``direction`` with the norm of v, times alpha (a control).
+    ``alpha`` is a scalar or one value per row.
+    """
+    alpha = torch.as_tensor(alpha, dtype=vectors.dtype, device=vectors.device)
+    if alpha.dim() == 1:
+        alpha = alpha[:, None]
+    if transform == "scale":
+        return alpha * vectors
+    if transform == "cfg":
+        return base + alpha * (vectors - base)
+    if transform == "norm":
+        return alpha * vectors * (base.norm(dim=-1, keepdim=True) / vectors.norm(dim=-1, keepdim=True))
+    if transform == "affine":
+        mapped = vectors @ weight.T.to(vectors.dtype)
+        return alpha * (mapped if bias is None else mapped + bias.to(vectors.dtype))
+    if transform == "random":
+        unit = direction.to(vectors.dtype) / direction.norm(dim=-1, keepdim=True)
+        return alpha * unit * vectors.norm(dim=-1, keepdim=True)
+    raise ValueError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+
+
+def write(
+    model,
+    site: str,
+    layer: int,
+    value: torch.Tensor,
+    position: Position = -1,
+    rows: torch.Tensor | None = None,
+    mode: Literal["replace", "add"] = "replace",
+) -> None:
+    """Overwrite (or add to) ``site`` at ``layer`` and ``position`` with ``value`` ``[n, d]``."""
+    _write_into(activation(model, site, layer), _index(position, rows), value, mode)
+
+
+def _write_into(target: torch.Tensor, index: tuple, value: torch.Tensor, mode: str) -> None:
+    value = value.to(device=target.device, dtype=target.dtype)
+    if mode == "add":
+        target[index] += value
+    elif mode == "replace":
+        target[index] = value
+    else:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
+
+
+def patch(
+    model,
+    site: str,
+    layer: int,
+    vectors: torch.Tensor,
+    position: Position = -1,
+    rows: torch.Tensor | None = None,
+    alpha: float | torch.Tensor = 1.0,
+    transform: Transform = "scale",
+    mode: Literal["replace", "add"] = "replace",
+    **transform_args: torch.Tensor,
+) -> None:
+    """Amplify ``vectors`` and write them at ``site``/``layer``: the amplify-and-patch step.
+
+    The ``base`` of ``cfg`` and ``norm`` is the clean vector at the write site."""
+    target = activation(model, site, layer)
+    index = _index(position, rows)
+    vectors = vectors.to(device=target.device, dtype=target.dtype)
+    base = target[index].clone() if transform in ("cfg", "norm") else None
+    _write_into(target, index, amplify(vectors, alpha, transform, base=base, **transform_args), mode)

@@ -1,0 +1,437 @@
+"""The amplify-and-patch graph: read -> transform -> write -> continue, as batched nnsight traces.
+
+A ``Scope`` describes a grid: source prompts x token positions x sites x layers x transforms
+x alphas x target layers (x sampled tries). ``run`` executes it in two stages:
+
+1. *Read*: every source prompt runs once (batched), and every vector any cell needs is
+   read in that pass.
+2. *Patch*: cells become rows of batched target passes (one ``generate`` or ``trace`` per
+   chunk of ``batch_size`` rows). Inside a pass, each (target layer, target site) group of
+   rows gets its transformed vectors written in forward order.
+
+Because the vectors are read in a separate pass, the target layer may be below the source
+layer (back-patching) and the target may be another model (cross-model patching).
+Every cell is validated before any forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pandas as pd
+import torch
+
+from superscopes import ops
+from superscopes.models import model_name
+from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
+from superscopes.sites import SITE_NAMES, architecture_of, num_layers, resolve
+
+TargetLayer = int | Literal["same"]
+
+RESULT_COLUMNS = [
+    "model", "source", "token", "position", "site", "layer", "target", "target_layer", "target_site",
+    "target_position", "transform", "alpha", "mode", "sample", "output", "output_ids",
+]  # fmt: skip
+
+
+class ScopeError(ValueError):
+    """A grid that cannot run; raised before any forward pass."""
+
+
+@dataclass
+class Scope:
+    """A Superscopes / Patchscopes grid. Defaults follow the Superscopes paper.
+
+    Source positions: ``token`` (substring, first match, last token of it), ``position``
+    (index into the tokenised prompt, BOS included, negative from the end), ``all_tokens``,
+    else the last token.
+    ``target``: a template name (``entity``, ``identity``), template text containing
+    ``placeholder``, or ``"source"`` to write back into the source prompt at the source
+    position (back-patching). ``target_position``: ``placeholder``, ``last`` or an index.
+    ``output``: ``generate`` (``max_new_tokens`` tokens) or ``topk`` (next-token top-k).
+    """
+
+    prompts: Sequence[str] | str
+    token: str | None = None
+    position: int | None = None
+    all_tokens: bool = False
+    sites: Sequence[str] = ("mlp_out", "resid_post")
+    layers: Sequence[int] | Literal["all"] = "all"
+    alphas: Sequence[float] = (1, 3, 6, 9, 12, 15)
+    transforms: Sequence[str] = ("scale",)
+    target: str = "entity"
+    placeholder: str | None = None
+    target_position: Literal["placeholder", "last"] | int = "placeholder"
+    target_layers: Sequence[TargetLayer] = (0,)
+    target_site: str = "resid_post"
+    mode: Literal["replace", "add"] = "replace"
+    output: Literal["generate", "topk"] = "generate"
+    max_new_tokens: int = 10
+    top_k: int = 10
+    do_sample: bool = False
+    temperature: float = 1.0
+    samples: int = 1
+    seed: int | None = None
+    batch_size: int = 64
+    max_cells: int = 20_000
+    affine_weight: torch.Tensor | None = field(default=None, repr=False)
+    affine_bias: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        self.prompts = list(self.prompts)
+        for name in ("sites", "alphas", "transforms", "target_layers"):
+            value = getattr(self, name)
+            setattr(self, name, [value] if isinstance(value, (str, int, float)) else list(value))
+        if self.layers != "all":
+            self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+
+
+@dataclass(frozen=True)
+class _Source:
+    prompt: int  # index into Scope.prompts
+    position: int  # non-negative token index
+    token: str
+
+
+@dataclass(frozen=True)
+class _Cell:
+    source: _Source
+    site: str
+    layer: int
+    transform: str
+    alpha: float
+    target_layer: int
+    sample: int
+
+
+@dataclass
+class _Plan:
+    scope: Scope
+    sources: list[_Source]
+    cells: list[_Cell]
+    target_text: str | None  # None: each cell targets its own source prompt
+    target_index: int | None  # token index in target_text (None: per cell)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _choices(name: str, value, valid: Sequence) -> None:
+    if value not in valid:
+        raise ScopeError(f"{name} {value!r} is not valid; choose from {', '.join(map(str, valid))}")
+
+
+def _check_layers(name: str, layers: Sequence, model) -> None:
+    n = num_layers(model)
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+            raise ScopeError(f"{name} {layer!r} is out of range: {model_name(model)} has layers 0-{n - 1}")
+
+
+def _sources(scope: Scope, tokenizer) -> list[_Source]:
+    chosen = sum([scope.token is not None, scope.position is not None, scope.all_tokens])
+    if chosen > 1:
+        raise ScopeError("give at most one of token, position and all_tokens")
+    sources = []
+    for index, prompt in enumerate(scope.prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ScopeError(f"prompt {index} is empty: {prompt!r}")
+        pieces = tokens(tokenizer, prompt)
+        if scope.all_tokens:
+            positions = list(range(len(pieces)))
+        elif scope.token is not None:
+            try:
+                positions = [find_token(tokenizer, prompt, scope.token)]
+            except TokenNotFoundError as error:
+                raise ScopeError(str(error)) from None
+        elif scope.position is not None:
+            if not -len(pieces) <= scope.position < len(pieces):
+                raise ScopeError(
+                    f"position {scope.position} is outside prompt {prompt!r} ({len(pieces)} tokens: {pieces})"
+                )
+            positions = [scope.position % len(pieces)]
+        else:
+            positions = [len(pieces) - 1]
+        sources += [_Source(index, p, pieces[p]) for p in positions]
+    return sources
+
+
+def _target(scope: Scope, tokenizer) -> tuple[str | None, int | None]:
+    if scope.target == "source":
+        if scope.target_position != "placeholder":
+            raise ScopeError('target "source" writes at the source position; leave target_position as "placeholder"')
+        return None, None
+    template = TEMPLATES.get(scope.target)
+    text = template.text if template else scope.target
+    placeholder = scope.placeholder or (template.placeholder if template else "x")
+    if not text.strip():
+        raise ScopeError("the target prompt is empty")
+    n = num_tokens(tokenizer, text)
+    if scope.target_position == "placeholder":
+        try:
+            return text, find_token(tokenizer, text, placeholder, last_occurrence=True)
+        except TokenNotFoundError:
+            raise ScopeError(
+                f"target {text!r} has no placeholder {placeholder!r}: put it where the vector goes, "
+                "or set target_position to 'last' or an index"
+            ) from None
+    if scope.target_position == "last":
+        return text, n - 1
+    if isinstance(scope.target_position, int) and -n <= scope.target_position < n:
+        return text, scope.target_position % n
+    raise ScopeError(
+        f"target_position {scope.target_position!r} is not 'placeholder', 'last' or an index in 0-{n - 1}"
+    )
+
+
+def plan(scope: Scope, model, target_model=None) -> _Plan:
+    """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
+    target_model = target_model or model
+    if not scope.prompts:
+        raise ScopeError("no prompts given")
+    source_arch, target_arch = architecture_of(model), architecture_of(target_model)
+    for site in scope.sites:
+        _choices("site", site, list(source_arch.sites))
+    _choices("target_site", scope.target_site, list(target_arch.sites))
+    for transform in scope.transforms:
+        _choices("transform", transform, ops.TRANSFORMS)
+    _choices("mode", scope.mode, ops.WRITE_MODES)
+    _choices("output", scope.output, ["generate", "topk"])
+    layers = list(range(num_layers(model))) if scope.layers == "all" else scope.layers
+    if not layers:
+        raise ScopeError("no layers given")
+    _check_layers("layer", layers, model)
+    fixed_targets = [t for t in scope.target_layers if t != "same"]
+    _check_layers("target_layer", fixed_targets, target_model)
+    if "same" in scope.target_layers and num_layers(target_model) < max(layers) + 1:
+        raise ScopeError(f"target_layer 'same' needs layer {max(layers)} in {model_name(target_model)}")
+    for alpha in scope.alphas:
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ScopeError(f"alpha {alpha!r} is not a finite number")
+    if "affine" in scope.transforms and scope.affine_weight is None:
+        raise ScopeError("transform 'affine' needs affine_weight (and optionally affine_bias)")
+    if target_model is not model and scope.target == "source":
+        raise ScopeError('target "source" means the source prompt in the source model; give a target template')
+    if model.config.hidden_size != target_model.config.hidden_size and set(scope.transforms) != {"affine"}:
+        raise ScopeError(
+            f"hidden sizes differ ({model.config.hidden_size} vs {target_model.config.hidden_size}): "
+            "only transform 'affine' can map between these models"
+        )
+    if scope.samples < 1 or (scope.samples > 1 and not scope.do_sample):
+        raise ScopeError(f"samples={scope.samples}: more than one try per cell needs do_sample=True")
+    if scope.output == "generate" and scope.max_new_tokens < 1:
+        raise ScopeError(f"max_new_tokens must be at least 1, got {scope.max_new_tokens}")
+    if scope.batch_size < 1:
+        raise ScopeError(f"batch_size must be at least 1, got {scope.batch_size}")
+
+    sources = _sources(scope, model.tokenizer)
+    target_text, target_index = _target(scope, target_model.tokenizer)
+    grid = itertools.product(
+        sources, scope.sites, layers, scope.transforms, scope.alphas, scope.target_layers, range(scope.samples)
+    )
+    n_cells = len(sources) * len(scope.sites) * len(layers) * len(scope.transforms) * len(scope.alphas)
+    n_cells *= len(scope.target_layers) * scope.samples
+    if n_cells > scope.max_cells:
+        raise ScopeError(
+            f"the grid has {n_cells} cells ({len(sources)} source tokens x {len(scope.sites)} sites x "
+            f"{len(layers)} layers x {len(scope.transforms)} transforms x {len(scope.alphas)} alphas x "
+            f"{len(scope.target_layers)} target layers x {scope.samples} samples), over max_cells={scope.max_cells}"
+        )
+    cells = [
+        _Cell(src, site, layer, transform, float(alpha), layer if t == "same" else t, sample)
+        for src, site, layer, transform, alpha, t, sample in grid
+    ]
+    return _Plan(scope, sources, cells, target_text, target_index)
+
+
+# ---------------------------------------------------------------- execution
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _columns(tokenizer, texts: list[str], rows: list[int], positions: list[int]) -> torch.Tensor:
+    """Token index in ``texts[row]`` -> column in the left-padded batch nnsight builds from ``texts``."""
+    lengths = [num_tokens(tokenizer, t) for t in texts]
+    width = max(lengths)
+    return torch.tensor([width - lengths[r] + p for r, p in zip(rows, positions)])
+
+
+def _forward_groups(keys: list[tuple[str, int]]) -> list[list[int]]:
+    """Indices grouped by (site, layer), groups in the order a forward pass reaches them."""
+    order = sorted(range(len(keys)), key=lambda i: (keys[i][1], SITE_NAMES.index(keys[i][0])))
+    return [list(g) for _, g in itertools.groupby(order, key=lambda i: keys[i])]
+
+
+def read_vectors(
+    model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64, remote=False, progress=None
+) -> torch.Tensor:
+    """Vectors ``[len(reads), d]`` for ``(prompt index, token index, site, layer)`` reads.
+
+    Each prompt runs once, ``batch_size`` prompts per pass, and a pass saves its reads as
+    one stacked tensor, so a remote pass downloads only these vectors."""
+    out = torch.empty(len(reads), model.config.hidden_size)
+    for start in range(0, len(prompts), batch_size):
+        texts = prompts[start : start + batch_size]
+        ids = [i for i, r in enumerate(reads) if start <= r[0] < start + batch_size]
+        if not ids:
+            continue
+        groups = [[ids[j] for j in g] for g in _forward_groups([(reads[i][2], reads[i][3]) for i in ids])]
+        rows = [[reads[i][0] - start for i in g] for g in groups]
+        cols = [_columns(model.tokenizer, texts, r, [reads[i][1] for i in g]) for g, r in zip(groups, rows)]
+        with torch.inference_mode():
+            with model.trace(texts, remote=remote):
+                values = [
+                    ops.read(model, reads[g[0]][2], reads[g[0]][3], c, torch.tensor(r))
+                    for g, r, c in zip(groups, rows, cols)
+                ]
+                stacked = torch.cat(values).save()
+        out[torch.tensor([i for g in groups for i in g])] = stacked.to(out.dtype).cpu()
+        if progress is not None:
+            progress.update(len(texts))
+    return out
+
+
+def _patch_pass(target_model, plan: _Plan, cells: list[_Cell], vectors: torch.Tensor, directions, remote):
+    """One batched target pass for ``cells`` (all with the same transform); returns what it saved."""
+    scope = plan.scope
+    tokenizer = target_model.tokenizer
+    if plan.target_text is None:
+        texts = [scope.prompts[c.source.prompt] for c in cells]
+        positions = [c.source.position for c in cells]
+    else:
+        texts = [plan.target_text] * len(cells)
+        positions = [plan.target_index] * len(cells)
+    columns = _columns(tokenizer, texts, list(range(len(cells))), positions)
+    alphas = torch.tensor([c.alpha for c in cells])
+    transform = cells[0].transform
+    groups = _forward_groups([(scope.target_site, c.target_layer) for c in cells])
+    extra: dict[str, torch.Tensor] = {}
+    if transform == "affine":
+        extra = {"weight": scope.affine_weight}
+        if scope.affine_bias is not None:
+            extra["bias"] = scope.affine_bias
+    rows = [torch.tensor(g) for g in groups]
+    layers = [cells[g[0]].target_layer for g in groups]
+
+    with torch.inference_mode():
+        if scope.output == "generate":
+            kwargs = dict(max_new_tokens=scope.max_new_tokens, do_sample=scope.do_sample,
+                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            if scope.do_sample:
+                kwargs["temperature"] = scope.temperature
+            with target_model.generate(texts, remote=remote, **kwargs) as tracer:
+                for layer, row in zip(layers, rows):
+                    if transform == "random":
+                        extra = {"direction": directions[row]}
+                    ops.patch(target_model, scope.target_site, layer, vectors[row], columns[row], row,
+                              alpha=alphas[row], transform=transform, mode=scope.mode, **extra)  # fmt: skip
+                generated = tracer.result[:, -scope.max_new_tokens :].save()
+            return {"ids": generated}
+        unembed = resolve(target_model, architecture_of(target_model).unembed)
+        with target_model.trace(texts, remote=remote):
+            for layer, row in zip(layers, rows):
+                if transform == "random":
+                    extra = {"direction": directions[row]}
+                ops.patch(target_model, scope.target_site, layer, vectors[row], columns[row], row,
+                          alpha=alphas[row], transform=transform, mode=scope.mode, **extra)  # fmt: skip
+            top = unembed.output[:, -1].float().softmax(-1).topk(scope.top_k)
+            top_ids, top_probs = top.indices.save(), top.values.save()
+        return {"ids": top_ids, "probs": top_probs}
+
+
+def _decode(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """Generated ids up to (not including) the first end-of-sequence token, and their text."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True) -> pd.DataFrame:
+    """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
+
+    ``target_model``: patch into another model (cross-model; needs ``affine`` across
+    hidden sizes). ``remote``: ``True`` for NDIF, ``"local"`` to test remote-safety."""
+    from tqdm.auto import tqdm
+
+    target_model = target_model or model
+    the_plan = plan(scope, model, target_model)
+    if remote:
+        from superscopes.remote import configure
+
+        configure()
+    cells = the_plan.cells
+    keys = sorted({(c.source, c.site, c.layer) for c in cells}, key=lambda k: (k[0].prompt, k[0].position, k[1], k[2]))
+    key_index = {k: i for i, k in enumerate(keys)}
+    bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
+    reads = [(src.prompt, src.position, site, layer) for src, site, layer in keys]
+    table = read_vectors(model, scope.prompts, reads, scope.batch_size, remote, bar)
+    directions = None
+    if "random" in scope.transforms:
+        generator = torch.Generator().manual_seed(scope.seed if scope.seed is not None else 0)
+        directions = torch.randn(len(keys), target_model.config.hidden_size, generator=generator)
+
+    # Chunks hold one transform each; rows keep their grid order in the result.
+    order = sorted(range(len(cells)), key=lambda i: scope.transforms.index(cells[i].transform))
+    chunks = [
+        chunk
+        for _, same in itertools.groupby(order, key=lambda i: cells[i].transform)
+        for chunk in _chunks(list(same), scope.batch_size)
+    ]
+    outputs: list[dict] = [{} for _ in cells]
+    for n, chunk in enumerate(chunks):
+        chunk_cells = [cells[i] for i in chunk]
+        vector_ids = torch.tensor([key_index[(c.source, c.site, c.layer)] for c in chunk_cells])
+        if scope.do_sample and scope.seed is not None:
+            torch.manual_seed(scope.seed + n)
+        saved = _patch_pass(
+            target_model, the_plan, chunk_cells, table[vector_ids],
+            None if directions is None else directions[vector_ids], remote,
+        )  # fmt: skip
+        for row, i in enumerate(chunk):
+            ids = saved["ids"][row].tolist()
+            if scope.output == "generate":
+                text, ids = _decode(target_model.tokenizer, ids)
+                outputs[i] = {"output": text, "output_ids": ids}
+            else:
+                outputs[i] = {
+                    "output": target_model.tokenizer.decode([ids[0]]),
+                    "output_ids": ids,
+                    "output_probs": saved["probs"][row].tolist(),
+                }
+        bar.update(len(chunk))
+    bar.close()
+
+    name, target_name = model_name(model), model_name(target_model)
+    records = []
+    for cell, out in zip(cells, outputs):
+        src = cell.source
+        record = {
+            "model": name,
+            "source": scope.prompts[src.prompt],
+            "token": src.token,
+            "position": src.position,
+            "site": cell.site,
+            "layer": cell.layer,
+            "target": "source" if the_plan.target_text is None else the_plan.target_text,
+            "target_layer": cell.target_layer,
+            "target_site": scope.target_site,
+            "target_position": src.position if the_plan.target_index is None else the_plan.target_index,
+            "transform": cell.transform,
+            "alpha": cell.alpha,
+            "mode": scope.mode,
+            "sample": cell.sample,
+            **out,
+        }
+        if target_model is not model:
+            record["target_model"] = target_name
+        records.append(record)
+    return pd.DataFrame.from_records(records)
