@@ -110,6 +110,16 @@ def cmd_models(args: argparse.Namespace) -> None:
     print(pd.DataFrame(list_models())[["name", "cached", "source", "licence", "path"]].to_string(index=False))
 
 
+def cmd_recipe(args: argparse.Namespace) -> None:
+    import importlib
+
+    from recipes import RECIPES
+
+    if args.name not in RECIPES:
+        raise ValueError(f"unknown recipe {args.name!r}; recipes: {', '.join(RECIPES)}")
+    importlib.import_module(f"recipes.{args.name}").main(args.recipe_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superscopes", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -147,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = verbs.add_parser("models", help="list the embedded models and their cache state")
     models.set_defaults(func=cmd_models)
+
+    recipe = verbs.add_parser("recipe", help="run a paper experiment: superscopes recipe NAME [--quick] ...",
+                              add_help=False)  # fmt: skip
+    recipe.add_argument("name")
+    recipe.add_argument("recipe_args", nargs=argparse.REMAINDER)
+    recipe.set_defaults(func=cmd_recipe)
     return parser
 
 

@@ -37,7 +37,7 @@ def configure(dotenv: Path | None = None) -> None:
     import nnsight
     from nnsight import CONFIG
 
-    from superscopes import ops, sites
+    from superscopes import ops, scope, sites
 
     values = settings(dotenv)
     if values["NDIF_HOST"]:
@@ -45,8 +45,8 @@ def configure(dotenv: Path | None = None) -> None:
     if values["NDIF_API_KEY"]:
         CONFIG.API.APIKEY = values["NDIF_API_KEY"]
     # The server does not have superscopes installed: send the snippet modules' source.
-    nnsight.register(ops)
-    nnsight.register(sites)
+    for module in (ops, sites, scope):
+        nnsight.register(module)
 
 
 def redact(text: str) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import nnsight
 import pandas as pd
 import torch
 
@@ -270,81 +271,146 @@ def _forward_groups(keys: list[tuple[str, int]]) -> list[list[int]]:
     return [list(g) for _, g in itertools.groupby(order, key=lambda i: keys[i])]
 
 
-def read_vectors(
-    model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64, remote=False, progress=None
-) -> torch.Tensor:
-    """Vectors ``[len(reads), d]`` for ``(prompt index, token index, site, layer)`` reads.
+# A pass is planned on the client (tokenisation, rows, columns) as plain tensors, so that
+# executing it is only nnsight traces and torch: the part that runs on NDIF.
 
-    Each prompt runs once, ``batch_size`` prompts per pass, and a pass saves its reads as
-    one stacked tensor, so a remote pass downloads only these vectors."""
-    out = torch.empty(len(reads), model.config.hidden_size)
+
+@dataclass
+class _Group:
+    site: str
+    layer: int
+    rows: torch.Tensor  # batch rows
+    columns: torch.Tensor  # token columns in the padded batch
+    vectors: torch.Tensor  # read pass: where the values go in the vector table; patch pass: which vectors
+
+
+@dataclass
+class _Pass:
+    texts: list[str]
+    groups: list[_Group]
+    alphas: torch.Tensor | None = None  # patch passes: one per batch row
+    transform: str = "scale"
+    seed: int | None = None
+
+
+def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int) -> list[_Pass]:
+    passes = []
     for start in range(0, len(prompts), batch_size):
         texts = prompts[start : start + batch_size]
         ids = [i for i, r in enumerate(reads) if start <= r[0] < start + batch_size]
         if not ids:
             continue
-        groups = [[ids[j] for j in g] for g in _forward_groups([(reads[i][2], reads[i][3]) for i in ids])]
-        rows = [[reads[i][0] - start for i in g] for g in groups]
-        cols = [_columns(model.tokenizer, texts, r, [reads[i][1] for i in g]) for g, r in zip(groups, rows)]
-        with torch.inference_mode():
-            with model.trace(texts, remote=remote):
-                values = [
-                    ops.read(model, reads[g[0]][2], reads[g[0]][3], c, torch.tensor(r))
-                    for g, r, c in zip(groups, rows, cols)
-                ]
-                stacked = torch.cat(values).save()
-        out[torch.tensor([i for g in groups for i in g])] = stacked.to(out.dtype).cpu()
-        if progress is not None:
-            progress.update(len(texts))
-    return out
+        groups = []
+        for group in _forward_groups([(reads[i][2], reads[i][3]) for i in ids]):
+            members = [ids[j] for j in group]
+            rows = [reads[i][0] - start for i in members]
+            columns = _columns(tokenizer, texts, rows, [reads[i][1] for i in members])
+            groups.append(_Group(reads[members[0]][2], reads[members[0]][3], torch.tensor(rows), columns,
+                                 torch.tensor(members)))  # fmt: skip
+        passes.append(_Pass(texts, groups))
+    return passes
 
 
-def _patch_pass(target_model, plan: _Plan, cells: list[_Cell], vectors: torch.Tensor, directions, remote):
-    """One batched target pass for ``cells`` (all with the same transform); returns what it saved."""
-    scope = plan.scope
-    tokenizer = target_model.tokenizer
-    if plan.target_text is None:
-        texts = [scope.prompts[c.source.prompt] for c in cells]
-        positions = [c.source.position for c in cells]
-    else:
-        texts = [plan.target_text] * len(cells)
-        positions = [plan.target_index] * len(cells)
-    columns = _columns(tokenizer, texts, list(range(len(cells))), positions)
-    alphas = torch.tensor([c.alpha for c in cells])
-    transform = cells[0].transform
-    groups = _forward_groups([(scope.target_site, c.target_layer) for c in cells])
-    extra: dict[str, torch.Tensor] = {}
-    if transform == "affine":
-        extra = {"weight": scope.affine_weight}
-        if scope.affine_bias is not None:
-            extra["bias"] = scope.affine_bias
-    rows = [torch.tensor(g) for g in groups]
-    layers = [cells[g[0]].target_layer for g in groups]
+def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[_Pass], list[int]]:
+    """Batched target passes (one transform each) and the cell order they cover."""
+    scope, cells = the_plan.scope, the_plan.cells
+    order = sorted(range(len(cells)), key=lambda i: scope.transforms.index(cells[i].transform))
+    passes, covered = [], []
+    for n, chunk in enumerate(
+        chunk for _, same in itertools.groupby(order, key=lambda i: cells[i].transform)
+        for chunk in _chunks(list(same), scope.batch_size)
+    ):  # fmt: skip
+        chunk_cells = [cells[i] for i in chunk]
+        if the_plan.target_text is None:
+            texts = [scope.prompts[c.source.prompt] for c in chunk_cells]
+            positions = [c.source.position for c in chunk_cells]
+        else:
+            texts = [the_plan.target_text] * len(chunk)
+            positions = [the_plan.target_index] * len(chunk)
+        columns = _columns(target_model.tokenizer, texts, list(range(len(chunk))), positions)
+        vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
+        groups = [
+            _Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g], vector_ids[g])
+            for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells])
+        ]
+        seed = None if scope.seed is None else scope.seed + n
+        passes.append(_Pass(texts, groups, torch.tensor([c.alpha for c in chunk_cells]), chunk_cells[0].transform, seed))
+        covered += chunk
+    return passes, covered
 
+
+def _execute_reads(model, passes: list[_Pass], n_vectors: int, on_pass=None) -> torch.Tensor:
+    """Run read passes; returns the vector table ``[n_vectors, d]``. Only traces and torch."""
+    table = torch.empty(n_vectors, model.config.hidden_size)
+    for p in passes:
+        with model.trace(p.texts):
+            values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
+            stacked = torch.cat(values).save()
+        table[torch.cat([g.vectors for g in p.groups])] = stacked.to(table.dtype).cpu()
+        if on_pass is not None:
+            on_pass(len(p.texts))
+    return table
+
+
+def _execute_patches(target_model, passes: list[_Pass], table: torch.Tensor, settings: dict, on_pass=None) -> list:
+    """Run patch passes; returns per pass the saved token ids (and top-k probabilities).
+
+    ``settings``: output, max_new_tokens, top_k, do_sample, temperature, mode, pad_token_id,
+    unembed (module path), affine weight/bias, random directions (per vector)."""
+    outputs = []
+    unembed = resolve(target_model, settings["unembed"])
+    for p in passes:
+        extra = {}
+        if p.transform == "affine":
+            extra = {"weight": settings["weight"]}
+            if settings["bias"] is not None:
+                extra["bias"] = settings["bias"]
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        if settings["output"] == "generate":
+            kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": settings["do_sample"],
+                      "pad_token_id": settings["pad_token_id"]}  # fmt: skip
+            if settings["do_sample"]:
+                kwargs["temperature"] = settings["temperature"]
+            with target_model.generate(p.texts, **kwargs) as tracer:
+                for g in p.groups:
+                    if p.transform == "random":
+                        extra = {"direction": settings["directions"][g.vectors]}
+                    ops.patch(target_model, g.site, g.layer, table[g.vectors], g.columns, g.rows,
+                              alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
+                ids = tracer.result[:, -settings["max_new_tokens"] :].save()
+            outputs.append((ids, None))
+        else:
+            with target_model.trace(p.texts):
+                for g in p.groups:
+                    if p.transform == "random":
+                        extra = {"direction": settings["directions"][g.vectors]}
+                    ops.patch(target_model, g.site, g.layer, table[g.vectors], g.columns, g.rows,
+                              alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
+                top = unembed.output[:, -1].float().softmax(-1).topk(settings["top_k"])
+                ids, probs = top.indices.save(), top.values.save()
+            outputs.append((ids, probs))
+        if on_pass is not None:
+            on_pass(len(p.texts))
+    return outputs
+
+
+def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64,
+                 remote: bool | str = False) -> torch.Tensor:  # fmt: skip
+    """Vectors ``[len(reads), d]`` for ``(prompt index, token index, site, layer)`` reads.
+
+    Each prompt runs once, ``batch_size`` prompts per pass, and a pass saves its reads as
+    one stacked tensor, so a remote run downloads only these vectors (in one request)."""
+    passes = _read_passes(model.tokenizer, prompts, reads, batch_size)
     with torch.inference_mode():
-        if scope.output == "generate":
-            kwargs = dict(max_new_tokens=scope.max_new_tokens, do_sample=scope.do_sample,
-                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-            if scope.do_sample:
-                kwargs["temperature"] = scope.temperature
-            with target_model.generate(texts, remote=remote, **kwargs) as tracer:
-                for layer, row in zip(layers, rows):
-                    if transform == "random":
-                        extra = {"direction": directions[row]}
-                    ops.patch(target_model, scope.target_site, layer, vectors[row], columns[row], row,
-                              alpha=alphas[row], transform=transform, mode=scope.mode, **extra)  # fmt: skip
-                generated = tracer.result[:, -scope.max_new_tokens :].save()
-            return {"ids": generated}
-        unembed = resolve(target_model, architecture_of(target_model).unembed)
-        with target_model.trace(texts, remote=remote):
-            for layer, row in zip(layers, rows):
-                if transform == "random":
-                    extra = {"direction": directions[row]}
-                ops.patch(target_model, scope.target_site, layer, vectors[row], columns[row], row,
-                          alpha=alphas[row], transform=transform, mode=scope.mode, **extra)  # fmt: skip
-            top = unembed.output[:, -1].float().softmax(-1).topk(scope.top_k)
-            top_ids, top_probs = top.indices.save(), top.values.save()
-        return {"ids": top_ids, "probs": top_probs}
+        if not remote:
+            return _execute_reads(model, passes, len(reads))
+        from superscopes.remote import configure
+
+        configure()
+        with model.session(remote=remote):
+            table = nnsight.save(_execute_reads(model, passes, len(reads)))
+        return table
 
 
 def _decode(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
@@ -359,60 +425,63 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
 
     ``target_model``: patch into another model (cross-model; needs ``affine`` across
-    hidden sizes). ``remote``: ``True`` for NDIF, ``"local"`` to test remote-safety."""
+    hidden sizes). ``remote``: ``True`` for NDIF, ``"local"`` to test remote-safety; a
+    remote grid is one request (an nnsight session) that returns only token ids and
+    top-k probabilities."""
     from tqdm.auto import tqdm
 
     target_model = target_model or model
     the_plan = plan(scope, model, target_model)
-    if remote:
-        from superscopes.remote import configure
-
-        configure()
     cells = the_plan.cells
     keys = sorted({(c.source, c.site, c.layer) for c in cells}, key=lambda k: (k[0].prompt, k[0].position, k[1], k[2]))
-    key_index = {k: i for i, k in enumerate(keys)}
-    bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
+    vector_of = {k: i for i, k in enumerate(keys)}
     reads = [(src.prompt, src.position, site, layer) for src, site, layer in keys]
-    table = read_vectors(model, scope.prompts, reads, scope.batch_size, remote, bar)
-    directions = None
+    read_passes = _read_passes(model.tokenizer, scope.prompts, reads, scope.batch_size)
+    patch_passes, covered = _patch_passes(target_model, the_plan, vector_of)
+    settings = {
+        "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
+        "do_sample": scope.do_sample, "temperature": scope.temperature, "mode": scope.mode,
+        "pad_token_id": target_model.tokenizer.pad_token_id, "unembed": architecture_of(target_model).unembed,
+        "weight": scope.affine_weight, "bias": scope.affine_bias, "directions": None,
+    }  # fmt: skip
     if "random" in scope.transforms:
         generator = torch.Generator().manual_seed(scope.seed if scope.seed is not None else 0)
-        directions = torch.randn(len(keys), target_model.config.hidden_size, generator=generator)
+        settings["directions"] = torch.randn(len(keys), target_model.config.hidden_size, generator=generator)
 
-    # Chunks hold one transform each; rows keep their grid order in the result.
-    order = sorted(range(len(cells)), key=lambda i: scope.transforms.index(cells[i].transform))
-    chunks = [
-        chunk
-        for _, same in itertools.groupby(order, key=lambda i: cells[i].transform)
-        for chunk in _chunks(list(same), scope.batch_size)
-    ]
-    outputs: list[dict] = [{} for _ in cells]
-    for n, chunk in enumerate(chunks):
-        chunk_cells = [cells[i] for i in chunk]
-        vector_ids = torch.tensor([key_index[(c.source, c.site, c.layer)] for c in chunk_cells])
-        if scope.do_sample and scope.seed is not None:
-            torch.manual_seed(scope.seed + n)
-        saved = _patch_pass(
-            target_model, the_plan, chunk_cells, table[vector_ids],
-            None if directions is None else directions[vector_ids], remote,
-        )  # fmt: skip
-        for row, i in enumerate(chunk):
-            ids = saved["ids"][row].tolist()
+    with torch.inference_mode():
+        if remote:
+            from superscopes.remote import configure
+
+            configure()
+            # One request: the session runs every pass on the server and returns ids/probs.
+            with model.session(remote=remote):
+                table = _execute_reads(model, read_passes, len(keys))
+                outputs = nnsight.save(_execute_patches(target_model, patch_passes, table, settings))
+        else:
+            bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
+            table = _execute_reads(model, read_passes, len(keys), bar.update)
+            outputs = _execute_patches(target_model, patch_passes, table, settings, bar.update)
+            bar.close()
+
+    per_cell: list[dict] = [{} for _ in cells]
+    flat = iter(covered)
+    for ids, probs in outputs:
+        for row in range(len(ids)):
+            i, row_ids = next(flat), ids[row].tolist()
             if scope.output == "generate":
-                text, ids = _decode(target_model.tokenizer, ids)
-                outputs[i] = {"output": text, "output_ids": ids}
+                text, row_ids = _decode(target_model.tokenizer, row_ids)
+                per_cell[i] = {"output": text, "output_ids": row_ids}
             else:
-                outputs[i] = {
-                    "output": target_model.tokenizer.decode([ids[0]]),
-                    "output_ids": ids,
-                    "output_probs": saved["probs"][row].tolist(),
-                }
-        bar.update(len(chunk))
-    bar.close()
+                per_cell[i] = {"output": target_model.tokenizer.decode([row_ids[0]]), "output_ids": row_ids,
+                               "output_probs": probs[row].tolist()}  # fmt: skip
+    return _frame(model, target_model, the_plan, per_cell)
 
+
+def _frame(model, target_model, the_plan: _Plan, per_cell: list[dict]) -> pd.DataFrame:
+    scope = the_plan.scope
     name, target_name = model_name(model), model_name(target_model)
     records = []
-    for cell, out in zip(cells, outputs):
+    for cell, out in zip(the_plan.cells, per_cell):
         src = cell.source
         record = {
             "model": name,

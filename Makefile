@@ -1,0 +1,54 @@
+# Two commands on a fresh machine: `make demo` (main job on the embedded model) and `make test`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow test-remote test-browser bench ndif-up ndif-down recipes clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages on Linux.
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# A Superscopes readout of "Diana, Princess of Wales" at "Wales": MLP outputs and hidden
+# states of layers 1-4, written back at the same layer, six alphas, judged by MiniLM.
+demo: $(STAMP)
+	$(BIN)/superscopes scope "Diana, Princess of Wales" --token Wales --sites mlp_out,resid_post \
+		--layers 1-4 --alphas 1,3,6,9,12,15 --target-layer same --judge --out results/demo/wales.csv
+
+# The default suite: tiny random models of 8 architectures plus the real SmolLM2.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Full recipe runs and other long tests.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+# Against a real NDIF server on loopback (make ndif-up first; see scripts/ndif/README.md).
+test-remote: $(STAMP)
+	$(BIN)/python -m pytest -q -m ndif
+
+# The web app in headless Chromium (installs Debian chromium + chromium-driver).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	$(BIN)/pip install --quiet selenium
+	$(BIN)/python -m pytest -q -m browser
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+ndif-up: $(STAMP)
+	bash scripts/ndif/up.sh
+
+ndif-down:
+	bash scripts/ndif/down.sh
+
+clean:
+	rm -rf $(VENV) results
