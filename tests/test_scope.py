@@ -92,6 +92,18 @@ def test_graph_under_remote_local_equals_local(tiny_models, output):
         )
 
 
+def test_a_remote_grid_is_one_request(tiny_models, monkeypatch):
+    """Reads and all patch passes travel as one nnsight session (one request)."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    calls = []
+    original = LocalSimulationBackend.__call__
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", lambda self, tracer: calls.append(1) or original(self, tracer))
+    frame = run(tiny_models["llama"], topk_grid(batch_size=4), remote="local", progress=False)
+    assert len(frame) == 48  # 3 prompts x 2 sites x 2 layers x 2 alphas x 2 target layers, 12 passes of 4
+    assert len(calls) == 1
+
+
 def test_result_schema_one_row_per_cell(tiny_models):
     model = tiny_models["llama"]
     frame = run(model, Scope(PROMPTS[0], all_tokens=True, sites=["mlp_in", "resid_post"], layers=[0, 1],
