@@ -110,6 +110,17 @@ def cmd_models(args: argparse.Namespace) -> None:
     print(pd.DataFrame(list_models())[["name", "cached", "source", "licence", "path"]].to_string(index=False))
 
 
+def cmd_remote_status(args: argparse.Namespace) -> None:
+    from superscopes.models import resolve_remote_id
+    from superscopes.remote import status_report
+
+    rows = status_report(resolve_remote_id(args.model) if args.model else None)
+    for check, ok, sentence in rows:
+        print(f"{'ok ' if ok else 'NO '} {check:8} {sentence}")
+    if not all(ok for _, ok, _ in rows):
+        raise RuntimeError("the remote set-up is not ready (see the lines marked NO)")
+
+
 def cmd_recipe(args: argparse.Namespace) -> None:
     import importlib
 
@@ -157,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = verbs.add_parser("models", help="list the embedded models and their cache state")
     models.set_defaults(func=cmd_models)
+
+    remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model")
+    remote_verbs = remote.add_subparsers(dest="remote_verb", required=True)
+    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?")
+    status.add_argument("model", nargs="?", help="embedded name, repo id or served directory")
+    status.set_defaults(func=cmd_remote_status)
 
     recipe = verbs.add_parser("recipe", help="run a paper experiment: superscopes recipe NAME [--quick] ...",
                               add_help=False)  # fmt: skip

@@ -212,6 +212,15 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def resolve_remote_id(name_or_path: str) -> str:
+    """The repo id NDIF knows a model by: the repo id itself, or for an embedded name or a
+    local directory its absolute path (what a self-hosted server serves)."""
+    if name_or_path in EMBEDDED:
+        return str(cached_model_dir(name_or_path).expanduser().resolve())
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     remote: bool = False,
@@ -235,8 +244,14 @@ def load(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if remote:
+            from nnsight.modeling.huggingface import _ID_CACHE
+
             remote_config.configure()
-            model = TransformersModel(path, tokenizer=tokenizer)
+            repo_id = resolve_remote_id(name_or_path)
+            if Path(repo_id).is_dir():
+                _ID_CACHE[repo_id] = repo_id  # a served directory: no hub look-up of its canonical id
+            # The task is part of NDIF's model key; LanguageModel users reach the same deployment.
+            model = TransformersModel(repo_id, tokenizer=tokenizer, task="text-generation")
         else:
             hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs).eval()
             if device is not None:

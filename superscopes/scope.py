@@ -405,11 +405,14 @@ def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int
     with torch.inference_mode():
         if not remote:
             return _execute_reads(model, passes, len(reads))
-        from superscopes.remote import configure
+        from superscopes.remote import configure, explain
 
         configure()
-        with model.session(remote=remote):
-            table = nnsight.save(_execute_reads(model, passes, len(reads)))
+        try:
+            with model.session(remote=remote):
+                table = nnsight.save(_execute_reads(model, passes, len(reads)))
+        except Exception as error:
+            raise explain(error, model_name(model)) from error
         return table
 
 
@@ -453,10 +456,15 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
             from superscopes.remote import configure
 
             configure()
-            # One request: the session runs every pass on the server and returns ids/probs.
-            with model.session(remote=remote):
-                table = _execute_reads(model, read_passes, len(keys))
-                outputs = nnsight.save(_execute_patches(target_model, patch_passes, table, settings))
+            from superscopes.remote import explain
+
+            try:
+                # One request: the session runs every pass on the server and returns ids/probs.
+                with model.session(remote=remote):
+                    table = _execute_reads(model, read_passes, len(keys))
+                    outputs = nnsight.save(_execute_patches(target_model, patch_passes, table, settings))
+            except Exception as error:
+                raise explain(error, model_name(model)) from error
         else:
             bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
             table = _execute_reads(model, read_passes, len(keys), bar.update)
