@@ -31,9 +31,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Against a real NDIF server on loopback (make ndif-up first; see scripts/ndif/README.md).
+# Against a real NDIF server on loopback: starts it (first time ~10 min to install), runs
+# the remote tier, stops it. See scripts/ndif/README.md.
 test-remote: $(STAMP)
-	$(BIN)/python -m pytest -q -m ndif
+	bash scripts/ndif/up.sh
+	$(BIN)/python -m pytest -q -m ndif; status=$$?; bash scripts/ndif/down.sh; exit $$status
 
 # The web app in headless Chromium (installs Debian chromium + chromium-driver).
 test-browser: $(STAMP)

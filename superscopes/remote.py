@@ -64,7 +64,7 @@ _DIAGNOSES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("401 unauthorized", "403 forbidden", "unauthorized", "forbidden", "api key", "apikey", "not allowed"),
      "NDIF refused the API key for this model: set NDIF_API_KEY (environment or .env) to a key "
      "that is allowed to use it"),
-    (("not deployed", "not running", "no deployment", "model not found", "could not find model", "not found"),
+    (("not deployed", "could not deploy", "not running", "no deployment", "model not found", "not found"),
      "the model is not deployed on {host}; `superscopes remote status MODEL` lists what is"),
     (("connect", "connection refused", "name or service not known", "unreachable", "failed to send request"),
      "the NDIF server at {host} is unreachable: check NDIF_HOST and that the server is up "
@@ -92,6 +92,16 @@ def explain(error: BaseException, model_id: str | None = None) -> RemoteRunError
     return RemoteRunError(redact(f"remote run failed{where}: {diagnosis}. Server/client said: {original}"))
 
 
+def _repo_of(name: str, value: dict) -> str:
+    """The repo id of a /status entry: a field on public NDIF, inside the model key on ndif 0.1.2."""
+    import re
+
+    if "repo_id" in value:
+        return value["repo_id"]
+    found = re.search(r'"repo_id": "([^"]+)"', name)
+    return found.group(1) if found else name
+
+
 def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> list[tuple[str, bool, str]]:
     """``(check, ok, sentence)`` rows: server reachable, versions compatible, key, model deployed."""
     import nnsight
@@ -114,13 +124,12 @@ def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> lis
     except Exception as error:
         rows.append(("nnsight", False, f"the server did not report its environment ({type(error).__name__})"))
     key = settings(dotenv)["NDIF_API_KEY"]
-    rows.append(("api key", bool(key), "set (not shown)" if key else "NDIF_API_KEY is not set"))
-    deployed = {value.get("repo_id", name): value for name, value in raw.get("deployments", {}).items()}
+    rows.append(("api key", bool(key), "set (not shown)" if key else "NDIF_API_KEY is not set (public NDIF needs one; a self-hosted server may not)"))
+    deployed = {_repo_of(name, value): value for name, value in raw.get("deployments", {}).items()}
     if repo_id is not None:
         entry = deployed.get(repo_id)
-        ok = entry is not None and entry.get("application_state") == "RUNNING"
-        state = "not deployed" if entry is None else f"{entry.get('deployment_level')}, {entry.get('application_state')}"
-        rows.append(("model", ok, f"{repo_id}: {state}"))
+        state = entry.get("application_state", "unknown state") if entry else "not deployed"
+        rows.append(("model", state == "RUNNING", f"{repo_id}: {state}"))
     else:
         names = ", ".join(sorted(deployed)) or "none"
         rows.append(("models", bool(deployed), f"deployed: {names}"))
