@@ -41,7 +41,7 @@ test-remote: $(STAMP)
 test-browser: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	$(BIN)/pip install --quiet selenium
-	$(BIN)/python -m pytest -q -m browser
+	SUPERSCOPES_APP_SCREENSHOT=$${SUPERSCOPES_APP_SCREENSHOT:-results/app.png} $(BIN)/python -m pytest -q -rs -m browser
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = verbs.add_parser("models", help="list the embedded models and their cache state")
     models.set_defaults(func=cmd_models)
 
+    app = verbs.add_parser("app", help="the Superscopes explorer: a web page on 127.0.0.1")
+    from superscopes.app.server import add_arguments, cmd_app
+
+    add_arguments(app)
+    app.set_defaults(func=cmd_app)
+
     remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model")
     remote_verbs = remote.add_subparsers(dest="remote_verb", required=True)
     status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?")
@@ -189,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         print("superscopes: error: --sample needs --seed (sampled readouts must be reproducible)", file=sys.stderr)
         return 2
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, KeyError, RuntimeError) as error:
         from superscopes.remote import redact
 
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"superscopes: error: {redact(str(message))}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

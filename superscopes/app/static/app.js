@@ -1,0 +1,614 @@
+// Superscopes page: form -> /api/run, polling /api/jobs/<id>, token badges, a Layer x Site
+// table and per-site similarity heatmaps. Plain DOM code, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const POLL_MS = 400;
+const HEAT_MAX = 0.6; // similarity at the top of the colour scale
+
+const state = {
+  config: null,
+  client: clientId(),
+  preview: { key: "", tokens: [], numLayers: null }, // tokens of the prompt as typed
+  previewSeq: 0,
+  job: null, // last state from the server (without rows)
+  rows: new Map(), // "position|site|layer|alpha" -> row
+  next: 0,
+  selected: null, // selected token position
+  timer: null,
+};
+
+function clientId() {
+  let id = sessionStorage.getItem("superscopes-client");
+  if (!id) {
+    id = (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2)).replace(/-/g, "");
+    sessionStorage.setItem("superscopes-client", id);
+  }
+  return id;
+}
+
+// ------------------------------------------------------------------ server
+
+async function api(method, path, body) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers: body ? { "Content-Type": "application/json" } : {},
+      body: body ? JSON.stringify(body) : undefined,
+    });
+  } catch (error) {
+    throw new Error("the server is not answering: is `superscopes app` still running?");
+  }
+  let data = {};
+  try {
+    data = await response.json();
+  } catch (error) {
+    if (!response.ok) throw new Error(`the server answered ${response.status} ${response.statusText}`);
+  }
+  if (!response.ok) {
+    const failure = new Error(data.error || `the server answered ${response.status}`);
+    failure.status = response.status;
+    failure.job = data.job;
+    throw failure;
+  }
+  return data;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = "";
+  const strong = document.createElement("strong");
+  strong.textContent = "Error: ";
+  box.append(strong, message);
+  box.hidden = !message;
+  if (message && box.getBoundingClientRect().top < 0) box.scrollIntoView({ block: "start", behavior: "smooth" });
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// ------------------------------------------------------------------ form
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children);
+  return node;
+}
+
+function fillForm(config) {
+  const d = config.defaults;
+  const models = $("model");
+  for (const m of config.models) models.append(el("option", { value: m.id, text: m.label }));
+  models.value = config.default_model;
+  $("prompt").value = d.prompt;
+  $("layers").value = d.layers;
+  $("target-layer").value = String(d.target_layer);
+  $("alphas").value = d.alphas;
+  $("max-new-tokens").value = d.max_new_tokens;
+  $("max-new-tokens").max = config.limits.max_new_tokens;
+  for (const [site, label] of Object.entries(config.sites)) {
+    const box = el("input", { type: "checkbox", name: "sites", value: site });
+    box.checked = d.sites.includes(site);
+    $("sites").append(el("label", { class: "inline" }, box, ` ${label}`));
+  }
+  for (const [name, label] of Object.entries(config.transforms)) {
+    $("transform").append(el("option", { value: name, text: label }));
+  }
+  $("transform").value = d.transform;
+  $("target").value = d.target;
+  $("placeholder").value = d.placeholder;
+  const L = config.limits;
+  $("limits").textContent =
+    `Limits: prompt up to ${L.max_prompt_chars} characters and ${L.max_prompt_tokens} tokens; ` +
+    `grid up to ${L.max_cells} cells (tokens × sites × layers × alphas); up to ${L.max_new_tokens} new tokens; ` +
+    `one run at a time per page. Success: similarity above ${config.threshold}.` +
+    (config.remote_configured ? "" : " NDIF models appear when NDIF_API_KEY or NDIF_HOST is set.");
+  updateTargetFields();
+}
+
+function formBody() {
+  const mode = document.querySelector('input[name="tokens"]:checked').value;
+  let targetLayer = $("target-layer").value;
+  if (targetLayer === "number") targetLayer = $("target-layer-number").value;
+  return {
+    client: state.client,
+    model: $("model").value,
+    prompt: $("prompt").value,
+    tokens: mode,
+    token: $("token").value,
+    layers: $("layers").value,
+    target_layer: targetLayer,
+    sites: [...document.querySelectorAll('input[name="sites"]:checked')].map((b) => b.value),
+    alphas: $("alphas").value,
+    transform: $("transform").value,
+    target: $("target").value,
+    template: $("template").value,
+    placeholder: $("placeholder").value,
+    max_new_tokens: $("max-new-tokens").value,
+  };
+}
+
+function updateTargetFields() {
+  const kind = $("target").value;
+  $("custom-target").hidden = kind !== "custom";
+  $("target-layer-number").hidden = $("target-layer").value !== "number";
+  const template = state.config && state.config.templates[kind];
+  $("template-preview").textContent = template
+    ? `“${template.text}” — the vector replaces the last “${template.placeholder}”.`
+    : `The vector replaces the last “${$("placeholder").value || "x"}” of your template.`;
+}
+
+function parseLayers(text, numLayers) {
+  text = text.replace(/\s+/g, "");
+  if (text === "all") return numLayers;
+  if (!text) return null;
+  const seen = new Set();
+  for (const part of text.split(",")) {
+    const m = part.match(/^(\d+)(?:-(\d+))?$/);
+    if (!m) return null;
+    const low = +m[1], high = m[2] === undefined ? low : +m[2];
+    for (let l = low; l <= high; l++) seen.add(l);
+  }
+  return seen.size;
+}
+
+function updateGridSize() {
+  if (!state.config) return;
+  const body = formBody();
+  const nonSpecial = state.preview.tokens.filter((t) => !t.special).length;
+  const tokens = body.tokens === "all" ? nonSpecial : 1;
+  const layers = parseLayers(body.layers, state.preview.numLayers);
+  const alphas = body.alphas.split(",").filter((a) => a.trim() !== "").length;
+  const sites = body.sites.length;
+  const cap = state.config.limits.max_cells;
+  const line = $("grid-size");
+  if (!layers || !state.preview.tokens.length) {
+    line.textContent = "\u00a0";
+    line.classList.remove("over");
+    return;
+  }
+  const cells = tokens * sites * layers * alphas;
+  line.textContent = `${tokens} token${tokens === 1 ? "" : "s"} × ${sites} sites × ${layers} layers × ${alphas} alphas = ${cells} cells (cap ${cap})`;
+  line.classList.toggle("over", cells > cap);
+}
+
+let previewTimer = null;
+function schedulePreview() {
+  clearTimeout(previewTimer);
+  previewTimer = setTimeout(refreshPreview, 250);
+  $("prompt-count").textContent = $("prompt").value.length;
+}
+
+async function refreshPreview() {
+  const model = $("model").value;
+  const prompt = $("prompt").value;
+  const key = `${model}\u0000${prompt}`;
+  if (key === state.preview.key) return;
+  const seq = ++state.previewSeq;
+  const loaded = (state.config.models.find((m) => m.id === model) || {}).loaded;
+  $("model-info").textContent = loaded ? "\u00a0" : "loading the model (first use)…";
+  try {
+    const data = await api("POST", "/api/tokens", { model, prompt });
+    if (seq !== state.previewSeq) return;
+    state.preview = { key, tokens: data.tokens, numLayers: data.num_layers };
+    const entry = state.config.models.find((m) => m.id === model);
+    if (entry) entry.loaded = true;
+    $("model-info").textContent = `${data.num_layers} layers, loaded`;
+    $("layers-hint").textContent = `Layers 0–${data.num_layers - 1}: a range (1-7), a list (1,3,5-7) or all. Target layer “same” writes where it read.`;
+    if ($("error").dataset.source === "tokens") clearError();
+  } catch (error) {
+    if (seq !== state.previewSeq) return;
+    state.preview = { key: "", tokens: [], numLayers: state.preview.numLayers };
+    $("model-info").textContent = "\u00a0";
+    showError(error.message);
+    $("error").dataset.source = "tokens";
+  }
+  renderBadges();
+  updateGridSize();
+}
+
+// ------------------------------------------------------------------ jobs
+
+async function run(event) {
+  event.preventDefault();
+  clearError();
+  $("run").disabled = true;
+  try {
+    const job = await api("POST", "/api/run", formBody());
+    startJob(job);
+  } catch (error) {
+    showError(error.message);
+    $("error").dataset.source = "run";
+    $("run").disabled = false;
+    if (error.status === 409 && error.job && !state.job) resume(error.job);
+  }
+}
+
+function startJob(job) {
+  state.job = job;
+  state.rows = new Map();
+  state.next = 0;
+  const positions = job.grid.positions;
+  state.selected = positions[positions.length - 1];
+  $("all-alphas").checked = false;
+  $("download").href = `/api/jobs/${job.job}/csv`;
+  absorb(job);
+  poll();
+}
+
+async function resume(jobId) {
+  try {
+    const job = await api("GET", `/api/jobs/${jobId}?since=0`);
+    startJob(job);
+  } catch (error) {
+    /* the job is gone: nothing to resume */
+  }
+}
+
+function absorb(update) {
+  for (const row of update.rows || []) {
+    state.rows.set(`${row.position}|${row.site}|${row.layer}|${row.alpha}`, row);
+  }
+  state.next = update.next;
+  const { rows, ...rest } = update;
+  state.job = rest;
+  renderStatus();
+  renderBadges();
+  renderDetail();
+}
+
+async function poll() {
+  clearTimeout(state.timer);
+  const job = state.job;
+  if (!job) return;
+  try {
+    const update = await api("GET", `/api/jobs/${job.job}?since=${state.next}`);
+    if (!state.job || state.job.job !== job.job) return;
+    absorb(update);
+    if (update.status === "error") {
+      showError(`the run failed: ${update.error}`);
+      $("error").dataset.source = "job";
+    }
+    if (update.status === "running") state.timer = setTimeout(poll, POLL_MS);
+  } catch (error) {
+    showError(error.message);
+    if (error.status !== 404) state.timer = setTimeout(poll, 2000);
+  }
+}
+
+async function cancel() {
+  if (!state.job) return;
+  $("cancel").disabled = true;
+  $("progress-text").textContent += " — cancelling after the chunk in progress…";
+  try {
+    await api("POST", `/api/jobs/${state.job.job}/cancel`, {});
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// ------------------------------------------------------------------ rendering
+
+function renderStatus() {
+  const job = state.job;
+  const running = job && job.status === "running";
+  $("run").disabled = !!running;
+  $("cancel").disabled = !running;
+  const download = $("download");
+  const hasRows = state.rows.size > 0;
+  download.setAttribute("aria-disabled", hasRows ? "false" : "true");
+  download.classList.toggle("disabled", !hasRows);
+  if (!job) return;
+  $("progress").max = Math.max(job.total, 1);
+  $("progress").value = job.done;
+  const words = {
+    running: "running",
+    done: "done",
+    cancelled: "cancelled",
+    error: "failed",
+  }[job.status];
+  $("progress-text").textContent = `${job.done} / ${job.total} cells — ${words} (${duration(job.elapsed)})`;
+  $("status").dataset.status = job.status;
+}
+
+function duration(seconds) {
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  const minutes = Math.floor(seconds / 60);
+  return `${minutes} min ${Math.round(seconds - 60 * minutes)} s`;
+}
+
+function tokenLabel(text) {
+  // Visible whitespace: leading/trailing spaces as a middle dot, newlines as ⏎.
+  return text.replace(/ /g, "·").replace(/\n/g, "⏎").replace(/\t/g, "⇥") || "∅";
+}
+
+function tokenBest(position) {
+  let best = null;
+  for (const row of state.rows.values()) {
+    if (row.position === position && row.similarity !== null && (best === null || row.similarity > best)) {
+      best = row.similarity;
+    }
+  }
+  return best;
+}
+
+function badgesSource() {
+  const job = state.job;
+  const sameInput = job && job.prompt === $("prompt").value && job.model === $("model").value;
+  if (job && (sameInput || !state.preview.tokens.length)) return { tokens: job.grid.tokens, job };
+  return { tokens: state.preview.tokens, job: null };
+}
+
+function renderBadges() {
+  const box = $("badges");
+  box.textContent = "";
+  const { tokens, job } = badgesSource();
+  if (!tokens.length) {
+    box.append(el("span", { class: "hint", text: "Type a prompt to see its tokens." }));
+    return;
+  }
+  const scoped = new Set(job ? job.grid.positions : []);
+  for (const t of tokens) {
+    const badge = el("button", { type: "button", class: "badge", "data-position": t.index });
+    badge.append(el("span", { class: "tok", text: tokenLabel(t.text) }), el("sub", { text: t.index }));
+    if (t.special) badge.classList.add("special");
+    if (job && !scoped.has(t.index)) badge.classList.add("unscoped");
+    if (job && state.selected === t.index) badge.classList.add("selected");
+    let title = `token ${t.index}: ${JSON.stringify(t.text)}`;
+    if (job && scoped.has(t.index)) {
+      const best = tokenBest(t.index);
+      if (best !== null) {
+        const bar = el("span", { class: "bar" });
+        bar.style.background = heatColor(best);
+        badge.append(bar);
+        title += ` — best similarity ${best.toFixed(2)}`;
+        if (best > job.grid.threshold) badge.classList.add("pass");
+      }
+    } else if (job) {
+      title += " — not in this run";
+    } else {
+      title += " — run the grid to see its readouts";
+    }
+    badge.title = title;
+    badge.addEventListener("click", () => {
+      state.selected = t.index;
+      renderBadges();
+      renderDetail();
+    });
+    box.append(badge);
+  }
+}
+
+function cellRows(position, site, layer) {
+  const job = state.job;
+  return job.grid.alphas
+    .map((alpha) => state.rows.get(`${position}|${site}|${layer}|${alpha}`))
+    .filter(Boolean);
+}
+
+function bestOf(rows) {
+  // Highest similarity; ties go to the smaller alpha (as superscopes.judge.best).
+  let best = null;
+  for (const row of rows) {
+    if (row.similarity !== null && (best === null || row.similarity > best.similarity)) best = row;
+  }
+  return best || rows[0] || null;
+}
+
+function outputText(text) {
+  return text === "" ? "(empty)" : text;
+}
+
+function fmt(sim) {
+  return sim === null || sim === undefined ? "–" : sim.toFixed(2);
+}
+
+function renderDetail() {
+  const panel = $("detail");
+  const job = state.job;
+  if (!job || state.selected === null) {
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  const grid = job.grid;
+  const token = grid.tokens.find((t) => t.index === state.selected);
+  const title = $("detail-title");
+  title.textContent = "";
+  title.append(
+    "Token ",
+    el("span", { class: "tok-inline", text: tokenLabel(token ? token.text : "?") }),
+    el("span", { class: "hint", text: ` position ${state.selected} of “${job.prompt}”` }),
+  );
+  const table = $("table");
+  table.textContent = "";
+  const heatmaps = $("heatmaps");
+  heatmaps.textContent = "";
+  $("legend").textContent = "";
+  if (!grid.positions.includes(state.selected)) {
+    $("detail-hint").textContent = "This token is not in the run: choose “all” source tokens or match it, then run.";
+    return;
+  }
+  const tl = grid.target_layer === "same" ? "the same layer" : `layer ${grid.target_layer}`;
+  $("detail-hint").textContent =
+    `Each cell: the text generated with the vector amplified by the best alpha (highest similarity to the prompt), ` +
+    `written into ${tl} of the target prompt; transform ${grid.transform}. Green: similarity above ${grid.threshold}.`;
+  const showAll = $("all-alphas").checked;
+  const finished = job.status !== "running";
+
+  const head = el("tr", {}, el("th", { text: "Layer" }));
+  for (const site of grid.sites) head.append(el("th", { text: state.config.sites[site] || site }));
+  table.append(el("thead", {}, head));
+  const body = el("tbody");
+  for (const layer of grid.layers) {
+    const tr = el("tr", {}, el("th", { text: layer, scope: "row" }));
+    for (const site of grid.sites) {
+      const rows = cellRows(state.selected, site, layer);
+      const td = el("td", { "data-site": site, "data-layer": layer });
+      const best = bestOf(rows);
+      if (!best) {
+        td.append(el("span", { class: "pending", text: finished ? "not run" : "…" }));
+        td.classList.add("empty");
+      } else if (showAll) {
+        const list = el("ol", { class: "alphas" });
+        for (const row of rows) {
+          const li = el("li", {},
+            el("span", { class: "meta", text: `α ${row.alpha} · ${fmt(row.similarity)}` }),
+            el("span", { class: "out", text: outputText(row.output) }));
+          if (row === best) li.classList.add("best");
+          if (row.similarity !== null && row.similarity > grid.threshold) li.classList.add("pass");
+          list.append(li);
+        }
+        td.append(list);
+      } else {
+        td.append(
+          el("div", { class: "out", text: outputText(best.output) }),
+          el("div", { class: "meta", text: `α ${best.alpha} · similarity ${fmt(best.similarity)}` }),
+        );
+      }
+      if (best && best.similarity !== null && best.similarity > grid.threshold) td.classList.add("pass");
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+  table.append(body);
+
+  for (const site of grid.sites) heatmaps.append(heatmap(site, grid));
+  $("legend").append(legend(grid.threshold));
+}
+
+// ------------------------------------------------------------------ heatmaps
+
+const RAMP = [
+  [0.0, [247, 251, 255]],
+  [0.25, [198, 219, 239]],
+  [0.5, [107, 174, 214]],
+  [0.75, [33, 113, 181]],
+  [1.0, [8, 48, 107]],
+];
+
+function heatColor(sim) {
+  const t = Math.max(0, Math.min(1, sim / HEAT_MAX));
+  for (let i = 1; i < RAMP.length; i++) {
+    const [t1, c1] = RAMP[i];
+    const [t0, c0] = RAMP[i - 1];
+    if (t <= t1) {
+      const f = (t - t0) / (t1 - t0);
+      const c = c0.map((v, k) => Math.round(v + f * (c1[k] - v)));
+      return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+    }
+  }
+  return "rgb(8, 48, 107)";
+}
+
+function svg(tag, attrs = {}, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function heatmap(site, grid) {
+  const cw = 42, ch = 24, left = 40, top = 44;
+  const width = left + cw * grid.alphas.length + 4;
+  const height = top + ch * grid.layers.length + 4;
+  const root = svg("svg", {
+    width, height, viewBox: `0 0 ${width} ${height}`, class: "heatmap", role: "img",
+    "aria-label": `similarity of ${state.config.sites[site] || site} readouts by layer and alpha`,
+  });
+  root.append(svg("text", { x: left, y: 14, class: "hm-title" }, state.config.sites[site] || site));
+  root.append(svg("text", { x: 2, y: 36, class: "hm-axis" }, "layer"));
+  grid.alphas.forEach((alpha, j) => {
+    root.append(svg("text", { x: left + j * cw + cw / 2, y: 36, class: "hm-label", "text-anchor": "middle" }, `α${alpha}`));
+  });
+  grid.layers.forEach((layer, i) => {
+    const y = top + i * ch;
+    root.append(svg("text", { x: left - 6, y: y + ch / 2 + 4, class: "hm-label", "text-anchor": "end" }, layer));
+    grid.alphas.forEach((alpha, j) => {
+      const row = state.rows.get(`${state.selected}|${site}|${layer}|${alpha}`);
+      const x = left + j * cw;
+      const g = svg("g");
+      const sim = row ? row.similarity : null;
+      const rect = svg("rect", {
+        x: x + 1, y: y + 1, width: cw - 2, height: ch - 2, rx: 3,
+        fill: sim === null ? "#eef0f3" : heatColor(sim),
+        class: sim !== null && sim > grid.threshold ? "hm-cell pass" : "hm-cell",
+      });
+      g.append(rect);
+      if (row) {
+        const dark = sim !== null && sim / HEAT_MAX > 0.55;
+        g.append(svg("text", {
+          x: x + cw / 2, y: y + ch / 2 + 4, "text-anchor": "middle", class: dark ? "hm-value light" : "hm-value",
+        }, fmt(sim)));
+        g.append(svg("title", {}, `layer ${layer}, α ${alpha}: similarity ${fmt(sim)}\n${outputText(row.output)}`));
+      }
+      root.append(g);
+    });
+  });
+  return root;
+}
+
+function legend(threshold) {
+  const width = 240, height = 34;
+  const root = svg("svg", { width: width + 100, height, class: "legend-svg", role: "img", "aria-label": "colour scale" });
+  const defs = svg("defs");
+  const gradient = svg("linearGradient", { id: "ramp" });
+  for (const [t] of RAMP) gradient.append(svg("stop", { offset: `${t * 100}%`, "stop-color": heatColor(t * HEAT_MAX) }));
+  defs.append(gradient);
+  root.append(defs);
+  root.append(svg("text", { x: 0, y: 15, class: "hm-label" }, "similarity"));
+  root.append(svg("rect", { x: 70, y: 4, width, height: 14, fill: "url(#ramp)", stroke: "#c8ced6", rx: 2 }));
+  for (const v of [0, 0.2, 0.4, 0.6]) {
+    const x = 70 + (v / HEAT_MAX) * width;
+    root.append(svg("text", { x, y: 31, class: "hm-label", "text-anchor": "middle" }, v === HEAT_MAX ? `≥${v}` : `${v}`));
+  }
+  const tx = 70 + (threshold / HEAT_MAX) * width;
+  root.append(svg("line", { x1: tx, x2: tx, y1: 2, y2: 20, stroke: "#16a34a", "stroke-width": 2 }));
+  return root;
+}
+
+// ------------------------------------------------------------------ start
+
+async function init() {
+  try {
+    state.config = await api("GET", `/api/config?client=${state.client}`);
+  } catch (error) {
+    showError(error.message);
+    return;
+  }
+  fillForm(state.config);
+  $("form").addEventListener("submit", run);
+  $("cancel").addEventListener("click", cancel);
+  $("prompt").addEventListener("input", schedulePreview);
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit();
+  });
+  $("model").addEventListener("change", schedulePreview);
+  $("form").addEventListener("input", updateGridSize);
+  $("form").addEventListener("change", () => {
+    updateTargetFields();
+    updateGridSize();
+  });
+  $("placeholder").addEventListener("input", updateTargetFields);
+  $("token").addEventListener("focus", () => {
+    document.querySelector('input[name="tokens"][value="match"]').checked = true;
+    updateGridSize();
+  });
+  $("all-alphas").addEventListener("change", renderDetail);
+  $("download").addEventListener("click", (e) => {
+    if ($("download").getAttribute("aria-disabled") === "true") e.preventDefault();
+  });
+  schedulePreview();
+  if (state.config.active_job) resume(state.config.active_job);
+}
+
+document.addEventListener("DOMContentLoaded", init);

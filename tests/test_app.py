@@ -1,0 +1,343 @@
+"""The web app's JSON API, on a tiny random Llama and a fake judge (one test uses the real judge)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pandas as pd
+import pytest
+
+import superscopes
+from superscopes.app import App, make_server
+from superscopes.app.server import LIMITS, add_arguments
+from superscopes.app.testing import fake_similarity, tiny_model
+from superscopes.prompts import tokens as prompt_tokens
+from superscopes.scope import RESULT_COLUMNS
+
+PROMPT = "Diana, Princess of Wales"  # 6 tokens in SmolLM2's tokenizer, no BOS
+NAME = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(name=NAME)
+
+
+def start(app: App):
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server
+
+
+@pytest.fixture
+def make_app(model):
+    servers = []
+
+    def make(**kwargs):
+        kwargs.setdefault("judge", fake_similarity)
+        app = App(default_model=NAME, models={NAME: model}, offer_embedded=False, **kwargs)
+        server = start(app)
+        servers.append(server)
+        return app, server.url.rstrip("/")
+
+    yield make
+    for server in servers:
+        for job in server.app.jobs.values():
+            job.cancel.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def api(make_app):
+    app, base = make_app()
+    return Client(base, app)
+
+
+class Client:
+    def __init__(self, base: str, app: App):
+        self.base, self.app = base, app
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+    def json(self, method: str, path: str, body=None, headers=None):
+        status, _, raw = self.request(method, path, body, headers)
+        return status, json.loads(raw)
+
+    def run(self, **fields):
+        body = {"client": "test", "model": NAME, "prompt": PROMPT, "layers": "0-1", "alphas": "1,3",
+                "target_layer": "same", "max_new_tokens": 4, **fields}  # fmt: skip
+        return self.json("POST", "/api/run", body)
+
+    def wait(self, job: str, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        rows, since = [], 0
+        while time.time() < deadline:
+            status, state = self.json("GET", f"/api/jobs/{job}?since={since}")
+            assert status == 200, state
+            rows += state["rows"]
+            since = state["next"]
+            if state["status"] != "running":
+                return {**state, "rows": rows}
+            time.sleep(0.05)
+        raise AssertionError(f"job {job} still running after {timeout} s")
+
+
+def test_page_and_config(api):
+    status, headers, html = api.request("GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b'id="badges"' in html and b"/static/app.js" in html
+    for name in ("app.js", "app.css", "favicon.svg"):
+        assert api.request("GET", f"/static/{name}")[0] == 200
+    assert api.request("GET", "/static/../server.py")[0] == 404
+    status, config = api.json("GET", "/api/config?client=x")
+    assert status == 200
+    assert [m["id"] for m in config["models"]] == [NAME]
+    assert config["default_model"] == NAME
+    assert config["limits"]["max_cells"] == LIMITS["max_cells"]
+    assert config["sites"] == {"mlp_in": "MLP input", "mlp_out": "MLP output", "resid_post": "Hidden state"}
+    assert set(config["transforms"]) == {"scale", "cfg", "norm"}
+    assert "x" in config["templates"]["entity"]["text"]
+    assert config["active_job"] is None
+
+
+def test_tokens_endpoint(api, model):
+    status, answer = api.json("POST", "/api/tokens", {"model": NAME, "prompt": PROMPT})
+    assert status == 200
+    assert [t["text"] for t in answer["tokens"]] == prompt_tokens(model.tokenizer, PROMPT)
+    assert [t["index"] for t in answer["tokens"]] == list(range(6))
+    assert answer["num_layers"] == 2
+    assert not any(t["special"] for t in answer["tokens"])
+    status, answer = api.json("POST", "/api/tokens", {"model": NAME, "prompt": "<|im_start|>hi"})
+    assert answer["tokens"][0]["special"] is True
+    status, answer = api.json("POST", "/api/tokens", {"model": NAME, "prompt": ""})
+    assert status == 200 and answer["tokens"] == []
+
+
+def test_run_to_completion_matches_the_core(api, model):
+    status, job = api.run()
+    assert status == 202, job
+    assert job["status"] == "running"
+    assert job["total"] == 6 * 3 * 2 * 2  # tokens x sites x layers x alphas
+    assert job["grid"]["positions"] == list(range(6))
+    assert job["grid"]["layers"] == [0, 1] and job["grid"]["alphas"] == [1.0, 3.0]
+    state = api.wait(job["job"])
+    assert state["status"] == "done" and state["error"] is None
+    assert state["done"] == state["total"] == len(state["rows"]) == 72
+    rows = pd.DataFrame(state["rows"])
+    assert set(rows.columns) == {"token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity"}
+    assert rows.groupby(["position", "site", "layer", "alpha"]).size().eq(1).all()
+    assert (rows["target_layer"] == rows["layer"]).all()  # target layer "same"
+    assert rows["similarity"].between(0, 1).all()
+
+    # The app is the core graph: its rows for one token equal a direct superscopes.run.
+    direct = superscopes.run(model, superscopes.Scope(
+        PROMPT, position=5, sites=["mlp_in", "mlp_out", "resid_post"], layers=[0, 1], alphas=[1, 3],
+        target_layers=["same"], max_new_tokens=4), progress=False)  # fmt: skip
+    mine = rows[rows["position"] == 5].reset_index(drop=True)
+    assert mine["token"].eq(" Wales").all()
+    key = ["site", "layer", "alpha"]
+    merged = direct.merge(mine, on=key, suffixes=("_core", "_app"))
+    assert len(merged) == 12
+    assert (merged["output_core"] == merged["output_app"]).all()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"layers": "0-5"}, "layer 2 is out of range: tiny-llama has layers 0-1"),
+        ({"target_layer": "7"}, "target_layer 7 is out of range"),
+        ({"tokens": "match", "token": "zebra"}, "token 'zebra' is not in the prompt"),
+        ({"prompt": ""}, "the prompt is empty"),
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"alphas": ",".join(map(str, range(1, 70)))}, "the grid has 2484 cells (6 tokens x 3 sites x 2 layers x 69 alphas), over this page's cap of 2000"),  # fmt: skip
+        ({"prompt": "word " * 70}, "this page takes at most 300"),
+        ({"prompt": "a b " * 30}, "the prompt has 61 tokens; this page takes at most 48"),
+        ({"layers": "one-two"}, "layers 'one-two': use 'all'"),
+        ({"alphas": "1,big"}, "alpha 'big' is not a number"),
+        ({"alphas": "1,nan"}, "alpha nan is not a finite number"),
+        ({"sites": []}, "pick at least one site"),
+        ({"sites": ["mlp_out", "nowhere"]}, "site 'nowhere' is not valid"),
+        ({"transform": "affine"}, "transform 'affine' is not offered here"),
+        ({"target": "custom", "template": "no placeholder here", "placeholder": "@"}, "has no placeholder '@'"),
+        ({"target": "custom", "template": ""}, "the custom target template is empty"),
+        ({"max_new_tokens": 0}, "new tokens must be between 1 and 32"),
+        ({"model": "gpt-17"}, "model 'gpt-17' is not offered by this server"),
+        ({"tokens": "match", "token": ""}, "type the token to scope"),
+    ],
+)
+def test_validation_messages(api, fields, message):
+    status, answer = api.run(**fields)
+    assert status == 400, answer
+    assert message in answer["error"]
+    assert api.app.jobs == {}  # nothing started
+
+
+def test_cap_is_configurable_and_counts_only_scoped_tokens(make_app):
+    app, base = make_app(limits={"max_cells": 12})
+    client = Client(base, app)
+    status, answer = client.run()
+    assert status == 400 and "over this page's cap of 12" in answer["error"]
+    status, job = client.run(tokens="last")  # 1 token x 3 sites x 2 layers x 2 alphas = 12
+    assert status == 202 and job["total"] == 12 and job["grid"]["positions"] == [5]
+    assert client.wait(job["job"])["status"] == "done"
+
+
+def test_match_token_and_fixed_target_layer(api):
+    status, job = api.run(tokens="match", token="Princess", target_layer=1, sites=["mlp_out"], layers="0")
+    assert status == 202, job
+    state = api.wait(job["job"])
+    assert [r["position"] for r in state["rows"]] == [3, 3]
+    assert {r["target_layer"] for r in state["rows"]} == {1}
+
+
+def test_custom_and_identity_targets(api):
+    status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="custom",
+                          template="Tell me about @ please", placeholder="@")  # fmt: skip
+    assert status == 202, job
+    assert job["grid"]["target"] == "Tell me about @ please"
+    assert api.wait(job["job"])["status"] == "done"
+    status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="identity", transform="norm")
+    assert status == 202 and job["grid"]["target"].startswith("cat -> cat")
+    assert api.wait(job["job"])["status"] == "done"
+
+
+def test_cancel_keeps_partial_results_and_one_job_per_client(make_app):
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_judge(frame):
+        entered.set()
+        assert gate.wait(30)
+        return fake_similarity(frame)
+
+    app, base = make_app(judge=slow_judge)
+    client = Client(base, app)
+    status, job = client.run()
+    assert status == 202
+    assert entered.wait(60), "the first chunk never reached the judge"
+    # The same page cannot start a second job while one runs; the config tells it which.
+    status, answer = client.run()
+    assert status == 409 and answer["job"] == job["job"] and "already in progress" in answer["error"]
+    assert client.json("GET", "/api/config?client=test")[1]["active_job"] == job["job"]
+    status, answer = client.json("POST", f"/api/jobs/{job['job']}/cancel", {})
+    assert status == 200 and answer["job"] == job["job"]
+    gate.set()
+    state = client.wait(job["job"])
+    assert state["status"] == "cancelled"
+    assert 0 < state["done"] < state["total"]
+    assert len(state["rows"]) == state["done"] == 12  # the chunk in progress: one token, 2 layers
+    status, headers, raw = client.request("GET", f"/api/jobs/{job['job']}/csv")
+    assert status == 200 and len(pd.read_csv(io.BytesIO(raw))) == 12
+    # After the cancel the page may run again.
+    status, job2 = client.run(tokens="last", layers="0", sites=["mlp_out"])
+    assert status == 202
+    assert client.wait(job2["job"])["status"] == "done"
+
+
+def test_csv_download(api):
+    status, job = api.run(tokens="last")
+    state = api.wait(job["job"])
+    status, headers, raw = api.request("GET", f"/api/jobs/{job['job']}/csv")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/csv")
+    assert headers["Content-Disposition"] == f'attachment; filename="superscopes-diana-princess-of-wales-{job["job"]}.csv"'
+    frame = pd.read_csv(io.BytesIO(raw))
+    assert list(frame.columns) == [*RESULT_COLUMNS, "similarity"]
+    assert len(frame) == state["total"] == 12
+    assert (frame["model"] == NAME).all() and (frame["source"] == PROMPT).all()
+    assert frame.sort_values(["site", "layer", "alpha"])["output"].fillna("").tolist() == [
+        r["output"] for r in sorted(state["rows"], key=lambda r: (r["site"], r["layer"], r["alpha"]))
+    ]
+
+
+def test_server_side_failure_is_reported(make_app):
+    def broken_judge(frame):
+        raise RuntimeError("the judge fell over")
+
+    app, base = make_app(judge=broken_judge)
+    client = Client(base, app)
+    status, job = client.run(tokens="last")
+    state = client.wait(job["job"])
+    assert state["status"] == "error"
+    assert "RuntimeError: the judge fell over" in state["error"]
+
+
+def test_http_errors(api):
+    assert api.json("GET", "/api/jobs/0123abcd")[0] == 404
+    assert "no such page" in api.json("GET", "/nowhere")[1]["error"]
+    status, _, raw = api.request("POST", "/api/run", None, {"Content-Type": "text/plain"})
+    assert status == 400 and b"application/json" in raw
+    request = urllib.request.Request(api.base + "/api/run", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert error.value.code == 400 and b"not valid JSON" in error.value.read()
+    # DNS rebinding: a page on another origin resolving to 127.0.0.1 gets nothing.
+    status, answer = api.json("GET", "/api/config", headers={"Host": "evil.example:8765"})
+    assert status == 403
+    assert api.json("GET", "/api/config", headers={"Host": "localhost:8765"})[0] == 200
+
+
+def test_real_judge(make_app):
+    from superscopes import judge
+
+    app, base = make_app(judge=None)
+    client = Client(base, app)
+    status, job = client.run(tokens="last", sites=["mlp_out"], layers="1")
+    state = client.wait(job["job"], timeout=300)
+    assert state["status"] == "done", state["error"]
+    rows = pd.DataFrame(state["rows"])
+    expected = judge.score(rows.assign(source=PROMPT))["similarity"]
+    assert rows["similarity"].round(5).tolist() == expected.round(5).tolist()
+
+
+def test_command_line_prints_the_address_and_binds_loopback():
+    args = add_arguments(__import__("argparse").ArgumentParser()).parse_args([])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8765, superscopes.DEFAULT_MODEL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from superscopes.app import main; sys.exit(main(sys.argv[1:]))",
+         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("superscopes app: serving on http://127.0.0.1:"), line
+        url = line.split()[4]
+        with urllib.request.urlopen(url + "api/config", timeout=30) as response:
+            config = json.loads(response.read())
+        assert config["default_model"] == superscopes.DEFAULT_MODEL
+        assert not any(m["remote"] for m in config["models"]) or config["remote_configured"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_remote_models_are_offered_only_when_ndif_is_configured(model, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no .env here
+    for name in ("NDIF_API_KEY", "NDIF_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    app = App(default_model=NAME, models={NAME: model}, remote_models=["smollm2-135m"])
+    assert not app.remote_configured
+    assert [m["id"] for m in app.model_choices()] == [NAME, "smollm2-135m", "gemma3-270m"]
+    monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:9")
+    app = App(default_model=NAME, models={NAME: model}, remote_models=["smollm2-135m"], offer_embedded=False)
+    assert app.remote_configured
+    assert [(m["id"], m["label"], m["remote"]) for m in app.model_choices()] == [
+        (NAME, NAME, False), ("ndif:smollm2-135m", "smollm2-135m (NDIF)", True)
+    ]

@@ -1,0 +1,194 @@
+"""The web page in real headless Chromium (selenium + Debian's chromium and chromium-driver).
+
+Run with ``pytest -m browser tests/test_app_browser.py -rs``. Needs ``apt-get install chromium
+chromium-driver`` and ``pip install selenium``. By default the server runs a tiny random Llama
+with a fake judge; ``SUPERSCOPES_APP_MODEL=smollm2-135m`` runs a real model and the real judge
+(slower; what docs/app.png shows). Saves a screenshot of the page to docs/app.png
+(or to ``$SUPERSCOPES_APP_SCREENSHOT``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("SUPERSCOPES_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("SUPERSCOPES_CHROMEDRIVER", "/usr/bin/chromedriver")
+REAL_MODEL = os.environ.get("SUPERSCOPES_APP_MODEL")
+SCREENSHOT = Path(os.environ.get("SUPERSCOPES_APP_SCREENSHOT") or Path(__file__).resolve().parents[1] / "docs" / "app.png")
+PROMPT = "Diana, Princess of Wales"
+FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1400,1000", "--force-device-scale-factor=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server():
+    from superscopes.app import App, make_server
+    from superscopes.app.testing import fake_similarity, tiny_model
+
+    if REAL_MODEL:
+        app = App(default_model=REAL_MODEL, offer_embedded=False)
+    else:
+        app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, judge=fake_similarity,
+                  offer_embedded=False)  # fmt: skip
+    httpd = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def downloads():
+    path = Path(tempfile.mkdtemp(prefix="superscopes-downloads-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def driver(downloads):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not Path(path).exists():
+            pytest.skip(f"{path} is missing: apt-get install {package}")
+    profile = tempfile.mkdtemp(prefix="superscopes-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})  # fmt: skip
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    yield browser
+    browser.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(condition, timeout=30.0, message="condition"):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = condition()
+            if last:
+                return last
+        except Exception as error:  # the DOM may be re-rendering between polls
+            last = error
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {message} (last: {last!r})")
+
+
+def test_page_end_to_end(server, driver, downloads):
+    from selenium.webdriver.common.by import By
+
+    from superscopes.judge import best
+
+    find = driver.find_element
+    driver.get(server.url)
+    info = wait_for(lambda: re.search(r"(\d+) layers", find(By.ID, "model-info").text), 300, "the model to load")
+    n_layers = int(info.group(1))
+    layers, alphas = ("0-1", "1,3,6") if not REAL_MODEL else ("1-4", "1,3,6,9,12,15")
+    new_tokens = "4" if not REAL_MODEL else "10"
+
+    def fill(element_id, text):
+        box = find(By.ID, element_id)
+        box.clear()
+        box.send_keys(text)
+
+    def error_text():
+        box = find(By.ID, "error")
+        return box.text if box.is_displayed() else ""
+
+    # Bad input: an empty prompt, then a layer the model lacks; the page shows the core's message.
+    fill("prompt", "")
+    find(By.ID, "run").click()
+    wait_for(lambda: "the prompt is empty" in error_text(), 30, "the empty-prompt message")
+    fill("prompt", PROMPT)
+    fill("layers", f"0-{n_layers + 3}")
+    find(By.ID, "run").click()
+    wait_for(lambda: f"layer {n_layers} is out of range" in error_text(), 30, "the layer-range message")
+    assert f"has layers 0-{n_layers - 1}" in error_text()
+
+    # A good grid: the page states its size, then runs it.
+    fill("layers", layers)
+    fill("alphas", alphas)
+    fill("max-new-tokens", new_tokens)
+    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#badges .badge")) == 6, 30, "six token badges")
+    low, high = map(int, layers.split("-"))
+    n_alphas, n_layer_rows = len(alphas.split(",")), high - low + 1
+    total = 6 * 3 * n_layer_rows * n_alphas
+    size = find(By.ID, "grid-size").text
+    assert f"= {total} cells (cap 2000)" in size, size
+    find(By.ID, "run").click()
+    wait_for(lambda: find(By.ID, "cancel").is_enabled() or "done" in find(By.ID, "progress-text").text, 30,
+             "the run to start")  # fmt: skip
+    assert not error_text()
+    wait_for(lambda: f"{total} / {total} cells — done" in find(By.ID, "progress-text").text,
+             120 if not REAL_MODEL else 3600, "the run to finish")  # fmt: skip
+    assert not find(By.ID, "cancel").is_enabled() and find(By.ID, "run").is_enabled()
+
+    # Click a token: a Layer x Site table of best-alpha readouts, as the judge picks them.
+    job = next(iter(server.app.jobs.values()))
+    winners = best(job.frame(), ["position", "site", "layer"], threshold=0.3)
+    badge = find(By.CSS_SELECTOR, '#badges .badge[data-position="3"]')
+    assert badge.text.startswith("·Princess")
+    badge.click()
+    wait_for(lambda: "Princess" in find(By.ID, "detail-title").text, 10, "the token's table")
+    headers = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#table thead th")]
+    assert headers == ["Layer", "MLP input", "MLP output", "Hidden state"]
+    body_rows = driver.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+    assert len(body_rows) == n_layer_rows
+    for cell in driver.find_elements(By.CSS_SELECTOR, "#table tbody td"):
+        site, layer = cell.get_attribute("data-site"), int(cell.get_attribute("data-layer"))
+        winner = winners[(winners.position == 3) & (winners.site == site) & (winners.layer == layer)].iloc[0]
+        meta = re.fullmatch(r"α (\S+) · similarity (\S+)", cell.find_element(By.CSS_SELECTOR, ".meta").text)
+        assert meta and float(meta.group(1)) == winner.alpha, meta
+        assert abs(float(meta.group(2)) - winner.similarity) <= 0.0051
+        shown = cell.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent")
+        assert shown == (winner.output if isinstance(winner.output, str) and winner.output else "(empty)")
+    # The toggle shows every alpha in each cell.
+    find(By.ID, "all-alphas").click()
+    for cell in driver.find_elements(By.CSS_SELECTOR, "#table tbody td"):
+        assert len(cell.find_elements(By.CSS_SELECTOR, "li")) == n_alphas
+    find(By.ID, "all-alphas").click()
+    # One heatmap (layer x alpha) per site.
+    maps = driver.find_elements(By.CSS_SELECTOR, "#heatmaps svg.heatmap")
+    assert len(maps) == 3
+    for heat in maps:
+        assert len(heat.find_elements(By.CSS_SELECTOR, "rect.hm-cell")) == n_layer_rows * n_alphas
+
+    # Download the CSV.
+    for old in downloads.glob("*"):
+        old.unlink()
+    find(By.ID, "download").click()
+    files = wait_for(lambda: [p for p in downloads.glob("*.csv")], 30, "the CSV download")
+    wait_for(lambda: not list(downloads.glob("*.crdownload")), 30, "the download to complete")
+    frame = pd.read_csv(files[0])
+    assert len(frame) == total
+    assert {"source", "token", "site", "layer", "alpha", "output", "similarity"} <= set(frame.columns)
+
+    # The screenshot: the last token's table, the whole page.
+    find(By.CSS_SELECTOR, '#badges .badge[data-position="5"]').click()
+    wait_for(lambda: "Wales" in find(By.ID, "detail-title").text, 10, "the Wales table")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    time.sleep(0.3)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(SCREENSHOT))
