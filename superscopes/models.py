@@ -275,4 +275,4 @@ def model_name(model) -> str:
     for name in EMBEDDED:
         if path and Path(path) == cached_model_dir(name):
             return name
-    return path or type(model).__name__
+    return path or f"{getattr(model.config, 'model_type', 'model')} (in memory)"
