@@ -352,6 +352,20 @@ def _execute_reads(model, passes: list[_Pass], n_vectors: int, on_pass=None) -> 
     return table
 
 
+def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) -> None:
+    """Inside a trace: write each group's transformed vectors, in forward order."""
+    for g in p.groups:
+        extra = {}
+        if p.transform == "affine":
+            extra = {"weight": settings["weight"]}
+            if settings["bias"] is not None:
+                extra["bias"] = settings["bias"]
+        elif p.transform == "random":
+            extra = {"direction": settings["directions"][g.vectors]}
+        ops.patch(target_model, g.site, g.layer, table[g.vectors], g.columns, g.rows,
+                  alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
+
+
 def _execute_patches(target_model, passes: list[_Pass], table: torch.Tensor, settings: dict, on_pass=None) -> list:
     """Run patch passes; returns per pass the saved token ids (and top-k probabilities).
 
@@ -360,11 +374,6 @@ def _execute_patches(target_model, passes: list[_Pass], table: torch.Tensor, set
     outputs = []
     unembed = resolve(target_model, settings["unembed"])
     for p in passes:
-        extra = {}
-        if p.transform == "affine":
-            extra = {"weight": settings["weight"]}
-            if settings["bias"] is not None:
-                extra["bias"] = settings["bias"]
         if p.seed is not None:
             torch.manual_seed(p.seed)
         if settings["output"] == "generate":
@@ -373,20 +382,12 @@ def _execute_patches(target_model, passes: list[_Pass], table: torch.Tensor, set
             if settings["do_sample"]:
                 kwargs["temperature"] = settings["temperature"]
             with target_model.generate(p.texts, **kwargs) as tracer:
-                for g in p.groups:
-                    if p.transform == "random":
-                        extra = {"direction": settings["directions"][g.vectors]}
-                    ops.patch(target_model, g.site, g.layer, table[g.vectors], g.columns, g.rows,
-                              alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
+                _apply_patches(target_model, p, table, settings)
                 ids = tracer.result[:, -settings["max_new_tokens"] :].save()
             outputs.append((ids, None))
         else:
             with target_model.trace(p.texts):
-                for g in p.groups:
-                    if p.transform == "random":
-                        extra = {"direction": settings["directions"][g.vectors]}
-                    ops.patch(target_model, g.site, g.layer, table[g.vectors], g.columns, g.rows,
-                              alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
+                _apply_patches(target_model, p, table, settings)
                 top = unembed.output[:, -1].float().softmax(-1).topk(settings["top_k"])
                 ids, probs = top.indices.save(), top.values.save()
             outputs.append((ids, probs))
