@@ -1,0 +1,266 @@
+"""A training-free InverseScope (2025): read an activation by the inputs whose activations are
+closest to it, and test hypotheses by their feature-consistency rate.
+
+InverseScope interprets an activation z by P(x | z), proportional to k(d(z(x), z)), and scores
+a hypothesis f by the feature consistency rate FCR = E_{x ~ P(x|z)}[1{f(x) = f(x_original)}].
+The paper trains a conditional generator for P(x | z); this recipe samples from a corpus
+instead: the k nearest (snippet, position) inputs by cosine similarity of ``resid_post`` at
+the same layer, against k inputs drawn uniformly from the same corpus (the random baseline).
+
+Corpus: every text position (``superscopes.lens`` "text" positions) of snippets of the
+Patchscopes factual data. Queries: held-out snippets, at the last token of the first
+whole-word mention of their subject. An input x is a snippet read up to and including one token. Hypotheses:
+
+- ``country``: the token ends the name of a country (country names: the subjects of the
+  three country_* relations).
+- ``same_subject``: x's text up to the token contains the query's subject string.
+- ``subject_end``: the token is the last token of its own snippet's subject mention.
+- ``same_relation``: x's snippet comes from the query's relation (a topical hypothesis).
+- ``same_token``: x's token is the query's token (a lexical control).
+
+Beside the random baseline, a ``ceiling`` row per query and hypothesis: the most any k inputs
+of this corpus could reach, min(1, corpus inputs for which the hypothesis holds / k) (the
+corpus may hold fewer than k inputs with the query's subject, say).
+
+Each hypothesis is asked of the queries for which it holds (f(x_original) = 1), so its FCR is
+the share of sampled inputs for which it holds too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recipes._common import parser, setup, write_summary
+from recipes.token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
+
+NAME = "inverse_scope"
+DESCRIPTION = "Training-free InverseScope: feature consistency of nearest-activation inputs vs random inputs per layer"
+PAPER = (
+    "InverseScope (2025) samples inputs from a trained conditional generator and reports that feature "
+    "consistency rates of true hypotheses exceed those of random inputs; RESEARCH.md records no number, "
+    "and the training-free corpus version here has no published counterpart"
+)
+HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token")
+CELL_COLUMNS = ["model", "query", "subject", "relation", "position", "token", "layer", "sampler", "k", "hypothesis",
+                "f_query", "consistency", "neighbours"]  # fmt: skip
+
+
+def countries() -> list[str]:
+    """Country names: the subjects of the country_* relations of the Patchscopes factual data."""
+    names = set()
+    for path in sorted((PATCHSCOPES_DATA / "factual").glob("country_*.tsv")):
+        names |= set(pd.read_csv(path, sep="\t", index_col=0)["subject"].astype(str))
+    return sorted(names, key=len, reverse=True)
+
+
+def mention_ends(tokenizer, text: str, names: list[str]) -> set[int]:
+    """Indices of tokens that end a whole-word mention of any of ``names`` in ``text``."""
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    ends = set()
+    for name in names:
+        for match in re.finditer(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text):
+            overlapping = [i for i, (s, e) in enumerate(offsets) if e > s and s < match.end() and e > match.start()]
+            if overlapping:
+                ends.add(overlapping[-1])
+    return ends
+
+
+def build_parser():
+    p = parser(NAME, DESCRIPTION)
+    p.add_argument("--corpus", type=int, help="corpus snippets; default 1200, quick 60")
+    p.add_argument("--queries", type=int, help="query snippets; default 200, quick 16")
+    p.add_argument("--k", type=int, default=10, help="nearest inputs (and random inputs) per query")
+    p.add_argument("--layers", help="layers: 'all', '0,4,8' or 'a:b:c'; default every 3rd + last (quick: middle and last)")
+    p.add_argument("--site", default="resid_post", help="activation site (same for queries and corpus)")
+    return p
+
+
+class _Positions:
+    """The corpus as one table of inputs (snippet, token) with the features the hypotheses need."""
+
+    def __init__(self, tokenizer, frame: pd.DataFrame, pairs: list[tuple[int, int]], country_names: list[str]):
+        self.frame, self.pairs = frame, pairs
+        texts, subjects = frame["text"].tolist(), frame["subject"].tolist()
+        encodings = [tokenizer(t, return_offsets_mapping=True) for t in texts]
+        country_ends = [mention_ends(tokenizer, t, country_names) for t in texts]
+        subject_ends = [mention_ends(tokenizer, t, [s]) for t, s in zip(texts, subjects)]
+        self.token = [tokenizer.decode([encodings[p]["input_ids"][i]]) for p, i in pairs]
+        self.prefix = [texts[p][: encodings[p]["offset_mapping"][i][1]] for p, i in pairs]
+        self.country = np.array([i in country_ends[p] for p, i in pairs])
+        self.subject_end = np.array([i in subject_ends[p] for p, i in pairs])
+        self.relation = np.array([frame["relation"].iloc[p] for p, _ in pairs])
+
+    def contains(self, subject: str, rows: np.ndarray) -> np.ndarray:
+        pattern = re.compile(r"(?<!\w)" + re.escape(subject) + r"(?!\w)")
+        return np.array([bool(pattern.search(self.prefix[r])) for r in rows])
+
+
+def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    from superscopes import plots
+
+    hypotheses = [h for h in HYPOTHESES if h in set(summary["hypothesis"])]
+    fig, axes = plots.figure(len(hypotheses), cols=min(3, len(hypotheses)), size=(4.6, 3.6))
+    for ax, hypothesis in zip(axes, hypotheses):
+        part = summary[summary["hypothesis"] == hypothesis]
+        plots.lines(part, "layer", "consistency", hue="sampler", ax=ax, ylim=(-0.02, 1.02),
+                    title=f"{hypothesis} (n={int(part['n'].max())})", ylabel="feature consistency rate")  # fmt: skip
+    return plots.save(fig, path, title)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    run = setup(NAME, args, argv)
+    quick = args.quick
+    n_corpus = args.corpus or (60 if quick else 1200)
+    n_queries = args.queries or (16 if quick else 200)
+    remote = run.remote
+
+    from superscopes import lens
+    from superscopes.models import model_name
+    from superscopes.sites import num_layers
+
+    t0 = time.time()
+    model = run.load_model()
+    name = model_name(model)
+    n_layers = num_layers(model)
+    default = sorted({n_layers // 2, n_layers - 1}) if quick else sorted(
+        set(range(0, n_layers, 3)) | {n_layers - 1})  # fmt: skip
+    layers = parse_layers(args.layers, n_layers, default)
+
+    snippets = load_snippets(args.seed)
+    tokenizer = model.tokenizer
+    # Queries: held-out snippets whose subject is found in the text (position = its last token).
+    queries = []
+    for row in snippets.iloc[n_corpus:].itertuples():
+        ends = sorted(mention_ends(tokenizer, row.text, [row.subject]))  # whole-word mentions only
+        if ends and ends[0] > 0:
+            queries.append((row.text, row.subject, row.relation, ends[0]))
+        if len(queries) == n_queries:
+            break
+    corpus = snippets.iloc[:n_corpus].reset_index(drop=True)
+    store = run.store("cells.csv", ["layer"])
+    rows_before = len(store.load())
+    done = store.done()
+    pending = [l for l in layers if store.key([l]) not in done]
+    country_names = countries()
+    log(f"{name}: layers {layers} ({len(pending)} to run); corpus {len(corpus)} snippets; {len(queries)} queries")
+
+    if pending:
+        pairs = lens.token_positions(tokenizer, corpus["text"].tolist(), "text")
+        table = _Positions(tokenizer, corpus, pairs, country_names)
+        corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, pending, "text", args.batch_size, remote)
+        query_texts = [q[0] for q in queries]
+        query_acts = lens.collect(model, query_texts, args.site, pending, [[q[3]] for q in queries],
+                                  args.batch_size, remote)  # fmt: skip
+        log(f"activations: {len(pairs)} corpus positions, {len(queries)} queries ({time.time() - t0:.0f} s)")
+        query_frame = pd.DataFrame({"text": query_texts, "subject": [q[1] for q in queries],
+                                    "relation": [q[2] for q in queries]})  # fmt: skip
+        query_table = _Positions(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], country_names)
+        rng = np.random.default_rng(args.seed)
+        random_rows = np.stack([rng.choice(len(pairs), args.k, replace=False) for _ in queries])
+        every = np.arange(len(pairs))
+        tokens = np.array(table.token, dtype=object)
+
+        def features(qi: int, subject: str, relation: str, chosen: np.ndarray) -> dict:
+            """hypothesis -> (f(x_original), f over the chosen corpus inputs)."""
+            return {
+                "country": (bool(query_table.country[qi]), table.country[chosen]),
+                "same_subject": (True, table.contains(subject, chosen)),
+                "subject_end": (bool(query_table.subject_end[qi]), table.subject_end[chosen]),
+                "same_relation": (True, table.relation[chosen] == relation),
+                "same_token": (True, tokens[chosen] == query_table.token[qi]),
+            }
+
+        # The ceiling: the most any k inputs of this corpus can agree with the query on each
+        # hypothesis, min(1, inputs for which it holds / k); the same at every layer.
+        ceiling = [
+            {h: min(1.0, float(np.sum(f == f_query)) / args.k) for h, (f_query, f) in features(qi, q[1], q[2], every).items()}
+            for qi, q in enumerate(queries)
+        ]  # fmt: skip
+        for layer in pending:
+            keys = torch.nn.functional.normalize(corpus_acts[layer], dim=-1)
+            values = torch.nn.functional.normalize(query_acts[layer], dim=-1)
+            nearest = (values @ keys.T).topk(args.k, dim=-1).indices.numpy()
+            rows = []
+            for qi, (text, subject, relation, position) in enumerate(queries):
+                for sampler, chosen in (("nearest", nearest[qi]), ("random", random_rows[qi]), ("ceiling", None)):
+                    found = features(qi, subject, relation, every[:0] if chosen is None else chosen)
+                    for hypothesis, (f_query, f_inputs) in found.items():
+                        if not f_query:
+                            continue  # each hypothesis is asked of the queries for which it holds
+                        if chosen is None:
+                            consistency, shown = ceiling[qi][hypothesis], []
+                        else:
+                            consistency, shown = float(np.mean(f_inputs == f_query)), chosen[:3]
+                        rows.append({
+                            "model": name, "query": text, "subject": subject, "relation": relation,
+                            "position": position, "token": query_table.token[qi], "layer": layer,
+                            "sampler": sampler, "k": args.k, "hypothesis": hypothesis, "f_query": int(f_query),
+                            "consistency": consistency, "neighbours": json.dumps([table.prefix[r] for r in shown]),
+                        })  # fmt: skip
+            store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
+            log(f"layer {layer} done")
+
+    cells = store.load()
+    seconds = record_time(run.out, t0, rows_before, len(cells))
+    cells = cells[cells["layer"].isin(layers)]
+    summary = (
+        cells.groupby(["hypothesis", "layer", "sampler"])
+        .agg(consistency=("consistency", "mean"), n=("consistency", "size"))
+        .reset_index()
+    )
+    summary.insert(0, "model", name)
+    summary.to_csv(run.out / "summary.csv", index=False)
+    figure = plot(summary, run.out / "inverse_scope.png",
+                  f"Training-free InverseScope on {name}: {len(queries)} queries (last subject token), k={args.k} "
+                  f"nearest {args.site} by cosine among {len(corpus)} snippets' tokens vs k random")  # fmt: skip
+
+    wide = summary.pivot_table(index=["hypothesis", "layer"], columns="sampler", values="consistency").reset_index()
+    wide["lift"] = wide["nearest"] - wide["random"]
+    best = wide.loc[wide.groupby("hypothesis")["lift"].idxmax()].set_index("hypothesis")
+    ours = "; ".join(
+        f"{h}: {best.loc[h, 'nearest']:.2f} vs random {best.loc[h, 'random']:.2f}, ceiling {best.loc[h, 'ceiling']:.2f} "
+        f"(layer {int(best.loc[h, 'layer'])})"
+        for h in HYPOTHESES if h in best.index
+    ) + f" (nearest-input FCR at the best layer per hypothesis; {len(queries)} queries, k={args.k})"
+    findings = []
+    for h in HYPOTHESES:
+        part = wide[wide["hypothesis"] == h].sort_values("layer")
+        if len(part):
+            findings.append(f"{h}: nearest-input consistency " + ", ".join(
+                f"L{int(r.layer)} {r.nearest:.2f}" for r in part.itertuples()) + f" (random "
+                f"{part['random'].mean():.2f}, ceiling {part['ceiling'].mean():.2f}).")  # fmt: skip
+    count = cells[(cells["hypothesis"] == "country") & (cells["sampler"] == "nearest")]["query"].nunique()
+    findings.append(f"The country hypothesis is asked of the {count} queries whose subject is a country.")
+    mid = layers[len(layers) // 2]
+    examples = cells[(cells["layer"] == mid) & (cells["sampler"] == "nearest") & (cells["hypothesis"] == "same_subject")]
+    examples = examples.head(5)[["query", "subject", "token", "consistency", "neighbours"]]
+    examples["neighbours"] = examples["neighbours"].map(lambda v: " / ".join(json.loads(v)) if isinstance(v, str) else v)
+    write_summary(
+        run, f"Training-free InverseScope ({name})", ours, PAPER,
+        {"model": name, "site": args.site, "layers": layers,
+         "corpus": f"{len(corpus)} snippets of the Patchscopes factual data, every token but the first "
+         f"({sum(1 for _ in lens.token_positions(tokenizer, corpus['text'].tolist(), 'text'))} inputs)",
+         "queries": f"{len(queries)} held-out snippets, last token of the first whole-word subject mention (seed {args.seed})",
+         "sampling": f"k={args.k} nearest inputs by cosine similarity at the same layer and site; random baseline: "
+         f"k inputs drawn uniformly from the corpus (seed {args.seed})",
+         "consistency": "FCR = mean over inputs of 1{f(x) = f(x_original)}, over the queries with f(x_original) = 1 "
+         "(all queries for same_subject, same_relation, same_token)", "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
+        findings, {"consistency per layer (nearest vs random)": wide,
+                   f"examples at layer {mid}: nearest inputs (first 3)": examples},
+        [figure.name],
+    )  # fmt: skip
+    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
+    return run.out
+
+
+if __name__ == "__main__":
+    main()
