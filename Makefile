@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-remote test-browser bench ndif-up ndif-down recipes clean
+.PHONY: install demo test test-remote test-browser bench ndif-up ndif-down recipes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,6 @@ demo: $(STAMP)
 # The default suite: tiny random models of 8 architectures plus the real SmolLM2.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-
-# Full recipe runs and other long tests.
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
 
 # Against a real NDIF server on loopback: starts it (first time ~10 min to install), runs
 # the remote tier, stops it. See scripts/ndif/README.md.
