@@ -258,9 +258,14 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _columns(tokenizer, texts: list[str], rows: list[int], positions: list[int]) -> torch.Tensor:
-    """Token index in ``texts[row]`` -> column in the left-padded batch nnsight builds from ``texts``."""
-    lengths = [num_tokens(tokenizer, t) for t in texts]
+def _lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Token counts of ``texts``, each distinct text tokenised once."""
+    counts = {text: num_tokens(tokenizer, text) for text in set(texts)}
+    return [counts[text] for text in texts]
+
+
+def _columns(lengths: list[int], rows: list[int], positions: list[int]) -> torch.Tensor:
+    """Token index in row ``r`` -> column in the left-padded batch of rows with ``lengths``."""
     width = max(lengths)
     return torch.tensor([width - lengths[r] + p for r, p in zip(rows, positions)])
 
@@ -300,11 +305,11 @@ def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str,
         ids = [i for i, r in enumerate(reads) if start <= r[0] < start + batch_size]
         if not ids:
             continue
-        groups = []
+        groups, lengths = [], _lengths(tokenizer, texts)
         for group in _forward_groups([(reads[i][2], reads[i][3]) for i in ids]):
             members = [ids[j] for j in group]
             rows = [reads[i][0] - start for i in members]
-            columns = _columns(tokenizer, texts, rows, [reads[i][1] for i in members])
+            columns = _columns(lengths, rows, [reads[i][1] for i in members])
             groups.append(_Group(reads[members[0]][2], reads[members[0]][3], torch.tensor(rows), columns,
                                  torch.tensor(members)))  # fmt: skip
         passes.append(_Pass(texts, groups))
@@ -327,7 +332,7 @@ def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[
         else:
             texts = [the_plan.target_text] * len(chunk)
             positions = [the_plan.target_index] * len(chunk)
-        columns = _columns(target_model.tokenizer, texts, list(range(len(chunk))), positions)
+        columns = _columns(_lengths(target_model.tokenizer, texts), list(range(len(chunk))), positions)
         vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
         groups = [
             _Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g], vector_ids[g])
