@@ -16,6 +16,7 @@ Sites are described in ``superscopes.sites``.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -129,3 +130,32 @@ def patch(
     vectors = vectors.to(device=target.device, dtype=target.dtype)
     base = target[index].clone() if transform in ("cfg", "norm") else None
     _write_into(target, index, amplify(vectors, alpha, transform, base=base, **transform_args), mode)
+
+
+def repeat_cache(cache, rows: int):
+    """A copy of a one-row KV cache (transformers ``Cache``) repeated to ``rows`` rows, so
+    a prefix computed once continues in every row of a batch."""
+    repeated = copy.deepcopy(cache)
+    repeated.batch_repeat_interleave(rows)
+    return repeated
+
+
+class CellSampler:
+    """A logits processor that makes greedy decoding sample: each row adds Gumbel noise from
+    its own seed (and the step) to ``scores / temperature``, and argmax of that is an exact
+    draw from ``softmax(scores / temperature)`` (the Gumbel-max trick). Rows never share a
+    random stream, so a row's sample does not depend on the batch it runs in."""
+
+    def __init__(self, seeds: torch.Tensor, temperature: float = 1.0):
+        self.seeds = seeds.tolist()
+        self.temperature = temperature
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        noise = torch.empty(scores.shape, dtype=torch.float32)
+        for row, seed in enumerate(self.seeds):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + self.step)
+            uniform = torch.rand(scores.shape[-1], generator=generator).clamp_(min=1e-20, max=1 - 1e-7)
+            noise[row] = -torch.log(-torch.log(uniform))
+        self.step += 1
+        return scores.float() / self.temperature + noise.to(scores.device)

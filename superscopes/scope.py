@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -54,6 +55,12 @@ class Scope:
     ``placeholder``, or ``"source"`` to write back into the source prompt at the source
     position (back-patching). ``target_position``: ``placeholder``, ``last`` or an index.
     ``output``: ``generate`` (``max_new_tokens`` tokens) or ``topk`` (next-token top-k).
+    Greedy by default; ``do_sample=True`` samples at ``temperature`` (no top-k/top-p
+    truncation) with one seed per cell derived from ``seed`` and the cell itself, so a
+    sampled cell's text does not depend on ``batch_size`` or on the rest of the grid.
+    ``share_prefix``: run the target prompt's tokens before the patched position once per
+    run and reuse their KV cache in every row (same results, much less compute); ``False``
+    runs every row's whole prompt, as plain batching does.
     """
 
     prompts: Sequence[str] | str
@@ -78,6 +85,7 @@ class Scope:
     samples: int = 1
     seed: int | None = None
     batch_size: int = 64
+    share_prefix: bool = True
     max_cells: int = 20_000
     affine_weight: torch.Tensor | None = field(default=None, repr=False)
     affine_bias: torch.Tensor | None = field(default=None, repr=False)
@@ -285,17 +293,27 @@ class _Group:
     site: str
     layer: int
     rows: torch.Tensor  # batch rows
-    columns: torch.Tensor  # token columns in the padded batch
+    columns: torch.Tensor  # token columns in the pass's input (padded batch, or the unshared suffix)
     vectors: torch.Tensor  # read pass: where the values go in the vector table; patch pass: which vectors
 
 
 @dataclass
 class _Pass:
-    texts: list[str]
+    """One batched forward (read) or ``generate``/``trace`` (patch).
+
+    Unshared passes feed ``texts`` (left-padded). Shared-prefix passes feed one text's
+    ``ids`` ``[1, T]`` to every row: its first ``start`` tokens are the same in every row, so
+    they run once (``prefix``: an index into the plan's prefix table, whose KV cache every
+    row reuses) and only tokens ``start..T-1`` run per row."""
+
     groups: list[_Group]
+    texts: list[str] | None = None
+    ids: torch.Tensor | None = None
+    start: int = 0
+    prefix: int | None = None
     alphas: torch.Tensor | None = None  # patch passes: one per batch row
     transform: str = "scale"
-    seed: int | None = None
+    seeds: torch.Tensor | None = None  # sampled patch passes: one seed per row (per cell)
 
 
 def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int) -> list[_Pass]:
@@ -312,49 +330,96 @@ def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str,
             columns = _columns(lengths, rows, [reads[i][1] for i in members])
             groups.append(_Group(reads[members[0]][2], reads[members[0]][3], torch.tensor(rows), columns,
                                  torch.tensor(members)))  # fmt: skip
-        passes.append(_Pass(texts, groups))
+        passes.append(_Pass(groups, texts=texts))
     return passes
 
 
-def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[_Pass], list[int]]:
-    """Batched target passes (one transform each) and the cell order they cover."""
-    scope, cells = the_plan.scope, the_plan.cells
-    order = sorted(range(len(cells)), key=lambda i: scope.transforms.index(cells[i].transform))
+def cell_seed(seed: int, cell: _Cell) -> int:
+    """A sampled cell's own seed: a stable hash of what the cell is, so its text does not
+    depend on the batch size, the chunking or the other cells of the grid."""
+    src = cell.source
+    key = f"{seed}|{src.prompt}|{src.position}|{cell.site}|{cell.layer}|{cell.transform}|{cell.alpha!r}|"
+    return zlib.crc32(f"{key}{cell.target_layer}|{cell.sample}".encode())
+
+
+def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:
+    """Batched target passes, the cell order they cover, and the shared prefixes' token ids.
+
+    Rows of a pass share one transform; with ``share_prefix`` they also share one target
+    text, whose tokens before the first patched position run once for all of them."""
+    scope, cells, tokenizer = the_plan.scope, the_plan.cells, target_model.tokenizer
+
+    def target_of(cell: _Cell) -> tuple[str, int]:
+        if the_plan.target_text is None:  # back-patching: the source prompt at the source position
+            return scope.prompts[cell.source.prompt], cell.source.position
+        return the_plan.target_text, the_plan.target_index
+
+    def pass_key(i: int) -> tuple:
+        text = target_of(cells[i])[0] if scope.share_prefix else ""
+        return scope.transforms.index(cells[i].transform), text
+
+    token_ids: dict[str, torch.Tensor] = {}
+    prefix_index: dict[tuple[str, int], int] = {}
+    prefixes: list[torch.Tensor] = []
     passes, covered = [], []
-    for n, chunk in enumerate(
-        chunk for _, same in itertools.groupby(order, key=lambda i: cells[i].transform)
-        for chunk in _chunks(list(same), scope.batch_size)
-    ):  # fmt: skip
+    order = sorted(range(len(cells)), key=pass_key)
+    for chunk in (chunk for _, same in itertools.groupby(order, key=pass_key) for chunk in _chunks(list(same), scope.batch_size)):
         chunk_cells = [cells[i] for i in chunk]
-        if the_plan.target_text is None:
-            texts = [scope.prompts[c.source.prompt] for c in chunk_cells]
-            positions = [c.source.position for c in chunk_cells]
+        texts, positions = map(list, zip(*(target_of(c) for c in chunk_cells)))
+        rows = list(range(len(chunk)))
+        shared: dict = {}
+        if scope.share_prefix:
+            if texts[0] not in token_ids:
+                token_ids[texts[0]] = torch.tensor([tokenizer(texts[0])["input_ids"]])
+            start = min(positions)  # every row's tokens before its first patched one are the same
+            prefix = None
+            if start > 0:
+                prefix = prefix_index.setdefault((texts[0], start), len(prefixes))
+                if prefix == len(prefixes):
+                    prefixes.append(token_ids[texts[0]][:, :start])
+            columns = torch.tensor(positions) - start
+            shared = {"ids": token_ids[texts[0]], "start": start, "prefix": prefix}
         else:
-            texts = [the_plan.target_text] * len(chunk)
-            positions = [the_plan.target_index] * len(chunk)
-        columns = _columns(_lengths(target_model.tokenizer, texts), list(range(len(chunk))), positions)
+            columns = _columns(_lengths(tokenizer, texts), rows, positions)
+            shared = {"texts": texts}
         vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
         groups = [
             _Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g], vector_ids[g])
             for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells])
         ]
-        seed = None if scope.seed is None else scope.seed + n
-        passes.append(_Pass(texts, groups, torch.tensor([c.alpha for c in chunk_cells]), chunk_cells[0].transform, seed))
+        seeds = None
+        if scope.do_sample:
+            seeds = torch.tensor([cell_seed(scope.seed or 0, c) for c in chunk_cells], dtype=torch.int64)
+        alphas = torch.tensor([c.alpha for c in chunk_cells])
+        passes.append(_Pass(groups, alphas=alphas, transform=chunk_cells[0].transform, seeds=seeds, **shared))
         covered += chunk
-    return passes, covered
+    return passes, covered, prefixes
 
 
 def _execute_reads(model, passes: list[_Pass], n_vectors: int, on_pass=None) -> torch.Tensor:
-    """Run read passes; returns the vector table ``[n_vectors, d]``. Only traces and torch."""
+    """Run read passes; returns the vector table ``[n_vectors, d]``. Only traces and torch.
+
+    A pass stops after its last read: the layers above it and the unembedding never run."""
     table = torch.empty(n_vectors, model.config.hidden_size)
     for p in passes:
-        with model.trace(p.texts):
+        with model.trace(p.texts) as tracer:
             values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
             stacked = torch.cat(values).save()
+            tracer.stop()
         table[torch.cat([g.vectors for g in p.groups])] = stacked.to(table.dtype).cpu()
         if on_pass is not None:
             on_pass(len(p.texts))
     return table
+
+
+def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list:
+    """The KV cache of each shared prefix (one row each), computed once per run."""
+    caches = []
+    for ids in prefixes:
+        with model.trace(ids, use_cache=True, logits_to_keep=1):
+            cache = model.output.cache.save()
+        caches.append(cache)
+    return caches
 
 
 def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) -> None:
@@ -371,33 +436,47 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                   alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
-def _execute_patches(target_model, passes: list[_Pass], table: torch.Tensor, settings: dict, on_pass=None) -> list:
+def _pass_inputs(p: _Pass, caches: list, output: str) -> tuple:
+    """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache."""
+    if p.ids is None:
+        return p.texts, {}
+    n = len(p.alphas)
+    extra = {} if p.prefix is None else {"cache": ops.repeat_cache(caches[p.prefix], n)}
+    # The mask covers the cached tokens too (nnsight would otherwise build one for the fed
+    # tokens only, hiding the prefix); generate skips the tokens its cache already holds.
+    mask = torch.ones(n, p.ids.shape[1], dtype=torch.long)
+    fed = p.ids[:, p.start :] if output == "topk" else p.ids
+    return {"input_ids": fed.repeat(n, 1), "attention_mask": mask}, extra
+
+
+def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Tensor], table: torch.Tensor,
+                     settings: dict, on_pass=None) -> list:  # fmt: skip
     """Run patch passes; returns per pass the saved token ids (and top-k probabilities).
 
-    ``settings``: output, max_new_tokens, top_k, do_sample, temperature, mode, pad_token_id,
-    unembed (module path), affine weight/bias, random directions (per vector)."""
+    ``settings``: output, max_new_tokens, top_k, temperature, mode, pad_token_id, affine
+    weight/bias, random directions (per vector). Top-k reads the model's own logits
+    (final soft-capping and logit scales included) at the last position only."""
     outputs = []
-    unembed = resolve(target_model, settings["unembed"])
+    caches = _prefix_caches(target_model, prefixes)
     for p in passes:
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
+        inputs, extra = _pass_inputs(p, caches, settings["output"])
         if settings["output"] == "generate":
-            kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": settings["do_sample"],
+            kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False,
                       "pad_token_id": settings["pad_token_id"]}  # fmt: skip
-            if settings["do_sample"]:
-                kwargs["temperature"] = settings["temperature"]
-            with target_model.generate(p.texts, **kwargs) as tracer:
+            if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
+                kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings["temperature"])]
+            with target_model.generate(inputs, **kwargs, **extra) as tracer:
                 _apply_patches(target_model, p, table, settings)
                 ids = tracer.result[:, -settings["max_new_tokens"] :].save()
             outputs.append((ids, None))
         else:
-            with target_model.trace(p.texts):
+            with target_model.trace(inputs, logits_to_keep=1, **extra):
                 _apply_patches(target_model, p, table, settings)
-                top = unembed.output[:, -1].float().softmax(-1).topk(settings["top_k"])
+                top = target_model.output.logits[:, -1].float().softmax(-1).topk(settings["top_k"])
                 ids, probs = top.indices.save(), top.values.save()
             outputs.append((ids, probs))
         if on_pass is not None:
-            on_pass(len(p.texts))
+            on_pass(len(p.alphas))
     return outputs
 
 
@@ -446,11 +525,10 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     vector_of = {k: i for i, k in enumerate(keys)}
     reads = [(src.prompt, src.position, site, layer) for src, site, layer in keys]
     read_passes = _read_passes(model.tokenizer, scope.prompts, reads, scope.batch_size)
-    patch_passes, covered = _patch_passes(target_model, the_plan, vector_of)
+    patch_passes, covered, prefixes = _patch_passes(target_model, the_plan, vector_of)
     settings = {
         "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
-        "do_sample": scope.do_sample, "temperature": scope.temperature, "mode": scope.mode,
-        "pad_token_id": target_model.tokenizer.pad_token_id, "unembed": architecture_of(target_model).unembed,
+        "temperature": scope.temperature, "mode": scope.mode, "pad_token_id": target_model.tokenizer.pad_token_id,
         "weight": scope.affine_weight, "bias": scope.affine_bias, "directions": None,
     }  # fmt: skip
     if "random" in scope.transforms:
@@ -468,13 +546,13 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
                 # One request: the session runs every pass on the server and returns ids/probs.
                 with model.session(remote=remote):
                     table = _execute_reads(model, read_passes, len(keys))
-                    outputs = nnsight.save(_execute_patches(target_model, patch_passes, table, settings))
+                    outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
         else:
             bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
             table = _execute_reads(model, read_passes, len(keys), bar.update)
-            outputs = _execute_patches(target_model, patch_passes, table, settings, bar.update)
+            outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
             bar.close()
 
     per_cell: list[dict] = [{} for _ in cells]
