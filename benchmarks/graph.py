@@ -1,0 +1,294 @@
+"""The graph with and without its shared-prefix path, side by side, against the compute floor.
+
+    python -m benchmarks.graph              # about 10 min on 2 idle cores
+    python -m benchmarks.graph --quick      # smoke run (about 1 min)
+
+Every block runs its contenders interleaved (A B C, C B A, ...) in one process, one torch
+thread unless said otherwise, after a warm-up; it reports medians with min-max, process CPU
+time beside wall time, and paired ratios. Contenders:
+
+- ``shared``: ``superscopes.run`` (default ``share_prefix=True``): the target prompt's tokens
+  before the patch run once, every row continues from their KV cache.
+- ``unshared``: the same grid with ``share_prefix=False``: every row runs the whole target
+  prompt (the graph before the shared prefix).
+- ``hooks``: the Superscopes authors' approach, plain HF hooks and one ``generate`` per
+  cell (one site per round, scaled x3).
+- ``shared_2threads``: ``shared`` with two torch threads.
+
+The compute floor is the grid's unavoidable matrix FLOPs (the target prefix once, then per
+row the patched token and each generated token, plus one source forward; linear layers,
+attention scores and the unembedding of positions whose logits are used) divided by this
+machine's measured one-thread float32 GEMM rate.
+Writes ``benchmarks/results/graph.json`` and ``graph.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from benchmarks import baselines as B  # noqa: E402
+from benchmarks import workloads as W  # noqa: E402
+from benchmarks.harness import Item, interleave, loadavg, machine_info, paired_ratio  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def log(message: str) -> None:
+    print(f"[graph {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def gemm_gflops(threads: int = 1, seconds: float = 2.0) -> float:
+    """Measured float32 matmul throughput, [1024 x 576] @ [576 x 1536] (an MLP-shaped GEMM)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    for _ in range(5):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(before)
+    return 2 * 1024 * 576 * 1536 * n / elapsed / 1e9
+
+
+def token_flops(config, context: int, logits: bool) -> float:
+    """Matrix FLOPs of one token through a Llama-style decoder attending to ``context`` tokens."""
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    linear = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down
+    attention = 2 * config.num_attention_heads * head_dim * context  # scores and weighted values
+    per_layer = 2 * linear + 2 * attention
+    return layers * per_layer + (2 * d * config.vocab_size if logits else 0)
+
+
+def floor_flops(config, source_tokens: int, target_tokens: int, patch_index: int, rows: int, new_tokens: int) -> float:
+    """Unavoidable FLOPs of a generate grid: one source forward (no logits), the target prefix
+    once (no logits), then per row the tokens from the patch on and every generated token."""
+    total = sum(token_flops(config, t + 1, False) for t in range(source_tokens))
+    total += sum(token_flops(config, t + 1, False) for t in range(patch_index))
+    per_row = sum(token_flops(config, t + 1, t == target_tokens - 1) for t in range(patch_index, target_tokens))
+    per_row += sum(token_flops(config, target_tokens + k + 1, True) for k in range(new_tokens - 1))
+    return total + rows * per_row
+
+
+def _threads(n: int, fn):
+    def run(r):
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn(r)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+def block_paper_grid(model, sizes: W.Sizes, rounds: int, gflops: float) -> dict:
+    """The paper's 126-cell grid (1 token x 3 sites x 7 layers x 6 alphas, l* = l, 10 tokens)."""
+    import superscopes
+
+    scope = W.grid_scope(sizes)
+    unshared = W.replace(scope, share_prefix=False)
+    tok = model.tokenizer
+    index = len(tok(W.TARGET)["input_ids"]) - 1
+    hooks = B.HookScope(model._module, tok)
+    hook_texts: dict[tuple, str] = {}
+    per_round = len(W.GRID_SITES)
+
+    def hooks_site(site, layers, alphas, record=True):
+        cache = hooks.cache(W.SOURCE, [site], layers)
+        for layer, alpha in itertools.product(layers, alphas):
+            text, _ = hooks.generate_cell(W.TARGET, index, layer, cache[(site, layer)], float(alpha), sizes.max_new_tokens)
+            if record:
+                hook_texts[(site, layer, float(alpha))] = text
+
+    one_cell = W.replace(scope, sites=["mlp_out"], layers=scope.layers[:1], alphas=scope.alphas[:1])
+    items = [
+        Item("shared", lambda r: superscopes.run(model, scope, progress=False),
+             warm=lambda: superscopes.run(model, one_cell, progress=False)),
+        Item("unshared", lambda r: superscopes.run(model, unshared, progress=False),
+             warm=lambda: superscopes.run(model, W.replace(one_cell, share_prefix=False), progress=False)),
+        Item("hooks", lambda r: hooks_site(W.GRID_SITES[r % per_round], scope.layers, scope.alphas), scale=per_round,
+             warm=lambda: hooks_site("mlp_out", scope.layers[:1], scope.alphas[:1], record=False),
+             note="one site per round, x3"),
+        Item("shared_2threads", _threads(2, lambda r: superscopes.run(model, scope, progress=False))),
+    ]  # fmt: skip
+    log(f"paper grid: {rounds} rounds")
+    timings = interleave(items, rounds, warmup=1, log=log)
+    shared_df = superscopes.run(model, scope, progress=False)
+    unshared_df = superscopes.run(model, unshared, progress=False)
+    cells = len(shared_df)
+    source_tokens = len(tok(W.SOURCE)["input_ids"])
+    flops = floor_flops(model.config, source_tokens, index + 1, index, cells, sizes.max_new_tokens)
+    floor_s = flops / (gflops * 1e9)
+    same_as_hooks = sum(hook_texts.get((r.site, r.layer, float(r.alpha))) == r.output for r in shared_df.itertuples())
+    return {
+        "cells": cells, "timings": {k: v.as_dict() for k, v in timings.items()},
+        "shape": f"1 token x {len(scope.sites)} sites x {len(scope.layers)} layers x {len(scope.alphas)} alphas, "
+                 f"{sizes.max_new_tokens} new tokens",
+        "ratios": {
+            "unshared/shared": paired_ratio(timings["unshared"], timings["shared"]),
+            "hooks/shared": paired_ratio(timings["hooks"], timings["shared"]),
+            "shared/shared_2threads": paired_ratio(timings["shared"], timings["shared_2threads"]),
+        },
+        "floor": {"gflop": flops / 1e9, "gemm_gflops_1thread": gflops, "seconds": floor_s,
+                  "shared_cpu_over_floor": min(timings["shared"].cpu) / floor_s,
+                  "shared_cpu_median_over_floor": timings["shared"].as_dict()["cpu_median_s"] / floor_s},  # fmt: skip
+        "agreement": {
+            "shared_vs_unshared_text": [int((shared_df["output"] == unshared_df["output"]).sum()), cells],
+            "shared_vs_unshared_ids": [sum(a == b for a, b in zip(shared_df["output_ids"], unshared_df["output_ids"])), cells],
+            "shared_vs_hooks_text": [same_as_hooks, cells],
+        },
+    }  # fmt: skip
+
+
+def _pair(model, name: str, scope, rounds: int) -> dict:
+    """shared vs unshared on one grid; their outputs must agree."""
+    import superscopes
+
+    unshared = W.replace(scope, share_prefix=False)
+    items = [Item("shared", lambda r: superscopes.run(model, scope, progress=False)),
+             Item("unshared", lambda r: superscopes.run(model, unshared, progress=False))]  # fmt: skip
+    log(f"{name}: {rounds} rounds")
+    timings = interleave(items, rounds, warmup=1, log=log)
+    a, b = superscopes.run(model, scope, progress=False), superscopes.run(model, unshared, progress=False)
+    same = sum(x == y for x, y in zip(a["output_ids"], b["output_ids"]))
+    return {"cells": len(a), "timings": {k: v.as_dict() for k, v in timings.items()},
+            "ratios": {"unshared/shared": paired_ratio(timings["unshared"], timings["shared"])},
+            "agreement_ids": [same, len(a)]}  # fmt: skip
+
+
+def block_pairs(model, sizes: W.Sizes, rounds: int, quick: bool) -> dict:
+    import superscopes
+
+    n = superscopes.sites.num_layers(model)
+    grids = {
+        # Patchscopes token identity: the identity prompt, every layer, next-token top-10.
+        "token identity sweep (all layers, top-k)": superscopes.Scope(
+            W.SOURCE, token=W.TOKEN, sites=["resid_post"], layers=list(range(2 if quick else n)), alphas=[1],
+            target="identity", target_layers=["same"], output="topk"),
+        "512 cells (top-k, short target)": W.cells_scope(8 if quick else 512),
+        # Back-patching: later layers written into earlier ones of the source prompt itself.
+        "back-patching (source prompt, generate)": superscopes.Scope(
+            W.SOURCE, sites=["resid_post"], layers=[8, 12, 16, 20] if not quick else [8], alphas=[1, 3],
+            target="source", target_layers=[0, 2, 4, 6] if not quick else [0], max_new_tokens=sizes.max_new_tokens),
+    }  # fmt: skip
+    return {name: _pair(model, name, scope, rounds) for name, scope in grids.items()}
+
+
+def block_length(model, rounds: int, quick: bool) -> dict:
+    """Cost vs target length: 64 top-k cells patched at the last token of targets of 8 to 512
+    tokens (prose), shared vs unshared. Shared should be nearly flat in length."""
+    import superscopes
+
+    points = {}
+    for n_tokens in [8, 32] if quick else [8, 32, 128, 512]:
+        target = W.text_of_length(model.tokenizer, n_tokens - 1) + " x"
+        scope = superscopes.Scope(W.SOURCE, token=W.TOKEN, sites=["resid_post"], layers=list(range(8)),
+                                  alphas=W.CELL_ALPHAS, target=target, target_position="last",
+                                  target_layers=["same"], output="topk")  # fmt: skip
+        points[n_tokens] = _pair(model, f"length {n_tokens}", scope, rounds)
+    return points
+
+
+def cold_start() -> dict:
+    """Seconds for `import superscopes`, then the first cached load of the embedded model, in a new process."""
+    code = ("import time; t = time.perf_counter(); import superscopes; a = time.perf_counter() - t; "
+            "t = time.perf_counter(); superscopes.load('smollm2-135m'); b = time.perf_counter() - t; print(a, b)")  # fmt: skip
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+        runs.append([float(x) for x in out.stdout.split()])
+    return {"import_s": [r[0] for r in runs], "first_load_s": [r[1] for r in runs]}
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = ["# The graph: shared prefix vs whole prompt per row", "",
+             f"`{meta['command']}` on {meta['date_utc']}, {meta['cpu_model']}, {meta['cpu_cores']} cores, "
+             f"load average {meta['loadavg_start']} at start and {meta['loadavg_end']} at the end; SmolLM2-135M "
+             "float32, 1 torch thread unless named. Times: median (min-max) over interleaved rounds.", ""]  # fmt: skip
+
+    def t(d):
+        return f"{d['median_s']:.2f} ({d['min_s']:.2f}-{d['max_s']:.2f})"
+
+    def c(d):
+        return f"{d['cpu_median_s']:.2f} ({d['cpu_min_s']:.2f}-{d['cpu_max_s']:.2f})"
+
+    def r(d):
+        return f"{d['median']:.2f}x wall ({d['min']:.2f}-{d['max']:.2f}); {d['cpu']['median']:.2f}x CPU"
+
+    g = results["paper_grid"]
+    lines += [f"## The paper's grid: {g['cells']} cells ({g['shape']}, l* = l, greedy)", "",
+              "| contender | wall s | CPU s |", "| --- | --- | --- |"]  # fmt: skip
+    lines += [f"| {name} | {t(d)} | {c(d)} |" for name, d in g["timings"].items()]
+    fl = g["floor"]
+    lines += ["", *[f"- {name}: {r(d)}" for name, d in g["ratios"].items()],
+              f"- compute floor: {fl['gflop']:.0f} GFLOP at {fl['gemm_gflops_1thread']:.0f} GFLOP/s (one-thread GEMM "
+              f"measured here) = {fl['seconds']:.2f} s; shared CPU time / floor = {fl['shared_cpu_median_over_floor']:.2f}x "
+              f"(best round {fl['shared_cpu_over_floor']:.2f}x)",
+              f"- agreement: shared vs unshared texts {g['agreement']['shared_vs_unshared_text']}, ids "
+              f"{g['agreement']['shared_vs_unshared_ids']}; shared vs the authors' hooks texts {g['agreement']['shared_vs_hooks_text']}",
+              ""]  # fmt: skip
+    lines += ["## Other grids", "", "| grid | cells | shared wall s | shared CPU s | unshared wall s | unshared CPU s | "
+              "unshared / shared | same ids |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = list(results["pairs"].items()) + [(f"length {k} tokens (top-k, 64 cells)", v) for k, v in results["length"].items()]
+    for name, d in rows:
+        s, u = d["timings"]["shared"], d["timings"]["unshared"]
+        lines.append(f"| {name} | {d['cells']} | {t(s)} | {c(s)} | {t(u)} | {c(u)} | {r(d['ratios']['unshared/shared'])} "
+                     f"| {d['agreement_ids'][0]}/{d['agreement_ids'][1]} |")  # fmt: skip
+    cs = results["cold_start"]
+    lines += ["", f"## Cold start (new process, 3 runs)", "",
+              f"- `import superscopes`: {', '.join(f'{x:.2f}' for x in cs['import_s'])} s",
+              f"- then the first cached `superscopes.load('smollm2-135m')`: {', '.join(f'{x:.2f}' for x in cs['first_load_s'])} s"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.graph", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small grids, 2 rounds")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    meta = machine_info(1, REPO)
+    meta.update(command="python -m benchmarks.graph " + " ".join(argv if argv is not None else sys.argv[1:]),
+                loadavg_start=loadavg(), quick=args.quick)  # fmt: skip
+    import superscopes
+
+    model = superscopes.load("smollm2-135m")
+    sizes = W.QUICK if args.quick else W.FULL
+    rounds = 2 if args.quick else 3
+    results: dict = {"meta": meta}
+    with torch.inference_mode():
+        gflops = gemm_gflops()
+        log(f"one-thread GEMM: {gflops:.0f} GFLOP/s")
+        results["paper_grid"] = block_paper_grid(model, sizes, rounds, gflops)
+        results["pairs"] = block_pairs(model, sizes, rounds, args.quick)
+        results["length"] = block_length(model, rounds, args.quick)
+    results["cold_start"] = cold_start()
+    meta["loadavg_end"] = loadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (args.out / f"graph{suffix}.json").write_text(json.dumps(results, indent=1, default=str))
+    (args.out / f"graph{suffix}.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
