@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from superscopes import ops
 from superscopes.scope import read_vectors
-from superscopes.sites import architecture_of, num_layers, resolve
+from superscopes.sites import num_layers
 
 Positions = str | Sequence[int] | Sequence[Sequence[int]]
 
@@ -151,11 +152,6 @@ def r_squared(prediction: torch.Tensor, target: torch.Tensor) -> float:
 # ---------------------------------------------------------------- decoding
 
 
-def _softcap(model) -> float | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "final_logit_softcapping", None)
-
-
 def decode(
     model,
     vectors: torch.Tensor,
@@ -170,8 +166,6 @@ def decode(
 
     Returns ``ids`` and ``probs`` ``[n, top_k]``, and with ``full=True`` also ``logprobs``
     ``[n, vocab]`` (large: 4 bytes per vocabulary entry per row)."""
-    arch = architecture_of(model)
-    cap = _softcap(model)
     if remote:
         from superscopes.remote import configure
 
@@ -182,13 +176,7 @@ def decode(
         chunk = vectors[start : start + batch_size].float()
         with torch.inference_mode():
             with model.trace(anchor, remote=remote):
-                norm = resolve(model, arch.final_norm)
-                unembed = resolve(model, arch.unembed)
-                weight = unembed.weight  # the server's device and dtype when remote
-                logits = unembed(norm(chunk.to(device=weight.device, dtype=weight.dtype))).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                lp = logits.log_softmax(-1)
+                lp = ops.unembed(model, chunk).log_softmax(-1)
                 top = lp.topk(top_k)
                 top_ids, top_probs = top.indices.save(), top.values.exp().save()
                 if full:

@@ -39,6 +39,20 @@ def activation(model, site: str, layer: int) -> torch.Tensor:
     return value if spec.index is None else value[spec.index]
 
 
+def unembed(model, vectors: torch.Tensor) -> torch.Tensor:
+    """The model's own readout of residual-stream vectors ``[n, d]`` as if they left the last
+    block: final norm, unembedding, and final logit soft-capping where the architecture has it
+    (Gemma 2). Every readout of the toolkit (logit lens, top-k, the lenses) goes through the
+    model's logits or this, so none of them drifts from the model's own probabilities."""
+    arch = architecture_of(model)
+    head = resolve(model, arch.unembed)
+    weight = head.weight  # the server's device and dtype when remote
+    logits = head(resolve(model, arch.final_norm)(vectors.to(device=weight.device, dtype=weight.dtype))).float()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def _index(position: Position, rows: torch.Tensor | None) -> tuple:
     return (slice(None), position) if rows is None else (rows, position)
 

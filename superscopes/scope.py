@@ -63,6 +63,8 @@ class Scope:
     ``share_prefix``: run the target prompt's tokens before the patched position once per
     run and reuse their KV cache in every row (same results, much less compute); ``False``
     runs every row's whole prompt, as plain batching does.
+    ``logit_lens``: also read each source vector through the model's final norm and
+    unembedding in the read pass (columns ``lens``, ``lens_ids``, ``lens_probs``: top-k).
     """
 
     prompts: Sequence[str] | str
@@ -88,6 +90,7 @@ class Scope:
     seed: int | None = None
     batch_size: int = 64
     share_prefix: bool = True
+    logit_lens: bool = False
     max_cells: int = 20_000
     affine_weight: torch.Tensor | None = field(default=None, repr=False)
     affine_bias: torch.Tensor | None = field(default=None, repr=False)
@@ -398,20 +401,27 @@ def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[
     return passes, covered, prefixes
 
 
-def _execute_reads(model, passes: list[_Pass], n_vectors: int, on_pass=None) -> torch.Tensor:
-    """Run read passes; returns the vector table ``[n_vectors, d]``. Only traces and torch.
-
-    A pass stops after its last read: the layers above it and the unembedding never run."""
+def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0, on_pass=None) -> tuple:
+    """Run read passes; returns the vector table ``[n_vectors, d]`` and, with ``lens_k``, the
+    logit lens of every vector (top-``lens_k`` ids and probabilities, or None). Only traces
+    and torch. A pass stops after its last read: the layers above it never run."""
     table = torch.empty(n_vectors, model.config.hidden_size)
+    lens = (torch.empty(n_vectors, lens_k, dtype=torch.long), torch.empty(n_vectors, lens_k)) if lens_k else None
     for p in passes:
         with model.trace(p.texts) as tracer:
             values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
             stacked = torch.cat(values).save()
+            if lens_k:
+                top = ops.unembed(model, stacked).softmax(-1).topk(lens_k)
+                top_ids, top_probs = top.indices.save(), top.values.save()
             tracer.stop()
-        table[torch.cat([g.vectors for g in p.groups])] = stacked.to(table.dtype).cpu()
+        where = torch.cat([g.vectors for g in p.groups])
+        table[where] = stacked.to(table.dtype).cpu()
+        if lens_k:
+            lens[0][where], lens[1][where] = top_ids.cpu(), top_probs.cpu()
         if on_pass is not None:
             on_pass(len(p.texts))
-    return table
+    return table, lens
 
 
 def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list:
@@ -491,13 +501,13 @@ def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int
     passes = _read_passes(model.tokenizer, prompts, reads, batch_size)
     with torch.inference_mode():
         if not remote:
-            return _execute_reads(model, passes, len(reads))
+            return _execute_reads(model, passes, len(reads))[0]
         from superscopes.remote import configure, explain
 
         configure()
         try:
             with model.session(remote=remote):
-                table = nnsight.save(_execute_reads(model, passes, len(reads)))
+                table = nnsight.save(_execute_reads(model, passes, len(reads))[0])
         except Exception as error:
             raise explain(error, model_name(model)) from error
         return table
@@ -547,13 +557,14 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
             try:
                 # One request: the session runs every pass on the server and returns ids/probs.
                 with model.session(remote=remote):
-                    table = _execute_reads(model, read_passes, len(keys))
+                    table, lens = _execute_reads(model, read_passes, len(keys), scope.top_k if scope.logit_lens else 0)
+                    lens = nnsight.save(lens)
                     outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
         else:
             bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
-            table = _execute_reads(model, read_passes, len(keys), bar.update)
+            table, lens = _execute_reads(model, read_passes, len(keys), scope.top_k if scope.logit_lens else 0, bar.update)
             outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
             bar.close()
 
@@ -568,6 +579,11 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
             else:
                 per_cell[i] = {"output": target_model.tokenizer.decode([row_ids[0]]), "output_ids": row_ids,
                                "output_probs": probs[row].tolist()}  # fmt: skip
+    if lens is not None:  # the source vector's own logit lens, beside what the patch made of it
+        for i, cell in enumerate(cells):
+            vector = vector_of[(cell.source, cell.site, cell.layer)]
+            ids = lens[0][vector].tolist()
+            per_cell[i].update(lens=model.tokenizer.decode([ids[0]]), lens_ids=ids, lens_probs=lens[1][vector].tolist())
     return _frame(model, target_model, the_plan, per_cell)
 
 

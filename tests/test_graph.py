@@ -69,17 +69,23 @@ def test_shared_prefix_under_remote_local_equals_local(tiny_models, output):
     assert_same_results(remote, local)
 
 
-def test_topk_reads_the_models_own_soft_capped_logits(tokenizer):
-    """Gemma-2 soft-caps its final logits; top-k must report the model's own probabilities."""
+@pytest.fixture(scope="module")
+def capped_gemma2(tokenizer):
+    """A tiny Gemma-2 whose logits lie far beyond its final soft-cap, where capping matters."""
+    from nnsight.modeling.transformers import TransformersModel
+
     torch.manual_seed(0)
     config = T.Gemma2Config(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, hidden_size=64,
                             intermediate_size=128, num_attention_heads=4, vocab_size=49152, final_logit_softcapping=2.0)  # fmt: skip
     hf = T.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        hf.lm_head.weight.mul_(200)  # logits far beyond the cap, where capping changes the distribution
-    from nnsight.modeling.transformers import TransformersModel
+        hf.lm_head.weight.mul_(200)
+    return TransformersModel(hf, tokenizer=tokenizer)
 
-    model = TransformersModel(hf, tokenizer=tokenizer)
+
+def test_topk_reads_the_models_own_soft_capped_logits(capped_gemma2):
+    """Gemma-2 soft-caps its final logits; top-k must report the model's own probabilities."""
+    model = capped_gemma2
     frame = run(model, Scope(PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], target="identity",
                              output="topk", top_k=3), progress=False)  # fmt: skip
     with model.trace(PROMPTS[0]):
@@ -129,3 +135,27 @@ def test_cell_sampler_draws_from_the_tempered_softmax():
     picks = ops.CellSampler(torch.arange(4000), temperature=2.0)(None, scores).argmax(-1)
     frequencies = torch.bincount(picks, minlength=4).float() / 4000
     torch.testing.assert_close(frequencies, (scores[0] / 2.0).softmax(-1), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "capped_gemma2"])
+def test_logit_lens_readout_at_the_last_layer_is_the_models_own_prediction(tiny_models, capped_gemma2, arch):
+    """In the read pass: final norm + unembedding (+ soft-cap) of resid_post at the last layer
+    equals the model's own next-token distribution there."""
+    model = capped_gemma2 if arch == "capped_gemma2" else tiny_models[arch]
+    last = model.config.num_hidden_layers - 1
+    frame = run(model, Scope(PROMPTS[:2], sites=["resid_post", "mlp_out"], layers=[1, last], alphas=[1, 3],
+                             logit_lens=True, top_k=4, max_new_tokens=2), progress=False)  # fmt: skip
+    for row in frame[(frame.layer == last) & (frame.site == "resid_post")].itertuples():
+        with model.trace(row.source):
+            probs = model.output.logits[0, -1].softmax(-1).save()
+        top = probs.topk(4)
+        assert list(row.lens_ids) == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(row.lens_probs), top.values, atol=1e-5, rtol=0)
+    assert frame.groupby(["source", "site", "layer"])["lens"].nunique().eq(1).all()  # alpha does not change a lens
+
+
+def test_logit_lens_readout_under_remote_local_equals_local(tiny_models):
+    settings = Scope(PROMPTS, sites=["resid_post"], layers=[0, 2], alphas=[1], logit_lens=True, output="topk")
+    local = run(tiny_models["llama"], settings, progress=False)
+    remote = run(tiny_models["llama"], settings, remote="local", progress=False)
+    assert local["lens_ids"].tolist() == remote["lens_ids"].tolist()
