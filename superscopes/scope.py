@@ -21,6 +21,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import nnsight
@@ -52,10 +53,17 @@ class Scope:
 
     Source positions: ``token`` (substring, first match, last token of it), ``position``
     (index into the tokenised prompt, BOS included, negative from the end), ``all_tokens``,
-    else the last token.
+    else the last token. ``token`` and ``position`` may also be lists, one per prompt.
     ``target``: a template name (``entity``, ``identity``), template text containing
     ``placeholder``, or ``"source"`` to write back into the source prompt at the source
-    position (back-patching). ``target_position``: ``placeholder``, ``last`` or an index.
+    position (back-patching); or a list of these, one per prompt (e.g. each query its own
+    target). ``target_position``: ``placeholder``, ``last`` or an index.
+    Layers: every source layer in ``layers`` with every ``target_layers`` entry (``"same"``:
+    the source layer), or the explicit ``(layer, target_layer)`` pairs of ``layer_pairs``.
+    ``where`` keeps only the cells it returns True for (a ``Cell``).
+    ``transforms``: see ``ops.amplify``, plus ``none`` (nothing is written: the target's own
+    output, the control a readout is compared with). ``affine_weight``/``affine_bias``: one
+    map, or a dict of maps keyed by ``(layer, target_layer)`` (one per layer pair).
     ``output``: ``generate`` (``max_new_tokens`` tokens) or ``topk`` (next-token top-k).
     Greedy by default; ``do_sample=True`` samples at ``temperature`` (no top-k/top-p
     truncation) with one seed per cell derived from ``seed`` and the cell itself, so a
@@ -68,17 +76,18 @@ class Scope:
     """
 
     prompts: Sequence[str] | str
-    token: str | None = None
-    position: int | None = None
+    token: str | Sequence[str] | None = None
+    position: int | Sequence[int] | None = None
     all_tokens: bool = False
     sites: Sequence[str] = ("mlp_out", "resid_post")
     layers: Sequence[int] | Literal["all"] = "all"
     alphas: Sequence[float] = (1, 3, 6, 9, 12, 15)
     transforms: Sequence[str] = ("scale",)
-    target: str = "entity"
+    target: str | Sequence[str] = "entity"
     placeholder: str | None = None
     target_position: Literal["placeholder", "last"] | int = "placeholder"
     target_layers: Sequence[TargetLayer] = (0,)
+    layer_pairs: Sequence[tuple[int, int]] | None = None
     target_site: str = "resid_post"
     mode: Literal["replace", "add"] = "replace"
     output: Literal["generate", "topk"] = "generate"
@@ -92,8 +101,9 @@ class Scope:
     share_prefix: bool = True
     logit_lens: bool = False
     max_cells: int = 20_000
-    affine_weight: torch.Tensor | None = field(default=None, repr=False)
-    affine_bias: torch.Tensor | None = field(default=None, repr=False)
+    affine_weight: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
+    affine_bias: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
+    where: Callable[[Cell], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -104,18 +114,24 @@ class Scope:
             setattr(self, name, [value] if isinstance(value, (str, int, float)) else list(value))
         if self.layers != "all":
             self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        if self.layer_pairs is not None:
+            self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]
 
 
 @dataclass(frozen=True)
-class _Source:
-    prompt: int  # index into Scope.prompts
-    position: int  # non-negative token index
+class Source:
+    """A source vector's place: prompt (index into ``Scope.prompts``), token index, token text."""
+
+    prompt: int
+    position: int
     token: str
 
 
 @dataclass(frozen=True)
-class _Cell:
-    source: _Source
+class Cell:
+    """One readout: read ``site`` at ``layer`` of ``source``, transform, write at ``target_layer``."""
+
+    source: Source
     site: str
     layer: int
     transform: str
@@ -124,13 +140,30 @@ class _Cell:
     sample: int
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a prompt's cells write: ``text`` at token ``index``; ``None`` for back-patching
+    (the source prompt itself, at the source position)."""
+
+    text: str | None
+    index: int | None
+
+
 @dataclass
-class _Plan:
+class Plan:
+    """A validated grid: its cells, and each prompt's target. Made by ``plan``; no forward pass."""
+
     scope: Scope
-    sources: list[_Source]
-    cells: list[_Cell]
-    target_text: str | None  # None: each cell targets its own source prompt
-    target_index: int | None  # token index in target_text (None: per cell)
+    sources: list[Source]
+    cells: list[Cell]
+    targets: list[Target]  # one per prompt
+
+    def target_of(self, cell: Cell) -> tuple[str, int]:
+        """The text and token index the cell's vector is written at."""
+        target = self.targets[cell.source.prompt]
+        if target.text is None:
+            return self.scope.prompts[cell.source.prompt], cell.source.position
+        return target.text, target.index
 
 
 # ---------------------------------------------------------------- validation
@@ -148,63 +181,101 @@ def _check_layers(name: str, layers: Sequence, model) -> None:
             raise ScopeError(f"{name} {layer!r} is out of range: {model_name(model)} has layers 0-{n - 1}")
 
 
-def _sources(scope: Scope, tokenizer) -> list[_Source]:
+def _per_prompt(name: str, value, n_prompts: int) -> list:
+    """A setting given once for all prompts, or as a list of one value per prompt."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_prompts:
+            raise ScopeError(f"{name} has {len(value)} entries for {n_prompts} prompts: give one per prompt, or one for all")
+        return list(value)
+    return [value] * n_prompts
+
+
+def _sources(scope: Scope, tokenizer) -> list[Source]:
     chosen = sum([scope.token is not None, scope.position is not None, scope.all_tokens])
     if chosen > 1:
         raise ScopeError("give at most one of token, position and all_tokens")
+    n = len(scope.prompts)
+    tokens_wanted, positions_wanted = _per_prompt("token", scope.token, n), _per_prompt("position", scope.position, n)
     sources = []
-    for index, prompt in enumerate(scope.prompts):
+    for index, (prompt, token, position) in enumerate(zip(scope.prompts, tokens_wanted, positions_wanted)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ScopeError(f"prompt {index} is empty: {prompt!r}")
         pieces = tokens(tokenizer, prompt)
         if scope.all_tokens:
             positions = list(range(len(pieces)))
-        elif scope.token is not None:
+        elif token is not None:
             try:
-                positions = [find_token(tokenizer, prompt, scope.token)]
+                positions = [find_token(tokenizer, prompt, token)]
             except TokenNotFoundError as error:
                 raise ScopeError(str(error)) from None
-        elif scope.position is not None:
-            if not -len(pieces) <= scope.position < len(pieces):
-                raise ScopeError(
-                    f"position {scope.position} is outside prompt {prompt!r} ({len(pieces)} tokens: {pieces})"
-                )
-            positions = [scope.position % len(pieces)]
+        elif position is not None:
+            if not -len(pieces) <= position < len(pieces):
+                raise ScopeError(f"position {position} is outside prompt {prompt!r} ({len(pieces)} tokens: {pieces})")
+            positions = [position % len(pieces)]
         else:
             positions = [len(pieces) - 1]
-        sources += [_Source(index, p, pieces[p]) for p in positions]
+        sources += [Source(index, p, pieces[p]) for p in positions]
     return sources
 
 
-def _target(scope: Scope, tokenizer) -> tuple[str | None, int | None]:
-    if scope.target == "source":
+def _target(scope: Scope, target: str, tokenizer) -> Target:
+    if target == "source":
         if scope.target_position != "placeholder":
             raise ScopeError('target "source" writes at the source position; leave target_position as "placeholder"')
-        return None, None
-    template = TEMPLATES.get(scope.target)
-    text = template.text if template else scope.target
+        return Target(None, None)
+    template = TEMPLATES.get(target)
+    text = template.text if template else target
     placeholder = scope.placeholder or (template.placeholder if template else "x")
-    if not text.strip():
-        raise ScopeError("the target prompt is empty")
+    if not isinstance(text, str) or not text.strip():
+        raise ScopeError(f"the target prompt is empty: {target!r}")
     n = num_tokens(tokenizer, text)
     if scope.target_position == "placeholder":
         try:
-            return text, find_token(tokenizer, text, placeholder, last_occurrence=True)
+            return Target(text, find_token(tokenizer, text, placeholder, last_occurrence=True))
         except TokenNotFoundError:
             raise ScopeError(
                 f"target {text!r} has no placeholder {placeholder!r}: put it where the vector goes, "
                 "or set target_position to 'last' or an index"
             ) from None
     if scope.target_position == "last":
-        return text, n - 1
+        return Target(text, n - 1)
     if isinstance(scope.target_position, int) and -n <= scope.target_position < n:
-        return text, scope.target_position % n
+        return Target(text, scope.target_position % n)
     raise ScopeError(
         f"target_position {scope.target_position!r} is not 'placeholder', 'last' or an index in 0-{n - 1}"
     )
 
 
-def plan(scope: Scope, model, target_model=None) -> _Plan:
+def _layer_pairs(scope: Scope, model, target_model) -> list[tuple[int, int]]:
+    """(source layer, target layer) pairs, validated against both models."""
+    if scope.layer_pairs is not None:
+        if not scope.layer_pairs or any(len(pair) != 2 for pair in scope.layer_pairs):
+            raise ScopeError(f"layer_pairs must be (layer, target_layer) pairs, got {scope.layer_pairs!r}")
+        _check_layers("layer", [l for l, _ in scope.layer_pairs], model)
+        _check_layers("target_layer", [t for _, t in scope.layer_pairs], target_model)
+        return list(dict.fromkeys(scope.layer_pairs))
+    layers = list(range(num_layers(model))) if scope.layers == "all" else scope.layers
+    if not layers:
+        raise ScopeError("no layers given")
+    _check_layers("layer", layers, model)
+    _check_layers("target_layer", [t for t in scope.target_layers if t != "same"], target_model)
+    if "same" in scope.target_layers and num_layers(target_model) < max(layers) + 1:
+        raise ScopeError(f"target_layer 'same' needs layer {max(layers)} in {model_name(target_model)}")
+    return [(layer, layer if t == "same" else t) for layer in layers for t in scope.target_layers]
+
+
+def _affine_maps(scope: Scope, pairs: list[tuple[int, int]]) -> None:
+    if "affine" not in scope.transforms:
+        return
+    if scope.affine_weight is None:
+        raise ScopeError("transform 'affine' needs affine_weight (and optionally affine_bias)")
+    if isinstance(scope.affine_weight, dict):
+        missing = [pair for pair in pairs if pair not in scope.affine_weight]
+        if missing:
+            raise ScopeError(f"affine_weight has no map for layer pair(s) {missing[:5]}: give one per (layer, target_layer)")
+
+
+def plan(model, scope: Scope, target_model=None) -> Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
     if not scope.prompts:
@@ -214,25 +285,19 @@ def plan(scope: Scope, model, target_model=None) -> _Plan:
         _choices("site", site, list(source_arch.sites))
     _choices("target_site", scope.target_site, list(target_arch.sites))
     for transform in scope.transforms:
-        _choices("transform", transform, ops.TRANSFORMS)
+        _choices("transform", transform, (*ops.TRANSFORMS, "none"))
     _choices("mode", scope.mode, ops.WRITE_MODES)
     _choices("output", scope.output, ["generate", "topk"])
-    layers = list(range(num_layers(model))) if scope.layers == "all" else scope.layers
-    if not layers:
-        raise ScopeError("no layers given")
-    _check_layers("layer", layers, model)
-    fixed_targets = [t for t in scope.target_layers if t != "same"]
-    _check_layers("target_layer", fixed_targets, target_model)
-    if "same" in scope.target_layers and num_layers(target_model) < max(layers) + 1:
-        raise ScopeError(f"target_layer 'same' needs layer {max(layers)} in {model_name(target_model)}")
+    pairs = _layer_pairs(scope, model, target_model)
     for alpha in scope.alphas:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ScopeError(f"alpha {alpha!r} is not a finite number")
-    if "affine" in scope.transforms and scope.affine_weight is None:
-        raise ScopeError("transform 'affine' needs affine_weight (and optionally affine_bias)")
-    if target_model is not model and scope.target == "source":
+    _affine_maps(scope, pairs)
+    targets_wanted = _per_prompt("target", scope.target, len(scope.prompts))
+    if target_model is not model and "source" in targets_wanted:
         raise ScopeError('target "source" means the source prompt in the source model; give a target template')
-    if model.config.hidden_size != target_model.config.hidden_size and set(scope.transforms) != {"affine"}:
+    mapped = {"affine", "none"}
+    if model.config.hidden_size != target_model.config.hidden_size and not set(scope.transforms) <= mapped:
         raise ScopeError(
             f"hidden sizes differ ({model.config.hidden_size} vs {target_model.config.hidden_size}): "
             "only transform 'affine' can map between these models"
@@ -245,23 +310,22 @@ def plan(scope: Scope, model, target_model=None) -> _Plan:
         raise ScopeError(f"batch_size must be at least 1, got {scope.batch_size}")
 
     sources = _sources(scope, model.tokenizer)
-    target_text, target_index = _target(scope, target_model.tokenizer)
-    grid = itertools.product(
-        sources, scope.sites, layers, scope.transforms, scope.alphas, scope.target_layers, range(scope.samples)
-    )
-    n_cells = len(sources) * len(scope.sites) * len(layers) * len(scope.transforms) * len(scope.alphas)
-    n_cells *= len(scope.target_layers) * scope.samples
+    resolved = {t: _target(scope, t, target_model.tokenizer) for t in dict.fromkeys(targets_wanted)}
+    n_cells = len(sources) * len(scope.sites) * len(pairs) * len(scope.transforms) * len(scope.alphas) * scope.samples
     if n_cells > scope.max_cells:
         raise ScopeError(
             f"the grid has {n_cells} cells ({len(sources)} source tokens x {len(scope.sites)} sites x "
-            f"{len(layers)} layers x {len(scope.transforms)} transforms x {len(scope.alphas)} alphas x "
-            f"{len(scope.target_layers)} target layers x {scope.samples} samples), over max_cells={scope.max_cells}"
+            f"{len(pairs)} layer pairs x {len(scope.transforms)} transforms x {len(scope.alphas)} alphas x "
+            f"{scope.samples} samples), over max_cells={scope.max_cells}"
         )
-    cells = [
-        _Cell(src, site, layer, transform, float(alpha), layer if t == "same" else t, sample)
-        for src, site, layer, transform, alpha, t, sample in grid
-    ]
-    return _Plan(scope, sources, cells, target_text, target_index)
+    grid = itertools.product(sources, scope.sites, pairs, scope.transforms, scope.alphas, range(scope.samples))
+    cells = [Cell(src, site, layer, transform, float(alpha), target_layer, sample)
+             for src, site, (layer, target_layer), transform, alpha, sample in grid]  # fmt: skip
+    if scope.where is not None:
+        cells = [cell for cell in cells if scope.where(cell)]
+        if not cells:
+            raise ScopeError("`where` kept none of the grid's cells")
+    return Plan(scope, sources, cells, [resolved[t] for t in targets_wanted])
 
 
 # ---------------------------------------------------------------- execution
@@ -300,6 +364,7 @@ class _Group:
     rows: torch.Tensor  # batch rows
     columns: torch.Tensor  # token columns in the pass's input (padded batch, or the unshared suffix)
     vectors: torch.Tensor  # read pass: where the values go in the vector table; patch pass: which vectors
+    maps: list[tuple[int, torch.Tensor]] | None = None  # affine per layer pair: (map index, group members)
 
 
 @dataclass
@@ -339,7 +404,7 @@ def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str,
     return passes
 
 
-def cell_seed(seed: int, cell: _Cell) -> int:
+def cell_seed(seed: int, cell: Cell) -> int:
     """A sampled cell's own seed: a stable hash of what the cell is, so its text does not
     depend on the batch size, the chunking or the other cells of the grid."""
     src = cell.source
@@ -347,20 +412,16 @@ def cell_seed(seed: int, cell: _Cell) -> int:
     return zlib.crc32(f"{key}{cell.target_layer}|{cell.sample}".encode())
 
 
-def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:
+def _patch_passes(target_model, the_plan: Plan, vector_of: dict, map_of: dict | None) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:
     """Batched target passes, the cell order they cover, and the shared prefixes' token ids.
 
     Rows of a pass share one transform; with ``share_prefix`` they also share one target
-    text, whose tokens before the first patched position run once for all of them."""
+    text, whose tokens before the first patched position run once for all of them.
+    ``map_of``: (layer, target layer) -> index of its affine map, when maps are per pair."""
     scope, cells, tokenizer = the_plan.scope, the_plan.cells, target_model.tokenizer
 
-    def target_of(cell: _Cell) -> tuple[str, int]:
-        if the_plan.target_text is None:  # back-patching: the source prompt at the source position
-            return scope.prompts[cell.source.prompt], cell.source.position
-        return the_plan.target_text, the_plan.target_index
-
     def pass_key(i: int) -> tuple:
-        text = target_of(cells[i])[0] if scope.share_prefix else ""
+        text = the_plan.target_of(cells[i])[0] if scope.share_prefix else ""
         return scope.transforms.index(cells[i].transform), text
 
     token_ids: dict[str, torch.Tensor] = {}
@@ -370,9 +431,8 @@ def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[
     order = sorted(range(len(cells)), key=pass_key)
     for chunk in (chunk for _, same in itertools.groupby(order, key=pass_key) for chunk in _chunks(list(same), scope.batch_size)):
         chunk_cells = [cells[i] for i in chunk]
-        texts, positions = map(list, zip(*(target_of(c) for c in chunk_cells)))
+        texts, positions = map(list, zip(*(the_plan.target_of(c) for c in chunk_cells)))
         rows = list(range(len(chunk)))
-        shared: dict = {}
         if scope.share_prefix:
             if texts[0] not in token_ids:
                 token_ids[texts[0]] = torch.tensor([tokenizer(texts[0])["input_ids"]])
@@ -383,20 +443,24 @@ def _patch_passes(target_model, the_plan: _Plan, vector_of: dict) -> tuple[list[
                 if prefix == len(prefixes):
                     prefixes.append(token_ids[texts[0]][:, :start])
             columns = torch.tensor(positions) - start
-            shared = {"ids": token_ids[texts[0]], "start": start, "prefix": prefix}
+            inputs = {"ids": token_ids[texts[0]], "start": start, "prefix": prefix}
         else:
             columns = _columns(_lengths(tokenizer, texts), rows, positions)
-            shared = {"texts": texts}
+            inputs = {"texts": texts}
         vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
-        groups = [
-            _Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g], vector_ids[g])
-            for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells])
-        ]
+        groups = []
+        for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells]):
+            maps = None
+            if map_of is not None and chunk_cells[0].transform == "affine":
+                index = [map_of[(chunk_cells[i].layer, chunk_cells[i].target_layer)] for i in g]
+                maps = [(m, torch.tensor([j for j, k in enumerate(index) if k == m])) for m in dict.fromkeys(index)]
+            groups.append(_Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g],
+                                 vector_ids[g], maps))  # fmt: skip
         seeds = None
         if scope.do_sample:
             seeds = torch.tensor([cell_seed(scope.seed or 0, c) for c in chunk_cells], dtype=torch.int64)
         alphas = torch.tensor([c.alpha for c in chunk_cells])
-        passes.append(_Pass(groups, alphas=alphas, transform=chunk_cells[0].transform, seeds=seeds, **shared))
+        passes.append(_Pass(groups, alphas=alphas, transform=chunk_cells[0].transform, seeds=seeds, **inputs))
         covered += chunk
     return passes, covered, prefixes
 
@@ -436,16 +500,20 @@ def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list:
 
 def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) -> None:
     """Inside a trace: write each group's transformed vectors, in forward order."""
+    if p.transform == "none":
+        return
     for g in p.groups:
-        extra = {}
-        if p.transform == "affine":
-            extra = {"weight": settings["weight"]}
-            if settings["bias"] is not None:
-                extra["bias"] = settings["bias"]
-        elif p.transform == "random":
-            extra = {"direction": settings["directions"][g.vectors]}
-        ops.patch(target_model, g.site, g.layer, table[g.vectors], g.columns, g.rows,
-                  alpha=p.alphas[g.rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
+        parts = [(None, slice(None))] if g.maps is None else g.maps
+        for map_index, members in parts:  # rows of one group that share an affine map
+            rows, vectors = g.rows[members], g.vectors[members]
+            extra = {}
+            if p.transform == "affine":
+                weight, bias = settings["maps"][map_index or 0]
+                extra = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+            elif p.transform == "random":
+                extra = {"direction": settings["directions"][vectors]}
+            ops.patch(target_model, g.site, g.layer, table[vectors], g.columns[members], rows,
+                      alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
 def _pass_inputs(p: _Pass, caches: list, output: str) -> tuple:
@@ -531,17 +599,23 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     from tqdm.auto import tqdm
 
     target_model = target_model or model
-    the_plan = plan(scope, model, target_model)
+    the_plan = plan(model, scope, target_model)
     cells = the_plan.cells
     keys = sorted({(c.source, c.site, c.layer) for c in cells}, key=lambda k: (k[0].prompt, k[0].position, k[1], k[2]))
     vector_of = {k: i for i, k in enumerate(keys)}
     reads = [(src.prompt, src.position, site, layer) for src, site, layer in keys]
     read_passes = _read_passes(model.tokenizer, scope.prompts, reads, scope.batch_size)
-    patch_passes, covered, prefixes = _patch_passes(target_model, the_plan, vector_of)
+    map_of, maps = None, [(scope.affine_weight, scope.affine_bias)]
+    if isinstance(scope.affine_weight, dict):  # one map per layer pair
+        used = list(dict.fromkeys((c.layer, c.target_layer) for c in cells if c.transform == "affine"))
+        map_of = {pair: i for i, pair in enumerate(used)}
+        biases = scope.affine_bias or {}
+        maps = [(scope.affine_weight[pair], biases.get(pair)) for pair in used]
+    patch_passes, covered, prefixes = _patch_passes(target_model, the_plan, vector_of, map_of)
     settings = {
         "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
         "temperature": scope.temperature, "mode": scope.mode, "pad_token_id": target_model.tokenizer.pad_token_id,
-        "weight": scope.affine_weight, "bias": scope.affine_bias, "directions": None,
+        "maps": maps, "directions": None,
     }  # fmt: skip
     if "random" in scope.transforms:
         generator = torch.Generator().manual_seed(scope.seed if scope.seed is not None else 0)
@@ -587,12 +661,13 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     return _frame(model, target_model, the_plan, per_cell)
 
 
-def _frame(model, target_model, the_plan: _Plan, per_cell: list[dict]) -> pd.DataFrame:
+def _frame(model, target_model, the_plan: Plan, per_cell: list[dict]) -> pd.DataFrame:
     scope = the_plan.scope
     name, target_name = model_name(model), model_name(target_model)
     records = []
     for cell, out in zip(the_plan.cells, per_cell):
         src = cell.source
+        target = the_plan.targets[src.prompt]
         record = {
             "model": name,
             "source": scope.prompts[src.prompt],
@@ -600,10 +675,10 @@ def _frame(model, target_model, the_plan: _Plan, per_cell: list[dict]) -> pd.Dat
             "position": src.position,
             "site": cell.site,
             "layer": cell.layer,
-            "target": "source" if the_plan.target_text is None else the_plan.target_text,
+            "target": "source" if target.text is None else target.text,
             "target_layer": cell.target_layer,
             "target_site": scope.target_site,
-            "target_position": src.position if the_plan.target_index is None else the_plan.target_index,
+            "target_position": src.position if target.index is None else target.index,
             "transform": cell.transform,
             "alpha": cell.alpha,
             "mode": scope.mode,

@@ -159,3 +159,89 @@ def test_logit_lens_readout_under_remote_local_equals_local(tiny_models):
     local = run(tiny_models["llama"], settings, progress=False)
     remote = run(tiny_models["llama"], settings, remote="local", progress=False)
     assert local["lens_ids"].tolist() == remote["lens_ids"].tolist()
+
+
+# ------------------------------------------------------------------ explicit cells, per-prompt settings, maps
+
+
+def ids_by(frame, columns=("source", "site", "layer", "target_layer", "alpha")) -> dict:
+    return {tuple(row[c] for c in columns): list(row["output_ids"]) for _, row in frame.iterrows()}
+
+
+def test_layer_pairs_and_where_equal_the_matching_cells_of_the_rectangle(tiny_models):
+    model = tiny_models["llama"]
+    full = run(model, Scope(**grid(layers=[0, 1, 2], target_layers=[0, 1, 2])), progress=False)
+    pairs = run(model, Scope(**grid(layer_pairs=[(2, 0), (1, 1), (0, 2)])), progress=False)
+    assert len(pairs) == 3 * 2 * 3 * 2  # prompts x sites x pairs x alphas
+    expected = ids_by(full)
+    assert all(expected[key] == ids for key, ids in ids_by(pairs).items())
+    below = run(model, Scope(**grid(layers=[0, 1, 2], target_layers=[0, 1, 2], where=lambda c: c.target_layer <= c.layer)),
+                progress=False)  # fmt: skip
+    assert (below["target_layer"] <= below["layer"]).all() and len(below) == 3 * 2 * 6 * 2
+    assert all(expected[key] == ids for key, ids in ids_by(below).items())
+
+
+def test_per_prompt_targets_and_tokens_equal_one_run_per_prompt(tiny_models):
+    model = tiny_models["llama"]
+    targets = ["identity", "The capital city of x is", "source"]
+    tokens = ["Princess", "Chili", "Future"]
+    together = run(model, Scope(**grid(target=targets, token=tokens, target_layers=[0])), progress=False)
+    for prompt, target, token in zip(PROMPTS, targets, tokens):
+        alone = run(model, Scope(**grid(prompts=[prompt], target=target, token=token, target_layers=[0])), progress=False)
+        part = together[together["source"] == prompt]
+        assert part["output_ids"].tolist() == alone["output_ids"].tolist()
+        assert part["target"].tolist() == alone["target"].tolist() and part["token"].tolist() == alone["token"].tolist()
+
+
+def test_affine_maps_per_layer_pair_equal_one_run_per_pair(tiny_models):
+    source, target = tiny_models["llama"], tiny_models["gpt2"]
+    generator = torch.Generator().manual_seed(0)
+    pairs = [(0, 0), (2, 1), (1, 2)]
+    weights = {pair: torch.randn(64, 64, generator=generator) / 8 for pair in pairs}
+    biases = {pair: torch.randn(64, generator=generator) for pair in pairs}
+    settings = grid(transforms=["affine"], target="identity", sites=["resid_post"])
+    together = run(source, Scope(**settings, layer_pairs=pairs, affine_weight=weights, affine_bias=biases),
+                   target_model=target, progress=False)  # fmt: skip
+    for pair in pairs:
+        alone = run(source, Scope(**settings, layer_pairs=[pair], affine_weight=weights[pair], affine_bias=biases[pair]),
+                    target_model=target, progress=False)  # fmt: skip
+        part = together[(together["layer"] == pair[0]) & (together["target_layer"] == pair[1])]
+        assert_same_results(part, alone)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_transform_none_is_the_target_prompts_own_output(tiny_models, share_prefix):
+    model = tiny_models["llama"]
+    frame = run(model, Scope(PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], transforms=["none"],
+                             target="identity", max_new_tokens=4, share_prefix=share_prefix), progress=False)  # fmt: skip
+    with model.generate(IDENTITY, max_new_tokens=4, do_sample=False) as tracer:
+        ids = tracer.result[:, -4:].save()
+    assert frame["output_ids"].item() == ids[0].tolist()
+
+
+def test_plan_is_public_and_takes_the_model_first(tiny_models):
+    from superscopes.scope import Plan, plan
+
+    the_plan = plan(tiny_models["llama"], Scope(**grid(target=["identity", "source", "entity"])))
+    assert isinstance(the_plan, Plan) and len(the_plan.cells) == 3 * 2 * 2 * 2 * 2
+    assert the_plan.targets[1].text is None and the_plan.target_of(the_plan.cells[0])[0] == IDENTITY
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(layer_pairs=[(0, 5)]), r"target_layer 5 is out of range"),
+    (dict(layer_pairs=[(9, 0)]), r"layer 9 is out of range"),
+    (dict(layer_pairs=[(0,)]), r"layer_pairs must be \(layer, target_layer\) pairs"),
+    (dict(target=["identity", "entity"]), r"target has 2 entries for 3 prompts"),
+    (dict(token=["Wales"]), r"token has 1 entries for 3 prompts"),
+    (dict(transforms=["affine"], layer_pairs=[(0, 0), (1, 0)], affine_weight={(0, 0): torch.eye(64)}),
+     r"affine_weight has no map for layer pair\(s\) \[\(1, 0\)\]"),
+    (dict(where=lambda cell: False), r"`where` kept none of the grid's cells"),
+])  # fmt: skip
+def test_bad_explicit_cells_are_named_before_any_forward_pass(tiny_models, overrides, message, monkeypatch):
+    from superscopes import ScopeError
+
+    model = tiny_models["llama"]
+    monkeypatch.setattr(type(model), "trace", lambda *a, **k: pytest.fail("a forward pass ran before validation"))
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("a forward pass ran before validation"))
+    with pytest.raises(ScopeError, match=message):
+        run(model, Scope(**grid(**overrides)), progress=False)

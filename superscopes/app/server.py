@@ -441,7 +441,7 @@ class App:
         full = Scope(prompt, layers=layers if layers == "all" else sorted(_unique(layers)), **where, **common)
         full.max_cells = 10**9  # this page's own cap is checked below, on the tokens it runs
         with self.compute_lock:  # plan tokenises with the model's tokenizer, which jobs use too
-            the_plan = plan(full, model)  # raises ScopeError with the core's message
+            the_plan = plan(model, full)  # raises ScopeError with the core's message
 
         pieces = self._tokens(model, prompt)
         if len(pieces) > self.limits["max_prompt_tokens"]:
@@ -479,7 +479,7 @@ class App:
             "alphas": alphas,
             "transform": transform,
             "target_layer": target_layer,
-            "target": the_plan.target_text,
+            "target": the_plan.targets[0].text,
             "threshold": self.threshold,
         }
         return Job(
