@@ -16,11 +16,15 @@ Every cell is validated before any forward pass.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
+import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
@@ -465,7 +469,7 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict, map_of: dict | 
     return passes, covered, prefixes
 
 
-def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0, on_pass=None) -> tuple:
+def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0) -> tuple:
     """Run read passes; returns the vector table ``[n_vectors, d]`` and, with ``lens_k``, the
     logit lens of every vector (top-``lens_k`` ids and probabilities, or None). Only traces
     and torch. A pass stops after its last read: the layers above it never run."""
@@ -483,8 +487,6 @@ def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0, 
         table[where] = stacked.to(table.dtype).cpu()
         if lens_k:
             lens[0][where], lens[1][where] = top_ids.cpu(), top_probs.cpu()
-        if on_pass is not None:
-            on_pass(len(p.texts))
     return table, lens
 
 
@@ -589,18 +591,21 @@ def _decode(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
     return tokenizer.decode(ids, skip_special_tokens=True), ids
 
 
-def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True) -> pd.DataFrame:
-    """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
+def _directions(scope: Scope, keys: list[tuple[Source, str, int]], size: int) -> torch.Tensor:
+    """The ``random`` control's direction for each vector, seeded by what the vector is (so it
+    does not depend on which other cells run with it)."""
+    directions = torch.empty(len(keys), size)
+    for i, (src, site, layer) in enumerate(keys):
+        seed = zlib.crc32(f"{scope.seed or 0}|{src.prompt}|{src.position}|{site}|{layer}".encode())
+        directions[i] = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    return directions
 
-    ``target_model``: patch into another model (cross-model; needs ``affine`` across
-    hidden sizes). ``remote``: ``True`` for NDIF, ``"local"`` to test remote-safety; a
-    remote grid is one request (an nnsight session) that returns only token ids and
-    top-k probabilities."""
-    from tqdm.auto import tqdm
 
-    target_model = target_model or model
-    the_plan = plan(model, scope, target_model)
-    cells = the_plan.cells
+def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: bool | str, bar) -> list[dict]:
+    """Read, patch and decode the cells ``chosen`` (indices into the plan); one remote request."""
+    scope = the_plan.scope
+    sub = Plan(scope, the_plan.sources, [the_plan.cells[i] for i in chosen], the_plan.targets)
+    cells = sub.cells
     keys = sorted({(c.source, c.site, c.layer) for c in cells}, key=lambda k: (k[0].prompt, k[0].position, k[1], k[2]))
     vector_of = {k: i for i, k in enumerate(keys)}
     reads = [(src.prompt, src.position, site, layer) for src, site, layer in keys]
@@ -611,36 +616,33 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
         map_of = {pair: i for i, pair in enumerate(used)}
         biases = scope.affine_bias or {}
         maps = [(scope.affine_weight[pair], biases.get(pair)) for pair in used]
-    patch_passes, covered, prefixes = _patch_passes(target_model, the_plan, vector_of, map_of)
+    patch_passes, covered, prefixes = _patch_passes(target_model, sub, vector_of, map_of)
     settings = {
         "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
         "temperature": scope.temperature, "mode": scope.mode, "pad_token_id": target_model.tokenizer.pad_token_id,
         "maps": maps, "directions": None,
     }  # fmt: skip
     if "random" in scope.transforms:
-        generator = torch.Generator().manual_seed(scope.seed if scope.seed is not None else 0)
-        settings["directions"] = torch.randn(len(keys), target_model.config.hidden_size, generator=generator)
+        settings["directions"] = _directions(scope, keys, target_model.config.hidden_size)
+    lens_k = scope.top_k if scope.logit_lens else 0
 
     with torch.inference_mode():
         if remote:
-            from superscopes.remote import configure
+            from superscopes.remote import configure, explain
 
             configure()
-            from superscopes.remote import explain
-
             try:
                 # One request: the session runs every pass on the server and returns ids/probs.
                 with model.session(remote=remote):
-                    table, lens = _execute_reads(model, read_passes, len(keys), scope.top_k if scope.logit_lens else 0)
+                    table, lens = _execute_reads(model, read_passes, len(keys), lens_k)
                     lens = nnsight.save(lens)
                     outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
+            bar.update(len(cells))
         else:
-            bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
-            table, lens = _execute_reads(model, read_passes, len(keys), scope.top_k if scope.logit_lens else 0, bar.update)
+            table, lens = _execute_reads(model, read_passes, len(keys), lens_k)
             outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
-            bar.close()
 
     per_cell: list[dict] = [{} for _ in cells]
     flat = iter(covered)
@@ -658,6 +660,100 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
             vector = vector_of[(cell.source, cell.site, cell.layer)]
             ids = lens[0][vector].tolist()
             per_cell[i].update(lens=model.tokenizer.decode([ids[0]]), lens_ids=ids, lens_probs=lens[1][vector].tolist())
+    return per_cell
+
+
+def _fingerprint(model, target_model, the_plan: Plan) -> str:
+    """A hash of everything that decides a grid's outputs (not how it is batched)."""
+    scope = the_plan.scope
+    digest = hashlib.sha256()
+    settings = [model_name(model), model_name(target_model), scope.prompts, [[t.text, t.index] for t in the_plan.targets],
+                scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
+                scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
+    digest.update(json.dumps(settings, default=str).encode())
+    for cell in the_plan.cells:
+        digest.update(repr(cell).encode())
+    maps = scope.affine_weight if isinstance(scope.affine_weight, dict) else {None: scope.affine_weight}
+    biases = scope.affine_bias if isinstance(scope.affine_bias, dict) else {None: scope.affine_bias}
+    for table in (maps, biases):
+        for key, tensor in sorted(table.items(), key=lambda item: str(item[0])):
+            if tensor is not None:
+                digest.update(str(key).encode() + tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Checkpoint:
+    """Finished cells of one grid, one JSON line per request as it returns (fsynced), under a
+    header line with the grid's fingerprint: a rerun resumes, a different grid is refused."""
+
+    def __init__(self, path: str | Path, fingerprint: str, n_cells: int):
+        self.path = Path(path)
+        self.header = {"fingerprint": fingerprint, "cells": n_cells}
+        if self.path.exists() and self.path.stat().st_size:
+            first = self.path.read_text().splitlines()[0]
+            found = json.loads(first) if first.startswith("{") else {}
+            if found.get("fingerprint") != fingerprint:
+                raise ScopeError(
+                    f"checkpoint {self.path} holds another grid (fingerprint {found.get('fingerprint')!r}, "
+                    f"this grid {fingerprint!r}): give a new checkpoint path, or delete it to start over"
+                )
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write([self.header])
+
+    def load(self) -> dict[int, dict]:
+        done = {}
+        for line in self.path.read_text().splitlines()[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off mid-write: its request is redone
+                continue
+            done.update({int(i): out for i, out in record["cells"].items()})
+        return done
+
+    def append(self, chosen: list[int], outputs: list[dict]) -> None:
+        self._write([{"cells": {str(i): out for i, out in zip(chosen, outputs)}}])
+
+    def _write(self, records: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True,
+        cells_per_request: int | None = None, checkpoint: str | Path | None = None) -> pd.DataFrame:  # fmt: skip
+    """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
+
+    ``target_model``: patch into another model (cross-model; needs ``affine`` across
+    hidden sizes). ``remote``: ``True`` for NDIF, ``"local"`` to test remote-safety; a
+    remote request (an nnsight session) returns only token ids and top-k probabilities.
+    ``cells_per_request``: split the grid into requests of at most this many cells (default:
+    the whole grid is one request), e.g. to stay within a server's time limit.
+    ``checkpoint``: a file that keeps every finished request's cells as it returns; a rerun
+    with the same grid resumes from it, a different grid is refused."""
+    from tqdm.auto import tqdm
+
+    target_model = target_model or model
+    the_plan = plan(model, scope, target_model)
+    if cells_per_request is not None and (not isinstance(cells_per_request, int) or cells_per_request < 1):
+        raise ScopeError(f"cells_per_request must be a positive integer, got {cells_per_request!r}")
+    n = len(the_plan.cells)
+    store = _Checkpoint(checkpoint, _fingerprint(model, target_model, the_plan), n) if checkpoint else None
+    per_cell: list[dict | None] = [None] * n
+    for i, out in (store.load() if store else {}).items():
+        per_cell[i] = out
+    todo = [i for i in range(n) if per_cell[i] is None]
+    size = cells_per_request or max(len(todo), 1)
+    bar = tqdm(total=n, initial=n - len(todo), desc="superscopes", unit="cell", disable=not progress)
+    for start in range(0, len(todo), size):
+        chosen = todo[start : start + size]
+        outputs = _run_cells(model, target_model, the_plan, chosen, remote, bar)
+        for i, out in zip(chosen, outputs):
+            per_cell[i] = out
+        if store:
+            store.append(chosen, outputs)
+    bar.close()
     return _frame(model, target_model, the_plan, per_cell)
 
 

@@ -245,3 +245,67 @@ def test_bad_explicit_cells_are_named_before_any_forward_pass(tiny_models, overr
     monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("a forward pass ran before validation"))
     with pytest.raises(ScopeError, match=message):
         run(model, Scope(**grid(**overrides)), progress=False)
+
+
+# ------------------------------------------------------------------ grids larger than one request
+
+
+@pytest.fixture
+def requests(monkeypatch):
+    """Counts remote requests (remote="local" sessions); ``fail_at`` makes that request fail."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    state = {"calls": 0, "fail_at": None}
+    original = LocalSimulationBackend.__call__
+
+    def call(self, tracer):
+        state["calls"] += 1
+        if state["calls"] == state["fail_at"]:
+            raise ConnectionError("the server went away")
+        return original(self, tracer)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", call)
+    return state
+
+
+def test_a_grid_split_into_requests_equals_one_request(tiny_models, requests):
+    model = tiny_models["llama"]
+    settings = Scope(**grid(transforms=["scale", "random"], seed=3))  # 96 cells
+    whole = run(model, settings, remote="local", progress=False)
+    assert requests["calls"] == 1
+    split = run(model, settings, remote="local", cells_per_request=25, progress=False)
+    assert requests["calls"] == 1 + 4
+    assert_same_results(split, whole)
+
+
+def test_a_cut_off_split_run_resumes_from_its_checkpoint(tiny_models, requests, tmp_path):
+    from superscopes.remote import RemoteRunError
+
+    model = tiny_models["llama"]
+    settings = Scope(**grid())  # 48 cells, 4 requests of 12
+    reference = run(model, settings, progress=False)
+    checkpoint = tmp_path / "grid.jsonl"
+    requests["fail_at"] = 3
+    with pytest.raises(RemoteRunError):
+        run(model, settings, remote="local", cells_per_request=12, checkpoint=checkpoint, progress=False)
+    requests.update(calls=0, fail_at=None)
+    resumed = run(model, settings, remote="local", cells_per_request=12, checkpoint=checkpoint, progress=False)
+    assert requests["calls"] == 2  # requests 1 and 2 were kept, only 3 and 4 run again
+    assert_same_results(resumed, reference)
+    assert len(resumed) == 48 and not resumed.duplicated(["source", "site", "layer", "alpha", "target_layer"]).any()
+    requests["calls"] = 0
+    again = run(model, settings, remote="local", checkpoint=checkpoint, progress=False)
+    assert requests["calls"] == 0 and again["output_ids"].tolist() == reference["output_ids"].tolist()
+
+
+def test_a_checkpoint_of_another_grid_is_refused_before_any_forward_pass(tiny_models, tmp_path, monkeypatch):
+    from superscopes import ScopeError
+
+    model = tiny_models["llama"]
+    checkpoint = tmp_path / "grid.jsonl"
+    run(model, Scope(**grid(alphas=[1])), checkpoint=checkpoint, progress=False)
+    monkeypatch.setattr(type(model), "trace", lambda *a, **k: pytest.fail("a forward pass ran"))
+    with pytest.raises(ScopeError, match=r"checkpoint .*grid.jsonl holds another grid"):
+        run(model, Scope(**grid(alphas=[1, 2])), checkpoint=checkpoint, progress=False)
+    with pytest.raises(ScopeError, match=r"cells_per_request must be a positive integer, got 0"):
+        run(model, Scope(**grid()), cells_per_request=0, progress=False)
