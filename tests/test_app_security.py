@@ -209,9 +209,15 @@ def test_huge_grids_are_refused_fast_while_a_job_runs(make_app):
             assert status == 400 and message in answer["error"], answer
             assert time.perf_counter() - started < 3, f"{message}: took {time.perf_counter() - started:.1f} s"
         assert list(app.jobs) == [job["job"]]
+        # A good grid is queued at once too: the request path shares no lock with the running job.
+        started = time.perf_counter()
+        status, queued = post_raw(base, "/api/run", json.dumps(grid(client="e", tokens="last")).encode(), timeout=10)
+        assert status == 202 and (queued["status"], queued["ahead"]) == ("queued", 1)
+        assert time.perf_counter() - started < 3
     finally:
         gate.set()
     assert client.wait(job["job"])["status"] == "done"
+    assert client.wait(queued["job"])["status"] == "done"
 
 
 def test_overflowing_deep_and_malformed_values_get_400_naming_the_field(api):
@@ -306,6 +312,7 @@ def test_one_queue_one_worker_and_no_page_starves_the_others(make_app):
 
 def test_stalled_connections_time_out_and_the_backlog_holds_bursts(make_app, monkeypatch):
     assert Server.request_queue_size >= 20
+    assert Handler.timeout is not None and Handler.timeout <= 60  # the default; the test shortens it
     monkeypatch.setattr(Handler, "timeout", 0.5)
     app, base = make_app()
     port = int(base.rsplit(":", 1)[1])
