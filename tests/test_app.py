@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 import superscopes
 from superscopes.app import App, make_server
-from superscopes.app.server import LIMITS, add_arguments
+from superscopes.app.server import LIMITS, SITES, STATIC, add_arguments
 from superscopes.app.testing import fake_similarity, tiny_model
 from superscopes.prompts import tokens as prompt_tokens
 from superscopes.scope import RESULT_COLUMNS
@@ -103,7 +104,7 @@ class Client:
 def test_page_and_config(api):
     status, headers, html = api.request("GET", "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b'id="badges"' in html and b"/static/app.js" in html
+    assert b'id="badges"' in html and b"/static/app.js" in html and b'id="stale-note"' in html
     for name in ("app.js", "app.css", "favicon.svg"):
         assert api.request("GET", f"/static/{name}")[0] == 200
     assert api.request("GET", "/static/../server.py")[0] == 404
@@ -342,3 +343,54 @@ def test_remote_models_are_offered_only_when_ndif_is_configured(model, monkeypat
     assert [(m["id"], m["label"], m["remote"]) for m in app.model_choices()] == [
         (NAME, NAME, False), ("ndif:smollm2-135m", "smollm2-135m (NDIF)", True)
     ]
+
+
+def page_helpers(script: str):
+    """Run ``script`` in Node against the page's pure helpers (``app``); its printed JSON."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    code = f"const app = require({json.dumps(str(STATIC / 'app.js'))});\nconsole.log(JSON.stringify({script}));"
+    done = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_page_status_line_shows_queue_place_and_a_cancel_at_once():
+    lines = page_helpers("""[
+        app.statusText({status: "queued", ahead: 2}),
+        app.statusText({status: "queued", ahead: 2, cancelling: true}),
+        app.statusText({status: "running", done: 12, total: 72, elapsed: 3.2, cancelling: true}),
+        app.statusText({status: "cancelled", done: 12, total: 72, elapsed: 4, cancelling: false}),
+    ]""")
+    assert lines == [
+        "queued (2 ahead)",
+        "queued — cancelling…",
+        "12 / 72 cells — running (3.2 s) — cancelling after the chunk in progress…",
+        "12 / 72 cells — cancelled (4.0 s)",
+    ]
+
+
+def test_page_hint_says_amplified_only_when_every_best_alpha_amplifies():
+    hints = page_helpers("""[[1, 1], [1, 6], [], [3, 6], [0.5, 3]].map(
+        (best) => app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3}, best))""")
+    all_one, mixed, none_yet, amplified, shrunk = hints
+    assert "at α 1" in all_one and "amplif" not in all_one
+    for hint in (mixed, none_yet, shrunk):
+        assert "amplified" not in hint and "best alpha" in hint
+    assert "amplified by the best alpha" in amplified
+
+
+def test_page_heatmap_titles_fit_and_edited_prompts_mark_the_table_stale():
+    titles = list(SITES.values())
+    sizes = page_helpers(f"{json.dumps(titles)}.map((t) => app.heatmapSize(t, 1, 2))")
+    for title, size in zip(titles, sizes):
+        assert size["width"] >= 2 + 8 * len(title)  # a 13 px bold character is under 8 px on average
+    assert page_helpers('app.heatmapSize("MLP input", 6, 2)')["width"] == 40 + 42 * 6 + 4
+    job = {"prompt": PROMPT, "model": NAME}
+    assert page_helpers(f"""[
+        app.isStale({json.dumps(job)}, {json.dumps(PROMPT)}, {json.dumps(NAME)}),
+        app.isStale({json.dumps(job)}, "Diana, Princess", {json.dumps(NAME)}),
+        app.isStale({json.dumps(job)}, {json.dumps(PROMPT)}, "other-model"),
+        app.isStale(null, "anything", {json.dumps(NAME)}),
+    ]""") == [False, True, True, False]

@@ -783,7 +783,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         if getattr(self.server, "verbose", False):
-            sys.stderr.write(redact(f"{self.address_string()} - [{self.log_date_time_string()}] {format % args}\n"))
+            sys.stderr.write(redact(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}\n"))
 
     # ------------------------------------------------------------ replies
 
