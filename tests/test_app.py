@@ -51,8 +51,7 @@ def make_app(model):
 
     yield make
     for server in servers:
-        for job in server.app.jobs.values():
-            job.cancel.set()
+        server.app.close()
         server.shutdown()
         server.server_close()
 

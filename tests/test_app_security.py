@@ -343,6 +343,15 @@ def test_internal_errors_are_500_without_traceback_and_logs_redact_secrets(make_
     status, job = client.run(tokens="last", layers="0", sites=["mlp_out"])
     state = client.wait(job["job"])
     assert state["error"] == "RuntimeError: the judge fell over with ***"
+
+    # A failure outside the handlers' own catch goes to the server's handle_error: redacted too.
+    def broken_host_check(self):
+        raise RuntimeError(f"host check failed near {SECRET}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Handler, "_host_ok", broken_host_check)
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(base + "/api/config", timeout=10)
     # A verbose server logs request lines; a secret in a URL is redacted there too.
     server = make_server(app, "127.0.0.1", 0, verbose=True)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -352,7 +361,8 @@ def test_internal_errors_are_500_without_traceback_and_logs_redact_secrets(make_
         server.shutdown()
         server.server_close()
     err = capfd.readouterr().err
-    assert err.count("Traceback") >= 2 and "config failed, token ***" in err and "with ***" in err
+    assert err.count("Traceback") >= 3 and "config failed, token ***" in err and "with ***" in err
+    assert "host check failed near ***" in err
     assert "GET /nowhere?key=***" in err
     assert SECRET not in err
 

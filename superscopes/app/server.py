@@ -700,7 +700,7 @@ class App:
         return job.state(len(job.rows)) | {"rows": []}
 
     def close(self) -> None:
-        """Stop the worker after its job (used when the server closes)."""
+        """Cancel every job and stop the worker after its chunk in progress."""
         with self.jobs_lock:
             self.closed = True
             for job in self.queue:
@@ -719,9 +719,11 @@ class App:
                 job = self.current = self.queue.popleft()
             with job.lock:
                 job.status, job.started = "running", time.time()
-            self._work(job)
-            with self.jobs_lock:
-                self.current = None
+            try:
+                self._work(job)
+            finally:
+                with self.jobs_lock:
+                    self.current = None
 
     def _work(self, job: Job) -> None:
         import superscopes
@@ -923,10 +925,6 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         """An error outside a handler's own catch (a dropped connection...): redacted, one traceback."""
         _log_error(sys.exc_info()[1])
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.app.close()
 
     @property
     def url(self) -> str:
