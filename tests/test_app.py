@@ -368,6 +368,14 @@ def test_page_status_line_shows_queue_place_and_a_cancel_at_once():
         "12 / 72 cells — running (3.2 s) — cancelling after the chunk in progress…",
         "12 / 72 cells — cancelled (4.0 s)",
     ]
+    # A poll the server answered before the cancel does not undo it; a stopped job is not cancelling.
+    cancelling = page_helpers("""[
+        app.jobState({job: "a1", status: "running", cancelling: false, rows: [1]}, "a1"),
+        app.jobState({job: "a1", status: "queued", cancelling: false}, "a1"),
+        app.jobState({job: "a1", status: "cancelled", cancelling: false}, "a1"),
+        app.jobState({job: "b2", status: "running", cancelling: false}, "a1"),
+    ].map((job) => [job.cancelling, "rows" in job])""")
+    assert cancelling == [[True, False], [True, False], [False, False], [False, False]]
 
 
 def test_page_hint_says_amplified_only_when_every_best_alpha_amplifies():

@@ -19,6 +19,7 @@ const state = {
   rows: new Map(), // "position|site|layer|alpha" -> row
   next: 0,
   selected: null, // selected token position
+  cancelled: null, // id of the job this page asked to cancel: a poll answered before the cancel must not undo it
   timer: null,
 };
 
@@ -263,8 +264,7 @@ function absorb(update) {
     state.rows.set(`${row.position}|${row.site}|${row.layer}|${row.alpha}`, row);
   }
   state.next = update.next;
-  const { rows, ...rest } = update;
-  state.job = rest;
+  state.job = jobState(update, state.cancelled);
   renderStatus();
   renderBadges();
   renderDetail();
@@ -293,7 +293,8 @@ async function poll() {
 async function cancel() {
   if (!state.job) return;
   const jobId = state.job.job;
-  state.job.cancelling = true; // shown at once; the server's state keeps it until the job stops
+  state.cancelled = jobId;
+  state.job.cancelling = true; // shown at once, and kept until the job stops
   renderStatus();
   try {
     await api("POST", `/api/jobs/${jobId}/cancel`, {});
@@ -350,6 +351,13 @@ function tokenBest(position) {
     }
   }
   return best;
+}
+
+function jobState(update, cancelled) {
+  // The job without its rows; a cancel this page asked for (id ``cancelled``) sticks while the
+  // job is active, even against a poll that the server answered before the cancel.
+  const { rows, ...job } = update;
+  return { ...job, cancelling: !!job.cancelling || (cancelled === job.job && ACTIVE.includes(job.status)) };
 }
 
 function isStale(job, prompt, model) {
@@ -656,4 +664,4 @@ async function init() {
 }
 
 if (typeof document !== "undefined") document.addEventListener("DOMContentLoaded", init);
-if (typeof module !== "undefined") module.exports = { statusText, readoutHint, heatmapSize, isStale };
+if (typeof module !== "undefined") module.exports = { statusText, jobState, readoutHint, heatmapSize, isStale };
