@@ -242,7 +242,8 @@ def test_overflowing_deep_and_malformed_values_get_400_naming_the_field(api):
         '"sites": "mlp_out,attn"': "site 'attn' is not valid here; choose from mlp_in, mlp_out, resid_post",
         '"prompt": 5': "prompt must be text, got 5",
         '"client": "' + "c" * 100 + '"': "client has 100 characters; this page takes at most 64",
-        '"template": "' + "t" * 2000 + '", "target": "custom"': "template has 2000 characters; this page takes at most 1000",  # fmt: skip
+        '"target": "custom", "template": "' + "t" * 2000 + '"':
+            "template has 2000 characters; this page takes at most 1000",
     }
     for field, message in cases.items():
         status, answer = run(field)

@@ -173,7 +173,8 @@ def parse_body(raw: bytes | None, content_type: str) -> dict:
         raise BadRequest(f"the request body is missing its length or is over {MAX_BODY} bytes")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
-        raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"send the request as application/json, not {_show(media_type)}")
+        raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                      f"send the request as application/json, not {_show(media_type)}")  # fmt: skip
     try:
         body = json.loads(raw or b"{}")
     except RecursionError:
@@ -875,7 +876,7 @@ class Handler(BaseHTTPRequestHandler):
             r"/static/([A-Za-z0-9_.-]+)": lambda q, name: self._static(name),
             r"/favicon\.ico": lambda q: self._static("favicon.svg"),
             r"/api/config": lambda q: self._json(200, self.app.config(q.get("client"))),
-            r"/api/jobs/([0-9a-f]+)": lambda q, job: self._json(200, self.app.state(job, parse_whole(q.get("since", 0), "since", 0, 10**9))),
+            r"/api/jobs/([0-9a-f]+)": lambda q, job: self._json(200, self.app.state(job, self._since(q))),
             r"/api/jobs/([0-9a-f]+)/csv": self._csv,
         })  # fmt: skip
 
@@ -888,6 +889,10 @@ class Handler(BaseHTTPRequestHandler):
             r"/api/run": self._run,
             r"/api/jobs/([0-9a-f]+)/cancel": self._cancel,
         })  # fmt: skip
+
+    @staticmethod
+    def _since(query: dict) -> int:
+        return parse_whole(query.get("since", 0), "since", 0, 10**9)
 
     def _static(self, name: str) -> None:
         path = STATIC / name
