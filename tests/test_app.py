@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 import superscopes
 from superscopes.app import App, make_server
-from superscopes.app.server import LIMITS, add_arguments
+from superscopes.app.server import LIMITS, SITES, STATIC, add_arguments
 from superscopes.app.testing import fake_similarity, tiny_model
 from superscopes.prompts import tokens as prompt_tokens
 from superscopes.scope import RESULT_COLUMNS
@@ -50,8 +51,7 @@ def make_app(model):
 
     yield make
     for server in servers:
-        for job in server.app.jobs.values():
-            job.cancel.set()
+        server.app.close()
         server.shutdown()
         server.server_close()
 
@@ -94,7 +94,7 @@ class Client:
             assert status == 200, state
             rows += state["rows"]
             since = state["next"]
-            if state["status"] != "running":
+            if state["status"] not in ("queued", "running"):
                 return {**state, "rows": rows}
             time.sleep(0.05)
         raise AssertionError(f"job {job} still running after {timeout} s")
@@ -103,7 +103,7 @@ class Client:
 def test_page_and_config(api):
     status, headers, html = api.request("GET", "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b'id="badges"' in html and b"/static/app.js" in html
+    assert b'id="badges"' in html and b"/static/app.js" in html and b'id="stale-note"' in html
     for name in ("app.js", "app.css", "favicon.svg"):
         assert api.request("GET", f"/static/{name}")[0] == 200
     assert api.request("GET", "/static/../server.py")[0] == 404
@@ -134,7 +134,7 @@ def test_tokens_endpoint(api, model):
 def test_run_to_completion_matches_the_core(api, model):
     status, job = api.run()
     assert status == 202, job
-    assert job["status"] == "running"
+    assert job["status"] in ("queued", "running")
     assert job["total"] == 6 * 3 * 2 * 2  # tokens x sites x layers x alphas
     assert job["grid"]["positions"] == list(range(6))
     assert job["grid"]["layers"] == [0, 1] and job["grid"]["alphas"] == [1.0, 3.0]
@@ -178,7 +178,7 @@ def test_run_to_completion_matches_the_core(api, model):
         ({"transform": "affine"}, "transform 'affine' is not offered here"),
         ({"target": "custom", "template": "no placeholder here", "placeholder": "@"}, "has no placeholder '@'"),
         ({"target": "custom", "template": ""}, "the custom target template is empty"),
-        ({"max_new_tokens": 0}, "new tokens must be between 1 and 32"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a whole number from 1 to 32, got 0"),
         ({"model": "gpt-17"}, "model 'gpt-17' is not offered by this server"),
         ({"tokens": "match", "token": ""}, "type the token to scope"),
     ],
@@ -234,7 +234,7 @@ def test_cancel_keeps_partial_results_and_one_job_per_client(make_app):
     assert entered.wait(60), "the first chunk never reached the judge"
     # The same page cannot start a second job while one runs; the config tells it which.
     status, answer = client.run()
-    assert status == 409 and answer["job"] == job["job"] and "already in progress" in answer["error"]
+    assert status == 409 and answer["job"] == job["job"] and "already queued or in progress" in answer["error"]
     assert client.json("GET", "/api/config?client=test")[1]["active_job"] == job["job"]
     status, answer = client.json("POST", f"/api/jobs/{job['job']}/cancel", {})
     assert status == 200 and answer["job"] == job["job"]
@@ -263,7 +263,8 @@ def test_csv_download(api):
     assert len(frame) == state["total"] == 12
     assert (frame["model"] == NAME).all() and (frame["source"] == PROMPT).all()
     assert frame.sort_values(["site", "layer", "alpha"])["output"].fillna("").tolist() == [
-        r["output"] for r in sorted(state["rows"], key=lambda r: (r["site"], r["layer"], r["alpha"]))
+        "'" * r["output"].startswith(("=", "+", "-", "@")) + r["output"]  # formula-safe: see test_app_security
+        for r in sorted(state["rows"], key=lambda r: (r["site"], r["layer"], r["alpha"]))
     ]
 
 
@@ -283,7 +284,7 @@ def test_http_errors(api):
     assert api.json("GET", "/api/jobs/0123abcd")[0] == 404
     assert "no such page" in api.json("GET", "/nowhere")[1]["error"]
     status, _, raw = api.request("POST", "/api/run", None, {"Content-Type": "text/plain"})
-    assert status == 400 and b"application/json" in raw
+    assert status == 415 and b"application/json" in raw
     request = urllib.request.Request(api.base + "/api/run", data=b"{not json", method="POST",
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as error:
@@ -341,3 +342,62 @@ def test_remote_models_are_offered_only_when_ndif_is_configured(model, monkeypat
     assert [(m["id"], m["label"], m["remote"]) for m in app.model_choices()] == [
         (NAME, NAME, False), ("ndif:smollm2-135m", "smollm2-135m (NDIF)", True)
     ]
+
+
+def page_helpers(script: str):
+    """Run ``script`` in Node against the page's pure helpers (``app``); its printed JSON."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    code = f"const app = require({json.dumps(str(STATIC / 'app.js'))});\nconsole.log(JSON.stringify({script}));"
+    done = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_page_status_line_shows_queue_place_and_a_cancel_at_once():
+    lines = page_helpers("""[
+        app.statusText({status: "queued", ahead: 2}),
+        app.statusText({status: "queued", ahead: 2, cancelling: true}),
+        app.statusText({status: "running", done: 12, total: 72, elapsed: 3.2, cancelling: true}),
+        app.statusText({status: "cancelled", done: 12, total: 72, elapsed: 4, cancelling: false}),
+    ]""")
+    assert lines == [
+        "queued (2 ahead)",
+        "queued — cancelling…",
+        "12 / 72 cells — running (3.2 s) — cancelling after the chunk in progress…",
+        "12 / 72 cells — cancelled (4.0 s)",
+    ]
+    # A poll the server answered before the cancel does not undo it; a stopped job is not cancelling.
+    cancelling = page_helpers("""[
+        app.jobState({job: "a1", status: "running", cancelling: false, rows: [1]}, "a1"),
+        app.jobState({job: "a1", status: "queued", cancelling: false}, "a1"),
+        app.jobState({job: "a1", status: "cancelled", cancelling: false}, "a1"),
+        app.jobState({job: "b2", status: "running", cancelling: false}, "a1"),
+    ].map((job) => [job.cancelling, "rows" in job])""")
+    assert cancelling == [[True, False], [True, False], [False, False], [False, False]]
+
+
+def test_page_hint_says_amplified_only_when_every_best_alpha_amplifies():
+    hints = page_helpers("""[[1, 1], [1, 6], [], [3, 6], [0.5, 3]].map(
+        (best) => app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3}, best))""")
+    all_one, mixed, none_yet, amplified, shrunk = hints
+    assert "at α 1" in all_one and "amplif" not in all_one
+    for hint in (mixed, none_yet, shrunk):
+        assert "amplified" not in hint and "best alpha" in hint
+    assert "amplified by the best alpha" in amplified
+
+
+def test_page_heatmap_titles_fit_and_edited_prompts_mark_the_table_stale():
+    titles = list(SITES.values())
+    sizes = page_helpers(f"{json.dumps(titles)}.map((t) => app.heatmapSize(t, 1, 2))")
+    for title, size in zip(titles, sizes):
+        assert size["width"] >= 2 + 8 * len(title)  # a 13 px bold character is under 8 px on average
+    assert page_helpers('app.heatmapSize("MLP input", 6, 2)')["width"] == 40 + 42 * 6 + 4
+    job = {"prompt": PROMPT, "model": NAME}
+    assert page_helpers(f"""[
+        app.isStale({json.dumps(job)}, {json.dumps(PROMPT)}, {json.dumps(NAME)}),
+        app.isStale({json.dumps(job)}, "Diana, Princess", {json.dumps(NAME)}),
+        app.isStale({json.dumps(job)}, {json.dumps(PROMPT)}, "other-model"),
+        app.isStale(null, "anything", {json.dumps(NAME)}),
+    ]""") == [False, True, True, False]

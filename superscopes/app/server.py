@@ -1,21 +1,23 @@
 """The Superscopes web app: a JSON API on the standard library's ``ThreadingHTTPServer``.
 
-The page (``static/``) sends a grid; the server validates it with the core's ``plan`` (no
-forward pass), then runs it as a background job in chunks: each chunk is one
-``superscopes.run`` call on a sub-grid (one source token x a few layers, every site and
+The page (``static/``) sends a grid; the request path parses and bounds every field (pure
+functions below), validates the grid with the core's ``plan`` (no forward pass) and queues it.
+One worker thread (the model is one) runs queued jobs in order, each in chunks: a chunk is
+one ``superscopes.run`` call on a sub-grid (one source token x a few layers, every site and
 alpha), followed by the judge. Between chunks the job publishes its rows (progress and
-partial results) and checks for cancellation. One job at a time per page (client id);
-model passes of all jobs share one lock. Models load lazily and stay cached.
+partial results) and checks for cancellation. One queued or running job per page (client
+id), and a cap on the queue, so that no page starves the others. Models load lazily and
+stay cached.
 
-Endpoints (all JSON unless stated)::
+Endpoints (all JSON unless stated; POSTs take only same-origin ``application/json``)::
 
     GET  /                      the page;  GET /static/<file>
-    GET  /api/config            models, limits, defaults, templates, the client's running job
+    GET  /api/config            models, limits, defaults, templates, the client's active job
     POST /api/tokens            {model, prompt} -> the prompt's tokens and the model's layers
-    POST /api/run               a grid -> {job, total, ...} or {error} (400, 409)
-    GET  /api/jobs/<id>?since=N status, counts and the rows from N on
-    POST /api/jobs/<id>/cancel  stop after the chunk in progress
-    GET  /api/jobs/<id>/csv     the results so far as CSV (attachment)
+    POST /api/run               a grid -> {job, total, ahead, ...} or {error} (400, 409, 503)
+    GET  /api/jobs/<id>?since=N status, queue place, counts and the rows from N on
+    POST /api/jobs/<id>/cancel  drop a queued job, or stop a running one after its chunk
+    GET  /api/jobs/<id>/csv     the results so far as CSV (attachment, formula-safe)
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import argparse
 import ipaddress
 import json
 import math
+import os
 import re
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +54,8 @@ LIMITS = {
     "max_prompt_tokens": 48,
     "max_template_chars": 1000,
     "max_new_tokens": 32,
+    "max_abs_alpha": 1000,
+    "max_queued": 32,  # jobs queued or running, all pages together
 }
 
 SITES = {"mlp_in": "MLP input", "mlp_out": "MLP output", "resid_post": "Hidden state"}
@@ -74,6 +80,12 @@ ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "o
 REMOTE_PREFIX = "ndif:"
 MAX_BODY = 64 * 1024
 KEEP_JOBS = 32
+MAX_FIELD_CHARS = {"client": 64, "model": 200, "placeholder": 40, "layers": 200}  # the rest: LIMITS
+SOCKET_TIMEOUT = 30  # seconds a connection may stall mid-request before its thread is freed
+LISTEN_BACKLOG = 128  # connections the kernel holds while every handler thread is busy starting
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_NAMES = ("NDIF_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class BadRequest(ValueError):
@@ -84,16 +96,35 @@ class NotFound(LookupError):
     """An unknown job or file (HTTP 404)."""
 
 
+class Refused(Exception):
+    """A request the server will not serve as sent: ``status`` says why (403, 415, 503)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class Busy(Exception):
     def __init__(self, job_id: str):
-        super().__init__("a run is already in progress on this page: wait for it to finish or cancel it")
+        super().__init__("a run is already queued or in progress on this page: wait for it to finish or cancel it")
         self.job_id = job_id
 
 
-def _redact(text: str) -> str:
-    from superscopes.remote import redact
+def secret_values(environ: Mapping[str, str]) -> list[str]:
+    """Values to keep out of pages and logs: the known tokens, and any long enough variable
+    whose name says it is a key, token, secret or password; longest first."""
+    values = {environ.get(name) or "" for name in SECRET_NAMES}
+    values |= {value for name, value in environ.items() if SECRET_NAME.search(name)}
+    return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)  # short ones are not secrets
 
-    return redact(text)
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with secret values replaced by ``***`` (the NDIF key also when it comes from .env)."""
+    from superscopes.remote import redact as redact_ndif_key
+
+    for value in secret_values(os.environ if environ is None else environ):
+        text = text.replace(value, "***")
+    return redact_ndif_key(text)
 
 
 def _error_text(error: BaseException) -> str:
@@ -106,7 +137,12 @@ def _error_text(error: BaseException) -> str:
         message = str(error)
     else:
         message = f"{type(error).__name__}: {error}"
-    return _redact(message or type(error).__name__)
+    return redact(message or type(error).__name__)
+
+
+def _log_error(error: BaseException) -> None:
+    """The traceback on the terminal, with secrets redacted (never in a reply)."""
+    print(redact("".join(traceback.format_exception(error))), file=sys.stderr, end="", flush=True)
 
 
 def _finite(value):
@@ -118,15 +154,96 @@ def _unique(values: list) -> list:
 
 
 # ---------------------------------------------------------------- request parsing
+#
+# Pure functions: each field is checked against its bound before it is expanded or used, so
+# that no request costs more than its size, and each error names the field and what it takes.
 
 
-def _text(body: dict, name: str, default: str = "") -> str:
+def _show(value) -> str:
+    """A value for an error message, cut short: a request may carry 64 KB in one field."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_body(raw: bytes | None, content_type: str) -> dict:
+    """A job-starting POST's JSON object: only ``application/json`` (a form or a
+    ``text/plain`` fetch from another site cannot send it without a CORS preflight), each field
+    text, a number, or a list of them."""
+    if raw is None:
+        raise BadRequest(f"the request body is missing its length or is over {MAX_BODY} bytes")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                      f"send the request as application/json, not {_show(media_type)}")  # fmt: skip
+    try:
+        body = json.loads(raw or b"{}")
+    except RecursionError:
+        raise BadRequest("the request nests too deeply: each field is text, a number or a list of them") from None
+    except UnicodeDecodeError:
+        raise BadRequest("the request is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise BadRequest(f"the request is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request must be a JSON object")
+    for name, value in body.items():
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, dict) or any(isinstance(item, (list, dict)) for item in items):
+            raise BadRequest(f"{_show(name)} nests too deeply: give text, a number or a list of them")
+    return body
+
+
+def _text(body: dict, name: str, default: str = "", max_chars: int | None = None) -> str:
     value = body.get(name, default)
     if value is None:
         return default
     if not isinstance(value, str):
-        raise BadRequest(f"{name} must be text, got {value!r}")
+        raise BadRequest(f"{name} must be text, got {_show(value)}")
+    cap = max_chars if max_chars is not None else MAX_FIELD_CHARS.get(name)
+    if cap is not None and len(value) > cap:
+        raise BadRequest(f"{name} has {len(value)} characters; this page takes at most {cap}")
     return value
+
+
+def parse_whole(value, name: str, low: int, high: int) -> int:
+    """A whole number in ``[low, high]``: a JSON integer, an integral float (``4.0``), or digits
+    as text; ``1e309`` (infinity once parsed), ``true`` and ``4.5`` are refused."""
+    if isinstance(value, float) and value.is_integer():  # False for inf and nan
+        value = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,12}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {_show(value)}")
+    return value
+
+
+def _layer_range(name: str, shown: str, low: int, high: int, num_layers: int, model: str) -> None:
+    bad = low if low >= num_layers else num_layers if high >= num_layers else None
+    if bad is not None:
+        raise BadRequest(f"{name} {shown}: layer {bad} is out of range: {model} has layers 0-{num_layers - 1}")
+
+
+def check_layers(value, num_layers: int, model: str = "the model") -> None:
+    """Refuse a layer list or range with a layer the model lacks, before anything is expanded
+    (``"1-1000000000"`` would otherwise be a list of a billion numbers)."""
+    if isinstance(value, list):
+        for layer in value:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise BadRequest(f"layers {_show(value)}: give whole numbers")
+            _layer_range("layers", _show(value), layer, layer, num_layers, model)
+        return
+    text = str(value if value is not None else "").replace(" ", "")
+    if len(text) > MAX_FIELD_CHARS["layers"]:
+        raise BadRequest(f"layers has {len(text)} characters; this page takes at most {MAX_FIELD_CHARS['layers']}")
+    if text in ("", "all"):
+        return  # parse_layers says what to do with an empty field
+    for part in text.split(","):
+        found = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not found:
+            raise BadRequest(f"layers {_show(text)}: use 'all', '3', '1-7' or '1,3,5-7'")
+        low, high = int(found[1]), int(found[2] or found[1])
+        if high < low:
+            raise BadRequest(f"layers {_show(text)}: the range {part} runs backwards")
+        _layer_range("layers", _show(text), low, high, num_layers, model)
 
 
 def parse_layers(value) -> list[int] | str:
@@ -145,32 +262,75 @@ def parse_layers(value) -> list[int] | str:
         raise BadRequest(str(error)) from None
 
 
-def parse_alphas(value) -> list[float]:
+def parse_alphas(value, max_count: int, max_abs: float) -> list[float]:
+    """Distinct sorted alphas: at most ``max_count`` (counted before any is converted), each
+    finite and within ``±max_abs``."""
     if isinstance(value, list):
         items = value
     else:
         items = [x for x in str(value if value is not None else "").replace(" ", "").split(",") if x]
     if not items:
         raise BadRequest("alphas is empty: give numbers such as 1,3,6,9,12,15")
+    if len(items) > max_count:
+        raise BadRequest(f"alphas has {len(items)} values; a run takes at most {max_count} (the cell cap)")
     alphas = []
     for item in items:
         try:
-            alphas.append(float(item))
+            if isinstance(item, bool):
+                raise TypeError
+            alpha = float(item)
         except (TypeError, ValueError):
-            raise BadRequest(f"alpha {item!r} is not a number") from None
-    return alphas
+            raise BadRequest(f"alpha {_show(item)} is not a number") from None
+        if not math.isfinite(alpha):
+            raise BadRequest(f"alpha {alpha} is not a finite number")
+        if abs(alpha) > max_abs:
+            raise BadRequest(f"alpha {alpha:g} is out of range: alphas go from -{max_abs:g} to {max_abs:g}")
+        alphas.append(alpha)
+    return sorted(_unique(alphas))
 
 
-def parse_target_layer(value) -> int | str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = str(value if value is not None else "").strip()
-    if text == "same":
+def parse_target_layer(value, num_layers: int, model: str = "the model") -> int | str:
+    if value == "same":
         return "same"
     try:
-        return int(text)
-    except ValueError:
-        raise BadRequest(f"target layer {text!r}: use 0, same, or a layer number") from None
+        layer = parse_whole(value, "target_layer", -(10**12), 10**12)
+    except BadRequest:
+        raise BadRequest(f"target_layer {_show(value)}: use same, or a layer of {model} (0-{num_layers - 1})") from None
+    if not 0 <= layer < num_layers:
+        raise BadRequest(f"target_layer {layer} is out of range: {model} has layers 0-{num_layers - 1}")
+    return layer
+
+
+def parse_sites(value) -> list[str]:
+    sites = [s for s in value.split(",") if s] if isinstance(value, str) else value
+    if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+        raise BadRequest(f"sites must be a list of site names, got {_show(sites)}")
+    if not sites:
+        raise BadRequest(f"pick at least one site ({', '.join(SITES.values())})")
+    for site in sites:
+        if site not in SITES:
+            raise BadRequest(f"site {_show(site)} is not valid here; choose from {', '.join(SITES)}")
+    return _unique(sites)
+
+
+def cross_site(origin: str | None, fetch_site: str | None, host: str) -> str | None:
+    """Why a POST comes from a page on another origin (another site, or another port of this
+    machine), or None. Scripts send neither header; browsers send at least one."""
+    if fetch_site is not None and fetch_site.strip().lower() not in ("same-origin", "none"):
+        return f"Sec-Fetch-Site is {_show(fetch_site)}"
+    if origin is not None and origin.strip().lower() != f"http://{host.strip().lower()}":
+        return f"Origin {_show(origin)} is not this server's"
+    return None
+
+
+def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with text cells that a spreadsheet would run as a formula prefixed by ``'``."""
+
+    def cell(value):
+        return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+    text_columns = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    return frame.assign(**{c: frame[c].map(cell) for c in text_columns})
 
 
 # ---------------------------------------------------------------- jobs
@@ -186,7 +346,7 @@ class Job:
     grid: dict  # what the page needs to lay out tables and heatmaps
     chunks: list  # sub-grid Scopes, run in order
     remote: bool = False
-    status: str = "running"  # running | done | cancelled | error
+    status: str = "queued"  # queued | running | done | cancelled | error
     done: int = 0
     error: str | None = None
     rows: list[dict] = field(default_factory=list)
@@ -196,12 +356,19 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def state(self, since: int = 0) -> dict:
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+    def state(self, since: int = 0, ahead: int = 0) -> dict:
+        """``ahead``: jobs that run before this queued one (the running one included)."""
         with self.lock:
             since = max(0, min(since, len(self.rows)))
             return {
                 "job": self.id,
                 "status": self.status,
+                "ahead": ahead,
+                "cancelling": self.cancel.is_set() and self.active,
                 "done": self.done,
                 "total": self.total,
                 "error": self.error,
@@ -264,7 +431,11 @@ class App:
             self.remote_models.insert(0, default_model)
         self.jobs: dict[str, Job] = {}
         self.jobs_lock = threading.Lock()
-        self.compute_lock = threading.Lock()  # one model pass at a time, across jobs
+        self.queue: deque[Job] = deque()  # waiting jobs, run in order by one worker thread
+        self.queue_changed = threading.Condition(self.jobs_lock)
+        self.current: Job | None = None  # the job the worker runs
+        self.worker: threading.Thread | None = None
+        self.closed = False
         self.load_locks: dict[str, threading.Lock] = {}
         self.tokenizers: dict[int, tuple] = {}  # id(model) -> (model, tokenizer copy)
         self.tokenizer_lock = threading.Lock()
@@ -329,8 +500,7 @@ class App:
         from superscopes.sites import num_layers
 
         name = _text(body, "model", self.default_model) or self.default_model
-        prompt = _text(body, "prompt")
-        self._check_prompt_length(prompt)
+        prompt = self._prompt(body)
         model = self.model(name)
         return {
             "model": name,
@@ -339,23 +509,29 @@ class App:
             "num_layers": num_layers(model),
         }
 
-    def _check_prompt_length(self, prompt: str) -> None:
+    def _prompt(self, body: dict) -> str:
+        prompt = _text(body, "prompt")
         cap = self.limits["max_prompt_chars"]
         if len(prompt) > cap:
             raise BadRequest(f"the prompt has {len(prompt)} characters; this page takes at most {cap}")
+        return prompt
 
-    def _tokens(self, model, prompt: str) -> list[dict]:
-        """The prompt's tokens, with a private copy of the tokenizer: a fast tokenizer used
-        from two threads at once (this request and a job's batched pass) can fail."""
+    def _tokenizer(self, model):
+        """A private copy of the model's tokenizer, for the request path (hold ``tokenizer_lock``):
+        a fast tokenizer used from two threads at once (a request and the worker) can fail."""
         import copy
 
+        key = id(model)
+        if key not in self.tokenizers:
+            self.tokenizers[key] = (model, copy.deepcopy(model.tokenizer))
+        return self.tokenizers[key][1]
+
+    def _tokens(self, model, prompt: str) -> list[dict]:
+        """The prompt's tokens, with the private tokenizer."""
         from superscopes.prompts import tokens
 
         with self.tokenizer_lock:
-            key = id(model)
-            if key not in self.tokenizers:
-                self.tokenizers[key] = (model, copy.deepcopy(model.tokenizer))
-            tokenizer = self.tokenizers[key][1]
+            tokenizer = self._tokenizer(model)
             ids = tokenizer(prompt)["input_ids"]
             special = set(tokenizer.all_special_ids)
             texts = tokens(tokenizer, prompt)
@@ -366,10 +542,7 @@ class App:
 
     def active_job(self, client: str) -> Job | None:
         with self.jobs_lock:
-            for job in self.jobs.values():
-                if job.client == client and job.status == "running":
-                    return job
-        return None
+            return next((j for j in self.jobs.values() if j.client == client and j.active), None)
 
     def job(self, job_id: str) -> Job:
         with self.jobs_lock:
@@ -378,93 +551,105 @@ class App:
             raise NotFound(f"no job {job_id!r} on this server (it may have been dropped after a restart)")
         return job
 
+    def state(self, job_id: str, since: int = 0) -> dict:
+        job = self.job(job_id)
+        with self.jobs_lock:
+            ahead = self.queue.index(job) + (self.current is not None) if job in self.queue else 0
+        return job.state(since, ahead)
+
+    def _admit(self, client: str) -> None:
+        """Refuse a second job from one page, or any job while the queue is full (the caller
+        holds ``jobs_lock``)."""
+        running = next((j for j in self.jobs.values() if j.client == client and j.active), None)
+        if running is not None:
+            raise Busy(running.id)
+        waiting = len(self.queue) + (self.current is not None)
+        if waiting >= self.limits["max_queued"]:
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE,
+                          f"the queue is full ({waiting} runs): try again when one finishes")  # fmt: skip
+
     def prepare(self, body: dict) -> Job:
-        """Validate a grid (the core's ``plan``, then this page's caps) and cut it into chunks."""
+        """Parse and bound the grid (pure checks first), validate it with the core's ``plan``,
+        and cut it into chunks. Takes no lock that a running job holds."""
         from superscopes import Scope
+        from superscopes.models import model_name
         from superscopes.scope import plan
+        from superscopes.sites import num_layers
 
         client = _text(body, "client") or "anonymous"
         name = _text(body, "model", self.default_model) or self.default_model
-        prompt = _text(body, "prompt")
+        prompt = self._prompt(body)
         if not prompt.strip():
             raise BadRequest("the prompt is empty: type the text whose tokens you want to scope")
-        self._check_prompt_length(prompt)
-        mode = _text(body, "tokens", "all")
+        mode = _text(body, "tokens", "all", max_chars=10)
         if mode not in ("all", "last", "match"):
             raise BadRequest(f"tokens {mode!r}: choose all, last or match")
-        match = _text(body, "token")
+        match = _text(body, "token", max_chars=self.limits["max_prompt_chars"])
         if mode == "match" and not match:
             raise BadRequest("type the token to scope (a piece of the prompt), or choose all or last tokens")
-        layers = parse_layers(body.get("layers", DEFAULTS["layers"]))
-        target_layer = parse_target_layer(body.get("target_layer", DEFAULTS["target_layer"]))
-        sites = body.get("sites", DEFAULTS["sites"])
-        if isinstance(sites, str):
-            sites = [s for s in sites.split(",") if s]
-        if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
-            raise BadRequest(f"sites must be a list of site names, got {sites!r}")
-        if not sites:
-            raise BadRequest(f"pick at least one site ({', '.join(SITES.values())})")
-        alphas = sorted(_unique(parse_alphas(body.get("alphas", DEFAULTS["alphas"]))))
-        transform = _text(body, "transform", "scale")
+        sites = parse_sites(body.get("sites", DEFAULTS["sites"]))
+        alphas = parse_alphas(body.get("alphas", DEFAULTS["alphas"]), self.limits["max_cells"],
+                              self.limits["max_abs_alpha"])  # fmt: skip
+        transform = _text(body, "transform", "scale", max_chars=20)
         if transform not in TRANSFORMS:
             raise BadRequest(f"transform {transform!r} is not offered here; choose {', '.join(TRANSFORMS)}")
-        target_kind = _text(body, "target", "entity")
+        target_kind = _text(body, "target", "entity", max_chars=20)
         placeholder = None
         if target_kind == "custom":
-            target = _text(body, "template")
+            target = _text(body, "template", max_chars=self.limits["max_template_chars"])
             placeholder = _text(body, "placeholder", "x") or "x"
             if not target.strip():
                 raise BadRequest("the custom target template is empty: write a prompt containing the placeholder")
-            if len(target) > self.limits["max_template_chars"]:
-                raise BadRequest(f"the target template is longer than {self.limits['max_template_chars']} characters")
         elif target_kind in ("entity", "identity"):
             target = target_kind
         else:
             raise BadRequest(f"target {target_kind!r}: choose entity, identity or custom")
-        try:
-            max_new_tokens = int(body.get("max_new_tokens", DEFAULTS["max_new_tokens"]))
-        except (TypeError, ValueError):
-            raise BadRequest(f"new tokens {body.get('max_new_tokens')!r} is not a whole number") from None
-        if not 1 <= max_new_tokens <= self.limits["max_new_tokens"]:
-            raise BadRequest(f"new tokens must be between 1 and {self.limits['max_new_tokens']}, got {max_new_tokens}")
+        max_new_tokens = parse_whole(body.get("max_new_tokens", DEFAULTS["max_new_tokens"]), "max_new_tokens",
+                                     1, self.limits["max_new_tokens"])  # fmt: skip
+        with self.jobs_lock:
+            self._admit(client)  # before a model load: a refused page costs nothing
 
-        running = self.active_job(client)
-        if running is not None:
-            raise Busy(running.id)
         model = self.model(name)
+        n_layers, label = num_layers(model), model_name(model)
+        raw_layers = body.get("layers", DEFAULTS["layers"])
+        check_layers(raw_layers, n_layers, label)
+        layers = parse_layers(raw_layers)
+        layer_list = list(range(n_layers)) if layers == "all" else sorted(_unique(layers))
+        target_layer = parse_target_layer(body.get("target_layer", DEFAULTS["target_layer"]), n_layers, label)
 
-        common = dict(
-            sites=_unique(sites), alphas=alphas, transforms=[transform], target=target, placeholder=placeholder,
-            target_layers=[target_layer], max_new_tokens=max_new_tokens, batch_size=self.batch_size,
-        )  # fmt: skip
-        where = {"all": {"all_tokens": True}, "last": {"position": -1}, "match": {"token": match}}[mode]
-        full = Scope(prompt, layers=layers if layers == "all" else sorted(_unique(layers)), **where, **common)
-        full.max_cells = 10**9  # this page's own cap is checked below, on the tokens it runs
-        with self.compute_lock:  # plan tokenises with the model's tokenizer, which jobs use too
-            the_plan = plan(model, full)  # raises ScopeError with the core's message
-
-        pieces = self._tokens(model, prompt)
+        pieces = self._tokens(model, prompt)  # at most max_prompt_chars characters
         if len(pieces) > self.limits["max_prompt_tokens"]:
             raise BadRequest(
                 f"the prompt has {len(pieces)} tokens; this page takes at most {self.limits['max_prompt_tokens']}"
             )
-        positions = [s.position for s in the_plan.sources]
-        if mode == "all":
-            positions = [p for p in positions if not pieces[p]["special"]]
-            if not positions:
-                raise BadRequest("the prompt has only special tokens: type some text")
-        layer_list = _unique(c.layer for c in the_plan.cells)
-        n_cells = len(positions) * len(full.sites) * len(layer_list) * len(alphas)
+        n_tokens = sum(not p["special"] for p in pieces) if mode == "all" else 1
+        if mode == "all" and not n_tokens:
+            raise BadRequest("the prompt has only special tokens: type some text")
+        n_cells = n_tokens * len(sites) * len(layer_list) * len(alphas)
         if n_cells > self.limits["max_cells"]:
             raise BadRequest(
-                f"the grid has {n_cells} cells ({len(positions)} tokens x {len(full.sites)} sites x "
+                f"the grid has {n_cells} cells ({n_tokens} tokens x {len(sites)} sites x "
                 f"{len(layer_list)} layers x {len(alphas)} alphas), over this page's cap of "
                 f"{self.limits['max_cells']}: choose fewer tokens, layers, sites or alphas"
             )
 
+        common = dict(
+            sites=sites, alphas=alphas, transforms=[transform], target=target, placeholder=placeholder,
+            target_layers=[target_layer], max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+        )  # fmt: skip
+        where = {"all": {"all_tokens": True}, "last": {"position": -1}, "match": {"token": match}}[mode]
+        full = Scope(prompt, layers=layer_list, **where, **common)
+        full.max_cells = 10**9  # bounded above; this page's cap counts only the tokens it runs
+        with self.tokenizer_lock:  # plan tokenises: give it the private tokenizer, not the worker's
+            the_plan = plan(_WithTokenizer(model, self._tokenizer(model)), full)  # raises ScopeError
+
+        positions = [s.position for s in the_plan.sources]
+        if mode == "all":
+            positions = [p for p in positions if not pieces[p]["special"]]
+
         # Chunks: a few layers of one source token, every site and alpha; layer groups
         # outermost so that every token fills in from its first layers on.
-        per_layer = len(full.sites) * len(alphas)
+        per_layer = len(sites) * len(alphas)
         step = max(1, self.chunk_rows // per_layer)
         chunks = [
             Scope(prompt, position=p, layers=layer_list[i : i + step], **common)
@@ -474,7 +659,7 @@ class App:
         grid = {
             "tokens": pieces,
             "positions": positions,
-            "sites": full.sites,
+            "sites": sites,
             "layers": layer_list,
             "alphas": alphas,
             "transform": transform,
@@ -487,18 +672,59 @@ class App:
             chunks=chunks, remote=name.startswith(REMOTE_PREFIX),
         )  # fmt: skip
 
-    def start(self, body: dict) -> Job:
+    def start(self, body: dict) -> dict:
+        """Queue a grid; its state, with how many jobs run before it."""
         job = self.prepare(body)
         with self.jobs_lock:
-            running = [j for j in self.jobs.values() if j.client == job.client and j.status == "running"]
-            if running:
-                raise Busy(running[0].id)
+            self._admit(job.client)  # again: another request may have queued in the meantime
             self.jobs[job.id] = job
-            finished = [j for j in self.jobs.values() if j.status != "running"]
-            for old in sorted(finished, key=lambda j: j.started)[: max(0, len(self.jobs) - KEEP_JOBS)]:
+            finished = [j for j in self.jobs.values() if not j.active]
+            for old in sorted(finished, key=lambda j: j.finished or j.started)[: max(0, len(self.jobs) - KEEP_JOBS)]:
                 del self.jobs[old.id]
-        threading.Thread(target=self._work, args=(job,), name=f"superscopes-job-{job.id}", daemon=True).start()
-        return job
+            self.queue.append(job)
+            ahead = len(self.queue) - 1 + (self.current is not None)
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._worker, name="superscopes-worker", daemon=True)
+                self.worker.start()
+            self.queue_changed.notify()
+        return job.state(0, ahead)
+
+    def cancel(self, job_id: str) -> dict:
+        """Drop a queued job at once; a running one stops after the chunk in progress."""
+        job = self.job(job_id)
+        job.cancel.set()
+        with self.jobs_lock:
+            if job in self.queue:
+                self.queue.remove(job)
+                with job.lock:
+                    job.status, job.finished = "cancelled", time.time()
+        return job.state(len(job.rows)) | {"rows": []}
+
+    def close(self) -> None:
+        """Cancel every job and stop the worker after its chunk in progress."""
+        with self.jobs_lock:
+            self.closed = True
+            for job in self.queue:
+                job.cancel.set()
+            if self.current is not None:
+                self.current.cancel.set()
+            self.queue_changed.notify_all()
+
+    def _worker(self) -> None:
+        while True:
+            with self.jobs_lock:
+                while not self.queue and not self.closed:
+                    self.queue_changed.wait()
+                if self.closed:
+                    return
+                job = self.current = self.queue.popleft()
+            with job.lock:
+                job.status, job.started = "running", time.time()
+            try:
+                self._work(job)
+            finally:
+                with self.jobs_lock:
+                    self.current = None
 
     def _work(self, job: Job) -> None:
         import superscopes
@@ -512,11 +738,8 @@ class App:
             for chunk in job.chunks:
                 if job.cancel.is_set():
                     break
-                with self.compute_lock:
-                    if job.cancel.is_set():
-                        break
-                    frame = superscopes.run(model, chunk, remote=job.remote, progress=False)
-                    frame = self.score(frame)
+                frame = superscopes.run(model, chunk, remote=job.remote, progress=False)
+                frame = self.score(frame)
                 frame["model"] = job.model
                 rows = [
                     {k: _finite(v.item() if hasattr(v, "item") else v) for k, v in zip(ROW_COLUMNS, values)}
@@ -528,15 +751,25 @@ class App:
                     job.done += len(rows)
             status, error = ("cancelled" if job.done < job.total else "done"), None
         except Exception as exc:  # reported to the page; the traceback goes to the terminal
-            traceback.print_exc(file=sys.stderr)
+            _log_error(exc)
             status, error = "error", _error_text(exc)
         with job.lock:
             job.status, job.error, job.finished = status, error, time.time()
 
     def csv(self, job_id: str) -> tuple[str, bytes]:
         job = self.job(job_id)
-        frame = job.frame()
+        frame = csv_safe(job.frame())
         return f"superscopes-{_slug(job.prompt)}-{job.id}.csv", frame.to_csv(index=False).encode()
+
+
+class _WithTokenizer:
+    """``model`` as ``plan`` sees it, with another tokenizer (the request path's private copy)."""
+
+    def __init__(self, model, tokenizer):
+        self._model, self.tokenizer = model, tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 # ---------------------------------------------------------------- HTTP
@@ -545,6 +778,7 @@ class App:
 class Handler(BaseHTTPRequestHandler):
     server_version = "superscopes-app"
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT  # a client that stalls (or idles on keep-alive) frees its thread
 
     @property
     def app(self) -> App:
@@ -552,7 +786,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         if getattr(self.server, "verbose", False):
-            super().log_message(format, *args)
+            sys.stderr.write(redact(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}\n"))
 
     # ------------------------------------------------------------ replies
 
@@ -601,23 +835,18 @@ class Handler(BaseHTTPRequestHandler):
             self.raw_body = self.rfile.read(length) if length else b""
 
     def _body(self) -> dict:
-        raw = getattr(self, "raw_body", b"")
-        if raw is None:
-            raise BadRequest(f"the request body is missing its length or is over {MAX_BODY} bytes")
-        if "json" not in (self.headers.get("Content-Type") or ""):
-            raise BadRequest("send the request as application/json")
-        try:
-            body = json.loads(raw or b"{}")
-        except json.JSONDecodeError as error:
-            raise BadRequest(f"the request is not valid JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request must be a JSON object")
-        return body
+        return parse_body(getattr(self, "raw_body", b""), self.headers.get("Content-Type") or "")
 
     def _dispatch(self, routes: dict) -> None:
         if not self._host_ok():
             self._error(HTTPStatus.FORBIDDEN, "this server only answers requests addressed to localhost")
             return
+        if self.command == "POST":  # a page on another site (or port) must not start or cancel jobs
+            why = cross_site(self.headers.get("Origin"), self.headers.get("Sec-Fetch-Site"),
+                             self.headers.get("Host") or "")
+            if why:
+                self._error(HTTPStatus.FORBIDDEN, f"refused a request from another site: {why}")
+                return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         for pattern, handler in routes.items():
@@ -631,12 +860,14 @@ class Handler(BaseHTTPRequestHandler):
             handler(query, *found.groups())
         except Busy as busy:
             self._error(HTTPStatus.CONFLICT, str(busy), job=busy.job_id)
+        except Refused as refused:
+            self._error(refused.status, str(refused))
         except NotFound as error:
             self._error(HTTPStatus.NOT_FOUND, str(error))
         except ValueError as error:  # BadRequest, ScopeError, ModelNotFoundError: the input's fault
             self._error(HTTPStatus.BAD_REQUEST, _error_text(error))
-        except Exception as error:  # a server-side failure, shown in the page
-            traceback.print_exc(file=sys.stderr)
+        except Exception as error:  # a server-side failure: one line for the page, the traceback on the terminal
+            _log_error(error)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"server error: {_error_text(error)}")
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -645,7 +876,7 @@ class Handler(BaseHTTPRequestHandler):
             r"/static/([A-Za-z0-9_.-]+)": lambda q, name: self._static(name),
             r"/favicon\.ico": lambda q: self._static("favicon.svg"),
             r"/api/config": lambda q: self._json(200, self.app.config(q.get("client"))),
-            r"/api/jobs/([0-9a-f]+)": lambda q, job: self._json(200, self.app.job(job).state(int(q.get("since") or 0))),
+            r"/api/jobs/([0-9a-f]+)": lambda q, job: self._json(200, self.app.state(job, self._since(q))),
             r"/api/jobs/([0-9a-f]+)/csv": self._csv,
         })  # fmt: skip
 
@@ -659,6 +890,10 @@ class Handler(BaseHTTPRequestHandler):
             r"/api/jobs/([0-9a-f]+)/cancel": self._cancel,
         })  # fmt: skip
 
+    @staticmethod
+    def _since(query: dict) -> int:
+        return parse_whole(query.get("since", 0), "since", 0, 10**9)
+
     def _static(self, name: str) -> None:
         path = STATIC / name
         if path.suffix not in STATIC_TYPES or not path.is_file():
@@ -666,14 +901,11 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, path.read_bytes(), STATIC_TYPES[path.suffix] + "; charset=utf-8")
 
     def _run(self, query: dict) -> None:
-        job = self.app.start(self._body())
-        self._json(202, job.state())
+        self._json(202, self.app.start(self._body()))
 
     def _cancel(self, query: dict, job_id: str) -> None:
         self._body()  # a JSON POST only: a plain form on another site cannot cancel
-        job = self.app.job(job_id)
-        job.cancel.set()
-        self._json(200, job.state(len(job.rows)) | {"rows": []})
+        self._json(200, self.app.cancel(job_id))
 
     def _csv(self, query: dict, job_id: str) -> None:
         filename, data = self.app.csv(job_id)
@@ -683,6 +915,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, app: App, verbose: bool = False):
         self.app = app
@@ -693,6 +926,10 @@ class Server(ThreadingHTTPServer):
         except ValueError:
             self.loopback = False
         super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """An error outside a handler's own catch (a dropped connection...): redacted, one traceback."""
+        _log_error(sys.exc_info()[1])
 
     @property
     def url(self) -> str:

@@ -1,21 +1,25 @@
 // Superscopes page: form -> /api/run, polling /api/jobs/<id>, token badges, a Layer x Site
-// table and per-site similarity heatmaps. Plain DOM code, no build step.
+// table and per-site similarity heatmaps. Plain DOM code, no build step. The pure helpers
+// (no DOM) are exported at the end for Node, where tests/test_app.py checks them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const POLL_MS = 400;
 const HEAT_MAX = 0.6; // similarity at the top of the colour scale
+const TITLE_CHAR_PX = 8.5; // generous width of a 13 px bold heatmap-title character
+const ACTIVE = ["queued", "running"];
 
 const state = {
   config: null,
-  client: clientId(),
+  client: null, // set in init(): sessionStorage exists only in the browser
   preview: { key: "", tokens: [], numLayers: null }, // tokens of the prompt as typed
   previewSeq: 0,
   job: null, // last state from the server (without rows)
   rows: new Map(), // "position|site|layer|alpha" -> row
   next: 0,
   selected: null, // selected token position
+  cancelled: null, // id of the job this page asked to cancel: a poll answered before the cancel must not undo it
   timer: null,
 };
 
@@ -186,6 +190,7 @@ function schedulePreview() {
   clearTimeout(previewTimer);
   previewTimer = setTimeout(refreshPreview, 250);
   $("prompt-count").textContent = $("prompt").value.length;
+  renderStale();
 }
 
 async function refreshPreview() {
@@ -259,11 +264,11 @@ function absorb(update) {
     state.rows.set(`${row.position}|${row.site}|${row.layer}|${row.alpha}`, row);
   }
   state.next = update.next;
-  const { rows, ...rest } = update;
-  state.job = rest;
+  state.job = jobState(update, state.cancelled);
   renderStatus();
   renderBadges();
   renderDetail();
+  renderStale();
 }
 
 async function poll() {
@@ -278,7 +283,7 @@ async function poll() {
       showError(`the run failed: ${update.error}`);
       $("error").dataset.source = "job";
     }
-    if (update.status === "running") state.timer = setTimeout(poll, POLL_MS);
+    if (ACTIVE.includes(update.status)) state.timer = setTimeout(poll, POLL_MS);
   } catch (error) {
     showError(error.message);
     if (error.status !== 404) state.timer = setTimeout(poll, 2000);
@@ -287,10 +292,13 @@ async function poll() {
 
 async function cancel() {
   if (!state.job) return;
-  $("cancel").disabled = true;
-  $("progress-text").textContent += " — cancelling after the chunk in progress…";
+  const jobId = state.job.job;
+  state.cancelled = jobId;
+  state.job.cancelling = true; // shown at once, and kept until the job stops
+  renderStatus();
   try {
-    await api("POST", `/api/jobs/${state.job.job}/cancel`, {});
+    await api("POST", `/api/jobs/${jobId}/cancel`, {});
+    if (state.job && state.job.job === jobId) poll(); // a queued job is cancelled already: show it now
   } catch (error) {
     showError(error.message);
   }
@@ -300,9 +308,9 @@ async function cancel() {
 
 function renderStatus() {
   const job = state.job;
-  const running = job && job.status === "running";
-  $("run").disabled = !!running;
-  $("cancel").disabled = !running;
+  const active = !!job && ACTIVE.includes(job.status);
+  $("run").disabled = active;
+  $("cancel").disabled = !active || !!job.cancelling;
   const download = $("download");
   const hasRows = state.rows.size > 0;
   download.setAttribute("aria-disabled", hasRows ? "false" : "true");
@@ -310,14 +318,18 @@ function renderStatus() {
   if (!job) return;
   $("progress").max = Math.max(job.total, 1);
   $("progress").value = job.done;
-  const words = {
-    running: "running",
-    done: "done",
-    cancelled: "cancelled",
-    error: "failed",
-  }[job.status];
-  $("progress-text").textContent = `${job.done} / ${job.total} cells — ${words} (${duration(job.elapsed)})`;
+  $("progress-text").textContent = statusText(job);
   $("status").dataset.status = job.status;
+}
+
+function statusText(job) {
+  // The progress line: where a queued job stands, and a cancel as soon as it is asked for.
+  if (job.status === "queued") {
+    return job.cancelling ? "queued — cancelling…" : `queued (${job.ahead} ahead)`;
+  }
+  const words = { running: "running", done: "done", cancelled: "cancelled", error: "failed" }[job.status];
+  const line = `${job.done} / ${job.total} cells — ${words} (${duration(job.elapsed)})`;
+  return job.status === "running" && job.cancelling ? `${line} — cancelling after the chunk in progress…` : line;
 }
 
 function duration(seconds) {
@@ -341,11 +353,32 @@ function tokenBest(position) {
   return best;
 }
 
+function jobState(update, cancelled) {
+  // The job without its rows; a cancel this page asked for (id ``cancelled``) sticks while the
+  // job is active, even against a poll that the server answered before the cancel.
+  const { rows, ...job } = update;
+  return { ...job, cancelling: !!job.cancelling || (cancelled === job.job && ACTIVE.includes(job.status)) };
+}
+
+function isStale(job, prompt, model) {
+  // The shown run no longer matches the form's prompt or model.
+  return !!job && (job.prompt !== prompt || job.model !== model);
+}
+
 function badgesSource() {
   const job = state.job;
-  const sameInput = job && job.prompt === $("prompt").value && job.model === $("model").value;
+  const sameInput = !isStale(job, $("prompt").value, $("model").value);
   if (job && (sameInput || !state.preview.tokens.length)) return { tokens: job.grid.tokens, job };
   return { tokens: state.preview.tokens, job: null };
+}
+
+function renderStale() {
+  // Editing the prompt (or model) dims the old run's table, and says which prompt it shows.
+  const job = state.job;
+  const stale = isStale(job, $("prompt").value, $("model").value);
+  $("detail").classList.toggle("stale", stale);
+  $("stale-note").hidden = !stale;
+  $("stale-note").textContent = stale ? `These results are for “${job.prompt}” (${job.model}): run again for the edited prompt.` : "";
 }
 
 function renderBadges() {
@@ -438,12 +471,9 @@ function renderDetail() {
     $("detail-hint").textContent = "This token is not in the run: choose “all” source tokens or match it, then run.";
     return;
   }
-  const tl = grid.target_layer === "same" ? "the same layer" : `layer ${grid.target_layer}`;
-  $("detail-hint").textContent =
-    `Each cell: the text generated with the vector amplified by the best alpha (highest similarity to the prompt), ` +
-    `written into ${tl} of the target prompt; transform ${grid.transform}. Green: similarity above ${grid.threshold}.`;
   const showAll = $("all-alphas").checked;
-  const finished = job.status !== "running";
+  const finished = !ACTIVE.includes(job.status);
+  const bestAlphas = [];
 
   const head = el("tr", {}, el("th", { text: "Layer" }));
   for (const site of grid.sites) head.append(el("th", { text: state.config.sites[site] || site }));
@@ -455,6 +485,7 @@ function renderDetail() {
       const rows = cellRows(state.selected, site, layer);
       const td = el("td", { "data-site": site, "data-layer": layer });
       const best = bestOf(rows);
+      if (best && best.similarity !== null) bestAlphas.push(best.alpha);
       if (!best) {
         td.append(el("span", { class: "pending", text: finished ? "not run" : "…" }));
         td.classList.add("empty");
@@ -481,9 +512,23 @@ function renderDetail() {
     body.append(tr);
   }
   table.append(body);
+  $("detail-hint").textContent = readoutHint(grid, bestAlphas);
 
   for (const site of grid.sites) heatmaps.append(heatmap(site, grid));
   $("legend").append(legend(grid.threshold));
+}
+
+function readoutHint(grid, bestAlphas) {
+  // Says "amplified" only when every best alpha amplifies (> 1).
+  const where = grid.target_layer === "same" ? "the same layer" : `layer ${grid.target_layer}`;
+  let what = "the text generated at the best alpha (highest similarity to the prompt; α 1 is no amplification)";
+  if (bestAlphas.length && bestAlphas.every((a) => a === 1)) {
+    what = "the text generated at α 1, the vector as it was read (no larger alpha scored higher)";
+  } else if (bestAlphas.length && bestAlphas.every((a) => a > 1)) {
+    what = "the text generated with the vector amplified by the best alpha (highest similarity to the prompt)";
+  }
+  return `Each cell: ${what}, written into ${where} of the target prompt; transform ${grid.transform}. ` +
+    `Green: similarity above ${grid.threshold}.`;
 }
 
 // ------------------------------------------------------------------ heatmaps
@@ -517,15 +562,21 @@ function svg(tag, attrs = {}, text) {
   return node;
 }
 
-function heatmap(site, grid) {
+function heatmapSize(title, nAlphas, nLayers) {
+  // Wide enough for the cells and for the title (which starts at the left edge): never clipped.
   const cw = 42, ch = 24, left = 40, top = 44;
-  const width = left + cw * grid.alphas.length + 4;
-  const height = top + ch * grid.layers.length + 4;
+  const width = Math.max(left + cw * nAlphas + 4, Math.ceil(2 + TITLE_CHAR_PX * title.length + 8));
+  return { cw, ch, left, top, width, height: top + ch * nLayers + 4 };
+}
+
+function heatmap(site, grid) {
+  const title = state.config.sites[site] || site;
+  const { cw, ch, left, top, width, height } = heatmapSize(title, grid.alphas.length, grid.layers.length);
   const root = svg("svg", {
     width, height, viewBox: `0 0 ${width} ${height}`, class: "heatmap", role: "img",
-    "aria-label": `similarity of ${state.config.sites[site] || site} readouts by layer and alpha`,
+    "aria-label": `similarity of ${title} readouts by layer and alpha`,
   });
-  root.append(svg("text", { x: left, y: 14, class: "hm-title" }, state.config.sites[site] || site));
+  root.append(svg("text", { x: 2, y: 14, class: "hm-title" }, title));
   root.append(svg("text", { x: 2, y: 36, class: "hm-axis" }, "layer"));
   grid.alphas.forEach((alpha, j) => {
     root.append(svg("text", { x: left + j * cw + cw / 2, y: 36, class: "hm-label", "text-anchor": "middle" }, `α${alpha}`));
@@ -579,6 +630,7 @@ function legend(threshold) {
 // ------------------------------------------------------------------ start
 
 async function init() {
+  state.client = clientId();
   try {
     state.config = await api("GET", `/api/config?client=${state.client}`);
   } catch (error) {
@@ -611,4 +663,5 @@ async function init() {
   if (state.config.active_job) resume(state.config.active_job);
 }
 
-document.addEventListener("DOMContentLoaded", init);
+if (typeof document !== "undefined") document.addEventListener("DOMContentLoaded", init);
+if (typeof module !== "undefined") module.exports = { statusText, jobState, readoutHint, heatmapSize, isStale };
