@@ -90,3 +90,145 @@ def names_entity(source: str, token: str, text: str, ignore: str = "", min_chars
     skip = set(words(ignore))
     others = {w for w in words(source) if len(w) >= min_chars and w not in skip and not (token and token in w)}
     return bool(others & set(words(text)))
+
+
+# ---------------------------------------------------------------- echoes
+
+
+def target_examples(target: str) -> list[str]:
+    """The few-shot example names of a "name: description, name: description, x" target
+    ("Syria", "Leonardo DiCaprio", "Samsung" in the entity-description prompt)."""
+    names = []
+    for item in re.split(r",\s*|\n", str(target)):
+        name, sep, _ = item.partition(":")
+        if sep and name.strip():
+            names.append(name.strip())
+    return names
+
+
+def is_echo(text: str, token: str = "", target: str = "", span: int = 3) -> bool:
+    """Whether a readout only echoes what it was given rather than reading the vector out:
+
+    - it repeats only the source token (nothing left once the token and punctuation go), or
+    - its first item copies the target prompt's own few-shot examples: it names one of their
+      entities ("Leonardo DiCaprio: American actor") or copies ``span`` consecutive words of
+      the target prompt.
+
+    Echoes are counted apart and never as successes in any recipe that judges texts."""
+    rest = str(text)
+    token = str(token).strip()
+    if token:
+        rest = re.sub(re.escape(token), " ", rest, flags=re.IGNORECASE)
+    if not words(rest):
+        return True
+    if not target:
+        return False
+    item = words(first_item(text))
+    if not item:
+        return False
+    for name in target_examples(target):
+        name_words = words(name)
+        if name_words and _contains(item, name_words):
+            return True
+    target_words = words(target)
+    grams = {tuple(target_words[i : i + span]) for i in range(len(target_words) - span + 1)}
+    return any(tuple(item[i : i + span]) in grams for i in range(len(item) - span + 1))
+
+
+def _contains(haystack: list[str], needle: list[str]) -> bool:
+    return any(haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
+
+
+# ---------------------------------------------------------------- statistics at the level of the prompt
+# Cells of one prompt (its layers, alphas, sites) are not independent draws: every interval and
+# test below resamples or permutes whole prompts, keeping each prompt's cells together.
+
+
+def per_prompt(frame, value: str, prompt: str = "source", by: str | None = None):
+    """Mean of ``value`` per prompt (and per level of ``by``): ``[prompts] x [levels]`` table."""
+    if by is None:
+        return frame.groupby(prompt)[value].mean().to_frame("all")
+    return frame.pivot_table(index=prompt, columns=by, values=value, aggfunc="mean")
+
+
+def bootstrap_ci(values: Sequence[float], stat=None, n_resamples: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap interval of ``stat`` (default: mean) over ``values``, one per prompt."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, data.size, size=(n_resamples, data.size))
+    stats = data[picks].mean(axis=1) if stat is None else np.array([stat(data[p]) for p in picks])
+    alpha = (1 - level) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+def paired_permutation_p(differences: Sequence[float], n_resamples: int = 20_000, seed: int = 0) -> float:
+    """Two-sided paired test on per-prompt differences (method A minus B): under the null the
+    sign of each prompt's difference is exchangeable. Exact when there are at most 16 non-zero
+    differences, else Monte Carlo with ``n_resamples`` sign flips (add-one smoothed)."""
+    import itertools
+
+    import numpy as np
+
+    d = np.asarray([x for x in differences if x != 0], dtype=float)
+    if d.size == 0:
+        return 1.0
+    observed = abs(d.sum())
+    if d.size <= 16:
+        signs = np.array(list(itertools.product([1, -1], repeat=d.size)))
+        return float((np.abs(signs @ d) >= observed - 1e-12).mean())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([1.0, -1.0], size=(n_resamples, d.size))
+    return float(((np.abs(signs @ d) >= observed - 1e-12).sum() + 1) / (n_resamples + 1))
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values for a family of tests (same keys)."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def compare(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict:
+    """Prompt-level comparison of two conditions, ``a[i]`` and ``b[i]`` the same prompt's scores:
+    means, the mean difference with a 95% bootstrap interval over prompts, and the paired p."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need one value per prompt in both: {a.shape} vs {b.shape}")
+    diff = a - b
+    low, high = bootstrap_ci(diff, seed=seed)
+    return {"n_prompts": int(a.size), "mean_a": float(a.mean()) if a.size else float("nan"),
+            "mean_b": float(b.mean()) if b.size else float("nan"), "difference": float(diff.mean()) if a.size else float("nan"),
+            "ci_low": low, "ci_high": high, "p": paired_permutation_p(diff, seed=seed)}  # fmt: skip
+
+
+def cross_fitted_best(frame, choice: str, score: str, success: str, by: Sequence[str] = ("layer",),
+                      prompt: str = "source", seed: int = 0):  # fmt: skip
+    """Best-of-K without the selection bias: split the prompts in two halves (seeded), choose
+    the ``choice`` level (e.g. alpha) per ``by`` group that has the highest mean ``score`` on
+    one half, read ``success`` (mean over its cells) at that level on the other half, then swap. Returns one row
+    per (prompt, by...) with the chosen level and its success: every prompt is scored by a
+    choice it did not influence."""
+    import numpy as np
+    import pandas as pd
+
+    prompts = np.array(sorted(frame[prompt].unique()))
+    rng = np.random.default_rng(seed)
+    halves = np.array_split(rng.permutation(prompts), 2)
+    by = list(by)
+    parts = []
+    for fit, held in ((halves[0], halves[1]), (halves[1], halves[0])):
+        fitted = frame[frame[prompt].isin(fit)].groupby(by + [choice])[score].mean().reset_index()
+        chosen = fitted.loc[fitted.groupby(by)[score].idxmax(), by + [choice]]
+        scored = frame[frame[prompt].isin(held)].merge(chosen, on=by + [choice])
+        parts.append(scored.groupby([prompt] + by + [choice])[success].mean().reset_index())
+    return pd.concat(parts, ignore_index=True)
