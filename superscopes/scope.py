@@ -1,12 +1,15 @@
 """The amplify-and-patch graph: read -> transform -> write -> continue, as batched nnsight traces.
 
-A ``Scope`` describes a grid: source prompts x token positions x sites x layers x transforms
-x alphas x target layers (x sampled tries). ``run`` executes it in two stages:
+A ``Scope`` describes a grid: source prompts x token positions x sites x (layer, target
+layer) pairs x transforms x alphas (x sampled tries). ``run`` executes it in two stages:
 
 1. *Read*: every source prompt runs once (batched), and every vector any cell needs is
-   read in that pass.
+   read in that pass, which stops after its last read layer (optionally with each vector's
+   logit lens).
 2. *Patch*: cells become rows of batched target passes (one ``generate`` or ``trace`` per
-   chunk of ``batch_size`` rows). Inside a pass, each (target layer, target site) group of
+   chunk of ``batch_size`` rows). The rows of a pass share one target text, whose tokens
+   before the patched position run once per run (the shared prefix); every row continues
+   from that prefix's KV cache. Inside a pass, each (target layer, target site) group of
    rows gets its transformed vectors written in forward order.
 
 Because the vectors are read in a separate pass, the target layer may be below the source
@@ -22,10 +25,9 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import nnsight
@@ -119,7 +121,7 @@ class Scope:
         if self.layers != "all":
             self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
         if self.layer_pairs is not None:
-            self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]
+            self.layer_pairs = [tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in self.layer_pairs]
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def _target(scope: Scope, target: str, tokenizer) -> Target:
 def _layer_pairs(scope: Scope, model, target_model) -> list[tuple[int, int]]:
     """(source layer, target layer) pairs, validated against both models."""
     if scope.layer_pairs is not None:
-        if not scope.layer_pairs or any(len(pair) != 2 for pair in scope.layer_pairs):
+        if not scope.layer_pairs or any(not isinstance(pair, tuple) or len(pair) != 2 for pair in scope.layer_pairs):
             raise ScopeError(f"layer_pairs must be (layer, target_layer) pairs, got {scope.layer_pairs!r}")
         _check_layers("layer", [l for l, _ in scope.layer_pairs], model)
         _check_layers("target_layer", [t for _, t in scope.layer_pairs], target_model)

@@ -231,6 +231,7 @@ def test_plan_is_public_and_takes_the_model_first(tiny_models):
     (dict(layer_pairs=[(0, 5)]), r"target_layer 5 is out of range"),
     (dict(layer_pairs=[(9, 0)]), r"layer 9 is out of range"),
     (dict(layer_pairs=[(0,)]), r"layer_pairs must be \(layer, target_layer\) pairs"),
+    (dict(layer_pairs=[3]), r"layer_pairs must be \(layer, target_layer\) pairs"),
     (dict(target=["identity", "entity"]), r"target has 2 entries for 3 prompts"),
     (dict(token=["Wales"]), r"token has 1 entries for 3 prompts"),
     (dict(transforms=["affine"], layer_pairs=[(0, 0), (1, 0)], affine_weight={(0, 0): torch.eye(64)}),
