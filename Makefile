@@ -39,8 +39,10 @@ test-browser: $(STAMP)
 	$(BIN)/pip install --quiet selenium
 	SUPERSCOPES_APP_SCREENSHOT=$${SUPERSCOPES_APP_SCREENSHOT:-results/app.png} $(BIN)/python -m pytest -q -rs -m browser
 
+# Every benchmark block, then the graph's shared prefix vs whole prompts vs hooks vs the compute floor.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.graph
 
 ndif-up: $(STAMP)
 	bash scripts/ndif/up.sh
