@@ -368,11 +368,31 @@ def _check_hub(repo_id: str) -> dict:
 
 def resolve_remote_id(name_or_path: str) -> str:
     """The repo id NDIF knows a model by: the repo id itself, or for an embedded name or a
-    local directory its absolute path (what a self-hosted server serves)."""
+    local directory its absolute path with symlinks resolved (what a self-hosted server
+    serves; ``SUPERSCOPES_CACHE`` and a symlinked ``~/.cache`` give the same id)."""
     if name_or_path in EMBEDDED:
         return str(cached_model_dir(name_or_path).expanduser().resolve())
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+# nnsight's key for TransformersModel(repo_id, task="text-generation") (its LanguageModel alias too).
+_MODEL_KEY_PREFIX = "nnsight.modeling.transformers.TransformersModel:"
+
+
+def served_model_key(repo_id: str) -> str:
+    """The key NDIF deploys a model under and the client asks for (``load(..., remote=True)``)."""
+    return _MODEL_KEY_PREFIX + json.dumps({"repo_id": repo_id, "revision": None, "task": "text-generation"})
+
+
+def served_model(name_or_path: str) -> tuple[str, str]:
+    """``(directory, model key)`` for a self-hosted server (scripts/ndif/up.sh): an embedded
+    model is fetched first if missing, by the same code as ``load``."""
+    resolve_path(name_or_path)
+    repo_id = resolve_remote_id(name_or_path)
+    if not Path(repo_id).is_dir():
+        raise ModelNotFoundError(f"a self-hosted server serves a local directory; {name_or_path!r} is not one")
+    return repo_id, served_model_key(repo_id)
 
 
 def load(

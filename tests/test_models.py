@@ -243,3 +243,38 @@ def test_remote_load_passes_an_explicit_tokenizer(fake_cache, monkeypatch):
     superscopes.load("smollm2-135m", remote=True)
     assert seen["tokenizer"] is not None and seen["tokenizer"].name_or_path == str(fake_cache)
     assert seen["repo_id"] == str(fake_cache) and seen["task"] == "text-generation"
+
+
+@pytest.fixture
+def symlinked_cache(fake_cache, tmp_path, monkeypatch):
+    """SUPERSCOPES_CACHE reached through a symlink, as with a symlinked ~/.cache."""
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    link.symlink_to(tmp_path)
+    monkeypatch.setenv("SUPERSCOPES_CACHE", str(link))
+    yield link
+    link.unlink()
+
+
+def test_the_served_key_is_the_one_the_client_asks_for(symlinked_cache, fake_cache, monkeypatch):
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:1")
+    directory, key = models.served_model("smollm2-135m")
+    assert directory == str(fake_cache.resolve())
+    client = superscopes.load("smollm2-135m", remote=True)
+    assert client.to_model_key() == key
+    assert json.loads(key.split(":", 1)[1]) == {"repo_id": directory, "revision": None, "task": "text-generation"}
+    _ID_CACHE.pop(directory, None)
+
+
+def test_serving_fetches_a_missing_embedded_model_like_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERSCOPES_CACHE", str(tmp_path))
+    fetched = []
+    monkeypatch.setattr(models, "_install", lambda name: fetched.append(name) or models.cached_model_dir(name).mkdir(parents=True))
+    assert models.served_model("smollm2-135m")[0] == str(models.cached_model_dir("smollm2-135m"))
+    assert fetched == ["smollm2-135m"]
+
+
+def test_serving_a_hub_id_is_refused():
+    with pytest.raises(ModelNotFoundError, match="a self-hosted server serves a local directory; 'gpt2' is not one"):
+        models.served_model("gpt2")
