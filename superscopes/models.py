@@ -456,12 +456,12 @@ def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog"
     arch = architecture_of(model)
     hf = getattr(model, "_module", model)
     blocks = resolve(hf, arch.blocks)
-    captured: dict[tuple[str, int], torch.Tensor] = {}
+    captured: dict[tuple[str, int], torch.Tensor | str] = {}  # a str says why there is no tensor
 
     def keep(site: str, layer: int, value, index: int | None) -> None:
         value = value[index] if index is not None and isinstance(value, tuple) else value
-        if isinstance(value, torch.Tensor):  # anything else (a tuple the table does not index) is missing
-            captured[site, layer] = value.detach().clone()
+        # Cloned now: some blocks add to a module's output in place afterwards (Falcon).
+        captured[site, layer] = value.detach().clone() if isinstance(value, torch.Tensor) else type(value).__name__
 
     hooks = []
     for layer, block in enumerate(blocks):
@@ -493,10 +493,10 @@ def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog"
         return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6))
 
     for layer in range(len(blocks)):
-        values = {site: captured.get((site, layer)) for site in arch.sites}
-        missing = [site for site, value in values.items() if value is None]
+        values = {site: captured.get((site, layer), "nothing") for site in arch.sites}
+        missing = [f"{site} is a {value}" for site, value in values.items() if isinstance(value, str)]
         if missing:
-            raise refuse(f"no tensor for {', '.join(missing)} at layer {layer}")
+            raise refuse(f"{', '.join(missing)} at layer {layer}, not a tensor")
         if not close(values["resid_pre"], out.hidden_states[layer]):
             raise refuse(f"resid_pre of layer {layer} differs from hidden_states[{layer}]")
         # HF's last hidden state has the final norm applied; resid_post does not.

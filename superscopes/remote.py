@@ -174,7 +174,10 @@ def diagnose(error: BaseException, host: str) -> str:
         return f"the NDIF server at {host} failed to accept the request (HTTP {status})"
     if "not whitelisted" in lowered:
         return "the server refused code that imports a module it does not allow"
-    if any(n in lowered for n in ("not deployed", "could not deploy", "no deployment", "model not found")):
+    # Public NDIF says "... is not dedicated and hotswapping is not supported for this API key"
+    # or "... is currently unavailable for deployment"; ndif 0.1.2 "Could not deploy this model".
+    if any(n in lowered for n in ("not deployed", "could not deploy", "no deployment", "model not found",
+                                  "not dedicated", "unavailable for deployment")):  # fmt: skip
         return f"the model is not deployed on {host}; `superscopes remote status MODEL` lists what is"
     if any(n in lowered for n in ("nnsight version", "version mismatch")):
         return "the client and server disagree on versions: compare with `superscopes remote status`"

@@ -16,8 +16,8 @@ A *site* is a residual-stream-sized activation ``[batch, seq, d_model]`` at one 
                   for the last block HF applies the final norm, this site does not).
 
 In every architecture here ``resid_post = resid_pre + attn_out + mlp_out``, including the
-parallel blocks of GPT-J and GPT-NeoX (both updates are computed from the same input and
-added together). OLMo-2 normalises the updates, not the inputs, so its ``mlp_in`` is the raw
+parallel blocks of GPT-J, GPT-NeoX and Falcon (both updates are computed from the same input
+and added together). OLMo-2 normalises the updates, not the inputs, so its ``mlp_in`` is the raw
 residual after attention.
 
 Models not in the table get their sites from ``infer_architecture`` (the block list and the
@@ -122,6 +122,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gpt2": _GPT2_STYLE,
         # GPT-J adds attention and MLP updates of the same normalised input in parallel.
         "gptj": _GPT2_STYLE,
+        # Falcon's blocks return (hidden states, attention weights); with parallel_attn (7B,
+        # 40B) attention and MLP read the same normalised input and are added together.
+        "falcon": dict(
+            blocks="transformer.h",
+            final_norm="transformer.ln_f",
+            unembed="lm_head",
+            sites={
+                "resid_pre": SiteSpec("", "input"),
+                "attn_out": SiteSpec("self_attention", "output", 0),
+                "mlp_in": SiteSpec("mlp", "input"),
+                "mlp_out": SiteSpec("mlp", "output"),
+                "resid_post": SiteSpec("", "output", 0),
+            },
+        ),
         # GPT-NeoX adds attention and MLP updates in parallel (use_parallel_residual).
         "gpt_neox": dict(
             blocks="gpt_neox.layers",

@@ -228,6 +228,16 @@ def test_inferred_sites_that_do_not_add_up_are_refused(tokenizer):
         models.check_sites(TransformersModel(hf, tokenizer=tokenizer))
 
 
+def test_inferred_sites_on_a_block_that_returns_a_tuple_are_refused(tokenizer):
+    """Falcon's blocks return (hidden states, weights): the table indexes that, inference cannot."""
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(T.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                                           vocab_size=49152)).eval()  # fmt: skip
+    hf.config.model_type = "falcon_variant"  # not in the site table
+    with pytest.raises(UnsupportedArchitectureError, match="resid_post is a tuple at layer 0, not a tensor"):
+        models.check_sites(TransformersModel(hf, tokenizer=tokenizer))
+
+
 def test_remote_load_passes_an_explicit_tokenizer(fake_cache, monkeypatch):
     """nnsight 0.8.1 with transformers 5.24 cannot load a remote model lazily without one."""
     import nnsight.modeling.transformers as nnsight_transformers

@@ -157,6 +157,9 @@ def run_failure(fake_ndif, **scenario) -> tuple[str, str]:
          "the server raised an exception while running the request"),
         (dict(run_error="Could not deploy this model. Remotable.describe_checkpoint() got an unexpected keyword"),
          "the model is not deployed on http://127.0.0.1"),
+        (dict(run_error='Model nnsight.modeling.language.LanguageModel:{"repo_id": "meta-llama/Llama-3.2-3B"} is not '
+                        "dedicated and hotswapping is not supported for this API key."),
+         "the model is not deployed on http://127.0.0.1"),
         (dict(run_error="Module superscopes_helpers is not whitelisted"),
          "the server refused code that imports a module it does not allow"),
         (dict(plain_404=True), "answered 404 Not Found: it does not look like an NDIF server"),

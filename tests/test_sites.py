@@ -34,6 +34,8 @@ MORE_CONFIGS = {
         n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
         kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         **dict(_MOE, num_key_value_heads=4)),
+    # Falcon-7B style: attention and MLP read the same normalised input, added in parallel.
+    "falcon": lambda: T.FalconConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB),
     # The multimodal checkpoints (Gemma3ForConditionalGeneration): a tiny vision tower too.
     "gemma3": lambda: T.Gemma3Config(
         text_config=dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=16, **_SMALL),
@@ -44,6 +46,8 @@ MORE_CONFIGS = {
 INFERRED_CONFIGS = {
     "olmo": lambda: T.OlmoConfig(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **_SMALL),
     "stablelm": lambda: T.StableLmConfig(num_hidden_layers=3, num_key_value_heads=2, **_SMALL),
+    "olmo3": lambda: T.Olmo3Config(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **_SMALL),
+    "smollm3": lambda: T.SmolLM3Config(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **_SMALL),
 }
 BUILT_HERE = {**MORE_CONFIGS, **INFERRED_CONFIGS}
 
@@ -76,12 +80,14 @@ HOOKED = {
                           "model.language_model.layers.{}.post_feedforward_layernorm"),
     "gpt2": ("transformer.h.{}.attn", "transformer.h.{}.mlp", "transformer.h.{}.mlp"),
     "gpt_neox": ("gpt_neox.layers.{}.attention", "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.mlp"),
+    "falcon": ("transformer.h.{}.self_attention", "transformer.h.{}.mlp", "transformer.h.{}.mlp"),
 }  # fmt: skip
 # Mixture-of-experts blocks sit at .mlp and return the update (gpt-oss: (update, router scores)).
 FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma2": "gemma",
           "gemma3_text": "gemma", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "gptj": "gpt2", "phi3": "llama",
           "olmo2": "gemma", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
-          "deepseek_v3": "llama", "gemma3": "gemma3_multimodal", "olmo": "llama", "stablelm": "llama"}  # fmt: skip
+          "deepseek_v3": "llama", "gemma3": "gemma3_multimodal", "olmo": "llama", "stablelm": "llama",
+          "olmo3": "gemma", "smollm3": "llama", "falcon": "falcon"}  # fmt: skip
 EVERY_ARCHITECTURE = ARCHITECTURES + list(BUILT_HERE)
 
 
@@ -158,6 +164,9 @@ def test_architectures_outside_the_table_are_inferred(more_models, arch):
     inferred = architecture_of(more_models[arch])
     assert inferred.name == f"{arch} (inferred)"
     assert (inferred.blocks, inferred.final_norm, inferred.unembed) == ("model.layers", "model.norm", "lm_head")
+    # OLMo-3 normalises each update after its module (like OLMo-2 and Gemma).
+    expected = "post_feedforward_layernorm" if arch == "olmo3" else "mlp"
+    assert inferred.sites["mlp_out"].module == expected
 
 
 def test_multimodal_gemma3_sites_are_the_language_model(more_models):
@@ -177,7 +186,7 @@ def test_an_architecture_without_blocks_is_refused_with_the_reason():
             super().__init__()
             self.body = torch.nn.Linear(2, 2)
 
-    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom' is not in the site table \(deepseek_v3, gemma2, .*\) "
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom' is not in the site table \(deepseek_v3, falcon, gemma2, .*\) "
                        r"and its sites cannot be inferred: no ModuleList of 2 blocks"):  # fmt: skip
         infer_architecture(NoBlocks())
 
