@@ -121,12 +121,12 @@ def write_manifest(directory: Path) -> None:
     """Record every file's size and sha256 (the cache is checked against it on load)."""
     files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith((".", MANIFEST)))
     manifest = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _write_json_atomic(directory / MANIFEST, manifest)  # other processes may be reading the cache
     _write_json_atomic(directory / _VERIFIED, {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files})
 
 
 def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: never listed in a manifest
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
 
@@ -139,7 +139,10 @@ def verify_cache(name: str) -> None:
     directory = cached_model_dir(name)
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
-        write_manifest(directory)
+        try:
+            write_manifest(directory)
+        except OSError:  # a read-only cache from before manifests: nothing to check against
+            pass
         return
 
     def corrupt(reason: str) -> CorruptCacheError:
@@ -167,7 +170,10 @@ def verify_cache(name: str) -> None:
         verified[filename] = [stat.st_size, stat.st_mtime_ns]
         changed = True
     if changed:
-        _write_json_atomic(directory / _VERIFIED, verified)
+        try:
+            _write_json_atomic(directory / _VERIFIED, verified)
+        except OSError:  # read-only: the next load hashes again
+            pass
 
 
 def cache_state(name: str) -> str:
@@ -341,7 +347,8 @@ def _check_hub(repo_id: str) -> dict:
     offline_names = f"Embedded models that work offline: {', '.join(EMBEDDED)}"
     if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
         return {"local_files_only": True}
-    if constants.HF_HUB_OFFLINE:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; a later setting counts too.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise ModelNotFoundError(
             f"could not load {repo_id!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
             + offline_names

@@ -45,7 +45,7 @@ def test_unknown_name_lists_the_embedded_models():
 
 def test_hub_id_without_network_or_cache_is_one_clear_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         superscopes.load("nobody-has/this-model-1234")
 
 
@@ -75,6 +75,7 @@ def hub_at(monkeypatch):
     def point(endpoint: str) -> None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     return point
 
