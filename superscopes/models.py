@@ -344,31 +344,26 @@ def _check_hub(repo_id: str) -> dict:
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-    offline_names = f"Embedded models that work offline: {', '.join(EMBEDDED)}"
+    # One sentence for every "not here": the name is none of the three things it could be.
+    unknown = (f"unknown model {repo_id!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local directory, "
+               "and not in the local Hugging Face cache")  # fmt: skip
     if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
         return {"local_files_only": True}
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; a later setting counts too.
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise ModelNotFoundError(
-            f"could not load {repo_id!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
-            + offline_names
-        )
+        raise ModelNotFoundError(f"{unknown}; HF_HUB_OFFLINE is set")
     try:
         huggingface_hub.HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=10)
     except GatedRepoError:
         raise ModelNotFoundError(f"{repo_id!r} is gated on the Hugging Face hub: accept its licence and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"unknown model {repo_id!r}: not an embedded model ({', '.join(EMBEDDED)}), a local directory, "
-            f"or a repo on the Hugging Face hub ({constants.ENDPOINT})"
-        ) from None
+        raise ModelNotFoundError(f"{unknown}; the hub ({constants.ENDPOINT}) has no such repo") from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "no status"
-        raise ModelNotFoundError(f"the Hugging Face hub ({constants.ENDPOINT}) answered {status} for {repo_id!r}") from None
+        raise ModelNotFoundError(f"{unknown}; the hub ({constants.ENDPOINT}) answered {status}") from None
     except Exception as error:  # transport: DNS, refused, timed out, TLS (the HTTP client's own types)
         raise ModelNotFoundError(
-            f"could not load {repo_id!r}: it is not in the local Hugging Face cache and the hub "
-            f"({constants.ENDPOINT}) is unreachable ({type(error).__name__}). " + offline_names
+            f"{unknown}; the hub ({constants.ENDPOINT}) is unreachable ({type(error).__name__})"
         ) from None
     return {}
 
