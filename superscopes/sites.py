@@ -152,6 +152,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     }.items()
 }
 
+
 class UnsupportedArchitectureError(ValueError):
     pass
 
