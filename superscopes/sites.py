@@ -124,31 +124,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gptj": _GPT2_STYLE,
         # Falcon's blocks return (hidden states, attention weights); with parallel_attn (7B,
         # 40B) attention and MLP read the same normalised input and are added together.
-        "falcon": dict(
-            blocks="transformer.h",
-            final_norm="transformer.ln_f",
-            unembed="lm_head",
-            sites={
-                "resid_pre": SiteSpec("", "input"),
-                "attn_out": SiteSpec("self_attention", "output", 0),
-                "mlp_in": SiteSpec("mlp", "input"),
-                "mlp_out": SiteSpec("mlp", "output"),
-                "resid_post": SiteSpec("", "output", 0),
-            },
-        ),
+        "falcon": dict(_GPT2_STYLE, sites=dict(_GPT2_STYLE["sites"], attn_out=SiteSpec("self_attention", "output", 0),
+                                               resid_post=SiteSpec("", "output", 0))),  # fmt: skip
         # GPT-NeoX adds attention and MLP updates in parallel (use_parallel_residual).
-        "gpt_neox": dict(
-            blocks="gpt_neox.layers",
-            final_norm="gpt_neox.final_layer_norm",
-            unembed="lm_head",
-            sites={
-                "resid_pre": SiteSpec("", "input"),
-                "attn_out": SiteSpec("attention", "output", 0),
-                "mlp_in": SiteSpec("mlp", "input"),
-                "mlp_out": SiteSpec("mlp", "output"),
-                "resid_post": SiteSpec("", "output"),
-            },
-        ),
+        "gpt_neox": dict(_GPT2_STYLE, blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
+                         sites=dict(_GPT2_STYLE["sites"], attn_out=SiteSpec("attention", "output", 0))),  # fmt: skip
     }.items()
 }
 
