@@ -175,10 +175,11 @@ def infer_architecture(model) -> Architecture:
 
     if not hasattr(root, "named_modules"):
         raise refuse("it is not a torch module")
+    # One block per layer; without a layer count in the config, the longest list.
     lists = [(name, module) for name, module in root.named_modules()
-             if type(module).__name__ == "ModuleList" and len(module) == n_layers and len(module) > 0]  # fmt: skip
+             if type(module).__name__ == "ModuleList" and len(module) > 0 and n_layers in (None, len(module))]  # fmt: skip
     # A multimodal model also has encoder layers: prefer a list outside any vision/audio tower.
-    lists.sort(key=lambda item: any(w in item[0] for w in ("vision", "visual", "audio", "encoder")))
+    lists.sort(key=lambda item: (any(w in item[0] for w in ("vision", "visual", "audio", "encoder")), -len(item[1])))
     if not lists:
         raise refuse(f"no ModuleList of {n_layers} blocks (config num_hidden_layers)")
     blocks_name, blocks = lists[0]

@@ -192,9 +192,8 @@ def test_an_architecture_without_blocks_is_refused_with_the_reason():
 
 
 def test_a_block_without_attention_is_refused_naming_its_children():
-    class Config:
+    class Config:  # no layer count: the longest ModuleList is the block list
         model_type = "oddball"
-        num_hidden_layers = 2
 
     class Block(torch.nn.Module):
         def __init__(self):
