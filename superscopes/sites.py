@@ -218,6 +218,13 @@ def num_layers(model) -> int:
     return len(resolve(model, architecture_of(model).blocks))
 
 
+def hidden_size(model) -> int:
+    """d_model of the sites: the text decoder's hidden size (multimodal configs such as Gemma-3's
+    keep it in ``text_config`` and have no ``hidden_size`` of their own)."""
+    config = model.config
+    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+
+
 def resolve(root, dotted: str):
     """Follow a dotted attribute path ("model.layers") from a module or envoy."""
     obj = root

@@ -17,7 +17,7 @@ from nnsight.modeling.transformers import TransformersModel
 
 from superscopes import ops
 from superscopes.sites import ARCHITECTURES as TABLE
-from superscopes.sites import SITE_NAMES, UnsupportedArchitectureError, architecture_of, infer_architecture
+from superscopes.sites import SITE_NAMES, UnsupportedArchitectureError, architecture_of, hidden_size, infer_architecture
 
 from .conftest import _SMALL, ARCHITECTURES, VOCAB
 
@@ -170,8 +170,10 @@ def test_architectures_outside_the_table_are_inferred(more_models, arch):
 
 
 def test_multimodal_gemma3_sites_are_the_language_model(more_models):
-    arch = architecture_of(more_models["gemma3"])
+    model = more_models["gemma3"]
+    arch = architecture_of(model)
     assert arch.blocks == "model.language_model.layers" and arch.final_norm == "model.language_model.norm"
+    assert not hasattr(model.config, "hidden_size") and hidden_size(model) == 64
 
 
 def test_an_architecture_without_blocks_is_refused_with_the_reason():
