@@ -122,14 +122,13 @@ def _http_status(error: BaseException) -> int | None:
 def _transport_failure(error: BaseException) -> BaseException | None:
     """The first exception in the chain that is a network failure, by type: refused, DNS,
     TLS, reset, timed out, closed websocket."""
-    import ssl
-
     import httpx
     import websocket
 
-    transport = (ConnectionError, TimeoutError, ssl.SSLError, OSError, httpx.TransportError,
-                 websocket.WebSocketConnectionClosedException, websocket.WebSocketAddressException,
-                 websocket.WebSocketTimeoutException, websocket.WebSocketProxyException)  # fmt: skip
+    # OSError covers the socket's own: refused, reset, DNS (gaierror), TLS (SSLError), TimeoutError.
+    transport = (OSError, httpx.TransportError, websocket.WebSocketConnectionClosedException,
+                 websocket.WebSocketAddressException, websocket.WebSocketTimeoutException,
+                 websocket.WebSocketProxyException)  # fmt: skip
     return next((link for link in _chain(error) if isinstance(link, transport)), None)
 
 
@@ -196,7 +195,6 @@ def explain(error: BaseException, model_id: str | None = None) -> RemoteRunError
     _scrub(error)
     where = f" ({model_id})" if model_id else ""
     return RemoteRunError(redact(f"remote run failed{where}: {diagnosis}. Server/client said: {type(error).__name__}: {error}"))
-
 
 
 def _repo_of(name: str, value: dict) -> str:
