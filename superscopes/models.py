@@ -325,6 +325,8 @@ def resolve_path(name_or_path: str) -> str:
         return str(cached_model_dir(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a transformers checkpoint: it has no config.json")
         return str(path)
     if _looks_like_path(name_or_path) or path.exists():
         raise ModelNotFoundError(f"no such directory: {path}")
@@ -436,9 +438,11 @@ def load(
                 hf_model.to(device)
             model = TransformersModel(hf_model, tokenizer=tokenizer)
     except OSError as error:
+        if Path(path).is_dir():
+            raise ModelNotFoundError(f"{path} is not a transformers checkpoint (config, weights, tokenizer): {error}") from None
         raise ModelNotFoundError(
-            f"could not load {name_or_path!r}: its weights are not in the local Hugging Face cache and the hub "
-            f"is unreachable or does not have it ({error.__class__.__name__}). Embedded models that work "
+            f"could not load {name_or_path!r}: its files are not in the local Hugging Face cache and the hub "
+            f"could not provide them ({error.__class__.__name__}). Embedded models that work "
             f"offline: {', '.join(EMBEDDED)}"
         ) from None
     tokenizer.padding_side = "left"  # row[:, -1] is every row's real last token

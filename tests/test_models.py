@@ -128,6 +128,15 @@ def test_a_missing_local_directory_is_named(path):
         superscopes.load(path)
 
 
+def test_a_directory_that_is_no_checkpoint_is_named(tmp_path, tokenizer):
+    with pytest.raises(ModelNotFoundError, match=f"{tmp_path} is not a transformers checkpoint: it has no config.json"):
+        superscopes.load(str(tmp_path))
+    T.LlamaConfig(num_hidden_layers=1, **_SMALL).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=f"{tmp_path} is not a transformers checkpoint \\(config, weights, tokenizer\\)"):
+        superscopes.load(str(tmp_path))  # no weights
+
+
 def save_tiny(directory, config, tokenizer) -> None:
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
