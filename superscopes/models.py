@@ -329,7 +329,10 @@ def resolve_path(name_or_path: str) -> str:
             raise ModelNotFoundError(f"{path} is not a transformers checkpoint: it has no config.json")
         return str(path)
     if _looks_like_path(name_or_path) or path.exists():
-        raise ModelNotFoundError(f"no such directory: {path}")
+        raise ModelNotFoundError(
+            f"no such directory: {path} (a model is an embedded name: {', '.join(EMBEDDED)}; a local directory; "
+            "or a Hugging Face repo id, name or owner/name)"
+        )
     if not _REPO_ID.match(name_or_path):
         raise ModelNotFoundError(
             f"unknown model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED)}), "
@@ -395,7 +398,10 @@ def served_model(name_or_path: str) -> tuple[str, str]:
     resolve_path(name_or_path)
     repo_id = resolve_remote_id(name_or_path)
     if not Path(repo_id).is_dir():
-        raise ModelNotFoundError(f"a self-hosted server serves a local directory; {name_or_path!r} is not one")
+        raise ModelNotFoundError(
+            f"a self-hosted server serves a local directory or an embedded model ({', '.join(EMBEDDED)}); "
+            f"{name_or_path!r} is neither"
+        )
     return repo_id, served_model_key(repo_id)
 
 
