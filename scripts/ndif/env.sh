@@ -9,8 +9,14 @@ SUPERSCOPES_NDIF_HOME="${SUPERSCOPES_NDIF_HOME:-$NDIF_REPO_ROOT/.ndif}"
 NDIF_VENV="$SUPERSCOPES_NDIF_HOME/venv"
 NDIF_RUN="$SUPERSCOPES_NDIF_HOME/run"
 
-# The served model: a transformers save_pretrained directory (weights + tokenizer).
-SUPERSCOPES_NDIF_MODEL_DIR="${SUPERSCOPES_NDIF_MODEL_DIR:-$HOME/.cache/superscopes/models/smollm2-135m}"
+# The served model: an embedded model name (fetched like `superscopes.load` does when it is
+# not cached, under $SUPERSCOPES_CACHE) or a transformers save_pretrained directory.
+# SUPERSCOPES_NDIF_MODEL_DIR (a directory) is still accepted.
+SUPERSCOPES_NDIF_MODEL="${SUPERSCOPES_NDIF_MODEL:-${SUPERSCOPES_NDIF_MODEL_DIR:-smollm2-135m}}"
+
+# The project's own venv (`make install`): it fetches the model and computes the served key
+# with the same code the client uses, so both ask for the same key.
+SUPERSCOPES_CLIENT_PYTHON="${SUPERSCOPES_CLIENT_PYTHON:-$NDIF_REPO_ROOT/.venv/bin/python}"
 
 # Interpreter for the server venv. ndif 0.1.2 declares Python >=3.12, but the
 # only CPU-only torch 2.13.0 wheel available here is cp311 (/opt/wheels); on 3.12

@@ -18,22 +18,51 @@ die() { log "ERROR: $*"; exit 1; }
 
 mkdir -p "$NDIF_RUN" "$NDIF_HOME"
 
-# ---------------------------------------------------------------- model dir
-MODEL_DIR="$(python3 -c 'import os,sys; print(os.path.abspath(os.path.expanduser(sys.argv[1])))' "$SUPERSCOPES_NDIF_MODEL_DIR")"
-[ -f "$MODEL_DIR/config.json" ] || die "no transformers checkpoint at $MODEL_DIR (set SUPERSCOPES_NDIF_MODEL_DIR)"
-
-# ---------------------------------------------------------------- venv
+# ---------------------------------------------------------------- assumptions
+# Checked before anything is installed or started, each with what to do about it.
 PY="$NDIF_VENV/bin/python"
-install_venv() {
-    log "creating server venv $NDIF_VENV with $SUPERSCOPES_NDIF_PYTHON"
-    [ -x "$SUPERSCOPES_NDIF_PYTHON" ] || die "interpreter $SUPERSCOPES_NDIF_PYTHON not found (set SUPERSCOPES_NDIF_PYTHON)"
-    rm -rf "$NDIF_VENV"
-    "$SUPERSCOPES_NDIF_PYTHON" -m venv "$NDIF_VENV"
-    local pyver torch_spec
-    pyver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+[ -x "$SUPERSCOPES_CLIENT_PYTHON" ] \
+    || die "no project venv at $SUPERSCOPES_CLIENT_PYTHON: run \`make install\` first (or set SUPERSCOPES_CLIENT_PYTHON)"
+venv_ready() { [ -f "$NDIF_VENV/.installed" ] && "$PY" -c 'import ndif, ray, torch, moto, gunicorn' 2>/dev/null; }
+if ! venv_ready; then
+    [ -x "$SUPERSCOPES_NDIF_PYTHON" ] \
+        || die "interpreter $SUPERSCOPES_NDIF_PYTHON for the server venv not found: set SUPERSCOPES_NDIF_PYTHON to a Python 3.11 or 3.12+"
+    PYVER="$("$SUPERSCOPES_NDIF_PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    case "$PYVER" in
+        3.11|3.1[2-9]) ;;
+        *) die "ndif 0.1.2 needs Python 3.12+ (3.11 works with --no-deps); $SUPERSCOPES_NDIF_PYTHON is $PYVER: set SUPERSCOPES_NDIF_PYTHON" ;;
+    esac
     # The CPU build of torch 2.13.0 exists here only for cp311 (/opt/wheels);
     # on another Python, plain 2.13.0 (the CUDA build from PyPI) is all there is.
-    if [ "$pyver" = "3.11" ]; then torch_spec="torch==2.13.0+cpu"; else torch_spec="torch==2.13.0"; fi
+    if [ "$PYVER" = "3.11" ]; then TORCH_SPEC="torch==2.13.0+cpu"; else TORCH_SPEC="torch==2.13.0"; fi
+    "$SUPERSCOPES_NDIF_PYTHON" -m pip install --quiet --dry-run --no-deps --ignore-installed "$TORCH_SPEC" > /dev/null 2>&1 \
+        || die "no $TORCH_SPEC wheel for Python $PYVER on the configured package indexes (pip config list): add one, or set SUPERSCOPES_NDIF_PYTHON to a Python that has one"
+fi
+if ! command -v redis-server > /dev/null 2>&1; then
+    command -v apt-get > /dev/null 2>&1 \
+        || die "redis-server is not on PATH and there is no apt-get to install it: install Redis with your package manager"
+    [ "$(id -u)" = 0 ] \
+        || die "redis-server is not on PATH and installing it needs root: run \`sudo apt-get install redis-server\` once"
+fi
+
+# ---------------------------------------------------------------- model
+# Fetched if missing, and its key computed, by superscopes itself (models.served_model): the
+# client asks for exactly this key whatever SUPERSCOPES_CACHE or symlinks say.
+log "resolving the served model $SUPERSCOPES_NDIF_MODEL (fetched once if missing)"
+SERVED="$(PYTHONPATH="$NDIF_REPO_ROOT" "$SUPERSCOPES_CLIENT_PYTHON" -c '
+import sys
+from superscopes.models import served_model
+print("\n".join(served_model(sys.argv[1])))' "$SUPERSCOPES_NDIF_MODEL")" || die "could not fetch or resolve $SUPERSCOPES_NDIF_MODEL (see above)"
+MODEL_DIR="$(sed -n 1p <<< "$SERVED")"
+MODEL_KEY="$(sed -n 2p <<< "$SERVED")"
+[ -f "$MODEL_DIR/config.json" ] || die "no transformers checkpoint at $MODEL_DIR (set SUPERSCOPES_NDIF_MODEL)"
+
+# ---------------------------------------------------------------- venv
+install_venv() {
+    log "creating server venv $NDIF_VENV with $SUPERSCOPES_NDIF_PYTHON"
+    rm -rf "$NDIF_VENV"
+    "$SUPERSCOPES_NDIF_PYTHON" -m venv "$NDIF_VENV"
+    local pyver="$PYVER" torch_spec="$TORCH_SPEC"
     # Pin the packages shared with the project's client venv to the same versions.
     cat > "$NDIF_RUN/constraints.txt" <<EOF
 $torch_spec
@@ -65,9 +94,7 @@ EOF
     touch "$NDIF_VENV/.installed"
     log "venv ready"
 }
-if [ ! -f "$NDIF_VENV/.installed" ] || ! "$PY" -c 'import ndif, ray, torch, moto, gunicorn' 2>/dev/null; then
-    install_venv
-fi
+venv_ready || install_venv
 export PATH="$NDIF_VENV/bin:$PATH"
 
 # ---------------------------------------------------------------- redis-server
@@ -188,10 +215,6 @@ done
 log "API up at $NDIF_HOST_URL (Ray connected)"
 
 # ---------------------------------------------------------------- deploy
-MODEL_KEY="$("$PY" -c '
-import json, sys
-print("nnsight.modeling.transformers.TransformersModel:" + json.dumps(
-    {"repo_id": sys.argv[1], "revision": None, "task": "text-generation"}))' "$MODEL_DIR")"
 SIZE_BYTES="$(du -cb "$MODEL_DIR"/*.safetensors 2>/dev/null | tail -1 | cut -f1)"
 [ -n "$SIZE_BYTES" ] && [ "$SIZE_BYTES" -gt 0 ] || SIZE_BYTES=1000000000
 printf '%s\n' "$MODEL_KEY" > "$NDIF_RUN/model_key"
