@@ -29,7 +29,7 @@ import torch
 
 from superscopes import ops
 from superscopes.scope import read_vectors
-from superscopes.sites import num_layers
+from superscopes.sites import hidden_size, num_layers
 
 Positions = str | Sequence[int] | Sequence[Sequence[int]]
 
@@ -100,7 +100,7 @@ def collect(
     pairs = token_positions(model.tokenizer, prompts, positions)
     reads = [(p, i, site, layer) for p, i in pairs for layer in layers]
     if not reads:
-        return {layer: torch.empty(0, model.config.hidden_size) for layer in layers}
+        return {layer: torch.empty(0, hidden_size(model)) for layer in layers}
     if remote:
         from superscopes.remote import configure
 

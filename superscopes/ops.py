@@ -16,7 +16,6 @@ Sites are described in ``superscopes.sites``.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -146,12 +145,12 @@ def patch(
     _write_into(target, index, amplify(vectors, alpha, transform, base=base, **transform_args), mode)
 
 
-def repeat_cache(cache, rows: int):
-    """A copy of a one-row KV cache (transformers ``Cache``) repeated to ``rows`` rows, so
-    a prefix computed once continues in every row of a batch."""
-    repeated = copy.deepcopy(cache)
-    repeated.batch_repeat_interleave(rows)
-    return repeated
+def repeat_cache(model, cache, rows: int):
+    """A new KV cache (transformers ``DynamicCache``) holding a one-row cache's keys and values
+    repeated to ``rows`` rows, so a prefix computed once continues in every row of a batch.
+    The one-row cache is left as it is (each pass that continues from it gets its own)."""
+    data = [(keys.repeat_interleave(rows, 0), values.repeat_interleave(rows, 0)) for keys, values, *_ in cache]
+    return type(cache)(data, config=model.config)
 
 
 class CellSampler:

@@ -36,7 +36,7 @@ import torch
 from superscopes import ops
 from superscopes.models import model_name
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
-from superscopes.sites import SITE_NAMES, architecture_of, num_layers
+from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: it adds ~0.3 s to `import superscopes`
     import pandas as pd
@@ -303,9 +303,9 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
     if target_model is not model and "source" in targets_wanted:
         raise ScopeError('target "source" means the source prompt in the source model; give a target template')
     mapped = {"affine", "none"}
-    if model.config.hidden_size != target_model.config.hidden_size and not set(scope.transforms) <= mapped:
+    if hidden_size(model) != hidden_size(target_model) and not set(scope.transforms) <= mapped:
         raise ScopeError(
-            f"hidden sizes differ ({model.config.hidden_size} vs {target_model.config.hidden_size}): "
+            f"hidden sizes differ ({hidden_size(model)} vs {hidden_size(target_model)}): "
             "only transform 'affine' can map between these models"
         )
     if scope.samples < 1 or (scope.samples > 1 and not scope.do_sample):
@@ -475,7 +475,7 @@ def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0) 
     """Run read passes; returns the vector table ``[n_vectors, d]`` and, with ``lens_k``, the
     logit lens of every vector (top-``lens_k`` ids and probabilities, or None). Only traces
     and torch. A pass stops after its last read: the layers above it never run."""
-    table = torch.empty(n_vectors, model.config.hidden_size)
+    table = torch.empty(n_vectors, hidden_size(model))
     lens = (torch.empty(n_vectors, lens_k, dtype=torch.long), torch.empty(n_vectors, lens_k)) if lens_k else None
     for p in passes:
         with model.trace(p.texts) as tracer:
@@ -520,12 +520,12 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                       alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
-def _pass_inputs(p: _Pass, caches: list, output: str) -> tuple:
+def _pass_inputs(model, p: _Pass, caches: list, output: str) -> tuple:
     """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache."""
     if p.ids is None:
         return p.texts, {}
     n = len(p.alphas)
-    extra = {} if p.prefix is None else {"cache": ops.repeat_cache(caches[p.prefix], n)}
+    extra = {} if p.prefix is None else {"cache": ops.repeat_cache(model, caches[p.prefix], n)}
     # The mask covers the cached tokens too (nnsight would otherwise build one for the fed
     # tokens only, hiding the prefix); generate skips the tokens its cache already holds.
     mask = torch.ones(n, p.ids.shape[1], dtype=torch.long)
@@ -543,7 +543,7 @@ def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Ten
     outputs = []
     caches = _prefix_caches(target_model, prefixes)
     for p in passes:
-        inputs, extra = _pass_inputs(p, caches, settings["output"])
+        inputs, extra = _pass_inputs(target_model, p, caches, settings["output"])
         if settings["output"] == "generate":
             kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False,
                       "pad_token_id": settings["pad_token_id"]}  # fmt: skip
@@ -625,7 +625,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
         "maps": maps, "directions": None,
     }  # fmt: skip
     if "random" in scope.transforms:
-        settings["directions"] = _directions(scope, keys, target_model.config.hidden_size)
+        settings["directions"] = _directions(scope, keys, hidden_size(target_model))
     lens_k = scope.top_k if scope.logit_lens else 0
 
     with torch.inference_mode():

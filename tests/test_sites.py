@@ -211,3 +211,16 @@ def test_a_block_without_attention_is_refused_naming_its_children():
 
     with pytest.raises(UnsupportedArchitectureError, match="block Block has no attention .* its children: mixer, mlp"):
         infer_architecture(Odd())
+
+
+@pytest.mark.parametrize("arch", list(BUILT_HERE))
+def test_the_graph_runs_on_every_added_architecture(more_models, arch):
+    """A grid with the shared prefix equals the whole-prompt path, and remote="local" equals local."""
+    from superscopes import Scope, run
+
+    model = more_models[arch]
+    grid = dict(prompts=PROMPTS, sites=["mlp_out", "resid_post"], layers=[0, 2], alphas=[1, 4], target="identity",
+                target_layers=["same", 1], output="generate", max_new_tokens=3)  # fmt: skip
+    shared = run(model, Scope(**grid), progress=False)
+    assert shared["output_ids"].tolist() == run(model, Scope(**grid, share_prefix=False), progress=False)["output_ids"].tolist()
+    assert shared["output_ids"].tolist() == run(model, Scope(**grid), remote="local", progress=False)["output_ids"].tolist()
