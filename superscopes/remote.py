@@ -160,7 +160,8 @@ def diagnose(error: BaseException, host: str) -> str:
     failure = _transport_failure(error)
     if failure is not None and _is_timeout(failure):
         return (f"the request to {host} timed out ({type(failure).__name__}): a remote grid is sent as one "
-                "request, so run fewer cells (prompts, layers, alphas) per call, or try later")  # fmt: skip
+                "request unless split, so run fewer cells per request (`run(..., cells_per_request=N, "
+                "checkpoint=PATH)` keeps each finished request), raise `timeout`, or try later")  # fmt: skip
     if failure is not None:
         return (f"the NDIF server at {host} is unreachable ({type(failure).__name__}): check NDIF_HOST and that "
                 "the server is up (`superscopes remote status`)")  # fmt: skip
@@ -181,8 +182,8 @@ def diagnose(error: BaseException, host: str) -> str:
     if any(n in lowered for n in ("nnsight version", "version mismatch")):
         return "the client and server disagree on versions: compare with `superscopes remote status`"
     if any(n in lowered for n in ("timed out", "time limit", "timeout")):
-        return (f"the run exceeded the time limit of {host}: a remote grid is one request, so run fewer cells "
-                "(prompts, layers, alphas) per call")  # fmt: skip
+        return (f"the run exceeded the time limit of {host}: a remote grid is one request unless split, so run "
+                "fewer cells per request (`run(..., cells_per_request=N)`)")  # fmt: skip
     return "the server raised an exception while running the request"
 
 
@@ -288,3 +289,48 @@ def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> lis
         names = ", ".join(sorted(deployed)) or "none"
         rows.append(("models", bool(deployed), f"deployed: {names}"))
     return rows
+
+
+def session_backend(model, remote: bool | str, timeout: float | None):
+    """The backend of a remote session: nnsight's own, or with ``timeout`` one that gives up
+    (``TimeoutError``) when no result has come back that many seconds after the request."""
+    if timeout is None or remote == "local":
+        return None  # model.session(remote=...) builds nnsight's own
+    from nnsight.intervention.backends.remote import RemoteBackend
+    from nnsight.schema.response import Status
+
+    class DeadlineBackend(RemoteBackend):
+        # nnsight 0.8's blocking request loop (RemoteBackend.request) with a deadline: it waits on
+        # the websocket forever, so a stalled server would hang the client.
+        def request(self, request, tracer):
+            import json
+            import time
+
+            import websocket
+
+            blob = self._serialize(tracer)
+            deadline = time.monotonic() + timeout
+            header = {"ndif-api-key": self.api_key} if self.api_key else None
+            connection = websocket.create_connection(f"{self.ws_host}/subscribe", header=header, timeout=timeout)
+            try:
+                request.session_id = json.loads(connection.recv())["session_id"]
+                self.send(request, blob)
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"no result from {self.host} within the client time-out of {timeout:g} s")
+                    connection.settimeout(min(left, 0.5))
+                    try:
+                        message = connection.recv()
+                    except websocket.WebSocketTimeoutException:
+                        self.display.refresh()
+                        continue
+                    response = self.parse(message)
+                    result = self.handle(response)
+                    if response.status == Status.COMPLETED:
+                        return result
+            finally:
+                connection.close()
+
+    host = remote if isinstance(remote, str) else None
+    return DeadlineBackend(model.to_model_key(), host=host, env=model._remoteable_get_env())

@@ -603,7 +603,8 @@ def _directions(scope: Scope, keys: list[tuple[Source, str, int]], size: int) ->
     return directions
 
 
-def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: bool | str, bar) -> list[dict]:
+def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None,
+               bar) -> list[dict]:  # fmt: skip
     """Read, patch and decode the cells ``chosen`` (indices into the plan); one remote request."""
     scope = the_plan.scope
     sub = Plan(scope, the_plan.sources, [the_plan.cells[i] for i in chosen], the_plan.targets)
@@ -630,12 +631,13 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
 
     with torch.inference_mode():
         if remote:
-            from superscopes.remote import configure, explain
+            from superscopes.remote import configure, explain, session_backend
 
             configure()
+            backend = session_backend(model, remote, timeout)
             try:
                 # One request: the session runs every pass on the server and returns ids/probs.
-                with model.session(remote=remote):
+                with model.session(remote=remote, backend=backend):
                     table, lens = _execute_reads(model, read_passes, len(keys), lens_k)
                     lens = nnsight.save(lens)
                     outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
@@ -724,7 +726,8 @@ class _Checkpoint:
 
 
 def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True,
-        cells_per_request: int | None = None, checkpoint: str | Path | None = None) -> pd.DataFrame:  # fmt: skip
+        cells_per_request: int | None = None, checkpoint: str | Path | None = None,
+        timeout: float | None = None) -> pd.DataFrame:  # fmt: skip
     """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
 
     ``target_model``: patch into another model (cross-model; needs ``affine`` across
@@ -733,13 +736,16 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     ``cells_per_request``: split the grid into requests of at most this many cells (default:
     the whole grid is one request), e.g. to stay within a server's time limit.
     ``checkpoint``: a file that keeps every finished request's cells as it returns; a rerun
-    with the same grid resumes from it, a different grid is refused."""
+    with the same grid resumes from it, a different grid is refused. ``timeout``: seconds a
+    remote request may take before the client gives up (default: wait as long as it runs)."""
     from tqdm.auto import tqdm
 
     target_model = target_model or model
     the_plan = plan(model, scope, target_model)
     if cells_per_request is not None and (not isinstance(cells_per_request, int) or cells_per_request < 1):
         raise ScopeError(f"cells_per_request must be a positive integer, got {cells_per_request!r}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ScopeError(f"timeout must be a positive number of seconds, got {timeout!r}")
     n = len(the_plan.cells)
     store = _Checkpoint(checkpoint, _fingerprint(model, target_model, the_plan), n) if checkpoint else None
     per_cell: list[dict | None] = [None] * n
@@ -750,7 +756,7 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     bar = tqdm(total=n, initial=n - len(todo), desc="superscopes", unit="cell", disable=not progress)
     for start in range(0, len(todo), size):
         chosen = todo[start : start + size]
-        outputs = _run_cells(model, target_model, the_plan, chosen, remote, bar)
+        outputs = _run_cells(model, target_model, the_plan, chosen, remote, timeout, bar)
         for i, out in zip(chosen, outputs):
             per_cell[i] = out
         if store:

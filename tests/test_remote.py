@@ -46,7 +46,7 @@ class FakeNDIF(BaseHTTPRequestHandler):
     - ``whoami``: ``(status, body)`` of ``GET /whoami``; ``server_nnsight``: ``GET /env``."""
 
     protocol_version = "HTTP/1.1"  # websocket-client wants an HTTP/1.1 101
-    post_status, detail, run_error, plain_404 = 200, "", "", False
+    post_status, detail, run_error, plain_404, silent = 200, "", "", False, False
     whoami: tuple[int, dict] = (200, {"email": "someone@example.org", "tags": []})
     server_nnsight = "0.8.1"
     frames: list[str] = []  # queued for the websocket after the POST
@@ -99,6 +99,8 @@ class FakeNDIF(BaseHTTPRequestHandler):
         if self.plain_404 or self.post_status != 200:
             return self._json(404 if self.plain_404 else self.post_status, {"detail": self.detail or "Not Found"})
         self._json(200, {"id": "request-1", "status": "RECEIVED"})
+        if self.silent:  # a stalled server: the request is accepted, no result ever comes
+            return None
         FakeNDIF.frames.append(json.dumps({"id": "request-1", "status": "ERROR", "description": self.run_error}))
         return None
 
@@ -111,7 +113,7 @@ def fake_ndif(monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeNDIF)
     server.daemon_threads = True
     server.closing = threading.Event()
-    for name, value in dict(post_status=200, detail="", run_error="", plain_404=False, server_nnsight="0.8.1",
+    for name, value in dict(post_status=200, detail="", run_error="", plain_404=False, silent=False, server_nnsight="0.8.1",
                             whoami=(200, {"email": "someone@example.org", "tags": []}), frames=[]).items():  # fmt: skip
         monkeypatch.setattr(FakeNDIF, name, value)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -184,6 +186,18 @@ def test_the_key_from_nnsights_config_file_is_scrubbed(fake_ndif, monkeypatch, t
     assert redact("key nnsight-config-file-key-42 here") == "key *** here"
 
 
+def test_a_stalled_server_meets_the_client_time_out(fake_ndif):
+    import time
+
+    fake_ndif.silent = True
+    model = superscopes.load("smollm2-135m", remote=True)
+    start = time.monotonic()
+    with pytest.raises(RemoteRunError, match=r"timed out .*within the client time-out of 1\.5 s"):
+        superscopes.run(model, Scope("Diana", layers=[1], alphas=[1], output="topk"), remote=True, timeout=1.5,
+                        progress=False)  # fmt: skip
+    assert time.monotonic() - start < 15
+
+
 def test_a_host_without_scheme_is_refused_before_anything_is_sent(monkeypatch):
     monkeypatch.setenv("NDIF_HOST", "127.0.0.1:5001")
     with pytest.raises(RemoteConfigError, match=r"NDIF_HOST '127.0.0.1:5001' has no scheme: write it as http://127.0.0.1:5001"):
@@ -208,7 +222,7 @@ def test_time_outs_do_not_advise_a_smaller_batch_size():
     host = "http://127.0.0.1:5001"
     for error in (TimeoutError("timed out"), RuntimeError("Job exceeded the time limit of 3600 s")):
         message = diagnose(error, host)
-        assert "batch_size" not in message and "one request" in message and "fewer cells" in message
+        assert "batch_size" not in message and "one request" in message and "cells_per_request" in message
 
 
 def test_status_verifies_the_key_and_compares_versions(fake_ndif, capsys):
