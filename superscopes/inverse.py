@@ -483,6 +483,53 @@ def compare_samplers(cells, a: str = "generator", others: Sequence[str] = ("near
     return table
 
 
+def evaluate(model, generator: Generator, pairs: Pairs, queries: int = 100, k: int = 10, seed: int = 0,
+             batch_size: int = 32):  # fmt: skip
+    """Does the generator sample near z at all? For ``queries`` held-out pairs (one per held-out
+    text, seeded), per sampler: the mean distance from z(x) of its ``k`` inputs to the query's z
+    (``distance``; and ``cosine``), and the share of inputs ending in the query's last token.
+
+    Samplers: ``generator``; ``nearest``, the k training inputs nearest to z by ``distance``
+    (the training-free stand-in; training inputs only, so never the query's own text); ``random``,
+    k training inputs drawn uniformly. One row per (query, sampler)."""
+    import pandas as pd
+
+    config = generator.config
+    train_rows, held_rows = split_sources(pairs.sources, config.held_out, config.seed)
+    if len(held_rows) == 0:
+        raise ValueError(f"no held-out pairs to evaluate on (held_out={config.held_out})")
+    rng = np.random.default_rng(seed)
+    by_text: dict[int, list[int]] = {}
+    for row in held_rows:
+        by_text.setdefault(pairs.sources[row], []).append(row)
+    texts = rng.permutation(sorted(by_text))[:queries]
+    chosen = np.array([rng.choice(by_text[t]) for t in texts])
+    z = pairs.activations[chosen].float()
+    corpus = pairs.activations[train_rows].float()
+    # Standardised, distance() is a scaled Euclidean distance: the nearest by it are a cdist away.
+    nearest = torch.cdist(z / generator.std, corpus / generator.std).topk(k, largest=False).indices.numpy()
+    random_rows = rng.choice(len(train_rows), (len(chosen), k))
+    samples = generator.sample(z, k, seed)
+    texts_out = [model.tokenizer.decode(x) for row in samples for x in row]
+    z_generated = last_token_activations(model, texts_out, config.site, config.layer, batch_size).view(len(chosen), k, -1)
+    rows = []
+    for qi, row in enumerate(chosen):
+        last = pairs.inputs[row][-1]
+        found = {
+            "generator": (z_generated[qi], [x[-1] for x in samples[qi]], texts_out[qi * k : qi * k + 3]),
+            "nearest": (corpus[nearest[qi]], [pairs.inputs[train_rows[j]][-1] for j in nearest[qi]],
+                        [model.tokenizer.decode(pairs.inputs[train_rows[j]]) for j in nearest[qi][:3]]),
+            "random": (corpus[random_rows[qi]], [pairs.inputs[train_rows[j]][-1] for j in random_rows[qi]],
+                       [model.tokenizer.decode(pairs.inputs[train_rows[j]]) for j in random_rows[qi][:3]]),
+        }  # fmt: skip
+        for sampler, (acts, lasts, shown) in found.items():
+            rows.append({"query": model.tokenizer.decode(pairs.inputs[row]), "sampler": sampler,
+                         "distance": float(distance(acts, z[qi], generator.std).mean()),
+                         "cosine": float(cosine_distance(acts, z[qi][None]).mean()),
+                         "same_last_token": fcr(last, lasts), "examples": json.dumps(shown)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -552,6 +599,28 @@ def _sample_command(args: argparse.Namespace) -> None:
         print(f"{d:.3f}\t{text!r}")
 
 
+def _evaluate_command(args: argparse.Namespace) -> None:
+    import superscopes
+
+    out = Path(args.out)
+    generator = Generator.load(out / "generator.pt")
+    saved = torch.load(out / "pairs.pt", weights_only=True)
+    pairs = Pairs(saved["inputs"], saved["activations"], saved["sources"])
+    model = superscopes.load(args.model or generator.config.model)
+    t0 = time.perf_counter()
+    table = evaluate(model, generator, pairs, args.queries, args.k, args.seed)
+    table.to_csv(out / "eval.csv", index=False)
+    summary = {}
+    for value in ("distance", "cosine", "same_last_token"):
+        part = fcr_table(table, value, by=("sampler",), seed=args.seed).set_index("sampler")
+        summary[value] = {s: {"mean": r[value], "ci95": [r["ci_low"], r["ci_high"]], "n": r["n"]} for s, r in part.iterrows()}
+    history = generator.history[-1] if generator.history else {}
+    report = {"generator": str(out / "generator.pt"), "queries": int(table["query"].nunique()), "k": args.k,
+              "held_out_loss": history.get("held_out_loss"), "seconds": time.perf_counter() - t0, **summary}  # fmt: skip
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m superscopes.inverse", description=__doc__.split("\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -580,6 +649,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temperature", type=float, default=1.0)
     s.set_defaults(run=_sample_command)
+    e = verbs.add_parser("evaluate", help="distance of generated vs nearest vs random inputs' activations to held-out z")
+    e.add_argument("--out", required=True, help="the train folder (generator.pt, pairs.pt)")
+    e.add_argument("--model", help="default: the model the generator was trained on")
+    e.add_argument("--queries", type=int, default=100)
+    e.add_argument("-k", type=int, default=10)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(run=_evaluate_command)
     args = p.parse_args(argv)
     args.run(args)
 

@@ -158,3 +158,20 @@ def test_bad_site_or_layer_fails_before_reading(tiny_models):
         inverse.last_token_activations(model, ["a b c"], "resid_post", 3)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         inverse.truncate(model.tokenizer, ["a b c"], 1)
+
+
+def test_evaluate_ranks_nearest_inputs_closest_by_construction(tiny_models):
+    model = tiny_models["llama"]
+    words = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "sings"]
+    texts = [f"The {a} {b} {c} today" for a in words[:3] for b in words[3:6] for c in words[6:]]
+    pairs = inverse.collect_pairs(model, texts, "resid_post", 1, max_tokens=6)
+    generator = inverse.train(pairs, GeneratorConfig(steps=20, **{**TOY, "held_out": 0.3}), progress=False)
+    table = inverse.evaluate(model, generator, pairs, queries=5, k=3)
+    assert table["sampler"].tolist() == ["generator", "nearest", "random"] * 5
+    distance = table["distance"].to_numpy().reshape(5, 3)
+    # The nearest sampler takes the k smallest distances, so its mean is at most that of any k inputs
+    # (0 where another text shares the query's prefix, "The red", say).
+    assert (distance[:, 1] <= distance[:, 2] + 1e-6).all()
+    assert (distance >= 0).all() and table["same_last_token"].between(0, 1).all()
+    with pytest.raises(ValueError, match="no held-out pairs"):
+        inverse.evaluate(model, inverse.train(pairs, GeneratorConfig(steps=1, **TOY), progress=False), pairs)
