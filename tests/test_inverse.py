@@ -175,3 +175,28 @@ def test_evaluate_ranks_nearest_inputs_closest_by_construction(tiny_models):
     assert (distance >= 0).all() and table["same_last_token"].between(0, 1).all()
     with pytest.raises(ValueError, match="no held-out pairs"):
         inverse.evaluate(model, inverse.train(pairs, GeneratorConfig(steps=1, **TOY), progress=False), pairs)
+
+
+def test_command_line_trains_in_pieces_evaluates_and_samples(tmp_path, tiny_models, tokenizer, capsys):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_models["llama"]._module.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The {a} {b} walked to the {c}" for a in ("old", "young", "tall", "small")
+                                for b in ("man", "woman", "dog") for c in ("park", "shop")))  # fmt: skip
+    out = tmp_path / "gen"
+    train = ["train", "--model", str(model_dir), "--layer", "1", "--corpus", str(corpus), "--out", str(out),
+             "--steps", "4", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--eval-every", "2"]  # fmt: skip
+    inverse.main(train + ["--stop-after", "2"])
+    assert (out / "checkpoint.pt").exists() and (out / "pairs.pt").exists() and not (out / "generator.pt").exists()
+    inverse.main(train)
+    report = __import__("json").loads((out / "train.json").read_text())
+    assert [h["step"] for h in report["history"]] == [2, 4] and report["texts"] == 24
+    inverse.main(["evaluate", "--out", str(out), "--queries", "3", "-k", "2"])
+    assert set(pd.read_csv(out / "eval.csv")["sampler"]) == {"generator", "nearest", "random"}
+    capsys.readouterr()
+    inverse.main(["sample", "--generator", str(out / "generator.pt"), "--text", "The old man", "-k", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(float(line.split("\t")[0]) >= 0 for line in lines)
+    with pytest.raises(ValueError, match="corpus 'nowhere'"):
+        inverse.main(["train", "--layer", "1", "--corpus", "nowhere", "--out", str(out)])
