@@ -568,13 +568,19 @@ def _train_command(args: argparse.Namespace) -> None:
     config.model = model_name(model)
     check_site(model, args.site, args.layer)
     t0 = time.perf_counter()
+    read = {"model": config.model, "site": args.site, "layer": args.layer, "corpus": args.corpus, "texts": len(texts),
+            "max_tokens": args.max_tokens}  # fmt: skip
     if cache.exists():  # activations are read once per out folder; a resume reuses them
         saved = torch.load(cache, weights_only=True)
+        if saved.get("read") != read:
+            changed = sorted(k for k in read if (saved.get("read") or {}).get(k) != read[k])
+            raise ValueError(f"{cache} was read with other settings ({', '.join(changed)}): use another --out")
         pairs = Pairs(saved["inputs"], saved["activations"], saved["sources"])
     else:
         pairs = collect_pairs(model, texts, args.site, args.layer, args.max_tokens, args.read_batch_size)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources}, cache)
+        torch.save({"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources},
+                   cache)  # fmt: skip
     read_seconds = time.perf_counter() - t0
     print(f"{len(pairs.inputs)} pairs from {len(set(pairs.sources))} texts ({read_seconds:.0f} s to read or load)")
     t1 = time.perf_counter()

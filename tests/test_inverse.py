@@ -189,6 +189,8 @@ def test_command_line_trains_in_pieces_evaluates_and_samples(tmp_path, tiny_mode
              "--steps", "4", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--eval-every", "2"]  # fmt: skip
     inverse.main(train + ["--stop-after", "2"])
     assert (out / "checkpoint.pt").exists() and (out / "pairs.pt").exists() and not (out / "generator.pt").exists()
+    with pytest.raises(ValueError, match="other settings \\(texts\\)"):
+        inverse.main(train + ["--texts", "10"])  # the activations in pairs.pt were read from 24 texts
     inverse.main(train)
     report = __import__("json").loads((out / "train.json").read_text())
     assert [h["step"] for h in report["history"]] == [2, 4] and report["texts"] == 24
