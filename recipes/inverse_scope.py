@@ -94,7 +94,8 @@ def build_parser():
     p.add_argument("--k", type=int, default=10, help="nearest inputs (and random inputs) per query")
     p.add_argument("--layers", help="layers: 'all', '0,4,8' or 'a:b:c'; default every 3rd + last (quick: middle and last)")
     p.add_argument("--site", default="resid_post", help="activation site (same for queries and corpus)")
-    p.add_argument("--generator-layers", help="layers with a trained generator: 'none', or as --layers; default the middle one")
+    p.add_argument("--generator-layers",
+                   help="layers with a trained generator: 'none', or as --layers; default the middle one")  # fmt: skip
     p.add_argument("--generator-steps", type=int, help="generator training steps; default 3000, quick 150")
     return p
 
@@ -141,7 +142,8 @@ def generated_features(tokenizer, text: str, subject: str, country_names: list[s
 
 def generator_cells(run, model, name: str, layer: int, corpus_texts: list[str], positions: list[tuple[int, int]],
                     corpus_acts: torch.Tensor, queries: list[tuple], query_acts: torch.Tensor, query_table,
-                    random_rows: np.ndarray, country_names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                    random_rows: np.ndarray, country_names: list[str],
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Train (or resume) a generator on the corpus inputs at ``layer``, sample k inputs per query,
     and return its FCR cells and every sampler's distances to the query's activation."""
     args, tokenizer = run.args, model.tokenizer
@@ -236,9 +238,11 @@ def main(argv: list[str] | None = None) -> Path:
     done = store.done()
     pending = [l for l in layers if store.key([l]) not in done]
     middle = min(layers, key=lambda l: abs(l - n_layers // 2))  # the evaluated layer nearest the model's middle
-    generator_layers = [] if args.generator_layers == "none" else parse_layers(args.generator_layers, n_layers, [middle])
+    generator_layers = [] if args.generator_layers == "none" else parse_layers(args.generator_layers, n_layers,
+                                                                                [middle])  # fmt: skip
     if set(generator_layers) - set(layers):
-        raise ValueError(f"generator layers {sorted(set(generator_layers) - set(layers))} are not among the layers {layers}")
+        missing = sorted(set(generator_layers) - set(layers))
+        raise ValueError(f"generator layers {missing} are not among the layers {layers}")
     generator_store, distance_store = run.store("generator.csv", ["layer"]), run.store("distances.csv", ["layer"])
     generator_done = generator_store.done()
     generator_pending = [l for l in generator_layers if generator_store.key([l]) not in generator_done]
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> Path:
     summary = inverse.fcr_table(cells, seed=args.seed)  # mean FCR, 95% bootstrap interval over queries
     summary.insert(0, "model", name)
     comparisons = pd.concat([inverse.compare_samplers(cells, "generator", ("nearest", "random"), seed=args.seed),
-                             inverse.compare_samplers(cells, "nearest", ("random",), seed=args.seed)], ignore_index=True)
+                             inverse.compare_samplers(cells, "nearest", ("random",), seed=args.seed)],
+                            ignore_index=True)  # fmt: skip
     if not comparisons.empty:  # one Holm family over every comparison of the run
         keys = [f"{r.hypothesis}|{r.layer}|{r.a}|{r.b}" for r in comparisons.itertuples()]
         adjusted = holm(dict(zip(keys, comparisons["p"])))
@@ -342,7 +347,8 @@ def main(argv: list[str] | None = None) -> Path:
     for layer in generator_layers:
         at = wide[wide["layer"] == layer].set_index("hypothesis")
         ours += f"; trained generator at layer {layer}: " + ", ".join(
-            f"{h} {at.loc[h, 'generator']:.2f} vs nearest {at.loc[h, 'nearest']:.2f} vs random {at.loc[h, 'random']:.2f}"
+            f"{h} {at.loc[h, 'generator']:.2f} vs nearest {at.loc[h, 'nearest']:.2f} "
+            f"vs random {at.loc[h, 'random']:.2f}"
             for h in GENERATOR_HYPOTHESES if h in at.index and not np.isnan(at.loc[h, "generator"]))  # fmt: skip
     trained = {}
     for layer in generator_layers:

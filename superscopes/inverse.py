@@ -278,7 +278,8 @@ class Generator:
                 break
         return [[int(t) for t in row[1:] if t >= SPECIAL] for row in tokens]
 
-    def sample_texts(self, tokenizer, z: torch.Tensor, k: int = 10, seed: int = 0, temperature: float = 1.0) -> list[list[str]]:
+    def sample_texts(self, tokenizer, z: torch.Tensor, k: int = 10, seed: int = 0,
+                     temperature: float = 1.0) -> list[list[str]]:  # fmt: skip
         """``sample`` decoded to text with the read model's tokenizer."""
         return [[tokenizer.decode(x) for x in row] for row in self.sample(z, k, seed, temperature)]
 
@@ -360,7 +361,8 @@ def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, 
             if saved["config"] != asdict(config) or saved["fingerprint"] != fingerprint:
                 changed = sorted(k for k in saved["config"] if saved["config"][k] != asdict(config).get(k))
                 raise ValueError(f"{checkpoint} is from another run (config fields differing: {changed or 'none'}; "
-                                 f"pairs {saved['fingerprint']} vs {fingerprint}): delete it or use another out")  # fmt: skip
+                                 f"pairs {saved['fingerprint']} vs {fingerprint}): delete it or use another "
+                                 "out")  # fmt: skip
             net.load_state_dict(saved["state"])
             optimiser.load_state_dict(saved["optimiser"])
             step, generator.history = saved["step"], saved["history"]
@@ -378,7 +380,8 @@ def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, 
                 tokens, targets = generator.encode(inputs)
                 first = generator.net(z_all[held], tokens[:, :1])[:, 0].argmax(-1)
             net.train()
-            return {"held_out_loss": float(loss), "held_out_last_token_acc": float((first == targets[:, 0]).float().mean())}
+            accuracy = float((first == targets[:, 0]).float().mean())
+            return {"held_out_loss": float(loss), "held_out_last_token_acc": accuracy}
 
         net.train()
         bar = tqdm(total=config.steps, initial=step, desc=f"inverse L{config.layer}", unit="step", disable=not progress)
@@ -409,8 +412,9 @@ def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, 
                 window, tokens_seen, t_window = [], 0, time.perf_counter()
             if checkpoint is not None and (step % checkpoint_every == 0 or step == end):
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"config": asdict(config), "fingerprint": fingerprint, "step": step, "state": net.state_dict(),
-                            "optimiser": optimiser.state_dict(), "history": generator.history}, checkpoint)  # fmt: skip
+                torch.save({"config": asdict(config), "fingerprint": fingerprint, "step": step,
+                            "state": net.state_dict(), "optimiser": optimiser.state_dict(),
+                            "history": generator.history}, checkpoint)  # fmt: skip
         bar.close()
         net.eval()
     if out is not None and step == config.steps:
@@ -511,7 +515,8 @@ def evaluate(model, generator: Generator, pairs: Pairs, queries: int = 100, k: i
     random_rows = rng.choice(len(train_rows), (len(chosen), k))
     samples = generator.sample(z, k, seed)
     texts_out = [model.tokenizer.decode(x) for row in samples for x in row]
-    z_generated = last_token_activations(model, texts_out, config.site, config.layer, batch_size).view(len(chosen), k, -1)
+    z_generated = last_token_activations(model, texts_out, config.site, config.layer, batch_size)
+    z_generated = z_generated.view(len(chosen), k, -1)
     rows = []
     for qi, row in enumerate(chosen):
         last = pairs.inputs[row][-1]
@@ -586,7 +591,8 @@ def _train_command(args: argparse.Namespace) -> None:
     t1 = time.perf_counter()
     generator = train(pairs, config, out, args.eval_every, args.checkpoint_every, stop_after=args.stop_after)
     last = generator.history[-1] if generator.history else {}
-    report = {"config": asdict(config), "corpus": args.corpus, "texts": len(set(pairs.sources)), "pairs": len(pairs.inputs),
+    report = {"config": asdict(config), "corpus": args.corpus, "texts": len(set(pairs.sources)),
+              "pairs": len(pairs.inputs),
               "read_seconds": read_seconds, "train_seconds_this_invocation": time.perf_counter() - t1, "final": last,
               "history": generator.history}  # fmt: skip
     (out / "train.json").write_text(json.dumps(report, indent=2))
@@ -619,10 +625,12 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     summary = {}
     for value in ("distance", "cosine", "same_last_token"):
         part = fcr_table(table, value, by=("sampler",), seed=args.seed).set_index("sampler")
-        summary[value] = {s: {"mean": r[value], "ci95": [r["ci_low"], r["ci_high"]], "n": r["n"]} for s, r in part.iterrows()}
+        summary[value] = {sampler: {"mean": r[value], "ci95": [r["ci_low"], r["ci_high"]], "n": r["n"]}
+                          for sampler, r in part.iterrows()}  # fmt: skip
     history = generator.history[-1] if generator.history else {}
     report = {"generator": str(out / "generator.pt"), "queries": int(table["query"].nunique()), "k": args.k,
-              "held_out_loss": history.get("held_out_loss"), "seconds": time.perf_counter() - t0, **summary}  # fmt: skip
+              "held_out_loss": history.get("held_out_loss"), "seconds": time.perf_counter() - t0,
+              **summary}  # fmt: skip
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
@@ -655,7 +663,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temperature", type=float, default=1.0)
     s.set_defaults(run=_sample_command)
-    e = verbs.add_parser("evaluate", help="distance of generated vs nearest vs random inputs' activations to held-out z")
+    e = verbs.add_parser("evaluate",
+                         help="distance to held-out z: generated vs nearest vs random inputs")  # fmt: skip
     e.add_argument("--out", required=True, help="the train folder (generator.pt, pairs.pt)")
     e.add_argument("--model", help="default: the model the generator was trained on")
     e.add_argument("--queries", type=int, default=100)

@@ -143,7 +143,7 @@ def test_collected_pairs_are_the_prefixes_own_activations(tiny_models, tokenizer
     texts = ["The cat sat on the mat and looked around", "Paris is the capital of France"]
     pairs = inverse.collect_pairs(model, texts, "resid_post", 1, max_tokens=5)
     ids = [tokenizer(t)["input_ids"][:5] for t in texts]
-    assert pairs.inputs == [ids[0][:2], ids[0][:3], ids[0][:4], ids[0][:5], ids[1][:2], ids[1][:3], ids[1][:4], ids[1][:5]]
+    assert pairs.inputs == [ids[p][:n] for p in (0, 1) for n in (2, 3, 4, 5)]
     assert pairs.sources == [0, 0, 0, 0, 1, 1, 1, 1]
     # The model is causal: the activation at a prefix's last token is the prefix's own z(x).
     own = inverse.last_token_activations(model, [tokenizer.decode(x) for x in pairs.inputs], "resid_post", 1)
