@@ -1,10 +1,11 @@
-"""A training-free InverseScope (2025): read an activation by the inputs whose activations are
-closest to it, and test hypotheses by their feature-consistency rate.
+"""InverseScope (2025): read an activation by the inputs whose activations are closest to it
+(nearest corpus inputs, and the paper's trained generator), and test hypotheses by their
+feature-consistency rate.
 
 InverseScope interprets an activation z by P(x | z), proportional to k(d(z(x), z)), and scores
 a hypothesis f by the feature consistency rate FCR = E_{x ~ P(x|z)}[1{f(x) = f(x_original)}].
-The paper trains a conditional generator for P(x | z); this recipe samples from a corpus
-instead: the k nearest (snippet, position) inputs by cosine similarity of ``resid_post`` at
+The paper trains a conditional generator for P(x | z); this recipe samples from it (see below)
+and from a corpus, training-free: the k nearest (snippet, position) inputs by cosine similarity of ``resid_post`` at
 the same layer, against k inputs drawn uniformly from the same corpus (the random baseline).
 
 Corpus: every text position (``superscopes.lens`` "text" positions) of snippets of the
@@ -47,12 +48,12 @@ import pandas as pd
 import torch
 
 from recipes._common import parser, setup, write_summary
-from superscopes.metrics import holm
 from recipes.token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
 from superscopes import inverse
+from superscopes.metrics import holm
 
 NAME = "inverse_scope"
-DESCRIPTION = "Training-free InverseScope: feature consistency of nearest-activation inputs vs random inputs per layer"
+DESCRIPTION = "InverseScope: feature consistency of generated, nearest-activation and random inputs per layer"
 PAPER = (
     "InverseScope (2025) samples inputs from a trained conditional generator and reports that feature "
     "consistency rates of true hypotheses exceed those of random inputs; RESEARCH.md records no number, "
@@ -331,8 +332,9 @@ def main(argv: list[str] | None = None) -> Path:
                         .merge(distances.groupby(["layer", "sampler"])["cosine"].mean().reset_index()))  # fmt: skip
     summary.to_csv(run.out / "summary.csv", index=False)
     figure = plot(summary, run.out / "inverse_scope.png",
-                  f"Training-free InverseScope on {name}: {len(queries)} queries (last subject token), k={args.k} "
-                  f"nearest {args.site} by cosine among {len(corpus)} snippets' tokens vs k random")  # fmt: skip
+                  f"InverseScope on {name}: {len(queries)} queries (last subject token); k={args.k} generated "
+                  f"(layers {generator_layers}), nearest {args.site} by cosine among {len(corpus)} snippets' tokens, "
+                  "random")  # fmt: skip
 
     wide = summary.pivot_table(index=["hypothesis", "layer"], columns="sampler", values="consistency").reset_index()
     wide["lift"] = wide["nearest"] - wide["random"]

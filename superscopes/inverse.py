@@ -445,7 +445,8 @@ def fcr(f_original, f_samples: Sequence) -> float:
 
 def fcr_table(cells, value: str = "consistency", prompt: str = "query",
               by: Sequence[str] = ("hypothesis", "layer", "sampler"), seed: int = 0):  # fmt: skip
-    """Mean FCR per group with a 95% bootstrap interval over queries (each query's FCR is one value)."""
+    """Mean of ``value`` (FCR by default; any per-query score) per group, with a 95% bootstrap
+    interval over queries: each query's mean is one value, its samples are not independent draws."""
     import pandas as pd
 
     from superscopes.metrics import bootstrap_ci
