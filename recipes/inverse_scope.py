@@ -1,10 +1,11 @@
-"""A training-free InverseScope (2025): read an activation by the inputs whose activations are
-closest to it, and test hypotheses by their feature-consistency rate.
+"""InverseScope (2025): read an activation by the inputs whose activations are closest to it
+(nearest corpus inputs, and the paper's trained generator), and test hypotheses by their
+feature-consistency rate.
 
 InverseScope interprets an activation z by P(x | z), proportional to k(d(z(x), z)), and scores
 a hypothesis f by the feature consistency rate FCR = E_{x ~ P(x|z)}[1{f(x) = f(x_original)}].
-The paper trains a conditional generator for P(x | z); this recipe samples from a corpus
-instead: the k nearest (snippet, position) inputs by cosine similarity of ``resid_post`` at
+The paper trains a conditional generator for P(x | z); this recipe samples from it (see below)
+and from a corpus, training-free: the k nearest (snippet, position) inputs by cosine similarity of ``resid_post`` at
 the same layer, against k inputs drawn uniformly from the same corpus (the random baseline).
 
 Corpus: every text position (``superscopes.lens`` "text" positions) of snippets of the
@@ -24,6 +25,15 @@ corpus may hold fewer than k inputs with the query's subject, say).
 
 Each hypothesis is asked of the queries for which it holds (f(x_original) = 1), so its FCR is
 the share of sampled inputs for which it holds too.
+
+The paper's own sampler (``superscopes.inverse``): at ``--generator-layers`` (default: the
+middle evaluated layer) a conditional generator is trained on the same corpus inputs (those of at
+most 16 tokens) and samples k inputs per query (sampler ``generator``, in ``generator.csv``). A
+generated input has no source snippet, so only ``country``, ``same_subject`` and ``same_token`` are
+asked of it. ``distances.csv``: per query and sampler, the mean distance from the k inputs'
+activations to the query's (standardised RMS, the generator's kernel distance; and cosine), so a
+reader sees whether each sampler lands near z at all. Intervals are 95% bootstraps over queries;
+``comparisons.csv`` pairs samplers by query (sign-flip p, Holm over the family).
 """
 
 from __future__ import annotations
@@ -39,9 +49,11 @@ import torch
 
 from recipes._common import parser, setup, write_summary
 from recipes.token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
+from superscopes import inverse
+from superscopes.metrics import holm
 
 NAME = "inverse_scope"
-DESCRIPTION = "Training-free InverseScope: feature consistency of nearest-activation inputs vs random inputs per layer"
+DESCRIPTION = "InverseScope: feature consistency of generated, nearest-activation and random inputs per layer"
 PAPER = (
     "InverseScope (2025) samples inputs from a trained conditional generator and reports that feature "
     "consistency rates of true hypotheses exceed those of random inputs; RESEARCH.md records no number, "
@@ -50,6 +62,9 @@ PAPER = (
 HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token")
 CELL_COLUMNS = ["model", "query", "subject", "relation", "position", "token", "layer", "sampler", "k", "hypothesis",
                 "f_query", "consistency", "neighbours"]  # fmt: skip
+# A generated input has no source snippet: subject_end and same_relation cannot be asked of it.
+GENERATOR_HYPOTHESES = ("country", "same_subject", "same_token")
+DISTANCE_COLUMNS = ["model", "query", "layer", "sampler", "k", "distance", "cosine"]
 
 
 def countries() -> list[str]:
@@ -80,6 +95,9 @@ def build_parser():
     p.add_argument("--k", type=int, default=10, help="nearest inputs (and random inputs) per query")
     p.add_argument("--layers", help="layers: 'all', '0,4,8' or 'a:b:c'; default every 3rd + last (quick: middle and last)")
     p.add_argument("--site", default="resid_post", help="activation site (same for queries and corpus)")
+    p.add_argument("--generator-layers",
+                   help="layers with a trained generator: 'none', or as --layers; default the middle one")  # fmt: skip
+    p.add_argument("--generator-steps", type=int, help="generator training steps; default 3000, quick 150")
     return p
 
 
@@ -101,6 +119,76 @@ class _Positions:
     def contains(self, subject: str, rows: np.ndarray) -> np.ndarray:
         pattern = re.compile(r"(?<!\w)" + re.escape(subject) + r"(?!\w)")
         return np.array([bool(pattern.search(self.prefix[r])) for r in rows])
+
+
+def nearest_rows(corpus_acts: torch.Tensor, query_acts: torch.Tensor, k: int) -> np.ndarray:
+    """The training-free sampler: the k corpus inputs nearest each query by cosine similarity."""
+    keys = torch.nn.functional.normalize(corpus_acts, dim=-1)
+    values = torch.nn.functional.normalize(query_acts, dim=-1)
+    return (values @ keys.T).topk(k, dim=-1).indices.numpy()
+
+
+# ---------------------------------------------------------------- the trained generator (issue 12)
+
+
+def generated_features(tokenizer, text: str, subject: str, country_names: list[str]) -> dict:
+    """f(x) of a generated input for each of GENERATOR_HYPOTHESES, from its text alone."""
+    ids = tokenizer(text)["input_ids"]
+    return {
+        "country": len(ids) - 1 in mention_ends(tokenizer, text, country_names),
+        "same_subject": bool(re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text)),
+        "same_token": tokenizer.decode(ids[-1:]),
+    }
+
+
+def generator_cells(run, model, name: str, layer: int, corpus_texts: list[str], positions: list[tuple[int, int]],
+                    corpus_acts: torch.Tensor, queries: list[tuple], query_acts: torch.Tensor, query_table,
+                    random_rows: np.ndarray, country_names: list[str],
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Train (or resume) a generator on the corpus inputs at ``layer``, sample k inputs per query,
+    and return its FCR cells and every sampler's distances to the query's activation."""
+    args, tokenizer = run.args, model.tokenizer
+    sizes = dict(d_model=64, n_layers=2, n_heads=4, max_vocab=2048, batch_size=32) if args.quick else {}
+    config = inverse.GeneratorConfig(model=name, site=args.site, layer=layer, seed=args.seed,
+                                     steps=args.generator_steps or (150 if args.quick else 3000), **sizes)  # fmt: skip
+    ids = [tokenizer(t)["input_ids"] for t in corpus_texts]
+    keep = [r for r, (_, i) in enumerate(positions) if i < config.max_tokens]
+    pairs = inverse.Pairs([ids[p][: i + 1] for p, i in (positions[r] for r in keep)], corpus_acts[keep],
+                          [positions[r][0] for r in keep])  # fmt: skip
+    generator = inverse.train(pairs, config, run.out / "generators" / f"L{layer}", progress=not args.quick)
+    samples = generator.sample_texts(tokenizer, query_acts, args.k, args.seed)
+    flat = [text for row in samples for text in row]
+    generated_acts = inverse.last_token_activations(model, flat, args.site, layer, args.batch_size).view(
+        len(queries), args.k, -1)  # fmt: skip
+    std = corpus_acts.std(0).clamp_min(1e-4)  # the corpus's spread per dimension: the distance's unit
+    nearest = nearest_rows(corpus_acts, query_acts, args.k)
+    cells, distances = [], []
+    for qi, (text, subject, relation, position) in enumerate(queries):
+        found = [generated_features(tokenizer, x, subject, country_names) for x in samples[qi]]
+        original = {"country": bool(query_table.country[qi]), "same_subject": True, "same_token": query_table.token[qi]}
+        for hypothesis in GENERATOR_HYPOTHESES:
+            if original[hypothesis] is False:
+                continue  # each hypothesis is asked of the queries for which it holds
+            cells.append({
+                "model": name, "query": text, "subject": subject, "relation": relation, "position": position,
+                "token": query_table.token[qi], "layer": layer, "sampler": "generator", "k": args.k,
+                "hypothesis": hypothesis, "f_query": 1,
+                "consistency": inverse.fcr(original[hypothesis], [f[hypothesis] for f in found]),
+                "neighbours": json.dumps(samples[qi][:3]),
+            })  # fmt: skip
+        for sampler, acts in (("generator", generated_acts[qi]), ("nearest", corpus_acts[nearest[qi]]),
+                              ("random", corpus_acts[random_rows[qi]])):  # fmt: skip
+            distances.append({"model": name, "query": text, "layer": layer, "sampler": sampler, "k": args.k,
+                              "distance": float(inverse.distance(acts, query_acts[qi], std).mean()),
+                              "cosine": float(inverse.cosine_distance(acts, query_acts[qi][None]).mean())})  # fmt: skip
+    return pd.DataFrame(cells, columns=CELL_COLUMNS), pd.DataFrame(distances, columns=DISTANCE_COLUMNS)
+
+
+def supported(comparisons: pd.DataFrame, a: str, b: str = "random", alpha: float = 0.05) -> list[str]:
+    """Hypotheses (at a layer) where sampler ``a`` beats ``b``: positive difference, Holm p < alpha."""
+    part = comparisons[(comparisons["a"] == a) & (comparisons["b"] == b)]
+    part = part[(part["difference"] > 0) & (part["p_holm"] < alpha)]
+    return [f"{r.hypothesis} (L{int(r.layer)}: +{r.difference:.2f})" for r in part.itertuples()]
 
 
 def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
@@ -150,15 +238,26 @@ def main(argv: list[str] | None = None) -> Path:
     rows_before = len(store.load())
     done = store.done()
     pending = [l for l in layers if store.key([l]) not in done]
+    middle = min(layers, key=lambda l: abs(l - n_layers // 2))  # the evaluated layer nearest the model's middle
+    generator_layers = [] if args.generator_layers == "none" else parse_layers(args.generator_layers, n_layers,
+                                                                                [middle])  # fmt: skip
+    if set(generator_layers) - set(layers):
+        missing = sorted(set(generator_layers) - set(layers))
+        raise ValueError(f"generator layers {missing} are not among the layers {layers}")
+    generator_store, distance_store = run.store("generator.csv", ["layer"]), run.store("distances.csv", ["layer"])
+    generator_done = generator_store.done()
+    generator_pending = [l for l in generator_layers if generator_store.key([l]) not in generator_done]
+    read = sorted(set(pending) | set(generator_pending))
     country_names = countries()
-    log(f"{name}: layers {layers} ({len(pending)} to run); corpus {len(corpus)} snippets; {len(queries)} queries")
+    log(f"{name}: layers {layers} ({len(pending)} to run); generator at {generator_layers} ({len(generator_pending)} "
+        f"to run); corpus {len(corpus)} snippets; {len(queries)} queries")  # fmt: skip
 
-    if pending:
+    if read:
         pairs = lens.token_positions(tokenizer, corpus["text"].tolist(), "text")
         table = _Positions(tokenizer, corpus, pairs, country_names)
-        corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, pending, "text", args.batch_size, remote)
+        corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, read, "text", args.batch_size, remote)
         query_texts = [q[0] for q in queries]
-        query_acts = lens.collect(model, query_texts, args.site, pending, [[q[3]] for q in queries],
+        query_acts = lens.collect(model, query_texts, args.site, read, [[q[3]] for q in queries],
                                   args.batch_size, remote)  # fmt: skip
         log(f"activations: {len(pairs)} corpus positions, {len(queries)} queries ({time.time() - t0:.0f} s)")
         query_frame = pd.DataFrame({"text": query_texts, "subject": [q[1] for q in queries],
@@ -186,9 +285,7 @@ def main(argv: list[str] | None = None) -> Path:
             for qi, q in enumerate(queries)
         ]  # fmt: skip
         for layer in pending:
-            keys = torch.nn.functional.normalize(corpus_acts[layer], dim=-1)
-            values = torch.nn.functional.normalize(query_acts[layer], dim=-1)
-            nearest = (values @ keys.T).topk(args.k, dim=-1).indices.numpy()
+            nearest = nearest_rows(corpus_acts[layer], query_acts[layer], args.k)
             rows = []
             for qi, (text, subject, relation, position) in enumerate(queries):
                 for sampler, chosen in (("nearest", nearest[qi]), ("random", random_rows[qi]), ("ceiling", None)):
@@ -208,29 +305,62 @@ def main(argv: list[str] | None = None) -> Path:
                         })  # fmt: skip
             store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
             log(f"layer {layer} done")
+        for layer in generator_pending:
+            generated, distances = generator_cells(run, model, name, layer, corpus["text"].tolist(), pairs,
+                                                   corpus_acts[layer], queries, query_acts[layer], query_table,
+                                                   random_rows, country_names)  # fmt: skip
+            distance_store.append(distances)
+            generator_store.append(generated)  # last: a layer counts as done once both are written
+            log(f"layer {layer}: generator done")
 
     cells = store.load()
     seconds = record_time(run.out, t0, rows_before, len(cells))
+    cells = pd.concat([cells, generator_store.load()], ignore_index=True)
     cells = cells[cells["layer"].isin(layers)]
-    summary = (
-        cells.groupby(["hypothesis", "layer", "sampler"])
-        .agg(consistency=("consistency", "mean"), n=("consistency", "size"))
-        .reset_index()
-    )
+    summary = inverse.fcr_table(cells, seed=args.seed)  # mean FCR, 95% bootstrap interval over queries
     summary.insert(0, "model", name)
+    comparisons = pd.concat([inverse.compare_samplers(cells, "generator", ("nearest", "random"), seed=args.seed),
+                             inverse.compare_samplers(cells, "nearest", ("random",), seed=args.seed)],
+                            ignore_index=True)  # fmt: skip
+    if not comparisons.empty:  # one Holm family over every comparison of the run
+        keys = [f"{r.hypothesis}|{r.layer}|{r.a}|{r.b}" for r in comparisons.itertuples()]
+        adjusted = holm(dict(zip(keys, comparisons["p"])))
+        comparisons["p_holm"] = [adjusted[k] for k in keys]
+    comparisons.to_csv(run.out / "comparisons.csv", index=False)
+    distances = distance_store.load()
+    distance_summary = (inverse.fcr_table(distances, "distance", by=("layer", "sampler"), seed=args.seed)
+                        .merge(distances.groupby(["layer", "sampler"])["cosine"].mean().reset_index()))  # fmt: skip
     summary.to_csv(run.out / "summary.csv", index=False)
     figure = plot(summary, run.out / "inverse_scope.png",
-                  f"Training-free InverseScope on {name}: {len(queries)} queries (last subject token), k={args.k} "
-                  f"nearest {args.site} by cosine among {len(corpus)} snippets' tokens vs k random")  # fmt: skip
+                  f"InverseScope on {name}: {len(queries)} queries (last subject token); k={args.k} generated "
+                  f"(layers {generator_layers}), nearest {args.site} by cosine among {len(corpus)} snippets' tokens, "
+                  "random")  # fmt: skip
 
     wide = summary.pivot_table(index=["hypothesis", "layer"], columns="sampler", values="consistency").reset_index()
     wide["lift"] = wide["nearest"] - wide["random"]
+    if "generator" not in wide:
+        wide["generator"] = np.nan
     best = wide.loc[wide.groupby("hypothesis")["lift"].idxmax()].set_index("hypothesis")
     ours = "; ".join(
         f"{h}: {best.loc[h, 'nearest']:.2f} vs random {best.loc[h, 'random']:.2f}, ceiling {best.loc[h, 'ceiling']:.2f} "
         f"(layer {int(best.loc[h, 'layer'])})"
         for h in HYPOTHESES if h in best.index
     ) + f" (nearest-input FCR at the best layer per hypothesis; {len(queries)} queries, k={args.k})"
+    for layer in generator_layers:
+        at = wide[wide["layer"] == layer].set_index("hypothesis")
+        ours += f"; trained generator at layer {layer}: " + ", ".join(
+            f"{h} {at.loc[h, 'generator']:.2f} vs nearest {at.loc[h, 'nearest']:.2f} "
+            f"vs random {at.loc[h, 'random']:.2f}"
+            for h in GENERATOR_HYPOTHESES if h in at.index and not np.isnan(at.loc[h, "generator"]))  # fmt: skip
+    trained = {}
+    for layer in generator_layers:
+        generator = inverse.Generator.load(run.out / "generators" / f"L{layer}" / "generator.pt")
+        c, last = generator.config, generator.history[-1]
+        trained[f"generator L{layer}"] = (
+            f"{c.n_layers}-layer {c.d_model}-wide transformer, vocabulary {len(generator.vocab)}, {c.steps} steps of "
+            f"{c.batch_size}, noise {c.noise}; held-out loss {last.get('held_out_loss', float('nan')):.3f} nats/token, "
+            f"held-out last-token accuracy {last.get('held_out_last_token_acc', float('nan')):.2f}, "
+            f"{last['seconds_per_step']:.3f} s/step")  # fmt: skip
     findings = []
     for h in HYPOTHESES:
         part = wide[wide["hypothesis"] == h].sort_values("layer")
@@ -238,24 +368,37 @@ def main(argv: list[str] | None = None) -> Path:
             findings.append(f"{h}: nearest-input consistency " + ", ".join(
                 f"L{int(r.layer)} {r.nearest:.2f}" for r in part.itertuples()) + f" (random "
                 f"{part['random'].mean():.2f}, ceiling {part['ceiling'].mean():.2f}).")  # fmt: skip
+    for sampler in ("generator", "nearest"):
+        found = supported(comparisons, sampler) if not comparisons.empty else []
+        findings.append(f"{sampler} beats random inputs (Holm p < 0.05) on: {', '.join(found) or 'no hypothesis'}.")
+    for row in distance_summary.itertuples():
+        findings.append(f"L{int(row.layer)} {row.sampler}: distance of the inputs' activations to z {row.distance:.3f} "
+                        f"[{row.ci_low:.3f}, {row.ci_high:.3f}], cosine distance {row.cosine:.3f}.")  # fmt: skip
     count = cells[(cells["hypothesis"] == "country") & (cells["sampler"] == "nearest")]["query"].nunique()
     findings.append(f"The country hypothesis is asked of the {count} queries whose subject is a country.")
     mid = layers[len(layers) // 2]
     examples = cells[(cells["layer"] == mid) & (cells["sampler"] == "nearest") & (cells["hypothesis"] == "same_subject")]
     examples = examples.head(5)[["query", "subject", "token", "consistency", "neighbours"]]
     examples["neighbours"] = examples["neighbours"].map(lambda v: " / ".join(json.loads(v)) if isinstance(v, str) else v)
+    generated_examples = cells[(cells["sampler"] == "generator") & (cells["hypothesis"] == "same_token")]
+    generated_examples = generated_examples.head(5)[["query", "token", "layer", "consistency", "neighbours"]]
+    generated_examples["neighbours"] = generated_examples["neighbours"].map(lambda v: " / ".join(json.loads(v)))
     write_summary(
-        run, f"Training-free InverseScope ({name})", ours, PAPER,
+        run, f"InverseScope: trained generator vs nearest corpus inputs ({name})", ours, PAPER,
         {"model": name, "site": args.site, "layers": layers,
          "corpus": f"{len(corpus)} snippets of the Patchscopes factual data, every token but the first "
          f"({sum(1 for _ in lens.token_positions(tokenizer, corpus['text'].tolist(), 'text'))} inputs)",
          "queries": f"{len(queries)} held-out snippets, last token of the first whole-word subject mention (seed {args.seed})",
          "sampling": f"k={args.k} nearest inputs by cosine similarity at the same layer and site; random baseline: "
          f"k inputs drawn uniformly from the corpus (seed {args.seed})",
+         **trained,
          "consistency": "FCR = mean over inputs of 1{f(x) = f(x_original)}, over the queries with f(x_original) = 1 "
          "(all queries for same_subject, same_relation, same_token)", "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
-        findings, {"consistency per layer (nearest vs random)": wide,
-                   f"examples at layer {mid}: nearest inputs (first 3)": examples},
+        findings, {"consistency per layer (generator, nearest, random, ceiling)": wide,
+                   "paired comparisons over queries (difference, 95% interval, Holm p)": comparisons,
+                   "distance of sampled inputs' activations to z (standardised RMS; cosine)": distance_summary,
+                   f"examples at layer {mid}: nearest inputs (first 3)": examples,
+                   "examples: generated inputs (first 3)": generated_examples},
         [figure.name],
     )  # fmt: skip
     log(f"wrote {run.out} ({time.time() - t0:.0f} s)")

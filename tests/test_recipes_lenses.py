@@ -103,8 +103,29 @@ def test_inverse_scope_quick(tmp_path):
     # Nearest inputs share the query's relation more often than random inputs do (a weak, robust effect).
     rel = summary[summary["hypothesis"] == "same_relation"].pivot(index="layer", columns="sampler", values="consistency")
     assert (rel["nearest"] >= rel["random"]).any()
+    # The trained generator (a tiny one in --quick) at the middle layer, beside the stand-in.
+    generated = ResultStore(tmp_path / "generator.csv", []).load()
+    assert list(generated.columns) == inverse_scope.CELL_COLUMNS and set(generated["sampler"]) == {"generator"}
+    assert {"same_subject", "same_token"} <= set(generated["hypothesis"]) <= set(inverse_scope.GENERATOR_HYPOTHESES)
+    assert generated["layer"].nunique() == 1 and generated["consistency"].between(0, 1).all()
+    assert generated.groupby("hypothesis")["query"].nunique()["same_token"] == 16
+    layer = int(generated["layer"].iloc[0])
+    assert (tmp_path / "generators" / f"L{layer}" / "generator.pt").exists()
+    distances = ResultStore(tmp_path / "distances.csv", []).load()
+    assert set(distances["sampler"]) == {"generator", "nearest", "random"} and (distances["distance"] > 0).all()
+    # The stand-in takes the k inputs nearest by cosine: no k random inputs are closer on average.
+    by_cosine = distances.pivot_table(index="query", columns="sampler", values="cosine")
+    assert (by_cosine["nearest"] <= by_cosine["random"] + 1e-6).all()
+    assert {"generator", "nearest", "random", "ceiling"} <= set(summary["sampler"])
+    assert (summary["ci_low"] <= summary["consistency"] + 1e-9).all()
+    assert (summary["consistency"] <= summary["ci_high"] + 1e-9).all()
+    comparisons = pd.read_csv(tmp_path / "comparisons.csv")
+    pairs = set(zip(comparisons["a"], comparisons["b"]))
+    assert {("generator", "nearest"), ("generator", "random"), ("nearest", "random")} <= pairs
+    assert comparisons["p_holm"].between(0, 1).all() and (comparisons["p_holm"] >= comparisons["p"] - 1e-12).all()
     inverse_scope.main(["--quick", "--out", str(tmp_path)])
     assert len(ResultStore(tmp_path / "cells.csv", []).load()) == len(cells)
+    assert len(ResultStore(tmp_path / "generator.csv", []).load()) == len(generated)
 
 
 def test_snippets_and_prefixes_are_deterministic():
