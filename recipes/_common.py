@@ -16,13 +16,14 @@ from pathlib import Path
 import pandas as pd
 
 from superscopes.models import DEFAULT_MODEL
+from superscopes.parsing import HelpFormatter
 from superscopes.results import ResultStore
 
 DATA = Path(__file__).parent / "data"
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description, formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     p.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (about 2 minutes on a laptop CPU)")

@@ -197,7 +197,7 @@ def evaluated_rows(model, tasks: list[str], store, args, limit_subjects: int | N
 
 
 def build_parser():
-    from superscopes.cli import parse_layers
+    from superscopes.parsing import parse_layers
 
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--tasks", default=None, help=f"comma list of factual tasks (default {','.join(TASKS)})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pandas as pd
 
 from recipes._common import DATA, parser, setup, write_summary
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "entity_description"
 DESCRIPTION = __doc__.splitlines()[0]

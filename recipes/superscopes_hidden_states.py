@@ -17,7 +17,7 @@ import pandas as pd
 
 from recipes._common import parser, setup, write_summary
 from recipes.superscopes_mlp_outputs import map_range
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_hidden_states"
 DESCRIPTION = __doc__.splitlines()[0]

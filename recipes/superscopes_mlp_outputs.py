@@ -14,7 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 from recipes._common import parser, setup, write_summary
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_mlp_outputs"
 DESCRIPTION = __doc__.splitlines()[0]

@@ -130,7 +130,7 @@ def _text(body: dict, name: str, default: str = "") -> str:
 
 
 def parse_layers(value) -> list[int] | str:
-    from superscopes.cli import parse_layers as parse
+    from superscopes.parsing import parse_layers as parse
 
     if isinstance(value, list):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):

@@ -1,0 +1,92 @@
+"""Inputs do what they say: layer/alpha/site syntax, whole-token matching, --out checks, --help."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import pytest
+
+from superscopes.cli import main
+from superscopes.parsing import parse_layers, parse_names
+from superscopes.prompts import TokenNotFoundError, find_token
+
+
+@pytest.mark.parametrize("text,layers", [("1-7", [1, 2, 3, 4, 5, 6, 7]), ("1,3,5", [1, 3, 5]), ("all", "all"),
+                                         ("1-3, 7", [1, 2, 3, 7]), ("4", [4])])  # fmt: skip
+def test_one_layer_syntax(text, layers):
+    assert parse_layers(text) == layers
+
+
+@pytest.mark.parametrize("text,message", [("3-1", "the range '3-1' is reversed; write 1-3"),
+                                          ("1,,3", "'' is not a layer or range"), ("x", "'x' is not a layer")])  # fmt: skip
+def test_bad_layers_are_named(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_layers(text)
+
+
+def test_sites_strip_spaces():
+    assert parse_names("mlp_out, resid_post") == ["mlp_out", "resid_post"]
+
+
+def test_the_placeholder_is_a_whole_token(tokenizer):
+    """The x patched is the first word, not the x inside "Explain"."""
+    assert find_token(tokenizer, "x is a complex idea. Explain", "x", last_occurrence=True) == 0
+
+
+def test_a_sub_piece_of_a_word_is_an_error_naming_the_word(tokenizer):
+    with pytest.raises(TokenNotFoundError, match="token 'Wales' is only part of 'Walesa' in the prompt 'Lech Walesa'; give a whole word or token"):
+        find_token(tokenizer, "Lech Walesa", "Wales")
+    assert find_token(tokenizer, "Red Hot Chili Peppers", "ppers") == 5  # a whole token ending the word is fine
+
+
+def scope_argv(out, *extra: str) -> list[str]:
+    return ["scope", "Diana, Princess of Wales", "--token", "Wales", "--sites", "mlp_out", "--layers", "1",
+            "--max-new-tokens", "2", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_negative_alphas_and_spaced_sites_parse(tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    assert main([*scope_argv(out, "--alphas", "-3,6"), "--sites", "mlp_out, resid_post"]) == 0
+    assert "vector written at target token ' x' (position 29)" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert sorted(set(frame["alpha"])) == [-3.0, 6.0] and set(frame["site"]) == {"mlp_out", "resid_post"}
+
+
+@pytest.mark.parametrize("name,message", [("t.xlsx", "extension '.xlsx'; use one of .csv, .parquet"),
+                                          ("missing/dir/t.csv", None)])  # fmt: skip
+def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, name, message):
+    import superscopes
+
+    monkeypatch.setattr(superscopes, "load", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    if message is None:  # a folder that cannot be created
+        (tmp_path / "missing").write_text("a file, not a folder")
+        message = "is not writable"
+    assert main(scope_argv(tmp_path / name)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_existing_output_of_another_grid_needs_force(tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    assert main(scope_argv(out, "--alphas", "1")) == 0
+    assert main(scope_argv(out, "--alphas", "1")) == 0  # the same grid: rewritten
+    assert main(scope_argv(out, "--alphas", "6")) == 2
+    assert "holds another grid (alpha: file [1.0], now [6.0])" in capsys.readouterr().err
+    assert set(pd.read_csv(out)["alpha"]) == {1.0}
+    assert main(scope_argv(out, "--alphas", "6", "--force")) == 0
+    assert set(pd.read_csv(out)["alpha"]) == {6.0}
+
+
+def test_scope_help_shows_defaults_and_every_choice(capsys):
+    with pytest.raises(SystemExit):
+        main(["scope", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{scale,cfg,norm,affine,random}" in text and "(default: 1-7)" in text and "(default: 1,3,6,9,12,15)" in text
+    assert "resid_pre, attn_out, mlp_in, mlp_out, resid_post" in text and "(default: smollm2-135m)" in text
+
+
+def test_recipe_help_prints_the_recipes_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["recipe", "superscopes_hidden_states", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "python -m recipes.superscopes_hidden_states" in text and "--target-layer" in text and "(default: smollm2-135m)" in text
