@@ -189,9 +189,13 @@ class ResultStore:
                 f"{self.path} was made with other settings ({'; '.join(differs)}); "
                 "use another output folder, delete it, or ask for a new file"
             )
+        if meta and meta.get("unit_columns", self.unit_columns) != self.unit_columns:
+            raise ValueError(f"{self.path} records units by {meta['unit_columns']}, not {self.unit_columns}")
         self._meta = {"settings": meta.get("settings") if self.settings is None else _plain(self.settings),
-                      "units": meta.get("units", []), "kinds": meta.get("kinds", {})}  # fmt: skip
-        self._drop_unfinished()
+                      "unit_columns": self.unit_columns, "units": meta.get("units", []),
+                      "kinds": meta.get("kinds", {})}  # fmt: skip
+        if meta:  # a table without a record (older versions, or written by hand) is only read, never pruned
+            self._drop_unfinished()
 
     @property
     def meta_path(self) -> Path:

@@ -146,3 +146,10 @@ def test_save_and_read_table_keep_values_and_types(tmp_path, suffix):
 def test_save_table_refuses_unknown_extensions(tmp_path, name, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         save_table(pd.DataFrame({"a": [1]}), tmp_path / name)
+
+
+def test_reading_a_table_without_a_record_leaves_it_alone(tmp_path):
+    unit("Diana").to_csv(tmp_path / "cells.csv", index=False)
+    before = (tmp_path / "cells.csv").read_bytes()
+    assert len(ResultStore(tmp_path / "cells.csv", ["source"]).load()) == 3
+    assert (tmp_path / "cells.csv").read_bytes() == before
