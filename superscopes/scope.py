@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -89,8 +90,26 @@ class Scope:
         for name in ("sites", "alphas", "transforms", "target_layers"):
             value = getattr(self, name)
             setattr(self, name, [value] if isinstance(value, (str, int, float)) else list(value))
-        if self.layers != "all":
-            self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        if not (isinstance(self.layers, str) and self.layers == "all"):
+            self.layers = _integers(self.layers)
+        self.target_layers = [t if t == "same" else _integer(t) for t in self.target_layers]
+
+
+def _integer(value):
+    """``np.int64(3)``, a 0-d tensor -> 3; anything else unchanged, for validation to name."""
+    if isinstance(value, (bool, str)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _integers(values) -> list:
+    """A layer, or a sequence of them (a list, range, numpy array, tensor), as Python ints."""
+    if _integer(values) is not values or isinstance(values, int):
+        return [_integer(values)]
+    return [_integer(v) for v in values]
 
 
 @dataclass(frozen=True)
@@ -191,11 +210,80 @@ def _target(scope: Scope, tokenizer) -> tuple[str | None, int | None]:
     )
 
 
+def _check_not_empty(scope: Scope) -> None:
+    for name in ("sites", "alphas", "transforms", "target_layers"):
+        if not getattr(scope, name):
+            raise ScopeError(f"no {name} given: an empty {name} list would make an empty grid")
+
+
+def _check_numbers(scope: Scope, target_model) -> None:
+    """Generation settings, named with their valid range."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    vocab = target_model.config.vocab_size
+    if scope.output == "topk" and not (is_int(scope.top_k) and 1 <= scope.top_k <= vocab):
+        raise ScopeError(f"top_k {scope.top_k!r} must be a whole number in 1-{vocab} (the vocabulary size)")
+    if scope.do_sample and not (isinstance(scope.temperature, (int, float)) and math.isfinite(scope.temperature)
+                                and scope.temperature > 0):  # fmt: skip
+        raise ScopeError(f"temperature {scope.temperature!r} must be a finite number above 0")
+    if scope.output == "generate" and not (is_int(scope.max_new_tokens) and scope.max_new_tokens >= 1):
+        raise ScopeError(f"max_new_tokens {scope.max_new_tokens!r} must be a whole number, at least 1")
+    if not is_int(scope.samples):
+        raise ScopeError(f"samples {scope.samples!r} must be a whole number, at least 1")
+    limit = torch.finfo(getattr(target_model, "dtype", torch.float32)).max
+    for alpha in scope.alphas:
+        if isinstance(alpha, (int, float)) and abs(alpha) >= limit:
+            raise ScopeError(f"alpha {alpha!r} overflows the model's dtype (largest value {limit:.3g})")
+
+
+def _check_affine(scope: Scope, model, target_model) -> None:
+    """The map's shape is [target hidden, source hidden] (bias [target hidden]), all finite."""
+    if "affine" not in scope.transforms:
+        return
+    shapes = {"affine_weight": (target_model.config.hidden_size, model.config.hidden_size),
+              "affine_bias": (target_model.config.hidden_size,)}  # fmt: skip
+    for name, shape in shapes.items():
+        value = getattr(scope, name)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ScopeError(f"{name} must be a tensor of shape {list(shape)}, got {got}")
+        if not torch.isfinite(value).all():
+            raise ScopeError(f"{name} has non-finite values (nan or inf)")
+
+
+def _check_context(scope: Scope, model, target_model, target_text: str | None) -> None:
+    """Every prompt, plus the generated tokens where they follow it, fits the model's context."""
+    new = scope.max_new_tokens if scope.output == "generate" else 0
+    checks = [(model, prompt, 0) for prompt in scope.prompts]
+    checks += [(target_model, prompt, new) for prompt in ([target_text] if target_text else scope.prompts)]
+    for m, text, extra in checks:
+        limit = getattr(m.config, "max_position_embeddings", None)
+        if limit is not None and num_tokens(m.tokenizer, text) + extra > limit:
+            raise ScopeError(
+                f"prompt {text[:60]!r}... has {num_tokens(m.tokenizer, text)} tokens (+{extra} generated): over "
+                f"{model_name(m)}'s context of {limit} tokens"
+            )
+
+
+def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch.dtype) -> None:
+    """Refuse alphas whose product with a read vector overflows ``dtype`` (after the read pass)."""
+    largest = vectors.abs().max().item() * max(abs(a) for a in alphas) if len(vectors) else 0.0
+    if not largest < torch.finfo(dtype).max:
+        raise ScopeError(
+            f"alpha {max(alphas, key=abs)} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
+            f"overflows {dtype} (largest value {torch.finfo(dtype).max:.3g}); use smaller alphas"
+        )
+
+
 def plan(scope: Scope, model, target_model=None) -> _Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
     if not scope.prompts:
         raise ScopeError("no prompts given")
+    _check_not_empty(scope)
     source_arch, target_arch = architecture_of(model), architecture_of(target_model)
     for site in scope.sites:
         _choices("site", site, list(source_arch.sites))
@@ -224,18 +312,16 @@ def plan(scope: Scope, model, target_model=None) -> _Plan:
             f"hidden sizes differ ({model.config.hidden_size} vs {target_model.config.hidden_size}): "
             "only transform 'affine' can map between these models"
         )
+    _check_numbers(scope, target_model)
+    _check_affine(scope, model, target_model)
     if scope.samples < 1 or (scope.samples > 1 and not scope.do_sample):
         raise ScopeError(f"samples={scope.samples}: more than one try per cell needs do_sample=True")
-    if scope.output == "generate" and scope.max_new_tokens < 1:
-        raise ScopeError(f"max_new_tokens must be at least 1, got {scope.max_new_tokens}")
     if scope.batch_size < 1:
         raise ScopeError(f"batch_size must be at least 1, got {scope.batch_size}")
 
     sources = _sources(scope, model.tokenizer)
     target_text, target_index = _target(scope, target_model.tokenizer)
-    grid = itertools.product(
-        sources, scope.sites, layers, scope.transforms, scope.alphas, scope.target_layers, range(scope.samples)
-    )
+    _check_context(scope, model, target_model, target_text)
     n_cells = len(sources) * len(scope.sites) * len(layers) * len(scope.transforms) * len(scope.alphas)
     n_cells *= len(scope.target_layers) * scope.samples
     if n_cells > scope.max_cells:
@@ -244,6 +330,10 @@ def plan(scope: Scope, model, target_model=None) -> _Plan:
             f"{len(layers)} layers x {len(scope.transforms)} transforms x {len(scope.alphas)} alphas x "
             f"{len(scope.target_layers)} target layers x {scope.samples} samples), over max_cells={scope.max_cells}"
         )
+    # Built only after the count is checked: product() materialises its inputs (range(samples) too).
+    grid = itertools.product(
+        sources, scope.sites, layers, scope.transforms, scope.alphas, scope.target_layers, range(scope.samples)
+    )
     cells = [
         _Cell(src, site, layer, transform, float(alpha), layer if t == "same" else t, sample)
         for src, site, layer, transform, alpha, t, sample in grid
@@ -474,6 +564,7 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
         else:
             bar = tqdm(total=len(scope.prompts) + len(cells), desc="superscopes", unit="row", disable=not progress)
             table = _execute_reads(model, read_passes, len(keys), bar.update)
+            check_amplified(table, scope.alphas, getattr(target_model, "dtype", torch.float32))
             outputs = _execute_patches(target_model, patch_passes, table, settings, bar.update)
             bar.close()
 

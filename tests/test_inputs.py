@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import time
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from superscopes import Scope, ScopeError
 from superscopes.cli import main
 from superscopes.parsing import parse_layers, parse_names
 from superscopes.prompts import TokenNotFoundError, find_token
@@ -90,3 +94,65 @@ def test_recipe_help_prints_the_recipes_help(capsys):
         main(["recipe", "superscopes_hidden_states", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "python -m recipes.superscopes_hidden_states" in text and "--target-layer" in text and "(default: smollm2-135m)" in text
+
+
+# ---------------------------------------------------------------- the grid's validation (no forward pass)
+
+
+@pytest.fixture(scope="module")
+def smollm2_plan(smollm2):
+    from superscopes.scope import plan
+
+    return lambda **kwargs: plan(Scope("Diana, Princess of Wales", **kwargs), smollm2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sites=[]), "no sites given"), (dict(alphas=[]), "no alphas given"),
+    (dict(transforms=[]), "no transforms given"), (dict(target_layers=[]), "no target_layers given"),
+    (dict(output="topk", top_k=0), "top_k 0 must be a whole number in 1-49152"),
+    (dict(output="topk", top_k=49153), "top_k 49153 must be a whole number in 1-49152"),
+    (dict(do_sample=True, temperature=0), "temperature 0 must be a finite number above 0"),
+    (dict(do_sample=True, temperature=float("nan")), "temperature nan must be a finite number above 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens 2.5 must be a whole number, at least 1"),
+    (dict(max_new_tokens=0), "max_new_tokens 0 must be a whole number, at least 1"),
+    (dict(alphas=[1, 1e39]), r"alpha 1e\+39 overflows the model's dtype"),
+    (dict(transforms=["affine"], affine_weight=torch.eye(3)), r"affine_weight must be a tensor of shape \[576, 576\], got \(3, 3\)"),
+    (dict(transforms=["affine"], affine_weight=torch.full((576, 576), float("inf"))), "affine_weight has non-finite values"),
+    (dict(transforms=["affine"], affine_weight=torch.eye(576), affine_bias=torch.zeros(5)), r"affine_bias must be a tensor of shape \[576\]"),
+])  # fmt: skip
+def test_bad_settings_are_named_before_any_forward_pass(smollm2_plan, kwargs, message):
+    with pytest.raises(ScopeError, match=message):
+        smollm2_plan(**kwargs)
+
+
+def test_a_huge_grid_fails_fast_without_allocating(smollm2_plan):
+    start = time.process_time()
+    with pytest.raises(ScopeError, match="over max_cells"):
+        smollm2_plan(do_sample=True, samples=10**9)
+    assert time.process_time() - start < 5
+
+
+def test_a_prompt_longer_than_the_context_is_refused(smollm2):
+    from superscopes.scope import plan
+
+    with pytest.raises(ScopeError, match="over smollm2-135m's context of 8192 tokens"):
+        plan(Scope("Diana " * 8200), smollm2)
+    with pytest.raises(ScopeError, match=r"\(\+10 generated\): over smollm2-135m's context"):
+        plan(Scope("Diana", target="x " * 8185), smollm2)
+
+
+def test_integer_like_layers_work(smollm2_plan):
+    cells = smollm2_plan(layers=np.arange(1, 3), target_layers=[np.int64(0)], sites=["mlp_out"], alphas=[1]).cells
+    assert [(c.layer, c.target_layer) for c in cells] == [(1, 0), (2, 0)]
+    assert all(type(c.layer) is int for c in cells)
+    assert len(smollm2_plan(layers=np.int64(4), sites=["mlp_out"], alphas=[1]).cells) == 1
+    assert len(smollm2_plan(layers=torch.arange(2), sites=["mlp_out"], alphas=[1]).cells) == 2
+
+
+def test_an_amplified_vector_that_overflows_is_refused():
+    from superscopes.scope import check_amplified
+
+    vectors = torch.tensor([[1.0, -300.0]])
+    check_amplified(vectors, [1, 200], torch.float16)
+    with pytest.raises(ScopeError, match=r"alpha 300 times the read vectors \(largest entry 300\) overflows torch.float16"):
+        check_amplified(vectors, [1, 300], torch.float16)
