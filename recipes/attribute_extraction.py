@@ -31,7 +31,7 @@ import re
 import pandas as pd
 import torch
 
-from recipes._common import DATA, parser, setup, write_summary
+from ._common import DATA, parser, setup, write_summary
 
 NAME = "attribute_extraction"
 DESCRIPTION = __doc__.splitlines()[0]

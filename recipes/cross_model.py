@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
-from recipes.token_identity import binomial_ci, distinct_prefixes, load_snippets, log, parse_layers, record_time
+from ._common import parser, setup, write_summary
+from .token_identity import binomial_ci, distinct_prefixes, load_snippets, log, parse_layers, record_time
 
 NAME = "cross_model"
 DESCRIPTION = "Cross-model token identity: affine maps between SmolLM2 and Gemma-3, precision@1 per layer pair"

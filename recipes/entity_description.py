@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
+from ._common import DATA, parser, setup, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "entity_description"

@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
-from recipes.token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
+from ._common import parser, setup, write_summary
+from .token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
 
 NAME = "inverse_scope"
 DESCRIPTION = "Training-free InverseScope: feature consistency of nearest-activation inputs vs random inputs per layer"

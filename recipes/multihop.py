@@ -25,7 +25,7 @@ import re
 
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
+from ._common import DATA, parser, setup, write_summary
 
 NAME = "multihop"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -84,7 +84,7 @@ def _main(args, argv) -> None:
     run = setup(NAME, args, argv)
 
     import superscopes
-    from recipes.attribute_extraction import greedy
+    from .attribute_extraction import greedy
     from superscopes import plots
     from superscopes.models import model_name
     from superscopes.sites import num_layers

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from recipes._common import parser, setup, write_summary
-from recipes.superscopes_mlp_outputs import map_range
+from ._common import parser, setup, write_summary
+from .superscopes_mlp_outputs import map_range
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_hidden_states"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from recipes._common import parser, setup, write_summary
+from ._common import parser, setup, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_mlp_outputs"

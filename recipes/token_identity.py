@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
+from ._common import DATA, parser, setup, write_summary
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 and surprisal per layer vs logit lens and affine lens"

@@ -27,8 +27,8 @@ import random
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
-from recipes.attribute_extraction import (
+from ._common import parser, setup, write_summary
+from .attribute_extraction import (
     FACTUAL, MAX_NEW_TOKENS, crop_is_exact, greedy, knowledge, load_task, mentions, set_threads,
 )  # fmt: skip
 

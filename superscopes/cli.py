@@ -143,14 +143,23 @@ def cmd_remote_status(args: argparse.Namespace) -> None:
         raise RuntimeError("the remote set-up is not ready (see the lines marked NO)")
 
 
+def recipes_package():
+    """The recipes: ``superscopes.recipes`` when installed, the checkout's ``recipes/`` otherwise."""
+    import importlib
+
+    try:
+        return importlib.import_module("superscopes.recipes")
+    except ModuleNotFoundError:
+        return importlib.import_module("recipes")
+
+
 def cmd_recipe(args: argparse.Namespace) -> None:
     import importlib
 
-    from recipes import RECIPES
-
-    if args.name not in RECIPES:
-        raise ValueError(f"unknown recipe {args.name!r}; recipes: {', '.join(RECIPES)}")
-    importlib.import_module(f"recipes.{args.name}").main(args.recipe_args)
+    package = recipes_package()
+    if args.name not in package.RECIPES:
+        raise ValueError(f"unknown recipe {args.name!r}; recipes: {', '.join(package.RECIPES)}")
+    importlib.import_module(f"{package.__name__}.{args.name}").main(args.recipe_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
