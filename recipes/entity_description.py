@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import DATA, parser, setup, write_summary
+from ._common import DATA, Run, parser, run_recipe, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "entity_description"
@@ -32,7 +32,6 @@ ORACLE = "amplified, best α by RougeL (oracle)"
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, default=None, help="source = target layers (default 1,3,5,7)")
     p.add_argument("--alphas", type=parse_floats, default=None, help="comma list incl. 1 (default 1,3,6,9,12,15)")
     p.add_argument("--site", default="resid_post", help="source site (default resid_post, the hidden state)")
@@ -42,13 +41,11 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
+    run_recipe(NAME, build_parser, experiment, argv)
 
-        torch.set_num_threads(args.threads)
 
+def experiment(run: Run) -> None:
+    args = run.args
     import superscopes
     from superscopes import judge, plots
     from superscopes.metrics import first_item, rouge_l, sign_test
@@ -66,12 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     layers = args.layers or ([1, 4] if args.quick else LAYERS)
     layers = list(range(n_layers)) if layers == "all" else layers
 
-    store = run.store("cells.csv", ["source"])
-    done = store.done()
+    store = run.store("cells.csv", ["source"], layers=layers, alphas=alphas)
     scorer = judge.default_judge()
-    for entity in data["entity"]:
-        if store.key([entity]) in done:
-            continue
+    for entity in run.pending(store, data["entity"], key=lambda entity: [entity]):
         scope = superscopes.Scope(
             entity, sites=[args.site], layers=layers, alphas=alphas, target="entity", target_layers=["same"],
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -79,16 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         frame = judge.score(superscopes.run(model, scope, remote=run.remote), judge=scorer)
         store.append(frame.drop(columns=["output_ids"]).assign(reference=reference[entity]))
 
-    cells = store.load()
+    cells = run.cells(store, len(data) * len(layers) * len(alphas), unique=["source", "layer", "alpha"])
     cells["description"] = cells["output"].map(first_item)
     cells["rougeL"] = [rouge_l(d, r) for d, r in zip(cells["description"], cells["reference"])]
     cells["rougeL_raw"] = [rouge_l(o, r) for o, r in zip(cells["output"], cells["reference"])]
-    expected = len(data) * len(layers) * len(alphas)
-    if len(cells) != expected or cells.duplicated(["source", "layer", "alpha"]).any():
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
 
     def pick(frame: pd.DataFrame, method: str, by: str) -> pd.DataFrame:
         index = frame.groupby(KEY, sort=False)[by].idxmax()

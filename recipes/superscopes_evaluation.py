@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import DATA, parser, setup, write_summary
+from ._common import DATA, Run, parser, run_recipe, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_evaluation"
@@ -52,7 +52,6 @@ def verdict(wins: int, losses: int, p: float, better: str, worse: str, unclear: 
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, default=None, help="source = target layers (default 1-7; 'all')")
     p.add_argument("--control-layers", default=None,
                    help="layers for the controls: 'same' (= --layers) or a list (default 1,4,7)")  # fmt: skip
@@ -91,13 +90,11 @@ def best_per_key(frame: pd.DataFrame, method: str, score: str = "similarity") ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
+    run_recipe(NAME, build_parser, experiment, argv)
 
-        torch.set_num_threads(args.threads)
 
+def experiment(run: Run) -> None:
+    args = run.args
     import superscopes
     from superscopes import judge, plots
     from superscopes.metrics import echoes, names_entity, sign_test
@@ -128,13 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         control_layers = list(range(n_layers)) if control_layers == "all" else control_layers
     grid = conditions(args, layers, control_layers, alphas, controls, samples)
 
-    store = run.store("cells.csv", ["source", "condition"])
-    done = store.done()
+    store = run.store("cells.csv", ["source", "condition"], layers=layers, control_layers=control_layers,
+                      alphas=alphas, samples=samples)  # fmt: skip
     scorer = judge.default_judge()
     per_call = args.prompts_per_call or (len(prompts) if args.quick else 1)
     category = dict(zip(entities["prompt"], entities["category"]))
     for condition, settings in grid.items():
-        pending = [i for i, p in enumerate(prompts) if store.key([p, condition]) not in done]
+        pending = list(run.pending(store, range(len(prompts)), key=lambda i: [prompts[i], condition]))
         for start in range(0, len(pending), per_call):
             chunk = pending[start : start + per_call]
             # Seeded by the first prompt's index: with one prompt per call, a resumed run draws
@@ -147,15 +144,10 @@ def main(argv: list[str] | None = None) -> None:
             frame = judge.score(frame, judge=scorer).drop(columns=["output_ids"])
             store.append(frame.assign(condition=condition, category=frame["source"].map(category)))
 
-    cells = store.load()
     expected = len(prompts) * len(sites) * sum(
         len(s["layers"]) * len(s["alphas"]) * s.get("samples", 1) for s in grid.values()
     )
-    if len(cells) != expected or cells.duplicated(["source", "condition", "site", "layer", "alpha", "sample"]).any():
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    cells = run.cells(store, expected, unique=["source", "condition", "site", "layer", "alpha", "sample"])
 
     # ------------------------------------------------------------ methods
     alpha_text = ",".join(f"{a:g}" for a in alphas)

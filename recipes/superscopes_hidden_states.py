@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import parser, setup, write_summary
+from ._common import Run, parser, run_recipe, write_summary
 from .superscopes_mlp_outputs import map_range
 from superscopes.parsing import parse_floats, parse_layers
 
@@ -36,7 +36,6 @@ GROUP = ["source", "token", "site", "layer"]
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, help="layers for every example (default: the paper's, mapped)")
     p.add_argument("--alphas", type=parse_floats, help="comma list for every example (default: 1 + the union)")
     p.add_argument("--target-layer", type=int, default=0, help="layer whose residual output is overwritten (paper: 0)")
@@ -45,13 +44,11 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
+    run_recipe(NAME, build_parser, experiment, argv)
 
-        torch.set_num_threads(args.threads)
 
+def experiment(run: Run) -> None:
+    args = run.args
     import superscopes
     from superscopes import judge, plots
     from superscopes.metrics import echoes, names_entity
@@ -67,11 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         layers = list(range(n_layers)) if layers == "all" else layers
         layer_plan[source] = layers[:1] if args.quick and not args.layers else layers
 
-    store = run.store("cells.csv", ["source"])
-    done = store.done()
-    for source, token, _, _ in examples:
-        if store.key([source]) in done:
-            continue
+    store = run.store("cells.csv", ["source"], layers=layer_plan, alphas=alphas)
+    for source, token, _, _ in run.pending(store, examples, key=lambda example: example[:1]):
         scope = superscopes.Scope(
             source, token=token, sites=["resid_post"], layers=layer_plan[source], alphas=alphas, target="entity",
             target_layers=[args.target_layer], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -79,13 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         frame = superscopes.run(model, scope, remote=run.remote)
         store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
 
-    cells = store.load()
-    expected = sum(len(layer_plan[s]) for s, *_ in examples) * len(alphas)
-    if len(cells) != expected:
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    cells = run.cells(store, sum(len(layer_plan[s]) for s, *_ in examples) * len(alphas))
     paper_range = {source: set(map(float, r)) for source, _, _, r in examples}
     cells["in_paper_range"] = [a in paper_range[s] for s, a in zip(cells["source"], cells["alpha"])]
     threshold = judge.DEFAULT_THRESHOLD

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import parser, setup, write_summary
+from ._common import Run, parser, run_recipe, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_mlp_outputs"
@@ -43,7 +43,6 @@ def map_range(low: int, high: int, n_layers: int) -> list[int]:
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, help="layers to read (default: the paper's 1-4, mapped to depth)")
     p.add_argument("--alphas", type=parse_floats, default=None, help="comma list (default 1,3,6,9,12,15)")
     p.add_argument("--max-new-tokens", type=int, default=10)
@@ -80,13 +79,11 @@ def app_table(winners: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
+    run_recipe(NAME, build_parser, experiment, argv)
 
-        torch.set_num_threads(args.threads)
 
+def experiment(run: Run) -> None:
+    args = run.args
     import superscopes
     from superscopes import judge, plots
     from superscopes.metrics import echoes, names_entity
@@ -103,11 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             layers = list(range(n_layers))
         layer_plan[source] = layers[:2] if args.quick and not args.layers else layers
 
-    store = run.store("cells.csv", ["source"])
-    done = store.done()
-    for source, token, _ in examples:
-        if store.key([source]) in done:
-            continue
+    store = run.store("cells.csv", ["source"], layers=layer_plan, alphas=alphas)
+    for source, token, _ in run.pending(store, examples, key=lambda example: example[:1]):
         scope = superscopes.Scope(
             source, token=token, sites=SITES, layers=layer_plan[source], alphas=alphas, target="entity",
             target_layers=["same"], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -115,13 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         frame = superscopes.run(model, scope, remote=run.remote)
         store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
 
-    cells = store.load()
-    expected = sum(len(layer_plan[s]) for s, _, _ in examples) * len(SITES) * len(alphas)
-    if len(cells) != expected:
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    cells = run.cells(store, sum(len(layer_plan[s]) for s, _, _ in examples) * len(SITES) * len(alphas))
     winners = judge.best(cells, GROUP)
     one = cells[cells["alpha"] == 1].set_index(GROUP)["similarity"]
     amplified = judge.best(cells[cells["alpha"] != 1], GROUP).set_index(GROUP)
