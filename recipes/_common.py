@@ -121,6 +121,13 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
         torch.set_num_threads(previous)
 
 
+def resolve_layers(layers: list[int] | str | None, n_layers: int, default: list[int]) -> list[int]:
+    """A ``--layers`` value (parsed by ``superscopes.parsing.parse_layers``; None: ``default``) as a list."""
+    if layers is None:
+        return default
+    return list(range(n_layers)) if layers == "all" else layers
+
+
 def depth_layers(fractions: Iterable[float], n_layers: int) -> list[int]:
     """Layers at these fractions of the model's depth (0 = first, 1 = last), as in the papers' figures."""
     return sorted({min(n_layers - 1, max(0, round(f * (n_layers - 1)))) for f in fractions})

@@ -37,14 +37,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._common import parser, setup, write_summary
-from .token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
+from superscopes.parsing import parse_layers
+
+from ._common import Run, parser, resolve_layers, run_recipe, write_summary
+from .token_identity import PATCHSCOPES_DATA, load_snippets, log, record_time
 
 NAME = "inverse_scope"
 DESCRIPTION = "Training-free InverseScope: feature consistency of nearest-activation inputs vs random inputs per layer"
 PAPER = (
     "InverseScope (2025) samples inputs from a trained conditional generator and reports that feature "
-    "consistency rates of true hypotheses exceed those of random inputs; RESEARCH.md records no number, "
+    "consistency rates of true hypotheses exceed those of random inputs, with no number we can compare with, "
     "and the training-free corpus version here has no published counterpart"
 )
 HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token")
@@ -78,7 +80,8 @@ def build_parser():
     p.add_argument("--corpus", type=int, help="corpus snippets; default 1200, quick 60")
     p.add_argument("--queries", type=int, help="query snippets; default 200, quick 16")
     p.add_argument("--k", type=int, default=10, help="nearest inputs (and random inputs) per query")
-    p.add_argument("--layers", help="layers: 'all', '0,4,8' or 'a:b:c'; default every 3rd + last (quick: middle and last)")
+    p.add_argument("--layers", type=parse_layers,
+                   help="layers: 'all', '0,4,8', '0-5'; default every 3rd + last (quick: middle and last)")  # fmt: skip
     p.add_argument("--site", default="resid_post", help="activation site (same for queries and corpus)")
     return p
 
@@ -116,8 +119,11 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
+    return run_recipe(NAME, build_parser, experiment, argv)
+
+
+def experiment(run: Run) -> Path:
+    args = run.args
     quick = args.quick
     n_corpus = args.corpus or (60 if quick else 1200)
     n_queries = args.queries or (16 if quick else 200)
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
     n_layers = num_layers(model)
     default = sorted({n_layers // 2, n_layers - 1}) if quick else sorted(
         set(range(0, n_layers, 3)) | {n_layers - 1})  # fmt: skip
-    layers = parse_layers(args.layers, n_layers, default)
+    layers = resolve_layers(args.layers, n_layers, default)
 
     snippets = load_snippets(args.seed)
     tokenizer = model.tokenizer
@@ -146,10 +152,9 @@ def main(argv: list[str] | None = None) -> Path:
         if len(queries) == n_queries:
             break
     corpus = snippets.iloc[:n_corpus].reset_index(drop=True)
-    store = run.store("cells.csv", ["layer"])
+    store = run.store("cells.csv", ["layer"], layers=layers)
     rows_before = len(store.load())
-    done = store.done()
-    pending = [l for l in layers if store.key([l]) not in done]
+    pending = list(run.pending(store, layers, key=lambda layer: [layer]))
     country_names = countries()
     log(f"{name}: layers {layers} ({len(pending)} to run); corpus {len(corpus)} snippets; {len(queries)} queries")
 
@@ -209,9 +214,8 @@ def main(argv: list[str] | None = None) -> Path:
             store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
             log(f"layer {layer} done")
 
-    cells = store.load()
+    cells = store.load()  # rows per layer depend on the data; the store keeps only layers whose rows are all there
     seconds = record_time(run.out, t0, rows_before, len(cells))
-    cells = cells[cells["layer"].isin(layers)]
     summary = (
         cells.groupby(["hypothesis", "layer", "sampler"])
         .agg(consistency=("consistency", "mean"), n=("consistency", "size"))

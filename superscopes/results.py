@@ -256,6 +256,15 @@ class ResultStore:
     def load(self) -> pd.DataFrame:
         return self._read()
 
+    @staticmethod
+    def read(path: str | Path) -> pd.DataFrame:
+        """A store's rows with their recorded types, without opening it for writing."""
+        path = Path(path)
+        meta_path = path.with_name(path.name + ".meta.json")
+        kinds = json.loads(meta_path.read_text()).get("kinds") if meta_path.exists() else None
+        data = path.read_bytes() if path.exists() else b""
+        return _read_csv(data[: data.rfind(b"\n") + 1], kinds)
+
     def done(self) -> set[tuple]:
         """Finished units, as tuples of ``unit_columns`` values (as strings)."""
         return set(self._recorded())

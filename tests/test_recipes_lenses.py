@@ -3,6 +3,8 @@ sanity checks that hold by construction, and resume without lost or duplicated r
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -15,7 +17,7 @@ def _outputs(out, figure: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     summary_md = (out / "summary.md").read_text()
     assert "**Ours:**" in summary_md and "**Paper:**" in summary_md and "Command: `python -m recipes." in summary_md
     assert "nan" not in summary_md.split("## Settings")[0]
-    return ResultStore(out / "cells.csv", []).load(), pd.read_csv(out / "summary.csv"), summary_md
+    return ResultStore.read(out / "cells.csv"), pd.read_csv(out / "summary.csv"), summary_md
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,15 @@ def test_token_identity_quick(token_identity):
 def test_token_identity_resumes_without_duplicates(token_identity):
     from recipes import token_identity as recipe
 
-    store = ResultStore(token_identity / "cells.csv", [])
-    before = store.load()
-    # Drop the logit-lens units, as if the run had stopped before writing them.
-    kept = before[before["method"] != "logit_lens"]
-    (token_identity / "cells.csv").unlink()
-    store.append(kept)
+    before = ResultStore.read(token_identity / "cells.csv")
+    # Unrecord the logit-lens units, as if the run had been killed after writing their rows
+    # but before recording them: their rows are dropped and recomputed, not kept twice.
+    meta_path = token_identity / "cells.csv.meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["units"] = [u for u in meta["units"] if u[0] != "logit_lens"]
+    meta_path.write_text(json.dumps(meta))
     recipe.main(["--quick", "--out", str(token_identity)])
-    after = store.load()
+    after = ResultStore.read(token_identity / "cells.csv")
     assert len(after) == len(before)
     assert not after.duplicated(["method", "source", "layer"]).any()
     merged = before.merge(after, on=["method", "source", "layer"], suffixes=("", "_again"))
@@ -83,7 +86,7 @@ def test_cross_model_quick(tmp_path):
     assert (tmp_path / "map_fit.csv").exists()
     # Rerun: every unit is done, nothing is added.
     cross_model.main(["--quick", "--out", str(tmp_path)])
-    assert len(ResultStore(tmp_path / "cells.csv", []).load()) == len(cells)
+    assert len(ResultStore.read(tmp_path / "cells.csv")) == len(cells)
 
 
 def test_inverse_scope_quick(tmp_path):
@@ -104,7 +107,7 @@ def test_inverse_scope_quick(tmp_path):
     rel = summary[summary["hypothesis"] == "same_relation"].pivot(index="layer", columns="sampler", values="consistency")
     assert (rel["nearest"] >= rel["random"]).any()
     inverse_scope.main(["--quick", "--out", str(tmp_path)])
-    assert len(ResultStore(tmp_path / "cells.csv", []).load()) == len(cells)
+    assert len(ResultStore.read(tmp_path / "cells.csv")) == len(cells)
 
 
 def test_snippets_and_prefixes_are_deterministic():
