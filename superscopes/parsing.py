@@ -21,7 +21,7 @@ def parse_layers(text: str) -> list[int] | str:
     for part in text.split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not match:
-            raise argparse.ArgumentTypeError(f"layers {text!r}: {part!r} is not a layer or range; use {LAYER_SYNTAX}")
+            raise argparse.ArgumentTypeError(f"layers {text!r}: use {LAYER_SYNTAX} ({part!r} is not a layer or range)")
         low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if high < low:
             raise argparse.ArgumentTypeError(f"layers {text!r}: the range {part!r} is reversed; write {high}-{low}")
