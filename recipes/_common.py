@@ -1,8 +1,8 @@
 """What every recipe shares, so that a recipe only configures: data, conditions, metrics, figure.
 
 A recipe module defines ``NAME``, ``DESCRIPTION``, ``build_parser()`` (starting from
-``parser(NAME, DESCRIPTION)``), an ``experiment(run)`` and ``main(argv=None)`` that is
-``run_recipe(NAME, build_parser, experiment, argv)``. The runner owns
+``parser(NAME, DESCRIPTION)``), an ``experiment(run)`` and
+``main = recipe_main(NAME, build_parser, experiment)``. The runner owns
 
 - the command line every recipe has (``--model``, ``--remote``, ``--quick``, ``--out``,
   ``--seed``, ``--batch-size``, ``--threads``, ``--new-file``) and torch's thread count
@@ -119,6 +119,16 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
         raise SystemExit(f"{name}: {error}") from None
     finally:
         torch.set_num_threads(previous)
+
+
+def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
+                experiment: Callable[[Run], T]) -> Callable[[list[str] | None], T]:  # fmt: skip
+    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment."""
+
+    def main(argv: list[str] | None = None) -> T:
+        return run_recipe(name, build_parser, experiment, argv)
+
+    return main
 
 
 def resolve_layers(layers: list[int] | str | None, n_layers: int, default: list[int]) -> list[int]:

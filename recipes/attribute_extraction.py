@@ -31,7 +31,7 @@ import re
 import pandas as pd
 import torch
 
-from ._common import DATA, Run, parser, resolve_layers, run_recipe, write_summary
+from ._common import DATA, Run, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "attribute_extraction"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -197,8 +197,13 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
+def chosen_tasks(args, default: list[str] = TASKS, quick: list[str] = QUICK_TASKS) -> list[str]:
+    """``--tasks`` (else ``quick`` or ``default``), each checked against the data's tasks."""
+    tasks = args.tasks.split(",") if args.tasks else (quick if args.quick else default)
+    unknown = [t for t in tasks if not (FACTUAL / f"{t}.tsv").exists()]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(p.stem for p in FACTUAL.glob('*.tsv'))}")
+    return tasks
 
 
 def experiment(run: Run) -> None:
@@ -210,10 +215,7 @@ def experiment(run: Run) -> None:
     from superscopes.probe import fit_probe
     from superscopes.sites import num_layers
 
-    tasks = args.tasks.split(",") if args.tasks else (QUICK_TASKS if args.quick else TASKS)
-    unknown = [t for t in tasks if not (FACTUAL / f"{t}.tsv").exists()]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(p.stem for p in FACTUAL.glob('*.tsv'))}")
+    tasks = chosen_tasks(args)
     model = run.load_model()
     n_layers = num_layers(model)
     stride = max(1, round(n_layers * LAYER_STRIDE))
@@ -436,6 +438,8 @@ def model_name_of(model) -> str:
 
     return model_name(model)
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

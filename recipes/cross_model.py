@@ -28,7 +28,7 @@ import torch
 
 from superscopes.parsing import parse_layers
 
-from ._common import Run, parser, resolve_layers, run_recipe, write_summary
+from ._common import Run, parser, recipe_main, resolve_layers, write_summary
 from .token_identity import binomial_ci, distinct_prefixes, load_snippets, log, record_time
 
 NAME = "cross_model"
@@ -108,10 +108,6 @@ def plot(summary: pd.DataFrame, directions: list[str], path: Path, title: str) -
         plots.heatmap(table, title=f"{direction} ({kind})", xlabel=f"target layer l* ({target})",
                       ylabel=f"source layer l ({source})", ax=ax, label="precision@1", vmin=0, vmax=1)  # fmt: skip
     return plots.save(fig, path, title)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    return run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> Path:
@@ -274,6 +270,8 @@ def experiment(run: Run) -> Path:
     log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
     return run.out
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

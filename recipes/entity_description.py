@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import DATA, Run, parser, run_recipe, write_summary
+from ._common import DATA, Run, parser, recipe_main, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "entity_description"
@@ -38,10 +38,6 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None, help="use the first N entities (default all)")
     p.add_argument("--max-new-tokens", type=int, default=20)
     return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> None:
@@ -196,6 +192,8 @@ def experiment(run: Run) -> None:
     )
     print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

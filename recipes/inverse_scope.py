@@ -39,7 +39,7 @@ import torch
 
 from superscopes.parsing import parse_layers
 
-from ._common import Run, parser, resolve_layers, run_recipe, write_summary
+from ._common import Run, parser, recipe_main, resolve_layers, write_summary
 from .token_identity import PATCHSCOPES_DATA, load_snippets, log, record_time
 
 NAME = "inverse_scope"
@@ -116,10 +116,6 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
         plots.lines(part, "layer", "consistency", hue="sampler", ax=ax, ylim=(-0.02, 1.02),
                     title=f"{hypothesis} (n={int(part['n'].max())})", ylabel="feature consistency rate")  # fmt: skip
     return plots.save(fig, path, title)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    return run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> Path:
@@ -265,6 +261,8 @@ def experiment(run: Run) -> Path:
     log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
     return run.out
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import re
 
 import pandas as pd
 
-from ._common import DATA, Run, parser, run_recipe, write_summary
+from ._common import DATA, Run, parser, recipe_main, write_summary
 
 NAME = "multihop"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -64,10 +64,6 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None, help="use the first N queries (default all; quick 6)")
     p.add_argument("--max-queries", type=int, default=None, help="patch at most N evaluated queries (quick 2)")
     return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> None:
@@ -296,6 +292,8 @@ def experiment(run: Run) -> None:
     )
     print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

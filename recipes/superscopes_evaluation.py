@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import DATA, Run, parser, run_recipe, write_summary
+from ._common import DATA, Run, parser, recipe_main, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_evaluation"
@@ -87,10 +87,6 @@ def best_per_key(frame: pd.DataFrame, method: str, score: str = "similarity") ->
     index = frame.groupby(KEY, sort=False)[score].idxmax()
     winners = frame.loc[index.values, [*KEY, "token", "alpha", score, "output"]].rename(columns={score: "similarity"})
     return winners.assign(method=method).reset_index(drop=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> None:
@@ -488,6 +484,8 @@ def experiment(run: Run) -> None:
     )
     print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import Run, parser, run_recipe, write_summary
+from ._common import Run, parser, recipe_main, write_summary
 from .superscopes_mlp_outputs import map_range
 from superscopes.parsing import parse_floats, parse_layers
 
@@ -41,10 +41,6 @@ def build_parser():
     p.add_argument("--target-layer", type=int, default=0, help="layer whose residual output is overwritten (paper: 0)")
     p.add_argument("--max-new-tokens", type=int, default=10)
     return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> None:
@@ -186,6 +182,8 @@ def experiment(run: Run) -> None:
     )
     print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import Run, parser, run_recipe, write_summary
+from ._common import Run, parser, recipe_main, write_summary
 from superscopes.parsing import parse_floats, parse_layers
 
 NAME = "superscopes_mlp_outputs"
@@ -76,10 +76,6 @@ def app_table(winners: pd.DataFrame) -> pd.DataFrame:
     )
     wide = shown.pivot_table(index=["source", "layer"], columns="site", values="cell", aggfunc="first", sort=False)
     return wide[[SITE_LABELS[s] for s in SITES if SITE_LABELS[s] in wide.columns]].reset_index()
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
 
 
 def experiment(run: Run) -> None:
@@ -210,6 +206,8 @@ def experiment(run: Run) -> None:
     )
     print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

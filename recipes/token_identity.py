@@ -27,7 +27,7 @@ import pandas as pd
 
 from superscopes.parsing import parse_layers
 
-from ._common import DATA, Run, depth_layers, parser, resolve_layers, run_recipe, write_summary
+from ._common import DATA, Run, depth_layers, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 and surprisal per layer vs logit lens and affine lens"
@@ -213,10 +213,6 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    return run_recipe(NAME, build_parser, experiment, argv)
-
-
 def experiment(run: Run) -> Path:
     args = run.args
     quick = args.quick
@@ -368,6 +364,8 @@ def experiment(run: Run) -> Path:
     log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
     return run.out
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

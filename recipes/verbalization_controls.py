@@ -27,9 +27,9 @@ import random
 import pandas as pd
 import torch
 
-from ._common import Run, depth_layers, parser, run_recipe, write_summary
+from ._common import Run, depth_layers, parser, recipe_main, write_summary
 from .attribute_extraction import (
-    FACTUAL, MAX_NEW_TOKENS, crop_is_exact, greedy, knowledge, load_task, mentions,
+    FACTUAL, MAX_NEW_TOKENS, chosen_tasks, crop_is_exact, greedy, knowledge, load_task, mentions,
 )  # fmt: skip
 
 NAME = "verbalization_controls"
@@ -97,10 +97,6 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_recipe(NAME, build_parser, experiment, argv)
-
-
 def experiment(run: Run) -> None:
     args = run.args
 
@@ -110,7 +106,7 @@ def experiment(run: Run) -> None:
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
-    tasks = args.tasks.split(",") if args.tasks else (QUICK_TASKS if args.quick else TASKS)
+    tasks = chosen_tasks(args, TASKS, QUICK_TASKS)
     max_rows = args.max_rows or (3 if args.quick else 12)
     limit_subjects = args.limit_subjects or (6 if args.quick else None)
     n_fit = args.fit_snippets or (24 if args.quick else 400)
@@ -412,6 +408,8 @@ def _known_acc(table: pd.DataFrame, columns: dict, m: str, method: str) -> float
         return float("nan")
     return float(part[columns[(m, method)]].mean())
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()
