@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=HelpFormatter)  # fmt: skip
     models.set_defaults(func=cmd_models)
 
-    app = verbs.add_parser("app", help="the Superscopes explorer: a web page on 127.0.0.1")
+    app = verbs.add_parser("app", help="the Superscopes explorer: a web page on 127.0.0.1", formatter_class=HelpFormatter)
     from superscopes.app.server import add_arguments, cmd_app
 
     add_arguments(app)

@@ -69,6 +69,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        says_default = "default" in text.lower()  # the text already names it ("default: the embedded ones")
+        if action.default not in (None, False, "", argparse.SUPPRESS) and not says_default:
             text += " (default: %(default)s)"
         return text

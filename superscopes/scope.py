@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class Scope:
         if not (isinstance(self.layers, str) and self.layers == "all"):
             self.layers = _integers(self.layers)
         self.target_layers = [t if t == "same" else _integer(t) for t in self.target_layers]
+        # numpy / torch scalars as Python numbers (np.arange alphas); text and None stay, for validation
+        self.alphas = [float(a) if isinstance(a, numbers.Real) and not isinstance(a, bool) else a for a in self.alphas]
 
 
 def _integer(value):

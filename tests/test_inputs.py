@@ -147,6 +147,7 @@ def test_integer_like_layers_work(smollm2_plan):
     assert all(type(c.layer) is int for c in cells)
     assert len(smollm2_plan(layers=np.int64(4), sites=["mlp_out"], alphas=[1]).cells) == 1
     assert len(smollm2_plan(layers=torch.arange(2), sites=["mlp_out"], alphas=[1]).cells) == 2
+    assert [c.alpha for c in smollm2_plan(layers=[1], sites=["mlp_out"], alphas=np.arange(1, 3)).cells] == [1.0, 2.0]
 
 
 def test_an_amplified_vector_that_overflows_is_refused():
