@@ -116,7 +116,7 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
     try:
         return experiment(run)
     except SettingsMismatchError as error:
-        raise SystemExit(f"{name}: {error}") from None
+        raise SystemExit(f"{name}: {error} (here: --out DIR for another folder, --new-file to write beside it)") from None
     finally:
         torch.set_num_threads(previous)
 
