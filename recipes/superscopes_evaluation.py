@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import DATA, Run, parser, recipe_main, write_summary
 from superscopes.parsing import parse_floats, parse_layers
+
+from ._common import DATA, Run, parser, recipe_main, write_summary
 
 NAME = "superscopes_evaluation"
 DESCRIPTION = __doc__.splitlines()[0]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import Run, parser, recipe_main, write_summary
-from .superscopes_mlp_outputs import map_range
 from superscopes.parsing import parse_floats, parse_layers
+
+from ._common import Run, parser, recipe_main, write_summary
+from .superscopes_mlp_outputs import judged_readouts, layer_plan
 
 NAME = "superscopes_hidden_states"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -45,7 +46,6 @@ def build_parser():
 
 def experiment(run: Run) -> None:
     args = run.args
-    import superscopes
     from superscopes import judge, plots
     from superscopes.metrics import echoes, names_entity
     from superscopes.sites import num_layers
@@ -54,22 +54,8 @@ def experiment(run: Run) -> None:
     n_layers = num_layers(model)
     examples = EXAMPLES[:2] if args.quick else EXAMPLES
     alphas = args.alphas or ([1, 1.5, 3] if args.quick else ALPHAS)
-    layer_plan = {}
-    for source, _, (low, high), _ in examples:
-        layers = args.layers or map_range(low, high, n_layers)
-        layers = list(range(n_layers)) if layers == "all" else layers
-        layer_plan[source] = layers[:1] if args.quick and not args.layers else layers
-
-    store = run.store("cells.csv", ["source"], layers=layer_plan, alphas=alphas)
-    for source, token, _, _ in run.pending(store, examples, key=lambda example: example[:1]):
-        scope = superscopes.Scope(
-            source, token=token, sites=["resid_post"], layers=layer_plan[source], alphas=alphas, target="entity",
-            target_layers=[args.target_layer], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        )  # fmt: skip
-        frame = superscopes.run(model, scope, remote=run.remote)
-        store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
-
-    cells = run.cells(store, sum(len(layer_plan[s]) for s, *_ in examples) * len(alphas))
+    plan = layer_plan(args, examples, n_layers, quick_count=1)
+    cells = judged_readouts(run, model, examples, plan, alphas, ["resid_post"], [args.target_layer])
     paper_range = {source: set(map(float, r)) for source, _, _, r in examples}
     cells["in_paper_range"] = [a in paper_range[s] for s, a in zip(cells["source"], cells["alpha"])]
     threshold = judge.DEFAULT_THRESHOLD
@@ -131,7 +117,7 @@ def experiment(run: Run) -> None:
         amplified_best_similarity=("amplified_similarity", "mean"),
     ).reset_index()  # fmt: skip
     layers_text = "; ".join(
-        f"{s!r}: paper layers {lo}-{hi} -> ours {layer_plan[s]}, paper alphas {r}" for s, _, (lo, hi), r in examples
+        f"{s!r}: paper layers {lo}-{hi} -> ours {plan[s]}, paper alphas {r}" for s, _, (lo, hi), r in examples
     )
     best_rows = summary[["source", "layer", "paper_range_alpha", "paper_range_similarity", "paper_range_output",
                          "alpha1_similarity", "alpha1_output"]]  # fmt: skip
