@@ -46,8 +46,6 @@ def build_parser():
 
 def experiment(run: Run) -> None:
     args = run.args
-    from superscopes import judge, plots
-    from superscopes.metrics import echoes, names_entity
     from superscopes.sites import num_layers
 
     model = run.load_model()
@@ -58,7 +56,18 @@ def experiment(run: Run) -> None:
     cells = judged_readouts(run, model, examples, plan, alphas, ["resid_post"], [args.target_layer])
     paper_range = {source: set(map(float, r)) for source, _, _, r in examples}
     cells["in_paper_range"] = [a in paper_range[s] for s, a in zip(cells["source"], cells["alpha"])]
-    threshold = judge.DEFAULT_THRESHOLD
+    summary = summarise(cells)
+    summary.to_csv(run.out / "summary.csv", index=False)
+    table = text_table(cells)
+    table.to_csv(run.out / "table.csv", index=False)
+    figure = plot(run, cells, examples)
+    report(run, cells, summary, table, examples, plan, alphas, n_layers, figure)
+
+
+def summarise(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (example, layer): alpha=1, the best alpha in the paper's range and the best amplified alpha."""
+    from superscopes import judge
+    from superscopes.metrics import echoes
 
     def best_of(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         if frame.empty:
@@ -70,9 +79,14 @@ def experiment(run: Run) -> None:
     summary = one.join(best_of(cells[cells["in_paper_range"]], "paper_range"), how="outer")
     summary = summary.join(best_of(cells[cells["alpha"] != 1], "amplified"), how="outer").reset_index()
     for name in ("alpha1", "paper_range", "amplified"):
-        summary[f"{name}_success"] = summary[f"{name}_similarity"] > threshold
+        summary[f"{name}_success"] = summary[f"{name}_similarity"] > judge.DEFAULT_THRESHOLD
         summary[f"{name}_echo"] = [echoes(t, o) for t, o in zip(summary["token"], summary[f"{name}_output"])]
-    summary.to_csv(run.out / "summary.csv", index=False)
+    return summary
+
+
+def text_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Rows (example, layer), one column per alpha: the readout, its similarity, ★ on the best alpha."""
+    from superscopes import judge
 
     winners = judge.best(cells, GROUP)
     best_alpha = {(r.source, r.layer): r.alpha for r in winners.itertuples()}
@@ -85,8 +99,12 @@ def experiment(run: Run) -> None:
     )  # fmt: skip
     table = shown.pivot_table(index=["source", "layer"], columns="alpha", values="text", aggfunc="first", sort=False)
     table.columns = [f"alpha={a:g}" for a in table.columns]
-    table = table.reset_index()
-    table.to_csv(run.out / "table.csv", index=False)
+    return table.reset_index()
+
+
+def plot(run: Run, cells: pd.DataFrame, examples: list[tuple]) -> str:
+    """Similarity per alpha, one line per layer, the paper's alpha range shaded, one panel per example."""
+    from superscopes import judge, plots
 
     model_label = cells["model"].iloc[0]
     fig, axes = plots.figure(len(examples), cols=len(examples), size=(5.0, 4.0))
@@ -96,12 +114,21 @@ def experiment(run: Run) -> None:
                     xlabel="alpha (shaded: the paper's range)", ylabel="MiniLM similarity to source",
                     ylim=(-0.2, 1.0))  # fmt: skip
         ax.axvspan(min(paper_alphas), max(paper_alphas), color="grey", alpha=0.15)
-        ax.axhline(threshold, color="black", lw=0.8, ls=":")
+        ax.axhline(judge.DEFAULT_THRESHOLD, color="black", lw=0.8, ls=":")
         ax.set_xscale("log")
     figure = "similarity_per_alpha.png"
     plots.save(fig, run.out / figure, title=f"{model_label}: hidden states (resid_post) amplified and patched into "
-                                            f"layer {args.target_layer} of the entity-description prompt")  # fmt: skip
+                                            f"layer {run.args.target_layer} of the entity-description prompt")  # fmt: skip
+    return figure
 
+
+def report(run: Run, cells: pd.DataFrame, summary: pd.DataFrame, table: pd.DataFrame, examples: list[tuple],
+           plan: dict[str, list[int]], alphas: list[float], n_layers: int, figure: str) -> None:  # fmt: skip
+    """summary.md: on-topic counts at alpha=1, in the paper's range and amplified; echoes; entity naming."""
+    from superscopes import judge
+    from superscopes.metrics import names_entity
+
+    args, threshold, model_label = run.args, judge.DEFAULT_THRESHOLD, cells["model"].iloc[0]
     cells["names_entity"] = [
         names_entity(s, t, o, ignore=g)
         for s, t, o, g in zip(cells["source"], cells["token"], cells["output"], cells["target"])
