@@ -123,9 +123,7 @@ def experiment(run: Run) -> Path:
     quick = args.quick
     n_corpus = args.corpus or (60 if quick else 1200)
     n_queries = args.queries or (16 if quick else 200)
-    remote = run.remote
 
-    from superscopes import lens
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
@@ -151,67 +149,86 @@ def experiment(run: Run) -> Path:
     store = run.store("cells.csv", ["layer"], layers=layers)
     rows_before = len(store.load())
     pending = list(run.pending(store, layers, key=lambda layer: [layer]))
-    country_names = countries()
     log(f"{name}: layers {layers} ({len(pending)} to run); corpus {len(corpus)} snippets; {len(queries)} queries")
 
     if pending:
-        pairs = lens.token_positions(tokenizer, corpus["text"].tolist(), "text")
-        table = _Positions(tokenizer, corpus, pairs, country_names)
-        corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, pending, "text", args.batch_size, remote)
-        query_texts = [q[0] for q in queries]
-        query_acts = lens.collect(model, query_texts, args.site, pending, [[q[3]] for q in queries],
-                                  args.batch_size, remote)  # fmt: skip
-        log(f"activations: {len(pairs)} corpus positions, {len(queries)} queries ({time.time() - t0:.0f} s)")
-        query_frame = pd.DataFrame({"text": query_texts, "subject": [q[1] for q in queries],
-                                    "relation": [q[2] for q in queries]})  # fmt: skip
-        query_table = _Positions(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], country_names)
-        rng = np.random.default_rng(args.seed)
-        random_rows = np.stack([rng.choice(len(pairs), args.k, replace=False) for _ in queries])
-        every = np.arange(len(pairs))
-        tokens = np.array(table.token, dtype=object)
-
-        def features(qi: int, subject: str, relation: str, chosen: np.ndarray) -> dict:
-            """hypothesis -> (f(x_original), f over the chosen corpus inputs)."""
-            return {
-                "country": (bool(query_table.country[qi]), table.country[chosen]),
-                "same_subject": (True, table.contains(subject, chosen)),
-                "subject_end": (bool(query_table.subject_end[qi]), table.subject_end[chosen]),
-                "same_relation": (True, table.relation[chosen] == relation),
-                "same_token": (True, tokens[chosen] == query_table.token[qi]),
-            }
-
-        # The ceiling: the most any k inputs of this corpus can agree with the query on each
-        # hypothesis, min(1, inputs for which it holds / k); the same at every layer.
-        ceiling = [
-            {h: min(1.0, float(np.sum(f == f_query)) / args.k) for h, (f_query, f) in features(qi, q[1], q[2], every).items()}
-            for qi, q in enumerate(queries)
-        ]  # fmt: skip
-        for layer in pending:
-            keys = torch.nn.functional.normalize(corpus_acts[layer], dim=-1)
-            values = torch.nn.functional.normalize(query_acts[layer], dim=-1)
-            nearest = (values @ keys.T).topk(args.k, dim=-1).indices.numpy()
-            rows = []
-            for qi, (text, subject, relation, position) in enumerate(queries):
-                for sampler, chosen in (("nearest", nearest[qi]), ("random", random_rows[qi]), ("ceiling", None)):
-                    found = features(qi, subject, relation, every[:0] if chosen is None else chosen)
-                    for hypothesis, (f_query, f_inputs) in found.items():
-                        if not f_query:
-                            continue  # each hypothesis is asked of the queries for which it holds
-                        if chosen is None:
-                            consistency, shown = ceiling[qi][hypothesis], []
-                        else:
-                            consistency, shown = float(np.mean(f_inputs == f_query)), chosen[:3]
-                        rows.append({
-                            "model": name, "query": text, "subject": subject, "relation": relation,
-                            "position": position, "token": query_table.token[qi], "layer": layer,
-                            "sampler": sampler, "k": args.k, "hypothesis": hypothesis, "f_query": int(f_query),
-                            "consistency": consistency, "neighbours": json.dumps([table.prefix[r] for r in shown]),
-                        })  # fmt: skip
-            store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
-            log(f"layer {layer} done")
-
+        consistency_rows(run, model, corpus, queries, pending, store, t0)
     cells = store.load()  # rows per layer depend on the data; the store keeps only layers whose rows are all there
     seconds = record_time(run.out, t0, rows_before, len(cells))
+    report(run, name, tokenizer, cells, corpus, queries, layers, seconds, t0)
+    return run.out
+
+
+def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple], pending: list[int],
+                     store, t0: float) -> None:  # fmt: skip
+    """Per pending layer (a unit): each query's nearest, random and ceiling consistency per hypothesis."""
+    from superscopes import lens
+    from superscopes.models import model_name
+
+    args, remote, tokenizer, name = run.args, run.remote, model.tokenizer, model_name(model)
+    country_names = countries()
+    pairs = lens.token_positions(tokenizer, corpus["text"].tolist(), "text")
+    table = _Positions(tokenizer, corpus, pairs, country_names)
+    corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, pending, "text", args.batch_size, remote)
+    query_texts = [q[0] for q in queries]
+    query_acts = lens.collect(model, query_texts, args.site, pending, [[q[3]] for q in queries],
+                              args.batch_size, remote)  # fmt: skip
+    log(f"activations: {len(pairs)} corpus positions, {len(queries)} queries ({time.time() - t0:.0f} s)")
+    query_frame = pd.DataFrame({"text": query_texts, "subject": [q[1] for q in queries],
+                                "relation": [q[2] for q in queries]})  # fmt: skip
+    query_table = _Positions(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], country_names)
+    rng = np.random.default_rng(args.seed)
+    random_rows = np.stack([rng.choice(len(pairs), args.k, replace=False) for _ in queries])
+    every = np.arange(len(pairs))
+    tokens = np.array(table.token, dtype=object)
+
+    def features(qi: int, subject: str, relation: str, chosen: np.ndarray) -> dict:
+        """hypothesis -> (f(x_original), f over the chosen corpus inputs)."""
+        return {
+            "country": (bool(query_table.country[qi]), table.country[chosen]),
+            "same_subject": (True, table.contains(subject, chosen)),
+            "subject_end": (bool(query_table.subject_end[qi]), table.subject_end[chosen]),
+            "same_relation": (True, table.relation[chosen] == relation),
+            "same_token": (True, tokens[chosen] == query_table.token[qi]),
+        }
+
+    # The ceiling: the most any k inputs of this corpus can agree with the query on each
+    # hypothesis, min(1, inputs for which it holds / k); the same at every layer.
+    ceiling = [
+        {h: min(1.0, float(np.sum(f == f_query)) / args.k) for h, (f_query, f) in features(qi, q[1], q[2], every).items()}
+        for qi, q in enumerate(queries)
+    ]  # fmt: skip
+    for layer in pending:
+        keys = torch.nn.functional.normalize(corpus_acts[layer], dim=-1)
+        values = torch.nn.functional.normalize(query_acts[layer], dim=-1)
+        nearest = (values @ keys.T).topk(args.k, dim=-1).indices.numpy()
+        rows = []
+        for qi, (text, subject, relation, position) in enumerate(queries):
+            for sampler, chosen in (("nearest", nearest[qi]), ("random", random_rows[qi]), ("ceiling", None)):
+                found = features(qi, subject, relation, every[:0] if chosen is None else chosen)
+                for hypothesis, (f_query, f_inputs) in found.items():
+                    if not f_query:
+                        continue  # each hypothesis is asked of the queries for which it holds
+                    if chosen is None:
+                        consistency, shown = ceiling[qi][hypothesis], []
+                    else:
+                        consistency, shown = float(np.mean(f_inputs == f_query)), chosen[:3]
+                    rows.append({
+                        "model": name, "query": text, "subject": subject, "relation": relation,
+                        "position": position, "token": query_table.token[qi], "layer": layer,
+                        "sampler": sampler, "k": args.k, "hypothesis": hypothesis, "f_query": int(f_query),
+                        "consistency": consistency, "neighbours": json.dumps([table.prefix[r] for r in shown]),
+                    })  # fmt: skip
+        store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
+        log(f"layer {layer} done")
+
+
+def report(run: Run, name: str, tokenizer, cells: pd.DataFrame, corpus: pd.DataFrame, queries: list[tuple],
+           layers: list[int], seconds: float, t0: float) -> None:  # fmt: skip
+    """summary.csv, the figure and summary.md: consistency per hypothesis and layer, nearest vs random."""
+    from superscopes import lens
+
+    args = run.args
     summary = (
         cells.groupby(["hypothesis", "layer", "sampler"])
         .agg(consistency=("consistency", "mean"), n=("consistency", "size"))
