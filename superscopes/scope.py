@@ -110,8 +110,8 @@ def _integer(value):
 
 def _integers(values) -> list:
     """A layer, or a sequence of them (a list, range, numpy array, tensor), as Python ints."""
-    if _integer(values) is not values or isinstance(values, int):
-        return [_integer(values)]
+    if isinstance(values, str) or not hasattr(values, "__iter__") or _integer(values) is not values:
+        return [_integer(values)]  # one layer (np.int64, a 0-d tensor) or a value for validation to name
     return [_integer(v) for v in values]
 
 

@@ -146,6 +146,8 @@ def test_integer_like_layers_work(smollm2_plan):
     assert [(c.layer, c.target_layer) for c in cells] == [(1, 0), (2, 0)]
     assert all(type(c.layer) is int for c in cells)
     assert len(smollm2_plan(layers=np.int64(4), sites=["mlp_out"], alphas=[1]).cells) == 1
+    with pytest.raises(ScopeError, match="layer 2.5 is out of range"):
+        smollm2_plan(layers=2.5)
     assert len(smollm2_plan(layers=torch.arange(2), sites=["mlp_out"], alphas=[1]).cells) == 2
     assert [c.alpha for c in smollm2_plan(layers=[1], sites=["mlp_out"], alphas=np.arange(1, 3)).cells] == [1.0, 2.0]
 
