@@ -221,6 +221,7 @@ def _check_not_empty(scope: Scope) -> None:
 
 def _check_numbers(scope: Scope, target_model) -> None:
     """Generation settings, named with their valid range."""
+
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
@@ -266,7 +267,7 @@ def _check_context(scope: Scope, model, target_model, target_text: str | None) -
         limit = getattr(m.config, "max_position_embeddings", None)
         if limit is not None and num_tokens(m.tokenizer, text) + extra > limit:
             raise ScopeError(
-                f"prompt {text[:60]!r}... has {num_tokens(m.tokenizer, text)} tokens (+{extra} generated): over "
+                f"prompt {text[:60]!r}{'...' if len(text) > 60 else ''} has {num_tokens(m.tokenizer, text)} tokens (+{extra} generated): over "
                 f"{model_name(m)}'s context of {limit} tokens"
             )
 
