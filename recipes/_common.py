@@ -19,6 +19,8 @@ Column types (booleans, token-id lists) come back from the stores as written.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import shlex
 import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -36,6 +38,15 @@ DATA = Path(__file__).parent / "data"
 T = TypeVar("T")
 # Options that change where or how fast a run goes, never its rows: left out of the settings.
 RUN_ONLY = ("out", "threads", "batch_size", "remote", "new_file")
+
+
+@functools.cache
+def data_fingerprint() -> str:
+    """A hash of recipes/data: edited prompts or answers make earlier rows another run's."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in DATA.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(DATA)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -66,9 +77,9 @@ class Run:
 
     @property
     def settings(self) -> dict[str, object]:
-        """What produced the rows: the recipe and every option that changes them."""
+        """What produced the rows: the recipe, every option that changes them, and its data (the prompts)."""
         options = {k: v for k, v in sorted(vars(self.args).items()) if k not in RUN_ONLY}
-        return {"recipe": self.name, **options}
+        return {"recipe": self.name, **options, "data": data_fingerprint()}
 
     def store(self, filename: str, unit_columns: list[str], **settings: object) -> ResultStore:
         """A resumable table of this run; ``settings``: what else decides its rows (resolved layers...)."""

@@ -59,6 +59,15 @@ def test_other_settings_are_refused_or_go_to_a_new_file(tmp_path):
     assert len(list(tmp_path.glob("cells-*.csv"))) == 1
 
 
+def test_edited_recipe_data_is_other_settings(tmp_path, monkeypatch):
+    from recipes import _common
+
+    go(tmp_path)
+    monkeypatch.setattr(_common, "data_fingerprint", lambda: "edited")
+    with pytest.raises(SystemExit, match=r"data: on disk '[0-9a-f]{16}', now 'edited'"):
+        go(tmp_path)
+
+
 def test_a_table_short_of_the_grid_stops_the_summary(tmp_path):
     computed: list[str] = []
 
