@@ -81,6 +81,14 @@ def test_an_existing_output_of_another_grid_needs_force(tmp_path, capsys):
     assert set(pd.read_csv(out)["alpha"]) == {6.0}
 
 
+def test_an_existing_file_that_is_not_a_table_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    out.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff binary")
+    assert main(scope_argv(out)) == 2
+    assert f"cannot read '{out}' as a table" in capsys.readouterr().err
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_scope_help_shows_defaults_and_every_choice(capsys):
     with pytest.raises(SystemExit):
         main(["scope", "--help"])
