@@ -23,6 +23,7 @@ import functools
 import hashlib
 import shlex
 import sys
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,17 +116,19 @@ def setup(name: str, args: argparse.Namespace, argv: list[str] | None) -> Run:
     return Run(name, args, out, command.strip())
 
 
-def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], experiment: Callable[[Run], T],
-               argv: list[str] | None = None) -> T:  # fmt: skip
+def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], experiment: Callable[[Run], None],
+               argv: list[str] | None = None) -> Path:  # fmt: skip
     """Parse, make the output folder, run ``experiment`` on ``--threads`` threads (restored after)."""
     import torch
 
     args = build_parser().parse_args(argv)
     run = setup(name, args, argv)
-    previous = torch.get_num_threads()
+    previous, started = torch.get_num_threads(), time.time()
     torch.set_num_threads(args.threads)
     try:
-        return experiment(run)
+        experiment(run)
+        print(f"wrote {run.out} ({time.time() - started:.0f} s)")
+        return run.out
     except SettingsMismatchError as error:
         raise SystemExit(f"{name}: {error} (here: --out DIR for another folder, --new-file to write beside it)") from None
     finally:
@@ -133,10 +136,10 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
 
 
 def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
-                experiment: Callable[[Run], T]) -> Callable[[list[str] | None], T]:  # fmt: skip
-    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment."""
+                experiment: Callable[[Run], None]) -> Callable[[list[str] | None], Path]:  # fmt: skip
+    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder."""
 
-    def main(argv: list[str] | None = None) -> T:
+    def main(argv: list[str] | None = None) -> Path:
         return run_recipe(name, build_parser, experiment, argv)
 
     return main

@@ -430,7 +430,6 @@ def experiment(run: Run) -> None:
             checked=("subject", "size"), known=("known", "sum")).reset_index()},
         figures=figures,
     )
-    print(f"wrote {run.out}")
 
 
 def model_name_of(model) -> str:

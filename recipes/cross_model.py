@@ -110,7 +110,7 @@ def plot(summary: pd.DataFrame, directions: list[str], path: Path, title: str) -
     return plots.save(fig, path, title)
 
 
-def experiment(run: Run) -> Path:
+def experiment(run: Run) -> None:
     args = run.args
     quick = args.quick
     n_sources = args.sources or (4 if quick else 32)
@@ -267,8 +267,6 @@ def experiment(run: Run) -> Path:
          "on the same text", "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
         findings, {f"precision@1, {d}": table for d, table in tables.items()}, [figure.name],
     )  # fmt: skip
-    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
-    return run.out
 
 
 main = recipe_main(NAME, build_parser, experiment)

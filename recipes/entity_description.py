@@ -212,7 +212,6 @@ def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.Da
         },
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
 
 main = recipe_main(NAME, build_parser, experiment)

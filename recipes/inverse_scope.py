@@ -118,7 +118,7 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
-def experiment(run: Run) -> Path:
+def experiment(run: Run) -> None:
     args = run.args
     quick = args.quick
     n_corpus = args.corpus or (60 if quick else 1200)
@@ -155,8 +155,7 @@ def experiment(run: Run) -> Path:
         consistency_rows(run, model, corpus, queries, pending, store, t0)
     cells = store.load()  # rows per layer depend on the data; the store keeps only layers whose rows are all there
     seconds = record_time(run.out, t0, rows_before, len(cells))
-    report(run, name, tokenizer, cells, corpus, queries, layers, seconds, t0)
-    return run.out
+    report(run, name, tokenizer, cells, corpus, queries, layers, seconds)
 
 
 def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple], pending: list[int],
@@ -224,7 +223,7 @@ def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple]
 
 
 def report(run: Run, name: str, tokenizer, cells: pd.DataFrame, corpus: pd.DataFrame, queries: list[tuple],
-           layers: list[int], seconds: float, t0: float) -> None:  # fmt: skip
+           layers: list[int], seconds: float) -> None:  # fmt: skip
     """summary.csv, the figure and summary.md: consistency per hypothesis and layer, nearest vs random."""
     from superscopes import lens
 
@@ -275,8 +274,6 @@ def report(run: Run, name: str, tokenizer, cells: pd.DataFrame, corpus: pd.DataF
                    f"examples at layer {mid}: nearest inputs (first 3)": examples},
         [figure.name],
     )  # fmt: skip
-    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
-    return run.out
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -290,7 +290,6 @@ def experiment(run: Run) -> None:
                 "Evaluated queries": evaluated_fix.drop(columns=["row"])},  # fmt: skip
         figures=figures,
     )
-    print(f"wrote {run.out}")
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -558,7 +558,6 @@ def report(ev: Evaluation, figure: str) -> None:
         },
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -193,7 +193,6 @@ def report(run: Run, cells: pd.DataFrame, summary: pd.DataFrame, table: pd.DataF
                 "All alphas (★ = best alpha over all, judge similarity in brackets)": table},  # fmt: skip
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
 
 main = recipe_main(NAME, build_parser, experiment)

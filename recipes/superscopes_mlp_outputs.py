@@ -239,7 +239,6 @@ def report(run: Run, cells: pd.DataFrame, summary: pd.DataFrame, winners: pd.Dat
                                         for s, t in tables.items()},  # fmt: skip
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -213,7 +213,7 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
-def experiment(run: Run) -> Path:
+def experiment(run: Run) -> None:
     args = run.args
     quick = args.quick
     n_sources = args.positions or (8 if quick else 200)
@@ -361,8 +361,6 @@ def experiment(run: Run) -> Path:
         findings, {"precision@1 per layer": wide, "per layer and method": summary.drop(columns=["model"])},
         [figure.name],
     )  # fmt: skip
-    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
-    return run.out
 
 
 main = recipe_main(NAME, build_parser, experiment)

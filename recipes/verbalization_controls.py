@@ -399,7 +399,6 @@ def experiment(run: Run) -> None:
                 "Affine maps (held-out R^2)": maps_table},  # fmt: skip
         figures=figures,
     )
-    print(f"wrote {run.out}")
 
 
 def _known_acc(table: pd.DataFrame, columns: dict, m: str, method: str) -> float:

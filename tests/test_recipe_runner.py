@@ -30,8 +30,10 @@ def toy(run: Run, computed: list[str]) -> pd.DataFrame:
 
 def go(tmp_path, *argv: str) -> tuple[pd.DataFrame, list[str]]:
     computed: list[str] = []
-    cells = run_recipe("toy", build_parser, lambda run: toy(run, computed), ["--out", str(tmp_path), *argv])
-    return cells, computed
+    tables: list[pd.DataFrame] = []
+    out = run_recipe("toy", build_parser, lambda run: tables.append(toy(run, computed)), ["--out", str(tmp_path), *argv])
+    assert out == tmp_path
+    return tables[0], computed
 
 
 def test_threads_default_to_one_and_are_restored(tmp_path):
