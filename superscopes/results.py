@@ -235,7 +235,10 @@ class ResultStore:
 
     def _drop_unfinished(self) -> None:
         """Keep only rows of recorded units whose rows are all on disk; rewrite if any went."""
-        if not self._has_rows():
+        if not self._has_rows():  # the table was deleted: nothing it recorded is done
+            if self._meta["units"]:
+                self._meta["units"] = []
+                self._write_meta()
             return
         frame, recorded = self._read(), self._recorded()
         keys = self._unit_keys(frame)

@@ -108,6 +108,12 @@ def test_a_unit_missing_rows_is_not_done(tmp_path):
     assert ResultStore(path, ["source"], settings=SETTINGS).done() == set()
 
 
+def test_a_deleted_table_is_redone_even_if_its_record_stays(tmp_path):
+    ResultStore(tmp_path / "cells.csv", ["source"], settings=SETTINGS).append(unit("Diana"))
+    (tmp_path / "cells.csv").unlink()
+    assert ResultStore(tmp_path / "cells.csv", ["source"], settings=SETTINGS).done() == set()
+
+
 def test_new_columns_are_kept_on_append(tmp_path):
     store = ResultStore(tmp_path / "cells.csv", ["source"], settings=SETTINGS)
     store.append(unit("Diana"))
