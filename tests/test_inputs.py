@@ -167,3 +167,16 @@ def test_an_amplified_vector_that_overflows_is_refused():
     check_amplified(vectors, [1, 200], torch.float16)
     with pytest.raises(ScopeError, match=r"alpha 300 times the read vectors \(largest entry 300\) overflows torch.float16"):
         check_amplified(vectors, [1, 300], torch.float16)
+
+
+def test_affine_transform_from_the_command_line(tmp_path, capsys):
+    """--transform affine with an identity map reads out what scale does; without a map it is an error."""
+    torch.save({"weight": torch.eye(576), "bias": torch.zeros(576)}, tmp_path / "map.pt")
+    outputs = {}
+    for transform, extra in (("scale", []), ("affine", ["--affine-map", str(tmp_path / "map.pt")])):
+        out = tmp_path / f"{transform}.csv"
+        assert main([*scope_argv(out, "--alphas", "6"), "--transform", transform, *extra]) == 0
+        outputs[transform] = pd.read_csv(out, keep_default_na=False)["output"].tolist()
+    assert outputs["affine"] == outputs["scale"]
+    assert main([*scope_argv(tmp_path / "x.csv"), "--transform", "affine"]) == 2
+    assert "--transform affine and --affine-map FILE go together" in capsys.readouterr().err
