@@ -1,34 +1,67 @@
-"""What every recipe shares: its command line, output folder, resumable cells, summary.md.
+"""What every recipe shares, so that a recipe only configures: data, conditions, metrics, figure.
 
-A recipe module defines ``NAME``, ``DESCRIPTION`` and ``main(argv=None)``; it builds its
-parser with ``parser(...)``, calls ``setup(args)`` for the model(s) and output folder, runs
-its units through ``ResultStore`` (resume), and ends with ``write_summary``.
+A recipe module defines ``NAME``, ``DESCRIPTION``, ``build_parser()`` (starting from
+``parser(NAME, DESCRIPTION)``), an ``experiment(run)`` and
+``main = recipe_main(NAME, build_parser, experiment)``. The runner owns
+
+- the command line every recipe has (``--model``, ``--remote``, ``--quick``, ``--out``,
+  ``--seed``, ``--batch-size``, ``--threads``, ``--new-file``) and torch's thread count
+  (set for the run, restored after);
+- the output folder and the command recorded in ``summary.md``;
+- resumable stores keyed by the run's settings (``Run.store``): a rerun with the same
+  settings skips finished units (``Run.pending``), one with other settings is refused (or
+  writes a new file with ``--new-file``);
+- the check that the finished table holds exactly the grid's rows (``Run.cells``), and the
+  summary (``write_summary``).
+Column types (booleans, token-id lists) come back from the stores as written.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import shlex
 import sys
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
 from superscopes.models import DEFAULT_MODEL
-from superscopes.results import ResultStore
+from superscopes.parsing import HelpFormatter
+from superscopes.results import ResultStore, SettingsMismatchError
 
 DATA = Path(__file__).parent / "data"
+T = TypeVar("T")
+# Options that change where or how fast a run goes, never its rows: left out of the settings.
+RUN_ONLY = ("out", "threads", "batch_size", "remote", "new_file")
+
+
+@functools.cache
+def data_fingerprint() -> str:
+    """A hash of recipes/data: edited prompts or answers make earlier rows another run's."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in DATA.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(DATA)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description, formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     p.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (about 2 minutes on a laptop CPU)")
     p.add_argument("--out", help="output folder (default results/<name>, or results/<name>-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed for anything sampled or random")
     p.add_argument("--batch-size", type=int, default=64, help="patched rows per forward pass")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    p.add_argument("--new-file", action="store_true",
+                   help="if the output folder holds rows made with other settings, write a new table beside them "
+                        "instead of stopping")  # fmt: skip
     return p
 
 
@@ -43,8 +76,30 @@ class Run:
     def remote(self) -> bool:
         return bool(self.args.remote)
 
-    def store(self, filename: str, unit_columns: list[str]) -> ResultStore:
-        return ResultStore(self.out / filename, unit_columns)
+    @property
+    def settings(self) -> dict[str, object]:
+        """What produced the rows: the recipe, every option that changes them, and its data (the prompts)."""
+        options = {k: v for k, v in sorted(vars(self.args).items()) if k not in RUN_ONLY}
+        return {"recipe": self.name, **options, "data": data_fingerprint()}
+
+    def store(self, filename: str, unit_columns: list[str], **settings: object) -> ResultStore:
+        """A resumable table of this run; ``settings``: what else decides its rows (resolved layers...)."""
+        on_mismatch = "new" if self.args.new_file else "refuse"
+        return ResultStore(self.out / filename, unit_columns, {**self.settings, **settings}, on_mismatch)
+
+    @staticmethod
+    def pending(store: ResultStore, items: Iterable[T], key: Callable[[T], Sequence[Hashable]]) -> Iterator[T]:
+        """The items whose unit (``key(item)``: its unit-column values) is not finished yet."""
+        done = store.done()
+        return (item for item in items if store.key(key(item)) not in done)
+
+    @staticmethod
+    def cells(store: ResultStore, expected: int, unique: Sequence[str] | None = None) -> pd.DataFrame:
+        """The finished table, checked to hold exactly the grid's ``expected`` rows (unique on ``unique``)."""
+        cells = store.load()
+        if len(cells) != expected or (unique and cells.duplicated(list(unique)).any()):
+            raise SystemExit(f"{store.path} has {len(cells)} rows but this grid has {expected}; rerun to finish it")
+        return cells
 
     def load_model(self, name: str | None = None):
         import superscopes
@@ -59,6 +114,47 @@ def setup(name: str, args: argparse.Namespace, argv: list[str] | None) -> Run:
     given = sys.argv[1:] if argv is None else argv
     command = f"python -m recipes.{name} " + " ".join(shlex.quote(a) for a in given)
     return Run(name, args, out, command.strip())
+
+
+def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], experiment: Callable[[Run], None],
+               argv: list[str] | None = None) -> Path:  # fmt: skip
+    """Parse, make the output folder, run ``experiment`` on ``--threads`` threads (restored after)."""
+    import torch
+
+    args = build_parser().parse_args(argv)
+    run = setup(name, args, argv)
+    previous, started = torch.get_num_threads(), time.time()
+    torch.set_num_threads(args.threads)
+    try:
+        experiment(run)
+        print(f"wrote {run.out} ({time.time() - started:.0f} s)")
+        return run.out
+    except SettingsMismatchError as error:
+        raise SystemExit(f"{name}: {error} (here: --out DIR for another folder, --new-file to write beside it)") from None
+    finally:
+        torch.set_num_threads(previous)
+
+
+def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
+                experiment: Callable[[Run], None]) -> Callable[[list[str] | None], Path]:  # fmt: skip
+    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder."""
+
+    def main(argv: list[str] | None = None) -> Path:
+        return run_recipe(name, build_parser, experiment, argv)
+
+    return main
+
+
+def resolve_layers(layers: list[int] | str | None, n_layers: int, default: list[int]) -> list[int]:
+    """A ``--layers`` value (parsed by ``superscopes.parsing.parse_layers``; None: ``default``) as a list."""
+    if layers is None:
+        return default
+    return list(range(n_layers)) if layers == "all" else layers
+
+
+def depth_layers(fractions: Iterable[float], n_layers: int) -> list[int]:
+    """Layers at these fractions of the model's depth (0 = first, 1 = last), as in the papers' figures."""
+    return sorted({min(n_layers - 1, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
 def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:

@@ -31,7 +31,7 @@ import re
 import pandas as pd
 import torch
 
-from recipes._common import DATA, parser, setup, write_summary
+from ._common import DATA, Run, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "attribute_extraction"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -44,8 +44,7 @@ FACTUAL = DATA / "patchscopes" / "factual"
 # person_mother (not checked: 4000+ rows of little-known people).
 TASKS = ["country_capital_city", "country_currency", "country_largest_city", "food_from_country", "person_plays_pro_sport"]
 QUICK_TASKS = ["country_currency", "country_largest_city"]  # their first 6 subjects include known ones
-LAYERS = list(range(0, 30, 4))  # SmolLM2 (30 layers): 0, 4, ..., 28
-TARGET_LAYERS = list(range(0, 30, 4))
+LAYER_STRIDE = 4 / 30  # l and l*: every 4th layer of SmolLM2's 30 (0, 4, ..., 28), scaled to the model's depth
 MAX_NEW_TOKENS = 10
 PATCHSCOPES, PROBE, ZERO_SHOT = "Patchscopes (best l, l*)", "linear probe (best l)", "zero-shot, input only"
 PROBE_UNSEEN = "probe, unseen subjects (best l)"
@@ -160,14 +159,6 @@ def split(rows: pd.DataFrame, max_test: int, seed: int) -> pd.Series:
     return rows.index.isin(test)
 
 
-def set_threads(threads: int | None) -> int:
-    """``torch.set_num_threads``; returns the previous value (restore it when done)."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    return previous
-
-
 def evaluated_rows(model, tasks: list[str], store, args, limit_subjects: int | None, max_test: int):
     """Load the tasks, keep exact crops, check knowledge (resumable), split: (rows, knowledge table)."""
     frames = [load_task(t, limit_subjects) for t in tasks]
@@ -176,13 +167,10 @@ def evaluated_rows(model, tasks: list[str], store, args, limit_subjects: int | N
              for snippet, subject, source in zip(rows["snippet"], rows["subject"], rows["source"])]  # fmt: skip
     dropped = len(rows) - sum(exact)
     rows = rows[exact].reset_index(drop=True)
-    done = store.done()
-    for task in tasks:
-        if store.key([task]) not in done:
-            store.append(knowledge(model, rows[rows["task"] == task], args.batch_size, args.remote))
+    for task in Run.pending(store, tasks, key=lambda task: [task]):
+        store.append(knowledge(model, rows[rows["task"] == task], args.batch_size, args.remote))
     known = store.load()
-    known = known[known["task"].isin(tasks)]
-    yes = known[known["known"].astype(str) == "True"]
+    yes = known[known["known"]]
     known_subjects = set(zip(yes["task"], yes["subject"]))
     rows = rows[[(t, s) in known_subjects for t, s in zip(rows["task"], rows["subject"])]].reset_index(drop=True)
     rows["test"] = False
@@ -197,29 +185,29 @@ def evaluated_rows(model, tasks: list[str], store, args, limit_subjects: int | N
 
 
 def build_parser():
-    from superscopes.cli import parse_layers
+    from superscopes.parsing import parse_layers
 
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--tasks", default=None, help=f"comma list of factual tasks (default {','.join(TASKS)})")
-    p.add_argument("--layers", type=parse_layers, default=None, help="source layers (default 0,4,...,28)")
-    p.add_argument("--target-layers", type=parse_layers, default=None, help="target layers l* (default 0,4,...,28)")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="source layers (default every 4th of 30 layers, scaled to the model's depth: 0,4,...,28)")  # fmt: skip
+    p.add_argument("--target-layers", type=parse_layers, default=None, help="target layers l* (default as --layers)")
     p.add_argument("--max-rows", type=int, default=None, help="held-out (patched) rows per task (default 8; quick 2)")
     p.add_argument("--limit-subjects", type=int, default=None, help="check only the first N subjects per task")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    previous_threads = set_threads(args.threads)
-    try:
-        _main(args, argv)
-    finally:
-        torch.set_num_threads(previous_threads)
+def chosen_tasks(args, default: list[str] = TASKS, quick: list[str] = QUICK_TASKS) -> list[str]:
+    """``--tasks`` (else ``quick`` or ``default``), each checked against the data's tasks."""
+    tasks = args.tasks.split(",") if args.tasks else (quick if args.quick else default)
+    unknown = [t for t in tasks if not (FACTUAL / f"{t}.tsv").exists()]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(p.stem for p in FACTUAL.glob('*.tsv'))}")
+    return tasks
 
 
-def _main(args, argv) -> None:
-    run = setup(NAME, args, argv)
+def experiment(run: Run) -> None:
+    args = run.args
 
     import superscopes
     from superscopes import plots
@@ -227,18 +215,12 @@ def _main(args, argv) -> None:
     from superscopes.probe import fit_probe
     from superscopes.sites import num_layers
 
-    tasks = args.tasks.split(",") if args.tasks else (QUICK_TASKS if args.quick else TASKS)
-    unknown = [t for t in tasks if not (FACTUAL / f"{t}.tsv").exists()]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(p.stem for p in FACTUAL.glob('*.tsv'))}")
+    tasks = chosen_tasks(args)
     model = run.load_model()
     n_layers = num_layers(model)
-    default_layers = [4, 12] if args.quick else [layer for layer in LAYERS if layer < n_layers]
-    default_targets = [0, 4] if args.quick else [layer for layer in TARGET_LAYERS if layer < n_layers]
-    layers = args.layers or default_layers
-    targets = args.target_layers or default_targets
-    layers = list(range(n_layers)) if layers == "all" else layers
-    targets = list(range(n_layers)) if targets == "all" else targets
+    stride = max(1, round(n_layers * LAYER_STRIDE))
+    layers = resolve_layers(args.layers, n_layers, [4, 12] if args.quick else list(range(0, n_layers, stride)))
+    targets = resolve_layers(args.target_layers, n_layers, [0, 4] if args.quick else list(range(0, n_layers, stride)))
     max_test = args.max_rows or (2 if args.quick else 8)
     limit_subjects = args.limit_subjects or (6 if args.quick else None)
 
@@ -247,46 +229,31 @@ def _main(args, argv) -> None:
     test = rows[rows["test"]]
 
     # Patchscopes: one run per (task, source layer); every held-out row x target layer.
-    store = run.store("cells.csv", ["task", "layer"])
-    done = store.done()
-    for task in tasks:
+    store = run.store("cells.csv", ["task", "layer"], layers=layers, targets=targets)
+    for task, layer in run.pending(store, [(t, l) for t in tasks for l in layers], key=lambda unit: unit):
         part = test[test["task"] == task]
         if part.empty:
             continue
         meta = part.set_index("source")
-        for layer in layers:
-            if store.key([task, layer]) in done:
-                continue
-            scope = superscopes.Scope(
-                list(part["source"]), sites=["resid_post"], layers=[layer], alphas=[1], target=part["template"].iloc[0],
-                target_layers=targets, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
-            )  # fmt: skip
-            frame = superscopes.run(model, scope, remote=run.remote, progress=False)
-            frame.insert(0, "task", task)
-            frame["subject"] = frame["source"].map(meta["subject"])
-            frame["object"] = frame["source"].map(meta["object"])
-            frame["success"] = [mentions(o, obj) for o, obj in zip(frame["output"], frame["object"])]
-            store.append(frame.drop(columns=["output_ids"]))
-    cells = store.load()
+        scope = superscopes.Scope(
+            list(part["source"]), sites=["resid_post"], layers=[layer], alphas=[1], target=part["template"].iloc[0],
+            target_layers=targets, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
+        )  # fmt: skip
+        frame = superscopes.run(model, scope, remote=run.remote, progress=False)
+        frame.insert(0, "task", task)
+        frame["subject"] = frame["source"].map(meta["subject"])
+        frame["object"] = frame["source"].map(meta["object"])
+        frame["success"] = [mentions(o, obj) for o, obj in zip(frame["output"], frame["object"])]
+        store.append(frame.drop(columns=["output_ids"]))
+    cells = run.cells(store, len(test) * len(layers) * len(targets), unique=["task", "source", "layer", "target_layer"])
     if cells.empty:
         cells = pd.DataFrame(columns=["task", "source", "layer", "target_layer", "output", "success"])
-    else:
-        cells = cells[cells["task"].isin(tasks) & cells["source"].isin(set(test["source"]))]
-        cells = cells[cells["layer"].isin(layers) & cells["target_layer"].isin(targets)]
-        cells["success"] = cells["success"].astype(str) == "True"
-    expected = len(test) * len(layers) * len(targets)
-    if len(cells) != expected or cells.duplicated(["task", "source", "layer", "target_layer"]).any():
-        raise SystemExit(
-            f"{store.path} holds {len(cells)} cells for this grid, expected {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
 
     # Baselines: the input-only zero-shot verbaliser, and a linear probe per layer.
     base_store = run.store("baselines.csv", ["task"])
-    done = base_store.done()
-    for task in tasks:
+    for task in run.pending(base_store, tasks, key=lambda task: [task]):
         part = test[test["task"] == task]
-        if part.empty or base_store.key([task]) in done:
+        if part.empty:
             continue
         prompts = [f"{s}\n{q}" for s, q in zip(part["source"], part["question"])]
         outputs = greedy(model, prompts, batch_size=args.batch_size, remote=run.remote)
@@ -296,15 +263,11 @@ def _main(args, argv) -> None:
             "success": [mentions(o, obj) for o, obj in zip(outputs, part["object"])],
         }))  # fmt: skip
     baselines = base_store.load()
-    baselines = baselines[baselines["task"].isin(tasks)] if not baselines.empty else baselines
-    if not baselines.empty:
-        baselines["success"] = baselines["success"].astype(str) == "True"
 
     probe_store = run.store("probe.csv", ["task"])
-    done = probe_store.done()
-    for task in tasks:
+    for task in run.pending(probe_store, tasks, key=lambda task: [task]):
         part = rows[rows["task"] == task]
-        if not part["test"].any() or probe_store.key([task]) in done:
+        if not part["test"].any():
             continue
         h = collect(model, list(part["source"]), "resid_post", "all", "last", batch_size=32, remote=run.remote)
         train, held = part["test"].values == False, part["test"].values  # noqa: E712
@@ -326,7 +289,6 @@ def _main(args, argv) -> None:
             records.append(record)
         probe_store.append(pd.DataFrame(records))
     probes = probe_store.load()
-    probes = probes[probes["task"].isin(tasks)] if not probes.empty else probes
 
     # Scores.
     model_label = str(model_name_of(model))
@@ -338,7 +300,7 @@ def _main(args, argv) -> None:
         k = known[known["task"] == task]
         part = rows[rows["task"] == task]
         record = {
-            "task": task, "subjects_checked": len(k), "subjects_known": int((k["known"].astype(str) == "True").sum()),
+            "task": task, "subjects_checked": len(k), "subjects_known": int(k["known"].sum()),
             "known_rows": len(part), "test_rows": int(part["test"].sum()), "classes": part["object"].nunique(),
         }  # fmt: skip
         c = per_cell[per_cell["task"] == task]
@@ -465,10 +427,9 @@ def _main(args, argv) -> None:
         },
         findings=findings,
         tables={"Per task": summary, "Knowledge check (plain question)": known.groupby("task").agg(
-            checked=("subject", "size"), known=("known", lambda s: int((s.astype(str) == "True").sum()))).reset_index()},
+            checked=("subject", "size"), known=("known", "sum")).reset_index()},
         figures=figures,
     )
-    print(f"wrote {run.out}")
 
 
 def model_name_of(model) -> str:
@@ -476,6 +437,8 @@ def model_name_of(model) -> str:
 
     return model_name(model)
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -26,15 +26,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
-from recipes.token_identity import binomial_ci, distinct_prefixes, load_snippets, log, parse_layers, record_time
+from superscopes.parsing import parse_layers
+
+from ._common import Run, parser, recipe_main, resolve_layers, write_summary
+from .token_identity import binomial_ci, distinct_prefixes, load_snippets, log, record_time
 
 NAME = "cross_model"
 DESCRIPTION = "Cross-model token identity: affine maps between SmolLM2 and Gemma-3, precision@1 per layer pair"
 PAPER = (
     "Patchscopes cross-model patching (smaller -> larger model of one family, affine map per layer pair fitted "
     "by least squares): precision@1 heatmap over (source layer, target layer), high where the two layers sit at "
-    "similar relative depth; RESEARCH.md records no number for our model pair"
+    "similar relative depth; no number is published for this model pair"
 )
 CELL_COLUMNS = [
     "direction", "model", "target_model", "source", "position", "token", "layer", "target_layer", "transform",
@@ -58,8 +60,8 @@ def build_parser():
     p.add_argument("--sources", type=int, help="evaluated source texts; default 32, quick 4")
     p.add_argument("--fit-snippets", type=int, help="held-out snippets for the maps; default 300, quick 16")
     p.add_argument("--grid", type=int, help="layers per model on the strided grid; default 4, quick 1 (the last layer)")
-    p.add_argument("--layers", help="explicit layers of --model ('0,7,14' or 'a:b:c'); overrides --grid")
-    p.add_argument("--other-layers", help="explicit layers of --other; overrides --grid")
+    p.add_argument("--layers", type=parse_layers, help="explicit layers of --model ('0,7,14', '0-3', 'all'); overrides --grid")
+    p.add_argument("--other-layers", type=parse_layers, help="explicit layers of --other; overrides --grid")
     p.add_argument("--ridge", type=float, help="ridge of the map fits; default 10 (quick 100)")
     p.add_argument("--no-reverse", action="store_true", help="only --model -> --other and --model -> --model (always so with --quick)")
     p.add_argument("--min-words", type=int, default=2, help="shortest source text in words")
@@ -108,9 +110,8 @@ def plot(summary: pd.DataFrame, directions: list[str], path: Path, title: str) -
     return plots.save(fig, path, title)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
+def experiment(run: Run) -> None:
+    args = run.args
     quick = args.quick
     n_sources = args.sources or (4 if quick else 32)
     n_fit = args.fit_snippets or (16 if quick else 300)
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> Path:
     a, b = run.load_model(), run.load_model(args.other)
     name = {id(a): model_name(a), id(b): model_name(b)}
     layers = {
-        id(a): parse_layers(args.layers, num_layers(a), strided(num_layers(a), grid)),
-        id(b): parse_layers(args.other_layers, num_layers(b), strided(num_layers(b), grid)),
+        id(a): resolve_layers(args.layers, num_layers(a), strided(num_layers(a), grid)),
+        id(b): resolve_layers(args.other_layers, num_layers(b), strided(num_layers(b), grid)),
     }
     reverse = not args.no_reverse and not quick
     pairs = [(a, b), (a, a), (b, b), (b, a)] if reverse else [(a, b), (a, a)]
@@ -139,11 +140,10 @@ def main(argv: list[str] | None = None) -> Path:
     _, prompts, consumed = distinct_prefixes(snippets["text"].tolist(), n_sources, args.seed, args.min_words)
     held_out = snippets.iloc[consumed : consumed + n_fit]["text"].tolist()
 
-    store = run.store("cells.csv", ["direction", "layer", "target_layer"])
+    store = run.store("cells.csv", ["direction", "layer", "target_layer"], layers=list(layers.values()))
     rows_before = len(store.load())
-    done = store.done()
     todo = {
-        d: [(ls, lt) for ls in layers[id(s)] for lt in layers[id(t)] if store.key([d, ls, lt]) not in done]
+        d: list(run.pending(store, [(ls, lt) for ls in layers[id(s)] for lt in layers[id(t)]], lambda p: [d, *p]))
         for d, (s, t) in zip(directions, pairs)
     }
 
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> Path:
                 store.append(rows[rows["target_layer"] == lt])
             log(f"{d}: source layer {ls} done ({time.time() - t0:.0f} s)")
 
-    cells = store.load()
+    expected = len(prompts) * sum(len(layers[id(s)]) * len(layers[id(t)]) for s, t in pairs)
+    cells = run.cells(store, expected, unique=["direction", "source", "layer", "target_layer"])
     seconds = record_time(run.out, t0, rows_before, len(cells))
-    cells = cells[cells["source"].isin(set(prompts)) & cells["direction"].isin(directions)]
     summary = (
         cells.groupby(["direction", "layer", "target_layer"])
         .agg(precision_at_1=("precision_at_1", "mean"), source_match=("source_match", "mean"),
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> Path:
          "on the same text", "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
         findings, {f"precision@1, {d}": table for d, table in tables.items()}, [figure.name],
     )  # fmt: skip
-    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
-    return run.out
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
+
+from ._common import DATA, Run, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "entity_description"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -32,7 +33,6 @@ ORACLE = "amplified, best α by RougeL (oracle)"
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, default=None, help="source = target layers (default 1,3,5,7)")
     p.add_argument("--alphas", type=parse_floats, default=None, help="comma list incl. 1 (default 1,3,6,9,12,15)")
     p.add_argument("--site", default="resid_post", help="source site (default resid_post, the hidden state)")
@@ -41,17 +41,11 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
+def experiment(run: Run) -> None:
+    args = run.args
     import superscopes
-    from superscopes import judge, plots
-    from superscopes.metrics import first_item, rouge_l, sign_test
+    from superscopes import judge
+    from superscopes.metrics import first_item, rouge_l
     from superscopes.sites import num_layers
 
     data = pd.read_csv(DATA / "entity_descriptions.csv", keep_default_na=False)
@@ -63,15 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         alphas = [1, *alphas]
     model = run.load_model()
     n_layers = num_layers(model)
-    layers = args.layers or ([1, 4] if args.quick else LAYERS)
-    layers = list(range(n_layers)) if layers == "all" else layers
+    layers = resolve_layers(args.layers, n_layers, [1, 4] if args.quick else LAYERS)
 
-    store = run.store("cells.csv", ["source"])
-    done = store.done()
+    store = run.store("cells.csv", ["source"], layers=layers, alphas=alphas)
     scorer = judge.default_judge()
-    for entity in data["entity"]:
-        if store.key([entity]) in done:
-            continue
+    for entity in run.pending(store, data["entity"], key=lambda entity: [entity]):
         scope = superscopes.Scope(
             entity, sites=[args.site], layers=layers, alphas=alphas, target="entity", target_layers=["same"],
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -79,16 +69,23 @@ def main(argv: list[str] | None = None) -> None:
         frame = judge.score(superscopes.run(model, scope, remote=run.remote), judge=scorer)
         store.append(frame.drop(columns=["output_ids"]).assign(reference=reference[entity]))
 
-    cells = store.load()
+    cells = run.cells(store, len(data) * len(layers) * len(alphas), unique=["source", "layer", "alpha"])
     cells["description"] = cells["output"].map(first_item)
     cells["rougeL"] = [rouge_l(d, r) for d, r in zip(cells["description"], cells["reference"])]
     cells["rougeL_raw"] = [rouge_l(o, r) for o, r in zip(cells["output"], cells["reference"])]
-    expected = len(data) * len(layers) * len(alphas)
-    if len(cells) != expected or cells.duplicated(["source", "layer", "alpha"]).any():
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    scores = picks(cells, alphas)
+    scores.to_csv(run.out / "scores.csv", index=False)
+    per_layer = scores.groupby(["method", "layer"], sort=False).agg(
+        entities=("source", "size"), rougeL=("rougeL", "mean"), rougeL_raw=("rougeL_raw", "mean"),
+        similarity=("similarity", "mean"),
+    ).reset_index()  # fmt: skip
+    per_layer.to_csv(run.out / "summary.csv", index=False)
+    figure = plot(run, cells, per_layer, len(data), layers)
+    report(run, cells, scores, per_layer, len(data), layers, alphas, n_layers, figure)
+
+
+def picks(cells: pd.DataFrame, alphas: list[float]) -> pd.DataFrame:
+    """Per (entity, layer) and method: the readout each method picks (by the judge, or RougeL for the oracle)."""
 
     def pick(frame: pd.DataFrame, method: str, by: str) -> pd.DataFrame:
         index = frame.groupby(KEY, sort=False)[by].idxmax()
@@ -96,17 +93,38 @@ def main(argv: list[str] | None = None) -> None:
         return frame.loc[index.values, columns].assign(method=method)
 
     amplified = cells[cells["alpha"] != 1]
-    picks = [pick(cells[cells["alpha"] == 1], PATCHSCOPES, "similarity")]
+    chosen = [pick(cells[cells["alpha"] == 1], PATCHSCOPES, "similarity")]
     if not amplified.empty:
-        picks += [pick(amplified, JUDGE_BEST, "similarity"), pick(amplified, ORACLE, "rougeL")]
-    picks += [pick(cells[cells["alpha"] == a], f"α={a:g}", "similarity") for a in alphas if a != 1]
-    scores = pd.concat(picks, ignore_index=True)
-    scores.to_csv(run.out / "scores.csv", index=False)
-    per_layer = scores.groupby(["method", "layer"], sort=False).agg(
-        entities=("source", "size"), rougeL=("rougeL", "mean"), rougeL_raw=("rougeL_raw", "mean"),
-        similarity=("similarity", "mean"),
-    ).reset_index()  # fmt: skip
-    per_layer.to_csv(run.out / "summary.csv", index=False)
+        chosen += [pick(amplified, JUDGE_BEST, "similarity"), pick(amplified, ORACLE, "rougeL")]
+    chosen += [pick(cells[cells["alpha"] == a], f"α={a:g}", "similarity") for a in alphas if a != 1]
+    return pd.concat(chosen, ignore_index=True)
+
+
+def plot(run: Run, cells: pd.DataFrame, per_layer: pd.DataFrame, n_entities: int, layers: list[int]) -> str:
+    """Mean RougeL per layer, one line per method (single alphas dashed)."""
+    from superscopes import plots
+
+    args, model_label = run.args, cells["model"].iloc[0]
+    fig, (ax,) = plots.figure(1, size=(10.0, 5.0))
+    main_methods = [PATCHSCOPES, JUDGE_BEST, ORACLE]
+    shown = per_layer.assign(kind=["method" if m in main_methods else "single α" for m in per_layer["method"]])
+    plots.lines(shown, x="layer", y="rougeL", hue="method", style="kind", ax=ax, legend_out=True,
+                title=f"RougeL of the readout's first item vs the reference, {n_entities} entities, "
+                      f"source site {args.site}, {args.max_new_tokens} new tokens",
+                xlabel="layer (source = target)", ylabel="mean RougeL F1")  # fmt: skip
+    ax.set_xticks(layers)
+    figure = "rougeL_per_layer.png"
+    plots.save(fig, run.out / figure, title=f"{model_label}: entity-description Patchscope, alpha = 1 vs amplified")
+    return figure
+
+
+def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.DataFrame, n_entities: int,
+           layers: list[int], alphas: list[float], n_layers: int, figure: str) -> None:  # fmt: skip
+    """summary.md: RougeL of alpha=1 vs the judge's amplified pick (paired), single alphas, the oracle."""
+    from superscopes.metrics import sign_test
+
+    args, model_label = run.args, cells["model"].iloc[0]
+    amplified = cells[cells["alpha"] != 1]
     overall = scores.groupby("method", sort=False).agg(
         cells=("source", "size"), rougeL=("rougeL", "mean"), rougeL_raw=("rougeL_raw", "mean"),
         judge_similarity=("similarity", "mean"),
@@ -118,18 +136,6 @@ def main(argv: list[str] | None = None) -> None:
         left, right = left.align(right, join="inner")
         wins, losses = int((left > right).sum()), int((left < right).sum())
         return wins, losses, sign_test(wins, losses)
-
-    model_label = cells["model"].iloc[0]
-    fig, (ax,) = plots.figure(1, size=(10.0, 5.0))
-    main_methods = [PATCHSCOPES, JUDGE_BEST, ORACLE]
-    shown = per_layer.assign(kind=["method" if m in main_methods else "single α" for m in per_layer["method"]])
-    plots.lines(shown, x="layer", y="rougeL", hue="method", style="kind", ax=ax, legend_out=True,
-                title=f"RougeL of the readout's first item vs the reference, {len(data)} entities, "
-                      f"source site {args.site}, {args.max_new_tokens} new tokens",
-                xlabel="layer (source = target)", ylabel="mean RougeL F1")  # fmt: skip
-    ax.set_xticks(layers)
-    figure = "rougeL_per_layer.png"
-    plots.save(fig, run.out / figure, title=f"{model_label}: entity-description Patchscope, alpha = 1 vs amplified")
 
     get = dict(zip(overall["method"], overall["rougeL"]))
     findings = []
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         run,
         title=f"Entity description Patchscope on {model_label}",
         ours=(
-            f"mean RougeL over {len(data)} entities x layers {layers}: α=1 {get[PATCHSCOPES]:.3f}"
+            f"mean RougeL over {n_entities} entities x layers {layers}: α=1 {get[PATCHSCOPES]:.3f}"
             + (f"; amplified, best α by judge {get[JUDGE_BEST]:.3f}; oracle best α {get[ORACLE]:.3f}"
                if not amplified.empty else "")  # fmt: skip
         ),
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         settings={
             "model": f"{model_label} ({n_layers} layers)",
-            "data": f"recipes/data/entity_descriptions.csv, {len(data)} entities with hand-written references",
+            "data": f"recipes/data/entity_descriptions.csv, {n_entities} entities with hand-written references",
             "source": f"last token of the bare entity name, site {args.site}",
             "layers (source = target)": layers,
             "alphas": alphas,
@@ -206,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         },
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

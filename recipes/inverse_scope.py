@@ -47,16 +47,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
-from recipes.token_identity import PATCHSCOPES_DATA, load_snippets, log, parse_layers, record_time
 from superscopes import inverse
 from superscopes.metrics import holm
+from superscopes.parsing import parse_layers
+
+from ._common import Run, parser, recipe_main, resolve_layers, write_summary
+from .token_identity import PATCHSCOPES_DATA, load_snippets, log, record_time
 
 NAME = "inverse_scope"
 DESCRIPTION = "InverseScope: feature consistency of generated, nearest-activation and random inputs per layer"
 PAPER = (
     "InverseScope (2025) samples inputs from a trained conditional generator and reports that feature "
-    "consistency rates of true hypotheses exceed those of random inputs; RESEARCH.md records no number, "
+    "consistency rates of true hypotheses exceed those of random inputs, with no number we can compare with, "
     "and the training-free corpus version here has no published counterpart"
 )
 HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token")
@@ -93,7 +95,8 @@ def build_parser():
     p.add_argument("--corpus", type=int, help="corpus snippets; default 1200, quick 60")
     p.add_argument("--queries", type=int, help="query snippets; default 200, quick 16")
     p.add_argument("--k", type=int, default=10, help="nearest inputs (and random inputs) per query")
-    p.add_argument("--layers", help="layers: 'all', '0,4,8' or 'a:b:c'; default every 3rd + last (quick: middle and last)")
+    p.add_argument("--layers", type=parse_layers,
+                   help="layers: 'all', '0,4,8', '0-5'; default every 3rd + last (quick: middle and last)")  # fmt: skip
     p.add_argument("--site", default="resid_post", help="activation site (same for queries and corpus)")
     p.add_argument("--generator-layers",
                    help="layers with a trained generator: 'none', or as --layers; default the middle one")  # fmt: skip
@@ -203,15 +206,12 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
+def experiment(run: Run) -> None:
+    args = run.args
     quick = args.quick
     n_corpus = args.corpus or (60 if quick else 1200)
     n_queries = args.queries or (16 if quick else 200)
-    remote = run.remote
 
-    from superscopes import lens
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> Path:
     n_layers = num_layers(model)
     default = sorted({n_layers // 2, n_layers - 1}) if quick else sorted(
         set(range(0, n_layers, 3)) | {n_layers - 1})  # fmt: skip
-    layers = parse_layers(args.layers, n_layers, default)
+    layers = resolve_layers(args.layers, n_layers, default)
 
     snippets = load_snippets(args.seed)
     tokenizer = model.tokenizer
@@ -234,89 +234,109 @@ def main(argv: list[str] | None = None) -> Path:
         if len(queries) == n_queries:
             break
     corpus = snippets.iloc[:n_corpus].reset_index(drop=True)
-    store = run.store("cells.csv", ["layer"])
+    store = run.store("cells.csv", ["layer"], layers=layers)
     rows_before = len(store.load())
-    done = store.done()
-    pending = [l for l in layers if store.key([l]) not in done]
+    pending = list(run.pending(store, layers, key=lambda layer: [layer]))
     middle = min(layers, key=lambda l: abs(l - n_layers // 2))  # the evaluated layer nearest the model's middle
-    generator_layers = [] if args.generator_layers == "none" else parse_layers(args.generator_layers, n_layers,
-                                                                                [middle])  # fmt: skip
+    generator_layers = [] if args.generator_layers == "none" else resolve_layers(
+        None if args.generator_layers is None else parse_layers(args.generator_layers), n_layers, [middle])  # fmt: skip
     if set(generator_layers) - set(layers):
         missing = sorted(set(generator_layers) - set(layers))
-        raise ValueError(f"generator layers {missing} are not among the layers {layers}")
-    generator_store, distance_store = run.store("generator.csv", ["layer"]), run.store("distances.csv", ["layer"])
-    generator_done = generator_store.done()
-    generator_pending = [l for l in generator_layers if generator_store.key([l]) not in generator_done]
-    read = sorted(set(pending) | set(generator_pending))
-    country_names = countries()
+        raise SystemExit(f"generator layers {missing} are not among the layers {layers}")
+    generator_store = run.store("generator.csv", ["layer"], layers=layers, generator_layers=generator_layers)
+    distance_store = run.store("distances.csv", ["layer"], layers=layers, generator_layers=generator_layers)
+    generator_pending = list(run.pending(generator_store, generator_layers, key=lambda layer: [layer]))
     log(f"{name}: layers {layers} ({len(pending)} to run); generator at {generator_layers} ({len(generator_pending)} "
         f"to run); corpus {len(corpus)} snippets; {len(queries)} queries")  # fmt: skip
 
-    if read:
-        pairs = lens.token_positions(tokenizer, corpus["text"].tolist(), "text")
-        table = _Positions(tokenizer, corpus, pairs, country_names)
-        corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, read, "text", args.batch_size, remote)
-        query_texts = [q[0] for q in queries]
-        query_acts = lens.collect(model, query_texts, args.site, read, [[q[3]] for q in queries],
-                                  args.batch_size, remote)  # fmt: skip
-        log(f"activations: {len(pairs)} corpus positions, {len(queries)} queries ({time.time() - t0:.0f} s)")
-        query_frame = pd.DataFrame({"text": query_texts, "subject": [q[1] for q in queries],
-                                    "relation": [q[2] for q in queries]})  # fmt: skip
-        query_table = _Positions(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], country_names)
-        rng = np.random.default_rng(args.seed)
-        random_rows = np.stack([rng.choice(len(pairs), args.k, replace=False) for _ in queries])
-        every = np.arange(len(pairs))
-        tokens = np.array(table.token, dtype=object)
-
-        def features(qi: int, subject: str, relation: str, chosen: np.ndarray) -> dict:
-            """hypothesis -> (f(x_original), f over the chosen corpus inputs)."""
-            return {
-                "country": (bool(query_table.country[qi]), table.country[chosen]),
-                "same_subject": (True, table.contains(subject, chosen)),
-                "subject_end": (bool(query_table.subject_end[qi]), table.subject_end[chosen]),
-                "same_relation": (True, table.relation[chosen] == relation),
-                "same_token": (True, tokens[chosen] == query_table.token[qi]),
-            }
-
-        # The ceiling: the most any k inputs of this corpus can agree with the query on each
-        # hypothesis, min(1, inputs for which it holds / k); the same at every layer.
-        ceiling = [
-            {h: min(1.0, float(np.sum(f == f_query)) / args.k) for h, (f_query, f) in features(qi, q[1], q[2], every).items()}
-            for qi, q in enumerate(queries)
-        ]  # fmt: skip
-        for layer in pending:
-            nearest = nearest_rows(corpus_acts[layer], query_acts[layer], args.k)
-            rows = []
-            for qi, (text, subject, relation, position) in enumerate(queries):
-                for sampler, chosen in (("nearest", nearest[qi]), ("random", random_rows[qi]), ("ceiling", None)):
-                    found = features(qi, subject, relation, every[:0] if chosen is None else chosen)
-                    for hypothesis, (f_query, f_inputs) in found.items():
-                        if not f_query:
-                            continue  # each hypothesis is asked of the queries for which it holds
-                        if chosen is None:
-                            consistency, shown = ceiling[qi][hypothesis], []
-                        else:
-                            consistency, shown = float(np.mean(f_inputs == f_query)), chosen[:3]
-                        rows.append({
-                            "model": name, "query": text, "subject": subject, "relation": relation,
-                            "position": position, "token": query_table.token[qi], "layer": layer,
-                            "sampler": sampler, "k": args.k, "hypothesis": hypothesis, "f_query": int(f_query),
-                            "consistency": consistency, "neighbours": json.dumps([table.prefix[r] for r in shown]),
-                        })  # fmt: skip
-            store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
-            log(f"layer {layer} done")
-        for layer in generator_pending:
-            generated, distances = generator_cells(run, model, name, layer, corpus["text"].tolist(), pairs,
-                                                   corpus_acts[layer], queries, query_acts[layer], query_table,
-                                                   random_rows, country_names)  # fmt: skip
-            distance_store.append(distances)
-            generator_store.append(generated)  # last: a layer counts as done once both are written
-            log(f"layer {layer}: generator done")
-
-    cells = store.load()
+    if pending or generator_pending:
+        consistency_rows(run, model, corpus, queries, pending, generator_pending, (store, generator_store, distance_store), t0)
+    cells = store.load()  # rows per layer depend on the data; the store keeps only layers whose rows are all there
     seconds = record_time(run.out, t0, rows_before, len(cells))
     cells = pd.concat([cells, generator_store.load()], ignore_index=True)
-    cells = cells[cells["layer"].isin(layers)]
+    report(run, name, tokenizer, cells[cells["layer"].isin(layers)], distance_store.load(), corpus, queries, layers,
+           generator_layers, seconds)  # fmt: skip
+
+
+def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple], pending: list[int],
+                     generator_pending: list[int], stores: tuple, t0: float) -> None:  # fmt: skip
+    """Per pending layer (a unit): each query's nearest, random and ceiling consistency per
+    hypothesis; per pending generator layer, the trained generator's samples and distances."""
+    from superscopes import lens
+    from superscopes.models import model_name
+
+    store, generator_store, distance_store = stores
+    args, remote, tokenizer, name = run.args, run.remote, model.tokenizer, model_name(model)
+    read = sorted(set(pending) | set(generator_pending))
+    country_names = countries()
+    pairs = lens.token_positions(tokenizer, corpus["text"].tolist(), "text")
+    table = _Positions(tokenizer, corpus, pairs, country_names)
+    corpus_acts = lens.collect(model, corpus["text"].tolist(), args.site, read, "text", args.batch_size, remote)
+    query_texts = [q[0] for q in queries]
+    query_acts = lens.collect(model, query_texts, args.site, read, [[q[3]] for q in queries],
+                              args.batch_size, remote)  # fmt: skip
+    log(f"activations: {len(pairs)} corpus positions, {len(queries)} queries ({time.time() - t0:.0f} s)")
+    query_frame = pd.DataFrame({"text": query_texts, "subject": [q[1] for q in queries],
+                                "relation": [q[2] for q in queries]})  # fmt: skip
+    query_table = _Positions(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], country_names)
+    rng = np.random.default_rng(args.seed)
+    random_rows = np.stack([rng.choice(len(pairs), args.k, replace=False) for _ in queries])
+    every = np.arange(len(pairs))
+    tokens = np.array(table.token, dtype=object)
+
+    def features(qi: int, subject: str, relation: str, chosen: np.ndarray) -> dict:
+        """hypothesis -> (f(x_original), f over the chosen corpus inputs)."""
+        return {
+            "country": (bool(query_table.country[qi]), table.country[chosen]),
+            "same_subject": (True, table.contains(subject, chosen)),
+            "subject_end": (bool(query_table.subject_end[qi]), table.subject_end[chosen]),
+            "same_relation": (True, table.relation[chosen] == relation),
+            "same_token": (True, tokens[chosen] == query_table.token[qi]),
+        }
+
+    # The ceiling: the most any k inputs of this corpus can agree with the query on each
+    # hypothesis, min(1, inputs for which it holds / k); the same at every layer.
+    ceiling = [
+        {h: min(1.0, float(np.sum(f == f_query)) / args.k) for h, (f_query, f) in features(qi, q[1], q[2], every).items()}
+        for qi, q in enumerate(queries)
+    ]  # fmt: skip
+    for layer in pending:
+        nearest = nearest_rows(corpus_acts[layer], query_acts[layer], args.k)
+        rows = []
+        for qi, (text, subject, relation, position) in enumerate(queries):
+            for sampler, chosen in (("nearest", nearest[qi]), ("random", random_rows[qi]), ("ceiling", None)):
+                found = features(qi, subject, relation, every[:0] if chosen is None else chosen)
+                for hypothesis, (f_query, f_inputs) in found.items():
+                    if not f_query:
+                        continue  # each hypothesis is asked of the queries for which it holds
+                    if chosen is None:
+                        consistency, shown = ceiling[qi][hypothesis], []
+                    else:
+                        consistency, shown = float(np.mean(f_inputs == f_query)), chosen[:3]
+                    rows.append({
+                        "model": name, "query": text, "subject": subject, "relation": relation,
+                        "position": position, "token": query_table.token[qi], "layer": layer,
+                        "sampler": sampler, "k": args.k, "hypothesis": hypothesis, "f_query": int(f_query),
+                        "consistency": consistency, "neighbours": json.dumps([table.prefix[r] for r in shown]),
+                    })  # fmt: skip
+        store.append(pd.DataFrame(rows, columns=CELL_COLUMNS))
+        log(f"layer {layer} done")
+    for layer in generator_pending:
+        generated, distances = generator_cells(run, model, name, layer, corpus["text"].tolist(), pairs,
+                                               corpus_acts[layer], queries, query_acts[layer], query_table,
+                                               random_rows, country_names)  # fmt: skip
+        distance_store.append(distances)
+        generator_store.append(generated)  # last: a layer counts as done once both are written
+        log(f"layer {layer}: generator done")
+
+
+def report(run: Run, name: str, tokenizer, cells: pd.DataFrame, distances: pd.DataFrame, corpus: pd.DataFrame,
+           queries: list[tuple], layers: list[int], generator_layers: list[int], seconds: float) -> None:  # fmt: skip
+    """summary.csv, comparisons.csv, the figure and summary.md: consistency per hypothesis and
+    layer for the generator, nearest and random inputs, with prompt-level comparisons."""
+    from superscopes import lens
+
+    args = run.args
     summary = inverse.fcr_table(cells, seed=args.seed)  # mean FCR, 95% bootstrap interval over queries
     summary.insert(0, "model", name)
     comparisons = pd.concat([inverse.compare_samplers(cells, "generator", ("nearest", "random"), seed=args.seed),
@@ -327,7 +347,6 @@ def main(argv: list[str] | None = None) -> Path:
         adjusted = holm(dict(zip(keys, comparisons["p"])))
         comparisons["p_holm"] = [adjusted[k] for k in keys]
     comparisons.to_csv(run.out / "comparisons.csv", index=False)
-    distances = distance_store.load()
     distance_summary = (inverse.fcr_table(distances, "distance", by=("layer", "sampler"), seed=args.seed)
                         .merge(distances.groupby(["layer", "sampler"])["cosine"].mean().reset_index()))  # fmt: skip
     summary.to_csv(run.out / "summary.csv", index=False)
@@ -401,9 +420,9 @@ def main(argv: list[str] | None = None) -> Path:
                    "examples: generated inputs (first 3)": generated_examples},
         [figure.name],
     )  # fmt: skip
-    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
-    return run.out
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import re
 
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
+from ._common import DATA, Run, parser, recipe_main, write_summary
 
 NAME = "multihop"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -63,28 +63,14 @@ def build_parser():
                    help="queries to patch: wrong with both hops right (default), or every wrong one (quick)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="use the first N queries (default all; quick 6)")
     p.add_argument("--max-queries", type=int, default=None, help="patch at most N evaluated queries (quick 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    args = build_parser().parse_args(argv)
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        _main(args, argv)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _main(args, argv) -> None:
-    run = setup(NAME, args, argv)
+def experiment(run: Run) -> None:
+    args = run.args
 
     import superscopes
-    from recipes.attribute_extraction import greedy
+    from .attribute_extraction import greedy
     from superscopes import plots
     from superscopes.models import model_name
     from superscopes.sites import num_layers
@@ -103,17 +89,13 @@ def _main(args, argv) -> None:
 
     # 1. Baseline: two-hop and one-hop queries, unpatched.
     base_store = run.store("baseline.csv", ["kind"])
-    done = base_store.done()
-    for kind, alias_column in KINDS.items():
-        if base_store.key([kind]) in done:
-            continue
+    for kind, alias_column in run.pending(base_store, KINDS.items(), key=lambda item: item[:1]):
         outputs = greedy(model, list(data[kind]), MAX_NEW_TOKENS, args.batch_size, run.remote)
         base_store.append(pd.DataFrame({
             "kind": kind, "row": data["row"], "relation": data["relation"], "prompt": data[kind], "output": outputs,
             "correct": [correct(o, a) for o, a in zip(outputs, data[alias_column])],
         }))  # fmt: skip
-    baseline = base_store.load()
-    baseline["correct"] = baseline["correct"].astype(str) == "True"
+    baseline = run.cells(base_store, len(KINDS) * len(data))
     flags = baseline.pivot(index="row", columns="kind", values="correct").reindex(data["row"])
     data["two_hop_ok"] = flags["query"].values
     data["hop1_ok"] = flags["hop1_query"].values
@@ -172,8 +154,6 @@ def _main(args, argv) -> None:
     cells = store.load()
     if cells.empty:
         cells = pd.DataFrame(columns=["method", "unit", "row", "layer", "target_layer", "output", "correct"])
-    cells = cells[cells["row"].isin(set(evaluated["row"]))].copy()
-    cells["correct"] = cells["correct"].astype(str) == "True"
     back_cells = sum(len(range(0, layer, stride)) for layer in source_layers) * len(evaluated)
     cot_cells = sum(len(cot_targets[layer]) for layer in source_layers) * len(evaluated)
     counts = cells["method"].value_counts()
@@ -310,8 +290,9 @@ def _main(args, argv) -> None:
                 "Evaluated queries": evaluated_fix.drop(columns=["row"])},  # fmt: skip
         figures=figures,
     )
-    print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -17,10 +17,13 @@ judge's chance rate under best-of-5 selection).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
+
+from ._common import DATA, Run, parser, recipe_main, write_summary
 
 NAME = "superscopes_evaluation"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -39,6 +42,8 @@ KEY = ["source", "site", "layer"]
 
 PATCHSCOPES = "Patchscopes (α=1)"
 NORM_ONE = "norm-matched α=1"
+MISMATCH = "Superscopes judged vs a mismatched prompt"
+MISMATCH_ONE = "Patchscopes judged vs a mismatched prompt"
 
 
 def verdict(wins: int, losses: int, p: float, better: str, worse: str, unclear: str) -> str:
@@ -52,7 +57,6 @@ def verdict(wins: int, losses: int, p: float, better: str, worse: str, unclear: 
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, default=None, help="source = target layers (default 1-7; 'all')")
     p.add_argument("--control-layers", default=None,
                    help="layers for the controls: 'same' (= --layers) or a list (default 1,4,7)")  # fmt: skip
@@ -90,17 +94,10 @@ def best_per_key(frame: pd.DataFrame, method: str, score: str = "similarity") ->
     return winners.assign(method=method).reset_index(drop=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
+def experiment(run: Run) -> None:
+    args = run.args
     import superscopes
-    from superscopes import judge, plots
-    from superscopes.metrics import echoes, names_entity, sign_test
+    from superscopes import judge
     from superscopes.sites import num_layers
 
     entities = pd.read_csv(DATA / "superscopes_entities.csv", keep_default_na=False)
@@ -128,13 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         control_layers = list(range(n_layers)) if control_layers == "all" else control_layers
     grid = conditions(args, layers, control_layers, alphas, controls, samples)
 
-    store = run.store("cells.csv", ["source", "condition"])
-    done = store.done()
+    store = run.store("cells.csv", ["source", "condition"], layers=layers, control_layers=control_layers,
+                      alphas=alphas, samples=samples)  # fmt: skip
     scorer = judge.default_judge()
     per_call = args.prompts_per_call or (len(prompts) if args.quick else 1)
     category = dict(zip(entities["prompt"], entities["category"]))
     for condition, settings in grid.items():
-        pending = [i for i, p in enumerate(prompts) if store.key([p, condition]) not in done]
+        pending = list(run.pending(store, range(len(prompts)), key=lambda i: [prompts[i], condition]))
         for start in range(0, len(pending), per_call):
             chunk = pending[start : start + per_call]
             # Seeded by the first prompt's index: with one prompt per call, a resumed run draws
@@ -147,24 +144,77 @@ def main(argv: list[str] | None = None) -> None:
             frame = judge.score(frame, judge=scorer).drop(columns=["output_ids"])
             store.append(frame.assign(condition=condition, category=frame["source"].map(category)))
 
-    cells = store.load()
     expected = len(prompts) * len(sites) * sum(
         len(s["layers"]) * len(s["alphas"]) * s.get("samples", 1) for s in grid.values()
     )
-    if len(cells) != expected or cells.duplicated(["source", "condition", "site", "layer", "alpha", "sample"]).any():
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    cells = run.cells(store, expected, unique=["source", "condition", "site", "layer", "alpha", "sample"])
 
-    # ------------------------------------------------------------ methods
-    alpha_text = ",".join(f"{a:g}" for a in alphas)
-    SUPERSCOPES = f"Superscopes (best of α {alpha_text})"
-    NORM_BEST = f"norm-matched, best of α {alpha_text}"
-    RANDOM_BEST = f"random direction, best of α {alpha_text}"
-    MISMATCH = "Superscopes judged vs a mismatched prompt"
-    MISMATCH_ONE = "Patchscopes judged vs a mismatched prompt"
-    sampled_name = f"α=1, best of {samples} samples"
+    ev = Evaluation(run, entities, cells, grid, sites, layers, control_layers, alphas, samples, controls, n_layers, scorer)
+    score_methods(ev)
+    aggregate(ev)
+    figure = plot(ev)
+    report(ev, figure)
+
+
+@dataclass
+class Evaluation:
+    """What scoring, the figure and the summary share; filled in that order."""
+
+    run: Run
+    entities: pd.DataFrame
+    cells: pd.DataFrame
+    grid: dict[str, dict]
+    sites: list[str]
+    layers: list[int]
+    control_layers: list[int]
+    alphas: list[float]
+    samples: int
+    controls: list[str]
+    n_layers: int
+    scorer: object
+    scores: pd.DataFrame | None = None
+    per_layer: pd.DataFrame | None = None
+    main_totals: pd.DataFrame | None = None
+    control_totals: pd.DataFrame | None = None
+    single_all: pd.DataFrame | None = None
+    on_controls: pd.DataFrame | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.entities["prompt"].tolist()
+
+    def names(self) -> tuple[str, str, str, str, str]:
+        """alpha text and the alpha-dependent method names: Superscopes, norm best, random best, sampled."""
+        alpha_text = ",".join(f"{a:g}" for a in self.alphas)
+        return (alpha_text, f"Superscopes (best of α {alpha_text})", f"norm-matched, best of α {alpha_text}",
+                f"random direction, best of α {alpha_text}", f"α=1, best of {self.samples} samples")  # fmt: skip
+
+
+def totals(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.groupby(["label", "method", "site"], sort=False).agg(
+        cells=("source", "size"), **{f"successes@{t:g}": (f"success@{t:g}", "sum") for t in THRESHOLDS},
+        mean_best_similarity=("similarity", "mean"),
+    ).reset_index()  # fmt: skip
+
+
+def paired(a: str, b: str, site: str, frame: pd.DataFrame, threshold: float = 0.3) -> tuple[int, int, float]:
+    """(a wins, b wins, sign-test p) over (prompt, layer) pairs both methods scored."""
+    from superscopes.metrics import sign_test
+
+    column = f"success@{threshold:g}"
+    left = frame[(frame["method"] == a) & (frame["site"] == site)].set_index(KEY)[column]
+    right = frame[(frame["method"] == b) & (frame["site"] == site)].set_index(KEY)[column]
+    left, right = left.align(right, join="inner")
+    wins, losses = int((left & ~right).sum()), int((~left & right).sum())
+    return wins, losses, sign_test(wins, losses)
+
+
+def score_methods(ev: Evaluation) -> None:
+    """Per (prompt, site, layer) and method: the best readout, its echo, entity naming, success per threshold."""
+    from superscopes.metrics import echoes, names_entity
+
+    run, cells, grid, alphas, prompts, scorer = ev.run, ev.cells, ev.grid, ev.alphas, ev.prompts, ev.scorer
+    _, SUPERSCOPES, NORM_BEST, RANDOM_BEST, sampled_name = ev.names()
     greedy = cells[cells["condition"] == "greedy"]
     amplified = greedy[greedy["alpha"] != 1]
     methods = [best_per_key(greedy[greedy["alpha"] == 1], PATCHSCOPES), best_per_key(amplified, SUPERSCOPES)]
@@ -196,6 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     for threshold in THRESHOLDS:
         scores[f"success@{threshold:g}"] = scores["similarity"] > threshold
     scores.to_csv(run.out / "successes.csv", index=False)
+    ev.scores = scores
+
+
+def aggregate(ev: Evaluation) -> None:
+    """Successes per layer (summary.csv), totals (main, controls, each alpha alone)."""
+    run, scores, sites, control_layers = ev.run, ev.scores, ev.sites, ev.control_layers
+    SUPERSCOPES = ev.names()[1]
 
     multi_site = len(sites) > 1
     label = (lambda m, s: f"{m} [{s}]") if multi_site else (lambda m, s: m)
@@ -206,26 +263,24 @@ def main(argv: list[str] | None = None) -> None:
     ).reset_index()  # fmt: skip
     per_layer.to_csv(run.out / "summary.csv", index=False)
 
-    def totals(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame.groupby(["label", "method", "site"], sort=False).agg(
-            cells=("source", "size"), **{f"successes@{t:g}": (f"success@{t:g}", "sum") for t in THRESHOLDS},
-            mean_best_similarity=("similarity", "mean"),
-        ).reset_index()  # fmt: skip
-
     on_controls = scores[scores["layer"].isin(control_layers)]
     main_totals = totals(scores[scores["method"].isin([PATCHSCOPES, SUPERSCOPES, MISMATCH_ONE, MISMATCH])])
     control_totals = totals(on_controls)
+    single_all = totals(scores[scores["method"].str.startswith("single α") | (scores["method"] == PATCHSCOPES)])
+    single_all["rate"] = single_all["successes@0.3"] / single_all["cells"]
+    single_all["alpha"] = single_all["method"].str.extract(r"α=([\d.]+)")[0]
+    ev.per_layer, ev.main_totals, ev.control_totals = per_layer, main_totals, control_totals
+    ev.single_all, ev.on_controls = single_all, on_controls
 
-    def paired(a: str, b: str, site: str, frame=on_controls, threshold: float = 0.3) -> tuple[int, int, float]:
-        """(a wins, b wins, sign-test p) over (prompt, layer) pairs both methods scored."""
-        column = f"success@{threshold:g}"
-        left = frame[(frame["method"] == a) & (frame["site"] == site)].set_index(KEY)[column]
-        right = frame[(frame["method"] == b) & (frame["site"] == site)].set_index(KEY)[column]
-        left, right = left.align(right, join="inner")
-        wins, losses = int((left & ~right).sum()), int((~left & right).sum())
-        return wins, losses, sign_test(wins, losses)
 
-    # ------------------------------------------------------------ the figure
+def plot(ev: Evaluation) -> str:
+    """Successes per layer against the paper's, the controls, totals at two thresholds, each alpha alone."""
+    from superscopes import plots
+
+    run, cells, sites, layers, control_layers = ev.run, ev.cells, ev.sites, ev.layers, ev.control_layers
+    per_layer, control_totals, single_all, prompts = ev.per_layer, ev.control_totals, ev.single_all, ev.prompts
+    _, SUPERSCOPES, NORM_BEST, RANDOM_BEST, sampled_name = ev.names()
+    multi_site = len(sites) > 1
     model_label = cells["model"].iloc[0]
     n = len(prompts)
     fig, axes = plots.figure(4, cols=2, size=(7.0, 5.2))
@@ -269,9 +324,6 @@ def main(argv: list[str] | None = None) -> None:
                xlabel="successes / (prompt, layer) cells", ylabel="")  # fmt: skip
     axes[2].set_xlim(0, 1)
 
-    single_all = totals(scores[scores["method"].str.startswith("single α") | (scores["method"] == PATCHSCOPES)])
-    single_all["rate"] = single_all["successes@0.3"] / single_all["cells"]
-    single_all["alpha"] = single_all["method"].str.extract(r"α=([\d.]+)")[0]
     plots.bars(single_all, x="alpha", y="rate", hue="site" if multi_site else None, ax=axes[3],
                title=f"Each alpha alone, one greedy try, layers {layers} (x: paper, 48 prompts x layers 1-7)",
                xlabel="alpha", ylabel="successes / (prompt, layer) cells")  # fmt: skip
@@ -284,8 +336,20 @@ def main(argv: list[str] | None = None) -> None:
     plots.save(fig, run.out / figure, title=(
         f"{model_label}: Superscopes evaluation, sites {sites}, {n} prompts, last token, target layer = source "
         f"layer, judge all-MiniLM-L6-v2"))  # fmt: skip
+    return figure
 
-    # ------------------------------------------------------------ the summary
+
+def report(ev: Evaluation, figure: str) -> None:
+    """summary.md: the headline per site, the paired tests behind every control's verdict, the tables."""
+    from superscopes.metrics import names_entity
+
+    run, args, cells, grid, sites, layers = ev.run, ev.run.args, ev.cells, ev.grid, ev.sites, ev.layers
+    control_layers, alphas, samples, controls, n_layers = ev.control_layers, ev.alphas, ev.samples, ev.controls, ev.n_layers
+    scores, per_layer, main_totals, control_totals = ev.scores, ev.per_layer, ev.main_totals, ev.control_totals
+    single_all, on_controls, prompts, entities = ev.single_all, ev.on_controls, ev.prompts, ev.entities
+    alpha_text, SUPERSCOPES, NORM_BEST, RANDOM_BEST, sampled_name = ev.names()
+    model_label, n, multi_site = cells["model"].iloc[0], len(prompts), len(sites) > 1
+    greedy, target_text = cells[cells["condition"] == "greedy"], cells["target"].iloc[0]
     findings, verdicts = [], []
     def get(frame: pd.DataFrame, method: str, column: str = "successes@0.3", site: str | None = None) -> int:
         return int(frame[(frame["method"] == method) & (frame["site"] == (site or site0))][column].sum())
@@ -494,8 +558,9 @@ def main(argv: list[str] | None = None) -> None:
         },
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from recipes._common import parser, setup, write_summary
-from recipes.superscopes_mlp_outputs import map_range
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
+
+from ._common import Run, parser, recipe_main, write_summary
+from .superscopes_mlp_outputs import judged_readouts, layer_plan
 
 NAME = "superscopes_hidden_states"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -36,7 +37,6 @@ GROUP = ["source", "token", "site", "layer"]
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, help="layers for every example (default: the paper's, mapped)")
     p.add_argument("--alphas", type=parse_floats, help="comma list for every example (default: 1 + the union)")
     p.add_argument("--target-layer", type=int, default=0, help="layer whose residual output is overwritten (paper: 0)")
@@ -44,51 +44,30 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-    import superscopes
-    from superscopes import judge, plots
-    from superscopes.metrics import echoes, names_entity
+def experiment(run: Run) -> None:
+    args = run.args
     from superscopes.sites import num_layers
 
     model = run.load_model()
     n_layers = num_layers(model)
     examples = EXAMPLES[:2] if args.quick else EXAMPLES
     alphas = args.alphas or ([1, 1.5, 3] if args.quick else ALPHAS)
-    layer_plan = {}
-    for source, _, (low, high), _ in examples:
-        layers = args.layers or map_range(low, high, n_layers)
-        layers = list(range(n_layers)) if layers == "all" else layers
-        layer_plan[source] = layers[:1] if args.quick and not args.layers else layers
-
-    store = run.store("cells.csv", ["source"])
-    done = store.done()
-    for source, token, _, _ in examples:
-        if store.key([source]) in done:
-            continue
-        scope = superscopes.Scope(
-            source, token=token, sites=["resid_post"], layers=layer_plan[source], alphas=alphas, target="entity",
-            target_layers=[args.target_layer], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        )  # fmt: skip
-        frame = superscopes.run(model, scope, remote=run.remote)
-        store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
-
-    cells = store.load()
-    expected = sum(len(layer_plan[s]) for s, *_ in examples) * len(alphas)
-    if len(cells) != expected:
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    plan = layer_plan(args, examples, n_layers, quick_count=1)
+    cells = judged_readouts(run, model, examples, plan, alphas, ["resid_post"], [args.target_layer])
     paper_range = {source: set(map(float, r)) for source, _, _, r in examples}
     cells["in_paper_range"] = [a in paper_range[s] for s, a in zip(cells["source"], cells["alpha"])]
-    threshold = judge.DEFAULT_THRESHOLD
+    summary = summarise(cells)
+    summary.to_csv(run.out / "summary.csv", index=False)
+    table = text_table(cells)
+    table.to_csv(run.out / "table.csv", index=False)
+    figure = plot(run, cells, examples)
+    report(run, cells, summary, table, examples, plan, alphas, n_layers, figure)
+
+
+def summarise(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (example, layer): alpha=1, the best alpha in the paper's range and the best amplified alpha."""
+    from superscopes import judge
+    from superscopes.metrics import echoes
 
     def best_of(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         if frame.empty:
@@ -100,9 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     summary = one.join(best_of(cells[cells["in_paper_range"]], "paper_range"), how="outer")
     summary = summary.join(best_of(cells[cells["alpha"] != 1], "amplified"), how="outer").reset_index()
     for name in ("alpha1", "paper_range", "amplified"):
-        summary[f"{name}_success"] = summary[f"{name}_similarity"] > threshold
+        summary[f"{name}_success"] = summary[f"{name}_similarity"] > judge.DEFAULT_THRESHOLD
         summary[f"{name}_echo"] = [echoes(t, o) for t, o in zip(summary["token"], summary[f"{name}_output"])]
-    summary.to_csv(run.out / "summary.csv", index=False)
+    return summary
+
+
+def text_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Rows (example, layer), one column per alpha: the readout, its similarity, ★ on the best alpha."""
+    from superscopes import judge
 
     winners = judge.best(cells, GROUP)
     best_alpha = {(r.source, r.layer): r.alpha for r in winners.itertuples()}
@@ -115,8 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     table = shown.pivot_table(index=["source", "layer"], columns="alpha", values="text", aggfunc="first", sort=False)
     table.columns = [f"alpha={a:g}" for a in table.columns]
-    table = table.reset_index()
-    table.to_csv(run.out / "table.csv", index=False)
+    return table.reset_index()
+
+
+def plot(run: Run, cells: pd.DataFrame, examples: list[tuple]) -> str:
+    """Similarity per alpha, one line per layer, the paper's alpha range shaded, one panel per example."""
+    from superscopes import judge, plots
 
     model_label = cells["model"].iloc[0]
     fig, axes = plots.figure(len(examples), cols=len(examples), size=(5.0, 4.0))
@@ -126,12 +114,21 @@ def main(argv: list[str] | None = None) -> None:
                     xlabel="alpha (shaded: the paper's range)", ylabel="MiniLM similarity to source",
                     ylim=(-0.2, 1.0))  # fmt: skip
         ax.axvspan(min(paper_alphas), max(paper_alphas), color="grey", alpha=0.15)
-        ax.axhline(threshold, color="black", lw=0.8, ls=":")
+        ax.axhline(judge.DEFAULT_THRESHOLD, color="black", lw=0.8, ls=":")
         ax.set_xscale("log")
     figure = "similarity_per_alpha.png"
     plots.save(fig, run.out / figure, title=f"{model_label}: hidden states (resid_post) amplified and patched into "
-                                            f"layer {args.target_layer} of the entity-description prompt")  # fmt: skip
+                                            f"layer {run.args.target_layer} of the entity-description prompt")  # fmt: skip
+    return figure
 
+
+def report(run: Run, cells: pd.DataFrame, summary: pd.DataFrame, table: pd.DataFrame, examples: list[tuple],
+           plan: dict[str, list[int]], alphas: list[float], n_layers: int, figure: str) -> None:  # fmt: skip
+    """summary.md: on-topic counts at alpha=1, in the paper's range and amplified; echoes; entity naming."""
+    from superscopes import judge
+    from superscopes.metrics import names_entity
+
+    args, threshold, model_label = run.args, judge.DEFAULT_THRESHOLD, cells["model"].iloc[0]
     cells["names_entity"] = [
         names_entity(s, t, o, ignore=g)
         for s, t, o, g in zip(cells["source"], cells["token"], cells["output"], cells["target"])
@@ -147,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         amplified_best_similarity=("amplified_similarity", "mean"),
     ).reset_index()  # fmt: skip
     layers_text = "; ".join(
-        f"{s!r}: paper layers {lo}-{hi} -> ours {layer_plan[s]}, paper alphas {r}" for s, _, (lo, hi), r in examples
+        f"{s!r}: paper layers {lo}-{hi} -> ours {plan[s]}, paper alphas {r}" for s, _, (lo, hi), r in examples
     )
     best_rows = summary[["source", "layer", "paper_range_alpha", "paper_range_similarity", "paper_range_output",
                          "alpha1_similarity", "alpha1_output"]]  # fmt: skip
@@ -196,8 +193,9 @@ def main(argv: list[str] | None = None) -> None:
                 "All alphas (★ = best alpha over all, judge similarity in brackets)": table},  # fmt: skip
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

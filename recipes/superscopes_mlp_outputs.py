@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from recipes._common import parser, setup, write_summary
-from superscopes.cli import parse_floats, parse_layers
+from superscopes.parsing import parse_floats, parse_layers
+
+from ._common import Run, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "superscopes_mlp_outputs"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -43,7 +44,6 @@ def map_range(low: int, high: int, n_layers: int) -> list[int]:
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is often faster on a busy CPU)")
     p.add_argument("--layers", type=parse_layers, help="layers to read (default: the paper's 1-4, mapped to depth)")
     p.add_argument("--alphas", type=parse_floats, default=None, help="comma list (default 1,3,6,9,12,15)")
     p.add_argument("--max-new-tokens", type=int, default=10)
@@ -79,50 +79,57 @@ def app_table(winners: pd.DataFrame) -> pd.DataFrame:
     return wide[[SITE_LABELS[s] for s in SITES if SITE_LABELS[s] in wide.columns]].reset_index()
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
-    if args.threads:
-        import torch
+def layer_plan(args, examples: list[tuple], n_layers: int, quick_count: int) -> dict[str, list[int]]:
+    """Per example (source, token, (paper low, high), ...): --layers, else its paper range mapped to depth."""
+    plan = {}
+    for source, _, (low, high), *_ in examples:
+        layers = resolve_layers(args.layers, n_layers, map_range(low, high, n_layers))
+        plan[source] = layers[:quick_count] if args.quick and not args.layers else layers
+    return plan
 
-        torch.set_num_threads(args.threads)
 
+def judged_readouts(run: Run, model, examples: list[tuple], plan: dict[str, list[int]], alphas: list[float],
+                    sites: list[str], target_layers: list) -> pd.DataFrame:  # fmt: skip
+    """One judged grid per example (a resumable unit), checked complete: the cells of both example recipes."""
     import superscopes
-    from superscopes import judge, plots
-    from superscopes.metrics import echoes, names_entity
+    from superscopes import judge
+
+    store = run.store("cells.csv", ["source"], layers=plan, alphas=alphas)
+    for source, token, *_ in run.pending(store, examples, key=lambda example: example[:1]):
+        scope = superscopes.Scope(
+            source, token=token, sites=sites, layers=plan[source], alphas=alphas, target="entity",
+            target_layers=target_layers, max_new_tokens=run.args.max_new_tokens, batch_size=run.args.batch_size,
+        )  # fmt: skip
+        frame = superscopes.run(model, scope, remote=run.remote)
+        store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
+    return run.cells(store, sum(len(plan[s]) for s, *_ in examples) * len(sites) * len(alphas))
+
+
+def experiment(run: Run) -> None:
+    args = run.args
+    from superscopes import judge
     from superscopes.sites import num_layers
 
     model = run.load_model()
     n_layers = num_layers(model)
     examples = EXAMPLES[:1] if args.quick else EXAMPLES
     alphas = args.alphas or ([1, 6] if args.quick else ALPHAS)
-    layer_plan = {}
-    for source, token, (low, high) in examples:
-        layers = args.layers or map_range(low, high, n_layers)
-        if layers == "all":
-            layers = list(range(n_layers))
-        layer_plan[source] = layers[:2] if args.quick and not args.layers else layers
-
-    store = run.store("cells.csv", ["source"])
-    done = store.done()
-    for source, token, _ in examples:
-        if store.key([source]) in done:
-            continue
-        scope = superscopes.Scope(
-            source, token=token, sites=SITES, layers=layer_plan[source], alphas=alphas, target="entity",
-            target_layers=["same"], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        )  # fmt: skip
-        frame = superscopes.run(model, scope, remote=run.remote)
-        store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
-
-    cells = store.load()
-    expected = sum(len(layer_plan[s]) for s, _, _ in examples) * len(SITES) * len(alphas)
-    if len(cells) != expected:
-        raise SystemExit(
-            f"{store.path} has {len(cells)} rows but this grid has {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    plan = layer_plan(args, examples, n_layers, quick_count=2)
+    cells = judged_readouts(run, model, examples, plan, alphas, SITES, ["same"])
     winners = judge.best(cells, GROUP)
+    summary = summarise(cells, winners)
+    summary.to_csv(run.out / "summary.csv", index=False)
+    tables = text_tables(cells, winners)
+    pd.concat([t.assign(source=s) for s, t in tables.items()]).to_csv(run.out / "table.csv", index=False)
+    figure = plot(run, cells, examples)
+    report(run, cells, summary, winners, tables, examples, plan, alphas, n_layers, figure)
+
+
+def summarise(cells: pd.DataFrame, winners: pd.DataFrame) -> pd.DataFrame:
+    """Per (example, site, layer): the best alpha, alpha=1, and the best amplified alpha, judged."""
+    from superscopes import judge
+    from superscopes.metrics import echoes
+
     one = cells[cells["alpha"] == 1].set_index(GROUP)["similarity"]
     amplified = judge.best(cells[cells["alpha"] != 1], GROUP).set_index(GROUP)
     summary = winners.set_index(GROUP)[["alpha", "similarity", "output"]]
@@ -135,9 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     summary["amplified_echo"] = [echoes(t, o) for t, o in zip(summary["token"], summary["best_amplified_output"])]
     summary["alpha1_success"] = summary["alpha1_similarity"] > judge.DEFAULT_THRESHOLD
     summary["amplified_success"] = summary["best_amplified_similarity"] > judge.DEFAULT_THRESHOLD
-    summary.to_csv(run.out / "summary.csv", index=False)
-    tables = text_tables(cells, winners)
-    pd.concat([t.assign(source=s) for s, t in tables.items()]).to_csv(run.out / "table.csv", index=False)
+    return summary
+
+
+def plot(run: Run, cells: pd.DataFrame, examples: list[tuple]) -> str:
+    """Similarity heatmaps, (site, layer) x alpha, one per example."""
+    from superscopes import plots
 
     model_label = cells["model"].iloc[0]
     fig, axes = plots.figure(len(examples), cols=len(examples), size=(4.8, 0.5 + 0.32 * len(SITES) * 4))
@@ -151,7 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     figure = "similarity_heatmap.png"
     plots.save(fig, run.out / figure, title=f"{model_label}: MLP-output Superscopes, target layer = source layer, "
                                             f"judge similarity per alpha (best alpha = max)")  # fmt: skip
+    return figure
 
+
+def report(run: Run, cells: pd.DataFrame, summary: pd.DataFrame, winners: pd.DataFrame, tables: dict,
+           examples: list[tuple], plan: dict[str, list[int]], alphas: list[float], n_layers: int, figure: str) -> None:  # fmt: skip
+    """summary.md: on-topic counts at alpha=1 vs amplified, echoes, entity naming, the tables."""
+    from superscopes import judge
+    from superscopes.metrics import names_entity
+
+    model_label = cells["model"].iloc[0]
     cells["names_entity"] = [
         names_entity(s, t, o, ignore=g)
         for s, t, o, g in zip(cells["source"], cells["token"], cells["output"], cells["target"])
@@ -172,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         mean_best_amplified_similarity=("best_amplified_similarity", "mean"),
     ).reset_index()  # fmt: skip
     layers_text = "; ".join(
-        f"{s!r}: paper layers {lo}-{hi} -> ours {layer_plan[s]}" for s, _, (lo, hi) in examples
+        f"{s!r}: paper layers {lo}-{hi} -> ours {plan[s]}" for s, _, (lo, hi) in examples
     )
     write_summary(
         run,
@@ -195,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             "alphas": alphas,
             "transform": "scale (alpha * v), written over the whole residual output of the same layer",
             "target": "Patchscopes entity-description prompt, placeholder 'x'",
-            "generation": f"greedy, {args.max_new_tokens} new tokens",
+            "generation": f"greedy, {run.args.max_new_tokens} new tokens",
             "judge": "all-MiniLM-L6-v2 cosine(source prompt, readout); best alpha per (example, site, layer)",
             "cells": len(cells),
         },
@@ -220,8 +239,9 @@ def main(argv: list[str] | None = None) -> None:
                                         for s, t in tables.items()},  # fmt: skip
         figures=[figure],
     )
-    print(f"wrote {run.out}")
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recipes._common import DATA, parser, setup, write_summary
+from superscopes.parsing import parse_layers
+
+from ._common import DATA, Run, depth_layers, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 and surprisal per layer vs logit lens and affine lens"
@@ -102,18 +104,6 @@ def distinct_prefixes(texts: list[str], n: int, seed: int, min_words: int = 2) -
     return used, prefixes, len(texts)
 
 
-def parse_layers(text: str | None, n_layers: int, default: list[int]) -> list[int]:
-    """``"all"``, ``"0,4,8"`` or ``"0:30:3"`` (start:stop:step) -> layer list; negatives count from the end."""
-    if text is None:
-        return default
-    if text == "all":
-        return list(range(n_layers))
-    if ":" in text:
-        parts = [int(p) if p else None for p in text.split(":")]
-        return list(range(n_layers))[slice(*parts)]
-    return sorted({int(p) % n_layers for p in text.split(",")})
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -137,10 +127,16 @@ def binomial_ci(p: float, n: int) -> float:
 # ---------------------------------------------------------------- the recipe
 
 
+# The reference run's layers 19 and 26 of SmolLM2's 30 (see PAPER), and its "until layer 22",
+# as fractions of the depth, so that another model is compared at the same relative depth.
+REFERENCE_DEPTHS = (19 / 29, 26 / 29)
+LOGIT_LENS_DEPTH = 22 / 29
+
+
 def default_patch_layers(n_layers: int) -> list[int]:
-    """Every fourth layer (about 8 over the depth), plus the reference layers 19 and 26 and the last."""
+    """About 8 layers over the depth, plus the reference depths and the last layer."""
     step = max(1, n_layers // 8)
-    return sorted(set(range(0, n_layers, step)) | {l for l in (19, 26) if l < n_layers} | {n_layers - 1})
+    return sorted(set(range(0, n_layers, step)) | set(depth_layers(REFERENCE_DEPTHS, n_layers)) | {n_layers - 1})
 
 
 def nearest(series: pd.Series, layer: int) -> tuple[int, float]:
@@ -153,8 +149,10 @@ def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--positions", type=int, help="source positions (snippets); default 200, quick 8")
     p.add_argument("--fit-snippets", type=int, help="held-out snippets for the affine lens; default 300, quick 20")
-    p.add_argument("--layers", help="Patchscope layers: 'all', '0,4,8' or '0:30:2'; default every 4th + 19, 26, last")
-    p.add_argument("--lens-layers", help="lens layers (cheap); default all (quick: the Patchscope layers)")
+    p.add_argument("--layers", type=parse_layers,
+                   help="Patchscope layers: 'all', '0,4,8', '0-29'; default about 8 over the depth + the reference "
+                        "depths (layers 19, 26 of 30) + the last")  # fmt: skip
+    p.add_argument("--lens-layers", type=parse_layers, help="lens layers (cheap); default all (quick: the Patchscope layers)")
     p.add_argument("--ridge", type=float, help="ridge of the affine-lens fit; default 10 (quick 100: fewer rows than dimensions)")
     p.add_argument("--min-words", type=int, default=2, help="shortest source prefix in words")
     p.add_argument("--top-k", type=int, default=5, help="top-k stored per cell")
@@ -215,9 +213,8 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    run = setup(NAME, args, argv)
+def experiment(run: Run) -> None:
+    args = run.args
     quick = args.quick
     n_sources = args.positions or (8 if quick else 200)
     n_fit = args.fit_snippets or (20 if quick else 300)
@@ -234,8 +231,8 @@ def main(argv: list[str] | None = None) -> Path:
     name = model_name(model)
     n_layers = num_layers(model)
     quick_layers = sorted({0, (2 * n_layers) // 3, n_layers - 1})
-    layers = parse_layers(args.layers, n_layers, quick_layers if quick else default_patch_layers(n_layers))
-    lens_layers = parse_layers(args.lens_layers, n_layers, layers if quick else list(range(n_layers)))
+    layers = resolve_layers(args.layers, n_layers, quick_layers if quick else default_patch_layers(n_layers))
+    lens_layers = resolve_layers(args.lens_layers, n_layers, layers if quick else list(range(n_layers)))
     log(f"{name}: {n_layers} layers; Patchscope layers {layers}; lens layers {lens_layers}")
 
     snippets = load_snippets(args.seed)
@@ -247,10 +244,9 @@ def main(argv: list[str] | None = None) -> Path:
         pieces = tokens(model.tokenizer, prefix)
         sources.append(_Source(prefix, row["text"], row["relation"], len(pieces) - 1, pieces[-1]))
 
-    store = run.store("cells.csv", ["method", "source"])
+    store = run.store("cells.csv", ["method", "source"], layers=layers, lens_layers=lens_layers)
     rows_before = len(store.load())
-    done = store.done()
-    pending = {m: [s for s in sources if store.key([m, s.prompt]) not in done] for m in METHODS}
+    pending = {m: list(run.pending(store, sources, key=lambda s: [m, s.prompt])) for m in METHODS}
     remote = run.remote
 
     # The source model's own next-token log-probabilities at every source position still needed.
@@ -308,9 +304,9 @@ def main(argv: list[str] | None = None) -> Path:
         store.append(_cells(name, "patchscope", part, layers, ids, probs, own, model.tokenizer))
         log(f"patchscope: {min(start + chunk, len(todo))}/{len(todo)} sources ({time.time() - t0:.0f} s)")
 
-    cells = store.load()
+    expected = len(sources) * (len(layers) + 2 * len(lens_layers))
+    cells = run.cells(store, expected, unique=["method", "source", "layer"])
     seconds = record_time(run.out, t0, rows_before, len(cells))
-    cells = cells[cells["source"].isin({s.prompt for s in sources})]
     summary = summarise(cells)
     summary.insert(0, "model", name)
     summary.to_csv(run.out / "summary.csv", index=False)
@@ -322,13 +318,15 @@ def main(argv: list[str] | None = None) -> Path:
     logit = summary[summary["method"] == "logit_lens"].set_index("layer")["precision_at_1"]
     affine = summary[summary["method"] == "affine_lens"].set_index("layer")["precision_at_1"]
     early = [l for l in patch.index if l <= 2] or list(patch.index[:1])
-    (l19, p19), (l26, p26) = nearest(patch, 19), nearest(patch, 26)
-    before = logit[logit.index < 22]
+    mid, late = depth_layers(REFERENCE_DEPTHS[:1], n_layers)[0], depth_layers(REFERENCE_DEPTHS[1:], n_layers)[0]
+    lens_limit = depth_layers([LOGIT_LENS_DEPTH], n_layers)[0]
+    (l_mid, p_mid), (l_late, p_late) = nearest(patch, mid), nearest(patch, late)
+    before = logit[logit.index < lens_limit]
     ours = (
-        f"Patchscope precision@1 {patch.loc[early].mean():.2f} (layers {early}) -> {p19:.2f} (layer {l19}) -> "
-        f"{p26:.2f} (layer {l26}); logit lens max {before.max() if len(before) else float('nan'):.2f} before layer 22, "
-        f"{nearest(logit, 19)[1]:.2f} at layer {nearest(logit, 19)[0]}; affine lens {nearest(affine, 19)[1]:.2f} at "
-        f"layer {nearest(affine, 19)[0]} ({len(sources)} positions)"
+        f"Patchscope precision@1 {patch.loc[early].mean():.2f} (layers {early}) -> {p_mid:.2f} (layer {l_mid}) -> "
+        f"{p_late:.2f} (layer {l_late}); logit lens max {before.max() if len(before) else float('nan'):.2f} before "
+        f"layer {lens_limit}, {nearest(logit, mid)[1]:.2f} at layer {nearest(logit, mid)[0]}; affine lens "
+        f"{nearest(affine, mid)[1]:.2f} at layer {nearest(affine, mid)[0]} ({len(sources)} positions)"
     )
     both = pd.DataFrame({"patchscope": patch, "logit_lens": logit, "affine_lens": affine}).dropna()
     crossing = [int(l) for l in both.index if both.loc[l, "patchscope"] > both.loc[l, "logit_lens"]]
@@ -363,9 +361,9 @@ def main(argv: list[str] | None = None) -> Path:
         findings, {"precision@1 per layer": wide, "per layer and method": summary.drop(columns=["model"])},
         [figure.name],
     )  # fmt: skip
-    log(f"wrote {run.out} ({time.time() - t0:.0f} s)")
-    return run.out
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

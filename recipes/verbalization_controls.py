@@ -27,9 +27,9 @@ import random
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
-from recipes.attribute_extraction import (
-    FACTUAL, MAX_NEW_TOKENS, crop_is_exact, greedy, knowledge, load_task, mentions, set_threads,
+from ._common import Run, depth_layers, parser, recipe_main, write_summary
+from .attribute_extraction import (
+    FACTUAL, MAX_NEW_TOKENS, chosen_tasks, crop_is_exact, greedy, knowledge, load_task, mentions,
 )  # fmt: skip
 
 NAME = "verbalization_controls"
@@ -51,10 +51,6 @@ PAPER = (
     "LIT 0.602 > Patchscopes 0.487, i.e. the input alone answers more than the activation readouts; their "
     "knowledge controls show readouts drawing on the verbaliser's own knowledge"
 )
-
-
-def depth_layers(n_layers: int, depths) -> list[int]:
-    return sorted({min(n_layers - 1, round(d * n_layers)) for d in depths})
 
 
 def fit_snippets(n: int, seed: int) -> list[str]:
@@ -98,21 +94,11 @@ def build_parser():
     p.add_argument("--max-rows", type=int, default=None, help="subjects per task (default 12; quick 3)")
     p.add_argument("--limit-subjects", type=int, default=None, help="check only the first N subjects per task")
     p.add_argument("--fit-snippets", type=int, default=None, help="snippets for the affine maps (default 400; quick 24)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    previous = set_threads(args.threads)
-    try:
-        _main(args, argv)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _main(args, argv) -> None:
-    run = setup(NAME, args, argv)
+def experiment(run: Run) -> None:
+    args = run.args
 
     import superscopes
     from superscopes import plots
@@ -120,7 +106,7 @@ def _main(args, argv) -> None:
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
-    tasks = args.tasks.split(",") if args.tasks else (QUICK_TASKS if args.quick else TASKS)
+    tasks = chosen_tasks(args, TASKS, QUICK_TASKS)
     max_rows = args.max_rows or (3 if args.quick else 12)
     limit_subjects = args.limit_subjects or (6 if args.quick else None)
     n_fit = args.fit_snippets or (24 if args.quick else 400)
@@ -133,8 +119,8 @@ def _main(args, argv) -> None:
     names = list(models)
     if len(names) != 2:
         raise SystemExit("--model and --other must be two different models")
-    source_layers = {m: depth_layers(num_layers(models[m]), depths_source) for m in names}
-    target_layers = {m: depth_layers(num_layers(models[m]), depths_target) for m in names}
+    source_layers = {m: depth_layers(depths_source, num_layers(models[m])) for m in names}
+    target_layers = {m: depth_layers(depths_target, num_layers(models[m])) for m in names}
 
     # Rows: exact crops for both tokenizers; knowledge of every subject in both models.
     rows = pd.concat([load_task(t, limit_subjects) for t in tasks], ignore_index=True)
@@ -142,15 +128,10 @@ def _main(args, argv) -> None:
              for sn, su, so in zip(rows["snippet"], rows["subject"], rows["source"])]  # fmt: skip
     rows = rows[exact].reset_index(drop=True)
     know_store = run.store("knowledge.csv", ["verbaliser", "task"])
-    done = know_store.done()
-    for m in names:
-        for task in tasks:
-            if know_store.key([m, task]) not in done:
-                part = rows[rows["task"] == task]
-                know_store.append(knowledge(models[m], part, args.batch_size, run.remote).assign(verbaliser=m))
+    for m, task in run.pending(know_store, [(m, t) for m in names for t in tasks], key=lambda unit: unit):
+        part = rows[rows["task"] == task]
+        know_store.append(knowledge(models[m], part, args.batch_size, run.remote).assign(verbaliser=m))
     known_table = know_store.load()
-    known_table = known_table[known_table["task"].isin(tasks)]
-    known_table["known"] = known_table["known"].astype(str) == "True"
     known = {m: set(zip(*[known_table.loc[(known_table["verbaliser"] == m) & known_table["known"], c]
                           for c in ("task", "subject")])) for m in names}  # fmt: skip
     rows = pick_rows(rows, known, names, max_rows, args.seed)
@@ -161,19 +142,17 @@ def _main(args, argv) -> None:
 
     # Zero-shot (input only) per verbaliser.
     base_store = run.store("baselines.csv", ["verbaliser", "task"])
-    done = base_store.done()
-    for m in names:
-        for task in tasks:
-            part = rows[rows["task"] == task]
-            if part.empty or base_store.key([m, task]) in done:
-                continue
-            prompts = [f"{s}\n{q}" for s, q in zip(part["source"], part["question"])]
-            outputs = greedy(models[m], prompts, batch_size=args.batch_size, remote=run.remote)
-            base_store.append(pd.DataFrame({
-                "verbaliser": m, "task": task, "method": ZERO_SHOT, "subject": part["subject"].values,
-                "object": part["object"].values, "source": part["source"].values, "prompt": prompts,
-                "output": outputs, "success": [mentions(o, ob) for o, ob in zip(outputs, part["object"])],
-            }))  # fmt: skip
+    for m, task in run.pending(base_store, [(m, t) for m in names for t in tasks], key=lambda unit: unit):
+        part = rows[rows["task"] == task]
+        if part.empty:
+            continue
+        prompts = [f"{s}\n{q}" for s, q in zip(part["source"], part["question"])]
+        outputs = greedy(models[m], prompts, batch_size=args.batch_size, remote=run.remote)
+        base_store.append(pd.DataFrame({
+            "verbaliser": m, "task": task, "method": ZERO_SHOT, "subject": part["subject"].values,
+            "object": part["object"].values, "source": part["source"].values, "prompt": prompts,
+            "output": outputs, "success": [mentions(o, ob) for o, ob in zip(outputs, part["object"])],
+        }))  # fmt: skip
 
     # Patch cells: own activations (one rectangular grid per model and task) and cross-model pairs.
     store = run.store("cells.csv", ["method", "source_model", "verbaliser", "task", "unit"])
@@ -243,21 +222,11 @@ def _main(args, argv) -> None:
     maps_table = pd.read_csv(run.out / "maps.csv")
 
     # Load and check.
-    cells = store.load()
-    cells = cells[cells["task"].isin(tasks) & cells["source"].isin(set(rows["source"]))].copy()
-    cells["success"] = cells["success"].astype(str) == "True"
-    n_rows = {t: int((rows["task"] == t).sum()) for t in tasks}
-    expected = sum(n_rows.values()) * sum(
+    expected = len(rows) * sum(
         [len(source_layers[m]) * len(target_layers[m]) for m in names] + [len(pairs[d]) for d in directions]
     )
-    if len(cells) != expected or cells.duplicated(["method", "source_model", "verbaliser", "source", "layer", "target_layer"]).any():
-        raise SystemExit(
-            f"{store.path} holds {len(cells)} cells for this grid, expected {expected}: it was made with other "
-            "settings; use another --out or delete it"
-        )
+    cells = run.cells(store, expected, unique=["method", "source_model", "verbaliser", "source", "layer", "target_layer"])
     baselines = base_store.load()
-    baselines = baselines[baselines["task"].isin(tasks) & baselines["source"].isin(set(rows["source"]))].copy()
-    baselines["success"] = baselines["success"].astype(str) == "True"
 
     # Per row: each method's success (patch methods at their best (l, l*) pooled over tasks).
     per_cell = cells.groupby(["method", "source_model", "verbaliser", "layer", "target_layer"])["success"].mean()
@@ -430,7 +399,6 @@ def _main(args, argv) -> None:
                 "Affine maps (held-out R^2)": maps_table},  # fmt: skip
         figures=figures,
     )
-    print(f"wrote {run.out}")
 
 
 def _known_acc(table: pd.DataFrame, columns: dict, m: str, method: str) -> float:
@@ -439,6 +407,8 @@ def _known_acc(table: pd.DataFrame, columns: dict, m: str, method: str) -> float
         return float("nan")
     return float(part[columns[(m, method)]].mean())
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()

@@ -8,52 +8,35 @@ from pathlib import Path
 
 import pandas as pd
 
+from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
+from superscopes.parsing import (
+    LAYER_SYNTAX, HelpFormatter, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
+)  # fmt: skip
+from superscopes.prompts import TEMPLATES
+from superscopes.results import check_table_path, read_table, save_table
+from superscopes.sites import SITE_NAMES
+
+__all__ = ["build_parser", "main", "parse_floats", "parse_layers", "parse_target_layers", "read_table", "save_table"]
 
 
-def parse_layers(text: str) -> list[int] | str:
-    """``all``, ``3``, ``1-7`` or ``1,3,5-7``."""
-    if text == "all":
-        return "all"
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            low, _, high = part.partition("-")
-            layers += list(range(int(low), int(high) + 1)) if high else [int(low)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers {text!r}: use 'all', '3', '1-7' or '1,3,5-7'") from None
-    return layers
+def _check_out(path: str | None, force: bool) -> None:
+    """Before any model load or forward pass: a writable table path, not silently replaced."""
+    if path is None:
+        return
+    check_table_path(path)
+    if Path(path).exists() and not force and Path(path).stat().st_size > 0:
+        read_table(path)  # a file that is not a table is never overwritten without --force
 
 
-def parse_floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def parse_target_layers(text: str) -> list[int | str]:
-    try:
-        return [x if x == "same" else int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"target layer {text!r}: use 0, same, an integer, or a comma list") from None
-
-
-def save_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """CSV or Parquet by extension; list columns (token ids) stay lists in Parquet."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        frame.to_csv(path, index=False)
-
-
-def read_table(path: str) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as error:
-        raise ValueError(f"cannot read {path!r} as a table: {error}") from None
+def _grid_differences(existing: pd.DataFrame, planned: dict[str, list]) -> list[str]:
+    """Columns whose values in an existing output differ from the planned grid's."""
+    differs = []
+    for column, values in planned.items():
+        old = set(existing[column]) if column in existing.columns else set()
+        if old != set(values):
+            differs.append(f"{column}: file {sorted(old, key=str)}, now {sorted(set(values), key=str)}")
+    return differs
 
 
 def _print_readout(frame: pd.DataFrame) -> None:
@@ -66,17 +49,42 @@ def _print_readout(frame: pd.DataFrame) -> None:
         print(shown.to_string(index=False))
 
 
+def _affine_map(path: str | None, transform: str) -> dict:
+    if (transform == "affine") != (path is not None):
+        raise ValueError("--transform affine and --affine-map FILE go together")
+    if path is None:
+        return {}
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    if not isinstance(saved, dict) or "weight" not in saved:
+        raise ValueError(f"--affine-map {path!r} must be a torch file of a dict with 'weight' (and 'bias')")
+    return {"affine_weight": saved["weight"], "affine_bias": saved.get("bias")}
+
+
 def cmd_scope(args: argparse.Namespace) -> None:
+    _check_out(args.out, args.force)
+    affine = _affine_map(args.affine_map, args.transform)
     import superscopes
     from superscopes import judge
+    from superscopes.models import model_name
+    from superscopes.sites import num_layers
 
     model = superscopes.load(args.model, remote=args.remote)
     scope = superscopes.Scope(
         args.prompt, token=args.token, position=args.position, all_tokens=args.all_tokens,
-        sites=args.sites.split(","), layers=args.layers, alphas=args.alphas, transforms=[args.transform],
+        sites=args.sites, layers=args.layers, alphas=args.alphas, transforms=[args.transform],
         target=args.target, target_layers=args.target_layer, max_new_tokens=args.max_new_tokens,
-        do_sample=args.seed is not None and args.sample, seed=args.seed, batch_size=args.batch_size,
+        do_sample=args.seed is not None and args.sample, seed=args.seed, batch_size=args.batch_size, **affine,
     )  # fmt: skip
+    if args.out and Path(args.out).exists() and Path(args.out).stat().st_size > 0 and not args.force:
+        layers = range(num_layers(model)) if scope.layers == "all" else scope.layers
+        planned = {"model": [model_name(model)], "source": scope.prompts, "site": scope.sites,
+                   "layer": list(layers), "alpha": [float(a) for a in scope.alphas], "transform": scope.transforms}  # fmt: skip
+        differs = _grid_differences(read_table(args.out), planned)
+        if differs:
+            raise ValueError(f"{args.out} holds another grid ({'; '.join(differs)}); "
+                             "choose another --out or pass --force to overwrite it")  # fmt: skip
     frame = superscopes.run(model, scope, remote=args.remote)
     if args.judge:
         frame = judge.score(frame)
@@ -85,14 +93,28 @@ def cmd_scope(args: argparse.Namespace) -> None:
         marked = set(map(tuple, winners[key].itertuples(index=False)))
         frame["best"] = ["*" if tuple(r) in marked else "" for r in frame[key].itertuples(index=False)]
     _print_readout(frame)
+    print(_target_tokens(frame, model.tokenizer))
     if args.out:
         save_table(frame, args.out)
         print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
 
 
+def _target_tokens(frame: pd.DataFrame, tokenizer) -> str:
+    """Which target token received the vector, as text (the row says only its position)."""
+    from superscopes.prompts import tokens
+
+    written = []
+    for row in frame[["source", "target", "target_position"]].drop_duplicates().itertuples():
+        text = row.source if row.target == "source" else row.target
+        written.append(f"{tokens(tokenizer, text)[row.target_position]!r} (position {row.target_position})")
+    return "vector written at target token " + ", ".join(dict.fromkeys(written))
+
+
 def cmd_judge(args: argparse.Namespace) -> None:
     from superscopes import judge
 
+    if args.out:
+        check_table_path(args.out)
     frame = judge.score(read_table(args.file), args.source_col, args.output_col)
     if args.group_cols:
         winners = judge.best(frame, args.group_cols.split(","), args.threshold)
@@ -121,55 +143,72 @@ def cmd_remote_status(args: argparse.Namespace) -> None:
         raise RuntimeError("the remote set-up is not ready (see the lines marked NO)")
 
 
+def recipes_package():
+    """The recipes: ``superscopes.recipes`` when installed, the checkout's ``recipes/`` otherwise."""
+    import importlib
+
+    try:
+        return importlib.import_module("superscopes.recipes")
+    except ModuleNotFoundError:
+        return importlib.import_module("recipes")
+
+
 def cmd_recipe(args: argparse.Namespace) -> None:
     import importlib
 
-    from recipes import RECIPES
-
-    if args.name not in RECIPES:
-        raise ValueError(f"unknown recipe {args.name!r}; recipes: {', '.join(RECIPES)}")
-    importlib.import_module(f"recipes.{args.name}").main(args.recipe_args)
+    package = recipes_package()
+    if args.name not in package.RECIPES:
+        raise ValueError(f"unknown recipe {args.name!r}; recipes: {', '.join(package.RECIPES)}")
+    importlib.import_module(f"{package.__name__}.{args.name}").main(args.recipe_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="superscopes", description=__doc__)
+    parser = argparse.ArgumentParser(prog="superscopes", description=__doc__, formatter_class=HelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    scope = verbs.add_parser("scope", help="amplify and patch one prompt's activations, print the readouts")
-    scope.add_argument("prompt")
+    scope = verbs.add_parser("scope", help="amplify and patch one prompt's activations, print the readouts",
+                             formatter_class=HelpFormatter)  # fmt: skip
+    scope.add_argument("prompt", help="the source prompt")
     where = scope.add_mutually_exclusive_group()
-    where.add_argument("--token", help="substring of the prompt; its first match's last token (default: last token)")
+    where.add_argument("--token", help="a word or whole token of the prompt; its first match's last token "
+                                       "(default: the last token)")  # fmt: skip
     where.add_argument("--position", type=int, help="token index (BOS counts; negative from the end)")
-    where.add_argument("--all-tokens", action="store_true")
-    scope.add_argument("--sites", default="mlp_out,resid_post", help="comma list of resid_pre,attn_out,mlp_in,mlp_out,resid_post")
-    scope.add_argument("--layers", type=parse_layers, default=parse_layers("1-7"))
-    scope.add_argument("--alphas", type=parse_floats, default=[1, 3, 6, 9, 12, 15])
-    scope.add_argument("--transform", default="scale", choices=["scale", "cfg", "norm"])
-    scope.add_argument("--target-layer", type=parse_target_layers, default=[0], help="0, same, INT or a comma list")
-    scope.add_argument("--target", default="entity", help="'entity', 'identity', or a template containing x")
-    scope.add_argument("--max-new-tokens", type=int, default=10)
+    where.add_argument("--all-tokens", action="store_true", help="every token of the prompt")
+    scope.add_argument("--sites", type=parse_names, default="mlp_out,resid_post",
+                       help=f"comma list of {', '.join(SITE_NAMES)}")  # fmt: skip
+    scope.add_argument("--layers", type=parse_layers, default="1-7", help=f"source layers: {LAYER_SYNTAX}")
+    scope.add_argument("--alphas", type=parse_floats, default="1,3,6,9,12,15", help="comma list of amplifications")
+    scope.add_argument("--transform", default="scale", choices=ops.TRANSFORMS,
+                       help="how the vector is amplified (affine needs --affine-map)")  # fmt: skip
+    scope.add_argument("--affine-map", help="torch file of {'weight': [d, d], 'bias': [d]} for --transform affine")
+    scope.add_argument("--target-layer", type=parse_target_layers, default="0", help="0, same, INT or a comma list")
+    scope.add_argument("--target", default="entity",
+                       help=f"a template ({', '.join(TEMPLATES)}) or template text containing the word x")  # fmt: skip
+    scope.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated per readout")
     scope.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     scope.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     scope.add_argument("--judge", action="store_true", help="add MiniLM similarity and mark the best alpha")
     scope.add_argument("--seed", type=int, help="seed for sampled generation (with --sample)")
     scope.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (needs --seed)")
     scope.add_argument("--batch-size", type=int, default=64, help="patched rows per forward pass")
-    scope.add_argument("--out", help="write the table (.csv or .parquet)")
+    scope.add_argument("--out", help="write the table (.csv or .parquet); checked before the run")
+    scope.add_argument("--force", action="store_true", help="overwrite an --out file that holds another grid")
     scope.set_defaults(func=cmd_scope)
 
-    judge = verbs.add_parser("judge", help="add a MiniLM similarity column to a table")
-    judge.add_argument("file")
-    judge.add_argument("--source-col", required=True)
-    judge.add_argument("--output-col", required=True)
+    judge = verbs.add_parser("judge", help="add a MiniLM similarity column to a table", formatter_class=HelpFormatter)
+    judge.add_argument("file", help="a .csv or .parquet table")
+    judge.add_argument("--source-col", required=True, help="column of the texts the readouts should describe")
+    judge.add_argument("--output-col", required=True, help="column of the readouts")
     judge.add_argument("--group-cols", help="comma list: print each group's best similarity and success")
-    judge.add_argument("--threshold", type=float, default=0.3)
-    judge.add_argument("--out")
+    judge.add_argument("--threshold", type=float, default=0.3, help="success: best similarity above this")
+    judge.add_argument("--out", help="write the judged table (.csv or .parquet)")
     judge.set_defaults(func=cmd_judge)
 
-    models = verbs.add_parser("models", help="list the embedded models and their cache state")
+    models = verbs.add_parser("models", help="list the embedded models and their cache state",
+                               formatter_class=HelpFormatter)  # fmt: skip
     models.set_defaults(func=cmd_models)
 
-    app = verbs.add_parser("app", help="the Superscopes explorer: a web page on 127.0.0.1")
+    app = verbs.add_parser("app", help="the Superscopes explorer: a web page on 127.0.0.1", formatter_class=HelpFormatter)
     from superscopes.app.server import add_arguments, cmd_app
 
     add_arguments(app)
@@ -177,19 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model")
     remote_verbs = remote.add_subparsers(dest="remote_verb", required=True)
-    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?")
+    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?",
+                                     formatter_class=HelpFormatter)  # fmt: skip
     status.add_argument("model", nargs="?", help="embedded name, repo id or served directory")
     status.set_defaults(func=cmd_remote_status)
 
     recipe = verbs.add_parser("recipe", help="run a paper experiment: superscopes recipe NAME [--quick] ...",
                               add_help=False)  # fmt: skip
-    recipe.add_argument("name")
+    recipe.add_argument("name", help="the recipe; `superscopes recipe NAME --help` for its options")
     recipe.add_argument("recipe_args", nargs=argparse.REMAINDER)
     recipe.set_defaults(func=cmd_recipe)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = join_negative_values(sys.argv[1:] if argv is None else list(argv), {"--alphas"})
     args = build_parser().parse_args(argv)
     if getattr(args, "sample", False) and args.seed is None:
         print("superscopes: error: --sample needs --seed (sampled readouts must be reproducible)", file=sys.stderr)

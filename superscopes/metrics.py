@@ -45,12 +45,6 @@ def rouge_l(candidate: str, reference: str, beta: float = 1.0) -> float:
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
 
 
-def rouge_l_many(candidates: Sequence[str], references: Sequence[str], beta: float = 1.0) -> list[float]:
-    if len(candidates) != len(references):
-        raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
-    return [rouge_l(c, r, beta) for c, r in zip(candidates, references)]
-
-
 def first_item(text: str) -> str:
     """The first item of a list-style readout: the text up to the first comma or newline,
     after leading separators (colons, commas, semicolons, whitespace). The entity-description

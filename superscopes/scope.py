@@ -23,6 +23,8 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
+import operator
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -118,10 +120,31 @@ class Scope:
         for name in ("sites", "alphas", "transforms", "target_layers"):
             value = getattr(self, name)
             setattr(self, name, [value] if isinstance(value, (str, int, float)) else list(value))
-        if self.layers != "all":
-            self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        if not (isinstance(self.layers, str) and self.layers == "all"):
+            self.layers = _integers(self.layers)
+        self.target_layers = [t if t == "same" else _integer(t) for t in self.target_layers]
+        # numpy / torch scalars as Python numbers (np.arange alphas); text and None stay, for validation
+        self.alphas = [float(a) if isinstance(a, numbers.Real) and not isinstance(a, bool) else a for a in self.alphas]
         if self.layer_pairs is not None:
-            self.layer_pairs = [tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in self.layer_pairs]
+            self.layer_pairs = [tuple(_integer(x) for x in pair) if isinstance(pair, (list, tuple)) else pair
+                                for pair in self.layer_pairs]  # fmt: skip
+
+
+def _integer(value):
+    """``np.int64(3)``, a 0-d tensor -> 3; anything else unchanged, for validation to name."""
+    if isinstance(value, (bool, str)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _integers(values) -> list:
+    """A layer, or a sequence of them (a list, range, numpy array, tensor), as Python ints."""
+    if isinstance(values, str) or not hasattr(values, "__iter__") or _integer(values) is not values:
+        return [_integer(values)]  # one layer (np.int64, a 0-d tensor) or a value for validation to name
+    return [_integer(v) for v in values]
 
 
 @dataclass(frozen=True)
@@ -281,11 +304,84 @@ def _affine_maps(scope: Scope, pairs: list[tuple[int, int]]) -> None:
             raise ScopeError(f"affine_weight has no map for layer pair(s) {missing[:5]}: give one per (layer, target_layer)")
 
 
+def _check_not_empty(scope: Scope) -> None:
+    for name in ("sites", "alphas", "transforms", "target_layers"):
+        if not getattr(scope, name):
+            raise ScopeError(f"no {name} given: an empty {name} list would make an empty grid")
+
+
+def _check_numbers(scope: Scope, target_model) -> None:
+    """Generation settings, named with their valid range."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    vocab = target_model.config.vocab_size
+    if scope.output == "topk" and not (is_int(scope.top_k) and 1 <= scope.top_k <= vocab):
+        raise ScopeError(f"top_k {scope.top_k!r} must be a whole number in 1-{vocab} (the vocabulary size)")
+    if scope.do_sample and not (isinstance(scope.temperature, (int, float)) and math.isfinite(scope.temperature)
+                                and scope.temperature > 0):  # fmt: skip
+        raise ScopeError(f"temperature {scope.temperature!r} must be a finite number above 0")
+    if scope.output == "generate" and not (is_int(scope.max_new_tokens) and scope.max_new_tokens >= 1):
+        raise ScopeError(f"max_new_tokens {scope.max_new_tokens!r} must be a whole number, at least 1")
+    if not is_int(scope.samples):
+        raise ScopeError(f"samples {scope.samples!r} must be a whole number, at least 1")
+    limit = torch.finfo(getattr(target_model, "dtype", torch.float32)).max
+    for alpha in scope.alphas:
+        if isinstance(alpha, (int, float)) and abs(alpha) >= limit:
+            raise ScopeError(f"alpha {alpha!r} overflows the model's dtype (largest value {limit:.3g})")
+
+
+def _check_affine(scope: Scope, model, target_model) -> None:
+    """Each map's shape is [target hidden, source hidden] (bias [target hidden]), all finite."""
+    if "affine" not in scope.transforms:
+        return
+    shapes = {"affine_weight": (hidden_size(target_model), hidden_size(model)), "affine_bias": (hidden_size(target_model),)}
+    for name, shape in shapes.items():
+        value = getattr(scope, name)
+        for key, tensor in (value.items() if isinstance(value, dict) else [(None, value)]):
+            label = name if key is None else f"{name}[{key}]"
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ScopeError(f"{label} must be a tensor of shape {list(shape)}, got {got}")
+            if not torch.isfinite(tensor).all():
+                raise ScopeError(f"{label} has non-finite values (nan or inf)")
+
+
+def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> None:
+    """Every prompt, plus the generated tokens where they follow it, fits the model's context."""
+    new = scope.max_new_tokens if scope.output == "generate" else 0
+    checks = [(model, prompt, 0) for prompt in scope.prompts]
+    texts = {t.text if t.text is not None else prompt for t, prompt in zip(targets, scope.prompts)}
+    checks += [(target_model, text, new) for text in sorted(texts)]
+    for m, text, extra in checks:
+        limit = getattr(m.config, "max_position_embeddings", None)
+        if limit is not None and num_tokens(m.tokenizer, text) + extra > limit:
+            raise ScopeError(
+                f"prompt {text[:60]!r}{'...' if len(text) > 60 else ''} has {num_tokens(m.tokenizer, text)} tokens "
+                f"(+{extra} generated): over "
+                f"{model_name(m)}'s context of {limit} tokens"
+            )
+
+
+def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch.dtype) -> None:
+    """Refuse alphas whose product with a read vector overflows ``dtype`` (after the read pass)."""
+    largest = vectors.abs().max().item() * max(abs(a) for a in alphas) if len(vectors) else 0.0
+    if not largest < torch.finfo(dtype).max:
+        raise ScopeError(
+            f"alpha {max(alphas, key=abs)} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
+            f"overflows {dtype} (largest value {torch.finfo(dtype).max:.3g}); use smaller alphas"
+        )
+
+
 def plan(model, scope: Scope, target_model=None) -> Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
     if not scope.prompts:
         raise ScopeError("no prompts given")
+    _check_not_empty(scope)
     source_arch, target_arch = architecture_of(model), architecture_of(target_model)
     for site in scope.sites:
         _choices("site", site, list(source_arch.sites))
@@ -308,15 +404,16 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
             f"hidden sizes differ ({hidden_size(model)} vs {hidden_size(target_model)}): "
             "only transform 'affine' can map between these models"
         )
+    _check_numbers(scope, target_model)
+    _check_affine(scope, model, target_model)
     if scope.samples < 1 or (scope.samples > 1 and not scope.do_sample):
         raise ScopeError(f"samples={scope.samples}: more than one try per cell needs do_sample=True")
-    if scope.output == "generate" and scope.max_new_tokens < 1:
-        raise ScopeError(f"max_new_tokens must be at least 1, got {scope.max_new_tokens}")
     if scope.batch_size < 1:
         raise ScopeError(f"batch_size must be at least 1, got {scope.batch_size}")
 
     sources = _sources(scope, model.tokenizer)
     resolved = {t: _target(scope, t, target_model.tokenizer) for t in dict.fromkeys(targets_wanted)}
+    _check_context(scope, model, target_model, [resolved[t] for t in targets_wanted])
     n_cells = len(sources) * len(scope.sites) * len(pairs) * len(scope.transforms) * len(scope.alphas) * scope.samples
     if n_cells > scope.max_cells:
         raise ScopeError(
@@ -324,6 +421,7 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
             f"{len(pairs)} layer pairs x {len(scope.transforms)} transforms x {len(scope.alphas)} alphas x "
             f"{scope.samples} samples), over max_cells={scope.max_cells}"
         )
+    # Built only after the count is checked: product() materialises its inputs (range(samples) too).
     grid = itertools.product(sources, scope.sites, pairs, scope.transforms, scope.alphas, range(scope.samples))
     cells = [Cell(src, site, layer, transform, float(alpha), target_layer, sample)
              for src, site, (layer, target_layer), transform, alpha, sample in grid]  # fmt: skip
@@ -646,6 +744,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             bar.update(len(cells))
         else:
             table, lens = _execute_reads(model, read_passes, len(keys), lens_k)
+            check_amplified(table, scope.alphas, getattr(target_model, "dtype", torch.float32))
             outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
 
     per_cell: list[dict] = [{} for _ in cells]

@@ -85,6 +85,25 @@ def test_transform_arithmetic():
         ops.amplify(v, 1.0, "double")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("transform", ["cfg", "norm"])
+def test_cfg_and_norm_write_the_hand_computed_tensor(tiny_models, arch, transform):
+    """The written tensor equals base + alpha (v - base) or alpha v |base| / |v|, with base
+    the clean value at the write site in the written row (not v, not another row or site)."""
+    model, alpha = tiny_models[arch], 3.0
+    with model.trace(PROMPTS):  # clean run: v from row 0's MLP, base from row 1's residual
+        v = ops.read(model, "mlp_out", 0, -1)[:1].save()
+        base = ops.read(model, "resid_post", 1, -1)[1:].save()
+    with model.trace(PROMPTS):
+        ops.patch(model, "resid_post", 1, v, -1, rows=torch.tensor([1]), alpha=alpha, transform=transform)
+        written = ops.read(model, "resid_post", 1, -1, rows=torch.tensor([1])).save()
+    if transform == "cfg":
+        expected = base + alpha * (v - base)
+    else:
+        expected = alpha * v * base.norm() / v.norm()
+    torch.testing.assert_close(written, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_write_mode_is_named(tiny_models):
     model = tiny_models["llama"]
     with pytest.raises(ValueError, match="mode 'merge' is not one of replace, add"):

@@ -3,6 +3,8 @@ sanity checks that hold by construction, and resume without lost or duplicated r
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -15,7 +17,7 @@ def _outputs(out, figure: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     summary_md = (out / "summary.md").read_text()
     assert "**Ours:**" in summary_md and "**Paper:**" in summary_md and "Command: `python -m recipes." in summary_md
     assert "nan" not in summary_md.split("## Settings")[0]
-    return ResultStore(out / "cells.csv", []).load(), pd.read_csv(out / "summary.csv"), summary_md
+    return ResultStore.read(out / "cells.csv"), pd.read_csv(out / "summary.csv"), summary_md
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,15 @@ def test_token_identity_quick(token_identity):
 def test_token_identity_resumes_without_duplicates(token_identity):
     from recipes import token_identity as recipe
 
-    store = ResultStore(token_identity / "cells.csv", [])
-    before = store.load()
-    # Drop the logit-lens units, as if the run had stopped before writing them.
-    kept = before[before["method"] != "logit_lens"]
-    (token_identity / "cells.csv").unlink()
-    store.append(kept)
+    before = ResultStore.read(token_identity / "cells.csv")
+    # Unrecord the logit-lens units, as if the run had been killed after writing their rows
+    # but before recording them: their rows are dropped and recomputed, not kept twice.
+    meta_path = token_identity / "cells.csv.meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["units"] = [u for u in meta["units"] if u[0] != "logit_lens"]
+    meta_path.write_text(json.dumps(meta))
     recipe.main(["--quick", "--out", str(token_identity)])
-    after = store.load()
+    after = ResultStore.read(token_identity / "cells.csv")
     assert len(after) == len(before)
     assert not after.duplicated(["method", "source", "layer"]).any()
     merged = before.merge(after, on=["method", "source", "layer"], suffixes=("", "_again"))
@@ -83,7 +86,7 @@ def test_cross_model_quick(tmp_path):
     assert (tmp_path / "map_fit.csv").exists()
     # Rerun: every unit is done, nothing is added.
     cross_model.main(["--quick", "--out", str(tmp_path)])
-    assert len(ResultStore(tmp_path / "cells.csv", []).load()) == len(cells)
+    assert len(ResultStore.read(tmp_path / "cells.csv")) == len(cells)
 
 
 def test_inverse_scope_quick(tmp_path):
@@ -104,14 +107,14 @@ def test_inverse_scope_quick(tmp_path):
     rel = summary[summary["hypothesis"] == "same_relation"].pivot(index="layer", columns="sampler", values="consistency")
     assert (rel["nearest"] >= rel["random"]).any()
     # The trained generator (a tiny one in --quick) at the middle layer, beside the stand-in.
-    generated = ResultStore(tmp_path / "generator.csv", []).load()
+    generated = ResultStore.read(tmp_path / "generator.csv")
     assert list(generated.columns) == inverse_scope.CELL_COLUMNS and set(generated["sampler"]) == {"generator"}
     assert {"same_subject", "same_token"} <= set(generated["hypothesis"]) <= set(inverse_scope.GENERATOR_HYPOTHESES)
     assert generated["layer"].nunique() == 1 and generated["consistency"].between(0, 1).all()
     assert generated.groupby("hypothesis")["query"].nunique()["same_token"] == 16
     layer = int(generated["layer"].iloc[0])
     assert (tmp_path / "generators" / f"L{layer}" / "generator.pt").exists()
-    distances = ResultStore(tmp_path / "distances.csv", []).load()
+    distances = ResultStore.read(tmp_path / "distances.csv")
     assert set(distances["sampler"]) == {"generator", "nearest", "random"} and (distances["distance"] > 0).all()
     # The stand-in takes the k inputs nearest by cosine: no k random inputs are closer on average.
     by_cosine = distances.pivot_table(index="query", columns="sampler", values="cosine")
@@ -124,8 +127,8 @@ def test_inverse_scope_quick(tmp_path):
     assert {("generator", "nearest"), ("generator", "random"), ("nearest", "random")} <= pairs
     assert comparisons["p_holm"].between(0, 1).all() and (comparisons["p_holm"] >= comparisons["p"] - 1e-12).all()
     inverse_scope.main(["--quick", "--out", str(tmp_path)])
-    assert len(ResultStore(tmp_path / "cells.csv", []).load()) == len(cells)
-    assert len(ResultStore(tmp_path / "generator.csv", []).load()) == len(generated)
+    assert len(ResultStore.read(tmp_path / "cells.csv")) == len(cells)
+    assert len(ResultStore.read(tmp_path / "generator.csv")) == len(generated)
 
 
 def test_snippets_and_prefixes_are_deterministic():

@@ -247,7 +247,7 @@ def check_layers(value, num_layers: int, model: str = "the model") -> None:
 
 
 def parse_layers(value) -> list[int] | str:
-    from superscopes.cli import parse_layers as parse
+    from superscopes.parsing import parse_layers as parse
 
     if isinstance(value, list):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):

@@ -1,0 +1,75 @@
+"""Text -> grid values, one syntax for the command line, the recipes and the explorer.
+
+Errors are ``argparse.ArgumentTypeError`` naming the bad text and the accepted forms, so
+argparse prints them as usage errors and the explorer turns them into a 400.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+LAYER_SYNTAX = "'all', '3', '1-7' or '1,3,5-7'"
+
+
+def parse_layers(text: str) -> list[int] | str:
+    """``all``, ``3``, ``1-7`` or ``1,3,5-7`` (spaces ignored); ``3-1`` is an error."""
+    text = text.replace(" ", "")
+    if text == "all":
+        return "all"
+    layers: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise argparse.ArgumentTypeError(f"layers {text!r}: use {LAYER_SYNTAX} ({part!r} is not a layer or range)")
+        low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if high < low:
+            raise argparse.ArgumentTypeError(f"layers {text!r}: the range {part!r} is reversed; write {high}-{low}")
+        layers += range(low, high + 1)
+    return layers
+
+
+def parse_floats(text: str) -> list[float]:
+    """``1,3.5,-2`` (spaces ignored)."""
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def parse_target_layers(text: str) -> list[int | str]:
+    """``0``, ``same`` or a comma list of them."""
+    try:
+        return [x if x == "same" else int(x) for x in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"target layer {text!r}: use 0, same, an integer, or a comma list") from None
+
+
+def parse_names(text: str) -> list[str]:
+    """A comma list of names, spaces around them stripped: ``"mlp_out, resid_post"``."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; give a comma list such as mlp_out,resid_post")
+    return names
+
+
+def join_negative_values(argv: list[str], options: set[str]) -> list[str]:
+    """``--alphas -3,6`` -> ``--alphas=-3,6``: argparse would read ``-3,6`` as an option."""
+    joined: list[str] = []
+    for word in argv:
+        if joined and joined[-1] in options and re.fullmatch(r"-[\d.][\d.,\s+eE-]*", word):
+            joined[-1] = f"{joined[-1]}={word}"
+        else:
+            joined.append(word)
+    return joined
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every --help shows each option's default (when it has one: not None or a False flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        says_default = "default" in text.lower()  # the text already names it ("default: the embedded ones")
+        if action.default not in (None, False, "", argparse.SUPPRESS) and not says_default:
+            text += " (default: %(default)s)"
+        return text

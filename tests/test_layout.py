@@ -1,0 +1,76 @@
+"""Layout: no import cycles through the command line, recipes installed under the package's name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports(path: Path) -> set[str]:
+    """Every superscopes module ``path`` imports, at any depth (function-level imports included)."""
+    found, tree = set(), ast.parse(path.read_text())
+    for guard in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
+        guard.body = []  # type-checking imports never run
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("superscopes"):
+            found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("superscopes")}
+    return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "superscopes").rglob("*.py")}  # fmt: skip
+    return {name: imports(path) & set(files) for name, path in files.items()}
+
+
+def reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node == goal:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo += graph.get(node, set())
+    return False
+
+
+def test_the_app_and_the_command_line_do_not_import_each_other():
+    graph = module_graph()
+    assert not reaches(graph, "superscopes.app.server", "superscopes.cli"), "server -> ... -> cli"
+    assert "superscopes.parsing" in graph["superscopes.app.server"] and "superscopes.parsing" in graph["superscopes.cli"]
+
+
+def test_the_wheel_installs_recipes_as_superscopes_recipes(tmp_path):
+    """No top-level ``recipes`` package in site-packages; recipe data travels with it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("superscopes", "recipes"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(source)], capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"superscopes"}
+    assert "superscopes/recipes/token_identity.py" in names and "superscopes/recipes/data/multihop.csv" in names
+    assert any(n.startswith("superscopes/recipes/data/patchscopes/factual/") for n in names)
+
+
+def test_recipes_import_each_other_relatively():
+    """So that they work as ``recipes.NAME`` in a checkout and ``superscopes.recipes.NAME`` installed."""
+    for path in (ROOT / "recipes").glob("*.py"):
+        absolute = [n for n in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "recipes"]  # fmt: skip
+        assert not absolute, f"{path.name} imports recipes.* absolutely"
