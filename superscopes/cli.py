@@ -162,6 +162,16 @@ def cmd_recipe(args: argparse.Namespace) -> None:
     importlib.import_module(f"{package.__name__}.{args.name}").main(args.recipe_args)
 
 
+# Verbs whose own module parses the rest of the command line (`superscopes inverse train ...`).
+MODULE_VERBS = {"inverse": "train, sample and evaluate InverseScope's conditional generator of inputs"}
+
+
+def cmd_module(args: argparse.Namespace) -> None:
+    import importlib
+
+    importlib.import_module(f"superscopes.{args.verb}").main(args.module_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superscopes", description=__doc__, formatter_class=HelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -226,11 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("name", help="the recipe; `superscopes recipe NAME --help` for its options")
     recipe.add_argument("recipe_args", nargs=argparse.REMAINDER)
     recipe.set_defaults(func=cmd_recipe)
+    for verb, help_text in MODULE_VERBS.items():
+        module = verbs.add_parser(verb, help=f"{help_text}: superscopes {verb} --help", add_help=False)
+        module.add_argument("module_args", nargs=argparse.REMAINDER)
+        module.set_defaults(func=cmd_module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = join_negative_values(sys.argv[1:] if argv is None else list(argv), {"--alphas"})
+    if argv and argv[0] in MODULE_VERBS:  # the module parses everything after its verb, --help included
+        cmd_module(argparse.Namespace(verb=argv[0], module_args=argv[1:]))
+        return 0
     args = build_parser().parse_args(argv)
     if getattr(args, "sample", False) and args.seed is None:
         print("superscopes: error: --sample needs --seed (sampled readouts must be reproducible)", file=sys.stderr)

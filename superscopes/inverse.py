@@ -636,7 +636,7 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m superscopes.inverse", description=__doc__.split("\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
     t = verbs.add_parser("train", help="read (input, activation) pairs from a corpus and train a generator")
@@ -672,7 +672,11 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("-k", type=int, default=10)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(run=_evaluate_command)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 

@@ -64,3 +64,11 @@ def test_models_lists_the_embedded_models(capsys):
 def test_layer_syntax():
     assert parse_layers("1-3,7") == [1, 2, 3, 7]
     assert parse_layers("all") == "all"
+
+
+def test_module_verbs_hand_the_rest_of_the_line_to_their_module(capsys):
+    from superscopes.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["inverse", "train", "--help"])
+    assert exit_.value.code == 0 and "--layer" in capsys.readouterr().out

@@ -111,7 +111,7 @@ def test_recipe_help_prints_the_recipes_help(capsys):
 def smollm2_plan(smollm2):
     from superscopes.scope import plan
 
-    return lambda **kwargs: plan(Scope("Diana, Princess of Wales", **kwargs), smollm2)
+    return lambda **kwargs: plan(smollm2, Scope("Diana, Princess of Wales", **kwargs))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -144,9 +144,9 @@ def test_a_prompt_longer_than_the_context_is_refused(smollm2):
     from superscopes.scope import plan
 
     with pytest.raises(ScopeError, match="over smollm2-135m's context of 8192 tokens"):
-        plan(Scope("Diana " * 8200), smollm2)
+        plan(smollm2, Scope("Diana " * 8200))
     with pytest.raises(ScopeError, match=r"\(\+10 generated\): over smollm2-135m's context"):
-        plan(Scope("Diana", target="x " * 8185), smollm2)
+        plan(smollm2, Scope("Diana", target="x " * 8185))
 
 
 def test_integer_like_layers_work(smollm2_plan):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from superscopes.cli import build_parser, main
+from superscopes.cli import MODULE_VERBS, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -79,10 +79,15 @@ def check_command(argv: list[str], run: bool) -> None:
     if argv[:2] == ["python", "-m"] and argv[2].startswith("recipes."):
         parse_recipe(argv[2].removeprefix("recipes."), argv[3:])
         return
+    if argv[:2] == ["python", "-m"] and argv[2].startswith("superscopes."):  # a module with its own verbs
+        importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
+        return
     assert argv[0] == "superscopes", f"the README test does not know how to check {shlex.join(argv)!r}"
     verb = argv[1]
     if verb == "recipe":
         parse_recipe(argv[2], argv[3:])
+    elif verb in MODULE_VERBS:
+        importlib.import_module(f"superscopes.{verb}").build_parser().parse_args(argv[2:])
     elif run and verb in ("scope", "judge", "models") and "--remote" not in argv:
         assert main(argv[1:]) == 0, shlex.join(argv)
     else:
