@@ -253,7 +253,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {d['cells']} | {t(s)} | {c(s)} | {t(u)} | {c(u)} | {r(d['ratios']['unshared/shared'])} "
                      f"| {d['agreement_ids'][0]}/{d['agreement_ids'][1]} |")  # fmt: skip
     cs = results["cold_start"]
-    lines += ["", f"## Cold start (new process, 3 runs)", "",
+    lines += ["", "## Cold start (new process, 3 runs)", "",
               f"- `import superscopes`: {', '.join(f'{x:.2f}' for x in cs['import_s'])} s",
               f"- then the first cached `superscopes.load('smollm2-135m')`: {', '.join(f'{x:.2f}' for x in cs['first_load_s'])} s"]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ from superscopes.results import ResultStore, SettingsMismatchError
 DATA = Path(__file__).parent / "data"
 T = TypeVar("T")
 # Options that change where or how fast a run goes, never its rows: left out of the settings.
-RUN_ONLY = ("out", "threads", "batch_size", "remote", "new_file")
+RUN_ONLY = ("out", "threads", "batch_size", "remote", "new_file", "cells_per_request")
 
 
 @functools.cache
@@ -59,6 +59,9 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for anything sampled or random")
     p.add_argument("--batch-size", type=int, default=64, help="patched rows per forward pass")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    p.add_argument("--cells-per-request", type=int,
+                   help="with --remote: split each grid into NDIF requests of at most this many cells "
+                        "(default: one request per grid)")  # fmt: skip
     p.add_argument("--new-file", action="store_true",
                    help="if the output folder holds rows made with other settings, write a new table beside them "
                         "instead of stopping")  # fmt: skip
@@ -75,6 +78,15 @@ class Run:
     @property
     def remote(self) -> bool:
         return bool(self.args.remote)
+
+    def scope(self, model, scope, **kwargs) -> pd.DataFrame:
+        """``superscopes.run`` with this run's remote settings (one request per grid, or
+        ``--cells-per-request`` cells per request) and no progress bar."""
+        import superscopes
+
+        return superscopes.run(model, scope, remote=self.args.remote, progress=False,
+                               cells_per_request=self.args.cells_per_request if self.args.remote else None,
+                               **kwargs)  # fmt: skip
 
     @property
     def settings(self) -> dict[str, object]:

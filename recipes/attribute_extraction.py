@@ -239,7 +239,7 @@ def experiment(run: Run) -> None:
             list(part["source"]), sites=["resid_post"], layers=[layer], alphas=[1], target=part["template"].iloc[0],
             target_layers=targets, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
         )  # fmt: skip
-        frame = superscopes.run(model, scope, remote=run.remote, progress=False)
+        frame = run.scope(model, scope)
         frame.insert(0, "task", task)
         frame["subject"] = frame["source"].map(meta["subject"])
         frame["object"] = frame["source"].map(meta["object"])

@@ -120,7 +120,6 @@ def experiment(run: Run) -> None:
     remote = run.remote
 
     from superscopes import Scope, lens
-    from superscopes import run as run_scope
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
@@ -189,15 +188,14 @@ def experiment(run: Run) -> None:
         for ls in sorted({ls for ls, _ in todo[d]}):
             lts = [lt for l, lt in todo[d] if l == ls]
             if s is t:
-                frames = [run_scope(s, Scope(prompts, layers=[ls], target_layers=lts, transforms=["scale"], **common),
-                                    remote=remote, progress=False)]  # fmt: skip
+                frames = [run.scope(s, Scope(prompts, layers=[ls], target_layers=lts, transforms=["scale"], **common))]
             else:
                 frames = []
                 for lt in lts:
                     W, bias = maps[(d, ls, lt)]
                     scope = Scope(prompts, layers=[ls], target_layers=[lt], transforms=["affine"], affine_weight=W,
                                   affine_bias=bias, **common)  # fmt: skip
-                    frames.append(run_scope(s, scope, target_model=t, remote=remote, progress=False))
+                    frames.append(run.scope(s, scope, target_model=t))
             rows = _rows(d, s, t, pd.concat(frames), own[id(t)][0], own[id(s)][1], prompts)
             for lt in lts:
                 store.append(rows[rows["target_layer"] == lt])

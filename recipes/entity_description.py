@@ -66,7 +66,7 @@ def experiment(run: Run) -> None:
             entity, sites=[args.site], layers=layers, alphas=alphas, target="entity", target_layers=["same"],
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         )  # fmt: skip
-        frame = judge.score(superscopes.run(model, scope, remote=run.remote), judge=scorer)
+        frame = judge.score(run.scope(model, scope), judge=scorer)
         store.append(frame.drop(columns=["output_ids"]).assign(reference=reference[entity]))
 
     cells = run.cells(store, len(data) * len(layers) * len(alphas), unique=["source", "layer", "alpha"])
@@ -158,7 +158,7 @@ def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.Da
         singles = {m: v for m, v in get.items() if m.startswith("α=")}
         best_single = max(singles, key=singles.get)
         findings.append(
-            f"Each alpha alone: " + ", ".join(f"{m} {v:.3f}" for m, v in singles.items())
+            "Each alpha alone: " + ", ".join(f"{m} {v:.3f}" for m, v in singles.items())
             + f" (α=1: {get[PATCHSCOPES]:.3f}); the best single alpha is {best_single}."
         )
         findings.append(

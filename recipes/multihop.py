@@ -133,7 +133,7 @@ def experiment(run: Run) -> None:
                 list(evaluated["query"]), sites=["resid_post"], layers=[layer], alphas=[1], target="source",
                 target_layers=list(range(0, layer, stride)), max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
             )  # fmt: skip
-            store.append(finish(superscopes.run(model, scope, remote=run.remote, progress=False), BACK, unit))
+            store.append(finish(run.scope(model, scope), BACK, unit))
 
     # 3. CoT Patchscope: per query (the target is the query itself), last first-hop token -> last position.
     cot_targets = {layer: list(range(0, layer + 1, cot_stride)) for layer in source_layers}
@@ -148,7 +148,7 @@ def experiment(run: Run) -> None:
             target_position="last", target_layers=cot_targets[source_layers[-1]], max_new_tokens=MAX_NEW_TOKENS,
             batch_size=args.batch_size,
         )  # fmt: skip
-        frame = superscopes.run(model, scope, remote=run.remote, progress=False)
+        frame = run.scope(model, scope)
         store.append(finish(frame[frame["target_layer"] <= frame["layer"]].reset_index(drop=True), COT, unit))
 
     cells = store.load()

@@ -140,7 +140,7 @@ def experiment(run: Run) -> None:
             scope = superscopes.Scope([prompts[i] for i in chunk], sites=sites, target="entity",
                                       target_layers=["same"], seed=seed, max_new_tokens=args.max_new_tokens,
                                       batch_size=args.batch_size, **settings)  # fmt: skip
-            frame = superscopes.run(model, scope, remote=run.remote)
+            frame = run.scope(model, scope)
             frame = judge.score(frame, judge=scorer).drop(columns=["output_ids"])
             store.append(frame.assign(condition=condition, category=frame["source"].map(category)))
 

@@ -100,7 +100,7 @@ def judged_readouts(run: Run, model, examples: list[tuple], plan: dict[str, list
             source, token=token, sites=sites, layers=plan[source], alphas=alphas, target="entity",
             target_layers=target_layers, max_new_tokens=run.args.max_new_tokens, batch_size=run.args.batch_size,
         )  # fmt: skip
-        frame = superscopes.run(model, scope, remote=run.remote)
+        frame = run.scope(model, scope)
         store.append(judge.score(frame, judge=judge.default_judge()).drop(columns=["output_ids"]))
     return run.cells(store, sum(len(plan[s]) for s, *_ in examples) * len(sites) * len(alphas))
 
@@ -219,7 +219,7 @@ def report(run: Run, cells: pd.DataFrame, summary: pd.DataFrame, winners: pd.Dat
             "cells": len(cells),
         },
         findings=[
-            f"Per site, on-topic readouts at alpha=1 vs best amplified: "
+            "Per site, on-topic readouts at alpha=1 vs best amplified: "
             + "; ".join(f"{r.site}: {r.alpha1_successes} vs {r.amplified_successes}" for r in per_site.itertuples()),
             f"Best-of-{len(alphas) - 1} amplified alphas against a single alpha=1 try favours amplification by "
             "construction; "

@@ -221,7 +221,6 @@ def experiment(run: Run) -> None:
     ridge = args.ridge if args.ridge is not None else (100.0 if quick else 10.0)
 
     from superscopes import Scope, lens
-    from superscopes import run as run_scope
     from superscopes.models import model_name
     from superscopes.prompts import IDENTITY, tokens
     from superscopes.sites import num_layers
@@ -293,7 +292,7 @@ def experiment(run: Run) -> None:
         scope = Scope([s.prompt for s in part], sites=["resid_post"], layers=layers, alphas=[1], transforms=["scale"],
                       target="identity", target_layers=["same"], output="topk", top_k=args.top_k,
                       batch_size=args.batch_size)  # fmt: skip
-        frame = run_scope(model, scope, remote=remote, progress=False)
+        frame = run.scope(model, scope)
         own = own_logprobs(part)
         by_prompt = {s.prompt: i for i, s in enumerate(part)}
         ids = [[None] * len(part) for _ in layers]

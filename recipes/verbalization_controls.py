@@ -180,7 +180,7 @@ def experiment(run: Run) -> None:
                 target=part["template"].iloc[0], target_layers=target_layers[m], max_new_tokens=MAX_NEW_TOKENS,
                 batch_size=args.batch_size,
             )  # fmt: skip
-            store.append(finish(superscopes.run(models[m], scope, remote=run.remote, progress=False), SELF, m, m, task, "grid"))
+            store.append(finish(run.scope(models[m], scope), SELF, m, m, task, "grid"))
 
     directions = [(names[0], names[1]), (names[1], names[0])]
     pairs = {(s, v): [(ls, lv) for ls in source_layers[s] for lv in target_layers[v]] for s, v in directions}
@@ -217,7 +217,7 @@ def experiment(run: Run) -> None:
                 affine_weight=W, affine_bias=b, target=part["template"].iloc[0], target_layers=[lv],
                 max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
             )  # fmt: skip
-            frame = superscopes.run(models[s], scope, target_model=models[v], remote=run.remote, progress=False)
+            frame = run.scope(models[s], scope, target_model=models[v])
             store.append(finish(frame, CROSS, s, v, task, f"{ls}->{lv}"))
     maps_table = pd.read_csv(run.out / "maps.csv")
 

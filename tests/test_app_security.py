@@ -17,7 +17,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from superscopes.app import App, make_server
+from superscopes.app import make_server
 from superscopes.app.server import (
     KEEP_JOBS,
     LIMITS,

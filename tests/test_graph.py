@@ -10,7 +10,7 @@ import transformers as T
 from superscopes import Scope, ops, run
 from superscopes.prompts import IDENTITY
 from superscopes.scope import read_vectors
-from tests.conftest import ARCHITECTURES, build_tiny
+from tests.conftest import ARCHITECTURES
 
 PROMPTS = ["Diana, Princess of Wales", "Red Hot Chili Peppers played a concert in the park", "Back to the Future"]
 

@@ -72,8 +72,8 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     pairs = toy_pairs(n=12)
     config = GeneratorConfig(steps=30, **{**TOY, "held_out": 0.25})
     whole = inverse.train(pairs, config, tmp_path / "whole", eval_every=10, checkpoint_every=10, progress=False)
-    part = inverse.train(pairs, config, tmp_path / "part", eval_every=10, checkpoint_every=10, progress=False,
-                         stop_after=20)  # fmt: skip
+    inverse.train(pairs, config, tmp_path / "part", eval_every=10, checkpoint_every=10, progress=False,
+                  stop_after=20)  # fmt: skip
     assert not (tmp_path / "part" / "generator.pt").exists()  # stopped early: only the checkpoint
     resumed = inverse.train(pairs, config, tmp_path / "part", eval_every=10, checkpoint_every=10, progress=False)
     for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
