@@ -111,17 +111,16 @@ def crop_is_exact(tokenizer, snippet: str, subject: str, source: str) -> bool:
 
 def greedy(model, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 64,
            remote: bool = False) -> list[str]:  # fmt: skip
-    """The unpatched model's greedy continuations, through the core graph: a self-patch
-    (``resid_post`` of layer 0 at the last token written back unchanged, alpha 1) leaves the
-    forward pass as it is, and keeps decoding identical to the patched cells'."""
+    """The unpatched model's greedy continuations, through the core graph (transform ``none``:
+    nothing is written), so decoding is identical to the patched cells'."""
     import superscopes
 
     if not prompts:
         return []
     unique = list(dict.fromkeys(prompts))
     scope = superscopes.Scope(
-        unique, sites=["resid_post"], layers=[0], alphas=[1], target="source", target_layers=[0],
-        max_new_tokens=max_new_tokens, batch_size=batch_size,
+        unique, sites=["resid_post"], layers=[0], alphas=[1], transforms=["none"], target="source",
+        target_layers=[0], max_new_tokens=max_new_tokens, batch_size=batch_size,
     )  # fmt: skip
     frame = superscopes.run(model, scope, remote=remote, progress=False)
     outputs = dict(zip(frame["source"], frame["output"]))

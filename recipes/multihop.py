@@ -135,21 +135,22 @@ def experiment(run: Run) -> None:
             )  # fmt: skip
             store.append(finish(run.scope(model, scope), BACK, unit))
 
-    # 3. CoT Patchscope: per query (the target is the query itself), last first-hop token -> last position.
+    # 3. CoT Patchscope: each query is its own target (last position); its last first-hop token's
+    # hidden state at l goes to l* <= l. One run for every pending query: per-prompt tokens and
+    # targets, and a cell filter instead of a rectangle with the l* > l cells thrown away.
     cot_targets = {layer: list(range(0, layer + 1, cot_stride)) for layer in source_layers}
-    for query, span, row in zip(evaluated["query"], evaluated["span"], evaluated["row"]):
-        unit = f"query {row}"
-        if store.key([COT, unit]) in done or not source_layers:
-            continue
-        # A Scope grid is rectangular (every l with every l*): one run per query over all l and
-        # l* <= max(l) in one batch is cheaper than a run per l, and cells with l* > l are dropped.
+    todo = [(q, s, r) for q, s, r in zip(evaluated["query"], evaluated["span"], evaluated["row"])
+            if store.key([COT, f"query {r}"]) not in done]  # fmt: skip
+    if todo and source_layers:
+        queries, spans, rows = map(list, zip(*todo))
+        pairs = [(layer, target) for layer in source_layers for target in cot_targets[layer]]
         scope = superscopes.Scope(
-            [query], token=span, sites=["resid_post"], layers=source_layers, alphas=[1], target=query,
-            target_position="last", target_layers=cot_targets[source_layers[-1]], max_new_tokens=MAX_NEW_TOKENS,
-            batch_size=args.batch_size,
+            queries, token=spans, sites=["resid_post"], layer_pairs=pairs, alphas=[1], target=queries,
+            target_position="last", max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
         )  # fmt: skip
         frame = run.scope(model, scope)
-        store.append(finish(frame[frame["target_layer"] <= frame["layer"]].reset_index(drop=True), COT, unit))
+        for query, row in zip(queries, rows):
+            store.append(finish(frame[frame["source"] == query].reset_index(drop=True), COT, f"query {row}"))
 
     cells = store.load()
     if cells.empty:

@@ -19,6 +19,7 @@ Every cell is validated before any forward pass.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -214,7 +215,9 @@ def _per_prompt(name: str, value, n_prompts: int) -> list:
     """A setting given once for all prompts, or as a list of one value per prompt."""
     if isinstance(value, (list, tuple)):
         if len(value) != n_prompts:
-            raise ScopeError(f"{name} has {len(value)} entries for {n_prompts} prompts: give one per prompt, or one for all")
+            raise ScopeError(
+                f"{name} has {len(value)} entries for {n_prompts} prompts: give one per prompt, or one for all"
+            )
         return list(value)
     return [value] * n_prompts
 
@@ -301,7 +304,9 @@ def _affine_maps(scope: Scope, pairs: list[tuple[int, int]]) -> None:
     if isinstance(scope.affine_weight, dict):
         missing = [pair for pair in pairs if pair not in scope.affine_weight]
         if missing:
-            raise ScopeError(f"affine_weight has no map for layer pair(s) {missing[:5]}: give one per (layer, target_layer)")
+            raise ScopeError(
+                f"affine_weight has no map for layer pair(s) {missing[:5]}: give one per (layer, target_layer)"
+            )
 
 
 def _check_not_empty(scope: Scope) -> None:
@@ -336,7 +341,8 @@ def _check_affine(scope: Scope, model, target_model) -> None:
     """Each map's shape is [target hidden, source hidden] (bias [target hidden]), all finite."""
     if "affine" not in scope.transforms:
         return
-    shapes = {"affine_weight": (hidden_size(target_model), hidden_size(model)), "affine_bias": (hidden_size(target_model),)}
+    d_source, d_target = hidden_size(model), hidden_size(target_model)
+    shapes = {"affine_weight": (d_target, d_source), "affine_bias": (d_target,)}
     for name, shape in shapes.items():
         value = getattr(scope, name)
         for key, tensor in (value.items() if isinstance(value, dict) else [(None, value)]):
@@ -516,7 +522,8 @@ def cell_seed(seed: int, cell: Cell) -> int:
     return zlib.crc32(f"{key}{cell.target_layer}|{cell.sample}".encode())
 
 
-def _patch_passes(target_model, the_plan: Plan, vector_of: dict, map_of: dict | None) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:
+def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
+                  map_of: dict | None) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:  # fmt: skip
     """Batched target passes, the cell order they cover, and the shared prefixes' token ids.
 
     Rows of a pass share one transform; with ``share_prefix`` they also share one target
@@ -524,48 +531,54 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict, map_of: dict | 
     ``map_of``: (layer, target layer) -> index of its affine map, when maps are per pair."""
     scope, cells, tokenizer = the_plan.scope, the_plan.cells, target_model.tokenizer
 
+    rows_of_text = collections.Counter(the_plan.target_of(cell)[0] for cell in cells)
+
     def pass_key(i: int) -> tuple:
-        text = the_plan.target_of(cells[i])[0] if scope.share_prefix else ""
-        return scope.transforms.index(cells[i].transform), text
+        """Transform, and the shared text: rows of a text that has several share its prefix;
+        texts with one row gain nothing from it and batch together, padded, as plain passes."""
+        text = the_plan.target_of(cells[i])[0]
+        shared = scope.share_prefix and rows_of_text[text] > 1
+        return scope.transforms.index(cells[i].transform), text if shared else ""
 
     token_ids: dict[str, torch.Tensor] = {}
     prefix_index: dict[tuple[str, int], int] = {}
     prefixes: list[torch.Tensor] = []
     passes, covered = [], []
     order = sorted(range(len(cells)), key=pass_key)
-    for chunk in (chunk for _, same in itertools.groupby(order, key=pass_key) for chunk in _chunks(list(same), scope.batch_size)):
-        chunk_cells = [cells[i] for i in chunk]
-        texts, positions = map(list, zip(*(the_plan.target_of(c) for c in chunk_cells)))
-        rows = list(range(len(chunk)))
-        if scope.share_prefix:
-            if texts[0] not in token_ids:
-                token_ids[texts[0]] = torch.tensor([tokenizer(texts[0])["input_ids"]])
-            start = min(positions)  # every row's tokens before its first patched one are the same
-            prefix = None
-            if start > 0:
-                prefix = prefix_index.setdefault((texts[0], start), len(prefixes))
-                if prefix == len(prefixes):
-                    prefixes.append(token_ids[texts[0]][:, :start])
-            columns = torch.tensor(positions) - start
-            inputs = {"ids": token_ids[texts[0]], "start": start, "prefix": prefix}
-        else:
-            columns = _columns(_lengths(tokenizer, texts), rows, positions)
-            inputs = {"texts": texts}
-        vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
-        groups = []
-        for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells]):
-            maps = None
-            if map_of is not None and chunk_cells[0].transform == "affine":
-                index = [map_of[(chunk_cells[i].layer, chunk_cells[i].target_layer)] for i in g]
-                maps = [(m, torch.tensor([j for j, k in enumerate(index) if k == m])) for m in dict.fromkeys(index)]
-            groups.append(_Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g],
-                                 vector_ids[g], maps))  # fmt: skip
-        seeds = None
-        if scope.do_sample:
-            seeds = torch.tensor([cell_seed(scope.seed or 0, c) for c in chunk_cells], dtype=torch.int64)
-        alphas = torch.tensor([c.alpha for c in chunk_cells])
-        passes.append(_Pass(groups, alphas=alphas, transform=chunk_cells[0].transform, seeds=seeds, **inputs))
-        covered += chunk
+    for key, same in itertools.groupby(order, key=pass_key):
+        for chunk in _chunks(list(same), scope.batch_size):
+            chunk_cells = [cells[i] for i in chunk]
+            texts, positions = map(list, zip(*(the_plan.target_of(c) for c in chunk_cells)))
+            rows = list(range(len(chunk)))
+            if key[1]:
+                if texts[0] not in token_ids:
+                    token_ids[texts[0]] = torch.tensor([tokenizer(texts[0])["input_ids"]])
+                start = min(positions)  # every row's tokens before its first patched one are the same
+                prefix = None
+                if start > 0:
+                    prefix = prefix_index.setdefault((texts[0], start), len(prefixes))
+                    if prefix == len(prefixes):
+                        prefixes.append(token_ids[texts[0]][:, :start])
+                columns = torch.tensor(positions) - start
+                inputs = {"ids": token_ids[texts[0]], "start": start, "prefix": prefix}
+            else:
+                columns = _columns(_lengths(tokenizer, texts), rows, positions)
+                inputs = {"texts": texts}
+            vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
+            groups = []
+            for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells]):
+                maps = None
+                if map_of is not None and chunk_cells[0].transform == "affine":
+                    index = [map_of[(chunk_cells[i].layer, chunk_cells[i].target_layer)] for i in g]
+                    maps = [(m, torch.tensor([j for j, k in enumerate(index) if k == m])) for m in dict.fromkeys(index)]
+                groups.append(_Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g],
+                                     vector_ids[g], maps))  # fmt: skip
+            seeds = None
+            if scope.do_sample:
+                seeds = torch.tensor([cell_seed(scope.seed or 0, c) for c in chunk_cells], dtype=torch.int64)
+            alphas = torch.tensor([c.alpha for c in chunk_cells])
+            passes.append(_Pass(groups, alphas=alphas, transform=chunk_cells[0].transform, seeds=seeds, **inputs))
+            covered += chunk
     return passes, covered, prefixes
 
 
@@ -770,7 +783,8 @@ def _fingerprint(model, target_model, the_plan: Plan) -> str:
     """A hash of everything that decides a grid's outputs (not how it is batched)."""
     scope = the_plan.scope
     digest = hashlib.sha256()
-    settings = [model_name(model), model_name(target_model), scope.prompts, [[t.text, t.index] for t in the_plan.targets],
+    targets = [[t.text, t.index] for t in the_plan.targets]
+    settings = [model_name(model), model_name(target_model), scope.prompts, targets,
                 scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
                 scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
     digest.update(json.dumps(settings, default=str).encode())
