@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import superscopes
 from superscopes.app import App, make_server
 from superscopes.app.server import LIMITS, SITES, STATIC, add_arguments
+from superscopes.app.store import RunStore
 from superscopes.app.testing import fake_similarity, tiny_model
 from superscopes.prompts import tokens as prompt_tokens
 from superscopes.scope import RESULT_COLUMNS
@@ -39,11 +41,12 @@ def start(app: App):
 
 
 @pytest.fixture
-def make_app(model):
+def make_app(model, tmp_path):
     servers = []
 
     def make(**kwargs):
         kwargs.setdefault("judge", fake_similarity)
+        kwargs.setdefault("store", RunStore(tmp_path / f"runs-{len(servers)}.sqlite"))
         app = App(default_model=NAME, models={NAME: model}, offer_embedded=False, **kwargs)
         server = start(app)
         servers.append(server)
@@ -142,7 +145,8 @@ def test_run_to_completion_matches_the_core(api, model):
     assert state["status"] == "done" and state["error"] is None
     assert state["done"] == state["total"] == len(state["rows"]) == 72
     rows = pd.DataFrame(state["rows"])
-    assert set(rows.columns) == {"token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity"}
+    assert set(rows.columns) == {"token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity",
+                                 "echo"}
     assert rows.groupby(["position", "site", "layer", "alpha"]).size().eq(1).all()
     assert (rows["target_layer"] == rows["layer"]).all()  # target layer "same"
     assert rows["similarity"].between(0, 1).all()
@@ -195,7 +199,10 @@ def test_cap_is_configurable_and_counts_only_scoped_tokens(make_app):
     client = Client(base, app)
     status, answer = client.run()
     assert status == 400 and "over this page's cap of 12" in answer["error"]
-    status, job = client.run(tokens="last")  # 1 token x 3 sites x 2 layers x 2 alphas = 12
+    # The controls count too: 2 per best readout run (alpha 1 is in the grid already).
+    status, answer = client.run(tokens="last")
+    assert status == 400 and "the grid's 12 cells and 12 control cells (2 per best readout) make 24" in answer["error"]
+    status, job = client.run(tokens="last", controls=False)  # 1 token x 3 sites x 2 layers x 2 alphas = 12
     assert status == 202 and job["total"] == 12 and job["grid"]["positions"] == [5]
     assert client.wait(job["job"])["status"] == "done"
 
@@ -252,14 +259,14 @@ def test_cancel_keeps_partial_results_and_one_job_per_client(make_app):
 
 
 def test_csv_download(api):
-    status, job = api.run(tokens="last")
+    status, job = api.run(tokens="last", controls=False)
     state = api.wait(job["job"])
     status, headers, raw = api.request("GET", f"/api/jobs/{job['job']}/csv")
     assert status == 200
     assert headers["Content-Type"].startswith("text/csv")
     assert headers["Content-Disposition"] == f'attachment; filename="superscopes-diana-princess-of-wales-{job["job"]}.csv"'
     frame = pd.read_csv(io.BytesIO(raw))
-    assert list(frame.columns) == [*RESULT_COLUMNS, "similarity"]
+    assert list(frame.columns) == [*RESULT_COLUMNS, "similarity", "echo", "control"]
     assert len(frame) == state["total"] == 12
     assert (frame["model"] == NAME).all() and (frame["source"] == PROMPT).all()
     assert frame.sort_values(["site", "layer", "alpha"])["output"].fillna("").tolist() == [
@@ -281,7 +288,7 @@ def test_server_side_failure_is_reported(make_app):
 
 
 def test_http_errors(api):
-    assert api.json("GET", "/api/jobs/0123abcd")[0] == 404
+    assert api.json("GET", "/api/jobs/0123abcd0123")[0] == 404
     assert "no such page" in api.json("GET", "/nowhere")[1]["error"]
     status, _, raw = api.request("POST", "/api/run", None, {"Content-Type": "text/plain"})
     assert status == 415 and b"application/json" in raw
@@ -309,16 +316,18 @@ def test_real_judge(make_app):
     assert rows["similarity"].round(5).tolist() == expected.round(5).tolist()
 
 
-def test_command_line_prints_the_address_and_binds_loopback():
+def test_command_line_prints_the_address_and_binds_loopback(tmp_path):
     args = add_arguments(__import__("argparse").ArgumentParser()).parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8765, superscopes.DEFAULT_MODEL)
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from superscopes.app import main; sys.exit(main(sys.argv[1:]))",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SUPERSCOPES_CACHE": str(tmp_path)},
     )  # fmt: skip
     try:
         line = process.stdout.readline()
         assert line.startswith("superscopes app: serving on http://127.0.0.1:"), line
+        assert f"runs kept in {tmp_path / 'app' / 'runs.sqlite'}" in line
         url = line.split()[4]
         with urllib.request.urlopen(url + "api/config", timeout=30) as response:
             config = json.loads(response.read())
