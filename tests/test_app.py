@@ -410,3 +410,179 @@ def test_page_heatmap_titles_fit_and_edited_prompts_mark_the_table_stale():
         app.isStale({json.dumps(job)}, {json.dumps(PROMPT)}, "other-model"),
         app.isStale(null, "anything", {json.dumps(NAME)}),
     ]""") == [False, True, True, False]
+
+
+# ---------------------------------------------------------------- kept runs, controls, progress
+
+
+def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_path):
+    path = tmp_path / "kept.sqlite"
+    app, base = make_app(store=RunStore(path))
+    client = Client(base, app)
+    status, job = client.run(tokens="last", layers="1", alphas="1,3", target="custom",
+                             template="Tell me about @ please", placeholder="@")  # fmt: skip
+    assert status == 202
+    live = client.wait(job["job"])
+    _, _, live_csv = client.request("GET", f"/api/jobs/{job['job']}/csv")
+    # A new server on the same store (a restart): the run's URL restores it.
+    app2, base2 = make_app(store=RunStore(path))
+    again = Client(base2, app2)
+    status, kept = again.json("GET", f"/api/jobs/{job['job']}?since=0")
+    assert status == 200 and kept["status"] == "done" and job["job"] not in app2.jobs
+    assert kept["rows"] == live["rows"] and kept["controls"] == live["controls"] and kept["grid"] == live["grid"]
+    assert kept["settings"] == {
+        "model": NAME, "prompt": PROMPT, "tokens": "last", "token": "", "layers": "1", "target_layer": "same",
+        "sites": list(SITES), "alphas": "1,3", "transform": "scale", "target": "custom",
+        "template": "Tell me about @ please", "placeholder": "@", "max_new_tokens": 4, "controls": True,
+    }  # fmt: skip
+    status, kept = again.json("GET", f"/api/jobs/{job['job']}?since=4&controls_since=5")
+    assert kept["rows"] == live["rows"][4:] and kept["controls"] == live["controls"][5:]
+    status, headers, raw = again.request("GET", f"/api/jobs/{job['job']}/csv")
+    assert status == 200 and raw == live_csv and job["job"] in headers["Content-Disposition"]
+    # The history lists it, newest first, with its best similarity.
+    status, second = again.run(tokens="last", layers="0", sites=["mlp_out"], alphas="1")
+    again.wait(second["job"])
+    status, history = again.json("GET", "/api/runs?limit=5")
+    assert [r["id"] for r in history["runs"]] == [second["job"], job["job"]]
+    first = history["runs"][1]
+    assert (first["status"], first["prompt"], first["model"], first["done"], first["total"]) == ("done", PROMPT, NAME, 6, 6)
+    assert first["best"] == max(r["similarity"] for r in live["rows"])
+    assert again.json("GET", "/api/runs?limit=1")[1]["runs"][0]["id"] == second["job"]
+    status, answer = again.json("GET", "/api/runs?limit=1000")
+    assert status == 400 and "limit must be a whole number from 1 to 100" in answer["error"]
+
+
+def test_a_run_cut_off_by_a_restart_is_kept_as_interrupted(make_app, tmp_path):
+    path = tmp_path / "cut.sqlite"
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_judge(frame):
+        entered.set()
+        assert gate.wait(30)
+        return fake_similarity(frame)
+
+    app, base = make_app(judge=slow_judge, store=RunStore(path))
+    status, job = Client(base, app).run(tokens="last")
+    assert entered.wait(60)
+    try:
+        restarted = RunStore(path)  # what a new server does on start
+        kept = restarted.state(job["job"])
+        assert kept["settings"]["tokens"] == "last" and kept["rows"] == []
+        assert restarted.recent(5)[0]["status"] == "interrupted"
+    finally:
+        gate.set()
+
+
+def test_run_ids_in_urls_are_validated(api):
+    bad = ["0123", "0123abcd012g", "0123ABCD0123", "..%2F..%2Fetc%2Fpasswd", "x'%20OR%20'1'%3D'1", "0" * 13]
+    for run_id in bad:
+        for method, path, body in (("GET", "", None), ("GET", "/csv", None), ("POST", "/cancel", {}),
+                                   ("POST", "/focus", {"position": 0})):  # fmt: skip
+            status, answer = api.json(method, f"/api/jobs/{run_id}{path}", body)
+            assert status == 400, (run_id, path, answer)
+            assert "is not valid: a run id is 12 characters from 0-9 and a-f" in answer["error"]
+    assert api.json("GET", "/api/jobs/../../server.py")[0] == 404  # no route: not a file either
+    status, answer = api.json("GET", "/api/jobs/0123abcd0123")
+    assert status == 404 and "no run '0123abcd0123'" in answer["error"]
+
+
+def test_the_store_is_bounded_and_parameterised(tmp_path):
+    from superscopes.app.store import check_run_id
+
+    store = RunStore(tmp_path / "s.sqlite", keep=3, max_bytes=10**6, max_run_bytes=2000)
+    state = {"prompt": "p", "rows": [{"output": "a"}], "controls": []}
+    ids = [f"{i:012x}" for i in range(5)]
+    for i, run_id in enumerate(ids):
+        assert store.save(run_id, 1000.0 + i, "done", {"prompt": "p"}, state, b"csv")
+    assert len(store) == 3 and [r["id"] for r in store.recent(10)] == ids[:1:-1]  # the newest three
+    assert store.state(ids[0]) is None and store.state(ids[4]) == state and store.csv(ids[4]) == b"csv"
+    # A run over max_run_bytes keeps its settings, not its rows.
+    noisy = {"prompt": "p", "rows": [{"output": os.urandom(16).hex()} for _ in range(200)], "controls": []}
+    assert not store.save("0000000000ff", 2000.0, "done", {}, noisy, b"x" * 10)
+    assert store.state("0000000000ff") == {"prompt": "p", "rows": [], "controls": [], "dropped": True}
+    assert store.csv("0000000000ff") is None
+    # The byte bound evicts the oldest too.
+    small = RunStore(tmp_path / "b.sqlite", keep=100, max_bytes=3000, max_run_bytes=2000)
+    for i in range(6):
+        small.save(f"{i:012x}", float(i), "done", {}, {"rows": [{"output": os.urandom(700).hex()}]})
+    assert 1 <= len(small) < 6 and small.recent(1)[0]["id"] == f"{5:012x}"
+    for run_id in ("'; DROP TABLE runs; --", "../../x", "", None):
+        with pytest.raises(ValueError, match="is not valid: a run id is 12 characters"):
+            check_run_id(run_id)
+        with pytest.raises(ValueError):
+            store.state(run_id)
+    assert len(store) == 3  # the table is intact
+
+
+def test_controls_beside_each_best_readout(api, model):
+    from superscopes.app.server import best_rows
+    from superscopes.metrics import is_echo
+
+    status, job = api.run(tokens="last", alphas="1,3")
+    assert job["controls_total"] == 3 * 2 * 2  # 3 sites x 2 layers x (norm, random); alpha 1 is in the grid
+    state = api.wait(job["job"])
+    assert state["status"] == "done" and state["controls_done"] == state["controls_total"] == 12
+    best = best_rows(state["rows"])
+    assert len(best) == 6 and len(state["controls"]) == 18
+    by = {(c["site"], c["layer"], c["control"]): c for c in state["controls"]}
+    assert len(by) == 18
+    target = state["grid"]["target"]
+    for (position, site, layer), row in best.items():
+        alpha1 = next(r for r in state["rows"] if (r["site"], r["layer"], r["alpha"]) == (site, layer, 1.0))
+        assert by[(site, layer, "alpha1")] | {"control": None} == alpha1 | {"control": None}  # the grid's own
+        assert by[(site, layer, "norm")]["alpha"] == 1.0
+        assert by[(site, layer, "random")]["alpha"] == row["alpha"]  # the best readout's norm
+        for control in ("norm", "random"):
+            c = by[(site, layer, control)]
+            assert c["echo"] == is_echo(c["output"], c["token"], target)
+            assert c["similarity"] is not None
+    # The control phase is the core graph: a direct run of one random control gives the same text.
+    (position, site, layer), row = next(iter(best.items()))
+    direct = superscopes.run(model, superscopes.Scope(
+        PROMPT, position=position, sites=[site], layers=[layer], alphas=[row["alpha"]], transforms=["random"],
+        target_layers=["same"], max_new_tokens=4), progress=False)  # fmt: skip
+    assert direct["output"].iloc[0] == by[(site, layer, "random")]["output"]
+    # With controls off, none run; with transform norm, the norm-matched control is the grid's alpha 1.
+    status, job = api.run(tokens="last", layers="0", sites=["mlp_out"], controls=False)
+    assert job["controls_total"] == 0 and api.wait(job["job"])["controls"] == []
+    status, job = api.run(tokens="last", layers="0", sites=["mlp_out"], transform="norm")
+    assert job["controls_total"] == 2  # alpha 1 and random
+    state = api.wait(job["job"])
+    norm = next(c for c in state["controls"] if c["control"] == "norm")
+    assert norm["output"] == next(r["output"] for r in state["rows"] if r["alpha"] == 1.0)
+    status, answer = api.run(controls="yes")
+    assert status == 400 and "controls must be true or false, got 'yes'" in answer["error"]
+
+
+def test_progress_has_a_rate_and_estimate_and_the_clicked_token_runs_first(make_app):
+    calls, entered, gate = [], threading.Event(), threading.Event()
+
+    def judge(frame):  # holds the worker in the second chunk
+        calls.append(frame["position"].iloc[0])
+        if len(calls) == 2:
+            entered.set()
+            assert gate.wait(30)
+        return fake_similarity(frame)
+
+    app, base = make_app(judge=judge)
+    client = Client(base, app)
+    status, job = client.run(layers="0", sites=["mlp_out"], alphas="1", focus=3, controls=False)
+    assert status == 202 and job["focus"] == 3
+    try:
+        assert entered.wait(60)
+        state = client.json("GET", f"/api/jobs/{job['job']}")[1]
+        assert state["status"] == "running" and state["done"] == 1 and state["rows"][0]["position"] == 3
+        assert state["rate"] > 0 and state["eta"] == pytest.approx(5 / state["rate"], rel=0.5)
+        status, answer = client.json("POST", f"/api/jobs/{job['job']}/focus", {"position": 5})
+        assert status == 200 and answer == {"job": job["job"], "focus": 5}
+        status, answer = client.json("POST", f"/api/jobs/{job['job']}/focus", {"position": 48})
+        assert status == 400 and "position must be a whole number from 0 to 47, got 48" in answer["error"]
+    finally:
+        gate.set()
+    state = client.wait(job["job"])
+    assert calls[:3] == [3, 0, 5]  # the focused token, the chunk in progress, then the clicked one
+    assert state["eta"] is None and state["rate"] > 0
+    status, job = client.run(tokens="last", layers="0", sites=["mlp_out"], alphas="1", controls=False)
+    status, answer = client.json("POST", f"/api/jobs/{job['job']}/focus", {"position": 0})
+    assert status == 400 and "position 0 is not a source token of this run; its source tokens are at [5]" in answer["error"]
+    client.wait(job["job"])
