@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -586,3 +587,85 @@ def test_progress_has_a_rate_and_estimate_and_the_clicked_token_runs_first(make_
     status, answer = client.json("POST", f"/api/jobs/{job['job']}/focus", {"position": 0})
     assert status == 400 and "position 0 is not a source token of this run; its source tokens are at [5]" in answer["error"]
     client.wait(job["job"])
+
+
+def test_page_status_line_has_an_estimate_and_counts_controls():
+    lines = page_helpers("""[
+        app.statusText({status: "running", done: 36, total: 72, controls_done: 0, controls_total: 24, elapsed: 3, eta: 4.5}),
+        app.statusText({status: "done", done: 72, total: 72, controls_done: 24, controls_total: 24, elapsed: 9, eta: null}),
+        app.statusText({status: "running", done: 0, total: 72, elapsed: 0.4, eta: null}),
+        app.statusText({status: "interrupted", done: 0, total: 72, elapsed: 1}),
+    ]""")
+    assert lines == [
+        "36 / 72 cells + 0 / 24 controls — running (3.0 s, about 4.5 s left)",
+        "72 / 72 cells + 24 / 24 controls — done (9.0 s)",
+        "0 / 72 cells — running (0.4 s)",
+        "0 / 72 cells — interrupted by a restart (1.0 s)",
+    ]
+
+
+def test_page_permalinks_accept_only_run_ids_and_restore_the_target_layer():
+    parsed = page_helpers("""[
+        "?run=0123456789ab", "?run=0123456789ab&compare=ba9876543210", "?run=../../etc&compare=0123456789ab",
+        "?run=0123456789AB", "?run=0123456789ab%27%3B", "", "?compare=<script>",
+    ].map(app.runsFromUrl)""")
+    assert parsed == [
+        {"run": "0123456789ab", "compare": None},
+        {"run": "0123456789ab", "compare": "ba9876543210"},
+        {"run": None, "compare": "0123456789ab"},
+        {"run": None, "compare": None},
+        {"run": None, "compare": None},
+        {"run": None, "compare": None},
+        {"run": None, "compare": None},
+    ]
+    assert page_helpers('[app.runUrl("0123456789ab"), app.runUrl("0123456789ab", "ba9876543210")]') == [
+        "/?run=0123456789ab", "/?run=0123456789ab&compare=ba9876543210"
+    ]
+    assert page_helpers('["same", 0, 5].map(app.targetLayerFields)') == [
+        {"select": "same", "number": None}, {"select": "0", "number": None}, {"select": "number", "number": "5"}
+    ]
+    assert page_helpers("[app.closestPosition([1, 2, 5], 2), app.closestPosition([1, 2, 5], 9)]") == [2, 5]
+    line = page_helpers('app.historyLine({prompt: "Diana", model: "m", status: "done", done: 6, total: 6, best: 0.4567})')
+    assert line == {"prompt": "Diana", "detail": "m · done · 6/6 cells · best 0.46"}
+
+
+def test_page_controls_sit_beside_the_best_readout_and_echoes_never_pass():
+    cells = page_helpers("""(() => {
+        const view = {rows: new Map(), controls: new Map()};
+        app.addRows(view, {controls: [
+            {position: 5, site: "mlp_out", layer: 1, control: "random", alpha: 6, output: "r", similarity: 0.1, echo: false},
+            {position: 5, site: "mlp_out", layer: 1, control: "alpha1", alpha: 1, output: "a", similarity: 0.2, echo: false},
+            {position: 5, site: "mlp_out", layer: 1, control: "norm", alpha: 1, output: "Wales", similarity: 0.5, echo: true},
+            {position: 4, site: "mlp_out", layer: 1, control: "norm", alpha: 1, output: "x", similarity: 0.5, echo: false},
+        ]});
+        return app.cellControls(view.controls, 5, "mlp_out", 1).map((c) => [c.label, c.output, app.passes(c, 0.3)]);
+    })()""")
+    assert cells == [["α 1", "a", False], ["norm-matched", "Wales", False], ["random dir.", "r", False]]
+    assert page_helpers('[app.passes({similarity: 0.5, echo: false}, 0.3), app.passes({similarity: null}, 0.3)]') == [
+        True, False
+    ]
+    # The grid-size line counts the control cells the server will run (alpha 1 reused when in the grid).
+    assert page_helpers("""[["scale", "1,3"], ["scale", "3,6"], ["norm", "1, 3"], ["cfg", "1,3"]].map(
+        ([t, a]) => app.controlsPerBest(t, a))""") == [2, 3, 2, 3]
+    hint = page_helpers('app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3}, [3], true)')
+    assert "norm-matched" in hint and "random direction" in hint and "not an echo" in hint
+
+
+def test_layout_holds_from_420_px_to_wide_screens():
+    """Without a browser: every fixed width that applies at 420 px fits in it (the 900 px and
+    600 px queries stack and shrink the page), and the pair of runs wraps under 2 x 460 px."""
+    css = (STATIC / "app.css").read_text()
+    html = (STATIC / "index.html").read_text()
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
+    narrow = css[css.index("@media (max-width: 600px)") :]
+    for rule in (".row { flex-wrap: wrap; }", ".progress-line { flex-wrap: wrap;", "progress { flex: 1 1 100%; }",
+                 "ol.alphas li { grid-template-columns: 1fr;", "td ul.controls li { grid-template-columns: 1fr;"):
+        assert rule in narrow, rule
+    assert "@media (max-width: 900px) { .layout { grid-template-columns: 1fr; } }" in css
+    assert "repeat(auto-fit, minmax(min(100%, 460px), 1fr))" in css  # side by side when both fit, else stacked
+    assert ".heatmap { max-width: 100%; height: auto; }" in css  # heatmaps have a viewBox: they scale down
+    base = css[: css.index("@media (max-width: 600px)")].replace("@media (max-width: 900px) { .layout { grid-template-columns: 1fr; } }", "")
+    base = base.replace("grid-template-columns: 340px minmax(0, 1fr);", "")  # the form column: 900 px and up
+    fixed = [int(px) for px in re.findall(r"(?:^|[\s:(])(?:min-)?width:\s*(\d+)px", base)]
+    fixed += [int(px) for px in re.findall(r"flex:\s*0 0 (\d+)px", base)]
+    assert fixed and max(fixed) <= 400 - 2 * (8 + 10), fixed  # inside the page and panel padding at 420 px
