@@ -273,6 +273,12 @@ def test_cross_site_posts_are_refused(api):
     assert status == 202, job
     status, answer = post_raw(base, f"/api/jobs/{job['job']}/cancel", b"{}", other_port)
     assert status == 403 and not api.app.jobs[job["job"]].cancel.is_set()
+    for path in ("cancel", "focus"):  # the new focus endpoint follows the same rules
+        status, answer = post_raw(base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}', other_port)
+        assert status == 403, answer
+        status, answer = post_raw(base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}',
+                                  {"Content-Type": "text/plain;charset=json"})  # fmt: skip
+        assert status == 415, answer
     assert api.wait(job["job"])["status"] == "done"
 
 
