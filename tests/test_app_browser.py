@@ -211,7 +211,7 @@ def test_permalink_history_compare_and_narrow_layout(server, driver):
     first = re.search(r"\?run=([0-9a-f]{12})$", driver.current_url)
     assert first, driver.current_url
     driver.get(driver.current_url)  # a reload
-    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 60, "the kept run")
+    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 60 if not REAL_MODEL else 300, "the kept run")
     assert find(By.ID, "prompt").get_attribute("value") == PROMPT
     assert find(By.CSS_SELECTOR, "#table tbody td ul.controls")
     # A second run from the same page: another prompt, the last token.
@@ -221,7 +221,7 @@ def test_permalink_history_compare_and_narrow_layout(server, driver):
     find(By.CSS_SELECTOR, 'input[name="tokens"][value="last"]').click()
     find(By.ID, "run").click()
     wait_for(lambda: re.search(r"run=([0-9a-f]{12})", driver.current_url).group(1) != first.group(1), 30, "a new URL")
-    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 120, "the second run")
+    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 120 if not REAL_MODEL else 1800, "the second run")
     entries = wait_for(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "#history-list li") if e.is_displayed()]
                        if len(driver.find_elements(By.CSS_SELECTOR, "#history-list li")) >= 2 else None, 30, "history")
     older = next(e for e in entries if first.group(1) in e.find_element(By.CSS_SELECTOR, "a").get_attribute("href"))
