@@ -509,6 +509,7 @@ class App:
         if default_model.startswith(REMOTE_PREFIX) and default_model not in self.remote_models:
             self.remote_models.insert(0, default_model)
         self.store = store
+        self.keep_lock = threading.Lock()  # a save snapshots and writes at once: a later state always wins
         self.jobs: dict[str, Job] = {}
         self.jobs_lock = threading.Lock()
         self.queue: deque[Job] = deque()  # waiting jobs, run in order by one worker thread
@@ -684,9 +685,10 @@ class App:
         if self.store is None:
             return
         try:
-            state = job.state() | {"ahead": 0, "cancelling": False, "eta": None}
-            data = None if job.active else csv_safe(job.frame()).to_csv(index=False).encode()
-            self.store.save(job.id, job.created, state["status"], job.summary(), state, data)
+            with self.keep_lock:  # else the start's save, if slow, could overwrite a fast job's last one
+                state = job.state() | {"ahead": 0, "cancelling": False, "eta": None}
+                data = None if job.active else csv_safe(job.frame()).to_csv(index=False).encode()
+                self.store.save(job.id, job.created, state["status"], job.summary(), state, data)
         except Exception as error:  # a full disk must not fail the run
             _log_error(error)
 
@@ -932,8 +934,9 @@ class App:
                     job.done += len(rows)
 
     def _controls(self, job: Job, model) -> None:
-        """The second phase: each best readout's controls, one sub-grid per source token (a
-        ``where`` filter keeps only the controls' cells); those the grid holds are copied."""
+        """The second phase: each best readout's controls, in sub-grids of one source token and a
+        few layers (a ``where`` filter keeps only the controls' cells); those the grid holds are
+        copied, not run again."""
         from superscopes import Scope
 
         with job.lock:
