@@ -595,12 +595,14 @@ def test_page_status_line_has_an_estimate_and_counts_controls():
         app.statusText({status: "done", done: 72, total: 72, controls_done: 24, controls_total: 24, elapsed: 9, eta: null}),
         app.statusText({status: "running", done: 0, total: 72, elapsed: 0.4, eta: null}),
         app.statusText({status: "interrupted", done: 0, total: 72, elapsed: 1}),
+        app.statusText({status: "done", done: 72, total: 72, elapsed: 1, dropped: true}),
     ]""")
     assert lines == [
         "36 / 72 cells + 0 / 24 controls — running (3.0 s, about 4.5 s left)",
         "72 / 72 cells + 24 / 24 controls — done (9.0 s)",
         "0 / 72 cells — running (0.4 s)",
         "0 / 72 cells — interrupted by a restart (1.0 s)",
+        "72 / 72 cells — done (1.0 s) — too large to keep: its settings are restored, run it again for the results",
     ]
 
 

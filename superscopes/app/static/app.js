@@ -506,7 +506,8 @@ function statusText(job) {
   const controls = job.controls_total ? ` + ${job.controls_done} / ${job.controls_total} controls` : "";
   // The estimate: the server's measured cells per second over the cells still to run.
   const left = job.status === "running" && job.eta !== null && job.eta !== undefined ? `, about ${duration(job.eta)} left` : "";
-  const line = `${job.done} / ${job.total} cells${controls} — ${words} (${duration(job.elapsed)}${left})`;
+  const kept = job.dropped ? " — too large to keep: its settings are restored, run it again for the results" : "";
+  const line = `${job.done} / ${job.total} cells${controls} — ${words} (${duration(job.elapsed)}${left})${kept}`;
   return job.status === "running" && job.cancelling ? `${line} — cancelling after the chunk in progress…` : line;
 }
 
