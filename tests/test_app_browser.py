@@ -170,7 +170,7 @@ def test_page_end_to_end(server, driver, downloads):
         # Its controls: alpha 1, norm-matched and a random direction, each with its similarity.
         controls = cell.find_elements(By.CSS_SELECTOR, "ul.controls li")
         assert [c.get_attribute("data-control") for c in controls] == ["alpha1", "norm", "random"]
-        assert all(re.search(r"· \d\.\d\d", c.text) for c in controls)
+        assert all(re.search(r"· -?\d\.\d\d", c.text) for c in controls), [c.text for c in controls]
     # The toggle shows every alpha in each cell.
     find(By.ID, "all-alphas").click()
     for cell in driver.find_elements(By.CSS_SELECTOR, "#table tbody td"):
