@@ -583,7 +583,8 @@ function renderBadges() {
         bar.style.background = heatColor(best);
         badge.append(bar);
         title += ` — best similarity ${best.toFixed(2)}`;
-        if (best > job.grid.threshold) badge.classList.add("pass");
+        const passing = [...state.rows.values()].some((r) => r.position === t.index && passes(r, job.grid.threshold));
+        if (passing) badge.classList.add("pass"); // as the table: an echo is no success
       }
     } else if (job) {
       title += " — not in this run";
@@ -816,7 +817,7 @@ function heatmap(site, grid) {
       const rect = svg("rect", {
         x: x + 1, y: y + 1, width: cw - 2, height: ch - 2, rx: 3,
         fill: sim === null ? "#eef0f3" : heatColor(sim),
-        class: sim !== null && sim > grid.threshold ? "hm-cell pass" : "hm-cell",
+        class: passes(row, grid.threshold) ? "hm-cell pass" : "hm-cell", // as the table: echoes never pass
       });
       g.append(rect);
       if (row) {
