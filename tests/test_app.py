@@ -365,18 +365,29 @@ def page_helpers(script: str):
     return json.loads(done.stdout)
 
 
-def test_page_status_line_shows_queue_place_and_a_cancel_at_once():
+def test_page_status_line_shows_queue_place_a_cancel_at_once_and_an_estimate():
     lines = page_helpers("""[
         app.statusText({status: "queued", ahead: 2}),
         app.statusText({status: "queued", ahead: 2, cancelling: true}),
         app.statusText({status: "running", done: 12, total: 72, elapsed: 3.2, cancelling: true}),
         app.statusText({status: "cancelled", done: 12, total: 72, elapsed: 4, cancelling: false}),
+        app.statusText({status: "running", done: 36, total: 72, controls_done: 0, controls_total: 24, elapsed: 3, eta: 4.5}),
+        app.statusText({status: "done", done: 72, total: 72, controls_done: 24, controls_total: 24, elapsed: 9, eta: null}),
+        app.statusText({status: "running", done: 0, total: 72, elapsed: 0.4, eta: null}),
+        app.statusText({status: "interrupted", done: 0, total: 72, elapsed: 1}),
+        app.statusText({status: "done", done: 72, total: 72, elapsed: 1, dropped: true}),
     ]""")
     assert lines == [
         "queued (2 ahead)",
         "queued — cancelling…",
         "12 / 72 cells — running (3.2 s) — cancelling after the chunk in progress…",
         "12 / 72 cells — cancelled (4.0 s)",
+        # The estimate from the measured rate, and the controls counted apart.
+        "36 / 72 cells + 0 / 24 controls — running (3.0 s, about 4.5 s left)",
+        "72 / 72 cells + 24 / 24 controls — done (9.0 s)",
+        "0 / 72 cells — running (0.4 s)",
+        "0 / 72 cells — interrupted by a restart (1.0 s)",
+        "72 / 72 cells — done (1.0 s) — too large to keep: its settings are restored, run it again for the results",
     ]
     # A poll the server answered before the cancel does not undo it; a stopped job is not cancelling.
     cancelling = page_helpers("""[
@@ -587,23 +598,6 @@ def test_progress_has_a_rate_and_estimate_and_the_clicked_token_runs_first(make_
     status, answer = client.json("POST", f"/api/jobs/{job['job']}/focus", {"position": 0})
     assert status == 400 and "position 0 is not a source token of this run; its source tokens are at [5]" in answer["error"]
     client.wait(job["job"])
-
-
-def test_page_status_line_has_an_estimate_and_counts_controls():
-    lines = page_helpers("""[
-        app.statusText({status: "running", done: 36, total: 72, controls_done: 0, controls_total: 24, elapsed: 3, eta: 4.5}),
-        app.statusText({status: "done", done: 72, total: 72, controls_done: 24, controls_total: 24, elapsed: 9, eta: null}),
-        app.statusText({status: "running", done: 0, total: 72, elapsed: 0.4, eta: null}),
-        app.statusText({status: "interrupted", done: 0, total: 72, elapsed: 1}),
-        app.statusText({status: "done", done: 72, total: 72, elapsed: 1, dropped: true}),
-    ]""")
-    assert lines == [
-        "36 / 72 cells + 0 / 24 controls — running (3.0 s, about 4.5 s left)",
-        "72 / 72 cells + 24 / 24 controls — done (9.0 s)",
-        "0 / 72 cells — running (0.4 s)",
-        "0 / 72 cells — interrupted by a restart (1.0 s)",
-        "72 / 72 cells — done (1.0 s) — too large to keep: its settings are restored, run it again for the results",
-    ]
 
 
 def test_page_permalinks_accept_only_run_ids_and_restore_the_target_layer():
