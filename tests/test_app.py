@@ -462,6 +462,10 @@ def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_
     assert again.json("GET", "/api/runs?limit=1")[1]["runs"][0]["id"] == second["job"]
     status, answer = again.json("GET", "/api/runs?limit=1000")
     assert status == 400 and "limit must be a whole number from 1 to 100" in answer["error"]
+    # A run too large to keep has no CSV to give.
+    app2.store.save("0000000000ff", 1.0, "done", {}, {"prompt": "p", "rows": [], "controls": [], "dropped": True})
+    status, answer = again.json("GET", "/api/jobs/0000000000ff/csv")
+    assert status == 404 and "too large to keep its results" in answer["error"]
 
 
 def test_a_run_cut_off_by_a_restart_is_kept_as_interrupted(make_app, tmp_path):

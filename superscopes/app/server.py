@@ -977,7 +977,9 @@ class App:
         if job is not None:
             prompt, data = job.prompt, csv_safe(job.frame()).to_csv(index=False).encode()
         else:
-            prompt, data = self._kept(job_id)["prompt"], self.store.csv(job_id) or b""
+            prompt, data = self._kept(job_id)["prompt"], self.store.csv(job_id)
+            if data is None:
+                raise NotFound(f"run {job_id!r} was too large to keep its results: run it again for a CSV")
         return f"superscopes-{_slug(prompt)}-{job_id}.csv", data
 
 
