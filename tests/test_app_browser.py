@@ -35,15 +35,17 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     from superscopes.app import App, make_server
+    from superscopes.app.store import RunStore
     from superscopes.app.testing import fake_similarity, tiny_model
 
+    store = RunStore(tmp_path_factory.mktemp("runs") / "runs.sqlite")
     if REAL_MODEL:
-        app = App(default_model=REAL_MODEL, offer_embedded=False)
+        app = App(default_model=REAL_MODEL, offer_embedded=False, store=store)
     else:
         app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, judge=fake_similarity,
-                  offer_embedded=False)  # fmt: skip
+                  offer_embedded=False, store=store)  # fmt: skip
     httpd = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield httpd
@@ -134,18 +136,21 @@ def test_page_end_to_end(server, driver, downloads):
     n_alphas, n_layer_rows = len(alphas.split(",")), high - low + 1
     total = 6 * 3 * n_layer_rows * n_alphas
     size = find(By.ID, "grid-size").text
-    assert f"= {total} cells (cap 2000)" in size, size
+    controls = 6 * 3 * n_layer_rows * 2  # norm-matched and random per best readout; alpha 1 is in the grid
+    assert f"= {total} cells + {controls} controls (cap 2000)" in size, size
     find(By.ID, "run").click()
     wait_for(lambda: find(By.ID, "cancel").is_enabled() or "done" in find(By.ID, "progress-text").text, 30,
              "the run to start")  # fmt: skip
     assert not error_text()
-    wait_for(lambda: f"{total} / {total} cells — done" in find(By.ID, "progress-text").text,
+    done = f"{total} / {total} cells + {controls} / {controls} controls — done"
+    wait_for(lambda: done in find(By.ID, "progress-text").text,
              120 if not REAL_MODEL else 3600, "the run to finish")  # fmt: skip
     assert not find(By.ID, "cancel").is_enabled() and find(By.ID, "run").is_enabled()
 
     # Click a token: a Layer x Site table of best-alpha readouts, as the judge picks them.
     job = next(iter(server.app.jobs.values()))
-    winners = best(job.frame(), ["position", "site", "layer"], threshold=0.3)
+    grid_rows = job.frame().query("control == ''")  # the controls are shown apart, under each winner
+    winners = best(grid_rows, ["position", "site", "layer"], threshold=0.3)
     badge = find(By.CSS_SELECTOR, '#badges .badge[data-position="3"]')
     assert badge.text.startswith("·Princess")
     badge.click()
@@ -157,11 +162,15 @@ def test_page_end_to_end(server, driver, downloads):
     for cell in driver.find_elements(By.CSS_SELECTOR, "#table tbody td"):
         site, layer = cell.get_attribute("data-site"), int(cell.get_attribute("data-layer"))
         winner = winners[(winners.position == 3) & (winners.site == site) & (winners.layer == layer)].iloc[0]
-        meta = re.fullmatch(r"α (\S+) · similarity (\S+)", cell.find_element(By.CSS_SELECTOR, ".meta").text)
+        meta = re.fullmatch(r"α (\S+) · similarity (\S+)( echo)?", cell.find_element(By.CSS_SELECTOR, "td > .meta").text)
         assert meta and float(meta.group(1)) == winner.alpha, meta
         assert abs(float(meta.group(2)) - winner.similarity) <= 0.0051
-        shown = cell.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent")
+        shown = cell.find_element(By.CSS_SELECTOR, "td > .out").get_attribute("textContent")
         assert shown == (winner.output if isinstance(winner.output, str) and winner.output else "(empty)")
+        # Its controls: alpha 1, norm-matched and a random direction, each with its similarity.
+        controls = cell.find_elements(By.CSS_SELECTOR, "ul.controls li")
+        assert [c.get_attribute("data-control") for c in controls] == ["alpha1", "norm", "random"]
+        assert all(re.search(r"· -?\d\.\d\d", c.text) for c in controls), [c.text for c in controls]
     # The toggle shows every alpha in each cell.
     find(By.ID, "all-alphas").click()
     for cell in driver.find_elements(By.CSS_SELECTOR, "#table tbody td"):
@@ -180,7 +189,7 @@ def test_page_end_to_end(server, driver, downloads):
     files = wait_for(lambda: [p for p in downloads.glob("*.csv")], 30, "the CSV download")
     wait_for(lambda: not list(downloads.glob("*.crdownload")), 30, "the download to complete")
     frame = pd.read_csv(files[0])
-    assert len(frame) == total
+    assert frame["control"].isna().sum() == total  # the grid's rows; the rest are controls
     assert {"source", "token", "site", "layer", "alpha", "output", "similarity"} <= set(frame.columns)
 
     # The screenshot: the last token's table, the whole page.
@@ -192,3 +201,42 @@ def test_page_end_to_end(server, driver, downloads):
     time.sleep(0.3)
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert driver.save_screenshot(str(SCREENSHOT))
+
+
+def test_permalink_history_compare_and_narrow_layout(server, driver):
+    """After the end-to-end run: its URL restores it after a reload, a second run joins the
+    history, the first is compared beside it, and the page fits 420 px and a wide screen."""
+    from selenium.webdriver.common.by import By
+
+    find = driver.find_element
+    first = re.search(r"\?run=([0-9a-f]{12})$", driver.current_url)
+    assert first, driver.current_url
+    driver.get(driver.current_url)  # a reload
+    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 60 if not REAL_MODEL else 300, "the kept run")
+    assert find(By.ID, "prompt").get_attribute("value") == PROMPT
+    assert find(By.CSS_SELECTOR, "#table tbody td ul.controls")
+    # A second run from the same page: another prompt, the last token.
+    prompt = find(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("Paris is the capital of France")
+    find(By.CSS_SELECTOR, 'input[name="tokens"][value="last"]').click()
+    find(By.ID, "run").click()
+    wait_for(lambda: re.search(r"run=([0-9a-f]{12})", driver.current_url).group(1) != first.group(1), 30, "a new URL")
+    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 120 if not REAL_MODEL else 1800, "the second run")
+    entries = wait_for(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "#history-list li") if e.is_displayed()]
+                       if len(driver.find_elements(By.CSS_SELECTOR, "#history-list li")) >= 2 else None, 30, "history")
+    older = next(e for e in entries if first.group(1) in e.find_element(By.CSS_SELECTOR, "a").get_attribute("href"))
+    older.find_element(By.CSS_SELECTOR, "button").click()
+    wait_for(lambda: find(By.ID, "compare").is_displayed(), 30, "the compared run")
+    assert PROMPT in find(By.ID, "compare-title").text and f"compare={first.group(1)}" in driver.current_url
+    assert find(By.ID, "detail").location["y"] == find(By.ID, "compare").location["y"]  # side by side at 1400 px
+    for width in (420, 1800):
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+        time.sleep(0.3)
+        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the page is {overflow} px wider than {width} px"
+        if width == 420:
+            assert find(By.ID, "compare").location["y"] > find(By.ID, "detail").location["y"]  # stacked
+            driver.save_screenshot(str(SCREENSHOT.with_name("app-narrow.png")))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

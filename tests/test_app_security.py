@@ -273,6 +273,12 @@ def test_cross_site_posts_are_refused(api):
     assert status == 202, job
     status, answer = post_raw(base, f"/api/jobs/{job['job']}/cancel", b"{}", other_port)
     assert status == 403 and not api.app.jobs[job["job"]].cancel.is_set()
+    for path in ("cancel", "focus"):  # the new focus endpoint follows the same rules
+        status, answer = post_raw(base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}', other_port)
+        assert status == 403, answer
+        status, answer = post_raw(base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}',
+                                  {"Content-Type": "text/plain;charset=json"})  # fmt: skip
+        assert status == 415, answer
     assert api.wait(job["job"])["status"] == "done"
 
 
@@ -375,7 +381,7 @@ def test_csv_download_is_formula_safe(api):
     api.wait(job["job"])
     status, _, raw = api.request("GET", f"/api/jobs/{job['job']}/csv")
     frame = pd.read_csv(io.BytesIO(raw))
-    assert frame["source"].tolist() == ["'" + prompt]
+    assert frame["source"].tolist() == ["'" + prompt] * 3  # the readout and its two controls run
     text_columns = frame.select_dtypes(exclude="number")
     assert not text_columns.map(lambda v: isinstance(v, str) and v.startswith(("=", "+", "-", "@"))).any().any()
 

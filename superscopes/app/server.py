@@ -4,10 +4,13 @@ The page (``static/``) sends a grid; the request path parses and bounds every fi
 functions below), validates the grid with the core's ``plan`` (no forward pass) and queues it.
 One worker thread (the model is one) runs queued jobs in order, each in chunks: a chunk is
 one ``superscopes.run`` call on a sub-grid (one source token x a few layers, every site and
-alpha), followed by the judge. Between chunks the job publishes its rows (progress and
-partial results) and checks for cancellation. One queued or running job per page (client
+alpha), followed by the judge. Between chunks the job publishes its rows (progress, partial
+results, a rate and a time estimate) and checks for cancellation; the chunks of the token the
+page has clicked run next. A second phase runs the controls of each best readout (alpha 1,
+norm-matched, random direction of the same norm). One queued or running job per page (client
 id), and a cap on the queue, so that no page starves the others. Models load lazily and
-stay cached.
+stay cached. Runs are kept in a small SQLite store (``store.py``), so that a run's URL
+(``/?run=<id>``) restores it after a reload or a restart.
 
 Endpoints (all JSON unless stated; POSTs take only same-origin ``application/json``)::
 
@@ -15,9 +18,13 @@ Endpoints (all JSON unless stated; POSTs take only same-origin ``application/jso
     GET  /api/config            models, limits, defaults, templates, the client's active job
     POST /api/tokens            {model, prompt} -> the prompt's tokens and the model's layers
     POST /api/run               a grid -> {job, total, ahead, ...} or {error} (400, 409, 503)
-    GET  /api/jobs/<id>?since=N status, queue place, counts and the rows from N on
+    GET  /api/jobs/<id>?since=N&controls_since=M
+                                status, queue place, counts, rate, estimate, settings, and the
+                                rows from N on and control rows from M on (live or kept)
     POST /api/jobs/<id>/cancel  drop a queued job, or stop a running one after its chunk
+    POST /api/jobs/<id>/focus   {position} -> that token's remaining chunks run next
     GET  /api/jobs/<id>/csv     the results so far as CSV (attachment, formula-safe)
+    GET  /api/runs?limit=N      the newest kept runs (the history list)
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import sys
 import threading
 import time
@@ -43,6 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 
+from superscopes.app.store import RunStore, check_run_id
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
 
 STATIC = Path(__file__).parent / "static"
@@ -75,8 +84,14 @@ DEFAULTS = {
     "target": "entity",
     "placeholder": "x",
     "max_new_tokens": 10,
+    "controls": True,
 }
-ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity"]
+ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity", "echo"]
+# Controls beside each best readout, as the recipes run them: control -> (transform, alpha);
+# alpha None is the best readout's own alpha (a random direction with the written vector's norm).
+CONTROLS = {"alpha1": ("scale", 1.0), "norm": ("norm", 1.0), "random": ("random", None)}
+CONTROL_OF = {transform: name for name, (transform, _) in CONTROLS.items()}
+MAX_HISTORY = 100  # runs one history request lists
 REMOTE_PREFIX = "ndif:"
 MAX_BODY = 64 * 1024
 KEEP_JOBS = 32
@@ -323,6 +338,28 @@ def cross_site(origin: str | None, fetch_site: str | None, host: str) -> str | N
     return None
 
 
+def parse_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, got {_show(value)}")
+    return value
+
+
+def reused_controls(transform: str, alphas: list[float]) -> set[str]:
+    """Controls whose readout the grid already holds (same transform, alpha 1): not run again."""
+    return {name for name, (t, alpha) in CONTROLS.items() if t == transform and alpha in alphas}
+
+
+def best_rows(rows: list[dict]) -> dict[tuple, dict]:
+    """The best judged row of each (position, site, layer): highest similarity, ties to the
+    smaller alpha (as ``superscopes.judge.best`` on a grid)."""
+    best: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: r["alpha"]):
+        key = (row["position"], row["site"], row["layer"])
+        if row["similarity"] is not None and (key not in best or row["similarity"] > best[key]["similarity"]):
+            best[key] = row
+    return best
+
+
 def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with text cells that a spreadsheet would run as a formula prefixed by ``'``."""
 
@@ -344,14 +381,23 @@ class Job:
     prompt: str
     total: int
     grid: dict  # what the page needs to lay out tables and heatmaps
-    chunks: list  # sub-grid Scopes, run in order
+    chunks: list[tuple[int, object]]  # (source position, sub-grid Scope), to run
+    settings: dict = field(default_factory=dict)  # the form's fields, to restore it from a URL
+    common: dict = field(default_factory=dict)  # Scope settings the control phase shares
+    controls_on: bool = False
+    controls_total: int = 0  # control cells to run (reused ones not counted)
+    controls_done: int = 0
+    controls: list[dict] = field(default_factory=list)
+    focus: int | None = None  # the clicked token: its chunks run next
     remote: bool = False
     status: str = "queued"  # queued | running | done | cancelled | error
     done: int = 0
     error: str | None = None
     rows: list[dict] = field(default_factory=list)
     frames: list[pd.DataFrame] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
     started: float = field(default_factory=time.time)
+    running_since: float | None = None  # once the model is loaded: the rate counts compute only
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -360,10 +406,25 @@ class Job:
     def active(self) -> bool:
         return self.status in ("queued", "running")
 
-    def state(self, since: int = 0, ahead: int = 0) -> dict:
+    def next_chunk(self):
+        """The next chunk's Scope (the focused token's first), or None when none is left."""
+        with self.lock:
+            if not self.chunks:
+                return None
+            index = next((i for i, (p, _) in enumerate(self.chunks) if p == self.focus), 0)
+            return self.chunks.pop(index)[1]
+
+    def state(self, since: int = 0, ahead: int = 0, controls_since: int = 0) -> dict:
         """``ahead``: jobs that run before this queued one (the running one included)."""
         with self.lock:
             since = max(0, min(since, len(self.rows)))
+            controls_since = max(0, min(controls_since, len(self.controls)))
+            now = self.finished or time.time()
+            cells, planned = self.done + self.controls_done, self.total + self.controls_total
+            rate = eta = None
+            if self.running_since is not None and cells and now > self.running_since:
+                rate = cells / (now - self.running_since)  # measured cells per second
+                eta = round((planned - cells) / rate, 1) if self.status == "running" else None
             return {
                 "job": self.id,
                 "status": self.status,
@@ -371,14 +432,30 @@ class Job:
                 "cancelling": self.cancel.is_set() and self.active,
                 "done": self.done,
                 "total": self.total,
+                "controls_done": self.controls_done,
+                "controls_total": self.controls_total,
+                "rate": None if rate is None else round(rate, 2),
+                "eta": eta,
+                "focus": self.focus,
                 "error": self.error,
                 "model": self.model,
                 "prompt": self.prompt,
+                "settings": self.settings,
                 "grid": self.grid,
                 "rows": self.rows[since:],
                 "next": len(self.rows),
-                "elapsed": round((self.finished or time.time()) - self.started, 1),
+                "controls": self.controls[controls_since:],
+                "controls_next": len(self.controls),
+                "created": self.created,
+                "elapsed": round(now - self.started, 1),
             }
+
+    def summary(self) -> dict:
+        """The history list's line for this run."""
+        with self.lock:
+            scores = [r["similarity"] for r in self.rows if r["similarity"] is not None]
+            return {"model": self.model, "prompt": self.prompt, "done": self.done, "total": self.total,
+                    "best": max(scores, default=None)}  # fmt: skip
 
     def frame(self) -> pd.DataFrame:
         with self.lock:
@@ -396,6 +473,7 @@ class App:
     ``models``: already-loaded models to offer (name -> nnsight model), e.g. a tiny one in
     tests. ``judge``: ``frame -> frame with a similarity column`` (default: the MiniLM judge).
     ``chunk_rows``: about how many patched rows one ``superscopes.run`` call gets.
+    ``store``: where runs are kept across restarts (None: only in this process's memory).
     """
 
     def __init__(
@@ -408,6 +486,7 @@ class App:
         chunk_rows: int = 32,
         batch_size: int = 64,
         offer_embedded: bool = True,
+        store: RunStore | None = None,
     ):
         from superscopes.judge import DEFAULT_THRESHOLD
         from superscopes.remote import settings
@@ -429,6 +508,8 @@ class App:
         )
         if default_model.startswith(REMOTE_PREFIX) and default_model not in self.remote_models:
             self.remote_models.insert(0, default_model)
+        self.store = store
+        self.keep_lock = threading.Lock()  # a save snapshots and writes at once: a later state always wins
         self.jobs: dict[str, Job] = {}
         self.jobs_lock = threading.Lock()
         self.queue: deque[Job] = deque()  # waiting jobs, run in order by one worker thread
@@ -494,6 +575,7 @@ class App:
             "defaults": DEFAULTS,
             "threshold": self.threshold,
             "active_job": active.id if active else None,
+            "keeps_runs": self.store is not None,
         }
 
     def tokens(self, body: dict) -> dict:
@@ -546,16 +628,69 @@ class App:
 
     def job(self, job_id: str) -> Job:
         with self.jobs_lock:
-            job = self.jobs.get(job_id)
+            job = self.jobs.get(check_run_id(job_id))
         if job is None:
-            raise NotFound(f"no job {job_id!r} on this server (it may have been dropped after a restart)")
+            raise NotFound(f"no job {job_id!r} running on this server (it may have finished before a restart)")
         return job
 
-    def state(self, job_id: str, since: int = 0) -> dict:
-        job = self.job(job_id)
+    def _kept(self, job_id: str) -> dict:
+        """A kept run's state (a run of an earlier server, or one dropped from memory)."""
+        kept = self.store.state(check_run_id(job_id)) if self.store is not None else None
+        if kept is None:
+            raise NotFound(f"no run {job_id!r} on this server: it was never run here, or the history dropped it")
+        return kept
+
+    def state(self, job_id: str, since: int = 0, controls_since: int = 0) -> dict:
+        """A live job's state, else the kept run's (rows from ``since``, controls from ``controls_since``)."""
         with self.jobs_lock:
+            job = self.jobs.get(check_run_id(job_id))
             ahead = self.queue.index(job) + (self.current is not None) if job in self.queue else 0
-        return job.state(since, ahead)
+        if job is not None:
+            return job.state(since, ahead, controls_since)
+        kept = self._kept(job_id)
+        return kept | {
+            "rows": kept["rows"][max(0, since) :], "controls": kept["controls"][max(0, controls_since) :],
+            "ahead": 0, "cancelling": False, "eta": None,
+        }  # fmt: skip
+
+    def runs(self, limit: int) -> dict:
+        """The newest runs for the history list: kept ones, with live ones' progress."""
+        with self.jobs_lock:
+            live = dict(self.jobs)
+        if self.store is not None:
+            found = self.store.recent(limit)
+        else:
+            newest = sorted(live.values(), key=lambda j: j.started, reverse=True)[:limit]
+            found = [{"id": j.id, "created": j.started, "status": j.status} for j in newest]
+        runs = []
+        for run in found:
+            job = live.get(run["id"])
+            runs.append(run | (job.summary() | {"status": job.status} if job is not None else {}))
+        return {"runs": runs}
+
+    def focus(self, job_id: str, body: dict) -> dict:
+        """Run the remaining chunks of the token at ``position`` next."""
+        position = parse_whole(body.get("position"), "position", 0, self.limits["max_prompt_tokens"] - 1)
+        job = self.job(job_id)
+        positions = job.grid["positions"]
+        if position not in positions:
+            raise BadRequest(f"position {position} is not a source token of this run; its source tokens are at {positions}")
+        with job.lock:
+            job.focus = position
+        return {"job": job.id, "focus": position}
+
+    def keep(self, job: Job) -> None:
+        """Save the job in the store (its settings at the start, everything when it stops); a
+        failure is logged, never the job's."""
+        if self.store is None:
+            return
+        try:
+            with self.keep_lock:  # else the start's save, if slow, could overwrite a fast job's last one
+                state = job.state() | {"ahead": 0, "cancelling": False, "eta": None}
+                data = None if job.active else csv_safe(job.frame()).to_csv(index=False).encode()
+                self.store.save(job.id, job.created, state["status"], job.summary(), state, data)
+        except Exception as error:  # a full disk must not fail the run
+            _log_error(error)
 
     def _admit(self, client: str) -> None:
         """Refuse a second job from one page, or any job while the queue is full (the caller
@@ -606,6 +741,10 @@ class App:
             raise BadRequest(f"target {target_kind!r}: choose entity, identity or custom")
         max_new_tokens = parse_whole(body.get("max_new_tokens", DEFAULTS["max_new_tokens"]), "max_new_tokens",
                                      1, self.limits["max_new_tokens"])  # fmt: skip
+        controls = parse_flag(body.get("controls", DEFAULTS["controls"]), "controls")
+        focus = body.get("focus")
+        if focus is not None:  # a token the page has clicked: runs first if it is a source token
+            focus = parse_whole(focus, "focus", 0, self.limits["max_prompt_tokens"] - 1)
         with self.jobs_lock:
             self._admit(client)  # before a model load: a refused page costs nothing
 
@@ -632,6 +771,14 @@ class App:
                 f"{len(layer_list)} layers x {len(alphas)} alphas), over this page's cap of "
                 f"{self.limits['max_cells']}: choose fewer tokens, layers, sites or alphas"
             )
+        per_best = len(CONTROLS) - len(reused_controls(transform, alphas)) if controls else 0
+        n_controls = n_tokens * len(sites) * len(layer_list) * per_best
+        if n_cells + n_controls > self.limits["max_cells"]:
+            raise BadRequest(
+                f"the grid's {n_cells} cells and {n_controls} control cells ({per_best} per best readout) make "
+                f"{n_cells + n_controls}, over this page's cap of {self.limits['max_cells']}: choose fewer tokens, "
+                "layers or sites, or turn the controls off"
+            )
 
         common = dict(
             sites=sites, alphas=alphas, transforms=[transform], target=target, placeholder=placeholder,
@@ -652,10 +799,18 @@ class App:
         per_layer = len(sites) * len(alphas)
         step = max(1, self.chunk_rows // per_layer)
         chunks = [
-            Scope(prompt, position=p, layers=layer_list[i : i + step], **common)
+            (p, Scope(prompt, position=p, layers=layer_list[i : i + step], **common))
             for i in range(0, len(layer_list), step)
             for p in positions
         ]
+        settings = {
+            "model": name, "prompt": prompt, "tokens": mode, "token": match,
+            "layers": raw_layers if isinstance(raw_layers, str) else ",".join(map(str, raw_layers)),
+            "target_layer": target_layer, "sites": sites, "alphas": ",".join(f"{a:g}" for a in alphas),
+            "transform": transform, "target": target_kind, "template": target if target_kind == "custom" else "",
+            "placeholder": placeholder or DEFAULTS["placeholder"], "max_new_tokens": max_new_tokens,
+            "controls": controls,
+        }  # fmt: skip
         grid = {
             "tokens": pieces,
             "positions": positions,
@@ -669,7 +824,8 @@ class App:
         }
         return Job(
             id=uuid.uuid4().hex[:12], client=client, model=name, prompt=prompt, total=n_cells, grid=grid,
-            chunks=chunks, remote=name.startswith(REMOTE_PREFIX),
+            chunks=chunks, settings=settings, common=common, controls_on=controls, controls_total=n_controls,
+            focus=focus, remote=name.startswith(REMOTE_PREFIX),
         )  # fmt: skip
 
     def start(self, body: dict) -> dict:
@@ -687,6 +843,7 @@ class App:
                 self.worker = threading.Thread(target=self._worker, name="superscopes-worker", daemon=True)
                 self.worker.start()
             self.queue_changed.notify()
+        self.keep(job)
         return job.state(0, ahead)
 
     def cancel(self, job_id: str) -> dict:
@@ -694,11 +851,14 @@ class App:
         job = self.job(job_id)
         job.cancel.set()
         with self.jobs_lock:
-            if job in self.queue:
+            dropped = job in self.queue
+            if dropped:
                 self.queue.remove(job)
                 with job.lock:
                     job.status, job.finished = "cancelled", time.time()
-        return job.state(len(job.rows)) | {"rows": []}
+        if dropped:
+            self.keep(job)
+        return job.state(len(job.rows), 0, len(job.controls)) | {"rows": [], "controls": []}
 
     def close(self) -> None:
         """Cancel every job and stop the worker after its chunk in progress."""
@@ -727,39 +887,100 @@ class App:
                     self.current = None
 
     def _work(self, job: Job) -> None:
-        import superscopes
-
         try:
             model = self.model(job.model)
             if job.remote:  # the page shows progress; keep nnsight's per-request spinner off the terminal
                 from nnsight import CONFIG
 
                 CONFIG.APP.REMOTE_LOGGING = False
-            for chunk in job.chunks:
-                if job.cancel.is_set():
-                    break
-                frame = superscopes.run(model, chunk, remote=job.remote, progress=False)
-                frame = self.score(frame)
-                frame["model"] = job.model
-                rows = [
-                    {k: _finite(v.item() if hasattr(v, "item") else v) for k, v in zip(ROW_COLUMNS, values)}
-                    for values in frame[ROW_COLUMNS].itertuples(index=False)
-                ]
-                with job.lock:
-                    job.frames.append(frame)
-                    job.rows.extend(rows)
-                    job.done += len(rows)
-            status, error = ("cancelled" if job.done < job.total else "done"), None
+            with job.lock:
+                job.running_since = time.time()
+            self._chunks(job, model)
+            if job.controls_on and not job.cancel.is_set():
+                self._controls(job, model)
+            with job.lock:
+                complete = job.done == job.total and job.controls_done == job.controls_total
+            status, error = ("done" if complete else "cancelled"), None
         except Exception as exc:  # reported to the page; the traceback goes to the terminal
             _log_error(exc)
             status, error = "error", _error_text(exc)
         with job.lock:
             job.status, job.error, job.finished = status, error, time.time()
+        self.keep(job)
+
+    def _chunks(self, job: Job, model, control: bool = False) -> None:
+        """Run the job's chunks in turn (the focused token's first), publishing each one's rows:
+        grid rows, or control rows (``control``) named by their transform."""
+        import superscopes
+        from superscopes.metrics import is_echo
+
+        while not job.cancel.is_set() and (chunk := job.next_chunk()) is not None:
+            frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False))
+            frame["model"] = job.model
+            frame["echo"] = [is_echo(o, t, job.grid["target"]) for o, t in zip(frame["output"], frame["token"])]
+            frame["control"] = frame["transform"].map(CONTROL_OF) if control else ""
+            columns = [*ROW_COLUMNS, "control"] if control else ROW_COLUMNS
+            rows = [
+                {k: _finite(v.item() if hasattr(v, "item") else v) for k, v in zip(columns, values)}
+                for values in frame[columns].itertuples(index=False)
+            ]
+            with job.lock:
+                job.frames.append(frame)
+                if control:
+                    job.controls.extend(rows)
+                    job.controls_done += len(rows)
+                else:
+                    job.rows.extend(rows)
+                    job.done += len(rows)
+
+    def _controls(self, job: Job, model) -> None:
+        """The second phase: each best readout's controls, in sub-grids of one source token and a
+        few layers (a ``where`` filter keeps only the controls' cells); those the grid holds are
+        copied, not run again."""
+        from superscopes import Scope
+
+        with job.lock:
+            rows = list(job.rows)
+        alphas = job.grid["alphas"]
+        reused = reused_controls(job.grid["transform"], alphas)
+        by_cell = {(r["position"], r["site"], r["layer"], r["alpha"]): r for r in rows}
+        wanted: dict[int, set] = {}
+        copies = []
+        for (position, site, layer), row in best_rows(rows).items():
+            for name, (transform, alpha) in CONTROLS.items():
+                alpha = row["alpha"] if alpha is None else alpha
+                if name in reused:
+                    copies.append(by_cell[(position, site, layer, alpha)] | {"control": name})
+                else:
+                    wanted.setdefault(position, set()).add((site, layer, transform, alpha))
+        per_cell = len(job.grid["sites"]) * (len(CONTROLS) - len(reused))
+        step = max(1, self.chunk_rows // max(per_cell, 1))
+        chunks = []
+        for position, cells in wanted.items():
+            layers = sorted({layer for _, layer, _, _ in cells})
+            for i in range(0, len(layers), step):
+                chunks.append((position, Scope(
+                    job.prompt, position=position, layers=layers[i : i + step],
+                    **(job.common | {"alphas": sorted({a for *_, a in cells}),
+                                     "transforms": sorted({t for _, _, t, _ in cells})}),
+                    where=lambda c, keep=frozenset(cells): (c.site, c.layer, c.transform, c.alpha) in keep,
+                )))  # fmt: skip
+        with job.lock:
+            job.controls.extend(copies)
+            job.controls_total = sum(len(cells) for cells in wanted.values())  # rows without a score have none
+            job.chunks = chunks
+        self._chunks(job, model, control=True)
 
     def csv(self, job_id: str) -> tuple[str, bytes]:
-        job = self.job(job_id)
-        frame = csv_safe(job.frame())
-        return f"superscopes-{_slug(job.prompt)}-{job.id}.csv", frame.to_csv(index=False).encode()
+        with self.jobs_lock:
+            job = self.jobs.get(check_run_id(job_id))
+        if job is not None:
+            prompt, data = job.prompt, csv_safe(job.frame()).to_csv(index=False).encode()
+        else:
+            prompt, data = self._kept(job_id)["prompt"], self.store.csv(job_id)
+            if data is None:
+                raise NotFound(f"run {job_id!r} was too large to keep its results: run it again for a CSV")
+        return f"superscopes-{_slug(prompt)}-{job_id}.csv", data
 
 
 class _WithTokenizer:
@@ -876,8 +1097,9 @@ class Handler(BaseHTTPRequestHandler):
             r"/static/([A-Za-z0-9_.-]+)": lambda q, name: self._static(name),
             r"/favicon\.ico": lambda q: self._static("favicon.svg"),
             r"/api/config": lambda q: self._json(200, self.app.config(q.get("client"))),
-            r"/api/jobs/([0-9a-f]+)": lambda q, job: self._json(200, self.app.state(job, self._since(q))),
-            r"/api/jobs/([0-9a-f]+)/csv": self._csv,
+            r"/api/jobs/([^/]*)": self._state,  # ids are checked by the app (check_run_id)
+            r"/api/jobs/([^/]*)/csv": self._csv,
+            r"/api/runs": lambda q: self._json(200, self.app.runs(parse_whole(q.get("limit", 20), "limit", 1, MAX_HISTORY))),
         })  # fmt: skip
 
     do_HEAD = do_GET
@@ -887,12 +1109,14 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch({
             r"/api/tokens": lambda q: self._json(200, self.app.tokens(self._body())),
             r"/api/run": self._run,
-            r"/api/jobs/([0-9a-f]+)/cancel": self._cancel,
+            r"/api/jobs/([^/]*)/cancel": self._cancel,
+            r"/api/jobs/([^/]*)/focus": lambda q, job: self._json(200, self.app.focus(job, self._body())),
         })  # fmt: skip
 
-    @staticmethod
-    def _since(query: dict) -> int:
-        return parse_whole(query.get("since", 0), "since", 0, 10**9)
+    def _state(self, query: dict, job_id: str) -> None:
+        since = parse_whole(query.get("since", 0), "since", 0, 10**9)
+        controls_since = parse_whole(query.get("controls_since", 0), "controls_since", 0, 10**9)
+        self._json(200, self.app.state(job_id, since, controls_since))
 
     def _static(self, name: str) -> None:
         path = STATIC / name
@@ -943,20 +1167,29 @@ def make_server(app: App | None = None, host: str = "127.0.0.1", port: int = 876
 
 
 def serve(model=DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8765, remote_models: list[str] | None = None,
-          max_cells: int | None = None, verbose: bool = False) -> int:  # fmt: skip
+          max_cells: int | None = None, verbose: bool = False, store: str | Path | None = None) -> int:  # fmt: skip
     """Serve the page until Ctrl-C. ``model``: the name selected when the page opens (loaded
-    on first use), or an already-loaded nnsight model (offered as ``"model"``)."""
+    on first use), or an already-loaded nnsight model (offered as ``"model"``). ``store``: the
+    SQLite file that keeps runs (default ``$SUPERSCOPES_CACHE/app/runs.sqlite``)."""
+    from superscopes.app.store import default_path
+
+    limits = {"max_cells": max_cells} if max_cells else None
+    try:
+        runs = RunStore(store or default_path())
+    except (OSError, sqlite3.Error) as error:
+        print(f"superscopes: error: cannot keep runs in {store or default_path()}: {error}", file=sys.stderr)
+        return 2
     if isinstance(model, str):
-        app = App(default_model=model, remote_models=remote_models, limits={"max_cells": max_cells} if max_cells else None)
+        app = App(default_model=model, remote_models=remote_models, limits=limits, store=runs)
     else:
-        app = App(default_model="model", models={"model": model}, remote_models=remote_models,
-                  limits={"max_cells": max_cells} if max_cells else None)  # fmt: skip
+        app = App(default_model="model", models={"model": model}, remote_models=remote_models, limits=limits,
+                  store=runs)  # fmt: skip
     try:
         server = make_server(app, host, port, verbose)
     except OSError as error:
         print(f"superscopes: error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 2
-    print(f"superscopes app: serving on {server.url}  (Ctrl-C to stop)", flush=True)
+    print(f"superscopes app: serving on {server.url}  (Ctrl-C to stop; runs kept in {runs.path})", flush=True)
     if not server.loopback:
         print(f"superscopes app: warning: bound to {host}: anyone who can reach it can run models here", flush=True)
     try:
@@ -977,13 +1210,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--remote-models", default="",
                         help="comma list of models offered on NDIF when NDIF_API_KEY or NDIF_HOST is set (default: the embedded ones)")
     parser.add_argument("--max-cells", type=int, default=LIMITS["max_cells"], help="cap on cells per run")
+    parser.add_argument("--store", default=None,
+                        help="SQLite file that keeps runs across restarts (default $SUPERSCOPES_CACHE/app/runs.sqlite)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     return parser  # fmt: skip
 
 
 def cmd_app(args: argparse.Namespace) -> int:
     remote = [m for m in args.remote_models.split(",") if m] or None
-    return serve(args.model, args.host, args.port, remote, args.max_cells, args.verbose)
+    return serve(args.model, args.host, args.port, remote, args.max_cells, args.verbose, args.store)
 
 
 def main(argv: list[str] | None = None) -> int:

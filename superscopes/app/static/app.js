@@ -1,6 +1,8 @@
 // Superscopes page: form -> /api/run, polling /api/jobs/<id>, token badges, a Layer x Site
-// table and per-site similarity heatmaps. Plain DOM code, no build step. The pure helpers
-// (no DOM) are exported at the end for Node, where tests/test_app.py checks them.
+// table (best readout and its controls) and per-site similarity heatmaps; a run's URL
+// (?run=<id>) restores it, a history list, and a second run side by side (&compare=<id>).
+// Plain DOM code, no build step. The pure helpers (no DOM) are exported at the end for Node,
+// where tests/test_app.py checks them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,6 +11,9 @@ const POLL_MS = 400;
 const HEAT_MAX = 0.6; // similarity at the top of the colour scale
 const TITLE_CHAR_PX = 8.5; // generous width of a 13 px bold heatmap-title character
 const ACTIVE = ["queued", "running"];
+const RUN_ID = /^[0-9a-f]{12}$/; // what the server's ids look like; anything else is not sent
+const CONTROL_LABELS = { alpha1: "α 1", norm: "norm-matched", random: "random dir." };
+const HISTORY_SIZE = 20;
 
 const state = {
   config: null,
@@ -17,8 +22,11 @@ const state = {
   previewSeq: 0,
   job: null, // last state from the server (without rows)
   rows: new Map(), // "position|site|layer|alpha" -> row
+  controls: new Map(), // "position|site|layer|control" -> control row
   next: 0,
+  controlsNext: 0,
   selected: null, // selected token position
+  compare: null, // a second run shown beside: {job, rows, controls, selected}
   cancelled: null, // id of the job this page asked to cancel: a poll answered before the cancel must not undo it
   timer: null,
 };
@@ -110,12 +118,47 @@ function fillForm(config) {
   $("transform").value = d.transform;
   $("target").value = d.target;
   $("placeholder").value = d.placeholder;
+  $("controls").checked = d.controls;
   const L = config.limits;
   $("limits").textContent =
     `Limits: prompt up to ${L.max_prompt_chars} characters and ${L.max_prompt_tokens} tokens; ` +
     `grid up to ${L.max_cells} cells (tokens × sites × layers × alphas); up to ${L.max_new_tokens} new tokens; ` +
     `one run at a time per page. Success: similarity above ${config.threshold}.` +
-    (config.remote_configured ? "" : " NDIF models appear when NDIF_API_KEY or NDIF_HOST is set.");
+    (config.remote_configured ? "" : " NDIF models appear when NDIF_API_KEY or NDIF_HOST is set.") +
+    (config.keeps_runs ? " Runs are kept on this server: each has its own URL." : "");
+  updateTargetFields();
+}
+
+function targetLayerFields(value) {
+  // The target-layer select and number box for a kept run's target_layer (0, "same" or n).
+  if (value === "same" || value === 0) return { select: String(value), number: null };
+  return { select: "number", number: String(value) };
+}
+
+function applySettings(settings) {
+  // Restore the form from a kept run's settings (a permalink); fields this page lacks are skipped.
+  if (!settings) return;
+  const set = (id, value) => {
+    if (value !== undefined && value !== null) $(id).value = value;
+  };
+  if ([...$("model").options].some((o) => o.value === settings.model)) $("model").value = settings.model;
+  set("prompt", settings.prompt);
+  const mode = document.querySelector(`input[name="tokens"][value="${settings.tokens}"]`);
+  if (mode) mode.checked = true;
+  set("token", settings.token);
+  set("layers", settings.layers);
+  const target = targetLayerFields(settings.target_layer);
+  $("target-layer").value = target.select;
+  if (target.number !== null) $("target-layer-number").value = target.number;
+  for (const box of document.querySelectorAll('input[name="sites"]')) box.checked = settings.sites.includes(box.value);
+  set("alphas", settings.alphas);
+  set("transform", settings.transform);
+  set("target", settings.target);
+  set("template", settings.template);
+  set("placeholder", settings.placeholder);
+  set("max-new-tokens", settings.max_new_tokens);
+  $("controls").checked = !!settings.controls;
+  $("prompt-count").textContent = $("prompt").value.length;
   updateTargetFields();
 }
 
@@ -138,6 +181,8 @@ function formBody() {
     template: $("template").value,
     placeholder: $("placeholder").value,
     max_new_tokens: $("max-new-tokens").value,
+    controls: $("controls").checked,
+    focus: state.preview.tokens.some((t) => t.index === state.selected) ? state.selected : null,
   };
 }
 
@@ -181,8 +226,18 @@ function updateGridSize() {
     return;
   }
   const cells = tokens * sites * layers * alphas;
-  line.textContent = `${tokens} token${tokens === 1 ? "" : "s"} × ${sites} sites × ${layers} layers × ${alphas} alphas = ${cells} cells (cap ${cap})`;
-  line.classList.toggle("over", cells > cap);
+  const perBest = body.controls ? controlsPerBest(body.transform, body.alphas) : 0;
+  const controls = tokens * sites * layers * perBest;
+  line.textContent = `${tokens} token${tokens === 1 ? "" : "s"} × ${sites} sites × ${layers} layers × ${alphas} alphas = ${cells} cells` +
+    (controls ? ` + ${controls} controls` : "") + ` (cap ${cap})`;
+  line.classList.toggle("over", cells + controls > cap);
+}
+
+function controlsPerBest(transform, alphasText) {
+  // Control cells run per best readout: alpha 1, norm-matched and random, less those the grid
+  // holds already (as the server's reused_controls).
+  const hasOne = alphasText.split(",").some((a) => a.trim() !== "" && Number(a) === 1);
+  return 3 - (hasOne && (transform === "scale" || transform === "norm") ? 1 : 0);
 }
 
 let previewTimer = null;
@@ -230,6 +285,7 @@ async function run(event) {
   try {
     const job = await api("POST", "/api/run", formBody());
     startJob(job);
+    refreshHistory();
   } catch (error) {
     showError(error.message);
     $("error").dataset.source = "run";
@@ -241,29 +297,49 @@ async function run(event) {
 function startJob(job) {
   state.job = job;
   state.rows = new Map();
+  state.controls = new Map();
   state.next = 0;
+  state.controlsNext = 0;
   const positions = job.grid.positions;
-  state.selected = positions[positions.length - 1];
+  if (!positions.includes(state.selected)) state.selected = positions[positions.length - 1];
   $("all-alphas").checked = false;
   $("download").href = `/api/jobs/${job.job}/csv`;
+  history.replaceState(null, "", runUrl(job.job, state.compare ? state.compare.job.job : null));
   absorb(job);
   poll();
 }
 
-async function resume(jobId) {
+async function resume(jobId, restoreForm = false) {
   try {
     const job = await api("GET", `/api/jobs/${jobId}?since=0`);
+    if (restoreForm) applySettings(job.settings);
     startJob(job);
   } catch (error) {
-    /* the job is gone: nothing to resume */
+    if (restoreForm) showError(error.message); // a permalink to a run this server no longer has
   }
 }
 
+function runUrl(runId, compareId) {
+  return `/?run=${runId}` + (compareId ? `&compare=${compareId}` : "");
+}
+
+function runsFromUrl(search) {
+  // The run (and compared run) a URL names; ids that are not run ids are ignored.
+  const params = new URLSearchParams(search);
+  const valid = (id) => (id && RUN_ID.test(id) ? id : null);
+  return { run: valid(params.get("run")), compare: valid(params.get("compare")) };
+}
+
+function addRows(view, update) {
+  // Merge a poll's rows and control rows into a view ({rows, controls} maps).
+  for (const row of update.rows || []) view.rows.set(`${row.position}|${row.site}|${row.layer}|${row.alpha}`, row);
+  for (const c of update.controls || []) view.controls.set(`${c.position}|${c.site}|${c.layer}|${c.control}`, c);
+}
+
 function absorb(update) {
-  for (const row of update.rows || []) {
-    state.rows.set(`${row.position}|${row.site}|${row.layer}|${row.alpha}`, row);
-  }
+  addRows(state, update);
   state.next = update.next;
+  state.controlsNext = update.controls_next || 0;
   state.job = jobState(update, state.cancelled);
   renderStatus();
   renderBadges();
@@ -276,7 +352,7 @@ async function poll() {
   const job = state.job;
   if (!job) return;
   try {
-    const update = await api("GET", `/api/jobs/${job.job}?since=${state.next}`);
+    const update = await api("GET", `/api/jobs/${job.job}?since=${state.next}&controls_since=${state.controlsNext}`);
     if (!state.job || state.job.job !== job.job) return;
     absorb(update);
     if (update.status === "error") {
@@ -284,6 +360,7 @@ async function poll() {
       $("error").dataset.source = "job";
     }
     if (ACTIVE.includes(update.status)) state.timer = setTimeout(poll, POLL_MS);
+    else refreshHistory();
   } catch (error) {
     showError(error.message);
     if (error.status !== 404) state.timer = setTimeout(poll, 2000);
@@ -304,6 +381,104 @@ async function cancel() {
   }
 }
 
+async function focusToken(position) {
+  // A token clicked while its run is going: the server runs its remaining cells next.
+  const job = state.job;
+  if (!job || !ACTIVE.includes(job.status) || !job.grid.positions.includes(position) || job.focus === position) return;
+  job.focus = position;
+  try {
+    await api("POST", `/api/jobs/${job.job}/focus`, { position });
+  } catch (error) {
+    /* the run has just finished: nothing left to reorder */
+  }
+}
+
+// ------------------------------------------------------------------ history and comparison
+
+async function refreshHistory() {
+  if (!state.config || !state.config.keeps_runs) return;
+  try {
+    const data = await api("GET", `/api/runs?limit=${HISTORY_SIZE}`);
+    renderHistory(data.runs);
+  } catch (error) {
+    /* the list stays as it was; the next finished run refreshes it */
+  }
+}
+
+function historyLine(run) {
+  // One history entry's words: prompt, model, status and best similarity.
+  const best = run.best === null || run.best === undefined ? "" : ` · best ${run.best.toFixed(2)}`;
+  return { prompt: run.prompt, detail: `${run.model} · ${run.status} · ${run.done}/${run.total} cells${best}` };
+}
+
+function renderHistory(runs) {
+  const list = $("history-list");
+  list.textContent = "";
+  $("history").hidden = !runs.length;
+  for (const run of runs) {
+    if (!RUN_ID.test(run.id)) continue;
+    const words = historyLine(run);
+    const link = el("a", { href: runUrl(run.id), class: "history-run", title: new Date(run.created * 1000).toLocaleString() },
+      el("span", { class: "history-prompt", text: words.prompt }), el("span", { class: "hint", text: words.detail }));
+    const compare = el("button", { type: "button", class: "small", text: "compare" });
+    compare.addEventListener("click", () => openCompare(run.id));
+    const li = el("li", {}, link, compare);
+    if (state.job && state.job.job === run.id) li.classList.add("current");
+    list.append(li);
+  }
+}
+
+async function openCompare(runId) {
+  try {
+    const job = await api("GET", `/api/jobs/${runId}?since=0`);
+    const view = { job: jobState(job, null), rows: new Map(), controls: new Map(), selected: null };
+    addRows(view, job);
+    view.selected = closestPosition(view.job.grid.positions, state.selected);
+    state.compare = view;
+    if (state.job) history.replaceState(null, "", runUrl(state.job.job, runId));
+    renderCompare();
+    $("compare").scrollIntoView({ block: "nearest", behavior: "smooth" });
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+function closestPosition(positions, wanted) {
+  // The compared run's token shown first: the same position if it has one, else its last.
+  return positions.includes(wanted) ? wanted : positions[positions.length - 1];
+}
+
+function closeCompare() {
+  state.compare = null;
+  if (state.job) history.replaceState(null, "", runUrl(state.job.job));
+  renderCompare();
+}
+
+function renderCompare() {
+  const view = state.compare;
+  $("compare").hidden = !view;
+  $("results").classList.toggle("comparing", !!view);
+  if (!view) return;
+  detailTitle($("compare-title"), view);
+  const badges = $("compare-badges");
+  badges.textContent = "";
+  for (const t of view.job.grid.tokens) {
+    const scoped = view.job.grid.positions.includes(t.index);
+    const badge = el("button", { type: "button", class: "badge", "data-position": t.index });
+    badge.append(el("span", { class: "tok", text: tokenLabel(t.text) }), el("sub", { text: t.index }));
+    if (!scoped) badge.classList.add("unscoped");
+    if (view.selected === t.index) badge.classList.add("selected");
+    badge.addEventListener("click", () => {
+      view.selected = t.index;
+      renderCompare();
+    });
+    badges.append(badge);
+  }
+  const s = view.job.settings || {};
+  $("compare-hint").textContent = `${statusText(view.job)}; layers ${s.layers}, alphas ${s.alphas}, transform ${s.transform}, target ${s.target}.`;
+  fillTable($("compare-table"), view, false);
+}
+
 // ------------------------------------------------------------------ rendering
 
 function renderStatus() {
@@ -316,8 +491,8 @@ function renderStatus() {
   download.setAttribute("aria-disabled", hasRows ? "false" : "true");
   download.classList.toggle("disabled", !hasRows);
   if (!job) return;
-  $("progress").max = Math.max(job.total, 1);
-  $("progress").value = job.done;
+  $("progress").max = Math.max(job.total + (job.controls_total || 0), 1);
+  $("progress").value = job.done + (job.controls_done || 0);
   $("progress-text").textContent = statusText(job);
   $("status").dataset.status = job.status;
 }
@@ -327,8 +502,12 @@ function statusText(job) {
   if (job.status === "queued") {
     return job.cancelling ? "queued — cancelling…" : `queued (${job.ahead} ahead)`;
   }
-  const words = { running: "running", done: "done", cancelled: "cancelled", error: "failed" }[job.status];
-  const line = `${job.done} / ${job.total} cells — ${words} (${duration(job.elapsed)})`;
+  const words = { running: "running", done: "done", cancelled: "cancelled", error: "failed", interrupted: "interrupted by a restart" }[job.status];
+  const controls = job.controls_total ? ` + ${job.controls_done} / ${job.controls_total} controls` : "";
+  // The estimate: the server's measured cells per second over the cells still to run.
+  const left = job.status === "running" && job.eta !== null && job.eta !== undefined ? `, about ${duration(job.eta)} left` : "";
+  const kept = job.dropped ? " — too large to keep: its settings are restored, run it again for the results" : "";
+  const line = `${job.done} / ${job.total} cells${controls} — ${words} (${duration(job.elapsed)}${left})${kept}`;
   return job.status === "running" && job.cancelling ? `${line} — cancelling after the chunk in progress…` : line;
 }
 
@@ -354,9 +533,9 @@ function tokenBest(position) {
 }
 
 function jobState(update, cancelled) {
-  // The job without its rows; a cancel this page asked for (id ``cancelled``) sticks while the
+  // The job without its rows and controls; a cancel this page asked for (id ``cancelled``) sticks while the
   // job is active, even against a poll that the server answered before the cancel.
-  const { rows, ...job } = update;
+  const { rows, controls, ...job } = update;
   return { ...job, cancelling: !!job.cancelling || (cancelled === job.job && ACTIVE.includes(job.status)) };
 }
 
@@ -404,7 +583,8 @@ function renderBadges() {
         bar.style.background = heatColor(best);
         badge.append(bar);
         title += ` — best similarity ${best.toFixed(2)}`;
-        if (best > job.grid.threshold) badge.classList.add("pass");
+        const passing = [...state.rows.values()].some((r) => r.position === t.index && passes(r, job.grid.threshold));
+        if (passing) badge.classList.add("pass"); // as the table: an echo is no success
       }
     } else if (job) {
       title += " — not in this run";
@@ -416,16 +596,36 @@ function renderBadges() {
       state.selected = t.index;
       renderBadges();
       renderDetail();
+      focusToken(t.index);
     });
     box.append(badge);
   }
 }
 
-function cellRows(position, site, layer) {
-  const job = state.job;
-  return job.grid.alphas
-    .map((alpha) => state.rows.get(`${position}|${site}|${layer}|${alpha}`))
+function cellRows(view, position, site, layer) {
+  return view.job.grid.alphas
+    .map((alpha) => view.rows.get(`${position}|${site}|${layer}|${alpha}`))
     .filter(Boolean);
+}
+
+function cellControls(controls, position, site, layer) {
+  // A best readout's controls, in the recipes' order, with the labels the table shows.
+  return Object.keys(CONTROL_LABELS)
+    .map((name) => controls.get(`${position}|${site}|${layer}|${name}`))
+    .filter(Boolean)
+    .map((c) => ({ ...c, label: CONTROL_LABELS[c.control] }));
+}
+
+function passes(row, threshold) {
+  // A success: above the threshold and not an echo (as the recipes count them).
+  return !!row && row.similarity !== null && row.similarity > threshold && !row.echo;
+}
+
+function echoFlag() {
+  return el("span", {
+    class: "echo", text: "echo",
+    title: "repeats the source token or the target prompt's examples: not counted as a success",
+  });
 }
 
 function bestOf(rows) {
@@ -445,36 +645,23 @@ function fmt(sim) {
   return sim === null || sim === undefined ? "–" : sim.toFixed(2);
 }
 
-function renderDetail() {
-  const panel = $("detail");
-  const job = state.job;
-  if (!job || state.selected === null) {
-    panel.hidden = true;
-    return;
-  }
-  panel.hidden = false;
-  const grid = job.grid;
-  const token = grid.tokens.find((t) => t.index === state.selected);
-  const title = $("detail-title");
-  title.textContent = "";
-  title.append(
+function detailTitle(node, view) {
+  const token = view.job.grid.tokens.find((t) => t.index === view.selected);
+  node.textContent = "";
+  node.append(
     "Token ",
     el("span", { class: "tok-inline", text: tokenLabel(token ? token.text : "?") }),
-    el("span", { class: "hint", text: ` position ${state.selected} of “${job.prompt}”` }),
+    el("span", { class: "hint", text: ` position ${view.selected} of “${view.job.prompt}” (${view.job.model})` }),
   );
-  const table = $("table");
-  table.textContent = "";
-  const heatmaps = $("heatmaps");
-  heatmaps.textContent = "";
-  $("legend").textContent = "";
-  if (!grid.positions.includes(state.selected)) {
-    $("detail-hint").textContent = "This token is not in the run: choose “all” source tokens or match it, then run.";
-    return;
-  }
-  const showAll = $("all-alphas").checked;
-  const finished = !ACTIVE.includes(job.status);
-  const bestAlphas = [];
+}
 
+function fillTable(table, view, showAll) {
+  // The Layer x Site table of a view ({job, rows, controls, selected}): each cell's best
+  // readout with its controls, or every alpha; returns the best alphas (for the hint).
+  const grid = view.job.grid;
+  const finished = !ACTIVE.includes(view.job.status);
+  const bestAlphas = [];
+  table.textContent = "";
   const head = el("tr", {}, el("th", { text: "Layer" }));
   for (const site of grid.sites) head.append(el("th", { text: state.config.sites[site] || site }));
   table.append(el("thead", {}, head));
@@ -482,7 +669,7 @@ function renderDetail() {
   for (const layer of grid.layers) {
     const tr = el("tr", {}, el("th", { text: layer, scope: "row" }));
     for (const site of grid.sites) {
-      const rows = cellRows(state.selected, site, layer);
+      const rows = cellRows(view, view.selected, site, layer);
       const td = el("td", { "data-site": site, "data-layer": layer });
       const best = bestOf(rows);
       if (best && best.similarity !== null) bestAlphas.push(best.alpha);
@@ -492,33 +679,67 @@ function renderDetail() {
       } else if (showAll) {
         const list = el("ol", { class: "alphas" });
         for (const row of rows) {
-          const li = el("li", {},
-            el("span", { class: "meta", text: `α ${row.alpha} · ${fmt(row.similarity)}` }),
-            el("span", { class: "out", text: outputText(row.output) }));
+          const meta = el("span", { class: "meta", text: `α ${row.alpha} · ${fmt(row.similarity)}` });
+          if (row.echo) meta.append(" ", echoFlag());
+          const li = el("li", {}, meta, el("span", { class: "out", text: outputText(row.output) }));
           if (row === best) li.classList.add("best");
-          if (row.similarity !== null && row.similarity > grid.threshold) li.classList.add("pass");
+          if (passes(row, grid.threshold)) li.classList.add("pass");
           list.append(li);
         }
         td.append(list);
       } else {
-        td.append(
-          el("div", { class: "out", text: outputText(best.output) }),
-          el("div", { class: "meta", text: `α ${best.alpha} · similarity ${fmt(best.similarity)}` }),
-        );
+        const meta = el("div", { class: "meta", text: `α ${best.alpha} · similarity ${fmt(best.similarity)}` });
+        if (best.echo) meta.append(" ", echoFlag());
+        td.append(el("div", { class: "out", text: outputText(best.output) }), meta);
+        const controls = cellControls(view.controls, view.selected, site, layer);
+        if (controls.length) {
+          const list = el("ul", { class: "controls", "aria-label": "controls" });
+          for (const c of controls) {
+            const label = el("span", { class: "meta", text: `${c.label}${c.control === "random" ? ` ×${c.alpha}` : ""} · ${fmt(c.similarity)}` });
+            if (c.echo) label.append(" ", echoFlag());
+            const li = el("li", { "data-control": c.control }, label, el("span", { class: "out", text: outputText(c.output) }));
+            if (passes(c, grid.threshold)) li.classList.add("pass");
+            list.append(li);
+          }
+          td.append(list);
+        }
       }
-      if (best && best.similarity !== null && best.similarity > grid.threshold) td.classList.add("pass");
+      if (passes(best, grid.threshold)) td.classList.add("pass");
       tr.append(td);
     }
     body.append(tr);
   }
   table.append(body);
-  $("detail-hint").textContent = readoutHint(grid, bestAlphas);
+  return bestAlphas;
+}
+
+function renderDetail() {
+  const panel = $("detail");
+  const job = state.job;
+  if (!job || state.selected === null) {
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  const grid = job.grid;
+  detailTitle($("detail-title"), state);
+  const table = $("table");
+  table.textContent = "";
+  const heatmaps = $("heatmaps");
+  heatmaps.textContent = "";
+  $("legend").textContent = "";
+  if (!grid.positions.includes(state.selected)) {
+    $("detail-hint").textContent = "This token is not in the run: choose “all” source tokens or match it, then run.";
+    return;
+  }
+  const bestAlphas = fillTable(table, state, $("all-alphas").checked);
+  $("detail-hint").textContent = readoutHint(grid, bestAlphas, !!(job.settings && job.settings.controls));
 
   for (const site of grid.sites) heatmaps.append(heatmap(site, grid));
   $("legend").append(legend(grid.threshold));
 }
 
-function readoutHint(grid, bestAlphas) {
+function readoutHint(grid, bestAlphas, controls = false) {
   // Says "amplified" only when every best alpha amplifies (> 1).
   const where = grid.target_layer === "same" ? "the same layer" : `layer ${grid.target_layer}`;
   let what = "the text generated at the best alpha (highest similarity to the prompt; α 1 is no amplification)";
@@ -527,8 +748,12 @@ function readoutHint(grid, bestAlphas) {
   } else if (bestAlphas.length && bestAlphas.every((a) => a > 1)) {
     what = "the text generated with the vector amplified by the best alpha (highest similarity to the prompt)";
   }
-  return `Each cell: ${what}, written into ${where} of the target prompt; transform ${grid.transform}. ` +
-    `Green: similarity above ${grid.threshold}.`;
+  const under = controls
+    ? "Under it, its controls: α 1 (the vector as read), norm-matched (rescaled to the replaced vector's norm, α 1) " +
+      "and a random direction with the same norm as the best readout's vector. "
+    : "";
+  return `Each cell: ${what}, written into ${where} of the target prompt; transform ${grid.transform}. ${under}` +
+    `Green: similarity above ${grid.threshold} and not an echo (a readout that repeats the source token or the target prompt's examples).`;
 }
 
 // ------------------------------------------------------------------ heatmaps
@@ -592,7 +817,7 @@ function heatmap(site, grid) {
       const rect = svg("rect", {
         x: x + 1, y: y + 1, width: cw - 2, height: ch - 2, rx: 3,
         fill: sim === null ? "#eef0f3" : heatColor(sim),
-        class: sim !== null && sim > grid.threshold ? "hm-cell pass" : "hm-cell",
+        class: passes(row, grid.threshold) ? "hm-cell pass" : "hm-cell", // as the table: echoes never pass
       });
       g.append(rect);
       if (row) {
@@ -610,7 +835,10 @@ function heatmap(site, grid) {
 
 function legend(threshold) {
   const width = 240, height = 34;
-  const root = svg("svg", { width: width + 100, height, class: "legend-svg", role: "img", "aria-label": "colour scale" });
+  const root = svg("svg", {
+    width: width + 100, height, viewBox: `0 0 ${width + 100} ${height}`, class: "legend-svg", role: "img",
+    "aria-label": "colour scale",
+  });
   const defs = svg("defs");
   const gradient = svg("linearGradient", { id: "ramp" });
   for (const [t] of RAMP) gradient.append(svg("stop", { offset: `${t * 100}%`, "stop-color": heatColor(t * HEAT_MAX) }));
@@ -659,9 +887,19 @@ async function init() {
   $("download").addEventListener("click", (e) => {
     if ($("download").getAttribute("aria-disabled") === "true") e.preventDefault();
   });
+  $("compare-close").addEventListener("click", closeCompare);
+  const linked = runsFromUrl(location.search);
+  if (linked.compare) await openCompare(linked.compare);
+  if (linked.run) await resume(linked.run, true);
+  else if (state.config.active_job) resume(state.config.active_job);
   schedulePreview();
-  if (state.config.active_job) resume(state.config.active_job);
+  refreshHistory();
 }
 
 if (typeof document !== "undefined") document.addEventListener("DOMContentLoaded", init);
-if (typeof module !== "undefined") module.exports = { statusText, jobState, readoutHint, heatmapSize, isStale };
+if (typeof module !== "undefined") {
+  module.exports = {
+    statusText, jobState, readoutHint, heatmapSize, isStale, runsFromUrl, runUrl, cellControls, passes,
+    controlsPerBest, targetLayerFields, historyLine, closestPosition, addRows,
+  };
+}
