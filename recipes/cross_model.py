@@ -9,7 +9,8 @@ ends of held-out snippets (``superscopes.lens.collect_aligned``).
 
 Each cell patches the source model's ``resid_post`` at layer l through the map into the
 "?" of the identity prompt in the target model at layer l* and reads the target's next token
-(``superscopes.run(source, Scope(transforms=["affine"], ...), target_model=target)``).
+(``superscopes.run(source, Scope(transforms=["affine"], layer_pairs=..., affine_weight={pair: W}),
+target_model=target)``: one run per direction, a map per layer pair).
 
 - precision@1 (headline) = 1[argmax patched == argmax of the TARGET model's own next-token
   distribution on the same source text]: both tokens come from the target's vocabulary.
@@ -185,21 +186,21 @@ def experiment(run: Run) -> None:
     common = dict(sites=["resid_post"], alphas=[1], target="identity", output="topk", top_k=args.top_k,
                   batch_size=args.batch_size)  # fmt: skip
     for d, (s, t) in zip(directions, pairs):
-        for ls in sorted({ls for ls, _ in todo[d]}):
-            lts = [lt for l, lt in todo[d] if l == ls]
-            if s is t:
-                frames = [run.scope(s, Scope(prompts, layers=[ls], target_layers=lts, transforms=["scale"], **common))]
-            else:
-                frames = []
-                for lt in lts:
-                    W, bias = maps[(d, ls, lt)]
-                    scope = Scope(prompts, layers=[ls], target_layers=[lt], transforms=["affine"], affine_weight=W,
-                                  affine_bias=bias, **common)  # fmt: skip
-                    frames.append(run.scope(s, scope, target_model=t))
-            rows = _rows(d, s, t, pd.concat(frames), own[id(t)][0], own[id(s)][1], prompts)
-            for lt in lts:
-                store.append(rows[rows["target_layer"] == lt])
-            log(f"{d}: source layer {ls} done ({time.time() - t0:.0f} s)")
+        if not todo[d]:
+            continue
+        # One run per direction over every pending (layer, target layer) pair, each pair with its own map.
+        if s is t:
+            frame = run.scope(s, Scope(prompts, layer_pairs=todo[d], transforms=["scale"], **common))
+        else:
+            weights = {pair: maps[(d, *pair)][0] for pair in todo[d]}
+            biases = {pair: maps[(d, *pair)][1] for pair in todo[d]}
+            scope = Scope(prompts, layer_pairs=todo[d], transforms=["affine"], affine_weight=weights,
+                          affine_bias=biases, **common)  # fmt: skip
+            frame = run.scope(s, scope, target_model=t)
+        rows = _rows(d, s, t, frame, own[id(t)][0], own[id(s)][1], prompts)
+        for ls, lt in todo[d]:
+            store.append(rows[(rows["layer"] == ls) & (rows["target_layer"] == lt)])
+        log(f"{d}: {len(todo[d])} layer pairs done ({time.time() - t0:.0f} s)")
 
     expected = len(prompts) * sum(len(layers[id(s)]) * len(layers[id(t)]) for s, t in pairs)
     cells = run.cells(store, expected, unique=["direction", "source", "layer", "target_layer"])

@@ -22,6 +22,7 @@ be exact for both tokenizers.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pandas as pd
@@ -209,16 +210,20 @@ def experiment(run: Run) -> None:
                                  "fit_positions": int(fit_mask.sum()), "heldout_positions": int((~fit_mask).sum()),
                                  "r2_heldout": r_squared(apply_affine(X[~fit_mask], W, b), Y[~fit_mask])})  # fmt: skip
         pd.DataFrame(map_rows).to_csv(run.out / "maps.csv", index=False)
-        for s, v, task, (ls, lv) in missing:
+        # One run per (source model, verbaliser, task) over its missing layer pairs, a map per pair.
+        for (s, v, task), group in itertools.groupby(missing, key=lambda item: item[:3]):
+            todo = [pair for *_, pair in group]
             part = rows[rows["task"] == task]
-            W, b = maps[(s, v, ls, lv)]
+            weights, biases = ({p: maps[(s, v, *p)][i] for p in todo} for i in (0, 1))
             scope = superscopes.Scope(
-                list(part["source"]), sites=["resid_post"], layers=[ls], alphas=[1], transforms=["affine"],
-                affine_weight=W, affine_bias=b, target=part["template"].iloc[0], target_layers=[lv],
+                list(part["source"]), sites=["resid_post"], layer_pairs=todo, alphas=[1], transforms=["affine"],
+                affine_weight=weights, affine_bias=biases, target=part["template"].iloc[0],
                 max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
             )  # fmt: skip
             frame = run.scope(models[s], scope, target_model=models[v])
-            store.append(finish(frame, CROSS, s, v, task, f"{ls}->{lv}"))
+            for ls, lv in todo:
+                pair_rows = frame[(frame["layer"] == ls) & (frame["target_layer"] == lv)].reset_index(drop=True)
+                store.append(finish(pair_rows, CROSS, s, v, task, f"{ls}->{lv}"))
     maps_table = pd.read_csv(run.out / "maps.csv")
 
     # Load and check.
