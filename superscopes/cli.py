@@ -115,20 +115,41 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
     if args.out:
         check_table_path(args.out)
-    frame = judge.score(read_table(args.file), args.source_col, args.output_col)
-    if args.group_cols:
-        winners = judge.best(frame, args.group_cols.split(","), args.threshold)
+    frame = read_table(args.file)
+    groups = [c.strip() for c in args.group_cols.split(",") if c.strip()] if args.group_cols else []
+    wanted = [args.source_col, args.output_col, *groups, *([args.by] if args.by else [])]
+    missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
+    if missing:  # before the judge loads or scores anything
+        raise ValueError(f"column(s) {missing} are not in {args.file}; its columns are {list(frame.columns)}")
+    if args.by and args.by not in groups:
+        raise ValueError(f"--by {args.by!r} must be one of --group-cols ({', '.join(groups) or 'none given'})")
+    frame = judge.flag_echoes(judge.score(frame, args.source_col, args.output_col), args.output_col)
+    if groups:
+        frame = frame.reset_index(drop=True)
+        winners = judge.best(frame.assign(row=frame.index), groups, args.threshold)
         with pd.option_context("display.max_rows", None, "display.width", 200):
-            print(winners[[*args.group_cols.split(","), "similarity", "success"]].to_string(index=False))
+            print(winners[[*groups, "similarity", "success"]].to_string(index=False))
+        if args.by:  # e.g. the paper's successes per layer
+            counts = winners.groupby(args.by)["success"].agg(successes="sum", groups="size").reset_index()
+            print(counts.to_string(index=False))
         print(f"{int(winners['success'].sum())}/{len(winners)} groups above {args.threshold}")
+        # For --out: each group's winning row, and whether its group passed.
+        frame["winner"] = frame.index.isin(winners["row"])
+        frame = frame.merge(winners[[*groups, "success"]].rename(columns={"success": "group_success"}), on=groups,
+                            how="left")  # fmt: skip
+    if "echo" in frame.columns:
+        print(f"{int(frame['echo'].sum())} of {len(frame)} readouts echo the source token or the target's examples "
+              "(never a success)")  # fmt: skip
     if args.out:
         save_table(frame, args.out)
         print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from superscopes.models import list_models
+    from superscopes.models import list_models, refetch
 
+    if args.refetch:
+        print(f"fetched {args.refetch} again into {refetch(args.refetch)}")
     print(pd.DataFrame(list_models())[["name", "cached", "source", "licence", "path"]].to_string(index=False))
 
 
@@ -210,12 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--source-col", required=True, help="column of the texts the readouts should describe")
     judge.add_argument("--output-col", required=True, help="column of the readouts")
     judge.add_argument("--group-cols", help="comma list: print each group's best similarity and success")
+    judge.add_argument("--by", help="one of --group-cols: print the successes per level of it (e.g. layer)")
     judge.add_argument("--threshold", type=float, default=0.3, help="success: best similarity above this")
     judge.add_argument("--out", help="write the judged table (.csv or .parquet)")
     judge.set_defaults(func=cmd_judge)
 
     models = verbs.add_parser("models", help="list the embedded models and their cache state",
                                formatter_class=HelpFormatter)  # fmt: skip
+    models.add_argument("--refetch", metavar="NAME", help="fetch an embedded model again (e.g. a corrupt cache)")
     models.set_defaults(func=cmd_models)
 
     app = verbs.add_parser("app", help="the Superscopes explorer: a web page on 127.0.0.1", formatter_class=HelpFormatter)

@@ -90,10 +90,27 @@ def best(frame: pd.DataFrame, group_cols: Sequence[str] = DEFAULT_GROUP, thresho
          score_col: str = "similarity") -> pd.DataFrame:  # fmt: skip
     """The best-scoring row of each group, with ``success`` = its score > ``threshold``.
 
-    Ties go to the first row in table order (the smaller alpha in a grid)."""
+    Rows flagged ``echo`` (a column, when present: see ``superscopes.metrics.is_echo``) never
+    win: a group whose rows all echo keeps its best echo with ``success`` False. Ties go to
+    the first row in table order (the smaller alpha in a grid)."""
     missing = [c for c in [*group_cols, score_col] if c not in frame.columns]
     if missing:
         raise KeyError(f"columns {missing} are not in the table; its columns are {list(frame.columns)}")
-    index = frame.groupby(list(group_cols), sort=False)[score_col].idxmax()
+    echo = frame["echo"].astype(bool) if "echo" in frame.columns else pd.Series(False, index=frame.index)
+    ranked = frame[score_col].where(~echo, frame[score_col] - 1e9)  # an echo wins only a group of echoes
+    index = ranked.groupby([frame[c] for c in group_cols], sort=False).idxmax()
     winners = frame.loc[index.values].reset_index(drop=True)
-    return winners.assign(success=winners[score_col] > threshold)
+    won = ~echo.loc[index.values].to_numpy()
+    return winners.assign(success=(winners[score_col] > threshold) & won)
+
+
+def flag_echoes(frame: pd.DataFrame, output_col: str = "output") -> pd.DataFrame:
+    """``frame`` with an ``echo`` column (``metrics.is_echo`` of each readout against its
+    ``token`` and ``target`` columns), when it has them; unchanged otherwise."""
+    from superscopes.metrics import is_echo
+
+    if not {"token", "target"} <= set(frame.columns):
+        return frame
+    echoes = [is_echo(str(o), str(t), str(g)) for o, t, g in zip(frame[output_col].fillna(""), frame["token"],
+                                                                  frame["target"])]  # fmt: skip
+    return frame.assign(echo=echoes)

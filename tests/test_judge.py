@@ -43,3 +43,44 @@ def test_missing_columns_are_named():
         judge.score(frame, "source", "output")
     with pytest.raises(KeyError, match=r"columns \['similarity'\] are not in the table"):
         judge.best(frame, ["source"])
+
+
+def test_echoes_never_win_a_group():
+    frame = pd.DataFrame({"source": ["a", "a", "b"], "similarity": [0.9, 0.4, 0.8], "echo": [True, False, True]})
+    best = judge.best(frame, ["source"], threshold=0.3)
+    assert best["similarity"].tolist() == [0.4, 0.8]  # a: the best non-echo; b: only an echo
+    assert best["success"].tolist() == [True, False]
+
+
+def test_judge_command_counts_successes_per_layer_and_marks_winners(tmp_path, capsys):
+    from superscopes.cli import main
+    from superscopes.prompts import ENTITY_DESCRIPTION
+    from superscopes.results import read_table
+
+    rows = [  # (layer, alpha, readout)
+        (1, 1, ": a bowl of soup"), (1, 6, ": Princess of Wales, member of the British royal family"),
+        (2, 1, " Wales Wales Wales"), (2, 6, ": Leonardo DiCaprio: American actor"),
+    ]  # fmt: skip
+    table = pd.DataFrame([{"source": "Diana, Princess of Wales", "token": "Wales", "target": ENTITY_DESCRIPTION,
+                           "layer": layer, "alpha": alpha, "output": text} for layer, alpha, text in rows])  # fmt: skip
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    out = tmp_path / "judged.csv"
+    assert main(["judge", str(tmp_path / "cells.csv"), "--source-col", "source", "--output-col", "output",
+                 "--group-cols", "source,layer", "--by", "layer", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "1/2 groups above 0.3" in printed and "2 of 4 readouts echo" in printed
+    judged = read_table(str(out))
+    assert judged["winner"].tolist() == [False, True, True, False]  # layer 2: both echo, the better one is kept
+    assert judged.groupby("layer")["winner"].sum().tolist() == [1, 1]
+    assert judged["group_success"].tolist() == [True, True, False, False]
+    assert judged["echo"].tolist() == [False, False, True, True]
+
+
+def test_judge_command_names_a_missing_column_before_scoring(tmp_path, capsys, monkeypatch):
+    from superscopes.cli import main
+
+    pd.DataFrame({"source": ["a"], "output": ["b"]}).to_csv(tmp_path / "t.csv", index=False)
+    monkeypatch.setattr(judge, "default_judge", lambda: pytest.fail("the judge loaded before the columns were checked"))
+    assert main(["judge", str(tmp_path / "t.csv"), "--source-col", "source", "--output-col", "output",
+                 "--group-cols", "source,layer"]) != 0  # fmt: skip
+    assert "column(s) ['layer'] are not in" in capsys.readouterr().err
