@@ -72,3 +72,12 @@ def test_module_verbs_hand_the_rest_of_the_line_to_their_module(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["inverse", "train", "--help"])
     assert exit_.value.code == 0 and "--layer" in capsys.readouterr().out
+
+
+def test_threads_is_one_option_for_every_computing_verb(capsys):
+    from superscopes.cli import build_parser, main
+
+    for verb in (["scope", "x"], ["judge", "t.csv", "--source-col", "a", "--output-col", "b"], ["app"]):
+        assert build_parser().parse_args(verb).threads == 1  # the documented default
+    assert main(["scope", "x", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
