@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 ENV_VARS = ("NDIF_API_KEY", "NDIF_HOST")
 
@@ -40,12 +41,14 @@ class RemoteConfigError(ValueError):
     """NDIF_HOST or NDIF_API_KEY cannot be used as given; nothing was sent."""
 
 
-def configure(dotenv: Path | None = None) -> None:
-    """Point nnsight at the configured NDIF host and key, and ship our trace code by value."""
+def configure(dotenv: Path | None = None, ship: tuple[ModuleType, ...] = ()) -> None:
+    """Point nnsight at the configured NDIF host and key, and ship our trace code by value:
+    the snippets (``ops``, ``sites``) and the modules in ``ship`` (the graph passes itself, so
+    this module does not import it)."""
     import nnsight
     from nnsight import CONFIG
 
-    from superscopes import ops, scope, sites
+    from superscopes import ops, sites
 
     values = settings(dotenv)
     if values["NDIF_HOST"]:
@@ -59,7 +62,7 @@ def configure(dotenv: Path | None = None) -> None:
             f"{source} {host!r} has no scheme: write it as http://{host} (a local server) or https://{host}"
         )
     # The server does not have superscopes installed: send the snippet modules' source.
-    for module in (ops, sites, scope):
+    for module in (ops, sites, *ship):
         nnsight.register(module)
 
 

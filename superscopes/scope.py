@@ -27,6 +27,7 @@ import math
 import numbers
 import operator
 import os
+import sys
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -687,7 +688,7 @@ def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int
             return _execute_reads(model, passes, len(reads))[0]
         from superscopes.remote import configure, explain
 
-        configure()
+        configure(ship=(sys.modules[__name__],))
         try:
             with model.session(remote=remote):
                 table = nnsight.save(_execute_reads(model, passes, len(reads))[0])
@@ -744,7 +745,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
         if remote:
             from superscopes.remote import configure, explain, session_backend
 
-            configure()
+            configure(ship=(sys.modules[__name__],))  # the server runs this module's passes
             backend = session_backend(model, remote, timeout)
             try:
                 # One request: the session runs every pass on the server and returns ids/probs.

@@ -94,7 +94,7 @@ def test_the_registered_modules_are_the_ones_checked(monkeypatch):
     registered = []
     monkeypatch.setattr(nnsight, "register", registered.append)
     monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:1")
-    configure()
+    configure(ship=(scope,))  # as the graph calls it
     assert {m.__name__ for m in registered} == set(SHIPPED)
 
 
