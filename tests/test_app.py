@@ -220,10 +220,15 @@ def test_custom_and_identity_targets(api):
     status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="custom",
                           template="Tell me about @ please", placeholder="@")  # fmt: skip
     assert status == 202, job
-    assert job["grid"]["target"] == "Tell me about @ please"
+    assert job["grid"]["target"] == "Tell me about @ please" and job["grid"]["target_token"].strip() == "@"
     assert api.wait(job["job"])["status"] == "done"
     status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="identity", transform="norm")
-    assert status == 202 and job["grid"]["target"].startswith("cat -> cat")
+    assert status == 202 and job["grid"]["target"].startswith("cat -> cat") and job["grid"]["target_token"] == "?"
+    assert api.wait(job["job"])["status"] == "done"
+    # The placeholder is a whole token: the first word x, not the x inside "complex" or "Explain".
+    status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="custom",
+                          template="x is a complex idea. Explain", placeholder="x")  # fmt: skip
+    assert status == 202 and job["grid"]["target_token"] == "x"
     assert api.wait(job["job"])["status"] == "done"
 
 
@@ -647,7 +652,9 @@ def test_page_controls_sit_beside_the_best_readout_and_echoes_never_pass():
     # The grid-size line counts the control cells the server will run (alpha 1 reused when in the grid).
     assert page_helpers("""[["scale", "1,3"], ["scale", "3,6"], ["norm", "1, 3"], ["cfg", "1,3"]].map(
         ([t, a]) => app.controlsPerBest(t, a))""") == [2, 3, 2, 3]
-    hint = page_helpers('app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3}, [3], true)')
+    hint = page_helpers(
+        'app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3, target_token: " x"}, [3], true)')
+    assert 'at its token " x"' in hint
     assert "norm-matched" in hint and "random direction" in hint and "not an echo" in hint
 
 

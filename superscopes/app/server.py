@@ -708,6 +708,7 @@ class App:
         and cut it into chunks. Takes no lock that a running job holds."""
         from superscopes import Scope
         from superscopes.models import model_name
+        from superscopes.prompts import tokens
         from superscopes.scope import plan
         from superscopes.sites import num_layers
 
@@ -789,6 +790,8 @@ class App:
         full.max_cells = 10**9  # bounded above; this page's cap counts only the tokens it runs
         with self.tokenizer_lock:  # plan tokenises: give it the private tokenizer, not the worker's
             the_plan = plan(_WithTokenizer(model, self._tokenizer(model)), full)  # raises ScopeError
+            patched = the_plan.targets[0]
+            target_token = tokens(self._tokenizer(model), patched.text)[patched.index]  # the token the vector replaces
 
         positions = [s.position for s in the_plan.sources]
         if mode == "all":
@@ -819,7 +822,8 @@ class App:
             "alphas": alphas,
             "transform": transform,
             "target_layer": target_layer,
-            "target": the_plan.targets[0].text,
+            "target": patched.text,
+            "target_token": target_token,
             "threshold": self.threshold,
         }
         return Job(

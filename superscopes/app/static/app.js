@@ -752,7 +752,8 @@ function readoutHint(grid, bestAlphas, controls = false) {
     ? "Under it, its controls: α 1 (the vector as read), norm-matched (rescaled to the replaced vector's norm, α 1) " +
       "and a random direction with the same norm as the best readout's vector. "
     : "";
-  return `Each cell: ${what}, written into ${where} of the target prompt; transform ${grid.transform}. ${under}` +
+  const token = grid.target_token === undefined ? "" : ` at its token ${JSON.stringify(grid.target_token)}`;
+  return `Each cell: ${what}, written into ${where} of the target prompt${token}; transform ${grid.transform}. ${under}` +
     `Green: similarity above ${grid.threshold} and not an echo (a readout that repeats the source token or the target prompt's examples).`;
 }
 
