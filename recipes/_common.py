@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import pandas as pd
 
-from superscopes.models import DEFAULT_MODEL
+from superscopes.models import DEFAULT_MODEL, EMBEDDED
 from superscopes.parsing import HelpFormatter
 from superscopes.results import ResultStore, SettingsMismatchError
 
@@ -188,6 +188,10 @@ def write_summary(run: Run, title: str, ours: str, paper: str, settings: dict[st
     """summary.md: our number next to the paper's, the settings, the command that made it."""
     lines = [f"# {title}", "", f"- **Ours:** {ours}", f"- **Paper:** {paper}", "", "## Settings", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
+    embedded = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m in EMBEDDED]
+    if embedded:  # a reader comparing with the papers' bf16/fp16 models must know
+        lines.append(f"- weights: {', '.join(embedded)} are the embedded 4-bit GGUF checkpoints de-quantised to "
+                     "float32, not the original half-precision weights")  # fmt: skip
     lines += ["", f"Command: `{run.command}`", "", "## What it shows", ""]
     lines += [f"- {finding}" for finding in findings]
     for caption, table in (tables or {}).items():

@@ -84,3 +84,12 @@ def test_a_table_short_of_the_grid_stops_the_summary(tmp_path):
 def test_depth_layers():
     assert depth_layers([0, 0.5, 1], 30) == [0, 14, 29]
     assert depth_layers([0, 0.5, 1], 12) == [0, 6, 11]
+
+
+@pytest.mark.parametrize("model,noted", [("smollm2-135m", True), ("some/hub-model", False)])
+def test_summaries_say_the_embedded_weights_are_dequantised_gguf(tmp_path, model, noted):
+    from recipes._common import write_summary
+
+    args = parser("x", "x").parse_args(["--model", model])
+    path = write_summary(Run("x", args, tmp_path, "python -m recipes.x"), "T", "ours", "paper", {"a": 1}, [])
+    assert ("4-bit GGUF checkpoints de-quantised to float32" in path.read_text()) is noted
