@@ -4,7 +4,7 @@
   included on both sides, since an nnsight trace given text tokenises it too.
 - ``trace_*``: one nnsight trace with no intervention, one read, one patch.
 - ``HookScope``: the Superscopes authors' approach, written from the paper's description
-  (RESEARCH.md): cache the source activations with PyTorch forward hooks, then for every
+  and its authors' notebooks: cache the source activations with PyTorch forward hooks, then for every
   cell register a hook on the target block that overwrites the last prompt token's residual
   output with alpha * v on the prompt pass only, and call ``generate`` once per cell.
 - ``lens_site``: one nnsight trace per layer returning full-vocabulary next-token

@@ -338,11 +338,6 @@ def aligned_positions(
     return source_positions, target_positions
 
 
-def word_prefixes(text: str, min_words: int = 1) -> list[str]:
-    """The word-level prefixes of ``text`` (``"The capital"``, ``"The capital city"``, ...)."""
-    return [text[:end] for end in word_ends(text)[max(min_words, 1) - 1 :]]
-
-
 def collect_aligned(
     source_model,
     target_model,

@@ -183,7 +183,7 @@ def test_aligned_positions_read_the_same_text(tokenizer):
     text = "ancestors came to the United States with William"
     src, tgt = lens.aligned_positions(tokenizer, WithBos(tokenizer), [text])
     ids = tokenizer(text)["input_ids"]
-    prefixes = lens.word_prefixes(text)
+    prefixes = [text[:end] for end in lens.word_ends(text)]
     assert prefixes[-1] == text and prefixes[0] == "ancestors"
     # One position per word end, except a word ending at position 0 (the attention sink).
     decoded = [tokenizer.decode(ids[: position + 1]) for position in src[0]]
