@@ -317,3 +317,30 @@ def test_the_embedded_smollm2_sae_fits_and_decomposes(smollm2):
     # A vector built from three latents' directions decomposes into (at least) those latents.
     vector = sae.b_dec + sae.directions([10, 200, 3000]).sum(0)
     assert {10, 200, 3000} <= {i for i, _ in sae.decompose(vector, k=6)}
+
+
+def test_explanation_scores_self_similarity_and_relevancy(tiny_models):
+    model = tiny_models["llama"]
+    sae = orthonormal_sae()
+    # Written at the last layer's resid_post, the patched vector is what that site holds: cosine 1.
+    scope = S.latent_scope(sae, [3, 7], alphas=[2.0], target_layers=[2], max_new_tokens=3)
+    scored = S.explanation_scores(model, scope, run(model, scope, progress=False))
+    assert scored["self_similarity"].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    # Written at layer 0 the last layer holds something else; relevancy = p(patched) - p(clean), by hand.
+    scope = S.latent_scope(sae, [3], alphas=[6.0], target_layers=[0], max_new_tokens=3)
+    row = S.explanation_scores(model, scope, run(model, scope, progress=False)).iloc[0]
+    assert row["self_similarity"] < 1 - 1e-5  # the two blocks above add a little
+    prompt = model.tokenizer(row["target"])["input_ids"]
+    ids = torch.tensor([prompt + row["output_ids"]])
+    with model.trace(ids):
+        ops.patch(model, "resid_post", 0, sae.directions([3]), position=row["target_position"], alpha=6.0)
+        patched = model.output.logits[0].softmax(-1).save()
+    clean = model._module(ids).logits[0].softmax(-1)
+    steps = range(len(prompt) - 1, ids.shape[1] - 1)
+    expected = [float(patched[t, ids[0, t + 1]] - clean[t, ids[0, t + 1]]) for t in steps]
+    assert row["relevancy"] == pytest.approx(expected, abs=1e-5) and len(expected) == len(row["output_ids"])
+    # Adding alpha 0 changes nothing: every relevancy is 0.
+    zero = S.latent_scope(sae, [3], alphas=[0.0], mode="add", target_layers=[0], max_new_tokens=3)
+    assert S.explanation_scores(model, zero, run(model, zero, progress=False))["relevancy_mean"].tolist() == [0.0]
+    with pytest.raises(S.SAEError, match="needs a Scope with vectors"):
+        S.explanation_scores(model, Scope(["a b"]), None)
