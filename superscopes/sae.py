@@ -456,7 +456,8 @@ def cache_activations(model, site: str, layer: int, texts: Sequence[str], tokens
             # Sorted by length: a batch of similar lengths needs little padding (saves ~1/3 here).
             chunk = sorted(texts[start : start + shard_passages], key=len)
             shard = collect(model, chunk, site, [layer], "text", batch_size)[layer].half()
-            save_file({"activations": shard.contiguous()}, file)
+            save_file({"activations": shard.contiguous()}, file.with_suffix(".tmp"))
+            file.with_suffix(".tmp").replace(file)  # a shard is on disk whole or not at all
         shards.append(shard)
         total += len(shard)
         bar.update(min(len(shard), tokens - bar.n))
