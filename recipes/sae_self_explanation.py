@@ -67,13 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--texts", type=int, default=1000, help="held-out corpus passages scanned for contexts")
     p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per latent")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--corpus", help="built corpus folder (default: $SUPERSCOPES_CACHE/corpus)")
     args = p.parse_args(argv)
     if args.quick:
         args.latents, args.alphas, args.texts, args.contexts, args.max_new_tokens = 6, "1,4", 24, 2, 8
     run = setup(NAME, args, argv)
     model = run.load_model()
     sae = S.load(args.sae or args.model, model=model)
-    texts = corpus.load("heldout", fallback=args.quick)[: args.texts]
+    texts = corpus.load("heldout", args.corpus, fallback=args.quick)[: args.texts]
 
     contexts = top_contexts(model, sae, texts, args.contexts, args.batch_size)
     rng = np.random.default_rng(args.seed)

@@ -36,6 +36,7 @@ import json
 import math
 import re
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -385,18 +386,6 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- metrics
 
 
-def fraction_of_variance_explained(x: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """``1 - sum |x - x_hat|^2 / sum |x - mean(x)|^2`` over rows ``[n, d]``."""
-    x, reconstruction = x.double(), reconstruction.double()
-    return float(1 - (x - reconstruction).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
-def sparsity_metrics(latents: torch.Tensor) -> dict[str, float]:
-    """L0 (mean number of active latents per row) and the latents never active in ``[n, d_sae]``."""
-    active = latents > 0
-    return {"l0": float(active.sum(-1).float().mean()), "dead": int((~active.any(0)).sum())}
-
-
 def next_token_losses(model, sae: SAE, ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
     """Mean next-token loss (nats) on token ids ``[n, T]`` (no padding): ``clean``; ``spliced``,
     with the site replaced by the SAE's reconstruction; ``zero``, with the site zero-ablated.
@@ -442,8 +431,18 @@ def cache_activations(model, site: str, layer: int, texts: Sequence[str], tokens
 
     from superscopes.lens import collect
 
+    from superscopes.models import model_name
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # What the shards hold: a rerun into the same folder with other settings must not reuse them.
+    source = {"model": model_name(model), "site": site, "layer": layer, "shard_passages": shard_passages,
+              "texts": len(texts), "first_text": zlib.crc32(texts[0].encode()) if texts else None}  # fmt: skip
+    recorded = folder / "source.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != source:
+        raise SAEError(f"{folder} holds activations of {recorded.read_text().strip()}, not {json.dumps(source)}: "
+                       "give a new folder (--out), or delete it")  # fmt: skip
+    recorded.write_text(json.dumps(source))
     shards, total = [], 0
     bar = tqdm(total=tokens, desc=f"activations {site} {layer}", unit="tok", disable=not progress)
     for index, start in enumerate(range(0, len(texts), shard_passages)):

@@ -199,14 +199,17 @@ def test_an_sae_that_does_not_fit_the_model_is_refused(tiny_models, arch):
 
 def test_metrics_on_constructed_cases():
     x = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 4.0]])  # mean (2, 2), total variance 1+4+1+0+0+4 = 10
-    assert S.fraction_of_variance_explained(x, x) == 1.0
-    assert S.fraction_of_variance_explained(x, x.mean(0).expand_as(x)) == pytest.approx(0.0)
-    assert S.fraction_of_variance_explained(x, x + torch.tensor([1.0, 0.0])) == pytest.approx(1 - 3 / 10)
-    latents = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
-    assert S.sparsity_metrics(latents) == {"l0": pytest.approx(4 / 3), "dead": 2}
     metrics, mean, frequency = S.measure(identity_sae(2, layer=0), x)
     assert metrics == {"fve": 1.0, "l0": pytest.approx(5 / 3), "dead": 2, "tokens": 3}  # +x1, +x2 fire; -x never
     assert mean[:2].tolist() == pytest.approx([2.0, 3.0]) and frequency.tolist() == pytest.approx([1, 2 / 3, 0, 0])
+    # Reconstruct only the first coordinate (+x1 latent): residual 0 + 4 + 16 = 20, FVE 1 - 20/10 = -1;
+    # a bias of (0, 2) halves it: residual (0-2)^2 + 0 + (4-2)^2 = 8, FVE 0.2.
+    first = identity_sae(2, layer=0)
+    first.W_dec.data[[1, 3]] = 0
+    assert S.measure(first, x)[0]["fve"] == pytest.approx(-1.0)
+    first.b_dec.data[:] = torch.tensor([0.0, 2.0])
+    first.apply_b_dec_to_input = False
+    assert S.measure(first, x, batch_size=2)[0] == {"fve": pytest.approx(0.2), "l0": pytest.approx(5 / 3), "dead": 2, "tokens": 3}
 
 
 def test_spliced_loss_of_an_exact_sae_is_the_clean_loss(tiny_models):
@@ -236,6 +239,8 @@ def test_training_a_tiny_sae_improves_and_resumes(tiny_models, tmp_path):
     assert len(acts) >= 1000 and acts.dtype == torch.float16
     again = S.cache_activations(model, "resid_post", 1, texts, 1000, tmp_path / "cache", progress=False)
     assert torch.equal(acts, again)  # read back from the shards
+    with pytest.raises(S.SAEError, match="holds activations of .*layer.: 1.*give a new folder"):
+        S.cache_activations(model, "resid_post", 2, texts, 1000, tmp_path / "cache", progress=False)
     short = S.train_sae(acts, 128, 8, "resid_post", 1, batch_size=256, epochs=1, progress=False)
     long = S.train_sae(acts, 128, 8, "resid_post", 1, batch_size=256, epochs=15, progress=False)
     fve_short, fve_long = S.measure(short, acts)[0]["fve"], S.measure(long, acts)[0]["fve"]
