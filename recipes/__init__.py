@@ -11,4 +11,5 @@ RECIPES = (
     "multihop",
     "verbalization_controls",
     "inverse_scope",
+    "sae_self_explanation",
 )

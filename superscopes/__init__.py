@@ -12,12 +12,13 @@ from superscopes.models import DEFAULT_MODEL, list_models, load
 from superscopes.scope import Scope, ScopeError, run
 
 if TYPE_CHECKING:
-    from superscopes import cli, inverse, judge, lens, metrics, plots, probe, prompts, remote, results, sites
+    from superscopes import cli, corpus, inverse, judge, lens, metrics, plots, probe, prompts, remote, results, sae, sites
 
 # Submodules loaded on first attribute access (``superscopes.judge.score``), so that
 # ``import superscopes`` stays fast and does not pull in pandas plotting or the judge.
 _LAZY_MODULES = (
-    "cli", "inverse", "judge", "lens", "metrics", "plots", "probe", "prompts", "remote", "results", "sites",
+    "cli", "corpus", "inverse", "judge", "lens", "metrics", "plots", "probe", "prompts", "remote", "results", "sae",
+    "sites",
 )  # fmt: skip
 
 __all__ = ["DEFAULT_MODEL", "Scope", "ScopeError", "list_models", "load", "ops", "run", *_LAZY_MODULES]

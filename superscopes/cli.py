@@ -184,7 +184,11 @@ def cmd_recipe(args: argparse.Namespace) -> None:
 
 
 # Verbs whose own module parses the rest of the command line (`superscopes inverse train ...`).
-MODULE_VERBS = {"inverse": "train, sample and evaluate InverseScope's conditional generator of inputs"}
+MODULE_VERBS = {
+    "inverse": "train, sample and evaluate InverseScope's conditional generator of inputs",
+    "sae": "train a TopK sparse autoencoder on a model's site",
+    "corpus": "build the offline English corpus (Debian dictionaries, glossaries, fortunes)",
+}
 
 
 def cmd_module(args: argparse.Namespace) -> None:

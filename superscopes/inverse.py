@@ -543,15 +543,15 @@ def corpus_texts(source: str, split: str = "train", limit: int | None = None) ->
     """Texts of a corpus: ``patchscopes`` (the factual snippets of recipes/data), ``debian`` (the
     shared offline English corpus, ``superscopes.corpus.load(split)``) or a file, one text a line."""
     if source == "patchscopes":
-        from recipes.token_identity import load_snippets
+        try:  # installed, the recipes live under the package; in a checkout, at the top
+            from superscopes.recipes.token_identity import load_snippets
+        except ModuleNotFoundError:
+            from recipes.token_identity import load_snippets
 
         texts = load_snippets(0)["text"].astype(str).tolist()
     elif source == "debian":
-        try:
-            from superscopes import corpus
-        except ImportError as error:
-            raise ValueError("corpus 'debian' needs superscopes.corpus (the shared English corpus); "
-                             "use 'patchscopes' or a text file until it is merged") from error  # fmt: skip
+        from superscopes import corpus
+
         texts = list(corpus.load(split))
     elif Path(source).is_file():
         texts = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]

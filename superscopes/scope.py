@@ -83,6 +83,9 @@ class Scope:
     runs every row's whole prompt, as plain batching does.
     ``logit_lens``: also read each source vector through the model's final norm and
     unembedding in the read pass (columns ``lens``, ``lens_ids``, ``lens_probs``: top-k).
+    ``vectors``: ``[len(prompts), d]`` external source vectors (e.g. SAE latents' decoder
+    directions) instead of read ones: nothing is read, ``prompts`` only name the vectors,
+    and the one ``sites``/``layers`` entry says where they belong (for ``"same"``).
     """
 
     prompts: Sequence[str] | str
@@ -110,6 +113,7 @@ class Scope:
     batch_size: int = 64
     share_prefix: bool = True
     logit_lens: bool = False
+    vectors: torch.Tensor | None = field(default=None, repr=False)
     max_cells: int = 20_000
     affine_weight: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
     affine_bias: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
@@ -225,6 +229,10 @@ def _per_prompt(name: str, value, n_prompts: int) -> list:
 
 def _sources(scope: Scope, tokenizer) -> list[Source]:
     chosen = sum([scope.token is not None, scope.position is not None, scope.all_tokens])
+    if scope.vectors is not None:  # named external vectors: no token to choose
+        if chosen:
+            raise ScopeError("token, position and all_tokens choose read vectors; with vectors, leave them unset")
+        return [Source(index, 0, name) for index, name in enumerate(scope.prompts)]
     if chosen > 1:
         raise ScopeError("give at most one of token, position and all_tokens")
     n = len(scope.prompts)
@@ -383,6 +391,16 @@ def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch
         )
 
 
+def _check_vectors(scope: Scope, pairs: list[tuple[int, int]], targets: list[str], model) -> None:
+    shape, wanted = tuple(getattr(scope.vectors, "shape", ())), (len(scope.prompts), hidden_size(model))
+    if shape != wanted:
+        raise ScopeError(f"vectors has shape {shape}; give one {wanted[1]}-vector per prompt (name): {wanted}")
+    if len(scope.sites) != 1 or len({layer for layer, _ in pairs}) != 1:
+        raise ScopeError("vectors belong to one site and layer: give exactly one site and one source layer")
+    if "source" in targets or scope.logit_lens:
+        raise ScopeError('target "source" and logit_lens need read vectors; with vectors, use a target template')
+
+
 def plan(model, scope: Scope, target_model=None) -> Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
@@ -403,6 +421,8 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
             raise ScopeError(f"alpha {alpha!r} is not a finite number")
     _affine_maps(scope, pairs)
     targets_wanted = _per_prompt("target", scope.target, len(scope.prompts))
+    if scope.vectors is not None:
+        _check_vectors(scope, pairs, targets_wanted, model)
     if target_model is not model and "source" in targets_wanted:
         raise ScopeError('target "source" means the source prompt in the source model; give a target template')
     mapped = {"affine", "none"}
@@ -604,6 +624,13 @@ def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0) 
     return table, lens
 
 
+def _source_table(model, passes: list[_Pass], n_vectors: int, lens_k: int, external: torch.Tensor | None) -> tuple:
+    """``_execute_reads``, or the scope's external vectors (no read pass)."""
+    if external is not None:
+        return external, None
+    return _execute_reads(model, passes, n_vectors, lens_k)
+
+
 def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list:
     """The KV cache of each shared prefix (one row each), computed once per run."""
     caches = []
@@ -740,6 +767,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
     if "random" in scope.transforms:
         settings["directions"] = _directions(scope, keys, hidden_size(target_model))
     lens_k = scope.top_k if scope.logit_lens else 0
+    external = None if scope.vectors is None else scope.vectors[[k[0].prompt for k in keys]].detach().float().cpu()
 
     with torch.inference_mode():
         if remote:
@@ -750,14 +778,14 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             try:
                 # One request: the session runs every pass on the server and returns ids/probs.
                 with model.session(remote=remote, backend=backend):
-                    table, lens = _execute_reads(model, read_passes, len(keys), lens_k)
+                    table, lens = _source_table(model, read_passes, len(keys), lens_k, external)
                     lens = nnsight.save(lens)
                     outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
             bar.update(len(cells))
         else:
-            table, lens = _execute_reads(model, read_passes, len(keys), lens_k)
+            table, lens = _source_table(model, read_passes, len(keys), lens_k, external)
             check_amplified(table, scope.alphas, getattr(target_model, "dtype", torch.float32))
             outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
 
@@ -789,6 +817,8 @@ def _fingerprint(model, target_model, the_plan: Plan) -> str:
                 scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
                 scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
     digest.update(json.dumps(settings, default=str).encode())
+    if scope.vectors is not None:
+        digest.update(scope.vectors.detach().cpu().float().contiguous().numpy().tobytes())
     for cell in the_plan.cells:
         digest.update(repr(cell).encode())
     maps = scope.affine_weight if isinstance(scope.affine_weight, dict) else {None: scope.affine_weight}

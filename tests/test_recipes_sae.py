@@ -1,0 +1,33 @@
+"""The sae_self_explanation recipe's --quick run on SmolLM2 (a random SAE, so it needs no training)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+import superscopes
+from superscopes import sae as S
+
+
+def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
+    monkeypatch.setattr(superscopes, "load", lambda name=None, remote=False, **kw: smollm2)
+    W = torch.randn(256, 576, generator=torch.Generator().manual_seed(0))
+    W /= W.norm(dim=-1, keepdim=True)
+    S.SAE(W.T.clone(), torch.zeros(256), W, torch.zeros(576), "topk", k=16, site="resid_post", layer=15,
+          mean_activation=torch.full((256,), 5.0)).save(tmp_path / "sae")  # fmt: skip
+    from recipes import sae_self_explanation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sae_self_explanation.main(["--quick", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv", keep_default_na=False)
+    assert len(cells) == 6 * 2 and sorted(set(cells["alpha"])) == [1.0, 4.0]
+    assert cells[["agreement", "control", "self_similarity"]].abs().le(1 + 1e-6).all().all()
+    assert (cells.groupby("latent").size() == 2).all() and cells["contexts"].str.len().gt(0).all()
+    per_alpha = pd.read_csv(tmp_path / "out" / "per_alpha.csv")
+    assert list(per_alpha["n_prompts"]) == [6, 6]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "shuffled-latent control" in summary and "95% CI" in summary
