@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recipes._common import parser, setup, write_summary
 from superscopes import corpus, metrics
 from superscopes import sae as S
 from superscopes.judge import default_judge
 from superscopes.lens import collect, token_positions
-from superscopes.scope import run as run_scope
+
+from ._common import Run, parser, recipe_main, write_summary
 
 NAME = "sae_self_explanation"
 DESCRIPTION = "Self-explanations of SAE latents vs their top-activating contexts, against a shuffled-latent control"
@@ -59,7 +59,7 @@ def top_contexts(model, sae: S.SAE, texts: list[str], n_contexts: int, batch_siz
     return contexts
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--sae", help="SAE folder (default: the model's embedded SAE)")
     p.add_argument("--latents", type=int, default=200, help="latents explained (sampled among those with contexts)")
@@ -68,10 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per latent")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--corpus", help="built corpus folder (default: $SUPERSCOPES_CACHE/corpus)")
-    args = p.parse_args(argv)
+    return p
+
+
+def experiment(run: Run) -> None:
+    args = run.args
     if args.quick:
         args.latents, args.alphas, args.texts, args.contexts, args.max_new_tokens = 6, "1,4", 24, 2, 8
-    run = setup(NAME, args, argv)
     model = run.load_model()
     sae = S.load(args.sae or args.model, model=model)
     texts = corpus.load("heldout", args.corpus, fallback=args.quick)[: args.texts]
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     scope = S.latent_scope(sae, chosen, model=model, alphas=alphas, target="entity", max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size)  # fmt: skip
-    cells = S.explanation_scores(model, scope, run_scope(model, scope, remote=run.remote, progress=False))
+    cells = S.explanation_scores(model, scope, run.scope(model, scope))
     cells["latent"] = [int(name.split()[-1]) for name in cells["source"]]
     # Shuffled-latent control: each latent's contexts go to the next latent in a seeded cycle.
     order = rng.permutation(len(chosen))
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                              "Examples": picked[["latent", "alpha", "output", "agreement", "control"]].head(10)})  # fmt: skip
     print((run.out / "summary.md").read_text())
 
+
+main = recipe_main(NAME, build_parser, experiment)
 
 if __name__ == "__main__":
     main()
