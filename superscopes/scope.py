@@ -40,7 +40,7 @@ import torch
 from superscopes import ops
 from superscopes.models import model_name
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
-from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers
+from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers, vocab_size
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: it adds ~0.3 s to `import superscopes`
     import pandas as pd
@@ -330,7 +330,7 @@ def _check_numbers(scope: Scope, target_model) -> None:
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    vocab = target_model.config.vocab_size
+    vocab = vocab_size(target_model)
     if scope.output == "topk" and not (is_int(scope.top_k) and 1 <= scope.top_k <= vocab):
         raise ScopeError(f"top_k {scope.top_k!r} must be a whole number in 1-{vocab} (the vocabulary size)")
     if scope.do_sample and not (isinstance(scope.temperature, (int, float)) and math.isfinite(scope.temperature)

@@ -218,6 +218,12 @@ def num_layers(model) -> int:
     return len(resolve(model, architecture_of(model).blocks))
 
 
+def vocab_size(model) -> int:
+    """The unembedding's vocabulary size (multimodal configs keep it in ``text_config``)."""
+    config = model.config
+    return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+
+
 def hidden_size(model) -> int:
     """d_model of the sites: the text decoder's hidden size (multimodal configs such as Gemma-3's
     keep it in ``text_config`` and have no ``hidden_size`` of their own)."""
