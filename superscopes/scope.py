@@ -631,13 +631,17 @@ def _source_table(model, passes: list[_Pass], n_vectors: int, lens_k: int, exter
     return _execute_reads(model, passes, n_vectors, lens_k)
 
 
-def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list:
-    """The KV cache of each shared prefix (one row each), computed once per run."""
+def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list[tuple[str, object]]:
+    """The KV cache of each shared prefix (one row each), computed once per run, with the name
+    the model's forward takes it by: ``cache`` from transformers 5.24 on, ``past_key_values``
+    before (a server may run another transformers than the client)."""
     caches = []
     for ids in prefixes:
         with model.trace(ids, use_cache=True, logits_to_keep=1):
-            cache = model.output.cache.save()
-        caches.append(cache)
+            output = model.output
+            name = "cache" if "cache" in output else "past_key_values"
+            found = nnsight.save((name, output[name]))
+        caches.append(found)
     return caches
 
 
@@ -659,12 +663,15 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                       alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
-def _pass_inputs(model, p: _Pass, caches: list, output: str) -> tuple:
+def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], output: str) -> tuple:
     """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache."""
     if p.ids is None:
         return p.texts, {}
     n = len(p.alphas)
-    extra = {} if p.prefix is None else {"cache": ops.repeat_cache(model, caches[p.prefix], n)}
+    extra = {}
+    if p.prefix is not None:
+        name, cache = caches[p.prefix]
+        extra = {name: ops.repeat_cache(model, cache, n)}
     # The mask covers the cached tokens too (nnsight would otherwise build one for the fed
     # tokens only, hiding the prefix); generate skips the tokens its cache already holds.
     mask = torch.ones(n, p.ids.shape[1], dtype=torch.long)
