@@ -49,6 +49,19 @@ def test_generated_grid_matches_local(remote_model, local_model):
     assert remote["output_ids"].tolist() == local["output_ids"].tolist()
 
 
+def test_graph_features_split_into_requests_match_local(remote_model, local_model, tmp_path):
+    """Per-prompt targets, a cell filter, controls, the logit lens and sampling seeded per cell,
+    split into requests of 10 cells with a checkpoint: equal to one local run."""
+    scope = Scope(**{**GRID, "target_layers": ["same", 0, 2]}, target=["entity", "identity"], logit_lens=True,
+                  transforms=["scale", "random", "none"], where=lambda cell: cell.target_layer <= cell.layer,
+                  max_new_tokens=5, do_sample=True, samples=2, seed=3)  # fmt: skip
+    remote = superscopes.run(remote_model, scope, remote=True, progress=False, cells_per_request=10,
+                             checkpoint=tmp_path / "grid.jsonl", timeout=300)  # fmt: skip
+    local = superscopes.run(local_model, scope, progress=False)
+    assert remote["output_ids"].tolist() == local["output_ids"].tolist()
+    assert remote["lens_ids"].tolist() == local["lens_ids"].tolist()
+
+
 def test_topk_grid_matches_local(remote_model, local_model):
     scope = Scope(**GRID, output="topk", transforms=["norm"])
     remote = superscopes.run(remote_model, scope, remote=True, progress=False)
