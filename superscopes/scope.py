@@ -758,7 +758,8 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
     keys = sorted({(c.source, c.site, c.layer) for c in cells}, key=lambda k: (k[0].prompt, k[0].position, k[1], k[2]))
     vector_of = {k: i for i, k in enumerate(keys)}
     reads = [(src.prompt, src.position, site, layer) for src, site, layer in keys]
-    read_passes = _read_passes(model.tokenizer, scope.prompts, reads, scope.batch_size)
+    external_only = scope.vectors is not None  # named external vectors: nothing to read
+    read_passes = [] if external_only else _read_passes(model.tokenizer, scope.prompts, reads, scope.batch_size)
     map_of, maps = None, [(scope.affine_weight, scope.affine_bias)]
     if isinstance(scope.affine_weight, dict):  # one map per layer pair
         used = list(dict.fromkeys((c.layer, c.target_layer) for c in cells if c.transform == "affine"))
