@@ -305,19 +305,6 @@ def _layer_pairs(scope: Scope, model, target_model) -> list[tuple[int, int]]:
     return [(layer, layer if t == "same" else t) for layer in layers for t in scope.target_layers]
 
 
-def _affine_maps(scope: Scope, pairs: list[tuple[int, int]]) -> None:
-    if "affine" not in scope.transforms:
-        return
-    if scope.affine_weight is None:
-        raise ScopeError("transform 'affine' needs affine_weight (and optionally affine_bias)")
-    if isinstance(scope.affine_weight, dict):
-        missing = [pair for pair in pairs if pair not in scope.affine_weight]
-        if missing:
-            raise ScopeError(
-                f"affine_weight has no map for layer pair(s) {missing[:5]}: give one per (layer, target_layer)"
-            )
-
-
 def _check_not_empty(scope: Scope) -> None:
     for name in ("sites", "alphas", "transforms", "target_layers"):
         if not getattr(scope, name):
@@ -346,10 +333,19 @@ def _check_numbers(scope: Scope, target_model) -> None:
             raise ScopeError(f"alpha {alpha!r} overflows the model's dtype (largest value {limit:.3g})")
 
 
-def _check_affine(scope: Scope, model, target_model) -> None:
-    """Each map's shape is [target hidden, source hidden] (bias [target hidden]), all finite."""
+def _check_affine(scope: Scope, model, target_model, pairs: list[tuple[int, int]]) -> None:
+    """A map for every layer pair (one map, or a dict of maps by pair); each map's shape is
+    [target hidden, source hidden] (bias [target hidden]), all finite."""
     if "affine" not in scope.transforms:
         return
+    if scope.affine_weight is None:
+        raise ScopeError("transform 'affine' needs affine_weight (and optionally affine_bias)")
+    if isinstance(scope.affine_weight, dict):
+        missing = [pair for pair in pairs if pair not in scope.affine_weight]
+        if missing:
+            raise ScopeError(
+                f"affine_weight has no map for layer pair(s) {missing[:5]}: give one per (layer, target_layer)"
+            )
     d_source, d_target = hidden_size(model), hidden_size(target_model)
     shapes = {"affine_weight": (d_target, d_source), "affine_bias": (d_target,)}
     for name, shape in shapes.items():
@@ -419,7 +415,7 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
     for alpha in scope.alphas:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ScopeError(f"alpha {alpha!r} is not a finite number")
-    _affine_maps(scope, pairs)
+    _check_affine(scope, model, target_model, pairs)
     targets_wanted = _per_prompt("target", scope.target, len(scope.prompts))
     if scope.vectors is not None:
         _check_vectors(scope, pairs, targets_wanted, model)
@@ -432,7 +428,6 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
             "only transform 'affine' can map between these models"
         )
     _check_numbers(scope, target_model)
-    _check_affine(scope, model, target_model)
     if scope.samples < 1 or (scope.samples > 1 and not scope.do_sample):
         raise ScopeError(f"samples={scope.samples}: more than one try per cell needs do_sample=True")
     if scope.batch_size < 1:
@@ -564,26 +559,30 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
     token_ids: dict[str, torch.Tensor] = {}
     prefix_index: dict[tuple[str, int], int] = {}
     prefixes: list[torch.Tensor] = []
+
+    def shared_inputs(text: str, positions: list[int]) -> tuple[torch.Tensor, dict]:
+        """Columns and inputs of a pass whose rows all continue one text's shared prefix."""
+        if text not in token_ids:
+            token_ids[text] = torch.tensor([tokenizer(text)["input_ids"]])
+        start = min(positions)  # every row's tokens before its first patched one are the same
+        prefix = None
+        if start > 0:
+            if (text, start) not in prefix_index:
+                prefix_index[(text, start)] = len(prefixes)
+                prefixes.append(token_ids[text][:, :start])
+            prefix = prefix_index[(text, start)]
+        return torch.tensor(positions) - start, {"ids": token_ids[text], "start": start, "prefix": prefix}
+
     passes, covered = [], []
     order = sorted(range(len(cells)), key=pass_key)
     for key, same in itertools.groupby(order, key=pass_key):
         for chunk in _chunks(list(same), scope.batch_size):
             chunk_cells = [cells[i] for i in chunk]
             texts, positions = map(list, zip(*(the_plan.target_of(c) for c in chunk_cells)))
-            rows = list(range(len(chunk)))
             if key[1]:
-                if texts[0] not in token_ids:
-                    token_ids[texts[0]] = torch.tensor([tokenizer(texts[0])["input_ids"]])
-                start = min(positions)  # every row's tokens before its first patched one are the same
-                prefix = None
-                if start > 0:
-                    prefix = prefix_index.setdefault((texts[0], start), len(prefixes))
-                    if prefix == len(prefixes):
-                        prefixes.append(token_ids[texts[0]][:, :start])
-                columns = torch.tensor(positions) - start
-                inputs = {"ids": token_ids[texts[0]], "start": start, "prefix": prefix}
+                columns, inputs = shared_inputs(texts[0], positions)
             else:
-                columns = _columns(_lengths(tokenizer, texts), rows, positions)
+                columns = _columns(_lengths(tokenizer, texts), list(range(len(chunk))), positions)
                 inputs = {"texts": texts}
             vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
             groups = []

@@ -218,17 +218,21 @@ def num_layers(model) -> int:
     return len(resolve(model, architecture_of(model).blocks))
 
 
-def vocab_size(model) -> int:
-    """The unembedding's vocabulary size (multimodal configs keep it in ``text_config``)."""
+def _decoder_setting(model, name: str) -> int:
+    """A setting of the text decoder: multimodal configs such as Gemma-3's keep it in
+    ``text_config`` and have none of their own."""
     config = model.config
-    return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    return getattr(config, name, None) or getattr(config.get_text_config(), name)
+
+
+def vocab_size(model) -> int:
+    """The unembedding's vocabulary size."""
+    return _decoder_setting(model, "vocab_size")
 
 
 def hidden_size(model) -> int:
-    """d_model of the sites: the text decoder's hidden size (multimodal configs such as Gemma-3's
-    keep it in ``text_config`` and have no ``hidden_size`` of their own)."""
-    config = model.config
-    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+    """d_model of the sites: the text decoder's hidden size."""
+    return _decoder_setting(model, "hidden_size")
 
 
 def resolve(root, dotted: str):
