@@ -614,17 +614,31 @@ def test_page_permalinks_accept_only_run_ids_and_restore_the_target_layer():
         "?run=0123456789ab", "?run=0123456789ab&compare=ba9876543210", "?run=../../etc&compare=0123456789ab",
         "?run=0123456789AB", "?run=0123456789ab%27%3B", "", "?compare=<script>",
     ].map(app.runsFromUrl)""")
+    none = {"cell": None, "latent": None}
     assert parsed == [
-        {"run": "0123456789ab", "compare": None},
-        {"run": "0123456789ab", "compare": "ba9876543210"},
-        {"run": None, "compare": "0123456789ab"},
-        {"run": None, "compare": None},
-        {"run": None, "compare": None},
-        {"run": None, "compare": None},
-        {"run": None, "compare": None},
+        {"run": "0123456789ab", "compare": None, **none},
+        {"run": "0123456789ab", "compare": "ba9876543210", **none},
+        {"run": None, "compare": "0123456789ab", **none},
+        {"run": None, "compare": None, **none},
+        {"run": None, "compare": None, **none},
+        {"run": None, "compare": None, **none},
+        {"run": None, "compare": None, **none},
     ]
     assert page_helpers('[app.runUrl("0123456789ab"), app.runUrl("0123456789ab", "ba9876543210")]') == [
         "/?run=0123456789ab", "/?run=0123456789ab&compare=ba9876543210"
+    ]
+    # The open cell and latent panel jobs travel in the URL too; ids that are not run ids never do.
+    panels = page_helpers("""[
+        app.runsFromUrl("?run=0123456789ab&cell=aaaaaaaaaaaa&latent=bbbbbbbbbbbb"),
+        app.runsFromUrl("?run=0123456789ab&cell=javascript:1&latent=<img>"),
+        app.runUrl("0123456789ab", null, {cell: "aaaaaaaaaaaa", latent: "bbbbbbbbbbbb"}),
+        app.runUrl("0123456789ab", "ba9876543210", {cell: "../x", latent: null}),
+    ]""")
+    assert panels == [
+        {"run": "0123456789ab", "compare": None, "cell": "aaaaaaaaaaaa", "latent": "bbbbbbbbbbbb"},
+        {"run": "0123456789ab", "compare": None, **none},
+        "/?run=0123456789ab&cell=aaaaaaaaaaaa&latent=bbbbbbbbbbbb",
+        "/?run=0123456789ab&compare=ba9876543210",
     ]
     assert page_helpers('["same", 0, 5].map(app.targetLayerFields)') == [
         {"select": "same", "number": None}, {"select": "0", "number": None}, {"select": "number", "number": "5"}

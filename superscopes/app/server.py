@@ -24,7 +24,16 @@ Endpoints (all JSON unless stated; POSTs take only same-origin ``application/jso
     POST /api/jobs/<id>/cancel  drop a queued job, or stop a running one after its chunk
     POST /api/jobs/<id>/focus   {position} -> that token's remaining chunks run next
     GET  /api/jobs/<id>/csv     the results so far as CSV (attachment, formula-safe)
-    GET  /api/runs?limit=N      the newest kept runs (the history list)
+    GET  /api/runs?limit=N      the newest kept grid runs (the history list)
+    POST /api/cell              {model, prompt, position, site, layer, k, samples, seed, sae?,
+                                generator?} -> a panel job: the cell's SAE breakdown and generated
+                                and nearest-corpus inputs (``panels.py``), or why none applies
+    POST /api/latent            {model, sae, latent, alphas, max_new_tokens, prompt} -> a panel
+                                job: the latent as the source (``sae.latent_scope``, identity target)
+
+Panel jobs (cell, latent) are small: they go through the same queue, bounds and store as grids,
+run before queued grids and between a running grid's chunks, one at a time per page (beside its
+grid); ``GET /api/jobs/<id>`` serves them with ``kind`` and ``result``.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 
+from superscopes.app.panels import Panels, train_command
 from superscopes.app.store import RunStore, check_run_id
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
 
@@ -65,6 +75,9 @@ LIMITS = {
     "max_new_tokens": 32,
     "max_abs_alpha": 1000,
     "max_queued": 32,  # jobs queued or running, all pages together
+    "max_latents": 32,  # latents a breakdown lists
+    "max_samples": 8,  # generated (and nearest-corpus) inputs a cell panel shows
+    "max_latent_alphas": 8,  # alphas of a latent job
 }
 
 SITES = {"mlp_in": "MLP input", "mlp_out": "MLP output", "resid_post": "Hidden state"}
@@ -86,6 +99,7 @@ DEFAULTS = {
     "max_new_tokens": 10,
     "controls": True,
 }
+PANEL_DEFAULTS = {"k": 10, "samples": 5, "seed": 0, "alphas": "1,2,4,8", "max_new_tokens": 10, "promotes": 5}
 ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity", "echo"]
 # Controls beside each best readout, as the recipes run them: control -> (transform, alpha);
 # alpha None is the best readout's own alpha (a random direction with the written vector's norm).
@@ -120,8 +134,8 @@ class Refused(Exception):
 
 
 class Busy(Exception):
-    def __init__(self, job_id: str):
-        super().__init__("a run is already queued or in progress on this page: wait for it to finish or cancel it")
+    def __init__(self, job_id: str, what: str = "a run"):
+        super().__init__(f"{what} is already queued or in progress on this page: wait for it to finish or cancel it")
         self.job_id = job_id
 
 
@@ -390,6 +404,9 @@ class Job:
     controls: list[dict] = field(default_factory=list)
     focus: int | None = None  # the clicked token: its chunks run next
     remote: bool = False
+    kind: str = "grid"  # grid | cell | latent (the last two: panel jobs)
+    request: dict = field(default_factory=dict)  # a panel job's checked request
+    result: dict | None = None  # a panel job's result
     status: str = "queued"  # queued | running | done | cancelled | error
     done: int = 0
     error: str | None = None
@@ -448,14 +465,22 @@ class Job:
                 "controls_next": len(self.controls),
                 "created": self.created,
                 "elapsed": round(now - self.started, 1),
+                "kind": self.kind,
+                "request": self.request,
+                "result": self.result,
             }
 
     def summary(self) -> dict:
-        """The history list's line for this run."""
+        """The history list's line for this run; a panel job's says its kind (the history
+        lists grids only), and a finished latent job's its self-explanation."""
         with self.lock:
             scores = [r["similarity"] for r in self.rows if r["similarity"] is not None]
-            return {"model": self.model, "prompt": self.prompt, "done": self.done, "total": self.total,
+            line = {"model": self.model, "prompt": self.prompt, "done": self.done, "total": self.total,
                     "best": max(scores, default=None)}  # fmt: skip
+            if self.kind != "grid":
+                line |= {"kind": self.kind, "sae": self.request.get("sae"), "latent": self.request.get("latent"),
+                         "explanation": (self.result or {}).get("explanation")}  # fmt: skip
+            return line
 
     def frame(self) -> pd.DataFrame:
         with self.lock:
@@ -474,6 +499,8 @@ class App:
     tests. ``judge``: ``frame -> frame with a similarity column`` (default: the MiniLM judge).
     ``chunk_rows``: about how many patched rows one ``superscopes.run`` call gets.
     ``store``: where runs are kept across restarts (None: only in this process's memory).
+    ``saes``, ``generators``, ``corpora``: what the cell panels may use (``panels.Panels``);
+    the embedded SAEs are offered with the embedded models (``offer_embedded``).
     """
 
     def __init__(
@@ -487,6 +514,9 @@ class App:
         batch_size: int = 64,
         offer_embedded: bool = True,
         store: RunStore | None = None,
+        saes=(),
+        generators=(),
+        corpora=(),
     ):
         from superscopes.judge import DEFAULT_THRESHOLD
         from superscopes.remote import settings
@@ -520,6 +550,12 @@ class App:
         self.load_locks: dict[str, threading.Lock] = {}
         self.tokenizers: dict[int, tuple] = {}  # id(model) -> (model, tokenizer copy)
         self.tokenizer_lock = threading.Lock()
+        self.panels = Panels(saes, generators, corpora, embedded=offer_embedded)
+        self.quick: deque[Job] = deque()  # panel jobs: before queued grids and between a grid's chunks
+        self.explained: dict[tuple[str, int], dict] = {}  # (sae, latent) -> its latest self-explanation
+        for run in reversed(store.recent(KEEP_JOBS * 4, kind="latent") if store is not None else []):
+            if run.get("explanation"):
+                self.explained[(run["sae"], run["latent"])] = run["explanation"] | {"job": run["id"]}
 
     # ------------------------------------------------------------ models
 
@@ -576,6 +612,7 @@ class App:
             "threshold": self.threshold,
             "active_job": active.id if active else None,
             "keeps_runs": self.store is not None,
+            "panels": self.panels.config() | {"defaults": PANEL_DEFAULTS},
         }
 
     def tokens(self, body: dict) -> dict:
@@ -644,14 +681,33 @@ class App:
         """A live job's state, else the kept run's (rows from ``since``, controls from ``controls_since``)."""
         with self.jobs_lock:
             job = self.jobs.get(check_run_id(job_id))
-            ahead = self.queue.index(job) + (self.current is not None) if job in self.queue else 0
+            ahead = self._ahead(job) if job is not None else 0
         if job is not None:
-            return job.state(since, ahead, controls_since)
+            return self._explain(job.state(since, ahead, controls_since))
         kept = self._kept(job_id)
-        return kept | {
+        return self._explain(kept | {
             "rows": kept["rows"][max(0, since) :], "controls": kept["controls"][max(0, controls_since) :],
             "ahead": 0, "cancelling": False, "eta": None,
-        }  # fmt: skip
+        })  # fmt: skip
+
+    def _ahead(self, job: Job) -> int:
+        """Jobs that run before a queued one (hold ``jobs_lock``): panel jobs wait only for
+        those queued before them and the running chunk; grids, for every panel job too."""
+        if job in self.quick:
+            return self.quick.index(job) + (self.current is not None)
+        if job in self.queue:
+            return len(self.quick) + self.queue.index(job) + (self.current is not None)
+        return 0
+
+    def _explain(self, state: dict) -> dict:
+        """A cell job's state with the self-explanations run since for its latents."""
+        result = state.get("result") or {}
+        sae_id = (result.get("sae") or {}).get("id")
+        if state.get("kind") == "cell" and sae_id:
+            latents = [row["latent"] for row in result["sae"].get("latents", [])]
+            state["explanations"] = {str(i): self.explained[(sae_id, i)] for i in latents
+                                     if (sae_id, i) in self.explained}  # fmt: skip
+        return state
 
     def runs(self, limit: int) -> dict:
         """The newest runs for the history list: kept ones, with live ones' progress."""
@@ -660,7 +716,8 @@ class App:
         if self.store is not None:
             found = self.store.recent(limit)
         else:
-            newest = sorted(live.values(), key=lambda j: j.started, reverse=True)[:limit]
+            grids = [j for j in live.values() if j.kind == "grid"]
+            newest = sorted(grids, key=lambda j: j.started, reverse=True)[:limit]
             found = [{"id": j.id, "created": j.started, "status": j.status} for j in newest]
         runs = []
         for run in found:
@@ -672,6 +729,8 @@ class App:
         """Run the remaining chunks of the token at ``position`` next."""
         position = parse_whole(body.get("position"), "position", 0, self.limits["max_prompt_tokens"] - 1)
         job = self.job(job_id)
+        if job.kind != "grid":
+            raise BadRequest(f"job {job.id} is a {job.kind} panel job, not a grid: it has no tokens to reorder")
         positions = job.grid["positions"]
         if position not in positions:
             raise BadRequest(f"position {position} is not a source token of this run; its source tokens are at {positions}")
@@ -687,18 +746,19 @@ class App:
         try:
             with self.keep_lock:  # else the start's save, if slow, could overwrite a fast job's last one
                 state = job.state() | {"ahead": 0, "cancelling": False, "eta": None}
-                data = None if job.active else csv_safe(job.frame()).to_csv(index=False).encode()
+                data = None if job.active or job.kind != "grid" else csv_safe(job.frame()).to_csv(index=False).encode()
                 self.store.save(job.id, job.created, state["status"], job.summary(), state, data)
         except Exception as error:  # a full disk must not fail the run
             _log_error(error)
 
-    def _admit(self, client: str) -> None:
-        """Refuse a second job from one page, or any job while the queue is full (the caller
-        holds ``jobs_lock``)."""
-        running = next((j for j in self.jobs.values() if j.client == client and j.active), None)
+    def _admit(self, client: str, panel: bool = False) -> None:
+        """Refuse a second grid (or a second panel job: ``panel``) from one page, or any job
+        while the queue is full (the caller holds ``jobs_lock``)."""
+        running = next((j for j in self.jobs.values()
+                        if j.client == client and j.active and (j.kind != "grid") == panel), None)  # fmt: skip
         if running is not None:
-            raise Busy(running.id)
-        waiting = len(self.queue) + (self.current is not None)
+            raise Busy(running.id, f"a {running.kind} panel job" if panel else "a run")
+        waiting = len(self.queue) + len(self.quick) + (self.current is not None)
         if waiting >= self.limits["max_queued"]:
             raise Refused(HTTPStatus.SERVICE_UNAVAILABLE,
                           f"the queue is full ({waiting} runs): try again when one finishes")  # fmt: skip
@@ -855,20 +915,200 @@ class App:
         job = self.job(job_id)
         job.cancel.set()
         with self.jobs_lock:
-            dropped = job in self.queue
+            waiting = self.quick if job in self.quick else self.queue
+            dropped = job in waiting
             if dropped:
-                self.queue.remove(job)
+                waiting.remove(job)
                 with job.lock:
                     job.status, job.finished = "cancelled", time.time()
         if dropped:
             self.keep(job)
         return job.state(len(job.rows), 0, len(job.controls)) | {"rows": [], "controls": []}
 
+    # ------------------------------------------------------------ panel jobs (panels.py)
+
+    def _panel_model(self, body: dict) -> tuple[str, object, tuple[str, ...], int]:
+        """The request's model (local only): its name, the model, the names an SAE or generator
+        may record for it, and its hidden size."""
+        from superscopes.models import model_name
+        from superscopes.sites import hidden_size
+
+        name = _text(body, "model", self.default_model) or self.default_model
+        if name in self.remote_models:
+            raise BadRequest(f"model {name!r}: the SAE, latent and generated-input panels run on local models only")
+        model = self.model(name)
+        return name, model, (name, model_name(model)), hidden_size(model)
+
+    def _offer(self, body: dict, kind: str, names: tuple[str, ...], hidden: int, site: str | None = None,
+               layer: int | None = None) -> str | None:  # fmt: skip
+        """The SAE or generator the request names (``body[kind]``), checked against the model
+        (and the cell's ``site``/``layer``): 400 naming the field when it does not fit."""
+        wanted = _text(body, kind, max_chars=200)
+        if not wanted:
+            return None
+        offers = self.panels.offered(kind)
+        if wanted not in offers:
+            raise BadRequest(f"{kind} {_show(wanted)} is not loaded on this server; loaded: {', '.join(offers) or 'none'}")
+        reason = offers[wanted].misfit(names, hidden, site, layer)
+        if reason is not None:
+            where = names[0] if site is None else f"{names[0]} {site} layer {layer}"
+            raise BadRequest(f"{kind} {_show(wanted)} does not fit {where}: {reason}")
+        return wanted
+
+    def prepare_cell(self, body: dict) -> Job:
+        """A cell panel job: bounds every field, picks the SAE, generator and corpus that apply
+        (or records why none does) from their recorded model, site, layer and width."""
+        from superscopes.sites import num_layers
+
+        client = _text(body, "client") or "anonymous"
+        name, model, names, hidden = self._panel_model(body)
+        prompt = self._prompt(body)
+        if not prompt.strip():
+            raise BadRequest("the prompt is empty: a cell is a token of a prompt")
+        pieces = self._tokens(model, prompt)
+        if len(pieces) > self.limits["max_prompt_tokens"]:
+            raise BadRequest(f"the prompt has {len(pieces)} tokens; this page takes at most {self.limits['max_prompt_tokens']}")
+        position = parse_whole(body.get("position"), "position", 0, len(pieces) - 1)
+        site = _text(body, "site", max_chars=20)
+        if site not in SITES:
+            raise BadRequest(f"site {_show(site)} is not valid here; choose from {', '.join(SITES)}")
+        layer = parse_whole(body.get("layer"), "layer", 0, num_layers(model) - 1)
+        k = parse_whole(body.get("k", PANEL_DEFAULTS["k"]), "k", 1, self.limits["max_latents"])
+        samples = parse_whole(body.get("samples", PANEL_DEFAULTS["samples"]), "samples", 1, self.limits["max_samples"])
+        seed = parse_whole(body.get("seed", PANEL_DEFAULTS["seed"]), "seed", 0, 2**31 - 1)
+        request = {"position": position, "token": pieces[position]["text"], "site": site, "layer": layer, "k": k,
+                   "samples": samples, "seed": seed, "promotes": PANEL_DEFAULTS["promotes"]}  # fmt: skip
+        for kind in ("sae", "generator", "corpus"):
+            chosen = self._offer(body, kind, names, hidden, site, layer) if kind != "corpus" else None
+            why = ""
+            if chosen is None:
+                chosen, why = self.panels.pick(kind, names, hidden, site, layer)
+            request[kind], request[f"{kind}_why"] = chosen, why
+        if request["generator"] is None:
+            request["train_command"] = train_command(name, site, layer)
+        with self.jobs_lock:
+            self._admit(client, panel=True)
+        return Job(id=uuid.uuid4().hex[:12], client=client, model=name, prompt=prompt, total=1, grid={}, chunks=[],
+                   kind="cell", request=request)  # fmt: skip
+
+    def prepare_latent(self, body: dict) -> Job:
+        """A latent panel job: an SAE that fits the model, one of its latents, a few alphas."""
+        client = _text(body, "client") or "anonymous"
+        name, model, names, hidden = self._panel_model(body)
+        if not _text(body, "sae", max_chars=200):
+            raise BadRequest(f"sae is missing: name the SAE whose latent is the source ({', '.join(self.panels.saes) or 'none loaded'})")
+        sae_id = self._offer(body, "sae", names, hidden)
+        size = self.panels.saes[sae_id].size
+        latent = parse_whole(body.get("latent"), "latent", 0, size - 1)
+        alphas = parse_alphas(body.get("alphas", PANEL_DEFAULTS["alphas"]), self.limits["max_latent_alphas"],
+                              self.limits["max_abs_alpha"])  # fmt: skip
+        max_new_tokens = parse_whole(body.get("max_new_tokens", PANEL_DEFAULTS["max_new_tokens"]), "max_new_tokens",
+                                     1, self.limits["max_new_tokens"])  # fmt: skip
+        prompt = self._prompt(body)  # the prompt the latent was read from: what the readouts are judged against
+        request = {"sae": sae_id, "latent": latent, "alphas": alphas, "max_new_tokens": max_new_tokens}
+        with self.jobs_lock:
+            self._admit(client, panel=True)
+        return Job(id=uuid.uuid4().hex[:12], client=client, model=name, prompt=prompt, total=len(alphas), grid={},
+                   chunks=[], kind="latent", request=request)  # fmt: skip
+
+    def start_panel(self, job: Job) -> dict:
+        """Queue a panel job ahead of queued grids; its state."""
+        with self.jobs_lock:
+            self._admit(job.client, panel=True)
+            self.jobs[job.id] = job
+            finished = [j for j in self.jobs.values() if not j.active]
+            for old in sorted(finished, key=lambda j: j.finished or j.started)[: max(0, len(self.jobs) - KEEP_JOBS)]:
+                del self.jobs[old.id]
+            self.quick.append(job)
+            ahead = self._ahead(job)
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._worker, name="superscopes-worker", daemon=True)
+                self.worker.start()
+            self.queue_changed.notify()
+        self.keep(job)
+        return job.state(0, ahead)
+
+    def _panels_waiting(self) -> None:
+        """Run the queued panel jobs now (the worker, between a grid's chunks)."""
+        while True:
+            with self.jobs_lock:
+                if not self.quick or self.closed:
+                    return
+                job = self.quick.popleft()
+            self._panel(job)
+
+    def _panel(self, job: Job) -> None:
+        with job.lock:
+            job.status, job.started = "running", time.time()
+            job.running_since = job.started
+        try:
+            model = self.model(job.model)
+            result = self._cell(job, model) if job.kind == "cell" else self._latent(job, model)
+            status, error = "done", None
+        except Exception as exc:  # reported to the page; the traceback goes to the terminal
+            _log_error(exc)
+            result, status, error = None, "error", _error_text(exc)
+        with job.lock:
+            job.result, job.status, job.error, job.finished = result, status, error, time.time()
+            job.done = job.total if status == "done" else 0
+        self.keep(job)
+
+    def _cell(self, job: Job, model) -> dict:
+        from superscopes.app.panels import breakdown, generated, nearest, read_vector
+
+        r = job.request
+        vector = read_vector(model, job.prompt, r["site"], r["layer"], r["position"])
+        result: dict = {"norm": float(vector.norm())}
+        if r["sae"]:
+            sae = self.panels.sae(r["sae"])
+            result["sae"] = {"id": r["sae"], "label": repr(sae)} | breakdown(model, sae, vector, r["k"], r["promotes"])
+        else:
+            result["sae"] = {"id": None, "why": r["sae_why"], "available": self.panels.config()["saes"]}
+        generator = self.panels.generators[r["generator"]].loaded if r["generator"] else None
+        if generator is not None:
+            result["generated"] = {"id": r["generator"], "seed": r["seed"],
+                                   "inputs": generated(model, generator, vector, r["samples"], r["seed"])}  # fmt: skip
+        else:
+            result["generated"] = {"id": None, "why": r["generator_why"], "command": r["train_command"]}
+        if r["corpus"]:
+            inputs, scale = nearest(model, self.panels.corpora[r["corpus"]].loaded, vector, r["samples"],
+                                           None if generator is None else generator.std)  # fmt: skip
+            result["nearest"] = {"id": r["corpus"], "inputs": inputs, "std": scale}
+        else:
+            result["nearest"] = {"id": None, "why": r["corpus_why"]}
+        return result
+
+    def _latent(self, job: Job, model) -> dict:
+        from superscopes.app.panels import latent_frame
+        from superscopes.metrics import is_echo
+
+        r = job.request
+        frame, scale = latent_frame(model, self.panels.sae(r["sae"]), r["latent"], r["alphas"], r["max_new_tokens"],
+                                    self.batch_size)  # fmt: skip
+        if job.prompt.strip():  # judged against the prompt the latent was read from, as the grid's readouts
+            frame["similarity"] = self.score(frame.assign(source=job.prompt))["similarity"].to_numpy()
+        else:
+            frame["similarity"] = None
+        rows = [{"alpha": float(row.alpha), "output": row.output, "similarity": _finite(row.similarity),
+                 "self_similarity": _finite(float(row.self_similarity)),
+                 "relevancy_mean": _finite(float(row.relevancy_mean)), "echo": is_echo(row.output, "", row.target)}
+                for row in frame.itertuples(index=False)]  # fmt: skip
+        # The self-explanation: the alpha whose text depends most on the latent (mean relevancy, as
+        # recipes/sae_self_explanation.py chooses), ties to the smaller alpha.
+        scored = [row for row in rows if row["relevancy_mean"] is not None]
+        chosen = max(scored, key=lambda row: row["relevancy_mean"], default=None)
+        explanation = None if chosen is None else {k: chosen[k] for k in ("alpha", "output", "self_similarity",
+                                                                          "relevancy_mean")}  # fmt: skip
+        if explanation is not None:
+            self.explained[(r["sae"], r["latent"])] = explanation | {"job": job.id}
+        return {"rows": rows, "scale": scale, "target": str(frame["target"].iloc[0]), "explanation": explanation,
+                "layer": int(frame["target_layer"].iloc[0])}  # fmt: skip
+
     def close(self) -> None:
         """Cancel every job and stop the worker after its chunk in progress."""
         with self.jobs_lock:
             self.closed = True
-            for job in self.queue:
+            for job in [*self.queue, *self.quick]:
                 job.cancel.set()
             if self.current is not None:
                 self.current.cancel.set()
@@ -877,11 +1117,17 @@ class App:
     def _worker(self) -> None:
         while True:
             with self.jobs_lock:
-                while not self.queue and not self.closed:
+                while not self.queue and not self.quick and not self.closed:
                     self.queue_changed.wait()
                 if self.closed:
                     return
-                job = self.current = self.queue.popleft()
+                if self.quick:
+                    job = self.quick.popleft()
+                else:
+                    job = self.current = self.queue.popleft()
+            if job.kind != "grid":
+                self._panel(job)
+                continue
             with job.lock:
                 job.status, job.started = "running", time.time()
             try:
@@ -919,6 +1165,7 @@ class App:
         from superscopes.metrics import is_echo
 
         while not job.cancel.is_set() and (chunk := job.next_chunk()) is not None:
+            self._panels_waiting()  # a clicked cell's panel need not wait for the whole grid
             frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False))
             frame["model"] = job.model
             frame["echo"] = [is_echo(o, t, job.grid["target"]) for o, t in zip(frame["output"], frame["token"])]
@@ -978,6 +1225,9 @@ class App:
     def csv(self, job_id: str) -> tuple[str, bytes]:
         with self.jobs_lock:
             job = self.jobs.get(check_run_id(job_id))
+        kind = job.kind if job is not None else self._kept(job_id).get("kind", "grid")
+        if kind != "grid":
+            raise NotFound(f"run {job_id!r} is a {kind} panel job: only grids have a CSV")
         if job is not None:
             prompt, data = job.prompt, csv_safe(job.frame()).to_csv(index=False).encode()
         else:
@@ -1115,6 +1365,8 @@ class Handler(BaseHTTPRequestHandler):
             r"/api/run": self._run,
             r"/api/jobs/([^/]*)/cancel": self._cancel,
             r"/api/jobs/([^/]*)/focus": lambda q, job: self._json(200, self.app.focus(job, self._body())),
+            r"/api/cell": lambda q: self._json(202, self.app.start_panel(self.app.prepare_cell(self._body()))),
+            r"/api/latent": lambda q: self._json(202, self.app.start_panel(self.app.prepare_latent(self._body()))),
         })  # fmt: skip
 
     def _state(self, query: dict, job_id: str) -> None:
@@ -1171,10 +1423,14 @@ def make_server(app: App | None = None, host: str = "127.0.0.1", port: int = 876
 
 
 def serve(model=DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8765, remote_models: list[str] | None = None,
-          max_cells: int | None = None, verbose: bool = False, store: str | Path | None = None) -> int:  # fmt: skip
+          max_cells: int | None = None, verbose: bool = False, store: str | Path | None = None,
+          saes: list[str] | None = None, generators: list[str] | None = None,
+          corpora: list[str] | None = None) -> int:  # fmt: skip
     """Serve the page until Ctrl-C. ``model``: the name selected when the page opens (loaded
     on first use), or an already-loaded nnsight model (offered as ``"model"``). ``store``: the
-    SQLite file that keeps runs (default ``$SUPERSCOPES_CACHE/app/runs.sqlite``)."""
+    SQLite file that keeps runs (default ``$SUPERSCOPES_CACHE/app/runs.sqlite``). ``saes``,
+    ``generators``, ``corpora``: SAE folders, InverseScope generators and corpora of pairs for
+    the cell panels (the embedded SAEs are always offered)."""
     from superscopes.app.store import default_path
 
     limits = {"max_cells": max_cells} if max_cells else None
@@ -1183,11 +1439,16 @@ def serve(model=DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8765, remote
     except (OSError, sqlite3.Error) as error:
         print(f"superscopes: error: cannot keep runs in {store or default_path()}: {error}", file=sys.stderr)
         return 2
-    if isinstance(model, str):
-        app = App(default_model=model, remote_models=remote_models, limits=limits, store=runs)
-    else:
-        app = App(default_model="model", models={"model": model}, remote_models=remote_models, limits=limits,
-                  store=runs)  # fmt: skip
+    panels = {"saes": saes or (), "generators": generators or (), "corpora": corpora or ()}
+    try:
+        if isinstance(model, str):
+            app = App(default_model=model, remote_models=remote_models, limits=limits, store=runs, **panels)
+        else:
+            app = App(default_model="model", models={"model": model}, remote_models=remote_models, limits=limits,
+                      store=runs, **panels)  # fmt: skip
+    except (OSError, ValueError) as error:  # an SAE, generator or corpus that cannot be read
+        print(f"superscopes: error: {error}", file=sys.stderr)
+        return 2
     try:
         server = make_server(app, host, port, verbose)
     except OSError as error:
@@ -1217,12 +1478,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--store", default=None,
                         help="SQLite file that keeps runs across restarts (default $SUPERSCOPES_CACHE/app/runs.sqlite)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument("--sae", action="append", default=[], metavar="FOLDER",
+                        help="an SAE (SAELens folder) for the cell's SAE breakdown; repeatable (the embedded SAEs are always offered)")
+    parser.add_argument("--generator", action="append", default=[], metavar="PATH",
+                        help="a trained InverseScope generator (generator.pt or its folder, whose pairs.pt is offered as a corpus); repeatable")
+    parser.add_argument("--corpus", action="append", default=[], metavar="PATH",
+                        help="a corpus of (input, activation) pairs (pairs.pt or its folder) for the nearest-corpus inputs; repeatable")
     return parser  # fmt: skip
 
 
 def cmd_app(args: argparse.Namespace) -> int:
     remote = [m for m in args.remote_models.split(",") if m] or None
-    return serve(args.model, args.host, args.port, remote, args.max_cells, args.verbose, args.store)
+    return serve(args.model, args.host, args.port, remote, args.max_cells, args.verbose, args.store,
+                 args.sae, args.generator, args.corpus)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,11 +105,13 @@ class RunStore:
             found = db.execute("SELECT csv FROM runs WHERE id = ?", (check_run_id(run_id),)).fetchone()
         return zlib.decompress(found[0]) if found and found[0] is not None else None
 
-    def recent(self, limit: int) -> list[dict]:
-        """The newest ``limit`` runs' summaries, newest first."""
+    def recent(self, limit: int, kind: str = "grid") -> list[dict]:
+        """The newest ``limit`` runs of ``kind`` (``grid``, or a panel job's kind named in its
+        summary), newest first."""
         with closing(self._db()) as db:
-            rows = db.execute("SELECT id, created, status, summary FROM runs ORDER BY created DESC, id LIMIT ?",
-                              (limit,)).fetchall()  # fmt: skip
+            rows = db.execute("SELECT id, created, status, summary FROM runs "
+                              "WHERE coalesce(json_extract(summary, '$.kind'), 'grid') = ? "
+                              "ORDER BY created DESC, id LIMIT ?", (kind, limit)).fetchall()  # fmt: skip
         return [{"id": i, "created": c, "status": s, **json.loads(summary)} for i, c, s, summary in rows]
 
     def __len__(self) -> int:

@@ -36,3 +36,33 @@ def fake_similarity(frame: pd.DataFrame) -> pd.DataFrame:
         for r in frame.itertuples(index=False)
     ]
     return frame.assign(similarity=values)
+
+
+def tiny_panels(model, folder, name: str = "tiny-llama", site: str = "resid_post", layer: int = 1) -> tuple:
+    """A TopK SAE (128 latents, k=8) and an InverseScope generator (20 steps) for ``model`` at
+    ``site``/``layer``, trained in seconds on the built-in fallback sentences and written to
+    ``folder/sae`` and ``folder/generator`` (``generator.pt`` beside its ``pairs.pt``, as
+    ``superscopes inverse train`` writes them): the two folders."""
+    from pathlib import Path
+
+    import torch
+
+    from superscopes import inverse, lens
+    from superscopes import sae as S
+    from superscopes.corpus import FALLBACK
+
+    folder = Path(folder)
+    texts = list(FALLBACK)
+    acts = lens.collect(model, texts, site, [layer], "text")[layer]
+    sae = S.train_sae(acts, 128, 8, site, layer, model=name, batch_size=128, epochs=5, progress=False)
+    _, sae.mean_activation, sae.frequency = S.measure(sae, acts)
+    sae.save(folder / "sae")
+    pairs = inverse.collect_pairs(model, texts, site, layer, max_tokens=8)
+    config = inverse.GeneratorConfig(model=name, site=site, layer=layer, steps=20, d_model=32, n_layers=1, n_heads=2,
+                                     max_tokens=8, held_out=0.0)  # fmt: skip
+    generator = inverse.train(pairs, config, progress=False)
+    generator.save(folder / "generator" / "generator.pt")
+    read = {"model": name, "site": site, "layer": layer, "corpus": "fallback", "texts": len(texts), "max_tokens": 8}
+    torch.save({"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources},
+               folder / "generator" / "pairs.pt")  # fmt: skip
+    return folder / "sae", folder / "generator"

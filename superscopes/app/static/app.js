@@ -1,6 +1,8 @@
 // Superscopes page: form -> /api/run, polling /api/jobs/<id>, token badges, a Layer x Site
 // table (best readout and its controls) and per-site similarity heatmaps; a run's URL
 // (?run=<id>) restores it, a history list, and a second run side by side (&compare=<id>).
+// A clicked table cell opens its panels (/api/cell: SAE breakdown, generated and nearest
+// inputs; /api/latent: a latent as the source), kept in the URL too (&cell=<id>&latent=<id>).
 // Plain DOM code, no build step. The pure helpers (no DOM) are exported at the end for Node,
 // where tests/test_app.py checks them.
 "use strict";
@@ -29,6 +31,8 @@ const state = {
   compare: null, // a second run shown beside: {job, rows, controls, selected}
   cancelled: null, // id of the job this page asked to cancel: a poll answered before the cancel must not undo it
   timer: null,
+  panels: { cell: null, latent: null }, // the open panel jobs' last states from the server
+  panelTimers: { cell: null, latent: null },
 };
 
 function clientId() {
@@ -304,7 +308,8 @@ function startJob(job) {
   if (!positions.includes(state.selected)) state.selected = positions[positions.length - 1];
   $("all-alphas").checked = false;
   $("download").href = `/api/jobs/${job.job}/csv`;
-  history.replaceState(null, "", runUrl(job.job, state.compare ? state.compare.job.job : null));
+  if (state.panels.cell && (state.panels.cell.model !== job.model || state.panels.cell.prompt !== job.prompt)) closeCell();
+  updateUrl();
   absorb(job);
   poll();
 }
@@ -319,15 +324,31 @@ async function resume(jobId, restoreForm = false) {
   }
 }
 
-function runUrl(runId, compareId) {
-  return `/?run=${runId}` + (compareId ? `&compare=${compareId}` : "");
+function runUrl(runId, compareId, panels = {}) {
+  // A run's URL, with the compared run and the open cell and latent panel jobs.
+  let url = `/?run=${runId}` + (compareId ? `&compare=${compareId}` : "");
+  for (const name of ["cell", "latent"]) if (panels[name] && RUN_ID.test(panels[name])) url += `&${name}=${panels[name]}`;
+  return url;
 }
 
 function runsFromUrl(search) {
-  // The run (and compared run) a URL names; ids that are not run ids are ignored.
+  // The run (and compared run, cell and latent panel jobs) a URL names; ids that are not run ids are ignored.
   const params = new URLSearchParams(search);
   const valid = (id) => (id && RUN_ID.test(id) ? id : null);
-  return { run: valid(params.get("run")), compare: valid(params.get("compare")) };
+  return {
+    run: valid(params.get("run")), compare: valid(params.get("compare")),
+    cell: valid(params.get("cell")), latent: valid(params.get("latent")),
+  };
+}
+
+function openPanels() {
+  const ids = {};
+  for (const name of ["cell", "latent"]) if (state.panels[name]) ids[name] = state.panels[name].job;
+  return ids;
+}
+
+function updateUrl() {
+  if (state.job) history.replaceState(null, "", runUrl(state.job.job, state.compare ? state.compare.job.job : null, openPanels()));
 }
 
 function addRows(view, update) {
@@ -435,7 +456,7 @@ async function openCompare(runId) {
     addRows(view, job);
     view.selected = closestPosition(view.job.grid.positions, state.selected);
     state.compare = view;
-    if (state.job) history.replaceState(null, "", runUrl(state.job.job, runId));
+    updateUrl();
     renderCompare();
     $("compare").scrollIntoView({ block: "nearest", behavior: "smooth" });
   } catch (error) {
@@ -450,7 +471,7 @@ function closestPosition(positions, wanted) {
 
 function closeCompare() {
   state.compare = null;
-  if (state.job) history.replaceState(null, "", runUrl(state.job.job));
+  updateUrl();
   renderCompare();
 }
 
@@ -477,6 +498,272 @@ function renderCompare() {
   const s = view.job.settings || {};
   $("compare-hint").textContent = `${statusText(view.job)}; layers ${s.layers}, alphas ${s.alphas}, transform ${s.transform}, target ${s.target}.`;
   fillTable($("compare-table"), view, false);
+}
+
+// ------------------------------------------------------------------ cell panels
+
+function cellClickable(td, site, layer) {
+  // A cell of the main table opens its panels: the SAE breakdown of its source vector and
+  // inputs generated for it.
+  const open = state.panels.cell;
+  const request = open && open.request;
+  if (request && open.prompt === state.job.prompt && request.position === state.selected && request.site === site && request.layer === layer) {
+    td.classList.add("cell-open");
+  }
+  td.classList.add("clickable");
+  td.tabIndex = 0;
+  td.title = "click: SAE breakdown of this cell's source vector and inputs generated for it";
+  const go = () => openCell(site, layer);
+  td.addEventListener("click", go);
+  td.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      go();
+    }
+  });
+}
+
+async function openCell(site, layer) {
+  const job = state.job;
+  if (!job) return;
+  const body = { client: state.client, model: job.model, prompt: job.prompt, position: state.selected, site, layer };
+  await startPanel("cell", "/api/cell", body);
+  closeLatent(false);
+}
+
+async function runLatent(latent) {
+  const cell = state.panels.cell;
+  const sae = cell && cell.result && cell.result.sae;
+  if (!sae || !sae.id) return;
+  const body = { client: state.client, model: cell.model, sae: sae.id, latent, prompt: cell.prompt };
+  await startPanel("latent", "/api/latent", body);
+}
+
+async function startPanel(name, path, body) {
+  try {
+    const job = await api("POST", path, body);
+    state.panels[name] = job;
+    updateUrl();
+    renderPanels();
+    if (name === "cell") renderDetail(); // outline the open cell
+    pollPanel(name, job.job);
+    $("cell").scrollIntoView({ block: "nearest", behavior: "smooth" });
+  } catch (error) {
+    showError(error.message);
+    $("error").dataset.source = "panel";
+  }
+}
+
+async function loadPanel(name, jobId) {
+  // A panel job a URL names (kept or live).
+  try {
+    const job = await api("GET", `/api/jobs/${jobId}`);
+    if (job.kind !== name) throw new Error(`run ${jobId} is not a ${name} panel job`);
+    state.panels[name] = job;
+    const shown = state.job;
+    if (name === "cell" && shown && shown.prompt === job.prompt && shown.grid.positions.includes(job.request.position)) {
+      state.selected = job.request.position; // the token whose cell it is
+      renderBadges();
+    }
+    updateUrl();
+    renderPanels();
+    if (ACTIVE.includes(state.panels[name].status)) pollPanel(name, jobId);
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+async function pollPanel(name, jobId) {
+  clearTimeout(state.panelTimers[name]);
+  const current = state.panels[name];
+  if (!current || current.job !== jobId) return;
+  if (!ACTIVE.includes(current.status)) {
+    if (name === "latent") refreshExplanations();
+    return;
+  }
+  state.panelTimers[name] = setTimeout(async () => {
+    try {
+      const update = await api("GET", `/api/jobs/${jobId}`);
+      if (!state.panels[name] || state.panels[name].job !== jobId) return;
+      state.panels[name] = update;
+      renderPanels();
+      pollPanel(name, jobId);
+    } catch (error) {
+      showError(error.message);
+    }
+  }, POLL_MS);
+}
+
+async function refreshExplanations() {
+  // A finished latent job labels its latent in the breakdown: the server merges it in.
+  const cell = state.panels.cell;
+  if (!cell || ACTIVE.includes(cell.status)) return;
+  try {
+    const update = await api("GET", `/api/jobs/${cell.job}`);
+    if (state.panels.cell && state.panels.cell.job === cell.job) {
+      state.panels.cell = update;
+      renderPanels();
+    }
+  } catch (error) {
+    /* the breakdown keeps its labels */
+  }
+}
+
+function closeLatent(render = true) {
+  clearTimeout(state.panelTimers.latent);
+  state.panels.latent = null;
+  updateUrl();
+  if (render) renderPanels();
+}
+
+function closeCell() {
+  clearTimeout(state.panelTimers.cell);
+  state.panels.cell = null;
+  closeLatent(false);
+  renderPanels();
+  if (state.job) renderDetail();
+}
+
+function panelStatus(job) {
+  // One line for a panel job: where it is in the queue, or what went wrong.
+  if (job.status === "queued") return job.ahead ? `queued (${job.ahead} ahead: it runs after the chunk in progress)` : "queued";
+  if (job.status === "running") return "running…";
+  if (job.status === "error") return `failed: ${job.error}`;
+  if (job.status === "cancelled" || job.status === "interrupted") return `${job.status}: open the cell again`;
+  return "";
+}
+
+function saeHint(sae, model) {
+  // What the breakdown's numbers and labels are, in words.
+  if (!sae.id) return sae.why;
+  return `${sae.label}: ${sae.active} latents active; the reconstruction's cosine with the vector is ` +
+    `${sae.reconstruction_cosine.toFixed(2)} and its error is ${(100 * sae.error_share).toFixed(0)}% of the vector's norm. ` +
+    `“Promotes”: the tokens the latent's decoder direction raises most when read through ${model}'s own final norm ` +
+    "and unembedding, as if it left the last block (a logit-lens reading of the direction, not a record of where the latent fires). " +
+    "“Self-explanation”: the latent patched into the identity prompt, at the alpha whose text depends most on it (relevancy); " +
+    "run one with “as source”.";
+}
+
+function latentHint(result, request, prompt) {
+  const scale = result.scale === "mean" ? "its mean activation when active" : "unit norm (no mean activation recorded)";
+  const judged = prompt ? `similarity: the judge's, between the readout and “${prompt}”, the prompt it was read from; ` : "";
+  return `Latent ${request.latent}'s decoder direction × ${scale} × α, written into the identity prompt at layer ${result.layer}. ` +
+    `${judged}self-similarity: cosine between the written vector and the last layer's hidden state at that position ` +
+    "(low: the model no longer carries it there); relevancy: mean change in the generated tokens' probability with the patch " +
+    "against without. Green: the chosen self-explanation (highest relevancy).";
+}
+
+function num(value, digits = 2) {
+  return value === null || value === undefined ? "–" : value.toFixed(digits);
+}
+
+function renderPanels() {
+  const cell = state.panels.cell;
+  $("cell").hidden = !cell;
+  if (!cell) return;
+  const r = cell.request;
+  const title = $("cell-title");
+  title.textContent = "";
+  title.append("Cell ", el("span", { class: "tok-inline", text: tokenLabel(r.token) }),
+    el("span", { class: "hint", text: ` position ${r.position}, ${state.config.sites[r.site] || r.site} layer ${r.layer} of “${cell.prompt}” (${cell.model})` }));
+  $("cell-status").textContent = panelStatus(cell);
+  const result = cell.result;
+  const table = $("sae-table");
+  table.textContent = "";
+  for (const id of ["generated-list", "nearest-list"]) $(id).textContent = "";
+  for (const id of ["sae-hint", "inputs-hint", "generated-why", "nearest-why"]) $(id).textContent = "";
+  if (result) {
+    renderBreakdown(table, result.sae, cell);
+    renderInputs(result);
+  }
+  renderLatent();
+}
+
+function renderBreakdown(table, sae, cell) {
+  $("sae-hint").textContent = saeHint(sae, cell.model);
+  if (!sae.id) {
+    if (sae.available && sae.available.length) {
+      const list = el("ul", { class: "hint" });
+      for (const a of sae.available) list.append(el("li", { text: `${a.id}: ${a.model || "any model"}, ${a.site} layer ${a.layer}, width ${a.d_in} (${a.detail})` }));
+      $("sae-hint").append(list);
+    }
+    return;
+  }
+  const explanations = cell.explanations || {};
+  const head = el("tr", {});
+  for (const name of ["Latent", "Activation", "Promotes (unembedding of its direction)", "Self-explanation", ""]) head.append(el("th", { text: name }));
+  table.append(el("thead", {}, head));
+  const body = el("tbody");
+  for (const row of sae.latents) {
+    const tokens = el("td", { class: "tokens" });
+    row.promotes.forEach((t, i) => tokens.append(el("span", { text: tokenLabel(t), title: `p = ${row.promotes_probs[i].toPrecision(2)}` })));
+    const known = explanations[String(row.latent)];
+    const explained = el("td", { class: "out" });
+    if (known) {
+      explained.append(outputText(known.output), " ", el("span", { class: "hint", text: `(α ${known.alpha}, relevancy ${num(known.relevancy_mean, 4)})` }));
+    } else {
+      explained.append(el("span", { class: "hint", text: "not run" }));
+    }
+    const button = el("button", { type: "button", class: "small", "data-latent": row.latent, text: "as source" });
+    button.addEventListener("click", () => runLatent(row.latent));
+    body.append(el("tr", { "data-latent": row.latent }, el("td", { class: "num", text: row.latent }),
+      el("td", { class: "num", text: num(row.activation, 3) }), tokens, explained, el("td", {}, button)));
+  }
+  table.append(body);
+}
+
+function renderInputs(result) {
+  const generated = result.generated, nearest = result.nearest;
+  $("inputs-hint").textContent = "Each input's distance: the standardised root-mean-square distance between its own activation " +
+    "(at its last token, same site and layer) and this vector; two unrelated activations are about 1.41 apart." +
+    (nearest.id ? ` Nearest inputs use ${nearest.std} per-dimension spread.` : "");
+  const fill = (list, inputs) => {
+    for (const input of inputs) {
+      list.append(el("li", {}, el("span", { text: JSON.stringify(input.text) }),
+        el("span", { class: "meta", text: `d ${num(input.distance)}` })));
+    }
+  };
+  if (generated.id) {
+    fill($("generated-list"), generated.inputs);
+    $("generated-why").textContent = `${generated.id}, seed ${generated.seed}`;
+  } else {
+    $("generated-why").append(`${generated.why}. Train one, then serve it:`, el("code", { class: "command", text: generated.command }));
+  }
+  if (nearest.id) {
+    fill($("nearest-list"), nearest.inputs);
+    $("nearest-why").textContent = nearest.id;
+  } else {
+    $("nearest-why").textContent = `${nearest.why}. Give one with --corpus (a pairs.pt that superscopes inverse train writes), or a generator whose folder holds one.`;
+  }
+}
+
+function renderLatent() {
+  const latent = state.panels.latent;
+  $("latent").hidden = !latent;
+  if (!latent) return;
+  const r = latent.request;
+  $("latent-title").textContent = `Latent ${r.latent} of ${r.sae} as the source`;
+  $("latent-status").textContent = panelStatus(latent);
+  const table = $("latent-table");
+  table.textContent = "";
+  $("latent-hint").textContent = "";
+  const result = latent.result;
+  if (!result) return;
+  $("latent-hint").textContent = latentHint(result, r, latent.prompt);
+  const head = el("tr", {});
+  for (const name of ["α", "Readout", "Similarity", "Self-similarity", "Relevancy"]) head.append(el("th", { text: name }));
+  table.append(el("thead", {}, head));
+  const body = el("tbody");
+  for (const row of result.rows) {
+    const out = el("td", { class: "out", text: outputText(row.output) });
+    if (row.echo) out.append(" ", echoFlag());
+    const tr = el("tr", { "data-alpha": row.alpha }, el("td", { class: "num", text: row.alpha }), out,
+      el("td", { class: "num", text: num(row.similarity) }), el("td", { class: "num", text: num(row.self_similarity) }),
+      el("td", { class: "num", text: num(row.relevancy_mean, 4) }));
+    if (result.explanation && row.alpha === result.explanation.alpha) tr.classList.add("chosen");
+    body.append(tr);
+  }
+  table.append(body);
 }
 
 // ------------------------------------------------------------------ rendering
@@ -705,6 +992,7 @@ function fillTable(table, view, showAll) {
         }
       }
       if (passes(best, grid.threshold)) td.classList.add("pass");
+      if (view === state) cellClickable(td, site, layer);
       tr.append(td);
     }
     body.append(tr);
@@ -889,10 +1177,15 @@ async function init() {
     if ($("download").getAttribute("aria-disabled") === "true") e.preventDefault();
   });
   $("compare-close").addEventListener("click", closeCompare);
+  $("cell-close").addEventListener("click", closeCell);
   const linked = runsFromUrl(location.search);
   if (linked.compare) await openCompare(linked.compare);
-  if (linked.run) await resume(linked.run, true);
-  else if (state.config.active_job) resume(state.config.active_job);
+  if (linked.run) {
+    await resume(linked.run, true);
+    if (linked.cell) await loadPanel("cell", linked.cell);
+    if (linked.latent) await loadPanel("latent", linked.latent);
+    if (linked.cell && state.job) renderDetail(); // the open cell is outlined in the table
+  } else if (state.config.active_job) resume(state.config.active_job);
   schedulePreview();
   refreshHistory();
 }
@@ -901,6 +1194,6 @@ if (typeof document !== "undefined") document.addEventListener("DOMContentLoaded
 if (typeof module !== "undefined") {
   module.exports = {
     statusText, jobState, readoutHint, heatmapSize, isStale, runsFromUrl, runUrl, cellControls, passes,
-    controlsPerBest, targetLayerFields, historyLine, closestPosition, addRows,
+    controlsPerBest, targetLayerFields, historyLine, closestPosition, addRows, panelStatus, saeHint, latentHint,
   };
 }
