@@ -3,8 +3,9 @@
 Run with ``pytest -m browser tests/test_app_browser.py -rs``. Needs ``apt-get install chromium
 chromium-driver`` and ``pip install selenium``. By default the server runs a tiny random Llama
 with a fake judge; ``SUPERSCOPES_APP_MODEL=smollm2-135m`` runs a real model and the real judge
-(slower; what docs/app.png shows). Saves a screenshot of the page to docs/app.png
-(or to ``$SUPERSCOPES_APP_SCREENSHOT``).
+(slower; what docs/app.png shows) with its embedded SAE for the cell panels. Saves a screenshot
+of the page to docs/app.png (or to ``$SUPERSCOPES_APP_SCREENSHOT``), and of the cell panels to
+docs/app-sae.png beside it.
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from superscopes import sae as S
     from superscopes.app import App, make_server
     from superscopes.app.store import RunStore
-    from superscopes.app.testing import fake_similarity, tiny_model
+    from superscopes.app.testing import fake_similarity, tiny_model, tiny_panels
 
     store = RunStore(tmp_path_factory.mktemp("runs") / "runs.sqlite")
     if REAL_MODEL:
-        app = App(default_model=REAL_MODEL, offer_embedded=False, store=store)
+        saes = [S.EMBEDDED_DIR / S.EMBEDDED[REAL_MODEL]] if REAL_MODEL in S.EMBEDDED else []
+        generators = [os.environ["SUPERSCOPES_APP_GENERATOR"]] if os.environ.get("SUPERSCOPES_APP_GENERATOR") else []
+        app = App(default_model=REAL_MODEL, offer_embedded=False, store=store, saes=saes, generators=generators)
     else:
-        app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, judge=fake_similarity,
-                  offer_embedded=False, store=store)  # fmt: skip
+        model = tiny_model()
+        sae, generator = tiny_panels(model, tmp_path_factory.mktemp("panels"))
+        app = App(default_model="tiny-llama", models={"tiny-llama": model}, judge=fake_similarity,
+                  offer_embedded=False, store=store, saes=[sae], generators=[generator])  # fmt: skip
     httpd = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield httpd
@@ -239,4 +245,67 @@ def test_permalink_history_compare_and_narrow_layout(server, driver):
         if width == 420:
             assert find(By.ID, "compare").location["y"] > find(By.ID, "detail").location["y"]  # stacked
             driver.save_screenshot(str(SCREENSHOT.with_name("app-narrow.png")))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_cell_panels_sae_breakdown_latent_source_and_generated_inputs(server, driver):
+    """A small grid at the SAE's layer; a click on its token and then on a cell opens the SAE
+    breakdown of that cell's vector and its generated inputs; a latent's button runs it as the
+    source; the URL restores both panels after a reload."""
+    from selenium.webdriver.common.by import By
+
+    find = driver.find_element
+    sae = server.app.panels.config()["saes"][0]
+    layer = sae["layer"]
+    driver.get(server.url)
+    wait_for(lambda: re.search(r"(\d+) layers", find(By.ID, "model-info").text), 300, "the model to load")
+    for element_id, text in (("prompt", PROMPT), ("layers", str(layer)), ("alphas", "1,3")):
+        box = find(By.ID, element_id)
+        box.clear()
+        box.send_keys(text)
+    find(By.CSS_SELECTOR, 'input[name="tokens"][value="last"]').click()
+    find(By.ID, "controls").click()  # off: this grid only gives the table a row at the SAE's layer
+    find(By.ID, "run").click()
+    wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 120 if not REAL_MODEL else 1800, "the grid")
+    find(By.CSS_SELECTOR, '#badges .badge[data-position="5"]').click()
+    cell = wait_for(lambda: find(By.CSS_SELECTOR, f'#table td[data-site="resid_post"][data-layer="{layer}"]'), 10, "the cell")
+    cell.click()
+
+    # The breakdown: the server's result, row by row, with each latent's promoted tokens.
+    wait_for(lambda: find(By.ID, "cell").is_displayed() and driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr"),
+             120, "the SAE breakdown")  # fmt: skip
+    cell_id = re.search(r"cell=([0-9a-f]{12})", driver.current_url).group(1)
+    result = server.app.jobs[cell_id].result
+    rows = driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr")
+    assert [int(r.get_attribute("data-latent")) for r in rows] == [x["latent"] for x in result["sae"]["latents"]]
+    assert "Wales" in find(By.ID, "cell-title").text and "layer" in find(By.ID, "cell-title").text
+    assert len(rows[0].find_elements(By.CSS_SELECTOR, "td.tokens span")) == 5
+    assert "unembedding" in find(By.ID, "sae-hint").text
+    generated = driver.find_elements(By.CSS_SELECTOR, "#generated-list li")
+    if result["generated"]["id"]:
+        assert len(generated) == 5 and all(re.search(r"d \d\.\d\d$", g.text) for g in generated)
+    else:  # no generator for this model: the panel gives the command that trains one
+        assert not generated and "superscopes inverse train" in find(By.ID, "generated-why").text
+
+    # A latent as the source: its readouts, and the breakdown labels it with its self-explanation.
+    rows[0].find_element(By.CSS_SELECTOR, "button").click()
+    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")) == 4, 300, "the latent readouts")
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr.chosen")) == 1
+    first = result["sae"]["latents"][0]["latent"]
+    wait_for(lambda: "not run" not in find(By.CSS_SELECTOR, f'#sae-table tr[data-latent="{first}"]').text, 30,
+             "the breakdown's self-explanation")  # fmt: skip
+    assert f"Latent {first} of {sae['id']} as the source" == find(By.ID, "latent-title").text
+
+    # The URL restores the grid, the cell and the latent.
+    url = driver.current_url
+    assert re.search(r"\?run=[0-9a-f]{12}&cell=[0-9a-f]{12}&latent=[0-9a-f]{12}$", url), url
+    driver.get(url)
+    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")) == 4, 60, "the restored panels")
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr")) == len(rows)
+    assert find(By.CSS_SELECTOR, "#table td.cell-open").get_attribute("data-layer") == str(layer)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    time.sleep(0.3)
+    assert driver.save_screenshot(str(SCREENSHOT.with_name("app-sae.png")))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -261,8 +261,9 @@ def generated(model, generator, vector: torch.Tensor, samples: int, seed: int) -
 
 
 def nearest(model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tensor | None) -> tuple[list[dict], str]:
-    """The corpus's ``n`` inputs whose activations are nearest the vector by the standardised
-    distance (``std``: the generator's, else the corpus's own), and which std was used."""
+    """The corpus's ``n`` distinct input texts whose activations are nearest the vector by the
+    standardised distance (``std``: the generator's, else the corpus's own), and which std was
+    used. Distinct: corpus texts often share a prefix, and a repeated input says nothing new."""
     from superscopes.inverse import distance
 
     inputs, acts = corpus
@@ -271,9 +272,12 @@ def nearest(model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tenso
         scale = "the corpus's"
         std = acts.float().std(0).clamp_min(1e-4)
     found = torch.cat([distance(acts[i : i + CHUNK], vector[None], std) for i in range(0, len(acts), CHUNK)])
-    top = found.topk(min(n, len(found)), largest=False)
-    return [{"text": model.tokenizer.decode(inputs[int(i)]), "distance": float(d)}
-            for d, i in zip(top.values, top.indices)], scale  # fmt: skip
+    shown: dict[str, float] = {}
+    for i in found.argsort().tolist():
+        shown.setdefault(model.tokenizer.decode(inputs[i]), float(found[i]))
+        if len(shown) == n:
+            break
+    return [{"text": text, "distance": d} for text, d in shown.items()], scale
 
 
 def latent_frame(model, sae, latent: int, alphas: list[float], max_new_tokens: int, batch_size: int):

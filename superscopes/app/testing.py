@@ -38,7 +38,7 @@ def fake_similarity(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(similarity=values)
 
 
-def tiny_panels(model, folder, name: str = "tiny-llama", site: str = "resid_post", layer: int = 1) -> tuple:
+def tiny_panels(model, folder, name: str = "tiny-llama", site: str = "resid_post", layer: int = 0) -> tuple:
     """A TopK SAE (128 latents, k=8) and an InverseScope generator (20 steps) for ``model`` at
     ``site``/``layer``, trained in seconds on the built-in fallback sentences and written to
     ``folder/sae`` and ``folder/generator`` (``generator.pt`` beside its ``pairs.pt``, as
