@@ -18,7 +18,9 @@ from superscopes import sae as S
 from superscopes.app import App
 from superscopes.app.store import RunStore
 from superscopes.app.testing import fake_similarity, tiny_model, tiny_panels
-from tests.test_app import NAME, PROMPT, Client, start
+from superscopes.app.panels import Panels
+from superscopes.app.server import main as app_main
+from tests.test_app import NAME, PROMPT, Client, page_helpers, start
 
 CELL = {"model": NAME, "prompt": PROMPT, "position": 5, "site": "resid_post", "layer": 0}  # the tiny SAE's layer
 
@@ -241,3 +243,52 @@ def test_panel_posts_are_json_only_and_same_origin(make_app):
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 415
     assert client.app.jobs == {}
+
+
+def test_the_embedded_sae_is_offered_by_name_and_matched_without_reading_its_weights():
+    embedded = S.EMBEDDED_DIR / S.EMBEDDED["smollm2-135m"]
+    for panels in (Panels(), Panels(saes=[embedded]), Panels(saes=[embedded], embedded=False)):
+        assert list(panels.saes) == ["embedded:smollm2-135m"]  # by its name, once
+        offer = panels.saes["embedded:smollm2-135m"]
+        assert offer.loaded is None  # weights are read on first use, in the worker
+        assert offer.describe() | {"detail": ""} == {"id": "embedded:smollm2-135m", "model": "smollm2-135m",
+                                                     "site": "resid_post", "layer": 15, "d_in": 576, "latents": 4608,
+                                                     "detail": ""}  # fmt: skip
+    names = ("smollm2-135m", "smollm2-135m")
+    assert Panels().pick("sae", names, 576, "resid_post", 15) == ("embedded:smollm2-135m", "")
+    # A SAELens folder records the repo id: the same model.
+    assert Panels().pick("sae", ("HuggingFaceTB/SmolLM2-135M",), 576, "resid_post", 15)[0] == "embedded:smollm2-135m"
+    chosen, why = Panels().pick("sae", ("gemma3-270m",), 640, "resid_post", 15)
+    assert chosen is None and "it was made for smollm2-135m" in why
+    chosen, why = Panels().pick("sae", names, 576, "mlp_out", 3)
+    assert chosen is None and why.endswith("it reads resid_post layer 15")
+
+
+def test_the_command_line_refuses_an_sae_or_generator_it_cannot_read(tmp_path, capsys):
+    store = str(tmp_path / "runs.sqlite")
+    assert app_main(["--port", "0", "--store", store, "--sae", str(tmp_path / "missing")]) == 2
+    assert "missing is not an SAE folder: cfg.json is missing" in capsys.readouterr().err
+    assert app_main(["--port", "0", "--store", store, "--generator", str(tmp_path / "none.pt")]) == 2
+    assert "no generator at" in capsys.readouterr().err
+
+
+def test_page_panel_lines_say_what_each_number_is_and_why_a_panel_is_empty():
+    lines = page_helpers("""[
+        app.panelStatus({status: "queued", ahead: 1}),
+        app.panelStatus({status: "error", error: "boom"}),
+        app.panelStatus({status: "done"}),
+        app.saeHint({id: null, why: "no sae here applies"}, "m"),
+        app.saeHint({id: "s", label: "SAE(x)", active: 3, reconstruction_cosine: 0.912, error_share: 0.41}, "m"),
+        app.latentHint({scale: "mean", layer: 15}, {latent: 7}, "Diana"),
+        app.latentHint({scale: "unit", layer: 2}, {latent: 7}, ""),
+        app.panelsLine({saes: [{id: "a", model: "m", site: "resid_post", layer: 3}], generators: [], corpora: []}),
+    ]""")
+    assert lines[0] == "queued (1 ahead: it runs after the chunk in progress)"
+    assert lines[1:3] == ["failed: boom", ""]
+    assert lines[3] == "no sae here applies"
+    assert lines[4].startswith("SAE(x): 3 latents active; the reconstruction's cosine with the vector is 0.91 and its "
+                               "error is 41% of the vector's norm.")  # fmt: skip
+    assert "m's own final norm and unembedding" in lines[4]
+    assert "× its mean activation when active × α" in lines[5] and "“Diana”" in lines[5]
+    assert "unit norm" in lines[6] and "similarity: the judge's" not in lines[6]
+    assert lines[7] == "Cell panels: SAEs a (m, resid_post layer 3); generators none; corpora none."

@@ -152,8 +152,16 @@ class Panels:
         if embedded:
             for model, folder in S.EMBEDDED.items():
                 self.saes[EMBEDDED_PREFIX + model] = _sae_offer(S.EMBEDDED_DIR / folder, EMBEDDED_PREFIX + model)
+        embedded_dirs = {(S.EMBEDDED_DIR / folder).resolve(): model for model, folder in S.EMBEDDED.items()}
         for source in saes:
-            base = f"sae:{source.site}-{source.layer}" if isinstance(source, S.SAE) else f"sae:{Path(source).name}"
+            if isinstance(source, S.SAE):
+                base = f"sae:{source.site}-{source.layer}"
+            elif Path(source).resolve() in embedded_dirs:  # an embedded SAE given by its folder: its own name
+                base = EMBEDDED_PREFIX + embedded_dirs[Path(source).resolve()]
+                if base in self.saes:
+                    continue
+            else:
+                base = f"sae:{Path(source).name}"
             offer = _sae_offer(source, _unique_id(base, self.saes))
             self.saes[offer.id] = offer
         for source in generators:

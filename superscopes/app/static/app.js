@@ -129,8 +129,15 @@ function fillForm(config) {
     `grid up to ${L.max_cells} cells (tokens × sites × layers × alphas); up to ${L.max_new_tokens} new tokens; ` +
     `one run at a time per page. Success: similarity above ${config.threshold}.` +
     (config.remote_configured ? "" : " NDIF models appear when NDIF_API_KEY or NDIF_HOST is set.") +
-    (config.keeps_runs ? " Runs are kept on this server: each has its own URL." : "");
+    (config.keeps_runs ? " Runs are kept on this server: each has its own URL." : "") +
+    ` ${panelsLine(config.panels)}`;
   updateTargetFields();
+}
+
+function panelsLine(panels) {
+  // What a clicked cell's panels can use on this server.
+  const list = (items) => items.map((o) => `${o.id} (${o.model || "any model"}, ${o.site} layer ${o.layer})`).join(", ") || "none";
+  return `Cell panels: SAEs ${list(panels.saes)}; generators ${list(panels.generators)}; corpora ${list(panels.corpora)}.`;
 }
 
 function targetLayerFields(value) {
@@ -1195,5 +1202,6 @@ if (typeof module !== "undefined") {
   module.exports = {
     statusText, jobState, readoutHint, heatmapSize, isStale, runsFromUrl, runUrl, cellControls, passes,
     controlsPerBest, targetLayerFields, historyLine, closestPosition, addRows, panelStatus, saeHint, latentHint,
+    panelsLine,
   };
 }
