@@ -217,13 +217,15 @@ def test_a_panel_runs_between_a_running_grids_chunks_and_one_per_page(make_app):
         gate.wait(30)  # the grid's first chunk holds here until the panel job is queued
         return fake_similarity(frame)
 
-    client = make_app(judge=judge)
+    client = make_app(judge=judge, limits={"max_queued": 2})
     status, grid = client.run(layers="0-1", alphas="1,3", controls=False)  # 6 chunks, one per token
     assert status == 202, grid
     status, cell = client.json("POST", "/api/cell", {"client": "test", **CELL})
     assert status == 202 and cell["status"] == "queued", cell  # the page's grid does not block its panel
     status, second = client.json("POST", "/api/cell", {"client": "test", **CELL})
     assert status == 409 and second["job"] == cell["job"]  # one panel job per page at a time
+    status, full = client.json("POST", "/api/latent", {"client": "other", "sae": "sae:sae", "latent": 0})
+    assert status == 503 and "the queue is full" in full["error"]  # panel jobs count toward the queue's cap
     gate.set()
     done = client.wait(cell["job"])
     client.wait(grid["job"])

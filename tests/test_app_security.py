@@ -260,12 +260,15 @@ def test_cross_site_posts_are_refused(api):
     body = json.dumps(grid(tokens="last", layers="0", sites=["mlp_out"])).encode()
     other_port = {"Origin": "http://127.0.0.1:1"}  # another page on this machine
     for headers in (other_port, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
-        for path, data in (("/api/run", body), ("/api/tokens", b'{"prompt": "hi"}')):
+        for path, data in (("/api/run", body), ("/api/tokens", b'{"prompt": "hi"}'), (  # the cell panels' too
+                "/api/cell", b'{"prompt": "hi", "position": 0, "site": "resid_post", "layer": 0}'),
+                ("/api/latent", b'{"sae": "x", "latent": 0}')):  # fmt: skip
             status, answer = post_raw(base, path, data, headers)
             assert status == 403 and "another site" in answer["error"], (headers, answer)
     # The simple request a page on another site can send without a preflight.
-    status, answer = post_raw(base, "/api/run", body, {"Content-Type": "text/plain;charset=json"})
-    assert status == 415 and "application/json" in answer["error"]
+    for path in ("/api/run", "/api/cell", "/api/latent"):
+        status, answer = post_raw(base, path, body, {"Content-Type": "text/plain;charset=json"})
+        assert status == 415 and "application/json" in answer["error"]
     assert api.app.jobs == {}
     # The page itself (same origin) may.
     own = {"Origin": base, "Sec-Fetch-Site": "same-origin"}

@@ -51,7 +51,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -514,9 +514,9 @@ class App:
         batch_size: int = 64,
         offer_embedded: bool = True,
         store: RunStore | None = None,
-        saes=(),
-        generators=(),
-        corpora=(),
+        saes: Sequence = (),
+        generators: Sequence = (),
+        corpora: Sequence = (),
     ):
         from superscopes.judge import DEFAULT_THRESHOLD
         from superscopes.remote import settings
@@ -902,7 +902,7 @@ class App:
             for old in sorted(finished, key=lambda j: j.finished or j.started)[: max(0, len(self.jobs) - KEEP_JOBS)]:
                 del self.jobs[old.id]
             self.queue.append(job)
-            ahead = len(self.queue) - 1 + (self.current is not None)
+            ahead = self._ahead(job)
             if self.worker is None:
                 self.worker = threading.Thread(target=self._worker, name="superscopes-worker", daemon=True)
                 self.worker.start()
