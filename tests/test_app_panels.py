@@ -85,6 +85,8 @@ def test_cell_breakdown_and_inputs_equal_the_library_by_hand(make_app, model, tr
     # Each label: the tokens its decoder direction promotes through the model's own unembedding.
     top = lens.decode(model, sae.W_dec[[i for i, _ in expected]], top_k=5)
     assert [r["promotes"] for r in got] == [[model.tokenizer.decode([int(i)]) for i in row] for row in top["ids"]]
+    assert result["sae"]["active"] == int((sae.encode(vector) > 0).sum()) == 8  # the tiny SAE's k
+    assert result["sae"]["error_share"] == pytest.approx(float((vector - sae(vector)).norm() / vector.norm()), rel=1e-4)
     assert result["sae"]["reconstruction_cosine"] == pytest.approx(
         float(torch.nn.functional.cosine_similarity(sae(vector[None])[0], vector, dim=0)), rel=1e-4)  # fmt: skip
 

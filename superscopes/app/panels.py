@@ -237,6 +237,7 @@ def breakdown(model, sae, vector: torch.Tensor, k: int, promotes: int) -> dict:
 
     with torch.inference_mode():
         latents = sae.decompose(vector, k)
+        active = int((sae.encode(vector[None]) > 0).sum())
         reconstruction = sae(vector[None])[0].float()
         rows = sae.W_dec.detach()[[i for i, _ in latents]].float() if latents else torch.empty(0, sae.d_in)
         top = decode(model, rows, top_k=promotes) if latents else {"ids": [], "probs": []}
@@ -249,7 +250,7 @@ def breakdown(model, sae, vector: torch.Tensor, k: int, promotes: int) -> dict:
     error = (vector - reconstruction).norm() / vector.norm().clamp_min(1e-12)
     return {
         "latents": shown,
-        "active": int((sae.encode(vector[None]) > 0).sum()),
+        "active": active,
         "reconstruction_cosine": float(torch.nn.functional.cosine_similarity(reconstruction, vector, dim=0)),
         "error_share": float(error),
     }
