@@ -285,7 +285,7 @@ def test_cell_panels_sae_breakdown_latent_source_and_generated_inputs(server, dr
     if result["generated"]["id"]:
         assert len(generated) == 5 and all(re.search(r"d \d\.\d\d$", g.text) for g in generated)
     else:  # no generator for this model: the panel gives the command that trains one
-        assert not generated and "superscopes inverse train" in find(By.ID, "generated-why").text
+        assert not generated and "superscopes.inverse train" in find(By.ID, "generated-why").text
 
     # A latent as the source: its readouts, and the breakdown labels it with its self-explanation.
     rows[0].find_element(By.CSS_SELECTOR, "button").click()

@@ -182,7 +182,9 @@ def test_a_cell_no_sae_or_generator_fits_says_why_and_how_to_train(make_app):
     assert "sae:sae (tiny-llama, resid_post layer 0, width 64): it reads resid_post layer 0" in sae["why"]
     assert [a["id"] for a in sae["available"]] == ["sae:sae"]
     assert generated["id"] is None and "generator:generator" in generated["why"]
-    assert generated["command"].startswith("superscopes inverse train --model tiny-llama --site mlp_in --layer 1 --out")
+    assert generated["command"] == (
+        "python -m superscopes.inverse train --model tiny-llama --site mlp_in --layer 1 --steps 3000 "
+        "--out results/inverse/tiny-llama-L1\nsuperscopes app --model tiny-llama --generator results/inverse/tiny-llama-L1")
     assert nearest["id"] is None
     bare = make_app(saes=[], generators=[])
     state = post(bare, "/api/cell", **CELL)

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 EMBEDDED_PREFIX = "embedded:"
-TRAIN_COMMAND = ("superscopes inverse train --model {model} --site {site} --layer {layer} "
+# The README's full-size command (about 45 min on two CPU cores), at the cell's site and layer.
+TRAIN_COMMAND = ("python -m superscopes.inverse train --model {model} --site {site} --layer {layer} --steps 3000 "
                  "--out results/inverse/{slug}-L{layer}")  # fmt: skip
-SERVE_COMMAND = "superscopes app --generator results/inverse/{slug}-L{layer}"
+SERVE_COMMAND = "superscopes app --model {model} --generator results/inverse/{slug}-L{layer}"
 CHUNK = 8192  # corpus activations compared with the vector at a time (bounded memory)
 
 
@@ -210,11 +211,12 @@ class Panels:
 
 
 def train_command(model: str, site: str, layer: int) -> str:
+    """The commands that train a generator for ``model`` at ``site``/``layer`` and serve it."""
     import re
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", model).strip("-").lower() or "model"
-    return (TRAIN_COMMAND.format(model=model, site=site, layer=layer, slug=slug) + "  then  "
-            + SERVE_COMMAND.format(slug=slug, layer=layer))  # fmt: skip
+    return (TRAIN_COMMAND.format(model=model, site=site, layer=layer, slug=slug) + "\n"
+            + SERVE_COMMAND.format(model=model, slug=slug, layer=layer))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the worker's side
