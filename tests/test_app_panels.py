@@ -94,6 +94,7 @@ def test_cell_breakdown_and_inputs_equal_the_library_by_hand(make_app, model, tr
     generator = inverse.Generator.load(trained[1] / "generator.pt")
     texts = generator.sample_texts(model.tokenizer, vector[None], 4, 3)[0]
     assert [x["text"] for x in result["generated"]["inputs"]] == texts
+    assert result["generated"]["detail"] == "1-layer generator, 20 steps, inputs up to 8 tokens"
     readable = [t for t in texts if t.strip()]
     own = inverse.distance(inverse.last_token_activations(model, readable, "resid_post", 0), vector[None], generator.std)
     shown = {x["text"]: x["distance"] for x in result["generated"]["inputs"]}

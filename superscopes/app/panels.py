@@ -65,7 +65,8 @@ class Offered:
     def words(self) -> str:
         return f"{self.id} ({self.model or 'any model'}, {self.site} layer {self.layer}, width {self.d_in})"
 
-    def misfit(self, names: tuple[str, ...], hidden: int, site: str | None = None, layer: int | None = None) -> str | None:
+    def misfit(self, names: tuple[str, ...], hidden: int, site: str | None = None,
+               layer: int | None = None) -> str | None:  # fmt: skip
         """Why this does not apply to a model (``names``, hidden size ``hidden``) at ``site``/``layer``; None if it does."""
         if not same_model(self.model, names):
             return f"it was made for {self.model}"

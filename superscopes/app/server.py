@@ -948,7 +948,8 @@ class App:
             return None
         offers = self.panels.offered(kind)
         if wanted not in offers:
-            raise BadRequest(f"{kind} {_show(wanted)} is not loaded on this server; loaded: {', '.join(offers) or 'none'}")
+            loaded = ", ".join(offers) or "none"
+            raise BadRequest(f"{kind} {_show(wanted)} is not loaded on this server; loaded: {loaded}")
         reason = offers[wanted].misfit(names, hidden, site, layer)
         if reason is not None:
             where = names[0] if site is None else f"{names[0]} {site} layer {layer}"
@@ -967,7 +968,8 @@ class App:
             raise BadRequest("the prompt is empty: a cell is a token of a prompt")
         pieces = self._tokens(model, prompt)
         if len(pieces) > self.limits["max_prompt_tokens"]:
-            raise BadRequest(f"the prompt has {len(pieces)} tokens; this page takes at most {self.limits['max_prompt_tokens']}")
+            cap = self.limits["max_prompt_tokens"]
+            raise BadRequest(f"the prompt has {len(pieces)} tokens; this page takes at most {cap}")
         position = parse_whole(body.get("position"), "position", 0, len(pieces) - 1)
         site = _text(body, "site", max_chars=20)
         if site not in SITES:
@@ -996,7 +998,8 @@ class App:
         client = _text(body, "client") or "anonymous"
         name, model, names, hidden = self._panel_model(body)
         if not _text(body, "sae", max_chars=200):
-            raise BadRequest(f"sae is missing: name the SAE whose latent is the source ({', '.join(self.panels.saes) or 'none loaded'})")
+            loaded = ", ".join(self.panels.saes) or "none loaded"
+            raise BadRequest(f"sae is missing: name the SAE whose latent is the source ({loaded})")
         sae_id = self._offer(body, "sae", names, hidden)
         size = self.panels.saes[sae_id].size
         latent = parse_whole(body.get("latent"), "latent", 0, size - 1)
@@ -1056,24 +1059,25 @@ class App:
     def _cell(self, job: Job, model) -> dict:
         from superscopes.app.panels import breakdown, generated, nearest, read_vector
 
-        r = job.request
+        r, panels = job.request, self.panels
         vector = read_vector(model, job.prompt, r["site"], r["layer"], r["position"])
         result: dict = {"norm": float(vector.norm())}
         if r["sae"]:
-            sae = self.panels.sae(r["sae"])
+            sae = panels.sae(r["sae"])
             result["sae"] = {"id": r["sae"], "label": repr(sae)} | breakdown(model, sae, vector, r["k"], r["promotes"])
         else:
-            result["sae"] = {"id": None, "why": r["sae_why"], "available": self.panels.config()["saes"]}
-        generator = self.panels.generators[r["generator"]].loaded if r["generator"] else None
+            result["sae"] = {"id": None, "why": r["sae_why"], "available": panels.config()["saes"]}
+        generator = panels.generators[r["generator"]] if r["generator"] else None
         if generator is not None:
-            result["generated"] = {"id": r["generator"], "seed": r["seed"],
-                                   "inputs": generated(model, generator, vector, r["samples"], r["seed"])}  # fmt: skip
+            inputs = generated(model, generator.loaded, vector, r["samples"], r["seed"])
+            result["generated"] = {"id": generator.id, "detail": generator.detail, "seed": r["seed"], "inputs": inputs}
         else:
             result["generated"] = {"id": None, "why": r["generator_why"], "command": r["train_command"]}
         if r["corpus"]:
-            inputs, scale = nearest(model, self.panels.corpora[r["corpus"]].loaded, vector, r["samples"],
-                                           None if generator is None else generator.std)  # fmt: skip
-            result["nearest"] = {"id": r["corpus"], "inputs": inputs, "std": scale}
+            corpus = panels.corpora[r["corpus"]]
+            inputs, scale = nearest(model, corpus.loaded, vector, r["samples"],
+                                   None if generator is None else generator.loaded.std)  # fmt: skip
+            result["nearest"] = {"id": corpus.id, "detail": corpus.detail, "inputs": inputs, "std": scale}
         else:
             result["nearest"] = {"id": None, "why": r["corpus_why"]}
         return result

@@ -732,13 +732,13 @@ function renderInputs(result) {
   };
   if (generated.id) {
     fill($("generated-list"), generated.inputs);
-    $("generated-why").textContent = `${generated.id}, seed ${generated.seed}`;
+    $("generated-why").textContent = `${generated.id}: ${generated.detail}; seed ${generated.seed}`;
   } else {
     $("generated-why").append(`${generated.why}. Train one, then serve it:`, el("code", { class: "command", text: generated.command }));
   }
   if (nearest.id) {
     fill($("nearest-list"), nearest.inputs);
-    $("nearest-why").textContent = nearest.id;
+    $("nearest-why").textContent = `${nearest.id}: ${nearest.detail}`;
   } else {
     $("nearest-why").textContent = `${nearest.why}. Give one with --corpus (a pairs.pt that superscopes inverse train writes), or a generator whose folder holds one.`;
   }
