@@ -11,7 +11,7 @@ import pandas as pd
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import (
-    LAYER_SYNTAX, HelpFormatter, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
+    DEFAULT_BATCH_SIZE, LAYER_SYNTAX, HelpFormatter, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
 )  # fmt: skip
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--judge", action="store_true", help="add MiniLM similarity and mark the best alpha")
     scope.add_argument("--seed", type=int, help="seed for sampled generation (with --sample)")
     scope.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (needs --seed)")
-    scope.add_argument("--batch-size", type=int, default=64, help="patched rows per forward pass")
+    scope.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patched rows per forward pass")
     scope.add_argument("--out", help="write the table (.csv or .parquet); checked before the run")
     scope.add_argument("--force", action="store_true", help="overwrite an --out file that holds another grid")
     scope.set_defaults(func=cmd_scope)

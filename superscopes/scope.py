@@ -39,6 +39,7 @@ import torch
 
 from superscopes import ops
 from superscopes.models import model_name
+from superscopes.parsing import DEFAULT_BATCH_SIZE
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
 from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers, vocab_size
 
@@ -110,7 +111,7 @@ class Scope:
     temperature: float = 1.0
     samples: int = 1
     seed: int | None = None
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     share_prefix: bool = True
     logit_lens: bool = False
     vectors: torch.Tensor | None = field(default=None, repr=False)
