@@ -349,6 +349,10 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
     - ``self_similarity``: cosine between the patched vector and the last block's
       ``resid_post`` at the patched position, with the patch (Kharlapenko et al.: an
       explanation fails when the model no longer carries the feature there).
+    - ``entropy``: the entropy (nats) of the patched model's next-token distribution at the
+      first generated token (Kharlapenko et al. pick the scale by self-similarity together
+      with an entropy of the model's prediction; too small a scale leaves the prompt's own
+      broad prediction, too large one collapses it onto a token).
     - ``relevancy``: per generated token, its probability with the patch minus without
       (SelfIE's relevancy score: how much that token depends on the patched vector), and
       ``relevancy_mean`` over the tokens.
@@ -363,7 +367,7 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
         raise SAEError("explanation_scores needs generated outputs: run the scope with output='generate'")
     last = num_layers(model) - 1
     names = {name: i for i, name in enumerate(scope.prompts)}
-    similarity, relevancy = [], []
+    similarity, relevancy, entropy = [], [], []
     with torch.inference_mode():
         for row in frame.itertuples(index=False):
             prompt = model.tokenizer(row.target)["input_ids"]
@@ -378,10 +382,13 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
                                   alpha=row.alpha, transform=row.transform, mode=row.mode)  # fmt: skip
                         final = ops.read(model, "resid_post", last, position=row.target_position).save()
                     logits = model.output.logits[0, len(prompt) - 1 : -1].save()
-                probs[patched] = logits.float().softmax(-1).gather(-1, picked[:, None])[:, 0]
+                distribution = logits.float().log_softmax(-1)
+                if patched:
+                    entropy.append(float(-(distribution[0].exp() * distribution[0]).sum()))
+                probs[patched] = distribution.exp().gather(-1, picked[:, None])[:, 0]
             similarity.append(float(torch.nn.functional.cosine_similarity(final[0].float(), vector, dim=0)))
             relevancy.append((probs[True] - probs[False]).tolist())
-    return frame.assign(self_similarity=similarity, relevancy=relevancy,
+    return frame.assign(self_similarity=similarity, entropy=entropy, relevancy=relevancy,
                         relevancy_mean=[sum(r) / len(r) if r else float("nan") for r in relevancy])  # fmt: skip
 
 

@@ -344,6 +344,8 @@ def test_explanation_scores_self_similarity_and_relevancy(tiny_models):
     steps = range(len(prompt) - 1, ids.shape[1] - 1)
     expected = [float(patched[t, ids[0, t + 1]] - clean[t, ids[0, t + 1]]) for t in steps]
     assert row["relevancy"] == pytest.approx(expected, abs=1e-5) and len(expected) == len(row["output_ids"])
+    first = patched[len(prompt) - 1]  # the patched prediction of the first generated token
+    assert row["entropy"] == pytest.approx(float(-(first * first.log()).sum()), abs=1e-4)
     # Adding alpha 0 changes nothing: every relevancy is 0.
     zero = S.latent_scope(sae, [3], alphas=[0.0], mode="add", target_layers=[0], max_new_tokens=3)
     assert S.explanation_scores(model, zero, run(model, zero, progress=False))["relevancy_mean"].tolist() == [0.0]
