@@ -212,10 +212,27 @@ class SAE(torch.nn.Module):
     @torch.no_grad()
     def amplify_latent(self, vectors: torch.Tensor, latent: int, alpha: float) -> torch.Tensor:
         """``vectors`` with latent ``latent``'s component (activation x decoder row) scaled by
-        ``alpha`` and everything else kept (the SAE's error term included)."""
+        ``alpha`` and everything else kept (the SAE's error term included): the graph's
+        ``latent`` transform (``Scope(transforms=["latent"], sae_latent=(sae, latent))``)."""
+        from superscopes import ops
+
+        flat = vectors.reshape(-1, self.d_in)
+        return ops.amplify(flat, alpha, "latent", latent=self.latent_params(latent)).reshape(vectors.shape)
+
+    def latent_params(self, latent: int) -> dict:
+        """What ``ops.amplify(..., "latent")`` needs to amplify one latent, as plain tensors
+        (they travel with a remote request: the whole encoder for TopK, one column otherwise)."""
         (latent,) = self._latents([latent])
-        acts = self.encode(vectors.float())[..., latent : latent + 1]
-        return vectors + ((alpha - 1) * acts * self.W_dec[latent].float()).to(vectors.dtype)
+        params = {"decoder_row": self.W_dec.detach()[latent].float(), "b_dec": self.b_dec.detach().float(),
+                  "subtract_b_dec": self.apply_b_dec_to_input}  # fmt: skip
+        if self.architecture == "topk":
+            return params | {"W_enc": self.W_enc.detach().float(), "b_enc": self.b_enc.detach().float(),
+                             "index": latent, "k": self.k}  # fmt: skip
+        params |= {"W_enc": self.W_enc.detach()[:, latent : latent + 1].float(),
+                   "b_enc": self.b_enc.detach()[latent : latent + 1].float(), "index": 0}  # fmt: skip
+        if self.architecture == "jumprelu":
+            params["threshold"] = self.threshold.detach()[latent : latent + 1].float()
+        return params
 
     # ------------------------------------------------------------ disk
 
