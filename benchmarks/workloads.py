@@ -62,7 +62,7 @@ def grid_scope(sizes: Sizes, output: str = "generate") -> superscopes.Scope:
     """The headline grid: 1 token x 3 sites x 7 layers x 6 alphas (126 cells), l* = l, 10 tokens."""
     return superscopes.Scope(
         SOURCE, token=TOKEN, sites=GRID_SITES, layers=sizes.grid_layers, alphas=sizes.grid_alphas,
-        target_layers=["same"], output=output, max_new_tokens=sizes.max_new_tokens, batch_size=64,
+        target_layers=["same"], output=output, max_new_tokens=sizes.max_new_tokens,
     )  # fmt: skip
 
 

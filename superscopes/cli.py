@@ -11,7 +11,7 @@ import pandas as pd
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import (
-    LAYER_SYNTAX, HelpFormatter, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
+    DEFAULT_BATCH_SIZE, LAYER_SYNTAX, HelpFormatter, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
 )  # fmt: skip
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
@@ -62,20 +62,32 @@ def _affine_map(path: str | None, transform: str) -> dict:
     return {"affine_weight": saved["weight"], "affine_bias": saved.get("bias")}
 
 
+def _sae_latent(args: argparse.Namespace, model) -> dict:
+    """``--transform latent --latent N [--sae PATH]``: the model's embedded SAE by default."""
+    if args.latent is None:
+        return {}
+    from superscopes import sae
+
+    return {"sae_latent": (sae.load(args.sae or args.model, model=model), args.latent)}
+
+
 def cmd_scope(args: argparse.Namespace) -> None:
     _check_out(args.out, args.force)
     affine = _affine_map(args.affine_map, args.transform)
+    if (args.transform == "latent") != (args.latent is not None):  # before the model loads
+        raise ValueError("--transform latent and --latent N go together")
     import superscopes
     from superscopes import judge
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
     model = superscopes.load(args.model, remote=args.remote)
+    latent = _sae_latent(args, model)
     scope = superscopes.Scope(
         args.prompt, token=args.token, position=args.position, all_tokens=args.all_tokens,
         sites=args.sites, layers=args.layers, alphas=args.alphas, transforms=[args.transform],
         target=args.target, target_layers=args.target_layer, max_new_tokens=args.max_new_tokens,
-        do_sample=args.seed is not None and args.sample, seed=args.seed, batch_size=args.batch_size, **affine,
+        do_sample=args.seed is not None and args.sample, seed=args.seed, batch_size=args.batch_size, **affine, **latent,
     )  # fmt: skip
     if args.out and Path(args.out).exists() and Path(args.out).stat().st_size > 0 and not args.force:
         layers = range(num_layers(model)) if scope.layers == "all" else scope.layers
@@ -218,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--layers", type=parse_layers, default="1-7", help=f"source layers: {LAYER_SYNTAX}")
     scope.add_argument("--alphas", type=parse_floats, default="1,3,6,9,12,15", help="comma list of amplifications")
     scope.add_argument("--transform", default="scale", choices=ops.TRANSFORMS,
-                       help="how the vector is amplified (affine needs --affine-map)")  # fmt: skip
+                       help="how the vector is amplified (affine needs --affine-map, latent needs --latent)")  # fmt: skip
     scope.add_argument("--affine-map", help="torch file of {'weight': [d, d], 'bias': [d]} for --transform affine")
+    scope.add_argument("--latent", type=int, help="SAE latent whose component --transform latent amplifies")
+    scope.add_argument("--sae", help="SAE folder for --latent (default: the model's embedded SAE)")
     scope.add_argument("--target-layer", type=parse_target_layers, default="0", help="0, same, INT or a comma list")
     scope.add_argument("--target", default="entity",
                        help=f"a template ({', '.join(TEMPLATES)}) or template text containing the word x")  # fmt: skip
@@ -229,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--judge", action="store_true", help="add MiniLM similarity and mark the best alpha")
     scope.add_argument("--seed", type=int, help="seed for sampled generation (with --sample)")
     scope.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (needs --seed)")
-    scope.add_argument("--batch-size", type=int, default=64, help="patched rows per forward pass")
+    scope.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patched rows per forward pass")
     scope.add_argument("--out", help="write the table (.csv or .parquet); checked before the run")
     scope.add_argument("--force", action="store_true", help="overwrite an --out file that holds another grid")
     scope.set_defaults(func=cmd_scope)

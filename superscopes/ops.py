@@ -22,8 +22,8 @@ import torch
 
 from superscopes.sites import architecture_of, resolve
 
-Transform = Literal["scale", "cfg", "norm", "affine", "random"]
-TRANSFORMS: tuple[str, ...] = ("scale", "cfg", "norm", "affine", "random")
+Transform = Literal["scale", "cfg", "norm", "affine", "random", "latent"]
+TRANSFORMS: tuple[str, ...] = ("scale", "cfg", "norm", "affine", "random", "latent")
 WRITE_MODES: tuple[str, ...] = ("replace", "add")
 
 Position = int | torch.Tensor
@@ -70,6 +70,7 @@ def amplify(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     direction: torch.Tensor | None = None,
+    latent: dict | None = None,
 ) -> torch.Tensor:
     """Transform ``[n, d]`` vectors before they are written.
 
@@ -80,6 +81,9 @@ def amplify(
                   apart from merely restoring a normal residual norm.
     - ``affine``: alpha * (v @ weight.T + bias), e.g. a map fitted between two models.
     - ``random``: a random ``direction`` with the norm of v, times alpha (a control).
+    - ``latent``: v + (alpha - 1) * a(v) * d: one SAE latent's component of v (its activation
+                  a(v) times its decoder row d) scaled by alpha, the rest of v (the SAE's error
+                  term included) kept; ``latent`` holds the SAE's tensors (``SAE.latent_params``).
     ``alpha`` is a scalar or one value per row.
     """
     alpha = torch.as_tensor(alpha, dtype=vectors.dtype, device=vectors.device)
@@ -97,7 +101,26 @@ def amplify(
     if transform == "random":
         unit = direction.to(vectors.dtype) / direction.norm(dim=-1, keepdim=True)
         return alpha * unit * vectors.norm(dim=-1, keepdim=True)
+    if transform == "latent":
+        row = latent["decoder_row"].to(vectors.dtype)
+        return vectors + (alpha - 1) * latent_activation(vectors, **latent).to(vectors.dtype) * row
     raise ValueError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+
+
+def latent_activation(vectors: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                      index: int, decoder_row: torch.Tensor | None = None, k: int | None = None,
+                      threshold: torch.Tensor | None = None, subtract_b_dec: bool = True) -> torch.Tensor:  # fmt: skip
+    """One SAE latent's activation ``[n, 1]`` on vectors ``[n, d]``, computed as the SAE does:
+    ReLU, JumpReLU (``threshold``) or TopK (``k``: the latent counts only when its
+    pre-activation is among the ``k`` largest). Plain torch, so it runs inside a trace."""
+    x = vectors.float() - b_dec.float() if subtract_b_dec else vectors.float()
+    pre = x @ W_enc.float() + b_enc.float()
+    own = pre[:, index : index + 1]
+    if threshold is not None:
+        return own.relu() * (own > threshold[index])
+    if k is not None:
+        return own.relu() * (own >= pre.topk(k, dim=-1).values[:, -1:])
+    return own.relu()
 
 
 def write(

@@ -212,10 +212,27 @@ class SAE(torch.nn.Module):
     @torch.no_grad()
     def amplify_latent(self, vectors: torch.Tensor, latent: int, alpha: float) -> torch.Tensor:
         """``vectors`` with latent ``latent``'s component (activation x decoder row) scaled by
-        ``alpha`` and everything else kept (the SAE's error term included)."""
+        ``alpha`` and everything else kept (the SAE's error term included): the graph's
+        ``latent`` transform (``Scope(transforms=["latent"], sae_latent=(sae, latent))``)."""
+        from superscopes import ops
+
+        flat = vectors.reshape(-1, self.d_in)
+        return ops.amplify(flat, alpha, "latent", latent=self.latent_params(latent)).reshape(vectors.shape)
+
+    def latent_params(self, latent: int) -> dict:
+        """What ``ops.amplify(..., "latent")`` needs to amplify one latent, as plain tensors
+        (they travel with a remote request: the whole encoder for TopK, one column otherwise)."""
         (latent,) = self._latents([latent])
-        acts = self.encode(vectors.float())[..., latent : latent + 1]
-        return vectors + ((alpha - 1) * acts * self.W_dec[latent].float()).to(vectors.dtype)
+        params = {"decoder_row": self.W_dec.detach()[latent].float(), "b_dec": self.b_dec.detach().float(),
+                  "subtract_b_dec": self.apply_b_dec_to_input}  # fmt: skip
+        if self.architecture == "topk":
+            return params | {"W_enc": self.W_enc.detach().float(), "b_enc": self.b_enc.detach().float(),
+                             "index": latent, "k": self.k}  # fmt: skip
+        params |= {"W_enc": self.W_enc.detach()[:, latent : latent + 1].float(),
+                   "b_enc": self.b_enc.detach()[latent : latent + 1].float(), "index": 0}  # fmt: skip
+        if self.architecture == "jumprelu":
+            params["threshold"] = self.threshold.detach()[latent : latent + 1].float()
+        return params
 
     # ------------------------------------------------------------ disk
 
@@ -349,6 +366,10 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
     - ``self_similarity``: cosine between the patched vector and the last block's
       ``resid_post`` at the patched position, with the patch (Kharlapenko et al.: an
       explanation fails when the model no longer carries the feature there).
+    - ``entropy``: the entropy (nats) of the patched model's next-token distribution at the
+      first generated token (Kharlapenko et al. pick the scale by self-similarity together
+      with an entropy of the model's prediction; too small a scale leaves the prompt's own
+      broad prediction, too large one collapses it onto a token).
     - ``relevancy``: per generated token, its probability with the patch minus without
       (SelfIE's relevancy score: how much that token depends on the patched vector), and
       ``relevancy_mean`` over the tokens.
@@ -363,7 +384,7 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
         raise SAEError("explanation_scores needs generated outputs: run the scope with output='generate'")
     last = num_layers(model) - 1
     names = {name: i for i, name in enumerate(scope.prompts)}
-    similarity, relevancy = [], []
+    similarity, relevancy, entropy = [], [], []
     with torch.inference_mode():
         for row in frame.itertuples(index=False):
             prompt = model.tokenizer(row.target)["input_ids"]
@@ -378,10 +399,13 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
                                   alpha=row.alpha, transform=row.transform, mode=row.mode)  # fmt: skip
                         final = ops.read(model, "resid_post", last, position=row.target_position).save()
                     logits = model.output.logits[0, len(prompt) - 1 : -1].save()
-                probs[patched] = logits.float().softmax(-1).gather(-1, picked[:, None])[:, 0]
+                distribution = logits.float().log_softmax(-1)
+                if patched:
+                    entropy.append(float(-(distribution[0].exp() * distribution[0]).sum()))
+                probs[patched] = distribution.exp().gather(-1, picked[:, None])[:, 0]
             similarity.append(float(torch.nn.functional.cosine_similarity(final[0].float(), vector, dim=0)))
             relevancy.append((probs[True] - probs[False]).tolist())
-    return frame.assign(self_similarity=similarity, relevancy=relevancy,
+    return frame.assign(self_similarity=similarity, entropy=entropy, relevancy=relevancy,
                         relevancy_mean=[sum(r) / len(r) if r else float("nan") for r in relevancy])  # fmt: skip
 
 

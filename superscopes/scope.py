@@ -39,6 +39,7 @@ import torch
 
 from superscopes import ops
 from superscopes.models import model_name
+from superscopes.parsing import DEFAULT_BATCH_SIZE
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
 from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers, vocab_size
 
@@ -74,6 +75,8 @@ class Scope:
     ``transforms``: see ``ops.amplify``, plus ``none`` (nothing is written: the target's own
     output, the control a readout is compared with). ``affine_weight``/``affine_bias``: one
     map, or a dict of maps keyed by ``(layer, target_layer)`` (one per layer pair).
+    ``sae_latent``: ``(sae, latent)`` for the ``latent`` transform (amplify that SAE latent's
+    component of each read vector; the cells must read at the SAE's site and layer).
     ``output``: ``generate`` (``max_new_tokens`` tokens) or ``topk`` (next-token top-k).
     Greedy by default; ``do_sample=True`` samples at ``temperature`` (no top-k/top-p
     truncation) with one seed per cell derived from ``seed`` and the cell itself, so a
@@ -110,7 +113,7 @@ class Scope:
     temperature: float = 1.0
     samples: int = 1
     seed: int | None = None
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     share_prefix: bool = True
     logit_lens: bool = False
     vectors: torch.Tensor | None = field(default=None, repr=False)
@@ -118,6 +121,7 @@ class Scope:
     affine_weight: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
     affine_bias: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
     where: Callable[[Cell], bool] | None = field(default=None, repr=False)
+    sae_latent: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -397,6 +401,22 @@ def _check_vectors(scope: Scope, pairs: list[tuple[int, int]], targets: list[str
         raise ScopeError('target "source" and logit_lens need read vectors; with vectors, use a target template')
 
 
+def _check_latent(scope: Scope, model, pairs: list[tuple[int, int]]) -> None:
+    """The ``latent`` transform's SAE fits the model, the latent exists, and every source
+    vector is read where the SAE was trained (its site and layer)."""
+    if "latent" not in scope.transforms:
+        return
+    if not (isinstance(scope.sae_latent, tuple) and len(scope.sae_latent) == 2):
+        raise ScopeError("transform 'latent' needs sae_latent=(sae, latent index), e.g. (superscopes.sae.load(...), 345)")
+    sae, latent = scope.sae_latent
+    sae.check(model)
+    sae._latents([latent])
+    wrong = sorted({(site, layer) for site in scope.sites for layer, _ in pairs} - {(sae.site, sae.layer)})
+    if wrong:
+        raise ScopeError(f"transform 'latent' amplifies a latent of an SAE on {sae.site} layer {sae.layer}; the grid "
+                         f"reads {wrong[:5]} too: use sites=[{sae.site!r}], layers=[{sae.layer}]")  # fmt: skip
+
+
 def plan(model, scope: Scope, target_model=None) -> Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
@@ -416,6 +436,7 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ScopeError(f"alpha {alpha!r} is not a finite number")
     _check_affine(scope, model, target_model, pairs)
+    _check_latent(scope, model, pairs)
     targets_wanted = _per_prompt("target", scope.target, len(scope.prompts))
     if scope.vectors is not None:
         _check_vectors(scope, pairs, targets_wanted, model)
@@ -658,6 +679,8 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                 extra = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
             elif p.transform == "random":
                 extra = {"direction": settings["directions"][vectors]}
+            elif p.transform == "latent":
+                extra = {"latent": settings["latent"]}
             ops.patch(target_model, g.site, g.layer, table[vectors], g.columns[members], rows,
                       alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
@@ -769,8 +792,11 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
     settings = {
         "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
         "temperature": scope.temperature, "mode": scope.mode, "pad_token_id": target_model.tokenizer.pad_token_id,
-        "maps": maps, "directions": None,
+        "maps": maps, "directions": None, "latent": None,
     }  # fmt: skip
+    if "latent" in scope.transforms:
+        sae, latent = scope.sae_latent
+        settings["latent"] = sae.latent_params(latent)
     if "random" in scope.transforms:
         settings["directions"] = _directions(scope, keys, hidden_size(target_model))
     lens_k = scope.top_k if scope.logit_lens else 0

@@ -180,3 +180,17 @@ def test_affine_transform_from_the_command_line(tmp_path, capsys):
     assert outputs["affine"] == outputs["scale"]
     assert main([*scope_argv(tmp_path / "x.csv"), "--transform", "affine"]) == 2
     assert "--transform affine and --affine-map FILE go together" in capsys.readouterr().err
+
+
+def test_latent_transform_from_the_command_line(tmp_path, capsys):
+    """--transform latent --latent N amplifies that latent of the embedded SAE (resid_post 15):
+    alpha 1 is the plain readout; without --latent it is an error before the model loads."""
+    outputs = {}
+    for transform, extra in (("scale", []), ("latent", ["--latent", "7"])):
+        out = tmp_path / f"{transform}.csv"
+        argv = [*scope_argv(out, "--alphas", "1"), "--sites", "resid_post", "--layers", "15", "--transform", transform]
+        assert main([*argv, *extra]) == 0
+        outputs[transform] = pd.read_csv(out, keep_default_na=False)["output"].tolist()
+    assert outputs["latent"] == outputs["scale"]
+    assert main([*scope_argv(tmp_path / "x.csv"), "--transform", "latent"]) == 2
+    assert "--transform latent and --latent N go together" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 import superscopes
@@ -27,6 +28,15 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
     assert len(cells) == 6 * 2 and sorted(set(cells["alpha"])) == [1.0, 4.0]
     assert cells[["agreement", "control", "self_similarity"]].abs().le(1 + 1e-6).all().all()
     assert (cells.groupby("latent").size() == 2).all() and cells["contexts"].str.len().gt(0).all()
+    assert cells["entropy"].ge(0).all()
+    # Each selector takes, per latent, the alpha with the best value of its own column.
+    selected = pd.read_csv(tmp_path / "out" / "selected.csv").set_index("selector")
+    assert list(selected.index) == ["relevancy", "self-similarity", "entropy"] and selected["n_prompts"].eq(6).all()
+    by_similarity = cells.loc[cells.groupby("latent")["self_similarity"].idxmax()]
+    by_entropy = cells.loc[cells.groupby("latent")["entropy"].idxmin()]
+    assert selected.loc["self-similarity", "mean_a"] == pytest.approx(by_similarity["agreement"].mean(), abs=1e-6)
+    assert selected.loc["entropy", "mean_alpha"] == pytest.approx(by_entropy["alpha"].mean())
+    assert (selected["p_holm"] >= selected["p"] - 1e-12).all()
     per_alpha = pd.read_csv(tmp_path / "out" / "per_alpha.csv")
     assert list(per_alpha["n_prompts"]) == [6, 6]
     summary = (tmp_path / "out" / "summary.md").read_text()

@@ -81,6 +81,61 @@ def test_amplify_latent_scales_only_that_component():
     assert sae.decompose(out, 2)[0][0] == 17  # now the strongest latent
 
 
+@pytest.mark.parametrize("arch,k", [("standard", None), ("topk", 3), ("jumprelu", None)])
+def test_latent_activation_in_the_trace_equals_the_sae(arch, k):
+    """``ops.latent_activation`` (plain torch, shipped with a trace) is the SAE's own encoder."""
+    sae = orthonormal_sae(arch, k)
+    sae.b_dec.data = torch.randn(D) * 0.1  # b_dec subtracted from the input, as SAELens does
+    vectors = torch.randn(6, D)
+    for latent in range(sae.d_sae):
+        expected = sae.encode(vectors)[:, latent : latent + 1]
+        got = ops.latent_activation(vectors, **sae.latent_params(latent))
+        assert torch.allclose(got, expected, atol=1e-6), latent
+
+
+def test_latent_transform_in_the_graph_equals_amplify_latent_by_hand(tiny_models):
+    """Scope(transforms=["latent"]) patches v + (alpha - 1) a(v) d: the same next-token
+    probabilities as writing that vector, computed by hand, as an external source; alpha 1 is
+    the plain patch; the same under remote="local"."""
+    from superscopes.scope import read_vectors
+
+    model = tiny_models["llama"]
+    sae = orthonormal_sae("topk", k=8)
+    grid = dict(sites=["resid_post"], layers=[1], target_layers=[1], target="a b c x", placeholder="x", output="topk")
+    vector = read_vectors(model, ["one two three"], [(0, -1, "resid_post", 1)])[0]
+    latent = int(sae.decompose(vector, k=1)[0][0])  # an active latent: amplifying it changes the vector
+    activation = float(sae.encode(vector)[latent])
+    by_hand = vector + 7.0 * activation * sae.W_dec[latent].detach()
+    scope = Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, latent), **grid)
+    frame = run(model, scope, progress=False)
+    plain = run(model, Scope("one two three", position=-1, alphas=[1.0], **grid), progress=False)
+    external = run(model, Scope(["v"], vectors=by_hand[None], alphas=[1.0], **grid), progress=False)
+    probs = frame["output_probs"].tolist()
+    assert frame["transform"].tolist() == ["latent", "latent"]
+    assert probs[0] == pytest.approx(plain["output_probs"].iloc[0], rel=1e-5)
+    assert frame["output_ids"].iloc[1] == external["output_ids"].iloc[0]
+    assert probs[1] == pytest.approx(external["output_probs"].iloc[0], rel=1e-5)
+    assert probs[1] != pytest.approx(probs[0], rel=1e-3)  # the amplified latent moved the prediction
+    remote = run(model, scope, remote="local", progress=False)
+    assert remote["output_ids"].tolist() == frame["output_ids"].tolist()
+    assert remote["output_probs"].iloc[1] == pytest.approx(probs[1], rel=1e-5)
+
+
+def test_latent_transform_is_validated_before_any_forward_pass(tiny_models):
+    model = tiny_models["llama"]
+    sae = orthonormal_sae()
+    base = dict(sites=["resid_post"], layers=[1], alphas=[2.0], transforms=["latent"])
+    with pytest.raises(ScopeError, match=r"needs sae_latent=\(sae, latent index\)"):
+        plan(model, Scope("a b", **base))
+    with pytest.raises(ScopeError, match=r"SAE on resid_post layer 1; the grid reads \[\('mlp_out', 0\), "
+                                         r"\('mlp_out', 1\), \('resid_post', 0\)\] too"):
+        plan(model, Scope("a b", **{**base, "sites": ["resid_post", "mlp_out"], "layers": [0, 1]},
+                          sae_latent=(sae, 3)))  # fmt: skip
+    with pytest.raises(S.SAEError, match=r"latent\(s\) \[48\] out of range"):
+        plan(model, Scope("a b", **base, sae_latent=(sae, 48)))
+    assert len(plan(model, Scope("a b", **base, sae_latent=(sae, 3))).cells) == 1
+
+
 def test_directions_scales():
     sae = orthonormal_sae()
     assert torch.allclose(sae.directions([3, 4]), sae.W_dec[[3, 4]] * sae.mean_activation[[3, 4], None])
@@ -344,6 +399,8 @@ def test_explanation_scores_self_similarity_and_relevancy(tiny_models):
     steps = range(len(prompt) - 1, ids.shape[1] - 1)
     expected = [float(patched[t, ids[0, t + 1]] - clean[t, ids[0, t + 1]]) for t in steps]
     assert row["relevancy"] == pytest.approx(expected, abs=1e-5) and len(expected) == len(row["output_ids"])
+    first = patched[len(prompt) - 1]  # the patched prediction of the first generated token
+    assert row["entropy"] == pytest.approx(float(-(first * first.log()).sum()), abs=1e-4)
     # Adding alpha 0 changes nothing: every relevancy is 0.
     zero = S.latent_scope(sae, [3], alphas=[0.0], mode="add", target_layers=[0], max_new_tokens=3)
     assert S.explanation_scores(model, zero, run(model, zero, progress=False))["relevancy_mean"].tolist() == [0.0]
