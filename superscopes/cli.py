@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(app)
     app.set_defaults(func=cmd_app)
 
-    remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model")
+    remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model",
+                              formatter_class=HelpFormatter)
     remote_verbs = remote.add_subparsers(dest="remote_verb", required=True)
     status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?",
                                      formatter_class=HelpFormatter)  # fmt: skip

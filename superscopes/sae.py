@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from superscopes.parsing import HelpFormatter
 from superscopes.sites import hidden_size
 
 if TYPE_CHECKING:  # pandas only where a frame is built
@@ -456,7 +457,6 @@ def cache_activations(model, site: str, layer: int, texts: Sequence[str], tokens
     from tqdm.auto import tqdm
 
     from superscopes.lens import collect
-
     from superscopes.models import model_name
 
     folder = Path(folder)
@@ -664,9 +664,11 @@ def train(model, site: str, layer: int, latents: int, k: int, tokens: int, out: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m superscopes.sae", description="Sparse autoencoders on a model's sites")
+    parser = argparse.ArgumentParser(prog="python -m superscopes.sae", formatter_class=HelpFormatter,
+                                     description="Sparse autoencoders on a model's sites")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("train", help="train a TopK SAE on the offline corpus (resumable)")
+    p = commands.add_parser("train", help="train a TopK SAE on the offline corpus (resumable)",
+                            formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--site", default="resid_post", choices=list(SITE_HOOKS))
     p.add_argument("--layer", type=int, required=True)

@@ -12,7 +12,8 @@ import torch
 
 from superscopes import Scope, ScopeError
 from superscopes.cli import main
-from superscopes.parsing import parse_layers, parse_names
+from recipes import RECIPES
+from superscopes.parsing import HelpFormatter, parse_layers, parse_names
 from superscopes.prompts import TokenNotFoundError, find_token
 
 
@@ -93,7 +94,7 @@ def test_scope_help_shows_defaults_and_every_choice(capsys):
     with pytest.raises(SystemExit):
         main(["scope", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "{scale,cfg,norm,affine,random}" in text and "(default: 1-7)" in text and "(default: 1,3,6,9,12,15)" in text
+    assert "{scale,cfg,norm,affine,random,latent}" in text and "(default: 1-7)" in text and "(default: 1,3,6,9,12,15)" in text
     assert "resid_pre, attn_out, mlp_in, mlp_out, resid_post" in text and "(default: smollm2-135m)" in text
 
 
@@ -194,3 +195,37 @@ def test_latent_transform_from_the_command_line(tmp_path, capsys):
     assert outputs["latent"] == outputs["scale"]
     assert main([*scope_argv(tmp_path / "x.csv"), "--transform", "latent"]) == 2
     assert "--transform latent and --latent N go together" in capsys.readouterr().err
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str):
+    """``parser`` and every sub-command parser below it, with a readable name."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {verb}")
+
+
+def test_every_help_shows_every_default():
+    """Every option with a default says it in --help: the CLI, its module verbs (corpus,
+    inverse, sae), the explorer and every recipe."""
+    import importlib
+
+    from superscopes import cli
+    from superscopes.app import server
+
+    roots = [("superscopes", cli.build_parser()),
+             ("superscopes app", server.add_arguments(argparse.ArgumentParser(formatter_class=HelpFormatter)))]
+    roots += [(f"superscopes {verb}", importlib.import_module(f"superscopes.{verb}").build_parser())
+              for verb in cli.MODULE_VERBS]  # fmt: skip
+    roots += [(f"recipe {name}", importlib.import_module(f"recipes.{name}").build_parser()) for name in RECIPES]
+    missing = []
+    for root, parser in roots:
+        for name, sub in _parsers(parser, root):
+            formatter = sub._get_formatter()
+            for action in sub._actions:
+                if action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+                    continue
+                if "default" not in (formatter._get_help_string(action) or "").lower():
+                    missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, missing
