@@ -364,6 +364,9 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
     def progress():
         return find(By.ID, "progress-text").text
 
+    def reads(line, after=""):  # the progress line is "<line> (<elapsed> s)<after>"
+        return re.fullmatch(re.escape(line) + r" \([\d.]+ s\)" + re.escape(after), progress())
+
     def buttons():  # (Run usable, Cancel usable)
         return find(By.ID, "run").is_enabled(), find(By.ID, "cancel").is_enabled()
 
@@ -389,7 +392,7 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
         # Page A: every token (6 chunks of 12 cells); its first chunk holds in the judge.
         run_a = start(PROMPT, "all")
         assert gated.judge.wait(PROMPT), "the first run's first chunk never reached the judge"
-        wait_for(lambda: re.fullmatch(r"0 / 72 cells — running \([\d.]+ s\)", progress()), 30, "the first run running")
+        wait_for(lambda: reads("0 / 72 cells — running"), 30, "the first run running")
         assert buttons() == (False, True)
 
         # Page B, another client: its run waits behind A's.
@@ -404,15 +407,14 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
         driver.switch_to.window(page_a)
         gated.cancels.clear()
         find(By.ID, "cancel").click()
-        assert progress().endswith(cancelling), progress()
-        assert buttons() == (False, False)
+        wait_for(lambda: progress().endswith(cancelling) and buttons() == (False, False), 5, "the page's cancelling")
         polled(run_a)
         assert not gated.app.jobs[run_a].cancel.is_set()
         assert progress().endswith(cancelling) and buttons() == (False, False), progress()
         gated.cancels.set()
         wait_for(lambda: gated.app.jobs[run_a].cancel.is_set(), 15, "the server to take the cancel")
         polled(run_a)
-        assert re.fullmatch(r"0 / 72 cells — running \([\d.]+ s\)" + cancelling, progress()), progress()
+        assert reads("0 / 72 cells — running", cancelling), progress()
 
         # B still waits: A's chunk in progress finishes first.
         driver.switch_to.window(page_b)
@@ -423,25 +425,27 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
         # A's chunk ends: A stops there, cancelled, and B runs (its first chunk holds in the judge).
         gated.judge.open(PROMPT)
         assert gated.judge.wait(other), "the second run never started"
-        wait_for(lambda: re.fullmatch(r"0 / 12 cells — running \([\d.]+ s\)", progress()), 30, "the second run running")
+        wait_for(lambda: reads("0 / 12 cells — running"), 30, "the second run running")
         gated.judge.open(other)
-        wait_for(lambda: re.fullmatch(r"12 / 12 cells — done \([\d.]+ s\)", progress()), 60, "the second run done")
+        wait_for(lambda: reads("12 / 12 cells — done"), 60, "the second run done")
         assert buttons() == (True, False)
         driver.close()
         driver.switch_to.window(page_a)
-        wait_for(lambda: re.fullmatch(r"12 / 72 cells — cancelled \([\d.]+ s\)", progress()), 30, "the first run cancelled")
+        wait_for(lambda: reads("12 / 72 cells — cancelled"), 30, "the first run cancelled")
         assert buttons() == (True, False)
 
         # The permalink keeps the cancel; Run works again from the restored form.
         assert driver.current_url == gated.url.rstrip("/") + f"/?run={run_a}", driver.current_url
         driver.get(driver.current_url)  # a reload
-        wait_for(lambda: re.fullmatch(r"12 / 72 cells — cancelled \([\d.]+ s\)", progress()), 30, "the kept cancelled run")
-        assert find(By.ID, "prompt").get_attribute("value") == PROMPT
+        wait_for(lambda: reads("12 / 72 cells — cancelled"), 30, "the kept cancelled run")
+        form = {k: find(By.ID, k).get_attribute("value") for k in ("prompt", "layers", "alphas", "max-new-tokens")}
+        assert form == {"prompt": PROMPT, "layers": "0-1", "alphas": "1,3", "max-new-tokens": "4"}, form  # not defaults
+        assert not find(By.ID, "controls").is_selected()
         assert buttons() == (True, False)
         find(By.ID, "run").click()
         wait_for(lambda: re.search(r"\?run=([0-9a-f]{12})$", driver.current_url).group(1) not in (run_a, run_b), 30,
                  "the new run's URL")  # fmt: skip
-        wait_for(lambda: re.fullmatch(r"72 / 72 cells — done \([\d.]+ s\)", progress()), 60, "the run again")
+        wait_for(lambda: reads("72 / 72 cells — done"), 60, "the run again")
         assert buttons() == (True, False)
     finally:
         gated.judge.open_all()
