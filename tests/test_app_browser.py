@@ -65,14 +65,16 @@ def server(tmp_path_factory):
 def gated():
     """A server of its own on the tiny model (whatever ``SUPERSCOPES_APP_MODEL`` says) whose
     judge holds each prompt's chunks until the test opens that prompt's gate (``judge``), whose
-    cancel requests wait while ``cancels`` is clear, and which counts each run's polls
-    (``polls``): a run stays running, cancelling or queued exactly as long as the test needs."""
+    cancel requests wait while ``cancels`` is clear and polls while ``answers`` is, and which
+    counts each run's polls (``polls``): a run stays running, cancelling or queued exactly as
+    long as the test needs, and the page hears from the server only when the test lets it."""
     from superscopes.app import App, make_server
     from superscopes.app.store import RunStore
     from superscopes.app.testing import GatedJudge, tiny_model
 
-    judge, cancels, polls = GatedJudge(), threading.Event(), Counter()
+    judge, cancels, answers, polls = GatedJudge(), threading.Event(), threading.Event(), Counter()
     cancels.set()
+    answers.set()
     folder = Path(tempfile.mkdtemp(prefix="superscopes-gated-"))
     app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, judge=judge, offer_embedded=False,
               store=RunStore(folder / "runs.sqlite"))  # fmt: skip
@@ -84,14 +86,17 @@ def gated():
 
     def counted_state(job_id, *args):
         polls[job_id] += 1
+        assert answers.wait(60), "the test never let the poll through"
         return state(job_id, *args)
 
     app.cancel, app.state = held_cancel, counted_state
     httpd = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield SimpleNamespace(url=httpd.url, app=app, judge=judge, cancels=cancels, polls=polls)
+    yield SimpleNamespace(url=httpd.url, app=app, judge=judge, cancels=cancels, answers=answers,
+                          polls=polls)  # fmt: skip
     judge.open_all()
     cancels.set()
+    answers.set()
     app.close()
     httpd.shutdown()
     httpd.server_close()
@@ -402,12 +407,15 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
         wait_for(lambda: progress() == "queued (1 ahead)", 30, "the second run queued behind the first")
         assert buttons() == (False, True)
 
-        # Cancel A: the page says so at once, while the server has not the cancel yet, and a
-        # poll answered meanwhile ("running", not cancelling) does not undo it.
+        # Cancel A: the page says so at once, with the server holding the cancel and its polls;
+        # then a poll answered while the server has not the cancel ("running", not cancelling)
+        # does not undo it.
         driver.switch_to.window(page_a)
+        gated.answers.clear()
         gated.cancels.clear()
         find(By.ID, "cancel").click()
         wait_for(lambda: progress().endswith(cancelling) and buttons() == (False, False), 5, "the page's cancelling")
+        gated.answers.set()
         polled(run_a)
         assert not gated.app.jobs[run_a].cancel.is_set()
         assert progress().endswith(cancelling) and buttons() == (False, False), progress()
@@ -450,6 +458,7 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
     finally:
         gated.judge.open_all()
         gated.cancels.set()
+        gated.answers.set()
         for handle in driver.window_handles:
             if handle != page_a:
                 driver.switch_to.window(handle)
