@@ -5,7 +5,8 @@ chromium-driver`` and ``pip install selenium``. By default the server runs a tin
 with a fake judge; ``SUPERSCOPES_APP_MODEL=smollm2-135m`` runs a real model and the real judge
 (slower; what docs/app.png shows) with its embedded SAE for the cell panels. Saves a screenshot
 of the page to docs/app.png (or to ``$SUPERSCOPES_APP_SCREENSHOT``), and of the cell panels to
-docs/app-sae.png beside it.
+docs/app-sae.png beside it. The queue and cancel test runs on a server of its own (the tiny model,
+a judge that holds each chunk until the test lets it through) in two windows, two clients.
 """
 
 from __future__ import annotations

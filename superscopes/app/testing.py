@@ -1,4 +1,5 @@
-"""Helpers for testing the app fast: a tiny random Llama and a fake judge (no MiniLM)."""
+"""Helpers for testing the app fast: a tiny random Llama and a fake judge (no MiniLM), and a gated
+one that holds a run in its chunk in progress for as long as a test needs."""
 
 from __future__ import annotations
 
