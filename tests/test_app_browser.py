@@ -5,7 +5,8 @@ chromium-driver`` and ``pip install selenium``. By default the server runs a tin
 with a fake judge; ``SUPERSCOPES_APP_MODEL=smollm2-135m`` runs a real model and the real judge
 (slower; what docs/app.png shows) with its embedded SAE for the cell panels. Saves a screenshot
 of the page to docs/app.png (or to ``$SUPERSCOPES_APP_SCREENSHOT``), and of the cell panels to
-docs/app-sae.png beside it.
+docs/app-sae.png beside it. The queue and cancel test runs on a server of its own (the tiny model,
+a judge that holds each chunk until the test lets it through) in two windows, two clients.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections import Counter
+from types import SimpleNamespace
 import tempfile
 import threading
 import time
@@ -57,6 +60,48 @@ def server(tmp_path_factory):
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def gated():
+    """A server of its own on the tiny model (whatever ``SUPERSCOPES_APP_MODEL`` says) whose
+    judge holds each prompt's chunks until the test opens that prompt's gate (``judge``), whose
+    cancel requests wait while ``cancels`` is clear and polls while ``answers`` is, and which
+    counts each run's polls (``polls``): a run stays running, cancelling or queued exactly as
+    long as the test needs, and the page hears from the server only when the test lets it."""
+    from superscopes.app import App, make_server
+    from superscopes.app.store import RunStore
+    from superscopes.app.testing import GatedJudge, tiny_model
+
+    judge, cancels, answers, polls = GatedJudge(), threading.Event(), threading.Event(), Counter()
+    cancels.set()
+    answers.set()
+    folder = Path(tempfile.mkdtemp(prefix="superscopes-gated-"))
+    app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, judge=judge, offer_embedded=False,
+              store=RunStore(folder / "runs.sqlite"))  # fmt: skip
+    cancel, state = app.cancel, app.state
+
+    def held_cancel(job_id):
+        assert cancels.wait(60), "the test never let the cancel through"
+        return cancel(job_id)
+
+    def counted_state(job_id, *args):
+        polls[job_id] += 1
+        assert answers.wait(60), "the test never let the poll through"
+        return state(job_id, *args)
+
+    app.cancel, app.state = held_cancel, counted_state
+    httpd = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield SimpleNamespace(url=httpd.url, app=app, judge=judge, cancels=cancels, answers=answers,
+                          polls=polls)  # fmt: skip
+    judge.open_all()
+    cancels.set()
+    answers.set()
+    app.close()
+    httpd.shutdown()
+    httpd.server_close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +354,114 @@ def test_cell_panels_sae_breakdown_latent_source_and_generated_inputs(server, dr
     time.sleep(0.3)
     assert driver.save_screenshot(str(SCREENSHOT.with_name("app-sae.png")))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_queue_and_cancel_across_two_pages(gated, driver):
+    """Two pages (two clients) and one worker: the second page's run waits "queued (1 ahead)"
+    behind the first's, which a click on Cancel marks cancelling at once (before the server has
+    the cancel) and stops after its chunk in progress; the second then runs. The cancelled run
+    stays cancelled after a reload of its permalink, and its page runs again."""
+    from selenium.webdriver.common.by import By
+
+    find = driver.find_element
+    other = "Paris is the capital of France"
+    cancelling = " — cancelling after the chunk in progress…"
+
+    def progress():
+        return find(By.ID, "progress-text").text
+
+    def reads(line, after=""):  # the progress line is "<line> (<elapsed> s)<after>"
+        return re.fullmatch(re.escape(line) + r" \([\d.]+ s\)" + re.escape(after), progress())
+
+    def buttons():  # (Run usable, Cancel usable)
+        return find(By.ID, "run").is_enabled(), find(By.ID, "cancel").is_enabled()
+
+    def start(prompt, tokens):  # a grid of layers 0-1 x alphas 1,3 x 3 sites, without controls
+        driver.get(gated.url)
+        wait_for(lambda: re.search(r"\d+ layers", find(By.ID, "model-info").text), 60, "the model to load")
+        for element_id, text in (("prompt", prompt), ("layers", "0-1"), ("alphas", "1,3"), ("max-new-tokens", "4")):
+            box = find(By.ID, element_id)
+            box.clear()
+            box.send_keys(text)
+        find(By.CSS_SELECTOR, f'input[name="tokens"][value="{tokens}"]').click()
+        if find(By.ID, "controls").is_selected():
+            find(By.ID, "controls").click()
+        find(By.ID, "run").click()
+        return wait_for(lambda: re.search(r"\?run=([0-9a-f]{12})$", driver.current_url), 30, "the run's URL").group(1)
+
+    def polled(run_id, count=2):  # the page has had ``count`` more answers for ``run_id``
+        seen = gated.polls[run_id]
+        wait_for(lambda: gated.polls[run_id] >= seen + count + 1, 15, f"{count} polls of {run_id}")
+
+    page_a = driver.current_window_handle
+    try:
+        # Page A: every token (6 chunks of 12 cells); its first chunk holds in the judge.
+        run_a = start(PROMPT, "all")
+        assert gated.judge.wait(PROMPT), "the first run's first chunk never reached the judge"
+        wait_for(lambda: reads("0 / 72 cells — running"), 30, "the first run running")
+        assert buttons() == (False, True)
+
+        # Page B, another client: its run waits behind A's.
+        driver.switch_to.new_window("window")
+        page_b = driver.current_window_handle
+        run_b = start(other, "last")
+        wait_for(lambda: progress() == "queued (1 ahead)", 30, "the second run queued behind the first")
+        assert buttons() == (False, True)
+
+        # Cancel A: the page says so at once, with the server holding the cancel and its polls;
+        # then a poll answered while the server has not the cancel ("running", not cancelling)
+        # does not undo it.
+        driver.switch_to.window(page_a)
+        gated.answers.clear()
+        gated.cancels.clear()
+        find(By.ID, "cancel").click()
+        wait_for(lambda: progress().endswith(cancelling) and buttons() == (False, False), 5, "the page's cancelling")
+        gated.answers.set()
+        polled(run_a)
+        assert not gated.app.jobs[run_a].cancel.is_set()
+        assert progress().endswith(cancelling) and buttons() == (False, False), progress()
+        gated.cancels.set()
+        wait_for(lambda: gated.app.jobs[run_a].cancel.is_set(), 15, "the server to take the cancel")
+        polled(run_a)
+        assert reads("0 / 72 cells — running", cancelling), progress()
+
+        # B still waits: A's chunk in progress finishes first.
+        driver.switch_to.window(page_b)
+        polled(run_b)
+        assert progress() == "queued (1 ahead)"
+        assert not gated.judge.wait(other, 0), "the second run started before the first stopped"
+
+        # A's chunk ends: A stops there, cancelled, and B runs (its first chunk holds in the judge).
+        gated.judge.open(PROMPT)
+        assert gated.judge.wait(other), "the second run never started"
+        wait_for(lambda: reads("0 / 12 cells — running"), 30, "the second run running")
+        gated.judge.open(other)
+        wait_for(lambda: reads("12 / 12 cells — done"), 60, "the second run done")
+        assert buttons() == (True, False)
+        driver.close()
+        driver.switch_to.window(page_a)
+        wait_for(lambda: reads("12 / 72 cells — cancelled"), 30, "the first run cancelled")
+        assert buttons() == (True, False)
+
+        # The permalink keeps the cancel; Run works again from the restored form.
+        assert driver.current_url == gated.url.rstrip("/") + f"/?run={run_a}", driver.current_url
+        driver.get(driver.current_url)  # a reload
+        wait_for(lambda: reads("12 / 72 cells — cancelled"), 30, "the kept cancelled run")
+        form = {k: find(By.ID, k).get_attribute("value") for k in ("prompt", "layers", "alphas", "max-new-tokens")}
+        assert form == {"prompt": PROMPT, "layers": "0-1", "alphas": "1,3", "max-new-tokens": "4"}, form  # not defaults
+        assert not find(By.ID, "controls").is_selected()
+        assert buttons() == (True, False)
+        find(By.ID, "run").click()
+        wait_for(lambda: re.search(r"\?run=([0-9a-f]{12})$", driver.current_url).group(1) not in (run_a, run_b), 30,
+                 "the new run's URL")  # fmt: skip
+        wait_for(lambda: reads("72 / 72 cells — done"), 60, "the run again")
+        assert buttons() == (True, False)
+    finally:
+        gated.judge.open_all()
+        gated.cancels.set()
+        gated.answers.set()
+        for handle in driver.window_handles:
+            if handle != page_a:
+                driver.switch_to.window(handle)
+                driver.close()
+        driver.switch_to.window(page_a)

@@ -1,7 +1,9 @@
-"""Helpers for testing the app fast: a tiny random Llama and a fake judge (no MiniLM)."""
+"""Helpers for testing the app fast: a tiny random Llama and a fake judge (no MiniLM), and a gated
+one that holds a run in its chunk in progress for as long as a test needs."""
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import pandas as pd
@@ -36,6 +38,48 @@ def fake_similarity(frame: pd.DataFrame) -> pd.DataFrame:
         for r in frame.itertuples(index=False)
     ]
     return frame.assign(similarity=values)
+
+
+class GatedJudge:
+    """A fake judge (``fake_similarity``) that holds each chunk of a source prompt until the
+    test opens that prompt's gate: a run stays in its chunk in progress (running, cancellable,
+    with other runs queued behind it) as long as a test needs, without sleeps. ``wait(prompt)``
+    waits for a chunk of ``prompt`` to reach the judge; ``open(prompt)`` lets its chunks
+    through; ``open_all()`` (on teardown) lets every prompt through. A chunk held past
+    ``timeout`` seconds fails its run."""
+
+    def __init__(self, timeout: float = 60.0):
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.gates: dict[str, threading.Event] = {}
+        self.arrived: dict[str, threading.Event] = {}
+        self.opened = False
+
+    def _event(self, table: dict, prompt: str) -> threading.Event:
+        with self.lock:
+            event = table.setdefault(prompt, threading.Event())
+            if table is self.gates and self.opened:
+                event.set()
+            return event
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        prompt = str(frame["source"].iloc[0])
+        self._event(self.arrived, prompt).set()
+        if not self._event(self.gates, prompt).wait(self.timeout):
+            raise TimeoutError(f"the test never opened the gate of {prompt!r}")
+        return fake_similarity(frame)
+
+    def wait(self, prompt: str, timeout: float = 60.0) -> bool:
+        return self._event(self.arrived, prompt).wait(timeout)
+
+    def open(self, prompt: str) -> None:
+        self._event(self.gates, prompt).set()
+
+    def open_all(self) -> None:
+        with self.lock:
+            self.opened = True
+            for event in self.gates.values():
+                event.set()
 
 
 def tiny_panels(model, folder, name: str = "tiny-llama", site: str = "resid_post", layer: int = 0) -> tuple:
