@@ -399,11 +399,13 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
                         ops.patch(model, row.target_site, row.target_layer, vector[None], position=row.target_position,
                                   alpha=row.alpha, transform=row.transform, mode=row.mode)  # fmt: skip
                         final = ops.read(model, "resid_post", last, position=row.target_position).save()
-                    logits = model.output.logits[0, len(prompt) - 1 : -1].save()
+                    # The predictions of every generated token, and one more: the first row
+                    # is there even when generation stopped at once (no output tokens).
+                    logits = model.output.logits[0, len(prompt) - 1 :].save()
                 distribution = logits.float().log_softmax(-1)
                 if patched:
                     entropy.append(float(-(distribution[0].exp() * distribution[0]).sum()))
-                probs[patched] = distribution.exp().gather(-1, picked[:, None])[:, 0]
+                probs[patched] = distribution[:-1].exp().gather(-1, picked[:, None])[:, 0]
             similarity.append(float(torch.nn.functional.cosine_similarity(final[0].float(), vector, dim=0)))
             relevancy.append((probs[True] - probs[False]).tolist())
     return frame.assign(self_similarity=similarity, entropy=entropy, relevancy=relevancy,

@@ -404,5 +404,9 @@ def test_explanation_scores_self_similarity_and_relevancy(tiny_models):
     # Adding alpha 0 changes nothing: every relevancy is 0.
     zero = S.latent_scope(sae, [3], alphas=[0.0], mode="add", target_layers=[0], max_new_tokens=3)
     assert S.explanation_scores(model, zero, run(model, zero, progress=False))["relevancy_mean"].tolist() == [0.0]
+    # A readout that stopped at once (end of text first): no relevancy, the entropy still there.
+    stopped = run(model, scope, progress=False).assign(output_ids=[[]], output=[""])
+    empty = S.explanation_scores(model, scope, stopped).iloc[0]
+    assert empty["relevancy"] == [] and empty["entropy"] == pytest.approx(row["entropy"], abs=1e-5)
     with pytest.raises(S.SAEError, match="needs a Scope with vectors"):
         S.explanation_scores(model, Scope(["a b"]), None)
