@@ -94,6 +94,7 @@ def conditions(alphas: list[float], seeds: int) -> dict[str, dict]:
 def experiment(run: Run) -> None:
     import superscopes
     from superscopes import judge
+    from superscopes.metrics import compare_all
     from superscopes.sites import num_layers
 
     args = run.args
@@ -122,7 +123,7 @@ def experiment(run: Run) -> None:
     cells = successes(run.cells(store, expected, unique=["source", "condition", "layer", "alpha"]))
     table = method_cells(cells, args.random_seeds, splits=[args.seed + s for s in range(3)])
     per_prompt = table.groupby(level="source").mean()
-    tests = metrics_table(per_prompt, args.seed)
+    tests = compare_all(per_prompt, PAIRS, family=CONTROLS, seed=args.seed)
     per_prompt.to_csv(run.out / "per_prompt.csv")
     tests.to_csv(run.out / "comparisons.csv", index=False)
     per_layer = table.groupby(level="layer").sum()
@@ -167,12 +168,6 @@ def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int]) -> pd.DataF
     return table.rename_axis(["source", "layer"])
 
 
-def metrics_table(per_prompt: pd.DataFrame, seed: int) -> pd.DataFrame:
-    from superscopes.metrics import compare_all
-
-    return compare_all(per_prompt, PAIRS, family=CONTROLS, seed=seed)
-
-
 def plot(run: Run, per_layer: pd.DataFrame, tests: pd.DataFrame, n: int) -> str:
     """Successes per layer (the paper's dashed), and every prompt-level difference with its 95% interval."""
     from superscopes import plots
@@ -192,7 +187,7 @@ def plot(run: Run, per_layer: pd.DataFrame, tests: pd.DataFrame, n: int) -> str:
     axes[1].axvline(0, color="black", lw=0.8)
     axes[1].set_yticks(list(ys), tests["comparison"], fontsize=7)
     axes[1].invert_yaxis()
-    axes[1].set(xlabel="difference in per-prompt success rate (A - B), 95% bootstrap CI", title="Prompt-level tests")
+    axes[1].set(xlabel="A - B, per-prompt success rate (95% bootstrap CI)", title="Prompt-level tests")
     figure = "successes_per_layer.png"
     plots.save(fig, run.out / figure, title=f"Superscopes evaluation: {n} prompts, MLP output, last token")
     return figure
@@ -214,12 +209,13 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
     singles = greedy.groupby("alpha")["success"].sum().astype(int).rename("successes").reset_index()
     singles["paper (48 prompts, layers 1-7)"] = singles["alpha"].map({1: 29, **PAPER_SINGLE_ALPHA}).fillna("")
     counts = {name: [int(v) for v in per_layer[name]] for name in (PATCH, BEST)}
+    beaten = [c for c in CONTROLS if rows[c]["p_holm"] < 0.05 and rows[c]["difference"] > 0]
     findings = [f"{name}: {describe(rows[name])}." for name in PAIRS]
     findings += [
         f"Controls ({', '.join(CONTROLS)}) are one family, Holm-corrected; a control is beaten only where its Holm "
         "p < 0.05 and A > B.",
         "Random direction, per seed, (prompt, layer) successes: "
-        + "; ".join(f"{k} {[round(x, 2) for x in v]} (mean {pd.Series(v).mean():.1f}, sd {pd.Series(v).std():.1f})"
+        + "; ".join(f"{k} {[round(float(x), 2) for x in v]} (mean {pd.Series(v).mean():.1f}, sd {pd.Series(v).std():.1f})"
                     for k, v in spread.items()),
         f"Echoes: {int(greedy['echo'].astype(bool).sum())} of {len(greedy)} greedy readouts copy the target's few-shot "
         f"examples or only repeat the source token; {echo_passes} of them pass the judge's {THRESHOLD} and are not "
@@ -232,7 +228,8 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
         ours=f"{describe(rows['Superscopes (best-of-K) vs Patchscopes'])}. Cross-fitted (no best-of-K selection): "
              f"{describe(rows['Superscopes (cross-fitted) vs Patchscopes'])}. Per layer {layers}: Patchscopes "
              f"{counts[PATCH]} = {sum(counts[PATCH])}/{n * len(layers)}, Superscopes best-of-K {counts[BEST]} = "
-             f"{sum(counts[BEST])}/{n * len(layers)}",
+             f"{sum(counts[BEST])}/{n * len(layers)}. Controls beaten at the prompt level (Holm p < 0.05): "
+             f"{', '.join(beaten) or 'none'}; not beaten: {', '.join(c for c in CONTROLS if c not in beaten) or 'none'}",
         paper=f"Llama-2-13b-chat, 48 prompts, layers 1-7: Patchscopes {PAPER['Patchscopes']} = 29/336, Superscopes "
               f"(best of 5 alphas) {PAPER['Superscopes']} = 196/336; counted per (prompt, layer), no interval or test",
         settings={"model": model_label, "prompts": f"{args.prompts} ({n})", "source": "MLP output at the last token",

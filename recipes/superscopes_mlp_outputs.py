@@ -88,20 +88,24 @@ def collect(run: Run, model, readouts: list[Readout]) -> pd.DataFrame:
 def annotate(cells: pd.DataFrame) -> pd.DataFrame:
     """Flags per readout: echo, names the entity (never an echo), on topic by the judge (never an echo)."""
     from superscopes import judge
-    from superscopes.metrics import names_entity
+    from superscopes.metrics import echoes, names_entity
 
     cells = judge.flag_echoes(cells)
     cells["echo"] = cells["echo"].astype(bool)
     named = [names_entity(s, t, o, ignore=g) for s, t, o, g in cells[["source", "token", "output", "target"]].values]
     cells["names_entity"] = pd.Series(named, index=cells.index) & ~cells["echo"]
     cells["judged_on_topic"] = (cells["similarity"] > judge.DEFAULT_THRESHOLD) & ~cells["echo"]
+    # the token's own word inside other text ("Great Britain" for "Great"): the token read out, not the entity
+    word = [echoes(t, o) for t, o in zip(cells["token"], cells["output"].fillna(""))]
+    cells["token_word"] = pd.Series(word, index=cells.index) & ~cells["echo"]
     return cells
 
 
 def counts(cells: pd.DataFrame) -> pd.DataFrame:
     """Per (example, condition, site): readouts, how many name the entity, echoes, the judge's count and mean."""
     return cells.groupby(["source", "condition", "site"], sort=False).agg(
-        readouts=("output", "size"), name_the_entity=("names_entity", "sum"), echoes=("echo", "sum"),
+        readouts=("output", "size"), name_the_entity=("names_entity", "sum"), token_word=("token_word", "sum"),
+        echoes=("echo", "sum"),
         judge_above_threshold=("judged_on_topic", "sum"), mean_similarity=("similarity", "mean"),
     ).reset_index()  # fmt: skip
 
@@ -115,23 +119,27 @@ def text_table(cells: pd.DataFrame) -> pd.DataFrame:
     wide = shown.pivot_table(index=["source", "condition", "site", "layer", "target_layer"], columns="alpha",
                              values="text", aggfunc="first", sort=False)  # fmt: skip
     wide.columns = [f"α={a:g}" for a in wide.columns]
-    return wide.reset_index()
+    return wide.fillna("").reset_index()
 
 
 def plot(run: Run, cells: pd.DataFrame, title: str) -> str:
-    """Judge similarity per (condition, site, layer) x alpha, one heatmap per example."""
+    """Judge similarity per (condition, site, layer) x alpha, one heatmap per example; ✓ names the entity."""
     from superscopes import plots
 
     examples = list(dict.fromkeys(cells["source"]))
-    fig, axes = plots.figure(len(examples), cols=len(examples), size=(4.6, 5.0))
-    for ax, (source, frame) in zip(axes, cells.groupby("source", sort=False)):
-        heat = frame.pivot_table(index=["condition", "site", "layer"], columns="alpha", values="similarity", sort=False)
+    fig, axes = plots.figure(len(examples), cols=len(examples), size=(4.8, 5.0))
+    labels = cells.assign(label=[f"{s:.2f}" + (" ✓" if n else " echo" if e else "") for s, n, e in
+                                 zip(cells["similarity"], cells["names_entity"], cells["echo"])])  # fmt: skip
+    for ax, (source, frame) in zip(axes, labels.groupby("source", sort=False)):
+        index = ["condition", "site", "layer"]
+        heat = frame.pivot_table(index=index, columns="alpha", values="similarity", sort=False)
+        text = frame.pivot_table(index=index, columns="alpha", values="label", aggfunc="first", sort=False)
         heat.index = [f"{c} {SITE_LABELS[s]} L{layer}" for c, s, layer in heat.index]
         heat.columns = [f"{a:g}" for a in heat.columns]
-        plots.heatmap(heat, title=repr(source), xlabel="alpha", ylabel="", ax=ax, vmin=-0.1, vmax=0.7,
-                      label="MiniLM similarity to the source")  # fmt: skip
+        plots.heatmap(heat, title=repr(source), xlabel="alpha", ylabel="", ax=ax, vmin=-0.1, vmax=0.7, fmt="",
+                      annot=text.fillna("").to_numpy(), label="MiniLM similarity to the source")
     figure = "similarity_heatmap.png"
-    plots.save(fig, run.out / figure, title=f"{cells['model'].iloc[0]}: {title} (the judge's view; read the texts)")
+    plots.save(fig, run.out / figure, title=f"{cells['model'].iloc[0]}: {title}; ✓ names the entity")
     return figure
 
 
@@ -160,6 +168,8 @@ def run_examples(run: Run, readouts: list[Readout], title: str, paper: str) -> N
         findings=[f"Readouts that name the entity ({len(naming)}): "
                   + ("; ".join(f"{r.source!r} {r.condition} {r.site} L{r.layer} α={r.alpha:g}: {r.output.strip()!r}"
                                for r in naming.itertuples()) or "none"),  # fmt: skip
+                  f"Readouts that use the token's own word inside other text ({int(cells['token_word'].sum())}, e.g. "
+                  "'Great Britain' for 'Great'): the token is read out, not the entity.",
                   "The judge's count (similarity > 0.3, echoes excluded) is shown beside it: it passes generic "
                   "descriptions too, so read the texts in the table below.",
                   "Greedy decoding: each readout is one deterministic text (the notebook's were sampled)."],

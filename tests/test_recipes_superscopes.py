@@ -225,6 +225,7 @@ def test_examples_never_count_an_echo_as_naming_the_entity():
     assert cells["echo"].tolist() == [False, False, True, True]
     assert cells["names_entity"].tolist() == [True, True, False, False]
     assert cells["judged_on_topic"].tolist() == [True, True, False, False]
+    assert cells["token_word"].tolist() == [True, False, False, False]  # "Wales" inside a readout that is no echo
 
 
 def test_entity_description_scores_an_echo_zero():
