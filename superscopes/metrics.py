@@ -258,10 +258,10 @@ def compare_all(scores, pairs: dict[str, tuple[str, str]], family: Sequence[str]
 
 def describe(row, level: float = 0.05) -> str:
     """One comparison row of ``compare_all`` in words: means, difference with its interval, p,
-    and the prompt-level verdict (A above or below B only when the adjusted p says so)."""
+    and the prompt-level verdict (A above or below B only where the adjusted p says so)."""
     verdict = "no significant prompt-level difference"
     if row["p_holm"] < level:
-        verdict = "A > B at the prompt level" if row["difference"] > 0 else "A < B at the prompt level"
+        verdict = f"{row['A']} {'>' if row['difference'] > 0 else '<'} {row['B']} at the prompt level"
     holm_text = f", Holm p = {row['p_holm']:.3g}" if row["p_holm"] != row["p"] else ""
     return (f"{row['A']} {row['mean_a']:.3f} vs {row['B']} {row['mean_b']:.3f} per prompt: difference "
             f"{row['difference']:+.3f} [95% CI {row['ci_low']:+.3f}, {row['ci_high']:+.3f}], paired p = "

@@ -65,9 +65,9 @@ def test_describe_says_a_beats_b_only_when_the_adjusted_p_does():
     row = {"A": "x", "B": "y", "mean_a": 0.5, "mean_b": 0.1, "difference": 0.4, "ci_low": 0.2, "ci_high": 0.6,
            "p": 0.001, "p_holm": 0.004, "n_prompts": 48}  # fmt: skip
     text = describe(row)
-    assert "A > B at the prompt level" in text and "[95% CI +0.200, +0.600]" in text and "Holm p = 0.004" in text
+    assert "x > y at the prompt level" in text and "[95% CI +0.200, +0.600]" in text and "Holm p = 0.004" in text
     assert "no significant" in describe(row | {"p_holm": 0.06})
-    assert "A < B" in describe(row | {"difference": -0.4})
+    assert "x < y at the prompt level" in describe(row | {"difference": -0.4})
 
 
 def cells(rows) -> pd.DataFrame:
