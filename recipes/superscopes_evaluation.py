@@ -231,7 +231,8 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
              f"{sum(counts[BEST])}/{n * len(layers)}. Controls beaten at the prompt level (Holm p < 0.05): "
              f"{', '.join(beaten) or 'none'}; not beaten: {', '.join(c for c in CONTROLS if c not in beaten) or 'none'}",
         paper=f"Llama-2-13b-chat, 48 prompts, layers 1-7: Patchscopes {PAPER['Patchscopes']} = 29/336, Superscopes "
-              f"(best of 5 alphas) {PAPER['Superscopes']} = 196/336; counted per (prompt, layer), no interval or test",
+              f"(best of 5 alphas) {PAPER['Superscopes']} = 196/336 (threshold 0.5: 4 vs 61); counted per (prompt, "
+              "layer), no interval or test",
         settings={"model": model_label, "prompts": f"{args.prompts} ({n})", "source": "MLP output at the last token",
                   "layers (source = target)": layers, "alphas": f"1 (Patchscopes) vs {alphas} (Superscopes)",
                   "random-direction seeds": args.random_seeds, "cross-fitting splits": 3,
