@@ -110,8 +110,15 @@ def counts(cells: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()  # fmt: skip
 
 
+def ordered(cells: pd.DataFrame) -> pd.DataFrame:
+    """Plain readouts before amplified ones, then by site and layer (the order of the notebook's printouts)."""
+    rank = cells["condition"].map({"plain": 0, "amplified": 1})
+    return cells.assign(rank=rank).sort_values(["rank", "site", "layer"], kind="stable").drop(columns="rank")
+
+
 def text_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Rows (example, condition, site, layer), a column per alpha: the text, ✓ when it names the entity, [echo]."""
+    cells = ordered(cells)
     mark = ["✓ " if n else "[echo] " if e else "" for n, e in zip(cells["names_entity"], cells["echo"])]
     shown = cells.assign(text=[m + f"{o!r}"[1:-1] + f" ({s:.2f})" for m, o, s in
                                zip(mark, cells["output"].fillna(""), cells["similarity"])],
@@ -128,8 +135,9 @@ def plot(run: Run, cells: pd.DataFrame, title: str) -> str:
 
     examples = list(dict.fromkeys(cells["source"]))
     fig, axes = plots.figure(len(examples), cols=len(examples), size=(4.8, 5.0))
-    labels = cells.assign(label=[f"{s:.2f}" + (" ✓" if n else " echo" if e else "") for s, n, e in
-                                 zip(cells["similarity"], cells["names_entity"], cells["echo"])])  # fmt: skip
+    labels = ordered(cells)
+    labels["label"] = [f"{s:.2f}" + (" ✓" if n else " E" if e else "") for s, n, e in
+                       zip(labels["similarity"], labels["names_entity"], labels["echo"])]  # fmt: skip
     for ax, (source, frame) in zip(axes, labels.groupby("source", sort=False)):
         index = ["condition", "site", "layer"]
         heat = frame.pivot_table(index=index, columns="alpha", values="similarity", sort=False)
@@ -139,7 +147,7 @@ def plot(run: Run, cells: pd.DataFrame, title: str) -> str:
         plots.heatmap(heat, title=repr(source), xlabel="alpha", ylabel="", ax=ax, vmin=-0.1, vmax=0.7, fmt="",
                       annot=text.fillna("").to_numpy(), label="MiniLM similarity to the source")
     figure = "similarity_heatmap.png"
-    plots.save(fig, run.out / figure, title=f"{cells['model'].iloc[0]}: {title}; ✓ names the entity")
+    plots.save(fig, run.out / figure, title=f"{cells['model'].iloc[0]}: {title}; ✓ names the entity, E echo")
     return figure
 
 
