@@ -24,7 +24,8 @@ sign-flip test. Controls, Holm-corrected as one family: a norm-matched patch (v 
 the vector it replaces, one try), a random direction with v's norm at the same alphas (3 seeds), and
 chance (the same readouts judged against a mismatched prompt, half the list away). Each is compared
 under the paper's best-of-5 selection and under a cross-fitted one (alpha chosen per layer on one half
-of the prompts, scored on the other, swapped; averaged over 3 splits), which has no best-of-K inflation.
+of the prompts by the mean judge similarity, scored on the other half, swapped; averaged over 3 splits),
+which has no best-of-K inflation.
 ``--prompts ours`` runs our own 48-entity list (recipes/data/superscopes_entities.csv) instead.
 """
 
@@ -149,15 +150,15 @@ def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int]) -> pd.DataF
     def best(frame: pd.DataFrame, column: str) -> pd.Series:
         return frame.groupby(["source", "layer"])[column].max().astype(float)
 
-    def xfit(frame: pd.DataFrame, column: str) -> pd.Series:
-        return cross_fitted_mean(frame, "alpha", column, column, seeds=splits)
+    def xfit(frame: pd.DataFrame, column: str, score: str = "similarity") -> pd.Series:
+        return cross_fitted_mean(frame, "alpha", score, column, seeds=splits)
 
     greedy = cells[cells["condition"] == "greedy"]
     one, amplified = greedy[greedy["alpha"] == 1], greedy[greedy["alpha"] != 1]
     columns = {PATCH: best(one, "success"), BEST: best(amplified, "success"), XFIT: xfit(amplified, "success"),
                f"{PATCH} @{STRICT}": best(one, "strict"), f"{BEST} @{STRICT}": best(amplified, "strict"),
                NORM: best(cells[cells["condition"] == "norm"], "success"), CHANCE_ONE: best(one, "chance"),
-               CHANCE_BEST: best(amplified, "chance"), CHANCE_XFIT: xfit(amplified, "chance")}  # fmt: skip
+               CHANCE_BEST: best(amplified, "chance"), CHANCE_XFIT: xfit(amplified, "chance", "mismatch_similarity")}  # fmt: skip
     for s in range(seeds):
         drawn = cells[cells["condition"] == f"random{s}"]
         columns[f"{RANDOM_BEST} (seed {s})"], columns[f"{RANDOM_XFIT} (seed {s})"] = best(drawn, "success"), xfit(
