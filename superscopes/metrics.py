@@ -100,13 +100,14 @@ def target_examples(target: str) -> list[str]:
     return names
 
 
-def is_echo(text: str, token: str = "", target: str = "", span: int = 3) -> bool:
+def is_echo(text: str, token: str = "", target: str = "", span: int = 4) -> bool:
     """Whether a readout only echoes what it was given rather than reading the vector out:
 
     - it repeats only the source token (nothing left once the token and punctuation go), or
     - its first item copies the target prompt's own few-shot examples: it names one of their
       entities ("Leonardo DiCaprio: American actor") or copies ``span`` consecutive words of
-      the target prompt.
+      the target prompt (four: "Country in the United Kingdom" for "Wales" reuses an example's
+      frame with a new answer, and is a readout).
 
     Echoes are counted apart and never as successes in any recipe that judges texts."""
     rest = str(text)
@@ -226,3 +227,42 @@ def cross_fitted_best(frame, choice: str, score: str, success: str, by: Sequence
         scored = frame[frame[prompt].isin(held)].merge(chosen, on=by + [choice])
         parts.append(scored.groupby([prompt] + by + [choice])[success].mean().reset_index())
     return pd.concat(parts, ignore_index=True)
+
+
+def cross_fitted_mean(frame, choice: str, score: str, success: str, by: Sequence[str] = ("layer",),
+                      prompt: str = "source", seeds: Sequence[int] = (0, 1, 2)):  # fmt: skip
+    """``success`` of ``cross_fitted_best`` per (prompt, *by), averaged over one random split of the
+    prompts per seed: the split is a random draw, and several keep one lucky split from deciding."""
+    import pandas as pd
+
+    parts = [cross_fitted_best(frame, choice, score, success, by=by, prompt=prompt, seed=s) for s in seeds]
+    return pd.concat(parts).groupby([prompt, *by])[success].mean()
+
+
+def compare_all(scores, pairs: dict[str, tuple[str, str]], family: Sequence[str] = (), seed: int = 0):
+    """Prompt-level comparisons between columns of ``scores`` (one row per prompt, one column per
+    condition): ``pairs`` maps each comparison's name to its (A, B) columns; prompts missing
+    either are dropped. One row per comparison: ``compare(A, B)`` and ``p_holm``, Holm-adjusted
+    within ``family`` (a family of controls), the plain p outside it."""
+    import pandas as pd
+
+    rows = []
+    for name, (a, b) in pairs.items():
+        both = scores[[a, b]].dropna()
+        rows.append({"comparison": name, "A": a, "B": b, **compare(both[a], both[b], seed=seed)})
+    table = pd.DataFrame(rows)
+    adjusted = holm({n: p for n, p in zip(table["comparison"], table["p"]) if n in family})
+    table["p_holm"] = [adjusted.get(n, p) for n, p in zip(table["comparison"], table["p"])]
+    return table
+
+
+def describe(row, level: float = 0.05) -> str:
+    """One comparison row of ``compare_all`` in words: means, difference with its interval, p,
+    and the prompt-level verdict (A above or below B only where the adjusted p says so)."""
+    verdict = "no significant prompt-level difference"
+    if row["p_holm"] < level:
+        verdict = f"{row['A']} {'>' if row['difference'] > 0 else '<'} {row['B']} at the prompt level"
+    holm_text = f", Holm p = {row['p_holm']:.3g}" if row["p_holm"] != row["p"] else ""
+    return (f"{row['A']} {row['mean_a']:.3f} vs {row['B']} {row['mean_b']:.3f} per prompt: difference "
+            f"{row['difference']:+.3f} [95% CI {row['ci_low']:+.3f}, {row['ci_high']:+.3f}], paired p = "
+            f"{row['p']:.3g}{holm_text}, {row['n_prompts']} prompts: {verdict}")  # fmt: skip

@@ -63,19 +63,17 @@ def test_superscopes_mlp_outputs_quick(shared_model, tmp_path):
     out = tmp_path / "mlp"
     run_recipe("superscopes_mlp_outputs", out)
     cells = check_common(out, ["similarity_heatmap.png"])
-    key = ["source", "site", "layer", "alpha"]
-    assert set(cells["site"]) == {"mlp_in", "mlp_out", "resid_post"}
-    assert (cells["target_layer"] == cells["layer"]).all()  # target layer = source layer
-    assert len(cells) == grid_size(cells, key) and not cells.duplicated(key).any()
-    assert set(cells["token"].str.strip()) == {"Wales"}
+    assert set(cells["token"].str.strip()) == {"Wales"} and set(cells["condition"]) == {"plain", "amplified"}
+    plain, amplified = cells[cells["condition"] == "plain"], cells[cells["condition"] == "amplified"]
+    assert set(plain["site"]) == {"mlp_in", "mlp_out", "resid_post"} and set(plain["target_layer"]) == {0}
+    assert set(plain["alpha"]) == {1.0} and set(amplified["site"]) == {"mlp_out"} and 1.0 not in set(amplified["alpha"])
+    assert (amplified["target_layer"] == amplified["layer"]).all()  # "Wales": written at the same layer
+    assert not cells.duplicated(["condition", "site", "layer", "alpha"]).any()
     summary = read(out / "summary.csv")
-    assert len(summary) == grid_size(cells, ["source", "site", "layer"])
-    assert {"best_alpha", "best_similarity", "alpha1_similarity", "best_amplified_similarity"} <= set(summary.columns)
-    assert summary["best_alpha"].isin(cells["alpha"]).all()
-    table = read(out / "table.csv")
-    assert len(table) == len(summary) and table.filter(like="alpha=").apply(lambda c: c.str.startswith("★")).sum(
-        axis=1
-    ).eq(1).all()  # exactly one best alpha starred per (layer, site)
+    assert summary["readouts"].sum() == len(cells)
+    assert {"name_the_entity", "echoes", "judge_above_threshold"} <= set(summary.columns)
+    assert "name the entity" in (out / "summary.md").read_text().split("**Paper:**")[0]  # the headline counts texts
+    assert len(read(out / "table.csv")) == len(cells.drop_duplicates(["condition", "site", "layer"]))
 
     run_recipe("superscopes_mlp_outputs", out)  # resume: everything is done, nothing is added
     assert len(read(out / "cells.csv")) == len(cells)
@@ -84,42 +82,33 @@ def test_superscopes_mlp_outputs_quick(shared_model, tmp_path):
 def test_superscopes_hidden_states_quick(shared_model, tmp_path):
     out = tmp_path / "hidden"
     run_recipe("superscopes_hidden_states", out)
-    cells = check_common(out, ["similarity_per_alpha.png"])
+    cells = check_common(out, ["similarity_heatmap.png"])
     assert set(cells["site"]) == {"resid_post"} and set(cells["target_layer"]) == {0}
-    per_source = cells.groupby("source")[["layer", "alpha"]].nunique().prod(axis=1)
-    assert len(cells) == per_source.sum() and not cells.duplicated(["source", "layer", "alpha"]).any()
-    summary = read(out / "summary.csv")
-    assert len(summary) == len(cells.drop_duplicates(["source", "layer"]))
-    assert {"alpha1_similarity", "paper_range_alpha", "amplified_alpha"} <= set(summary.columns)
-
+    assert set(cells["source"]) == {"Alexander the Great"} and not cells.duplicated(["condition", "layer", "alpha"]).any()
+    assert set(cells[cells["condition"] == "amplified"]["alpha"]) == {2.0, 3.0}  # the notebook's range(2, 7), quick
     run_recipe("superscopes_hidden_states", out)
     assert len(read(out / "cells.csv")) == len(cells)
 
 
 def test_superscopes_evaluation_quick_and_resume(shared_model, tmp_path):
+    from recipes import superscopes_evaluation as evaluation
+
     out = tmp_path / "evaluation"
     run_recipe("superscopes_evaluation", out)
     cells = check_common(out, ["successes_per_layer.png"])
-    assert set(cells["condition"]) == {"greedy", "sampled", "norm", "random"}
-    key = ["source", "condition", "site", "layer", "alpha", "sample"]
-    assert not cells.duplicated(key).any()
-    for condition, frame in cells.groupby("condition"):
-        assert len(frame) == grid_size(frame, ["source", "site", "layer", "alpha", "sample"]), condition
-    assert set(cells[cells["condition"] == "greedy"]["alpha"]) >= {1.0}
+    assert set(cells["condition"]) == {"greedy", "norm", "random0", "random1", "random2"}
+    key = ["source", "condition", "site", "layer", "alpha"]
+    assert not cells.duplicated(key).any() and cells["source"].tolist()[0] == "Pink Floyd"
     assert set(cells[cells["condition"] == "norm"]["transform"]) == {"norm"}
-    assert set(cells[cells["condition"] == "random"]["transform"]) == {"random"}
-    assert cells[cells["condition"] == "sampled"]["sample"].nunique() > 1
-    successes = read(out / "successes.csv")
-    assert {"method", "similarity", "success@0.3", "success@0.5"} <= set(successes.columns)
-    # a stricter threshold never passes more cells
-    assert (successes["success@0.5"].astype(bool) <= successes["success@0.3"].astype(bool)).all()
-    n_keys = len(cells.drop_duplicates(["source", "site", "layer"]))
-    assert (successes.groupby("method").size() == n_keys).all()
-    summary = read(out / "summary.csv")
-    assert summary["successes@0.3"].le(summary["prompts"]).all()
-    text = (out / "summary.md").read_text()
-    for control in ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]:
-        assert control in text
+    assert set(cells[cells["condition"] == "random0"]["transform"]) == {"random"}
+    assert 1.0 not in set(cells[cells["condition"] == "random0"]["alpha"])
+    assert cells["mismatch_similarity"].between(-1, 1).all()
+    tests = read(out / "comparisons.csv")
+    assert tests["comparison"].tolist() == list(evaluation.PAIRS)
+    assert (tests["p_holm"] >= tests["p"] - 1e-12).all() and (tests["ci_low"] <= tests["difference"] + 1e-12).all()
+    per_prompt = read(out / "per_prompt.csv")
+    assert len(per_prompt) == cells["source"].nunique() and per_prompt.drop(columns="source").stack().between(0, 1).all()
+    assert "95% CI" in (out / "summary.md").read_text().split("**Paper:**")[0]  # the headline is the interval
 
     # Interrupted run: drop the last unit's rows, rerun, and every row is there exactly once.
     last = cells.iloc[-1][["source", "condition"]]
@@ -137,18 +126,118 @@ def test_entity_description_quick(shared_model, tmp_path):
     key = ["source", "layer", "alpha"]
     assert len(cells) == grid_size(cells, key) and not cells.duplicated(key).any()
     assert (cells["target_layer"] == cells["layer"]).all() and "reference" in cells.columns
-    scores = read(out / "scores.csv")
-    assert scores["rougeL"].between(0, 1).all() and scores["rougeL_raw"].between(0, 1).all()
-    methods = set(scores["method"])
-    assert {"Patchscopes (α=1)", "amplified, best α by judge"} <= methods
-    oracle = scores[scores["method"].str.contains("oracle")].set_index(["source", "layer"])["rougeL"]
-    judged = scores[scores["method"] == "amplified, best α by judge"].set_index(["source", "layer"])["rougeL"]
-    assert (oracle >= judged - 1e-12).all()  # the oracle is an upper bound of any amplified pick
+    scores = pd.read_csv(out / "scores.csv")  # cross-fitted rows have no single readout: NaN where it has none
+    assert scores["rougeL"].between(0, 1).all() and scores["rougeL_raw"].dropna().between(0, 1).all()
+    assert {"Patchscopes (α=1)", "amplified, α by judge", "amplified, cross-fitted α"} <= set(scores["method"])
+    by_method = {m: f.set_index(["source", "layer"])["rougeL"] for m, f in scores.groupby("method")}
+    oracle = by_method["amplified, α by RougeL (oracle)"]
+    for method in ("amplified, α by judge", "amplified, cross-fitted α"):  # the oracle bounds any amplified pick
+        assert (oracle >= by_method[method].reindex(oracle.index) - 1e-12).all()
+    tests = read(out / "comparisons.csv")
+    assert "amplified, α by judge vs α=1" in set(tests["comparison"]) and (tests["p_holm"] >= tests["p"] - 1e-12).all()
     summary = read(out / "summary.csv")
     assert summary["entities"].eq(cells["source"].nunique()).all()
 
     run_recipe("entity_description", out)
     assert len(read(out / "cells.csv")) == len(cells)
+
+
+# ---------------------------------------------------------------- the notebooks' protocols and the echo rule
+
+# code/superscopes_mlp_outputs_full_evaluation.ipynb, ``test_pairs`` (GalNivs/Superscopes)
+NOTEBOOK_48 = (
+    "Pink Floyd; Led Zeppelin; Arctic Monkeys; Daft Punk; Iron Maiden; Green Day; Pearl Jam; Maroon 5; Joy Division; "
+    "Deep Purple; Depeche Mode; Black Sabbath; Judas Priest; Arcade Fire; Tame Impala; Pulp Fiction; Fight Club; "
+    "Top Gun; King Kong; Mad Max; Die Hard; Mean Girls; Home Alone; Dirty Dancing; Black Panther; Kill Bill; "
+    "Forrest Gump; Finding Nemo; Independence Day; Pitch Perfect; Shutter Island; The Shining; Reservoir Dogs; "
+    "Star Wars; Baby Driver; American Psycho; Pretty Woman; Fatal Attraction; Black Swan; Taxi Driver; Diana, "
+    "Princess of Wales; Back to the Future; Alexander the Great; Saturday Night Live; Red Hot Chili Peppers; "
+    "Will Smith; Titanic; George Washington"
+)
+
+
+def test_evaluation_follows_the_notebook(smollm2):
+    from recipes import superscopes_evaluation as evaluation
+    from superscopes.prompts import tokens
+
+    assert evaluation.NOTEBOOK_PROMPTS == NOTEBOOK_48.split("; ") and len(evaluation.NOTEBOOK_PROMPTS) == 48
+    assert evaluation.ALPHAS == [3, 6, 9, 12, 15] and evaluation.LAYERS == list(range(1, 8))  # range(3, 18, 3), range(1, 8)
+    grid = evaluation.conditions(evaluation.ALPHAS, 3)
+    assert grid["greedy"]["alphas"] == [1, 3, 6, 9, 12, 15] and grid["norm"]["alphas"] == [1]
+    assert [grid[f"random{s}"]["seed"] for s in range(3)] == [0, 1, 2] and 1 not in grid["random0"]["alphas"]
+    for prompt in evaluation.NOTEBOOK_PROMPTS:  # find_token_id's first occurrence of the last token is the last position
+        pieces = tokens(smollm2.tokenizer, prompt)
+        assert pieces.index(pieces[-1]) == len(pieces) - 1, prompt
+
+
+def test_examples_follow_the_notebooks():
+    from recipes.superscopes_hidden_states import READOUTS as HIDDEN
+    from recipes.superscopes_mlp_outputs import READOUTS as MLP
+
+    amplified = {r.token: r for r in MLP if r.condition == "amplified"}
+    assert amplified["Live"].target_layer == 0 and amplified["Live"].layers == (2, 3, 4)  # tl 0, as the authors ran it
+    assert amplified["Wales"].target_layer == amplified["Future"].target_layer == "same"
+    assert all(r.alphas == (3, 6, 9, 12, 15) and r.sites == ("mlp_out",) for r in amplified.values())
+    assert all(r.target_layer == 0 and r.alphas == (1,) for r in MLP if r.condition == "plain")
+    assert {r.token: r.layers for r in MLP if r.condition == "plain"} == {"Wales": (1, 2, 3, 4), "Future": (1, 2, 3),
+                                                                         "Live": (2, 3, 4)}  # fmt: skip
+    assert all(r.target_layer == 0 for r in HIDDEN)
+    hidden = {r.token: (r.layers, r.alphas) for r in HIDDEN if r.condition == "amplified"}
+    assert hidden == {"Great": ((4, 5), (2, 3, 4, 5, 6)), "ppers": ((3,), (1.3, 1.5, 1.7, 1.9)),
+                      "Machine": ((7, 8, 9), tuple(range(3, 24, 3)))}  # fmt: skip
+
+
+TARGET = "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean multinational major appliance and consumer electronics corporation, x"
+
+
+def evaluation_cells(rows) -> pd.DataFrame:
+    """Constructed judged cells: (source, layer, alpha, similarity, output); token "Floyd", greedy."""
+    frame = pd.DataFrame(rows, columns=["source", "layer", "alpha", "similarity", "output"])
+    return frame.assign(condition="greedy", token="Floyd", target=TARGET, mismatch_similarity=0.0)
+
+
+def test_evaluation_never_counts_an_echo_or_alpha_1_as_superscopes():
+    from recipes import superscopes_evaluation as evaluation
+
+    cells = evaluation_cells([
+        ("Pink Floyd", 1, 1.0, 0.9, ": British rock band"),  # alpha 1 succeeds: Patchscopes only
+        ("Pink Floyd", 1, 3.0, 0.8, " Leonardo DiCaprio: American actor"),  # echo of the few-shot example
+        ("Pink Floyd", 1, 6.0, 0.7, " Floyd Floyd Floyd"),  # echo of the source token
+        ("Deep Purple", 1, 1.0, 0.1, ": colour"),
+        ("Deep Purple", 1, 3.0, 0.5, ": British rock band"),  # a real success
+        ("Deep Purple", 1, 6.0, 0.2, ": colour"),
+    ])  # fmt: skip
+    cells = evaluation.successes(cells)
+    assert cells["echo"].tolist() == [False, True, True, False, False, False]
+    assert cells["success"].tolist() == [True, False, False, False, True, False]  # echoes above 0.3 never succeed
+    table = evaluation.method_cells(cells, seeds=0, splits=[0])
+    assert table.loc[("Pink Floyd", 1), evaluation.PATCH] == 1 and table.loc[("Pink Floyd", 1), evaluation.BEST] == 0
+    assert table.loc[("Deep Purple", 1), evaluation.PATCH] == 0 and table.loc[("Deep Purple", 1), evaluation.BEST] == 1
+
+
+def test_examples_never_count_an_echo_as_naming_the_entity():
+    from recipes.superscopes_mlp_outputs import annotate
+
+    cells = pd.DataFrame({"output": [": Princess Diana of Wales", " Diana: Princess Diana, Leonardo DiCaprio",
+                                     " Leonardo DiCaprio: Princess Diana", ": Country in the Middle East, x"],
+                          "similarity": [0.6, 0.6, 0.6, 0.6]})  # fmt: skip
+    cells = annotate(cells.assign(source="Diana, Princess of Wales", token=" Wales", target=TARGET))
+    assert cells["echo"].tolist() == [False, False, True, True]
+    assert cells["names_entity"].tolist() == [True, True, False, False]
+    assert cells["judged_on_topic"].tolist() == [True, True, False, False]
+    assert cells["token_word"].tolist() == [True, False, False, False]  # "Wales" inside a readout that is no echo
+
+
+def test_entity_description_scores_an_echo_zero():
+    from recipes.entity_description import score
+
+    cells = pd.DataFrame({"output": [" Leonardo DiCaprio: American actor", ": American actor, x", " Hanks"],
+                          "token": [" Hanks"] * 3, "target": [TARGET] * 3,
+                          "reference": ["American actor and filmmaker"] * 3})  # fmt: skip
+    scored = score(cells)
+    assert scored["echo"].tolist() == [True, False, True]
+    assert scored["rougeL"].tolist()[0] == scored["rougeL_raw"].tolist()[0] == 0  # copies the example: 0, not 0.67
+    assert scored["rougeL"].iloc[1] == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))
 
 
 # ---------------------------------------------------------------- metrics and plots

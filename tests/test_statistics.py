@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from superscopes.metrics import (bootstrap_ci, compare, cross_fitted_best, holm, is_echo, paired_permutation_p,
-                                 per_prompt, target_examples)  # fmt: skip
+from superscopes.metrics import (bootstrap_ci, compare, compare_all, cross_fitted_best, cross_fitted_mean, describe,
+                                 holm, is_echo, paired_permutation_p, per_prompt, target_examples)  # fmt: skip
 from superscopes.prompts import ENTITY_DESCRIPTION
 
 
@@ -48,6 +48,28 @@ def test_compare_reports_the_prompt_level_difference():
         compare([1, 0], [1])
 
 
+def test_compare_all_holm_corrects_only_the_family():
+    # per prompt: a beats b on 2 prompts (exact p = 2/4), a beats c on 3 (p = 2/8); Holm over {ab, ac}:
+    # ac 2 * 0.25 = 0.5, ab max(0.5, 1 * 0.5) = 0.5; ad is outside the family and keeps its p.
+    scores = pd.DataFrame({"a": [1, 1, 1, 0], "b": [0, 0, 1, 0], "c": [0, 0, 0, 0], "d": [1, 1, 1, 0]})
+    table = compare_all(scores, {"ab": ("a", "b"), "ac": ("a", "c"), "ad": ("a", "d")}, family=["ab", "ac"])
+    rows = table.set_index("comparison")
+    assert rows.loc["ab", "p"] == pytest.approx(0.5) and rows.loc["ac", "p"] == pytest.approx(0.25)
+    assert rows.loc["ab", "p_holm"] == pytest.approx(0.5) and rows.loc["ac", "p_holm"] == pytest.approx(0.5)
+    assert rows.loc["ad", "p_holm"] == rows.loc["ad", "p"] == 1.0
+    assert rows.loc["ac", "difference"] == 0.75 and rows.loc["ab", "mean_b"] == 0.25
+    assert "no significant prompt-level difference" in describe(rows.loc["ac"].to_dict() | {"A": "a", "B": "c"})
+
+
+def test_describe_says_a_beats_b_only_when_the_adjusted_p_does():
+    row = {"A": "x", "B": "y", "mean_a": 0.5, "mean_b": 0.1, "difference": 0.4, "ci_low": 0.2, "ci_high": 0.6,
+           "p": 0.001, "p_holm": 0.004, "n_prompts": 48}  # fmt: skip
+    text = describe(row)
+    assert "x > y at the prompt level" in text and "[95% CI +0.200, +0.600]" in text and "Holm p = 0.004" in text
+    assert "no significant" in describe(row | {"p_holm": 0.06})
+    assert "x < y at the prompt level" in describe(row | {"difference": -0.4})
+
+
 def cells(rows) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["source", "layer", "alpha", "similarity", "success"])
 
@@ -76,6 +98,19 @@ def test_cross_fitted_choice_is_made_on_the_other_half():
     assert out["success"].mean() <= best_of
 
 
+def test_cross_fitted_mean_averages_splits():
+    # Every prompt succeeds only at alpha 6 except p3 (alpha 3). A half fitted without p3 picks 6, so
+    # p3 scores 0 under every split; the mean over splits is the mean of each split's cross_fitted_best.
+    rows = [(p, 1, a, float(a == (3 if p == "p3" else 6)), int(a == (3 if p == "p3" else 6)))
+            for p in ["p0", "p1", "p2", "p3"] for a in (3, 6)]  # fmt: skip
+    frame = cells(rows)
+    mean = cross_fitted_mean(frame, "alpha", "similarity", "success", seeds=[0, 1, 2])
+    assert mean.loc[("p3", 1)] == 0
+    single = [cross_fitted_best(frame, "alpha", "similarity", "success", seed=s).set_index("source")["success"]
+              for s in (0, 1, 2)]  # fmt: skip
+    assert mean.droplevel("layer").to_dict() == pytest.approx((sum(single) / 3).to_dict())
+
+
 def test_target_examples_of_the_entity_prompt():
     assert target_examples(ENTITY_DESCRIPTION) == ["Syria", "Leonardo DiCaprio", "Samsung"]
 
@@ -88,6 +123,7 @@ def test_target_examples_of_the_entity_prompt():
     (": Princess of Wales, a British royal", "Wales", False),
     (": a Welsh princess, Lady Di", "Wales", False),
     (": South Korean city, Busan", "Seoul", False),  # a word of an example's description is not a copy
+    (": Country in the United Kingdom, China", "Wales", False),  # an example's frame, a new answer
 ])  # fmt: skip
 def test_echo_rule(text, token, expected):
     assert is_echo(text, token, ENTITY_DESCRIPTION) is expected
