@@ -193,3 +193,28 @@ def test_sample_prefixes_aligns_two_tokenizers_by_character(tokenizer):
         for tok, p in ((small, p_small), (other, p_other)):
             ids = tok(prefix)["input_ids"]
             assert len(ids) - 1 == p and ids == tok(texts[i])["input_ids"][: p + 1]
+
+
+class _WordTokenizer:
+    """Whitespace words as tokens, except that a text ending in "b" splits its last word into
+    characters: a prefix cut after a word ending in "b" re-tokenises differently."""
+
+    all_special_ids: list[int] = []
+
+    def __call__(self, text: str, return_offsets_mapping: bool = False) -> dict:
+        import re
+
+        spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        if text.endswith("b"):
+            start, end = spans.pop()
+            spans += [(i, i + 1) for i in range(start, end)]
+        out = {"input_ids": [hash(text[s:e]) % 1000 for s, e in spans]}
+        return {**out, "offset_mapping": spans} if return_offsets_mapping else out
+
+
+def test_sample_prefixes_skips_a_prefix_that_retokenises_differently():
+    from recipes._snippets import sample_prefixes
+
+    # The only position before the last token ends in "b": its prefix "xb" re-tokenises as x, b.
+    assert sample_prefixes([_WordTokenizer()], ["xb yc"], seed=0) == []
+    assert sample_prefixes([_WordTokenizer()], ["xa yc"], seed=0) == [(0, "xa", [0])]
