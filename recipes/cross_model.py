@@ -2,33 +2,25 @@
 read out by another through an affine map fitted per (source layer, target layer) pair.
 
 The paper's protocol (PAIR-code/interpretability, patchscopes/code/patch_cross_model.ipynb,
-scored by ``patchscopes_utils.evaluate_patch_next_token_prediction_x_model``):
+scored by ``patchscopes_utils.evaluate_patch_next_token_prediction_x_model``): one random position
+per text where both tokenizers agree, the text cut after it (``_snippets.sample_prefixes``); maps
+by least squares with a bias from h_l (``resid_post``) of the source to h_l* of the target at the
+same position, one position per training text, layers 0, 5, 10, ... of each model. Conditions:
+``same_text`` (the paper's, the main one: the mapped h_l written into the target model at l* on
+the same text at the same, last, token) and ``identity_prompt`` (a variant: over the "?" of the
+identity prompt). precision@1 = 1[the patched target's top token == the source model's own next token].
 
-- one random position per text where both tokenizers agree (up to 10 tries, else the text is
-  skipped), the text cut after it (``_snippets.sample_prefixes``): both models read the same text;
-- maps: least squares with a bias from the source model's h_l (``resid_post``) to the target
-  model's h_l* at the same position, one per pair, on one position of each training text;
-  layers 0, 5, 10, ... of each model;
-- ``same_text`` (the paper's condition, the main one): the mapped h_l written into the target
-  model at layer l* on the same text at the same position (the last token), its next token read;
-- ``identity_prompt`` (a variant; the paper runs it without a map): the mapped h_l written over
-  the "?" of the identity prompt in the target model at l*;
-- precision@1 = 1[the patched target's top token == the source model's own next token].
+One ``superscopes.run`` per direction and condition covers every layer pair (``layer_pairs``,
+``affine_weight={(l, l*): W}``, ``target_model=``) plus a control (``transforms=["affine", "none"]``,
+the ``none`` cells at one pair via ``where``): the target's own next token with nothing written.
+On the same text that control is how often the two models simply agree; a map earns credit only
+above it (per pair, the paired difference over texts: bootstrap interval, sign-flip p, Holm).
+Same-model grids are not run: writing h_l at l* = l into the same text changes nothing.
 
-As configurations of the graph: one ``superscopes.run`` per direction and condition, over every
-layer pair (``layer_pairs``, ``transforms=["affine", "none"]``, ``affine_weight={(l, l*): W}``,
-``target_model=...``), the ``none`` cells (one pair, via ``where``) being the control: the target
-model's own next token with nothing written. On the same text that control is how often the two
-models simply agree; a map earns credit only above it. Statistics are per source text: precision@1
-with a 95% bootstrap interval, and per pair the paired difference from the control (bootstrap
-interval, sign-flip p, Holm over the table). Same-model grids are not run: there a patch of h_l
-at l* = l into the same text changes nothing (precision 1 by construction).
-
-Deviations: SmolLM2-135M and Gemma-3-270m (different families and tokenizers) instead of
-Vicuna-7B -> Vicuna-13B; so the tokens are compared as stripped text, not ids, and positions are
-aligned by character, not token index; snippets of the Patchscopes factual data instead of the
-Pile; 200 evaluated texts (paper 2000), maps fitted on 4000 texts (paper 100000); the identity
-prompt variant goes through the same maps (the hidden sizes differ, so no unmapped patch exists).
+Deviations: SmolLM2-135M <-> Gemma-3-270m (other families and tokenizers) instead of Vicuna-7B ->
+Vicuna-13B, so tokens are compared as stripped text and positions aligned by character; Patchscopes
+factual snippets instead of the Pile; 200 evaluated texts (paper 2000), maps fitted on 4000 (paper
+100000); the identity-prompt variant goes through the maps (the hidden sizes differ).
 """
 
 from __future__ import annotations
@@ -112,8 +104,8 @@ def grid(run: Run, s, t, condition: str, prompts: list[str], maps: dict, own: di
     frame["precision_at_1"] = [int(same_text(a, b)) for a, b in zip(frame["pred_token"], frame["source_top1"])]
     frame["target_match"] = [int(same_text(a, b)) for a, b in zip(frame["pred_token"], frame["target_top1"])]
     frame["output_probs"] = [[round(float(x), 6) for x in row] for row in frame["output_probs"]]
-    frame["direction"] = f"{model_name(s)} -> {model_name(t)}"
-    return frame.assign(condition=condition, model=model_name(s), target_model=model_name(t))[CELL_COLUMNS]
+    return frame.assign(direction=f"{model_name(s)} -> {model_name(t)}", condition=condition, model=model_name(s),
+                        target_model=model_name(t))[CELL_COLUMNS]  # fmt: skip
 
 
 def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -145,13 +137,15 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
-def findings(summary: pd.DataFrame, comparisons: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
+def findings(comparisons: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
+    """Per grid: its best pair (chosen on these texts) and how many pairs beat the control."""
     out = []
     for (direction, condition), part in comparisons.groupby(["direction", "condition"], sort=False):
         best = part.loc[part["mean_a"].idxmax()]
         above = part[(part["ci_low"] > 0) & (part["p_holm"] < 0.05)]
         below = part[(part["ci_high"] < 0) & (part["p_holm"] < 0.05)]
-        out.append(f"{direction}, {condition}: best pair (l={best['layer']}, l*={best['target_layer']}) precision@1 "
+        out.append(f"{direction}, {condition}: best pair (l={best['layer']}, l*={best['target_layer']}; chosen on "
+                   f"these texts) precision@1 "
                    f"{best['mean_a']:.2f} vs the no-write control {best['mean_b']:.2f} (difference "
                    f"{best['difference']:+.2f} [{best['ci_low']:+.2f}, {best['ci_high']:+.2f}]); above the control "
                    f"at {len(above)} of {len(part)} pairs, below at {len(below)} (Holm p < 0.05).")  # fmt: skip
@@ -230,10 +224,13 @@ def report(run: Run, names: list[str], layers, cells: pd.DataFrame, n_fit: int, 
     summary.to_csv(run.out / "summary.csv", index=False)
     comparisons.to_csv(run.out / "comparisons.csv", index=False)
     quality = pd.read_csv(run.out / "map_fit.csv") if (run.out / "map_fit.csv").exists() else pd.DataFrame()
+    if not quality.empty:  # a resumed direction refits its maps (the same maps): keep the last fit
+        quality = quality.drop_duplicates(["direction", "layer", "target_layer"], keep="last")
     figure = plot(summary, run.out / "cross_model.png",
                   f"Cross-model Patchscopes: {n} texts, maps fitted on {n_fit} (ridge {ridge})")
     main_part = comparisons[comparisons["condition"] == "same_text"]
-    ours = "; ".join(f"{d}: best precision@1 {g['mean_a'].max():.2f} vs no-write control {g['mean_b'].iloc[0]:.2f}"
+    ours = "; ".join(f"{d}: best pair {g['mean_a'].max():.2f}, no-write control {g['mean_b'].iloc[0]:.2f}, "
+                     f"{int(((g['ci_low'] > 0) & (g['p_holm'] < 0.05)).sum())} of {len(g)} pairs above it (Holm)"
                      for d, g in main_part.groupby("direction", sort=False))  # fmt: skip
     ours += f" (same-text condition, {n} texts; the two models' own next tokens agree on {agree:.2f})"
     tables = {f"precision@1, {d}, {c}": g[g["transform"] == "affine"].pivot(
@@ -249,7 +246,7 @@ def report(run: Run, names: list[str], layers, cells: pd.DataFrame, n_fit: int, 
          "identity_prompt (variant: over '?' of the identity prompt); control: nothing written",
          "precision@1": "stripped text of the patched target's top token == the source model's own next token",
          "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
-        findings(summary, comparisons, quality),
+        findings(comparisons, quality),
         {**tables, "each pair minus the no-write control, paired over texts": comparisons}, [figure.name],
     )  # fmt: skip
 
