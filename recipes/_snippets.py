@@ -85,6 +85,23 @@ def sample_prefixes(tokenizers: Sequence, texts: Sequence[str], seed: int, inclu
     return chosen
 
 
+def evaluated_and_fit(tokenizers: Sequence, texts: Sequence[str], seed: int, n: int, n_fit: int,
+                      include_last: bool = False) -> tuple[list[tuple[int, str, list[int]]], list[str]]:  # fmt: skip
+    """``n`` distinct prefixes to evaluate (``sample_prefixes`` over ``texts`` in order: a prompt
+    is a unit, and two texts may start alike), and ``n_fit`` prefixes of the texts after the last
+    one used, the last token allowed (the paper's training positions): maps fitted on them never
+    see an evaluated text."""
+    chosen, seen = [], set()
+    for drawn in sample_prefixes(tokenizers, texts, seed, include_last):
+        if len(chosen) == n:
+            break
+        if drawn[1] not in seen:
+            seen.add(drawn[1])
+            chosen.append(drawn)
+    rest = texts[chosen[-1][0] + 1 :]
+    return chosen, [prefix for _, prefix, _ in sample_prefixes(tokenizers, rest, seed + 1, include_last=True)][:n_fit]
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

@@ -34,7 +34,7 @@ from superscopes.metrics import compare_conditions, prompt_means
 from superscopes.parsing import parse_layers
 
 from ._common import Run, parser, recipe_main, resolve_layers, write_summary
-from ._snippets import load_snippets, log, record_time, sample_prefixes
+from ._snippets import evaluated_and_fit, load_snippets, log, record_time
 
 NAME = "cross_model"
 DESCRIPTION = "Cross-model Patchscopes: affine maps between SmolLM2 and Gemma-3 per layer pair, precision@1"
@@ -151,18 +151,9 @@ def findings(comparisons: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
                    f"at {len(above)} of {len(part)} pairs, below at {len(below)} (Holm p < 0.05).")  # fmt: skip
     if not quality.empty:
         out.append("Map quality, R^2 on the evaluated texts' positions: " + "; ".join(
-            f"{d}: median {g['r2_eval'].median():.2f}, max {g['r2_eval'].max():.2f}" for d, g in quality.groupby("direction")))
+            f"{d}: median {g['r2_eval'].median():.2f}, max {g['r2_eval'].max():.2f}"
+            for d, g in quality.groupby("direction")))  # fmt: skip
     return out
-
-
-def texts(run: Run, a, b, n_sources: int, n_fit: int) -> tuple[list[str], list[str]]:
-    """Evaluated prefixes (distinct), then the fit prefixes drawn from the texts after them."""
-    snippets = load_snippets(run.args.seed)["text"].tolist()
-    drawn = sample_prefixes([a.tokenizer, b.tokenizer], snippets, run.args.seed, include_last=True)
-    prompts = list(dict.fromkeys(prefix for _, prefix, _ in drawn))[:n_sources]
-    used = max(i for i, prefix, _ in drawn if prefix in set(prompts))
-    rest = sample_prefixes([a.tokenizer, b.tokenizer], snippets[used + 1 :], run.args.seed + 1, include_last=True)
-    return prompts, [prefix for _, prefix, _ in rest][:n_fit]
 
 
 def compute(run: Run, store, directions: list, layers: dict, prompts: list[str], fit: list[str], ridge: float) -> None:
@@ -201,7 +192,9 @@ def experiment(run: Run) -> None:
     for m, given in ((a, args.layers), (b, args.other_layers)):
         n = num_layers(m)
         layers[id(m)] = resolve_layers(given, n, [n - 1] if quick else list(range(0, n, args.stride)))
-    prompts, fit = texts(run, a, b, args.sources or (4 if quick else 200), n_fit)
+    chosen, fit = evaluated_and_fit([a.tokenizer, b.tokenizer], load_snippets(args.seed)["text"].tolist(), args.seed,
+                                    args.sources or (4 if quick else 200), n_fit, include_last=True)  # fmt: skip
+    prompts = [prefix for _, prefix, _ in chosen]
     directions = [(a, b)] if quick else [(a, b), (b, a)]
     store = run.store("cells.csv", ["direction", "condition"], layers=list(layers.values()), fit_texts=len(fit),
                       ridge=ridge)  # fmt: skip

@@ -44,7 +44,7 @@ import pandas as pd
 from superscopes.metrics import compare_conditions, prompt_means
 
 from ._common import Run, parser, recipe_main, write_summary
-from ._snippets import load_snippets, log, record_time, sample_prefixes
+from ._snippets import evaluated_and_fit, load_snippets, log, record_time
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 per layer of a Patchscope, the logit lens and an affine lens"
@@ -73,19 +73,11 @@ def sources(run: Run, tokenizer, n: int, n_fit: int) -> tuple[pd.DataFrame, list
     """The evaluated prefixes (one random position per text, the last token excluded) and the
     held-out prefixes the maps are fitted on (the texts after them; the last token allowed)."""
     snippets = load_snippets(run.args.seed)
-    texts = snippets["text"].tolist()
-    chosen, seen = [], set()
-    for i, prefix, pos in sample_prefixes([tokenizer], texts, run.args.seed):
-        if len(chosen) == n:
-            break
-        if prefix not in seen:  # a prompt is a unit: two snippets may start alike ("The")
-            seen.add(prefix)
-            chosen.append({"source": prefix, "snippet": texts[i], "relation": snippets["relation"].iloc[i],
-                           "position": pos[0], "text_index": i})  # fmt: skip
-    frame = pd.DataFrame(chosen)
-    rest = texts[int(frame["text_index"].iloc[-1]) + 1 :]
-    fit = [prefix for _, prefix, _ in sample_prefixes([tokenizer], rest, run.args.seed + 1, include_last=True)]
-    return frame, fit[:n_fit]
+    chosen, fit = evaluated_and_fit([tokenizer], snippets["text"].tolist(), run.args.seed, n, n_fit)
+    rows = snippets.iloc[[i for i, _, _ in chosen]]
+    frame = pd.DataFrame({"source": [prefix for _, prefix, _ in chosen], "snippet": rows["text"].tolist(),
+                          "relation": rows["relation"].tolist(), "position": [pos[0] for _, _, pos in chosen]})
+    return frame, fit
 
 
 def score(name: str, method: str, frame: pd.DataFrame, ids: str, probs: str, src: pd.DataFrame, own, tokenizer):
@@ -167,9 +159,10 @@ def findings(summary: pd.DataFrame, comparisons: pd.DataFrame, last: int) -> lis
                    f"layers {above or 'none'}, below at layers {below or 'none'}, no detectable difference at the "
                    f"other {len(part) - len(above) - len(below)}.")  # fmt: skip
     at_last = summary[summary["layer"] == last].set_index("method")["precision_at_1"]
+    values = ", ".join(f"{m} {v:.2f}" for m, v in at_last.items())
     out.append(f"At the last layer ({last}) all three read the model's own output by construction (the logit lens "
-               "is the output, the Patchscope writes h_last at l* = last, an unpenalised least-squares map from the last "
-               f"layer to itself is the identity): {', '.join(f'{m} {v:.2f}' for m, v in at_last.items())}; not a finding.")  # fmt: skip
+               "is the output, the Patchscope writes h_last at l* = last, an unpenalised least-squares map from the "
+               f"last layer to itself is the identity): {values}; not a finding.")  # fmt: skip
     return out
 
 
