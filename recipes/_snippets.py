@@ -48,15 +48,6 @@ def load_snippets(seed: int = 0, min_words: int = 4) -> pd.DataFrame:
     return snippets.sort_values(["rank", "tie"]).drop(columns=["rank", "tie"]).reset_index(drop=True)
 
 
-def _token_ends(tokenizer, text: str) -> tuple[dict[int, int], list[int]]:
-    """Character end -> index of the token ending there (special tokens left out), and the ids."""
-    encoding = tokenizer(text, return_offsets_mapping=True)
-    special = set(tokenizer.all_special_ids)
-    ends = {e: i for i, ((s, e), t) in enumerate(zip(encoding["offset_mapping"], encoding["input_ids"]))
-            if e > s and t not in special}  # fmt: skip
-    return ends, encoding["input_ids"]
-
-
 def sample_prefixes(tokenizers: Sequence, texts: Sequence[str], seed: int, include_last: bool = False,
                     tries: int = 10) -> list[tuple[int, str, list[int]]]:  # fmt: skip
     """One random token position per text, as the Patchscopes code draws it, and the text up to
@@ -69,17 +60,19 @@ def sample_prefixes(tokenizers: Sequence, texts: Sequence[str], seed: int, inclu
     to the same tokens in every tokenizer (the paper's check); after ``tries`` failed draws
     the text is skipped. A causal model's state at the position is the same on the prefix as on
     the whole text, so the prefix's last token is the source position."""
+    from superscopes.lens import token_ends
+
     rng = np.random.default_rng(seed)
     chosen = []
     for index, text in enumerate(texts):
-        found = [_token_ends(tok, text) for tok in tokenizers]
-        (first, ids), *others = found
-        last_index = len(ids) - 1
-        ends = [e for e, i in first.items() if (include_last or i < last_index) and all(e in o for o, _ in others)]
+        found = [token_ends(tok, text, skip_first=False) for tok in tokenizers]
+        ids = [tok(text)["input_ids"] for tok in tokenizers]
+        first, *others = found
+        ends = [e for e, i in first.items() if (include_last or i < len(ids[0]) - 1) and all(e in o for o in others)]
         for end in rng.permutation(sorted(ends))[:tries].tolist():
             prefix = text[:end]
-            positions = [f[end] for f, _ in found]
-            if all(tok(prefix)["input_ids"] == i[: p + 1] for tok, (_, i), p in zip(tokenizers, found, positions)):
+            positions = [f[end] for f in found]
+            if all(tok(prefix)["input_ids"] == i[: p + 1] for tok, i, p in zip(tokenizers, ids, positions)):
                 chosen.append((index, prefix, positions))
                 break
     return chosen
