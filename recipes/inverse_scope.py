@@ -171,7 +171,8 @@ def report(run: Run, name: str, cells: pd.DataFrame, distances: pd.DataFrame, n_
     comparisons.to_csv(run.out / "comparisons.csv", index=False)
     lex = inverse.lexical_labels(cells, seed=args.seed)
     lex.to_csv(run.out / "lexical.csv", index=False)
-    distance_summary = prompt_means(distances, "distance", "query", ("layer", "sampler"), args.seed)
+    distance_summary = prompt_means(distances, "distance", "query", ("layer", "sampler"), args.seed) \
+        if len(distances) else pd.DataFrame()  # fmt: skip
     figure = plot(summary, run.out / "inverse_scope.png", f"InverseScope on {name}: {queries} queries, k={args.k}; "
                   f"generator at layers {generator_layers}, nearest {args.site} by cosine, random")  # fmt: skip
     shown = comparisons[comparisons["p_holm"] < 0.05]

@@ -218,3 +218,15 @@ def test_sample_prefixes_skips_a_prefix_that_retokenises_differently():
     # The only position before the last token ends in "b": its prefix "xb" re-tokenises as x, b.
     assert sample_prefixes([_WordTokenizer()], ["xb yc"], seed=0) == []
     assert sample_prefixes([_WordTokenizer()], ["xa yc"], seed=0) == [(0, "xa", [0])]
+
+
+def test_inverse_scope_without_a_generator(tmp_path):
+    from recipes import inverse_scope
+
+    inverse_scope.main(["--quick", "--generator-layers", "none", "--out", str(tmp_path)])
+    cells, _, _ = _outputs(tmp_path, "inverse_scope.png")
+    assert set(cells["sampler"]) == {"nearest", "random", "ceiling"}
+    generated = tmp_path / "generator.csv"
+    assert not generated.exists() or ResultStore.read(generated).empty
+    assert set(pd.read_csv(tmp_path / "comparisons.csv")["a"]) == {"nearest"}
+    assert (tmp_path / "lexical.csv").stat().st_size > 0
