@@ -438,6 +438,12 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1 - nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
+def nearest(corpus: torch.Tensor, z: torch.Tensor, k: int) -> np.ndarray:
+    """The training-free sampler: indices of the k ``corpus`` rows nearest each row of ``z`` by cosine."""
+    keys, values = nn.functional.normalize(corpus.float(), dim=-1), nn.functional.normalize(z.float(), dim=-1)
+    return (values @ keys.T).topk(k, dim=-1).indices.numpy()
+
+
 def fcr(f_original, f_samples: Sequence) -> float:
     """Feature consistency rate of one query: the share of samples x with f(x) = f(x_original)."""
     if len(f_samples) == 0:
@@ -449,17 +455,9 @@ def fcr_table(cells, value: str = "consistency", prompt: str = "query",
               by: Sequence[str] = ("hypothesis", "layer", "sampler"), seed: int = 0):  # fmt: skip
     """Mean of ``value`` (FCR by default; any per-query score) per group, with a 95% bootstrap
     interval over queries: each query's mean is one value, its samples are not independent draws."""
-    import pandas as pd
+    from superscopes.metrics import prompt_means
 
-    from superscopes.metrics import bootstrap_ci
-
-    rows = []
-    for key, part in cells.groupby(list(by)):
-        per_query = part.groupby(prompt)[value].mean()
-        low, high = bootstrap_ci(per_query.to_numpy(), seed=seed)
-        rows.append({**dict(zip(by, key)), value: float(per_query.mean()), "ci_low": low, "ci_high": high,
-                     "n": int(per_query.size)})  # fmt: skip
-    return pd.DataFrame(rows)
+    return prompt_means(cells, value, prompt, by, seed)
 
 
 def compare_samplers(cells, a: str = "generator", others: Sequence[str] = ("nearest", "random"),
@@ -467,27 +465,41 @@ def compare_samplers(cells, a: str = "generator", others: Sequence[str] = ("near
     """Sampler ``a`` against each of ``others`` per (hypothesis, layer), paired by query (the
     queries both answer): mean difference, 95% bootstrap interval over queries, paired sign-flip
     p, and Holm-adjusted p over the whole family of comparisons."""
+    from superscopes.metrics import compare_conditions
+
+    return compare_conditions(cells, "sampler", [(a, other) for other in others], ("hypothesis", "layer"), value,
+                              prompt, seed)  # fmt: skip
+
+
+def lexical_labels(cells, sampler: str = "nearest", value: str = "consistency", prompt: str = "query",
+                   seed: int = 0):  # fmt: skip
+    """Per hypothesis, is its FCR already at its level at layer 0? From ``sampler``'s cells (and
+    ``random``'s at layer 0): FCR at layer 0 and at the best layer, their paired difference over
+    queries (95% bootstrap), and a label. ``lexical``: above random at layer 0 and already at its
+    level there (the rise's interval reaches 0, or the layer-0 FCR is inside the best layer's
+    interval): the token embedding carries it, so it says nothing about what the layers compute.
+    ``rises``: clearly above layer 0. ``not above random``: flat and never above random.
+    The best layer is chosen on the same queries, which only makes "lexical" rarer."""
     import pandas as pd
 
-    from superscopes.metrics import compare, holm
+    from superscopes.metrics import bootstrap_ci, compare
 
     rows = []
-    for (hypothesis, layer), part in cells.groupby(["hypothesis", "layer"]):
-        wide = part.pivot_table(index=prompt, columns="sampler", values=value, aggfunc="mean")
-        for other in others:
-            if a not in wide or other not in wide:
-                continue
-            both = wide[[a, other]].dropna()
-            if both.empty:
-                continue
-            result = compare(both[a].to_numpy(), both[other].to_numpy(), seed=seed)
-            rows.append({"hypothesis": hypothesis, "layer": layer, "a": a, "b": other, **result})
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        keys = [f"{r.hypothesis}|{r.layer}|{r.b}" for r in table.itertuples()]
-        adjusted = holm(dict(zip(keys, table["p"])))
-        table["p_holm"] = [adjusted[k] for k in keys]
-    return table
+    for hypothesis, part in cells.groupby("hypothesis"):
+        wide = part.pivot_table(index=prompt, columns=["sampler", "layer"], values=value)
+        if (sampler, 0) not in wide or ("random", 0) not in wide:
+            continue
+        scores = wide[sampler]
+        best = int(scores.mean().idxmax())
+        rise = compare(scores[best].to_numpy(), scores[0].to_numpy(), seed=seed)
+        at_best = bootstrap_ci(scores[best].to_numpy(), seed=seed)
+        above_random = compare(scores[0].to_numpy(), wide[("random", 0)].to_numpy(), seed=seed)["ci_low"] > 0
+        flat = rise["ci_low"] <= 0 or rise["mean_b"] >= at_best[0]
+        label = "rises" if not flat else "lexical" if above_random else "not above random"
+        rows.append({"hypothesis": hypothesis, "fcr_layer0": rise["mean_b"], "best_layer": best,
+                     "fcr_best": rise["mean_a"], "best_ci_low": at_best[0], "difference": rise["difference"],
+                     "ci_low": rise["ci_low"], "ci_high": rise["ci_high"], "label": label})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def evaluate(model, generator: Generator, pairs: Pairs, queries: int = 100, k: int = 10, seed: int = 0,
@@ -546,9 +558,9 @@ def corpus_texts(source: str, split: str = "train", limit: int | None = None) ->
     shared offline English corpus, ``superscopes.corpus.load(split)``) or a file, one text a line."""
     if source == "patchscopes":
         try:  # installed, the recipes live under the package; in a checkout, at the top
-            from superscopes.recipes.token_identity import load_snippets
+            from superscopes.recipes._snippets import load_snippets
         except ModuleNotFoundError:
-            from recipes.token_identity import load_snippets
+            from recipes._snippets import load_snippets
 
         texts = load_snippets(0)["text"].astype(str).tolist()
     elif source == "debian":

@@ -307,14 +307,14 @@ def word_ends(text: str) -> list[int]:
     return [m.end() for m in re.finditer(r"\S+", text)]
 
 
-def _token_ends(tokenizer, text: str) -> dict[int, int]:
-    """Character end offset -> index of the last token ending there (special tokens and the
-    attention-sink position 0 left out, as in ``"text"`` positions)."""
+def token_ends(tokenizer, text: str, skip_first: bool = True) -> dict[int, int]:
+    """Character end offset -> index of the last token ending there (special tokens left out,
+    and with ``skip_first`` the attention-sink position 0, as in ``"text"`` positions)."""
     encoding = tokenizer(text, return_offsets_mapping=True)
     special = _special_mask(tokenizer, encoding["input_ids"])
     ends = {}
     for i, ((start, end), is_special) in enumerate(zip(encoding["offset_mapping"], special)):
-        if end > start and not is_special and i > 0:
+        if end > start and not is_special and (i > 0 or not skip_first):
             ends[end] = i
     return ends
 
@@ -329,7 +329,7 @@ def aligned_positions(
     end a token there). Returns ``(source positions, target positions)``, one list per prompt."""
     source_positions, target_positions = [], []
     for text in prompts:
-        a, b = _token_ends(source_tokenizer, text), _token_ends(target_tokenizer, text)
+        a, b = token_ends(source_tokenizer, text), token_ends(target_tokenizer, text)
         ends = [e for e in word_ends(text) if e in a and e in b]
         if last_only:
             ends = ends[-1:] if ends and ends[-1] == len(text.rstrip()) else []

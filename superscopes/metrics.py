@@ -206,6 +206,42 @@ def compare(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict:
             "ci_low": low, "ci_high": high, "p": paired_permutation_p(diff, seed=seed)}  # fmt: skip
 
 
+def prompt_means(frame, value: str, prompt: str = "source", by: Sequence[str] = ("layer",), seed: int = 0):
+    """Mean of ``value`` per ``by`` group with a 95% bootstrap interval over prompts (columns
+    ``value``, ``ci_low``, ``ci_high``, ``n`` prompts): each prompt's mean is one value."""
+    import pandas as pd
+
+    rows = []
+    for key, part in frame.groupby(list(by)):
+        per = part.groupby(prompt)[value].mean()
+        low, high = bootstrap_ci(per.to_numpy(), seed=seed)
+        rows.append({**dict(zip(by, key)), value: float(per.mean()), "ci_low": low, "ci_high": high, "n": int(per.size)})
+    return pd.DataFrame(rows)
+
+
+def compare_conditions(frame, condition: str, pairs: Sequence[tuple[str, str]], by: Sequence[str] = ("layer",),
+                       value: str = "score", prompt: str = "source", seed: int = 0):  # fmt: skip
+    """Levels of ``condition`` (methods, samplers) compared pairwise per ``by`` group, paired by
+    prompt over the prompts both have: ``compare`` of each ``(a, b)`` in ``pairs`` (a minus b),
+    and ``p_holm``, Holm-adjusted over every comparison of the table (one family)."""
+    import pandas as pd
+
+    by = list(by)
+    rows = []
+    for key, part in frame.groupby(by):
+        wide = part.pivot_table(index=prompt, columns=condition, values=value, aggfunc="mean")
+        for a, b in pairs:
+            both = wide[[a, b]].dropna() if a in wide and b in wide else wide.iloc[:0]
+            if not both.empty:
+                rows.append({**dict(zip(by, key)), "a": a, "b": b,
+                             **compare(both[a].to_numpy(), both[b].to_numpy(), seed=seed)})  # fmt: skip
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        adjusted = holm(dict(enumerate(table["p"])))
+        table["p_holm"] = [adjusted[i] for i in range(len(table))]
+    return table
+
+
 def cross_fitted_best(frame, choice: str, score: str, success: str, by: Sequence[str] = ("layer",),
                       prompt: str = "source", seed: int = 0):  # fmt: skip
     """Best-of-K without the selection bias: split the prompts in two halves (seeded), choose

@@ -129,6 +129,38 @@ def test_fcr_equals_a_hand_count():
     assert diff["p_holm"] == pytest.approx(0.25)
 
 
+def _fcr_cells(near0, near5, random0) -> pd.DataFrame:
+    """One hypothesis "h" over 20 queries: nearest at layers 0 and 5, random at layer 0."""
+    rows = []
+    for sampler, layer, values in (("nearest", 0, near0), ("nearest", 5, near5), ("random", 0, random0)):
+        rows += [{"query": f"q{i}", "hypothesis": "h", "layer": layer, "sampler": sampler, "consistency": v}
+                 for i, v in enumerate(values)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_lexical_labels_call_a_hypothesis_at_its_level_at_layer_0_lexical():
+    # At 0.9 at layer 0 and 0.9 at layer 5, far above random: the embedding carries it.
+    label = inverse.lexical_labels(_fcr_cells([0.9] * 20, [0.9] * 20, [0.1] * 20)).iloc[0]
+    assert label["label"] == "lexical" and label["fcr_layer0"] == pytest.approx(0.9)
+    # 0.1 -> 0.8 on every query: it rises, and the difference is the hand-computed 0.7.
+    rises = inverse.lexical_labels(_fcr_cells([0.1] * 20, [0.8] * 20, [0.1] * 20)).iloc[0]
+    assert rises["label"] == "rises" and rises["best_layer"] == 5 and rises["difference"] == pytest.approx(0.7)
+    assert rises["ci_low"] == pytest.approx(0.7) and rises["ci_high"] == pytest.approx(0.7)
+    # A rise that is consistent (+0.03 on every query) but small: layer 0 (0.87) lies inside the best
+    # layer's interval (mean 0.9, about [0.86, 0.94] over 20 queries), so it is still lexical.
+    noisy = [0.8, 1.0] * 10
+    small = inverse.lexical_labels(_fcr_cells([v - 0.03 for v in noisy], noisy, [0.0] * 20)).iloc[0]
+    assert small["ci_low"] == pytest.approx(0.03) and small["best_ci_low"] < 0.87 and small["label"] == "lexical"
+    # Flat and no better than random at layer 0.
+    flat = inverse.lexical_labels(_fcr_cells([0.1] * 20, [0.1] * 20, [0.1] * 20)).iloc[0]
+    assert flat["label"] == "not above random"
+
+
+def test_nearest_ranks_by_cosine_not_by_length():
+    corpus = torch.tensor([[10.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert inverse.nearest(corpus, torch.tensor([[0.1, 5.0]]), 2).tolist() == [[1, 2]]
+
+
 def test_distance_is_standardised_rms():
     std = torch.tensor([1.0, 2.0])
     a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]])

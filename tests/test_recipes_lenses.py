@@ -29,7 +29,7 @@ def token_identity(tmp_path_factory):
     return out
 
 
-def test_token_identity_quick(token_identity):
+def test_token_identity_quick(token_identity, smollm2):
     from recipes.token_identity import CELL_COLUMNS, METHODS
 
     cells, summary, text = _outputs(token_identity, "token_identity.png")
@@ -37,16 +37,31 @@ def test_token_identity_quick(token_identity):
     assert set(cells["method"]) == set(METHODS)
     assert not cells.duplicated(["method", "source", "layer"]).any()
     assert cells.groupby("method")["source"].nunique().eq(8).all()
+    assert cells.groupby("method")["layer"].nunique().eq(30).all()  # every layer, as in the paper
     assert cells["precision_at_1"].isin([0, 1]).all() and (cells["surprisal"] >= -1e-6).all()
     assert cells["output_ids"].map(len).eq(5).all()
+    # The source prompt ends at the source position: its last token is the position read.
+    assert (cells["position"] == cells["source"].map(lambda s: len(smollm2.tokenizer(s)["input_ids"]) - 1)).all()
     # By construction: at the last layer the logit lens is the model's output, and patching the
     # last layer's state over "?" at the last layer reads out the same token.
     last = cells["layer"].max()
     at_last = cells[cells["layer"] == last].groupby("method")["precision_at_1"].mean()
     assert at_last["logit_lens"] == 1.0 and at_last["patchscope"] >= 0.9
-    assert set(summary.columns) >= {"method", "layer", "precision_at_1", "ci95", "surprisal", "n"}
+    # The logit lens from the graph's read pass equals lens.logit_lens on the same positions.
+    from superscopes import lens
+
+    sources = sorted(cells["source"].unique())
+    direct = lens.logit_lens(smollm2, sources, [0, 15], "last", top_k=1)
+    logit = cells[cells["method"] == "logit_lens"].set_index(["source", "layer"])["pred_id"]
+    for j, layer in enumerate((0, 15)):
+        assert [logit[(s, layer)] for s in sources] == direct.ids[j, :, 0].tolist()
+    assert set(summary.columns) >= {"method", "layer", "precision_at_1", "ci_low", "ci_high", "surprisal", "n"}
     assert summary["precision_at_1"].between(0, 1).all()
-    assert "smollm2-135m" in text
+    assert ((summary["ci_low"] <= summary["precision_at_1"]) & (summary["precision_at_1"] <= summary["ci_high"])).all()
+    comparisons = pd.read_csv(token_identity / "comparisons.csv")
+    assert set(zip(comparisons["a"], comparisons["b"])) == {("patchscope", "logit_lens"), ("patchscope", "affine_lens")}
+    assert len(comparisons) == 2 * 30 and (comparisons["p_holm"] >= comparisons["p"] - 1e-12).all()
+    assert "smollm2-135m" in text and "LLaMA2-13B" in text  # the paper's figures name the paper's models
 
 
 def test_token_identity_resumes_without_duplicates(token_identity):
@@ -73,20 +88,30 @@ def test_cross_model_quick(tmp_path):
     cross_model.main(["--quick", "--out", str(tmp_path)])
     cells, summary, _ = _outputs(tmp_path, "cross_model.png")
     assert list(cells.columns) == cross_model.CELL_COLUMNS
-    # --quick runs one direction and its same-model heatmap; the full run adds the reverse.
-    assert set(cells["direction"]) == {"smollm2-135m -> gemma3-270m", "smollm2-135m -> smollm2-135m"}
-    assert not cells.duplicated(["direction", "source", "layer", "target_layer"]).any()
-    cross = cells[cells["model"] != cells["target_model"]]
-    assert set(cross["transform"]) == {"affine"} and len(cross) > 0
-    assert cells["precision_at_1"].isin([0, 1]).all() and cells["source_match"].isin([0, 1]).all()
-    # Same model, last layer to last layer: the readout is the model's own prediction.
-    same = cells[cells["model"] == cells["target_model"]]
-    assert same["precision_at_1"].mean() >= 0.9
+    # --quick runs one direction; no same-model grid (its diagonal holds by construction).
+    assert set(cells["direction"]) == {"smollm2-135m -> gemma3-270m"}
+    assert set(cells["condition"]) == set(cross_model.CONDITIONS)
+    assert not cells.duplicated(["direction", "condition", "source", "layer", "target_layer", "transform"]).any()
+    assert set(cells["transform"]) == {"affine", "none"}
+    # The main condition writes into the same text: the target is each source prompt itself.
+    assert cells["precision_at_1"].isin([0, 1]).all() and cells["target_match"].isin([0, 1]).all()
+    # The no-write control on the same text is the target model's own next token.
+    control = cells[(cells["transform"] == "none") & (cells["condition"] == "same_text")]
+    assert (control["pred_token"] == control["target_top1"]).all() and control["target_match"].eq(1).all()
     assert summary["precision_at_1"].between(0, 1).all()
+    comparisons = pd.read_csv(tmp_path / "comparisons.csv")
+    assert set(zip(comparisons["a"], comparisons["b"])) == {("affine", "none")}
     assert (tmp_path / "map_fit.csv").exists()
     # Rerun: every unit is done, nothing is added.
     cross_model.main(["--quick", "--out", str(tmp_path)])
     assert len(ResultStore.read(tmp_path / "cells.csv")) == len(cells)
+
+
+def test_same_text_compares_tokens_of_two_vocabularies():
+    from recipes.cross_model import same_text
+
+    assert same_text(" Paris", "Paris") and not same_text(" Paris", " London")
+    assert same_text("\n", "\n") and not same_text("\n", " ")  # blank tokens compared as they are
 
 
 def test_inverse_scope_quick(tmp_path):
@@ -126,30 +151,82 @@ def test_inverse_scope_quick(tmp_path):
     pairs = set(zip(comparisons["a"], comparisons["b"]))
     assert {("generator", "nearest"), ("generator", "random"), ("nearest", "random")} <= pairs
     assert comparisons["p_holm"].between(0, 1).all() and (comparisons["p_holm"] >= comparisons["p"] - 1e-12).all()
+    lexical = pd.read_csv(tmp_path / "lexical.csv")
+    assert set(lexical["label"]) <= {"rises", "lexical", "not above random"}
+    headlined = (tmp_path / "summary.md").read_text().split("- **Paper:**")[0]
+    for hypothesis in lexical.loc[lexical["label"] != "rises", "hypothesis"]:
+        assert f"{hypothesis}: nearest-input FCR" not in headlined
     inverse_scope.main(["--quick", "--out", str(tmp_path)])
     assert len(ResultStore.read(tmp_path / "cells.csv")) == len(cells)
     assert len(ResultStore.read(tmp_path / "generator.csv")) == len(generated)
 
 
-def test_snippets_and_prefixes_are_deterministic():
-    from recipes.token_identity import load_snippets, random_prefixes
+def test_snippets_and_prefixes_are_deterministic(tokenizer):
+    from recipes._snippets import load_snippets, sample_prefixes
 
     a, b = load_snippets(0), load_snippets(0)
     assert a["text"].head(50).tolist() == b["text"].head(50).tolist()
     assert a["relation"].head(14).nunique() == 14  # round-robin over the relations
     assert not a["text"].duplicated().any()
-    prefixes = random_prefixes(a["text"].head(20).tolist(), seed=3)
-    assert prefixes == random_prefixes(a["text"].head(20).tolist(), seed=3)
-    assert all(t.startswith(p) and len(p.split()) >= 2 for p, t in zip(prefixes, a["text"].head(20)))
-    assert (ResultStore.key([1, "x"])) == ("1", "x")
+    assert ResultStore.key([1, "x"]) == ("1", "x")
+    texts = a["text"].head(40).tolist()
+    drawn = sample_prefixes([tokenizer], texts, seed=3)
+    assert drawn == sample_prefixes([tokenizer], texts, seed=3) and len(drawn) >= 38
+    for i, prefix, (position,) in drawn:
+        ids = tokenizer(texts[i])["input_ids"]
+        assert texts[i].startswith(prefix) and tokenizer(prefix)["input_ids"] == ids[: position + 1]
+        assert position < len(ids) - 1  # never the text's last token (the paper's randint(start, n - 2))
+    assert len({p for _, _, (p,) in drawn}) > 3  # positions spread over the texts
 
 
-def test_distinct_prefixes_skip_repeats():
-    from recipes.token_identity import distinct_prefixes, random_prefixes
+def test_sample_prefixes_aligns_two_tokenizers_by_character(tokenizer):
+    import transformers
 
-    texts = ["the cat sat down", "the cat sat down", "a dog ran off", "one more text here"]
-    used, prefixes, consumed = distinct_prefixes(texts, 3, seed=0)
-    assert len(set(prefixes)) == len(prefixes) and consumed <= len(texts)
-    assert all(texts[i].startswith(p) for i, p in zip(used, prefixes))
-    unique = ["alpha beta gamma", "delta epsilon zeta", "eta theta iota"]
-    assert distinct_prefixes(unique, 3, seed=1)[1] == random_prefixes(unique, seed=1)
+    from recipes._snippets import sample_prefixes
+    from superscopes.models import resolve_path
+
+    small, other = tokenizer, transformers.AutoTokenizer.from_pretrained(resolve_path("gemma3-270m"))
+    texts = ["The Eiffel Tower is in Paris, France.", "Mount Kilimanjaro rises above Tanzania"]
+    drawn = sample_prefixes([small, other], texts, seed=0, include_last=True)
+    assert len(drawn) == 2
+    for i, prefix, (p_small, p_other) in drawn:
+        for tok, p in ((small, p_small), (other, p_other)):
+            ids = tok(prefix)["input_ids"]
+            assert len(ids) - 1 == p and ids == tok(texts[i])["input_ids"][: p + 1]
+
+
+class _WordTokenizer:
+    """Whitespace words as tokens, except that a text ending in "b" splits its last word into
+    characters: a prefix cut after a word ending in "b" re-tokenises differently."""
+
+    all_special_ids: list[int] = []
+
+    def __call__(self, text: str, return_offsets_mapping: bool = False) -> dict:
+        import re
+
+        spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        if text.endswith("b"):
+            start, end = spans.pop()
+            spans += [(i, i + 1) for i in range(start, end)]
+        out = {"input_ids": [hash(text[s:e]) % 1000 for s, e in spans]}
+        return {**out, "offset_mapping": spans} if return_offsets_mapping else out
+
+
+def test_sample_prefixes_skips_a_prefix_that_retokenises_differently():
+    from recipes._snippets import sample_prefixes
+
+    # The only position before the last token ends in "b": its prefix "xb" re-tokenises as x, b.
+    assert sample_prefixes([_WordTokenizer()], ["xb yc"], seed=0) == []
+    assert sample_prefixes([_WordTokenizer()], ["xa yc"], seed=0) == [(0, "xa", [0])]
+
+
+def test_inverse_scope_without_a_generator(tmp_path):
+    from recipes import inverse_scope
+
+    inverse_scope.main(["--quick", "--generator-layers", "none", "--out", str(tmp_path)])
+    cells, _, _ = _outputs(tmp_path, "inverse_scope.png")
+    assert set(cells["sampler"]) == {"nearest", "random", "ceiling"}
+    generated = tmp_path / "generator.csv"
+    assert not generated.exists() or ResultStore.read(generated).empty
+    assert set(pd.read_csv(tmp_path / "comparisons.csv")["a"]) == {"nearest"}
+    assert (tmp_path / "lexical.csv").stat().st_size > 0

@@ -7,8 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from superscopes.metrics import (bootstrap_ci, compare, compare_all, cross_fitted_best, cross_fitted_mean, describe,
-                                 holm, is_echo, paired_permutation_p, per_prompt, target_examples)  # fmt: skip
+from superscopes.metrics import (bootstrap_ci, compare, compare_all, compare_conditions, cross_fitted_best,
+                                 cross_fitted_mean, describe, holm, is_echo, paired_permutation_p, per_prompt,
+                                 prompt_means, target_examples)  # fmt: skip
 from superscopes.prompts import ENTITY_DESCRIPTION
 
 
@@ -68,6 +69,30 @@ def test_describe_says_a_beats_b_only_when_the_adjusted_p_does():
     assert "x > y at the prompt level" in text and "[95% CI +0.200, +0.600]" in text and "Holm p = 0.004" in text
     assert "no significant" in describe(row | {"p_holm": 0.06})
     assert "x < y at the prompt level" in describe(row | {"difference": -0.4})
+
+
+def test_prompt_means_average_each_prompt_first():
+    frame = pd.DataFrame({"source": ["a", "a", "b", "a"], "layer": [0, 0, 0, 1], "score": [1.0, 0.0, 1.0, 1.0]})
+    table = prompt_means(frame, "score").set_index("layer")
+    assert table.loc[0, "score"] == pytest.approx(0.75)  # prompt a: 0.5, prompt b: 1.0; not 2/3 over cells
+    assert table.loc[0, "n"] == 2 and table.loc[1, "n"] == 1
+    assert table.loc[0, "ci_low"] == pytest.approx(0.5) and table.loc[0, "ci_high"] == pytest.approx(1.0)
+
+
+def test_compare_conditions_pairs_by_prompt_per_group_with_one_holm_family():
+    frame = pd.DataFrame({
+        "source": ["a", "b", "c"] * 4, "layer": [0] * 6 + [1] * 6,
+        "method": (["x"] * 3 + ["y"] * 3) * 2, "score": [1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 0, 0],
+    })  # fmt: skip
+    table = compare_conditions(frame, "method", [("x", "y")]).set_index("layer")
+    assert table.loc[0, "difference"] == 1.0 and table.loc[0, "p"] == pytest.approx(2 / 8)  # 3 of 3 prompts +1
+    assert table.loc[1, "difference"] == pytest.approx(1 / 3) and table.loc[1, "p"] == 1.0  # one +1: 2 of 2 signs
+    assert table.loc[0, "p_holm"] == pytest.approx(0.5) and table.loc[1, "p_holm"] == 1.0  # 2 x 0.25; then max(.., 1)
+    assert (table["n_prompts"] == 3).all() and set(table["a"]) == {"x"} and set(table["b"]) == {"y"}
+    # A prompt missing one of the two conditions is left out of that pair.
+    partial = compare_conditions(frame[~((frame["source"] == "c") & (frame["method"] == "y"))], "method", [("x", "y")])
+    assert (partial["n_prompts"] == 2).all()
+    assert compare_conditions(frame, "method", [("x", "z")]).empty
 
 
 def cells(rows) -> pd.DataFrame:
