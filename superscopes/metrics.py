@@ -226,3 +226,57 @@ def cross_fitted_best(frame, choice: str, score: str, success: str, by: Sequence
         scored = frame[frame[prompt].isin(held)].merge(chosen, on=by + [choice])
         parts.append(scored.groupby([prompt] + by + [choice])[success].mean().reset_index())
     return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------- families of prompt-level comparisons
+
+
+def majority_share(test_labels: Sequence, train_labels: Sequence | None = None) -> float:
+    """The majority-class baseline: the share of ``test_labels`` equal to the most common label
+    of ``train_labels`` (default: of the test labels themselves; ties go to the first label in
+    sorted order). The accuracy a classifier gets by always answering that label."""
+    from collections import Counter
+
+    test = list(test_labels)
+    pool = test if train_labels is None else list(train_labels)
+    if not test or not pool:
+        return float("nan")
+    counts = Counter(map(str, pool))
+    top = min(counts, key=lambda label: (-counts[label], label))
+    return sum(str(label) == top for label in test) / len(test)
+
+
+def any_then_mean(frame, value: str, prompt: str, any_over: str, mean_over: str):
+    """Per prompt: for each level of ``mean_over`` (e.g. the source layer), whether any level of
+    ``any_over`` (e.g. the target layer) has a true ``value``; then the mean over ``mean_over``.
+    Li et al.'s (2025) Patchscopes accuracy: a source layer counts when some target layer answers."""
+    hits = frame.groupby([prompt, mean_over])[value].any()
+    return hits.groupby(level=0).mean().rename(value)
+
+
+def compare_family(scores, pairs: Sequence[tuple[str, str]], seed: int = 0):
+    """Prompt-level comparisons of the columns of ``scores`` (one row per prompt, one column per
+    condition): for each ``(a, b)`` the fields of ``compare`` on the prompts where both are
+    known, and ``p_holm``, the Holm-adjusted p over the whole family of pairs. A pair with no
+    prompt where both are known is no test and is left out."""
+    import pandas as pd
+
+    rows = []
+    for a, b in pairs:
+        both = scores[[a, b]].dropna()
+        if len(both):
+            rows.append({"a": a, "b": b, **compare(both[a], both[b], seed=seed)})
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        adjusted = holm({i: p for i, p in enumerate(table["p"])})
+        table["p_holm"] = [adjusted[i] for i in range(len(table))]
+    return table
+
+
+def describe(row, alpha: float = 0.05) -> str:
+    """One comparison row of ``compare_family`` in words, with its interval and the verdict of
+    the Holm-adjusted test (an effect is called one only when the test says so)."""
+    verdict = "distinguishable" if row["p_holm"] < alpha else "not distinguishable"
+    return (f"{row['a']} {row['mean_a']:.3f} vs {row['b']} {row['mean_b']:.3f}: difference {row['difference']:+.3f} "
+            f"(95% CI [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] over {row['n_prompts']} prompts, paired p="
+            f"{row['p']:.3g}, Holm p={row['p_holm']:.3g}: {verdict} at {alpha})")  # fmt: skip

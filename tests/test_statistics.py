@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from superscopes.metrics import (bootstrap_ci, compare, cross_fitted_best, holm, is_echo, paired_permutation_p,
+from superscopes.metrics import (any_then_mean, bootstrap_ci, compare, compare_family, cross_fitted_best, describe, holm,
+                                 is_echo, majority_share, paired_permutation_p,
                                  per_prompt, target_examples)  # fmt: skip
 from superscopes.prompts import ENTITY_DESCRIPTION
 
@@ -91,3 +92,33 @@ def test_target_examples_of_the_entity_prompt():
 ])  # fmt: skip
 def test_echo_rule(text, token, expected):
     assert is_echo(text, token, ENTITY_DESCRIPTION) is expected
+
+
+def test_majority_share_uses_the_training_majority():
+    assert majority_share(["a", "b", "a"]) == pytest.approx(2 / 3)
+    assert majority_share(["b", "b"], train_labels=["a", "a", "b"]) == 0.0  # trained majority is "a"
+    assert majority_share(["x", "y"]) == 0.5  # tie: "x" (first in sorted order) is the guess
+    assert math.isnan(majority_share([]))
+
+
+def test_any_then_mean_is_lis_patchscopes_accuracy():
+    frame = pd.DataFrame(
+        [("p1", 1, 0, False), ("p1", 1, 1, True), ("p1", 2, 0, False), ("p1", 2, 1, False),
+         ("p2", 1, 0, True), ("p2", 1, 1, True), ("p2", 2, 0, True), ("p2", 2, 1, False)],
+        columns=["prompt", "layer", "target_layer", "success"],
+    )  # fmt: skip
+    out = any_then_mean(frame, "success", "prompt", any_over="target_layer", mean_over="layer")
+    assert out.to_dict() == {"p1": 0.5, "p2": 1.0}
+
+
+def test_compare_family_holm_adjusts_over_the_pairs_and_drops_missing_prompts():
+    nan = float("nan")
+    scores = pd.DataFrame({"a": [1, 1, 1], "b": [0, 0, 0], "c": [1, 0, 0], "d": [1, nan, 1], "e": [nan] * 3})
+    table = compare_family(scores, [("a", "b"), ("c", "b"), ("d", "b"), ("e", "b")]).set_index("a")
+    assert "e" not in table.index  # no prompt to compare: no test, not in the family
+    assert table.loc["a", "p"] == pytest.approx(2 / 8) and table.loc["c", "p"] == 1.0
+    assert table.loc["d", "p"] == pytest.approx(2 / 4) and table.loc["d", "n_prompts"] == 2
+    # Holm over three: 0.25 * 3, then max(0.75, 0.5 * 2), then max(1.0, 1.0 * 1)
+    assert table["p_holm"].tolist() == pytest.approx([0.75, 1.0, 1.0])
+    assert "not distinguishable" in describe(table.reset_index().iloc[0])
+    assert ": distinguishable" in describe({**table.reset_index().iloc[0].to_dict(), "p_holm": 0.01})
