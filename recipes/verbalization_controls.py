@@ -18,9 +18,10 @@ some target layer answers, averaged over source layers. Rows are split by which 
 the fact. Privileged information would show as cross-model success above the shuffled source
 on facts only the source model knows; success that tracks the verbaliser's own knowledge
 means the readout passes on the subject and the verbaliser answers from what it knows. Every
-comparison is paired over rows (bootstrap interval, Holm over the family); echoes (the output
-only repeats the subject) never count. Deviations, named: 20 new tokens for every condition,
-two source and two target layers per model, at most ``--max-rows`` subjects per task.
+comparison is paired over rows (bootstrap interval, Holm over the family); the majority class
+(the most common object of the task's other subjects) stands beside every accuracy; echoes
+(the output only repeats the subject) never count. Deviations, named: 20 new tokens for every
+condition, two source and two target layers per model, at most ``--max-rows`` subjects per task.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ TASKS = ["country_capital_city", "country_currency", "country_largest_city", "fo
 QUICK_TASKS = ["country_currency"]
 FIT_TASKS = ["person_father", "person_mother"]  # snippets for the affine maps (never evaluated here)
 SOURCE_DEPTHS, TARGET_DEPTHS = (0.15, 0.3), (0.0, 0.15)  # l and l* as shares of each model's depth
+MAJORITY = "majority class"  # the most common object of the task's other subjects (unfiltered rows)
 RIDGE = 0.05  # times the source's summed centred variance per dimension (raised held-out R^2 on 320 snippets)
 PAPER = ("Li et al. (2025), Llama-3.1-8B-Instruct, 6 factual Patchscopes tasks: input-only 0.644 > LIT 0.602 > "
          "Patchscopes 0.487; their knowledge controls show readouts drawing on the verbaliser's own knowledge")  # fmt: skip
@@ -186,13 +188,17 @@ def row_scores(cells: pd.DataFrame, rows: pd.DataFrame, names: list[str]) -> pd.
             scores[f"{name} [only {s} knows]"] = scores[name].where(scores["category"] == f"only {s}")
     for m in names:
         scores[f"{m}: plain question"] = scores[f"{m} knows"]
-    return scores.astype({c: float for c in scores.columns if ":" in c})
+    li = cells[cells["row"] < 0].drop_duplicates(["task", "subject", "snippet"])  # the task's other subjects' objects
+    scores[MAJORITY] = [metrics.majority_share([o], li.loc[(li["task"] == t) & (li["subject"] != s), "object"])
+                        for t, s, o in zip(scores["task"], scores["subject"], scores["object"])]  # fmt: skip
+    return scores.astype({c: float for c in scores.columns if ":" in c or c == MAJORITY})
 
 
 def family(names: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for (v, s) in [(names[0], names[1]), (names[1], names[0])]:
-        pairs += [(f"{v}: own Patchscope", f"{v}: input only (Li)"), (f"{v}: reads {s}", f"{v}: input only (Li)"),
+        pairs += [(f"{v}: own Patchscope", f"{v}: input only (Li)"), (f"{v}: own Patchscope", MAJORITY),
+                  (f"{v}: input only (Li)", MAJORITY), (f"{v}: reads {s}", f"{v}: input only (Li)"),
                   (f"{v}: reads {s}", f"{v}: own Patchscope"), (f"{v}: reads {s}", f"{v}: reads {s}, shuffled source"),
                   (f"{v}: reads {s} [only {s} knows]", f"{v}: reads {s}, shuffled source [only {s} knows]")]  # fmt: skip
     return pairs
@@ -214,7 +220,7 @@ def experiment(run: Run) -> None:
     scores = row_scores(cells, rows, names)
     scores.to_csv(run.out / "per_row.csv")
     table = F.comparisons(run, scores, family(names), "comparisons.csv")
-    methods = [c for c in scores.columns if ":" in c and "[" not in c]
+    methods = [c for c in scores.columns if (":" in c and "[" not in c) or c == MAJORITY]
     by_category = scores.groupby("category")[methods].mean().T.assign(**{"all rows": scores[methods].mean()})
     by_category.to_csv(run.out / "summary.csv")
     patches = cells[cells["row"] >= 0].groupby(["condition", "layer", "target_layer"])["success"].mean().reset_index()

@@ -293,8 +293,9 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
     assert len(maps) == cross[~cross["condition"].str.contains("shuffled")].groupby(
         ["source_model", "layer", "target_layer"]).ngroups  # fmt: skip
     scores = read(out / "per_row.csv")
-    assert len(scores) == len(rows)
+    assert len(scores) == len(rows) and scores["majority class"].astype(float).between(0, 1).all()
     comparisons = read(out / "comparisons.csv")
+    assert (f"{a}: own Patchscope", "majority class") in set(map(tuple, comparisons[["a", "b"]].values))
     assert (comparisons["n_prompts"].astype(int) > 0).all()
 
     run_recipe("verbalization_controls", out)  # resume
