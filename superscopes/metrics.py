@@ -221,22 +221,20 @@ def prompt_means(frame, value: str, prompt: str = "source", by: Sequence[str] = 
 
 def compare_conditions(frame, condition: str, pairs: Sequence[tuple[str, str]], by: Sequence[str] = ("layer",),
                        value: str = "score", prompt: str = "source", seed: int = 0):  # fmt: skip
-    """Levels of ``condition`` (methods, samplers) compared pairwise per ``by`` group, paired by
-    prompt over the prompts both have: ``compare`` of each ``(a, b)`` in ``pairs`` (a minus b),
-    and ``p_holm``, Holm-adjusted over every comparison of the table (one family)."""
+    """Levels of ``condition`` (methods, samplers) in a long ``frame`` compared pairwise per
+    ``by`` group, paired by prompt: ``compare_all`` of each group's ``(a, b)`` pairs (a minus
+    b), with ``p_holm`` Holm-adjusted over every comparison of the table (one family)."""
     import pandas as pd
 
     by = list(by)
-    rows = []
+    parts = []
     for key, part in frame.groupby(by):
         wide = part.pivot_table(index=prompt, columns=condition, values=value, aggfunc="mean")
-        for a, b in pairs:
-            both = wide[[a, b]].dropna() if a in wide and b in wide else wide.iloc[:0]
-            if not both.empty:
-                rows.append({**dict(zip(by, key)), "a": a, "b": b,
-                             **compare(both[a].to_numpy(), both[b].to_numpy(), seed=seed)})  # fmt: skip
-    table = pd.DataFrame(rows)
+        present = [(a, b) for a, b in pairs if a in wide and b in wide]
+        parts.append(compare_all(wide, present, seed=seed).assign(**dict(zip(by, key))))
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if not table.empty:
+        table = table[by + [c for c in table.columns if c not in by]]
         adjusted = holm(dict(enumerate(table["p"])))
         table["p_holm"] = [adjusted[i] for i in range(len(table))]
     return table
@@ -275,30 +273,62 @@ def cross_fitted_mean(frame, choice: str, score: str, success: str, by: Sequence
     return pd.concat(parts).groupby([prompt, *by])[success].mean()
 
 
-def compare_all(scores, pairs: dict[str, tuple[str, str]], family: Sequence[str] = (), seed: int = 0):
+# ---------------------------------------------------------------- families of prompt-level comparisons
+
+
+def majority_share(test_labels: Sequence, train_labels: Sequence | None = None) -> float:
+    """The majority-class baseline: the share of ``test_labels`` equal to the most common label
+    of ``train_labels`` (default: of the test labels themselves; ties go to the first label in
+    sorted order). The accuracy a classifier gets by always answering that label."""
+    from collections import Counter
+
+    test = list(test_labels)
+    pool = test if train_labels is None else list(train_labels)
+    if not test or not pool:
+        return float("nan")
+    counts = Counter(map(str, pool))
+    top = min(counts, key=lambda label: (-counts[label], label))
+    return sum(str(label) == top for label in test) / len(test)
+
+
+def any_then_mean(frame, value: str, prompt: str, any_over: str, mean_over: str):
+    """Per prompt: for each level of ``mean_over`` (e.g. the source layer), whether any level of
+    ``any_over`` (e.g. the target layer) has a true ``value``; then the mean over ``mean_over``.
+    Li et al.'s (2025) Patchscopes accuracy: a source layer counts when some target layer answers."""
+    hits = frame.groupby([prompt, mean_over])[value].any()
+    return hits.groupby(level=0).mean().rename(value)
+
+
+def compare_all(scores, pairs, family: Sequence[str] | None = None, seed: int = 0):
     """Prompt-level comparisons between columns of ``scores`` (one row per prompt, one column per
-    condition): ``pairs`` maps each comparison's name to its (A, B) columns; prompts missing
-    either are dropped. One row per comparison: ``compare(A, B)`` and ``p_holm``, Holm-adjusted
-    within ``family`` (a family of controls), the plain p outside it."""
+    condition). ``pairs``: ``{name: (a, b)}``, or ``(a, b)`` pairs (named "a vs b"); each
+    comparison uses the prompts where both are known (a pair with none is no test and is left
+    out). One row per comparison: ``comparison``, ``a``, ``b``, the fields of ``compare`` (a
+    minus b), and ``p_holm``, Holm-adjusted within ``family`` (names; default every comparison:
+    a family of controls), the plain p outside it."""
     import pandas as pd
 
+    named = pairs if isinstance(pairs, dict) else {f"{a} vs {b}": (a, b) for a, b in pairs}
     rows = []
-    for name, (a, b) in pairs.items():
+    for name, (a, b) in named.items():
         both = scores[[a, b]].dropna()
-        rows.append({"comparison": name, "A": a, "B": b, **compare(both[a], both[b], seed=seed)})
-    table = pd.DataFrame(rows)
-    adjusted = holm({n: p for n, p in zip(table["comparison"], table["p"]) if n in family})
+        if len(both):
+            rows.append({"comparison": name, "a": a, "b": b, **compare(both[a], both[b], seed=seed)})
+    table = pd.DataFrame(rows, columns=["comparison", "a", "b", "n_prompts", "mean_a", "mean_b", "difference",
+                                        "ci_low", "ci_high", "p"])  # fmt: skip
+    members = set(table["comparison"] if family is None else family)
+    adjusted = holm({n: p for n, p in zip(table["comparison"], table["p"]) if n in members})
     table["p_holm"] = [adjusted.get(n, p) for n, p in zip(table["comparison"], table["p"])]
     return table
 
 
 def describe(row, level: float = 0.05) -> str:
-    """One comparison row of ``compare_all`` in words: means, difference with its interval, p,
-    and the prompt-level verdict (A above or below B only where the adjusted p says so)."""
+    """One row of ``compare_all`` in words: means, the difference with its interval, p, and the
+    prompt-level verdict (a above or below b only where the adjusted p says so)."""
     verdict = "no significant prompt-level difference"
     if row["p_holm"] < level:
-        verdict = f"{row['A']} {'>' if row['difference'] > 0 else '<'} {row['B']} at the prompt level"
+        verdict = f"{row['a']} {'>' if row['difference'] > 0 else '<'} {row['b']} at the prompt level"
     holm_text = f", Holm p = {row['p_holm']:.3g}" if row["p_holm"] != row["p"] else ""
-    return (f"{row['A']} {row['mean_a']:.3f} vs {row['B']} {row['mean_b']:.3f} per prompt: difference "
+    return (f"{row['a']} {row['mean_a']:.3f} vs {row['b']} {row['mean_b']:.3f} per prompt: difference "
             f"{row['difference']:+.3f} [95% CI {row['ci_low']:+.3f}, {row['ci_high']:+.3f}], paired p = "
             f"{row['p']:.3g}{holm_text}, {row['n_prompts']} prompts: {verdict}")  # fmt: skip

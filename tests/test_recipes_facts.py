@@ -1,4 +1,4 @@
-"""The factual / multi-hop recipes: their helpers, and --quick runs (schema, sanity, resume).
+"""The factual / multi-hop recipes: their helpers, Li et al.'s input-only prompt, and --quick runs.
 
 Each quick run patches a handful of cells of SmolLM2 (and Gemma-3-270m for the
 verbalisation controls); the checks are about shape and consistency, not values."""
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import superscopes
+from recipes import _facts as F
 from recipes import attribute_extraction as ae
 from recipes import multihop as mh
 from superscopes.probe import fit_probe
@@ -24,10 +25,83 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_question_mentions_unescape():
-    assert ae.question("The capital city of x", "France") == "The capital city of France"
-    assert ae.question("The company which developed x", "Xbox") == "The company which developed Xbox"
-    assert ae.mentions(" , Paris, is a city", "paris") and not ae.mentions("Lyon", "Paris")
-    assert ae.unescape("Bras\\u00edlia") == "Brasília"
+    assert F.question("The capital city of x", "France") == "The capital city of France"
+    assert F.question("The company which developed x", "Xbox") == "The company which developed Xbox"
+    assert F.mentions(" , Paris, is a city", "paris") and not F.mentions("Lyon", "Paris")
+    assert F.unescape("Bras\\u00edlia") == "Brasília"
+
+
+def test_success_is_lis_check_correct():
+    """``answer.lower() in completion.lower()``: case folded, whitespace left as it is."""
+    assert F.mentions("The capital is WASHINGTON D.C.", "Washington D.C.")
+    assert not F.mentions("Washington  D.C.", "Washington D.C.")  # a double space is not normalised
+    assert not F.mentions("New York", "New York ")  # nor is a trailing one stripped
+    assert F.mentions("the pound sterling", "Pound")
+
+
+def test_judged_never_counts_an_echo():
+    frame = pd.DataFrame({"output": ["France France", "Paris, France", "Lyon"], "object": ["France", "Paris", "Paris"],
+                          "subject": ["France"] * 3})  # fmt: skip
+    out = F.judged(frame)
+    assert out["echo"].tolist() == [True, False, False]
+    assert out["success"].tolist() == [False, True, False]  # the first mentions the object but only echoes
+
+
+def test_input_only_prompt_is_lis_text(smollm2):
+    """SmolLM2 (not a Llama name, has a chat template): [user "", assistant snippet, user
+    "Complete the sentence: " + template without its x], with the generation prompt."""
+    text = F.input_only_prompt(smollm2.tokenizer, "Paris is lovely in spring.", "The capital city of x")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\nParis is lovely in spring.<|im_end|>\n"
+        "<|im_start|>user\nComplete the sentence: The capital city of<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # Li's code drops every "x" of the template, not only the placeholder
+    assert "Complete the sentence: Leicon of<" in F.input_only_prompt(smollm2.tokenizer, "s", "Lexicon of x")
+
+
+class _Tokenizer:
+    """A tokenizer stand-in: a name, a chat template or none, and whether it adds a BOS."""
+
+    def __init__(self, name: str, template: str | None, adds_bos: bool = False):
+        self.name_or_path, self.chat_template, self.bos_token, self.bos_token_id = name, template, "<s>", 1
+        self.adds_bos, self.turns = adds_bos, None
+
+    def __call__(self, text):
+        return {"input_ids": ([1] if self.adds_bos else []) + [7]}
+
+    def apply_chat_template(self, turns, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        self.turns = turns
+        return "<s>" + "".join(f"[{t['role']}]{t['content']}" for t in turns) + "[assistant]"
+
+
+def test_input_only_prompt_llama_turns_plain_text_and_bos():
+    llama = _Tokenizer("meta-llama/Llama-3.1-8B-Instruct", "template", adds_bos=True)
+    text = F.input_only_prompt(llama, "A snippet.", "The official currency of x")
+    assert [t["role"] for t in llama.turns] == ["assistant", "user"]  # no empty first turn for Llama names
+    assert text == "[assistant]A snippet.[user]Complete the sentence: The official currency of[assistant]"  # BOS once
+    other = _Tokenizer("org/other", "template")
+    assert F.input_only_prompt(other, "A.", "In x").startswith("<s>[user][assistant]A.")  # keeps the template's BOS
+    plain = _Tokenizer("google/gemma-3-270m", None)
+    assert F.input_only_prompt(plain, "A snippet.", "The largest city in x") == (
+        "A snippet.\n\nComplete the sentence: The largest city in")
+
+
+def test_li_rows_are_unfiltered():
+    rows = F.li_rows("country_capital_city")
+    raw = pd.read_csv(F.FACTUAL / "country_capital_city.tsv", sep="\t", index_col=0)
+    kept = raw["prompt_source"].notna() & ~raw["prompt_source"].fillna("").str.contains("\n")
+    assert len(rows) == int(kept.sum())  # no knowledge, crop or duplicate filter
+    assert "Brasília" in set(rows["object"])
+    assert F.li_rows("country_capital_city", limit_subjects=3)["subject"].nunique() == 3
+
+
+def test_other_sources_take_another_label():
+    for i, j in enumerate(F.other_sources(["a", "a", "b", "c"], seed=3)):
+        assert j != i and ["a", "a", "b", "c"][j] != ["a", "a", "b", "c"][i]
+    assert F.other_sources(["a", "a"], seed=0) == [1, 0]  # none differs: any other item
+    assert F.other_sources(["a"], seed=0) == [0]
 
 
 def test_alias_match_is_whole_word():
@@ -37,15 +111,16 @@ def test_alias_match_is_whole_word():
     assert not mh.correct("anything", "")
 
 
-def test_first_hop_span():
+def test_first_hop_span_and_layer_pairs():
     q, h = "The currency of the country whose capital is Lima is", "The country whose capital is Lima is"
     assert mh.first_hop_span(q, h) == "the country whose capital is Lima"
     q2 = "The country whose capital is Paris is located on the continent of"
     assert mh.first_hop_span(q2, "The country whose capital is Paris is") == "The country whose capital is Paris"
+    assert mh.layer_pairs(10, 4) == [(4, 0), (8, 0), (8, 4)]
 
 
 def test_load_task_crops_after_the_subject():
-    rows = ae.load_task("country_currency", limit_subjects=3)
+    rows = F.load_task("country_currency", limit_subjects=3)
     assert set(rows.columns) >= {"task", "subject", "object", "template", "question", "snippet", "source"}
     assert rows["subject"].nunique() <= 3
     for subject, snippet, source in zip(rows["subject"], rows["snippet"], rows["source"]):
@@ -56,8 +131,8 @@ def test_load_task_crops_after_the_subject():
 def test_cropped_source_has_the_snippets_hidden_state(smollm2):
     """The recipes read the last token of the snippet cut after the subject: in a causal
     model that is the same vector as the last subject token of the full snippet."""
-    rows = ae.load_task("country_capital_city", limit_subjects=2)
-    rows = rows[[ae.crop_is_exact(smollm2.tokenizer, s, su, so)
+    rows = F.load_task("country_capital_city", limit_subjects=2)
+    rows = rows[[F.crop_is_exact(smollm2.tokenizer, s, su, so)
                  for s, su, so in zip(rows["snippet"], rows["subject"], rows["source"])]].head(2)  # fmt: skip
     assert len(rows) == 2
     from superscopes.prompts import find_token, num_tokens
@@ -141,61 +216,58 @@ def as_bool(column: pd.Series) -> pd.Series:
 def test_attribute_extraction_quick(shared_models, tmp_path):
     out = tmp_path / "ae"
     run_recipe("attribute_extraction", out)
-    check_outputs(out, ["cells.csv", "knowledge.csv", "baselines.csv", "probe.csv", "rows.csv"],
-                  ["accuracy_heatmap.png", "best_accuracy.png", "accuracy_per_layer.png"])  # fmt: skip
-    rows, cells = read(out / "rows.csv"), read(out / "cells.csv")
+    check_outputs(out, ["cells.csv", "knowledge.csv", "probe.csv", "rows.csv", "per_row.csv", "comparisons.csv"],
+                  ["accuracy.png"])  # fmt: skip
+    rows, cells, scores = read(out / "rows.csv"), read(out / "cells.csv"), read(out / "per_row.csv")
     test_rows = rows[as_bool(rows["test"])]
-    assert len(test_rows) > 0
-    key = ["task", "source", "layer", "target_layer"]
-    assert len(cells) == len(test_rows) * cells["layer"].nunique() * cells["target_layer"].nunique()
-    assert not cells.duplicated(key).any()
-    assert set(cells["source"]) == set(test_rows["source"])
-    assert (cells["site"] == "resid_post").all() and (cells["alpha"] == 1).all()
-    assert (cells["model"] == "smollm2-135m").all()
+    patch = cells[cells["condition"] == "Patchscopes"]
+    assert len(patch) == len(test_rows) * patch["layer"].nunique() * patch["target_layer"].nunique()
+    assert not patch.duplicated(["row", "layer", "target_layer"]).any()
+    assert set(patch["row"]) == set(test_rows["row"]) == set(scores["row"])
+    # Li's input-only prompt ran on every unfiltered row of the quick tasks' first six subjects
+    li = cells[cells["condition"] == ae.INPUT]
+    expected = pd.concat([F.li_rows(t, 6) for t in ae.QUICK_TASKS])
+    assert len(li) == len(expected) and set(li["snippet"]) == set(expected["snippet"])
     success = as_bool(cells["success"])
-    assert (success == [o.lower() in t.lower() for o, t in zip(cells["object"], cells["output"])]).all()
-    # the evaluated subjects are ones the unpatched model answers
+    hit = [o.lower() in str(t).lower() for o, t in zip(cells["object"], cells["output"])]
+    assert (success == [h and not e for h, e in zip(hit, as_bool(cells["echo"]))]).all()
     known = read(out / "knowledge.csv")
-    known_subjects = set(known.loc[as_bool(known["known"]), "subject"])
-    assert set(rows["subject"]) <= known_subjects
-    probe = read(out / "probe.csv")
-    assert probe["accuracy"].between(0, 1).all() and probe["accuracy_unseen_subjects"].between(0, 1).all()
-    summary = read(out / "summary.csv")
-    evaluated = summary[summary["test_rows"] > 0]
-    for column in ["patchscopes_best", "patchscopes_fixed_cell", "patchscopes_any_cell", "probe_best", "zero_shot"]:
-        assert evaluated[column].astype(float).between(0, 1).all(), column
-    assert (evaluated["patchscopes_any_cell"].astype(float) >= evaluated["patchscopes_best"].astype(float)).all()
+    assert set(rows["subject"]) <= set(known.loc[as_bool(known["known"]), "subject"])
+    for method in (ae.PS, ae.PS1, ae.PROBE, ae.INPUT, ae.NONE, ae.MAJORITY):
+        assert scores[method].astype(float).dropna().between(0, 1).all(), method
+    comparisons = read(out / "comparisons.csv")
+    assert [tuple(p) for p in comparisons[["a", "b"]].values] == ae.PAIRS
+    assert (comparisons["p_holm"].astype(float) >= comparisons["p"].astype(float)).all()
+    assert "95% CI" in (out / "summary.md").read_text().split("**Ours:**")[1].splitlines()[0]
 
     run_recipe("attribute_extraction", out)  # resume: nothing is added
     assert len(read(out / "cells.csv")) == len(cells)
-    assert len(read(out / "baselines.csv")) == len(test_rows)
 
 
 def test_multihop_quick(shared_models, tmp_path):
     out = tmp_path / "mh"
     run_recipe("multihop", out)
-    check_outputs(out, ["cells.csv", "baseline.csv", "queries.csv", "fixes.csv", "per_relation.csv"],
-                  ["fixes_heatmap.png", "baseline_accuracy.png"])  # fmt: skip
+    check_outputs(out, ["cells.csv", "baseline.csv", "queries.csv", "per_query.csv", "comparisons.csv"],
+                  ["fixes_heatmap.png"])  # fmt: skip
     baseline, queries, cells = read(out / "baseline.csv"), read(out / "queries.csv"), read(out / "cells.csv")
-    assert sorted(baseline["kind"].unique()) == ["hop1_query", "hop2_query", "query"]
     assert len(baseline) == 3 * len(queries)
-    back = cells[cells["method"] == mh.BACK]
-    cot = cells[cells["method"] == mh.COT]
-    assert len(back) > 0 and len(cot) > 0
-    assert (back["target_layer"] < back["layer"]).all()  # back-patching only
-    assert (back["position"] == back["target_position"]).all() and (back["target"] == "source").all()
-    assert (cot["target_layer"] <= cot["layer"]).all()
-    assert (cot["position"] < cot["target_position"]).all()  # a later position
-    assert not cells.duplicated(["method", "row", "layer", "target_layer"]).any()
-    evaluated = set(cells["row"])
-    wrong = queries.loc[~as_bool(queries["two_hop_ok"]), "row"]
-    assert evaluated <= set(wrong)
-    fixes = read(out / "fixes.csv")
-    for method, column in [(mh.BACK, "back_patching_fixed"), (mh.COT, "cot_fixed")]:
-        some = cells[cells["method"] == method].groupby("row")["correct"].apply(lambda c: as_bool(c).any())
-        assert (as_bool(fixes.set_index("row")[column]).reindex(some.index) == some).all()
-    summary = pd.read_csv(out / "summary.csv").set_index("measure")["value"].astype(float)
-    assert 0 <= summary["share fixed: back-patching"] <= 1 and 0 <= summary["share fixed: either"] <= 1
+    evaluated = queries[as_bool(queries["evaluated"])]
+    assert not as_bool(evaluated["two_hop_ok"]).any()
+    conditions = [mh.BACK, mh.BACK + mh.SHUFFLED, mh.COT, mh.COT + mh.SHUFFLED]
+    assert sorted(cells["condition"].unique()) == sorted(conditions)
+    tries = cells.groupby(["condition", "row"]).size()
+    assert tries.nunique() == 1  # every condition gets the same (l, l*) pairs for every query
+    assert (cells["target_layer"] < cells["layer"]).all()
+    back, cot = cells[cells["condition"] == mh.BACK], cells[cells["condition"] == mh.COT]
+    assert (back["target"] == "source").all() and (back["position"] == back["target_position"]).all()
+    span, prefix = dict(zip(evaluated["row"], evaluated["span"])), dict(zip(evaluated["row"], evaluated["prefix"]))
+    assert all(s == span[r] and t == prefix[r] for s, t, r in zip(cot["source"], cot["target"], cot["row"]))  # pi1 -> pi2
+    shuffled = cells[cells["condition"] == mh.COT + mh.SHUFFLED]
+    assert all(s != span[r] for s, r in zip(shuffled["source"], shuffled["row"]))  # another query's pi1
+    scores = read(out / "per_query.csv").set_index("row")
+    fixed = cells.assign(ok=as_bool(cells["correct"])).groupby(["condition", "row"])["ok"].any()
+    for name in conditions:
+        assert (scores[f"{name}: fixed"].astype(float) == fixed[name].reindex(scores.index).astype(float)).all()
 
     run_recipe("multihop", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)
@@ -204,27 +276,27 @@ def test_multihop_quick(shared_models, tmp_path):
 def test_verbalization_controls_quick(shared_models, tmp_path):
     out = tmp_path / "vc"
     run_recipe("verbalization_controls", out)
-    check_outputs(out, ["cells.csv", "knowledge.csv", "baselines.csv", "maps.csv", "rows.csv", "per_row.csv"],
-                  ["accuracy_by_knowledge.png", "accuracy_heatmaps.png"])  # fmt: skip
+    check_outputs(out, ["cells.csv", "knowledge.csv", "maps.csv", "rows.csv", "per_row.csv", "comparisons.csv"],
+                  ["accuracy_heatmaps.png"])  # fmt: skip
     cells, rows = read(out / "cells.csv"), read(out / "rows.csv")
-    models = {"smollm2-135m", "gemma3-270m"}
-    from recipes.verbalization_controls import CROSS, SELF
-
-    own, cross = cells[cells["method"] == SELF], cells[cells["method"] == CROSS]
-    assert set(own["verbaliser"]) == models and (own["source_model"] == own["verbaliser"]).all()
-    assert set(cross["verbaliser"]) == models and (cross["source_model"] != cross["verbaliser"]).all()
-    assert (cross["transform"] == "affine").all() and (own["transform"] == "scale").all()
-    for (method, source, verbaliser), part in cells.groupby(["method", "source_model", "verbaliser"]):
-        assert set(part["source"]) == set(rows["source"]), (method, source, verbaliser)
-    assert not cells.duplicated(["method", "source_model", "verbaliser", "source", "layer", "target_layer"]).any()
+    a, b = "smollm2-135m", "gemma3-270m"
+    assert set(cells["condition"]) == {f"{a}: input only (Li)", f"{b}: input only (Li)", f"{a}: own Patchscope",
+                                       f"{b}: own Patchscope", f"{a}: reads {b}", f"{b}: reads {a}",
+                                       f"{a}: reads {b}, shuffled source", f"{b}: reads {a}, shuffled source"}  # fmt: skip
+    cross = cells[cells["condition"].str.contains("reads")]
+    assert (cross["transform"] == "affine").all() and (cross["source_model"] != cross["verbaliser"]).all()
+    own = cells[cells["condition"].str.contains("own")]
+    assert (own["transform"] == "scale").all() and (own["source_model"] == own["verbaliser"]).all()
+    for name, part in cells[cells["row"].astype(int) >= 0].groupby("condition"):
+        assert set(part["row"].astype(int)) == set(rows["row"]), name
     maps = read(out / "maps.csv")
-    assert len(maps) == cross.groupby(["source_model", "layer", "target_layer"]).ngroups
-    assert maps["r2_heldout"].astype(float).notna().all()
-    summary = read(out / "summary.csv")
-    assert set(summary["verbaliser"]) == models
-    assert summary["accuracy"].astype(float).dropna().between(0, 1).all()
-    all_rows = summary[summary["rows"] == "all rows"]
-    assert (all_rows["n"] == len(rows)).all()
+    assert len(maps) == cross[~cross["condition"].str.contains("shuffled")].groupby(
+        ["source_model", "layer", "target_layer"]).ngroups  # fmt: skip
+    scores = read(out / "per_row.csv")
+    assert len(scores) == len(rows) and scores["majority class"].astype(float).between(0, 1).all()
+    comparisons = read(out / "comparisons.csv")
+    assert (f"{a}: own Patchscope", "majority class") in set(map(tuple, comparisons[["a", "b"]].values))
+    assert (comparisons["n_prompts"].astype(int) > 0).all()
 
     run_recipe("verbalization_controls", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)

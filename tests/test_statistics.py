@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from superscopes.metrics import (bootstrap_ci, compare, compare_all, compare_conditions, cross_fitted_best,
-                                 cross_fitted_mean, describe, holm, is_echo, paired_permutation_p, per_prompt,
-                                 prompt_means, target_examples)  # fmt: skip
+from superscopes.metrics import (any_then_mean, bootstrap_ci, compare, compare_all, compare_conditions,
+                                 cross_fitted_best, cross_fitted_mean, describe, holm, is_echo, majority_share,
+                                 paired_permutation_p, per_prompt, prompt_means, target_examples)  # fmt: skip
 from superscopes.prompts import ENTITY_DESCRIPTION
 
 
@@ -59,11 +59,11 @@ def test_compare_all_holm_corrects_only_the_family():
     assert rows.loc["ab", "p_holm"] == pytest.approx(0.5) and rows.loc["ac", "p_holm"] == pytest.approx(0.5)
     assert rows.loc["ad", "p_holm"] == rows.loc["ad", "p"] == 1.0
     assert rows.loc["ac", "difference"] == 0.75 and rows.loc["ab", "mean_b"] == 0.25
-    assert "no significant prompt-level difference" in describe(rows.loc["ac"].to_dict() | {"A": "a", "B": "c"})
+    assert "no significant prompt-level difference" in describe(rows.loc["ac"].to_dict())
 
 
 def test_describe_says_a_beats_b_only_when_the_adjusted_p_does():
-    row = {"A": "x", "B": "y", "mean_a": 0.5, "mean_b": 0.1, "difference": 0.4, "ci_low": 0.2, "ci_high": 0.6,
+    row = {"a": "x", "b": "y", "mean_a": 0.5, "mean_b": 0.1, "difference": 0.4, "ci_low": 0.2, "ci_high": 0.6,
            "p": 0.001, "p_holm": 0.004, "n_prompts": 48}  # fmt: skip
     text = describe(row)
     assert "x > y at the prompt level" in text and "[95% CI +0.200, +0.600]" in text and "Holm p = 0.004" in text
@@ -152,3 +152,34 @@ def test_target_examples_of_the_entity_prompt():
 ])  # fmt: skip
 def test_echo_rule(text, token, expected):
     assert is_echo(text, token, ENTITY_DESCRIPTION) is expected
+
+
+def test_majority_share_uses_the_training_majority():
+    assert majority_share(["a", "b", "a"]) == pytest.approx(2 / 3)
+    assert majority_share(["b", "b"], train_labels=["a", "a", "b"]) == 0.0  # trained majority is "a"
+    assert majority_share(["x", "y"]) == 0.5  # tie: "x" (first in sorted order) is the guess
+    assert math.isnan(majority_share([]))
+
+
+def test_any_then_mean_is_lis_patchscopes_accuracy():
+    frame = pd.DataFrame(
+        [("p1", 1, 0, False), ("p1", 1, 1, True), ("p1", 2, 0, False), ("p1", 2, 1, False),
+         ("p2", 1, 0, True), ("p2", 1, 1, True), ("p2", 2, 0, True), ("p2", 2, 1, False)],
+        columns=["prompt", "layer", "target_layer", "success"],
+    )  # fmt: skip
+    out = any_then_mean(frame, "success", "prompt", any_over="target_layer", mean_over="layer")
+    assert out.to_dict() == {"p1": 0.5, "p2": 1.0}
+
+
+def test_compare_all_of_pairs_holm_adjusts_over_all_and_drops_missing_prompts():
+    nan = float("nan")
+    scores = pd.DataFrame({"a": [1, 1, 1], "b": [0, 0, 0], "c": [1, 0, 0], "d": [1, nan, 1], "e": [nan] * 3})
+    table = compare_all(scores, [("a", "b"), ("c", "b"), ("d", "b"), ("e", "b")]).set_index("a")
+    assert "e" not in table.index  # no prompt to compare: no test, not in the family
+    assert table.loc["a", "p"] == pytest.approx(2 / 8) and table.loc["c", "p"] == 1.0
+    assert table.loc["d", "p"] == pytest.approx(2 / 4) and table.loc["d", "n_prompts"] == 2
+    # Holm over three: 0.25 * 3, then max(0.75, 0.5 * 2), then max(1.0, 1.0 * 1)
+    assert table["p_holm"].tolist() == pytest.approx([0.75, 1.0, 1.0])
+    assert table.loc["a", "comparison"] == "a vs b"
+    assert "no significant prompt-level difference" in describe(table.reset_index().iloc[0])
+    assert "a > b at the prompt level" in describe({**table.reset_index().iloc[0].to_dict(), "p_holm": 0.01})
