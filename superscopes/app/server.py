@@ -894,21 +894,7 @@ class App:
 
     def start(self, body: dict) -> dict:
         """Queue a grid; its state, with how many jobs run before it."""
-        job = self.prepare(body)
-        with self.jobs_lock:
-            self._admit(job.client)  # again: another request may have queued in the meantime
-            self.jobs[job.id] = job
-            finished = [j for j in self.jobs.values() if not j.active]
-            for old in sorted(finished, key=lambda j: j.finished or j.started)[: max(0, len(self.jobs) - KEEP_JOBS)]:
-                del self.jobs[old.id]
-            self.queue.append(job)
-            ahead = self._ahead(job)
-            if self.worker is None:
-                self.worker = threading.Thread(target=self._worker, name="superscopes-worker", daemon=True)
-                self.worker.start()
-            self.queue_changed.notify()
-        self.keep(job)
-        return job.state(0, ahead)
+        return self._enqueue(self.prepare(body), self.queue)  # admitted again there: others may have queued since
 
     def cancel(self, job_id: str) -> dict:
         """Drop a queued job at once; a running one stops after the chunk in progress."""
@@ -1016,13 +1002,18 @@ class App:
 
     def start_panel(self, job: Job) -> dict:
         """Queue a panel job ahead of queued grids; its state."""
+        return self._enqueue(job, self.quick, panel=True)
+
+    def _enqueue(self, job: Job, queue, panel: bool = False) -> dict:
+        """Admit ``job`` (per-client caps), keep at most KEEP_JOBS finished jobs, append it to
+        ``queue`` (grids, or the panel jobs that run first), wake the one worker; its state."""
         with self.jobs_lock:
-            self._admit(job.client, panel=True)
+            self._admit(job.client, panel=panel)
             self.jobs[job.id] = job
             finished = [j for j in self.jobs.values() if not j.active]
             for old in sorted(finished, key=lambda j: j.finished or j.started)[: max(0, len(self.jobs) - KEEP_JOBS)]:
                 del self.jobs[old.id]
-            self.quick.append(job)
+            queue.append(job)
             ahead = self._ahead(job)
             if self.worker is None:
                 self.worker = threading.Thread(target=self._worker, name="superscopes-worker", daemon=True)
