@@ -166,7 +166,7 @@ def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.Da
            f"{n * len(layers)} readouts each.",
            "α=1 RougeL per layer: " + ", ".join(f"L{k} {v:.3f}" for k, v in per_layer[per_layer["method"] ==
                                                 PATCHSCOPES].set_index("layer")["rougeL"].items())],  # fmt: skip
-        tables={"Per-entity comparisons (mean RougeL per entity)": tests.drop(columns=["A", "B"]),
+        tables={"Per-entity comparisons (mean RougeL per entity)": tests.drop(columns=["a", "b"]),
                 "Per layer": per_layer, "Best-scoring readouts (α=1 and judge-picked amplified)": best.head(12)[
                     ["source", "layer", "method", "alpha", "rougeL", "description", "reference"]]},  # fmt: skip
         figures=[figure],

@@ -244,7 +244,7 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
         findings=findings,
         tables={"Successes per layer": per_layer[[PATCH, BEST, XFIT, NORM, RANDOM_BEST, CHANCE_BEST]].reset_index(),
                 "Each alpha alone, one greedy try (successes over prompts x layers)": singles,
-                "Prompt-level comparisons (A vs B: per-prompt success rates)": tests.drop(columns=["A", "B"])},
+                "Prompt-level comparisons (a vs b: per-prompt success rates)": tests.drop(columns=["a", "b"])},
         figures=[figure],
     )
 
