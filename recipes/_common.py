@@ -32,7 +32,7 @@ from typing import TypeVar
 import pandas as pd
 
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
-from superscopes.parsing import DEFAULT_BATCH_SIZE, HelpFormatter
+from superscopes.parsing import DEFAULT_BATCH_SIZE, CommandParser
 from superscopes.results import ResultStore, SettingsMismatchError
 
 DATA = Path(__file__).parent / "data"
@@ -51,7 +51,7 @@ def data_fingerprint() -> str:
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description, formatter_class=HelpFormatter)
+    p = CommandParser(prog=f"python -m recipes.{name}", description=description)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     p.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (about 2 minutes on a laptop CPU)")

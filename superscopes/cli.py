@@ -11,7 +11,7 @@ import pandas as pd
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import (
-    DEFAULT_BATCH_SIZE, LAYER_SYNTAX, HelpFormatter, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
+    DEFAULT_BATCH_SIZE, LAYER_SYNTAX, CommandParser, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
 )  # fmt: skip
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
@@ -210,14 +210,14 @@ def cmd_module(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="superscopes", description=__doc__, formatter_class=HelpFormatter)
+    parser = CommandParser(prog="superscopes", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     # Torch threads, for every verb that computes: one is fastest on a shared CPU (two threads on two
     # busy cores run many times slower), more only on an otherwise idle machine.
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    scope = verbs.add_parser("scope", parents=[threads], formatter_class=HelpFormatter,
+    scope = verbs.add_parser("scope", parents=[threads],
                              help="amplify and patch one prompt's activations, print the readouts")  # fmt: skip
     scope.add_argument("prompt", help="the source prompt")
     where = scope.add_mutually_exclusive_group()
@@ -248,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--force", action="store_true", help="overwrite an --out file that holds another grid")
     scope.set_defaults(func=cmd_scope)
 
-    judge = verbs.add_parser("judge", parents=[threads], help="add a MiniLM similarity column to a table",
-                             formatter_class=HelpFormatter)  # fmt: skip
+    judge = verbs.add_parser("judge", parents=[threads], help="add a MiniLM similarity column to a table")  # fmt: skip
     judge.add_argument("file", help="a .csv or .parquet table")
     judge.add_argument("--source-col", required=True, help="column of the texts the readouts should describe")
     judge.add_argument("--output-col", required=True, help="column of the readouts")
@@ -259,23 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--out", help="write the judged table (.csv or .parquet)")
     judge.set_defaults(func=cmd_judge)
 
-    models = verbs.add_parser("models", help="list the embedded models and their cache state",
-                               formatter_class=HelpFormatter)  # fmt: skip
+    models = verbs.add_parser("models", help="list the embedded models and their cache state")  # fmt: skip
     models.add_argument("--refetch", metavar="NAME", help="fetch an embedded model again (e.g. a corrupt cache)")
     models.set_defaults(func=cmd_models)
 
-    app = verbs.add_parser("app", parents=[threads], help="the Superscopes explorer: a web page on 127.0.0.1",
-                           formatter_class=HelpFormatter)  # fmt: skip
+    app = verbs.add_parser("app", parents=[threads], help="the Superscopes explorer: a web page on 127.0.0.1")  # fmt: skip
     from superscopes.app.server import add_arguments, cmd_app
 
     add_arguments(app)
     app.set_defaults(func=cmd_app)
 
-    remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model",
-                              formatter_class=HelpFormatter)
+    remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model")
     remote_verbs = remote.add_subparsers(dest="remote_verb", required=True)
-    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?",
-                                     formatter_class=HelpFormatter)  # fmt: skip
+    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?")  # fmt: skip
     status.add_argument("model", nargs="?", help="embedded name, repo id or served directory")
     status.set_defaults(func=cmd_remote_status)
 

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from superscopes.models import cache_dir
-from superscopes.parsing import HelpFormatter
+from superscopes.parsing import CommandParser
 
 SOURCES: dict[str, dict[str, str]] = {
     "gcide": {
@@ -231,11 +231,9 @@ def load(split: str = "train", path: str | Path | None = None, fallback: bool = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m superscopes.corpus", description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = CommandParser(prog="python -m superscopes.corpus", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build the corpus from the installed Debian packages",
-                                formatter_class=HelpFormatter)
+    build = commands.add_parser("build", help="build the corpus from the installed Debian packages")
     build.add_argument("--out", help="output folder (default: $SUPERSCOPES_CACHE/corpus)")
     build.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, of {', '.join(SOURCES)}")
     build.add_argument("--words", type=int, default=80, help="words per passage")

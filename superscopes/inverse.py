@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from superscopes.parsing import HelpFormatter
+from superscopes.parsing import CommandParser
 
 PAD, BOUNDARY, UNKNOWN = 0, 1, 2  # generator-vocabulary indices before the corpus tokens
 SPECIAL = 3
@@ -651,11 +651,9 @@ def _evaluate_command(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m superscopes.inverse", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+    p = CommandParser(prog="python -m superscopes.inverse", description=__doc__.split("\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
-    t = verbs.add_parser("train", help="read (input, activation) pairs from a corpus and train a generator",
-                         formatter_class=HelpFormatter)
+    t = verbs.add_parser("train", help="read (input, activation) pairs from a corpus and train a generator")
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--site", default="resid_post")
     t.add_argument("--layer", type=int, required=True)
@@ -672,8 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--read-batch-size", type=int, default=32)
     t.add_argument("--stop-after", type=int, help="stop once this many steps are done (rerun to resume)")
     t.set_defaults(run=_train_command)
-    s = verbs.add_parser("sample", help="inputs a trained generator proposes for the activation at a text's last token",
-                         formatter_class=HelpFormatter)
+    s = verbs.add_parser("sample", help="inputs a trained generator proposes for the activation at a text's last token")
     s.add_argument("--generator", required=True)
     s.add_argument("--text", required=True)
     s.add_argument("--model", help="default: the model the generator was trained on")
@@ -682,8 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0)
     s.set_defaults(run=_sample_command)
     e = verbs.add_parser("evaluate",
-                         help="distance to held-out z: generated vs nearest vs random inputs",
-                         formatter_class=HelpFormatter)  # fmt: skip
+                         help="distance to held-out z: generated vs nearest vs random inputs")  # fmt: skip
     e.add_argument("--out", required=True, help="the train folder (generator.pt, pairs.pt)")
     e.add_argument("--model", help="default: the model the generator was trained on")
     e.add_argument("--queries", type=int, default=100)

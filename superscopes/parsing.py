@@ -76,3 +76,12 @@ class HelpFormatter(argparse.HelpFormatter):
         if action.default not in (None, False, "", argparse.SUPPRESS) and not says_default:
             text += " (default: %(default)s)"
         return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with ``HelpFormatter`` by default. argparse builds
+    sub-command parsers with the parent's own class, so every verb below it shows its
+    defaults as well, without naming the formatter at each ``add_parser``."""
+
+    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)

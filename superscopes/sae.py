@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from superscopes.parsing import HelpFormatter
+from superscopes.parsing import CommandParser
 from superscopes.sites import hidden_size
 
 if TYPE_CHECKING:  # pandas only where a frame is built
@@ -666,11 +666,9 @@ def train(model, site: str, layer: int, latents: int, k: int, tokens: int, out: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m superscopes.sae", formatter_class=HelpFormatter,
-                                     description="Sparse autoencoders on a model's sites")
+    parser = CommandParser(prog="python -m superscopes.sae", description="Sparse autoencoders on a model's sites")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("train", help="train a TopK SAE on the offline corpus (resumable)",
-                            formatter_class=HelpFormatter)
+    p = commands.add_parser("train", help="train a TopK SAE on the offline corpus (resumable)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--site", default="resid_post", choices=list(SITE_HOOKS))
     p.add_argument("--layer", type=int, required=True)
