@@ -273,7 +273,7 @@ def cross_fitted_mean(frame, choice: str, score: str, success: str, by: Sequence
     return pd.concat(parts).groupby([prompt, *by])[success].mean()
 
 
-# ---------------------------------------------------------------- families of prompt-level comparisons
+# ---------------------------------------------------------------- baselines, and families of prompt-level comparisons
 
 
 def majority_share(test_labels: Sequence, train_labels: Sequence | None = None) -> float:

@@ -102,14 +102,15 @@ def amplify(
         unit = direction.to(vectors.dtype) / direction.norm(dim=-1, keepdim=True)
         return alpha * unit * vectors.norm(dim=-1, keepdim=True)
     if transform == "latent":
-        row = latent["decoder_row"].to(vectors.dtype)
-        return vectors + (alpha - 1) * latent_activation(vectors, **latent).to(vectors.dtype) * row
+        encoder = dict(latent)
+        row = encoder.pop("decoder_row").to(vectors.dtype)
+        return vectors + (alpha - 1) * latent_activation(vectors, **encoder).to(vectors.dtype) * row
     raise ValueError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
 
 
 def latent_activation(vectors: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                      index: int, decoder_row: torch.Tensor | None = None, k: int | None = None,
-                      threshold: torch.Tensor | None = None, subtract_b_dec: bool = True) -> torch.Tensor:  # fmt: skip
+                      index: int, k: int | None = None, threshold: torch.Tensor | None = None,
+                      subtract_b_dec: bool = True) -> torch.Tensor:  # fmt: skip
     """One SAE latent's activation ``[n, 1]`` on vectors ``[n, d]``, computed as the SAE does:
     ReLU, JumpReLU (``threshold``) or TopK (``k``: the latent counts only when its
     pre-activation is among the ``k`` largest). Plain torch, so it runs inside a trace."""
