@@ -15,6 +15,9 @@ top-activating contexts (windows of held-out corpus text ending at the token whe
 latent is most active), against a shuffled-latent control (the same explanation against
 another latent's contexts). Latents are the prompts of the statistics: a paired bootstrap
 interval and sign-flip p over latents (``superscopes.metrics.compare``).
+
+``cells.csv`` is saved after every graph pass (``--batch-size`` rows): a killed run resumes at
+the first latent it had not finished, with the same settings.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torch
 
 from superscopes import corpus, metrics
 from superscopes import sae as S
-from superscopes.judge import default_judge
+from superscopes.judge import Judge, default_judge
 from superscopes.lens import collect, token_positions
 
 from ._common import Run, parser, recipe_main, write_summary
+from ._snippets import log
 
 NAME = "sae_self_explanation"
 DESCRIPTION = "Self-explanations of SAE latents vs their top-activating contexts, against a shuffled-latent control"
@@ -90,6 +94,31 @@ def findings(selected: pd.DataFrame, per_alpha: pd.DataFrame, site_norm: float) 
             f"By alpha (median patched norm against the site's median norm {site_norm:.0f}): {scales}."]  # fmt: skip
 
 
+COLUMNS = ["latent", "alpha", "patched_norm", "output", "self_similarity", "entropy", "relevancy_mean", "agreement",
+           "control", "contexts"]  # fmt: skip
+
+
+def explain(run: Run, model, sae: S.SAE, latents: list[int], alphas: list[float], contexts: dict[int, list[str]],
+            other: dict[int, int], judge: Judge) -> pd.DataFrame:  # fmt: skip
+    """The self-explanations of ``latents`` at every alpha, with their scale-selection scores,
+    and the judge's agreement with their own contexts and with the shuffled control's."""
+    args = run.args
+    scope = S.latent_scope(sae, latents, model=model, alphas=alphas, target="entity", max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size)  # fmt: skip
+    cells = S.explanation_scores(model, scope, run.scope(model, scope))
+    cells["latent"] = [int(name.split()[-1]) for name in cells["source"]]
+
+    def agreement(explanation: str, latent: int) -> float:
+        return float(np.mean(judge.similarity(contexts[latent], [explanation] * len(contexts[latent]))))
+
+    cells["agreement"] = [agreement(o, latent) for o, latent in zip(cells["output"], cells["latent"])]
+    cells["control"] = [agreement(o, other[latent]) for o, latent in zip(cells["output"], cells["latent"])]
+    cells["contexts"] = [" | ".join(contexts[latent]) for latent in cells["latent"]]
+    cells["patched_norm"] = [float(scope.vectors[scope.prompts.index(source)].norm()) * alpha
+                             for source, alpha in zip(cells["source"], cells["alpha"])]  # fmt: skip
+    return cells[COLUMNS]
+
+
 def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--sae", help="SAE folder (default: the model's embedded SAE)")
@@ -118,26 +147,16 @@ def experiment(run: Run) -> None:
     if len(chosen) < 2:
         raise SystemExit(f"only {len(chosen)} latent(s) have {args.contexts} contexts in {len(texts)} passages: scan more --texts")
     alphas = [float(a) for a in args.alphas.split(",")]
-    scope = S.latent_scope(sae, chosen, model=model, alphas=alphas, target="entity", max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size)  # fmt: skip
-    cells = S.explanation_scores(model, scope, run.scope(model, scope))
-    cells["latent"] = [int(name.split()[-1]) for name in cells["source"]]
     # Shuffled-latent control: each latent's contexts go to the next latent in a seeded cycle.
     order = rng.permutation(len(chosen))
     other = {chosen[order[i]]: chosen[order[(i + 1) % len(chosen)]] for i in range(len(chosen))}
-    judge = default_judge()
-
-    def agreement(explanation: str, latent: int) -> float:
-        return float(np.mean(judge.similarity(contexts[latent], [explanation] * len(contexts[latent]))))
-
-    cells["agreement"] = [agreement(o, latent) for o, latent in zip(cells["output"], cells["latent"])]
-    cells["control"] = [agreement(o, other[latent]) for o, latent in zip(cells["output"], cells["latent"])]
-    cells["contexts"] = [" | ".join(contexts[latent]) for latent in cells["latent"]]
-    cells["patched_norm"] = [float(scope.vectors[scope.prompts.index(source)].norm()) * alpha
-                             for source, alpha in zip(cells["source"], cells["alpha"])]  # fmt: skip
-    columns = ["latent", "alpha", "patched_norm", "output", "self_similarity", "entropy", "relevancy_mean", "agreement",
-               "control", "contexts"]  # fmt: skip
-    cells[columns].to_csv(run.out / "cells.csv", index=False)
+    store = run.store("cells.csv", ["latent"], latents_chosen=chosen)
+    pending = list(run.pending(store, chosen, key=lambda latent: [latent]))
+    per_pass, judge = max(1, args.batch_size // len(alphas)), default_judge()  # per pass: run, score, save
+    for start in range(0, len(pending), per_pass):
+        store.append(explain(run, model, sae, pending[start : start + per_pass], alphas, contexts, other, judge))
+        log(f"{len(chosen) - len(pending) + min(start + per_pass, len(pending))}/{len(chosen)} latents done")
+    cells = run.cells(store, len(chosen) * len(alphas), unique=["latent", "alpha"])
 
     picks = {name: cells.loc[getattr(cells.groupby("latent")[column], how)()] for name, (column, how) in SELECTORS.items()}
     selected = pd.DataFrame([{"selector": name, **metrics.compare(g["agreement"], g["control"], seed=args.seed),

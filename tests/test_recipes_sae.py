@@ -10,6 +10,10 @@ import superscopes
 from superscopes import sae as S
 
 
+class Killed(Exception):
+    """Stands for a run killed mid-way."""
+
+
 def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
     monkeypatch.setattr(superscopes, "load", lambda name=None, remote=False, **kw: smollm2)
     W = torch.randn(256, 576, generator=torch.Generator().manual_seed(0))
@@ -18,13 +22,34 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
           mean_activation=torch.full((256,), 5.0)).save(tmp_path / "sae")  # fmt: skip
     from recipes import sae_self_explanation
 
+    # Killed in its second pass (2 latents x 2 alphas per pass at --batch-size 4), then resumed.
+    real, passes, killed = S.explanation_scores, [], []
+
+    def killed_in_pass_two(model, scope, frame):
+        passes.append(list(scope.prompts))
+        if len(passes) == 2 and not killed:
+            killed.append(True)
+            raise Killed
+        return real(model, scope, frame)
+
+    monkeypatch.setattr(S, "explanation_scores", killed_in_pass_two)
+    argv = ["--quick", "--batch-size", "4", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "out")]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sae_self_explanation.main(["--quick", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "out")])
+        with pytest.raises(Killed):
+            sae_self_explanation.main(argv)
+        saved = pd.read_csv(tmp_path / "out" / "cells.csv", keep_default_na=False)
+        assert len(saved) == 4
+        passes.clear()
+        sae_self_explanation.main(argv)
     finally:
         torch.set_num_threads(threads)
+    explained_again = {int(name.split()[-1]) for prompts in passes for name in prompts}
+    assert len(passes) == 2 and not explained_again & set(saved["latent"])
     cells = pd.read_csv(tmp_path / "out" / "cells.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(cells.head(4), saved)
+    assert not cells.duplicated(["latent", "alpha"]).any()
     assert len(cells) == 6 * 2 and sorted(set(cells["alpha"])) == [1.0, 4.0]
     assert cells[["agreement", "control", "self_similarity"]].abs().le(1 + 1e-6).all().all()
     assert (cells.groupby("latent").size() == 2).all() and cells["contexts"].str.len().gt(0).all()
