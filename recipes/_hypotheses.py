@@ -6,7 +6,9 @@ input x (a snippet read up to and including one token), for recipes/inverse_scop
 - ``same_subject``: x's text up to the token contains the query's subject string;
 - ``subject_end``: the token is the last token of its own snippet's subject mention;
 - ``same_relation``: x's snippet comes from the query's relation (a topical hypothesis);
-- ``same_token``: x's token is the query's token (a lexical control).
+- ``same_token``: x's token is the query's token (a lexical control);
+- ``same_prediction``: the model's greedy next token after x is the one it predicts after the
+  query (what the layers compute from the whole prefix, not what the token is).
 
 A generated input has no source snippet, so only ``GENERATOR_HYPOTHESES`` are asked of it.
 """
@@ -20,8 +22,8 @@ import pandas as pd
 
 from ._snippets import PATCHSCOPES_DATA
 
-HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token")
-GENERATOR_HYPOTHESES = ("country", "same_subject", "same_token")
+HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token", "same_prediction")
+GENERATOR_HYPOTHESES = ("country", "same_subject", "same_token", "same_prediction")
 
 
 def countries() -> list[str]:
@@ -62,10 +64,14 @@ def subject_queries(tokenizer, snippets: pd.DataFrame, n: int) -> list[tuple[str
 
 
 class Inputs:
-    """Inputs (snippet, token) as one table, with the features the hypotheses need."""
+    """Inputs (snippet, token) as one table, with the features the hypotheses need;
+    ``predictions``: the model's greedy next-token id after each input."""
 
-    def __init__(self, tokenizer, frame: pd.DataFrame, pairs: list[tuple[int, int]], country_names: list[str]):
-        self.pairs = pairs
+    def __init__(self, tokenizer, frame: pd.DataFrame, pairs: list[tuple[int, int]], country_names: list[str],
+                 predictions: np.ndarray):  # fmt: skip
+        if len(predictions) != len(pairs):
+            raise ValueError(f"{len(predictions)} predictions for {len(pairs)} inputs")
+        self.pairs, self.prediction = pairs, np.asarray(predictions)
         texts, subjects = frame["text"].tolist(), frame["subject"].tolist()
         encodings = [tokenizer(t, return_offsets_mapping=True) for t in texts]
         country_ends = [mention_ends(tokenizer, t, country_names) for t in texts]
@@ -96,14 +102,17 @@ class Inputs:
             "subject_end": (bool(query.subject_end[qi]), self.subject_end[rows]),
             "same_relation": (True, self.relation[rows] == relation),
             "same_token": (True, self.token[rows] == query.token[qi]),
+            "same_prediction": (True, self.prediction[rows] == query.prediction[qi]),
         }
 
 
-def generated_features(tokenizer, text: str, subject: str, country_names: list[str]) -> dict:
-    """f(x) of a generated input for each of GENERATOR_HYPOTHESES, from its text alone."""
+def generated_features(tokenizer, text: str, subject: str, country_names: list[str], prediction: int) -> dict:
+    """f(x) of a generated input for each of GENERATOR_HYPOTHESES, from its text and the model's
+    greedy next-token id after it (``prediction``)."""
     ids = tokenizer(text)["input_ids"]
     return {
         "country": len(ids) - 1 in mention_ends(tokenizer, text, country_names),
         "same_subject": bool(_mention(subject).search(text)),
         "same_token": tokenizer.decode(ids[-1:]),
+        "same_prediction": prediction,
     }

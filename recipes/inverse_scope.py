@@ -11,8 +11,10 @@ hypotheses and their features: ``recipes/_hypotheses.py``.
 Statistics per query: FCR with 95% bootstrap intervals over queries, and paired comparisons
 generator vs nearest vs random per (hypothesis, layer) (bootstrap interval of the difference,
 sign-flip p, Holm over the table). A hypothesis already at its level at layer 0 (and above random
-there) is labelled lexical (the token embedding carries it) and not headlined; one never above
-random is not headlined either. ``distances.csv``: how far each sampler's inputs land from z.
+there) is labelled lexical (the token embedding carries it) and not headlined: its rise is not
+significant, or layer 0 already has 90% of its best layer's lift over random
+(``inverse.lexical_labels``); one never above random is not headlined either.
+``distances.csv``: how far each sampler's inputs land from z.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def generator_cells(run: Run, model, layer: int, corpus: tuple, queries: list[tu
                     random_rows: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Train (or resume) a generator at ``layer``, sample k inputs per query: its FCR cells, and
     every sampler's distances to the query's activation."""
+    from superscopes import lens
     from superscopes.models import model_name
 
     (texts, positions, acts), (table, z) = corpus, query
@@ -98,13 +101,15 @@ def generator_cells(run: Run, model, layer: int, corpus: tuple, queries: list[tu
                           [positions[r][0] for r in keep])  # fmt: skip
     generator = inverse.train(pairs, config, run.out / "generators" / f"L{layer}", progress=not args.quick)
     samples = generator.sample_texts(tokenizer, z, args.k, args.seed)
-    generated = inverse.last_token_activations(model, [x for row in samples for x in row], args.site, layer,
-                                               args.batch_size).view(len(queries), args.k, -1)  # fmt: skip
+    flat = [x for row in samples for x in row]
+    generated = inverse.last_token_activations(model, flat, args.site, layer, args.batch_size).view(len(queries), args.k, -1)
+    predicted = lens.next_tokens(model, flat, "last", args.batch_size, run.remote).numpy().reshape(len(queries), args.k)
     std, nearest = acts.std(0).clamp_min(1e-4), inverse.nearest(acts, z, args.k)  # std: the distance's unit
     cells, distances = [], []
     for qi, q in enumerate(queries):
-        found = [generated_features(tokenizer, x, q[1], names) for x in samples[qi]]
-        original = {"country": bool(table.country[qi]), "same_subject": True, "same_token": table.token[qi]}
+        found = [generated_features(tokenizer, x, q[1], names, p) for x, p in zip(samples[qi], predicted[qi])]
+        original = {"country": bool(table.country[qi]), "same_subject": True, "same_token": table.token[qi],
+                    "same_prediction": table.prediction[qi]}  # fmt: skip
         cells += [cell(name, q, table.token[qi], layer, "generator", args.k, h,
                        inverse.fcr(original[h], [f[h] for f in found]), samples[qi][:3])
                   for h in GENERATOR_HYPOTHESES if original[h] is not False]  # fmt: skip
@@ -127,12 +132,16 @@ def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple]
     args, tokenizer, texts = run.args, model.tokenizer, corpus["text"].tolist()
     read = sorted(set(pending) | set(generator_pending))
     pairs = lens.token_positions(tokenizer, texts, "text")
-    table = Inputs(tokenizer, corpus, pairs, countries())
+    table = Inputs(tokenizer, corpus, pairs, countries(),
+                   lens.next_tokens(model, texts, "text", args.batch_size, run.remote).numpy())  # fmt: skip
     corpus_acts = lens.collect(model, texts, args.site, read, "text", args.batch_size, run.remote)
     query_frame = pd.DataFrame(queries, columns=["text", "subject", "relation", "position"])
-    query_acts = lens.collect(model, query_frame["text"].tolist(), args.site, read, [[q[3]] for q in queries],
-                              args.batch_size, run.remote)  # fmt: skip
-    query_table = Inputs(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], countries())
+    query_positions = [[q[3]] for q in queries]
+    query_acts = lens.collect(model, query_frame["text"].tolist(), args.site, read, query_positions, args.batch_size,
+                              run.remote)  # fmt: skip
+    query_table = Inputs(tokenizer, query_frame, [(i, q[3]) for i, q in enumerate(queries)], countries(),
+                         lens.next_tokens(model, query_frame["text"].tolist(), query_positions, args.batch_size,
+                                          run.remote).numpy())  # fmt: skip
     rng = np.random.default_rng(args.seed)
     random_rows = np.stack([rng.choice(len(pairs), args.k, replace=False) for _ in queries])
     ceilings = table.ceilings(query_table, queries, args.k)
@@ -176,16 +185,26 @@ def report(run: Run, name: str, cells: pd.DataFrame, distances: pd.DataFrame, n_
     figure = plot(summary, run.out / "inverse_scope.png", f"InverseScope on {name}: {queries} queries, k={args.k}; "
                   f"generator at layers {generator_layers}, nearest {args.site} by cosine, random")  # fmt: skip
     shown = comparisons[comparisons["p_holm"] < 0.05]
-    lexical_names = set(lex.loc[lex["label"] != "rises", "hypothesis"])
+    lexical_names, label = set(lex.loc[lex["label"] != "rises", "hypothesis"]), dict(zip(lex["hypothesis"], lex["label"]))
     headline = lex[lex["label"] == "rises"]
+    means = summary.set_index(["hypothesis", "layer", "sampler"])["consistency"]
     ours = "; ".join(f"{r.hypothesis}: nearest-input FCR {r.fcr_layer0:.2f} at layer 0 -> {r.fcr_best:.2f} at layer "
                      f"{r.best_layer} ({r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}])"
+                     + "".join(f", generator at layer {g} {means[(r.hypothesis, g, 'generator')]:.2f} vs nearest "
+                               f"{means[(r.hypothesis, g, 'nearest')]:.2f} vs random {means[(r.hypothesis, g, 'random')]:.2f}"
+                               for g in generator_layers if (r.hypothesis, g, "generator") in means.index)
                      for r in headline.itertuples()) or "no hypothesis rises above its layer-0 level"  # fmt: skip
     ours += f" ({queries} queries, k={args.k}; not headlined, lexical or not above random: " \
             f"{', '.join(sorted(lexical_names)) or 'none'})"
     findings = [f"{r.hypothesis}: {r.label}; nearest-input FCR {r.fcr_layer0:.2f} at layer 0, {r.fcr_best:.2f} at its "
                 f"best layer {r.best_layer} (difference {r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}])."
                 for r in lex[lex["label"] != "rises"].itertuples()]  # fmt: skip
+    supported = {sampler: sorted({f"{r.hypothesis} ({label.get(r.hypothesis, 'unlabelled')})" for r in
+                                  shown[(shown["a"] == sampler) & (shown["b"] == "random") & (shown["difference"] > 0)]
+                                  .itertuples()}) for sampler in ("generator", "nearest")}  # fmt: skip
+    findings.append("What each sampler supports (FCR above random inputs at some layer, Holm p < 0.05; label from the "
+                    "lexical check): " + "; ".join(f"{sampler}: {', '.join(names) or 'none'}"
+                                                   for sampler, names in supported.items()) + ".")  # fmt: skip
     for a, b in PAIRS:
         part = shown[(shown["a"] == a) & (shown["b"] == b) & ~shown["hypothesis"].isin(lexical_names)]
         findings.append(f"{a} vs {b} (paired over queries, Holm p < 0.05; only hypotheses that rise): "

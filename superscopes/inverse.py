@@ -472,33 +472,41 @@ def compare_samplers(cells, a: str = "generator", others: Sequence[str] = ("near
 
 
 def lexical_labels(cells, sampler: str = "nearest", value: str = "consistency", prompt: str = "query",
-                   seed: int = 0):  # fmt: skip
+                   seed: int = 0, level_share: float = 0.9):  # fmt: skip
     """Per hypothesis, is its FCR already at its level at layer 0? From ``sampler``'s cells (and
     ``random``'s at layer 0): FCR at layer 0 and at the best layer, their paired difference over
-    queries (95% bootstrap), and a label. ``lexical``: above random at layer 0 and already at its
-    level there (the rise's interval reaches 0, or the layer-0 FCR is inside the best layer's
-    interval): the token embedding carries it, so it says nothing about what the layers compute.
-    ``rises``: clearly above layer 0. ``not above random``: flat and never above random.
-    The best layer is chosen on the same queries, which only makes "lexical" rarer."""
+    queries (95% bootstrap), the share of the best layer's lift over random already reached at
+    layer 0 (``share_at_layer0`` = (FCR_0 - random_0) / (FCR_best - random_0)), and a label.
+    ``lexical``: above random at layer 0 and already at its level there: the rise's interval
+    reaches 0, or the layer-0 FCR is inside the best layer's interval, or layer 0 already has
+    ``level_share`` of the lift (a rise from 0.94 to 0.97 over a random 0.03 is significant, yet
+    the token embedding carries the feature). Such a hypothesis says nothing about what the
+    layers compute. ``rises``: clearly above layer 0. ``not above random``: flat and never above
+    random. The best layer is chosen on the same queries, which only makes "lexical" rarer."""
     import pandas as pd
 
     from superscopes.metrics import bootstrap_ci, compare
 
+    if not 0 < level_share <= 1:
+        raise ValueError(f"level_share {level_share!r} is not valid; choose a share in (0, 1]")
     rows = []
     for hypothesis, part in cells.groupby("hypothesis"):
         wide = part.pivot_table(index=prompt, columns=["sampler", "layer"], values=value)
         if (sampler, 0) not in wide or ("random", 0) not in wide:
             continue
-        scores = wide[sampler]
+        scores, random0 = wide[sampler], wide[("random", 0)]
         best = int(scores.mean().idxmax())
         rise = compare(scores[best].to_numpy(), scores[0].to_numpy(), seed=seed)
         at_best = bootstrap_ci(scores[best].to_numpy(), seed=seed)
-        above_random = compare(scores[0].to_numpy(), wide[("random", 0)].to_numpy(), seed=seed)["ci_low"] > 0
-        flat = rise["ci_low"] <= 0 or rise["mean_b"] >= at_best[0]
+        above_random = compare(scores[0].to_numpy(), random0.to_numpy(), seed=seed)["ci_low"] > 0
+        lift = rise["mean_a"] - random0.mean()
+        share = (rise["mean_b"] - random0.mean()) / lift if lift > 0 else float("nan")
+        flat = rise["ci_low"] <= 0 or rise["mean_b"] >= at_best[0] or share >= level_share
         label = "rises" if not flat else "lexical" if above_random else "not above random"
         rows.append({"hypothesis": hypothesis, "fcr_layer0": rise["mean_b"], "best_layer": best,
                      "fcr_best": rise["mean_a"], "best_ci_low": at_best[0], "difference": rise["difference"],
-                     "ci_low": rise["ci_low"], "ci_high": rise["ci_high"], "label": label})  # fmt: skip
+                     "ci_low": rise["ci_low"], "ci_high": rise["ci_high"], "share_at_layer0": share,
+                     "label": label})  # fmt: skip
     return pd.DataFrame(rows)
 
 

@@ -299,6 +299,20 @@ def final_logprobs(
     return decode(model, h, 1, full=True, remote=remote)["logprobs"]
 
 
+def next_tokens(
+    model,
+    prompts: Sequence[str],
+    positions: Positions = "last",
+    batch_size: int = 32,
+    remote: bool | str = False,
+) -> torch.Tensor:
+    """The model's greedy next-token id ``[n_positions]`` at each position (rows as ``collect``'s), without the
+    ``[n, vocab]`` table ``final_logprobs`` keeps."""
+    last = num_layers(model) - 1
+    h = collect(model, prompts, "resid_post", [last], positions, batch_size, remote)[last]
+    return decode(model, h, 1, remote=remote)["ids"][:, 0]
+
+
 # ---------------------------------------------------------------- cross-model helpers
 
 

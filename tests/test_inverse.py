@@ -151,6 +151,16 @@ def test_lexical_labels_call_a_hypothesis_at_its_level_at_layer_0_lexical():
     noisy = [0.8, 1.0] * 10
     small = inverse.lexical_labels(_fcr_cells([v - 0.03 for v in noisy], noisy, [0.0] * 20)).iloc[0]
     assert small["ci_low"] == pytest.approx(0.03) and small["best_ci_low"] < 0.87 and small["label"] == "lexical"
+    # Significant and outside the best layer's interval, but layer 0 already has 0.90 / 0.94 of the
+    # lift over random (0.93 -> 0.97, random 0.03): lexical; from 0.5 it rises.
+    almost = inverse.lexical_labels(_fcr_cells([0.93] * 20, [0.97] * 20, [0.03] * 20)).iloc[0]
+    assert almost["ci_low"] == pytest.approx(0.04) and almost["best_ci_low"] > 0.93
+    assert almost["share_at_layer0"] == pytest.approx(0.90 / 0.94) and almost["label"] == "lexical"
+    assert inverse.lexical_labels(_fcr_cells([0.5] * 20, [0.97] * 20, [0.03] * 20)).iloc[0]["label"] == "rises"
+    assert inverse.lexical_labels(_fcr_cells([0.93] * 20, [0.97] * 20, [0.03] * 20),
+                                  level_share=0.99).iloc[0]["label"] == "rises"  # fmt: skip
+    with pytest.raises(ValueError, match="level_share 0 "):
+        inverse.lexical_labels(_fcr_cells([0.9] * 20, [0.9] * 20, [0.1] * 20), level_share=0)
     # Flat and no better than random at layer 0.
     flat = inverse.lexical_labels(_fcr_cells([0.1] * 20, [0.1] * 20, [0.1] * 20)).iloc[0]
     assert flat["label"] == "not above random"

@@ -105,6 +105,7 @@ def test_logit_lens_at_last_layer_is_the_models_output(tiny_models, arch):
     assert not torch.equal(out.ids[0], out.ids[1])  # an early layer decodes to something else
     logprobs = lens.final_logprobs(model, PROMPTS, "all")
     torch.testing.assert_close(logprobs.exp(), own_distribution(model, PROMPTS, out.positions), atol=1e-5, rtol=0)
+    assert torch.equal(lens.next_tokens(model, PROMPTS, "all", batch_size=2), reference.indices[:, 0])
 
 
 def test_logit_lens_on_smollm2(smollm2):
