@@ -46,7 +46,7 @@ FULL = Sizes(
     grid_layers=GRID_LAYERS, grid_alphas=GRID_ALPHAS, max_new_tokens=10,
     cells=[1, 8, 64, 512], baseline_cells_per_round=64,
     lengths=[8, 32, 128, 512], length_alphas=[1, 6], rounds_curve=2,
-    memory_cells=[1, 8, 64, 512], memory_lengths=[8, 32, 128, 512], memory_batch_sizes=[16],
+    memory_cells=[1, 8, 64, 128, 256, 512], memory_lengths=[8, 32, 128, 512], memory_batch_sizes=[16],
 )  # fmt: skip
 
 QUICK = Sizes(
@@ -68,7 +68,8 @@ def grid_scope(sizes: Sizes, output: str = "generate") -> superscopes.Scope:
 
 def cells_scope(n: int, batch_size: int = 64) -> superscopes.Scope:
     """``n`` cells (n = sites x layers x alphas) on the short target, next-token top-k."""
-    shapes = {1: (1, 1, 1), 4: (1, 2, 2), 8: (1, 2, 4), 16: (2, 4, 2), 64: (2, 8, 4), 512: (4, 16, 8)}
+    shapes = {1: (1, 1, 1), 4: (1, 2, 2), 8: (1, 2, 4), 16: (2, 4, 2), 64: (2, 8, 4), 128: (2, 8, 8), 256: (4, 8, 8),
+              512: (4, 16, 8)}  # fmt: skip
     n_sites, n_layers, n_alphas = shapes[n]
     sites = CELL_SITES[-n_sites:]
     return superscopes.Scope(
