@@ -157,7 +157,7 @@ class HookScope:
         ids = self.tok(target, return_tensors="pt")["input_ids"]
         length = ids.shape[1]
         prefix = DynamicCache(config=self.hf.config)
-        self.hf(input_ids=ids[:, :-1], past_key_values=prefix, use_cache=True)
+        self.hf(input_ids=ids[:, :-1], cache=prefix, use_cache=True)
         results = []
         for start in range(0, len(layers), batch_size):
             rows = list(range(start, min(start + batch_size, len(layers))))
@@ -171,7 +171,7 @@ class HookScope:
             try:
                 out = self.hf.generate(
                     input_ids=ids.expand(len(rows), -1), attention_mask=torch.ones(len(rows), length, dtype=torch.long),
-                    past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                    cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
                     pad_token_id=self.tok.pad_token_id,
                 )  # fmt: skip
             finally:
