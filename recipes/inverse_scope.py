@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from superscopes import inverse
 from superscopes.metrics import compare_conditions, prompt_means
@@ -58,6 +59,9 @@ def build_parser():
     p.add_argument("--generator-layers",
                    help="layers with a trained generator: 'none', or as --layers; default the middle one")  # fmt: skip
     p.add_argument("--generator-steps", type=int, help="generator training steps; default 3000, quick 150")
+    p.add_argument("--generator-texts", type=int,
+                   help="snippets the generator trains on: the corpus's, then others that are not queries; default "
+                        "all of them (about 11,600), quick the corpus's")  # fmt: skip
     return p
 
 
@@ -83,22 +87,20 @@ def layer_cells(name: str, layer: int, queries: list[tuple], corpus: Inputs, que
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
-def generator_cells(run: Run, model, layer: int, corpus: tuple, queries: list[tuple], query: tuple,
-                    random_rows: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    """Train (or resume) a generator at ``layer``, sample k inputs per query: its FCR cells, and
-    every sampler's distances to the query's activation."""
+def generator_cells(run: Run, model, layer: int, generator_texts: list[str], acts: torch.Tensor, queries: list[tuple],
+                    query: tuple, random_rows: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Train (or resume) a generator at ``layer`` on ``generator_texts``, sample k inputs per
+    query: its FCR cells, and every sampler's distances to the query's activation (``acts``: the
+    corpus's at ``layer``, which the nearest and random samplers draw from)."""
     from superscopes import lens
     from superscopes.models import model_name
 
-    (texts, positions, acts), (table, z) = corpus, query
+    table, z = query
     args, tokenizer, name, names = run.args, model.tokenizer, model_name(model), countries()
     sizes = dict(d_model=64, n_layers=2, n_heads=4, max_vocab=2048, batch_size=32) if args.quick else {}
     config = inverse.GeneratorConfig(model=name, site=args.site, layer=layer, seed=args.seed,
                                      steps=args.generator_steps or (150 if args.quick else 3000), **sizes)  # fmt: skip
-    ids = [tokenizer(t)["input_ids"] for t in texts]
-    keep = [r for r, (_, i) in enumerate(positions) if i < config.max_tokens]
-    pairs = inverse.Pairs([ids[p][: i + 1] for p, i in (positions[r] for r in keep)], acts[keep],
-                          [positions[r][0] for r in keep])  # fmt: skip
+    pairs = inverse.collect_pairs(model, generator_texts, args.site, layer, config.max_tokens, args.batch_size)
     generator = inverse.train(pairs, config, run.out / "generators" / f"L{layer}", progress=not args.quick)
     samples = generator.sample_texts(tokenizer, z, args.k, args.seed)
     flat = [x for row in samples for x in row]
@@ -122,7 +124,7 @@ def generator_cells(run: Run, model, layer: int, corpus: tuple, queries: list[tu
 
 
 def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple], pending: list[int],
-                     generator_pending: list[int], stores: tuple) -> None:  # fmt: skip
+                     generator_pending: list[int], generator_texts: list[str], stores: tuple) -> None:  # fmt: skip
     """Per pending layer (a unit) the nearest, random and ceiling cells; per pending generator
     layer the generator's cells and distances."""
     from superscopes import lens
@@ -151,7 +153,7 @@ def consistency_rows(run: Run, model, corpus: pd.DataFrame, queries: list[tuple]
                                  ceilings, args.k))  # fmt: skip
         log(f"layer {layer} done")
     for layer in generator_pending:
-        generated, distances = generator_cells(run, model, layer, (texts, pairs, corpus_acts[layer]), queries,
+        generated, distances = generator_cells(run, model, layer, generator_texts, corpus_acts[layer], queries,
                                                (query_table, query_acts[layer]), random_rows)  # fmt: skip
         distance_store.append(distances)
         generator_store.append(generated)  # last: a layer counts as done once both are written
@@ -170,8 +172,23 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return plots.save(fig, path, title)
 
 
+def generator_training(out: Path, layers: list[int], n_texts: int) -> str:
+    """What each trained generator saw and how it fit: its held-out loss at the end and at its
+    lowest (a rise after the lowest point means it memorises its training snippets)."""
+    fits = []
+    for layer in layers:
+        path = out / "generators" / f"L{layer}" / "generator.pt"
+        history = inverse.Generator.load(path).history if path.exists() else []
+        if history:
+            best, last = min(history, key=lambda r: r["held_out_loss"]), history[-1]
+            fits.append(f"L{layer} after {last['step']} steps: train loss {last['train_loss']:.2f}, held-out loss "
+                        f"{last['held_out_loss']:.2f} (lowest {best['held_out_loss']:.2f} at step {best['step']}), "
+                        f"held-out last-token accuracy {last['held_out_last_token_acc']:.2f}")  # fmt: skip
+    return f"{n_texts} snippets, never a query's" + "".join(f"; {fit}" for fit in fits)
+
+
 def report(run: Run, name: str, cells: pd.DataFrame, distances: pd.DataFrame, n_corpus: int, queries: int,
-           layers: list[int], generator_layers: list[int], seconds: float) -> None:  # fmt: skip
+           layers: list[int], generator_layers: list[int], n_generator_texts: int, seconds: float) -> None:  # fmt: skip
     """summary.csv, comparisons.csv, lexical.csv, the figure and summary.md."""
     args = run.args
     summary = prompt_means(cells, "consistency", "query", ("hypothesis", "layer", "sampler"), args.seed)
@@ -216,6 +233,7 @@ def report(run: Run, name: str, cells: pd.DataFrame, distances: pd.DataFrame, n_
         {"model": name, "site": args.site, "layers": layers, "generator layers": generator_layers,
          "corpus": f"{n_corpus} snippets of the Patchscopes factual data, every token but the first",
          "queries": f"{queries} held-out snippets, last token of the first whole-word subject mention (seed {args.seed})",
+         "generator training": generator_training(run.out, generator_layers, n_generator_texts),
          "sampling": f"k={args.k}: generator samples; nearest by cosine at the same layer and site; random uniform",
          "consistency": "FCR = mean over inputs of 1{f(x) = f(x_original)}, over the queries with f(x_original) = 1",
          "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
@@ -240,6 +258,9 @@ def experiment(run: Run) -> None:
     snippets = load_snippets(args.seed)
     queries = subject_queries(tokenizer, snippets.iloc[n_corpus:], n_queries)
     corpus = snippets.iloc[:n_corpus].reset_index(drop=True)
+    asked = {q[0] for q in queries}  # the generator never trains on a query's snippet
+    generator_texts = (corpus["text"].tolist() + [t for t in snippets["text"].iloc[n_corpus:] if t not in asked])[
+        : args.generator_texts or (n_corpus if quick else None)]  # fmt: skip
     middle = min(layers, key=lambda l: abs(l - n_layers // 2))  # the evaluated layer nearest the model's middle
     generator_layers = [] if args.generator_layers == "none" else resolve_layers(
         None if args.generator_layers is None else parse_layers(args.generator_layers), n_layers, [middle])  # fmt: skip
@@ -253,12 +274,12 @@ def experiment(run: Run) -> None:
     generator_pending = list(run.pending(stores[1], generator_layers, key=lambda layer: [layer]))
     log(f"{name}: layers {layers} ({len(pending)} to run); generator at {generator_layers}; {len(queries)} queries")
     if pending or generator_pending:
-        consistency_rows(run, model, corpus, queries, pending, generator_pending, stores)
+        consistency_rows(run, model, corpus, queries, pending, generator_pending, generator_texts, stores)
     cells = stores[0].load()  # rows per layer depend on the data; the store keeps only layers whose rows are all there
     seconds = record_time(run.out, t0, rows_before, len(cells))
     cells = pd.concat([cells, stores[1].load()], ignore_index=True)
     report(run, name, cells[cells["layer"].isin(layers)], stores[2].load(), len(corpus), len(queries), layers,
-           generator_layers, seconds)  # fmt: skip
+           generator_layers, len(generator_texts), seconds)  # fmt: skip
 
 
 main = recipe_main(NAME, build_parser, experiment)
