@@ -101,10 +101,12 @@ def log(message: str) -> None:
 
 def record_time(out: Path, started: float, cells_before: int, cells_after: int) -> float:
     """Log this invocation in ``timings.csv``; returns the seconds spent by invocations that
-    added cells (the cost of the results, whatever the number of resumes)."""
+    added cells (the cost of the results, whatever the number of resumes). An invocation that
+    found no cells starts the log anew: the rows of earlier ones were deleted or never made."""
     path = out / "timings.csv"
     row = pd.DataFrame([{"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 1),
                          "cells_added": cells_after - cells_before}])  # fmt: skip
-    row.to_csv(path, mode="a", header=not path.exists(), index=False)
+    fresh = cells_before == 0 or not path.exists()
+    row.to_csv(path, mode="w" if fresh else "a", header=fresh, index=False)
     log_ = pd.read_csv(path)
     return float(log_.loc[log_["cells_added"] > 0, "seconds"].sum())
