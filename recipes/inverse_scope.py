@@ -102,6 +102,7 @@ def generator_cells(run: Run, model, layer: int, generator_texts: list[str], act
                                      steps=args.generator_steps or (150 if args.quick else 3000), **sizes)  # fmt: skip
     pairs = inverse.collect_pairs(model, generator_texts, args.site, layer, config.max_tokens, args.batch_size)
     generator = inverse.train(pairs, config, run.out / "generators" / f"L{layer}", progress=not args.quick)
+    (run.out / f"generator_L{layer}_history.json").write_text(json.dumps(generator.history, indent=1))  # committed
     samples = generator.sample_texts(tokenizer, z, args.k, args.seed)
     flat = [x for row in samples for x in row]
     generated = inverse.last_token_activations(model, flat, args.site, layer, args.batch_size).view(len(queries), args.k, -1)
@@ -177,8 +178,8 @@ def generator_training(out: Path, layers: list[int], n_texts: int) -> str:
     lowest (a rise after the lowest point means it memorises its training snippets)."""
     fits = []
     for layer in layers:
-        path = out / "generators" / f"L{layer}" / "generator.pt"
-        history = inverse.Generator.load(path).history if path.exists() else []
+        path = out / f"generator_L{layer}_history.json"
+        history = json.loads(path.read_text()) if path.exists() else []
         if history:
             best, last = min(history, key=lambda r: r["held_out_loss"]), history[-1]
             fits.append(f"L{layer} after {last['step']} steps: train loss {last['train_loss']:.2f}, held-out loss "

@@ -157,6 +157,7 @@ def test_inverse_scope_quick(tmp_path):
     assert comparisons["p_holm"].between(0, 1).all() and (comparisons["p_holm"] >= comparisons["p"] - 1e-12).all()
     settings = (tmp_path / "summary.md").read_text()
     assert f"generator training: 60 snippets, never a query's; L{layer} after 150 steps: train loss" in settings
+    assert json.loads((tmp_path / f"generator_L{layer}_history.json").read_text())[-1]["step"] == 150
     lexical = pd.read_csv(tmp_path / "lexical.csv")
     assert set(lexical["label"]) <= {"rises", "lexical", "not above random"}
     headlined = (tmp_path / "summary.md").read_text().split("- **Paper:**")[0]
