@@ -294,8 +294,7 @@ def final_logprobs(
 ) -> torch.Tensor:
     """The model's own next-token log-probabilities ``[n_positions, vocab]`` at the positions
     (the logit lens at the last layer, which equals the model's output)."""
-    last = num_layers(model) - 1
-    h = collect(model, prompts, "resid_post", [last], positions, batch_size, remote)[last]
+    h = _last_block_output(model, prompts, positions, batch_size, remote)
     return decode(model, h, 1, full=True, remote=remote)["logprobs"]
 
 
@@ -308,9 +307,15 @@ def next_tokens(
 ) -> torch.Tensor:
     """The model's greedy next-token id ``[n_positions]`` at each position (rows as ``collect``'s), without the
     ``[n, vocab]`` table ``final_logprobs`` keeps."""
-    last = num_layers(model) - 1
-    h = collect(model, prompts, "resid_post", [last], positions, batch_size, remote)[last]
+    h = _last_block_output(model, prompts, positions, batch_size, remote)
     return decode(model, h, 1, remote=remote)["ids"][:, 0]
+
+
+def _last_block_output(model, prompts: Sequence[str], positions: Positions, batch_size: int,
+                       remote: bool | str) -> torch.Tensor:  # fmt: skip
+    """``resid_post`` of the last block at the positions: what the model's own head reads."""
+    last = num_layers(model) - 1
+    return collect(model, prompts, "resid_post", [last], positions, batch_size, remote)[last]
 
 
 # ---------------------------------------------------------------- cross-model helpers
