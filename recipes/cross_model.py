@@ -163,7 +163,7 @@ def compute(run: Run, store, directions: list, layers: dict, prompts: list[str],
 
     models = {id(m): m for pair in directions for m in pair}.values()
     own = {id(m): dict(zip(prompts, (m.tokenizer.decode([int(i)]) for i in
-                                     lens.final_logprobs(m, prompts, "last", run.args.batch_size, run.remote).argmax(-1))))
+                                     lens.next_tokens(m, prompts, "last", run.args.batch_size, run.remote))))
            for m in models}  # fmt: skip
     for s, t in directions:
         direction = f"{model_name(s)} -> {model_name(t)}"

@@ -7,6 +7,7 @@
 - ``decode``: the model's final norm + unembedding applied to any vectors, inside a trace
   (so it also runs on NDIF); ``logit_lens`` and ``affine_lens`` build on it.
 - ``final_logprobs``: the model's own next-token log-probabilities at chosen positions.
+- ``next_tokens``: the model's own greedy next token at chosen positions (no vocabulary table).
 - Cross-model helpers: ``aligned_positions`` (token positions of two tokenizers that end
   at the same character of the same text, at word ends), ``collect_aligned`` and
   ``fit_cross_model`` (one affine map per (source layer, target layer) pair).
