@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from superscopes.sites import architecture_of, resolve
 
@@ -169,12 +170,46 @@ def patch(
     _write_into(target, index, amplify(vectors, alpha, transform, base=base, **transform_args), mode)
 
 
-def repeat_cache(model, cache, rows: int):
+def repeat_cache(model, cache, rows: int, room: int = 0):
     """A new KV cache (transformers ``DynamicCache``) holding a one-row cache's keys and values
     repeated to ``rows`` rows, so a prefix computed once continues in every row of a batch.
-    The one-row cache is left as it is (each pass that continues from it gets its own)."""
+    The one-row cache is left as it is (each pass that continues from it gets its own).
+
+    ``room``: tokens the caller will add (fed tokens plus generated ones). Full-attention
+    layers then get that space once and fill it in place (``PreallocatedLayer``) instead of
+    concatenating their whole cache at every decoding step; sliding-window layers are kept."""
     data = [(keys.repeat_interleave(rows, 0), values.repeat_interleave(rows, 0)) for keys, values, *_ in cache]
-    return type(cache)(data, config=model.config)
+    repeated = type(cache)(data, config=model.config)
+    if room > 0:
+        repeated.layers = [PreallocatedLayer(layer.keys, layer.values, room) if type(layer) is DynamicLayer else layer
+                           for layer in repeated.layers]  # fmt: skip
+    return repeated
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` with room for ``room`` more tokens allocated once: ``update`` writes
+    new keys and values into that space and returns views of the filled part, so the values,
+    shapes and masks are those of ``DynamicLayer`` without a ``torch.cat`` of the whole cache
+    at every step (about 5% of greedy decoding on CPU). Past the room it concatenates."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        length = keys.shape[-2]
+        self._keys = keys.new_empty(*keys.shape[:-2], length + room, keys.shape[-1])
+        self._values = values.new_empty(*values.shape[:-2], length + room, values.shape[-1])
+        self._keys[..., :length, :] = keys
+        self._values[..., :length, :] = values
+        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
+        start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._keys[..., start:end, :] = key_states
+        self._values[..., start:end, :] = value_states
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
 
 
 class CellSampler:

@@ -685,19 +685,22 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                       alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
-def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], output: str) -> tuple:
-    """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache."""
+def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], settings: dict) -> tuple:
+    """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache
+    (with room for the tokens a ``generate`` pass adds to it)."""
     if p.ids is None:
         return p.texts, {}
     n = len(p.alphas)
     extra = {}
     if p.prefix is not None:
         name, cache = caches[p.prefix]
-        extra = {name: ops.repeat_cache(model, cache, n)}
+        # generate feeds tokens start..T-1, then each new token but the last
+        room = p.ids.shape[1] - p.start + settings["max_new_tokens"] - 1 if settings["output"] == "generate" else 0
+        extra = {name: ops.repeat_cache(model, cache, n, room)}
     # The mask covers the cached tokens too (nnsight would otherwise build one for the fed
     # tokens only, hiding the prefix); generate skips the tokens its cache already holds.
     mask = torch.ones(n, p.ids.shape[1], dtype=torch.long)
-    fed = p.ids[:, p.start :] if output == "topk" else p.ids
+    fed = p.ids[:, p.start :] if settings["output"] == "topk" else p.ids
     return {"input_ids": fed.repeat(n, 1), "attention_mask": mask}, extra
 
 
@@ -711,7 +714,7 @@ def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Ten
     outputs = []
     caches = _prefix_caches(target_model, prefixes)
     for p in passes:
-        inputs, extra = _pass_inputs(target_model, p, caches, settings["output"])
+        inputs, extra = _pass_inputs(target_model, p, caches, settings)
         if settings["output"] == "generate":
             kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False,
                       "pad_token_id": settings["pad_token_id"]}  # fmt: skip

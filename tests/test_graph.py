@@ -310,3 +310,40 @@ def test_a_checkpoint_of_another_grid_is_refused_before_any_forward_pass(tiny_mo
         run(model, Scope(**grid(alphas=[1, 2])), checkpoint=checkpoint, progress=False)
     with pytest.raises(ScopeError, match=r"cells_per_request must be a positive integer, got 0"):
         run(model, Scope(**grid()), cells_per_request=0, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])  # gemma2: sliding layers kept as they are
+@pytest.mark.parametrize("room", [6, 5])  # 6: the fed token and 5 of the 6 new ones; 5: one short, it concatenates
+def test_preallocated_cache_equals_a_concatenating_one(tiny_models, arch, room):
+    """The shared prefix's cache with room allocated once gives the same tokens as transformers'
+    own DynamicCache, and with enough room every full-attention layer fills it in place."""
+    model = tiny_models[arch]
+    hf, ids = model._module, model.tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    prefix = hf(ids[:, :-1], use_cache=True).cache
+
+    def generate(cache):
+        return hf.generate(input_ids=ids.repeat(3, 1), attention_mask=torch.ones(3, ids.shape[1], dtype=torch.long),
+                           max_new_tokens=6, do_sample=False, cache=cache)  # fmt: skip
+
+    plain, grown = ops.repeat_cache(model, prefix, 3), ops.repeat_cache(model, prefix, 3, room=room)
+    assert generate(grown).tolist() == generate(plain).tolist()
+    preallocated = [layer for layer in grown.layers if isinstance(layer, ops.PreallocatedLayer)]
+    assert preallocated, "no full-attention layer got room"
+    for layer in preallocated:
+        assert layer.keys.shape[-2] == ids.shape[1] + 5
+        assert (layer.keys.data_ptr() == layer._keys.data_ptr()) == (room == 6)
+
+
+def test_the_graph_decodes_into_the_preallocated_cache(tiny_models, monkeypatch):
+    """Shared-prefix generate passes use the preallocated layers, and never outgrow them."""
+    grew = []
+    original = ops.PreallocatedLayer.update
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        result = original(self, key_states, value_states, *args, **kwargs)
+        grew.append(self.keys.data_ptr() != self._keys.data_ptr())
+        return result
+
+    monkeypatch.setattr(ops.PreallocatedLayer, "update", update)
+    run(tiny_models["llama"], Scope(**grid(output="generate", max_new_tokens=4, target="identity")), progress=False)
+    assert grew and not any(grew)
