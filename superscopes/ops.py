@@ -178,26 +178,28 @@ def repeat_cache(model, cache, rows: int, room: int = 0):
     ``room``: tokens the caller will add (fed tokens plus generated ones). Full-attention
     layers then get that space once and fill it in place (``PreallocatedLayer``) instead of
     concatenating their whole cache at every decoding step; sliding-window layers are kept."""
-    data = [(keys.repeat_interleave(rows, 0), values.repeat_interleave(rows, 0)) for keys, values, *_ in cache]
-    repeated = type(cache)(data, config=model.config)
-    if room > 0:
-        repeated.layers = [PreallocatedLayer(layer.keys, layer.values, room) if type(layer) is DynamicLayer else layer
-                           for layer in repeated.layers]  # fmt: skip
+    repeated = type(cache)(config=model.config)  # one empty layer per layer type of the model
+    for i, (keys, values, *_) in enumerate(cache):
+        if room > 0 and type(repeated.layers[i]) is DynamicLayer:
+            repeated.layers[i] = PreallocatedLayer(keys, values, rows, room)
+        else:
+            repeated.layers[i].update(keys.repeat_interleave(rows, 0), values.repeat_interleave(rows, 0))
     return repeated
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A ``DynamicLayer`` with room for ``room`` more tokens allocated once: ``update`` writes
-    new keys and values into that space and returns views of the filled part, so the values,
-    shapes and masks are those of ``DynamicLayer`` without a ``torch.cat`` of the whole cache
-    at every step (about 5% of greedy decoding on CPU). Past the room it concatenates."""
+    """A ``DynamicLayer`` holding a one-row cache repeated to ``rows`` rows, with room for
+    ``room`` more tokens allocated once: ``update`` writes new keys and values into that space
+    and returns views of the filled part, so values, shapes and masks are those of
+    ``DynamicLayer`` without a ``torch.cat`` of the whole cache at every step (about 5% of
+    greedy decoding on CPU). Past the room it concatenates."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, room: int):
         super().__init__()
         length = keys.shape[-2]
-        self._keys = keys.new_empty(*keys.shape[:-2], length + room, keys.shape[-1])
-        self._values = values.new_empty(*values.shape[:-2], length + room, values.shape[-1])
-        self._keys[..., :length, :] = keys
+        self._keys = keys.new_empty(rows, *keys.shape[1:-2], length + room, keys.shape[-1])
+        self._values = values.new_empty(rows, *values.shape[1:-2], length + room, values.shape[-1])
+        self._keys[..., :length, :] = keys  # broadcast over rows
         self._values[..., :length, :] = values
         self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
         self.device, self.is_initialized = keys.device, True
