@@ -30,6 +30,7 @@ from superscopes import corpus, metrics
 from superscopes import sae as S
 from superscopes.judge import Judge, default_judge
 from superscopes.lens import collect, token_positions
+from superscopes.results import fingerprint
 
 from ._common import Run, parser, recipe_main, write_summary
 from ._snippets import log
@@ -150,7 +151,9 @@ def experiment(run: Run) -> None:
     # Shuffled-latent control: each latent's contexts go to the next latent in a seeded cycle.
     order = rng.permutation(len(chosen))
     other = {chosen[order[i]]: chosen[order[(i + 1) % len(chosen)]] for i in range(len(chosen))}
-    store = run.store("cells.csv", ["latent"], latents_chosen=chosen)
+    # The passages decide the rows, not the folder they were read from: a corpus moved elsewhere
+    # resumes, one rebuilt with other passages is refused.
+    store = run.store("cells.csv", ["latent"], latents_chosen=chosen, corpus=fingerprint({"passages": texts}))
     pending = list(run.pending(store, chosen, key=lambda latent: [latent]))
     per_pass, judge = max(1, args.batch_size // len(alphas)), default_judge()  # per pass: run, score, save
     for start in range(0, len(pending), per_pass):

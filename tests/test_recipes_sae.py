@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
 
 import superscopes
+from superscopes import corpus
 from superscopes import sae as S
 
 
@@ -33,16 +36,23 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
         return real(model, scope, frame)
 
     monkeypatch.setattr(S, "explanation_scores", killed_in_pass_two)
-    argv = ["--quick", "--batch-size", "4", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "out")]
+    # The corpus: folder a; b holds the same passages elsewhere; c has one passage changed.
+    passages = corpus.FALLBACK
+    for folder, texts in (("a", passages), ("b", passages), ("c", [passages[0] + " Changed.", *passages[1:]])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    argv = ["--quick", "--batch-size", "4", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "out"), "--corpus"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with pytest.raises(Killed):
-            sae_self_explanation.main(argv)
+            sae_self_explanation.main([*argv, str(tmp_path / "a")])
         saved = pd.read_csv(tmp_path / "out" / "cells.csv", keep_default_na=False)
         assert len(saved) == 4
         passes.clear()
-        sae_self_explanation.main(argv)
+        sae_self_explanation.main([*argv, str(tmp_path / "b")])  # the same passages in another folder resume
+        with pytest.raises(SystemExit, match="corpus"):  # other passages would mix rows of two corpora
+            sae_self_explanation.main([*argv, str(tmp_path / "c")])
     finally:
         torch.set_num_threads(threads)
     explained_again = {int(name.split()[-1]) for prompts in passes for name in prompts}
