@@ -9,8 +9,9 @@ layer) pairs x transforms x alphas (x sampled tries). ``run`` executes it in two
 2. *Patch*: cells become rows of batched target passes (one ``generate`` or ``trace`` per
    chunk of ``batch_size`` rows). The rows of a pass share one target text, whose tokens
    before the patched position run once per run (the shared prefix); every row continues
-   from that prefix's KV cache. Inside a pass, each (target layer, target site) group of
-   rows gets its transformed vectors written in forward order.
+   from that prefix's KV cache (for ``generate``, with the room its new tokens need allocated
+   once). Inside a pass, each (target layer, target site) group of rows gets its
+   transformed vectors written in forward order.
 
 Because the vectors are read in a separate pass, the target layer may be below the source
 layer (back-patching) and the target may be another model (cross-model patching).
