@@ -194,8 +194,10 @@ class PreallocatedLayer(DynamicLayer):
     ``DynamicLayer`` without a ``torch.cat`` of the whole cache at every step (about 5% of
     greedy decoding on CPU). Past the room it concatenates."""
 
+    # The base class is named, not ``super()``: NDIF compiles shipped methods from their source
+    # alone, without the ``__class__`` cell that a bare ``super()`` needs.
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, room: int):
-        super().__init__()
+        DynamicLayer.__init__(self)
         length = keys.shape[-2]
         self._keys = keys.new_empty(rows, *keys.shape[1:-2], length + room, keys.shape[-1])
         self._values = values.new_empty(rows, *values.shape[1:-2], length + room, values.shape[-1])
@@ -207,7 +209,7 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
         start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
         if end > self._keys.shape[-2]:
-            return super().update(key_states, value_states, *args, **kwargs)
+            return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
         self._keys[..., start:end, :] = key_states
         self._values[..., start:end, :] = value_states
         self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]

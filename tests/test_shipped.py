@@ -102,3 +102,12 @@ def test_a_helper_library_would_be_caught(tmp_path):
     helper = tmp_path / "helper.py"
     helper.write_text("import itertools\nfrom einops import rearrange\nimport requests\n")
     assert sorted(m for m in imported_modules(helper) if not allowed(m)) == ["itertools", "requests"]
+
+
+@pytest.mark.parametrize("module", list(SHIPPED.values()), ids=list(SHIPPED))
+def test_shipped_code_calls_no_bare_super(module):
+    """NDIF compiles each shipped function from its source alone, so a method's ``__class__``
+    cell is gone and a bare ``super()`` raises "__class__ cell not found" on the server."""
+    bare = [node.lineno for node in ast.walk(ast.parse(Path(module.__file__).read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super" and not node.args]  # fmt: skip
+    assert not bare, f"{module.__name__}: bare super() on line(s) {bare}; name the base class instead"
