@@ -152,7 +152,8 @@ def block_paper_grid(model, sizes: W.Sizes, rounds: int) -> dict:
     timings = interleave(items, rounds, warmup=1, log=log)
     shared_df = superscopes.run(model, scope, progress=False)
     unshared_df = superscopes.run(model, unshared, progress=False)
-    same_as_hooks_shared = sum(hooks_shared_texts.get((r.site, r.layer, float(r.alpha))) == r.output for r in shared_df.itertuples())
+    same_as_hooks_shared = sum(hooks_shared_texts.get((r.site, r.layer, float(r.alpha))) == r.output
+                               for r in shared_df.itertuples())  # fmt: skip
     floor_cpu = timings["floor"].as_dict()["cpu_median_s"]
     same_as_hooks = sum(hook_texts.get((r.site, r.layer, float(r.alpha))) == r.output for r in shared_df.itertuples())
     return {

@@ -108,6 +108,6 @@ def test_a_helper_library_would_be_caught(tmp_path):
 def test_shipped_code_calls_no_bare_super(module):
     """NDIF compiles each shipped function from its source alone, so a method's ``__class__``
     cell is gone and a bare ``super()`` raises "__class__ cell not found" on the server."""
-    bare = [node.lineno for node in ast.walk(ast.parse(Path(module.__file__).read_text()))
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super" and not node.args]  # fmt: skip
+    calls = [node for node in ast.walk(ast.parse(Path(module.__file__).read_text())) if isinstance(node, ast.Call)]
+    bare = [c.lineno for c in calls if isinstance(c.func, ast.Name) and c.func.id == "super" and not c.args]
     assert not bare, f"{module.__name__}: bare super() on line(s) {bare}; name the base class instead"
