@@ -180,6 +180,16 @@ class HookScope:
             results += [decode_until_eos(self.tok, row[length:].tolist()) for row in out]
         return results
 
+    def cells_shared_prefix(self, source: str, target: str, cells: list[tuple], max_new_tokens: int,
+                            batch_size: int = 64) -> list[tuple[str, list[int]]]:  # fmt: skip
+        """``generate_grid_shared_prefix`` for (site, layer, alpha) cells: the vectors are read
+        from ``source``'s last token (one cached forward), then written at block ``layer``."""
+        cache = self.cache(source, sorted({c[0] for c in cells}), sorted({c[1] for c in cells}))
+        vectors = torch.stack([cache[(site, layer)] for site, layer, _ in cells])
+        alphas = torch.tensor([float(a) for *_, a in cells])
+        return self.generate_grid_shared_prefix(target, [c[1] for c in cells], vectors, alphas, max_new_tokens,
+                                                batch_size)  # fmt: skip
+
     @staticmethod
     def _rows_hook(rows: torch.Tensor, values: torch.Tensor):
         state = {"done": False}

@@ -1,6 +1,6 @@
 """The graph with and without its shared-prefix path, side by side, against the compute floor.
 
-    python -m benchmarks.graph              # about 10 min on 2 idle cores
+    python -m benchmarks.graph              # about 15 min on 2 idle cores
     python -m benchmarks.graph --quick      # smoke run (about 1 min)
 
 Every block runs its contenders interleaved (A B C, C B A, ...) in one process, one torch
@@ -123,14 +123,10 @@ def block_paper_grid(model, sizes: W.Sizes, rounds: int) -> dict:
     cells = list(itertools.product(W.GRID_SITES, scope.layers, scope.alphas))
     hooks_shared_texts: dict[tuple, str] = {}  # resid_post cells only: the hooks write block outputs
 
-    def hooks_shared(cells, record=True):
-        cache = hooks.cache(W.SOURCE, W.GRID_SITES, scope.layers)
-        vectors = torch.stack([cache[(site, layer)] for site, layer, _ in cells])
-        alphas = torch.tensor([float(a) for *_, a in cells])
-        texts = hooks.generate_grid_shared_prefix(W.TARGET, [c[1] for c in cells], vectors, alphas,
-                                                  sizes.max_new_tokens, batch_size=len(cells))  # fmt: skip
+    def hooks_shared(chosen, record=True):
+        texts = hooks.cells_shared_prefix(W.SOURCE, W.TARGET, chosen, sizes.max_new_tokens, batch_size=len(chosen))
         if record:
-            hooks_shared_texts.update({cell: text for cell, (text, _) in zip(cells, texts) if cell[0] == "resid_post"})
+            hooks_shared_texts.update({cell: text for cell, (text, _) in zip(chosen, texts) if cell[0] == "resid_post"})
 
     source_tokens = len(tok(W.SOURCE)["input_ids"])
     flops = floor_flops(model.config, source_tokens, index + 1, index, len(cells), sizes.max_new_tokens)

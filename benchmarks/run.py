@@ -204,10 +204,7 @@ def block_grid(ctx: Context) -> dict:
     grid_cells = list(itertools.product(W.GRID_SITES, layers, alphas))
 
     def shared_prefix(cells, record=True):
-        cache = hooks.cache(W.SOURCE, sorted({c[0] for c in cells}), sorted({c[1] for c in cells}))
-        vectors = torch.stack([cache[(site, layer)] for site, layer, _ in cells])
-        alpha_t = torch.tensor([float(a) for _, _, a in cells])
-        texts = hooks.generate_grid_shared_prefix(W.TARGET, [c[1] for c in cells], vectors, alpha_t, n_tokens)
+        texts = hooks.cells_shared_prefix(W.SOURCE, W.TARGET, cells, n_tokens)
         if record:
             shared_texts.update({(s_, l_, float(a_)): t for (s_, l_, a_), t in zip(cells, texts)})
 
