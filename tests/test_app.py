@@ -350,7 +350,7 @@ def test_remote_models_are_offered_only_when_ndif_is_configured(model, monkeypat
         monkeypatch.delenv(name, raising=False)
     app = App(default_model=NAME, models={NAME: model}, remote_models=["smollm2-135m"])
     assert not app.remote_configured
-    assert [m["id"] for m in app.model_choices()] == [NAME, "smollm2-135m", "gemma3-270m"]
+    assert [m["id"] for m in app.model_choices()] == [NAME, "smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b"]
     monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:9")
     app = App(default_model=NAME, models={NAME: model}, remote_models=["smollm2-135m"], offer_embedded=False)
     assert app.remote_configured

