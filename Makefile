@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-remote test-browser bench ndif-up ndif-down recipes clean
+.PHONY: install demo test test-remote test-browser test-scale bench ndif-up ndif-down recipes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-browser: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	$(BIN)/pip install --quiet selenium
 	SUPERSCOPES_APP_SCREENSHOT=$${SUPERSCOPES_APP_SCREENSHOT:-results/app.png} $(BIN)/python -m pytest -q -rs -m browser
+
+# The 1.5B embedded model (qwen2.5-coder-1.5b, 7 GB in float32; fetched and converted on first use):
+# every site of every layer against HF, and the grid's shared prefix against whole prompts.
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale
 
 # Every benchmark block, then the graph's shared prefix vs whole prompts vs hooks vs the compute floor.
 bench: $(STAMP)
