@@ -17,7 +17,9 @@ Deviations: SmolLM2 (30 layers) for Llama-2-13b-chat (40): the same layer indice
 greedy decoding, where the notebook's ``generate`` sampled with Llama-2-chat's generation config
 (temperature 0.6, top-p 0.9, no seed); no BOS token (SmolLM2's tokenizer adds none).
 
-Added here: readouts that only echo (the target's few-shot examples, or the source token alone:
+Added here: the judge's discrimination on the run (``superscopes.judge.discrimination``: similarity of
+the greedy readouts to their own prompt vs a mismatched one, and the rank of the own prompt among all 48),
+written to ``judge_discrimination.csv``; the headline compares at equal tries. Readouts that only echo (the target's few-shot examples, or the source token alone:
 ``metrics.is_echo``) never succeed and are counted apart; every comparison is made per prompt (a
 prompt's success rate over its layers), with a 95% bootstrap interval over prompts and a paired
 sign-flip test. Controls, Holm-corrected as one family: a norm-matched patch (v rescaled to the norm of
@@ -129,7 +131,11 @@ def experiment(run: Run) -> None:
     tests.to_csv(run.out / "comparisons.csv", index=False)
     per_layer = table.groupby(level="layer").sum()
     per_layer.to_csv(run.out / "summary.csv")
-    report(run, cells, table, per_layer, tests, layers, alphas, plot(run, per_layer, tests, len(prompts)))
+    greedy = cells[cells["condition"] == "greedy"]
+    discrimination = judge.discrimination(greedy, judge=scorer, seed=args.seed)
+    pd.DataFrame([discrimination]).to_csv(run.out / "judge_discrimination.csv", index=False)
+    report(run, cells, table, per_layer, tests, layers, alphas, plot(run, per_layer, tests, len(prompts)),
+           discrimination)
 
 
 def successes(cells: pd.DataFrame) -> pd.DataFrame:
@@ -195,8 +201,11 @@ def plot(run: Run, per_layer: pd.DataFrame, tests: pd.DataFrame, n: int) -> str:
 
 
 def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.DataFrame, tests: pd.DataFrame,
-           layers: list[int], alphas: list[float], figure: str) -> None:  # fmt: skip
-    """summary.md: the prompt-level headline, every test in words, per-layer counts, echoes, each alpha alone."""
+           layers: list[int], alphas: list[float], figure: str, discrimination: dict) -> None:  # fmt: skip
+    """summary.md: the headline at equal tries (cross-fitted α against Patchscopes and against chance under
+    the same selection), the judge's discrimination, every test in words, per-layer counts, echoes, each
+    alpha alone. Best-of-K is reported, never first: it has K tries to Patchscopes' one."""
+    from superscopes.judge import describe_discrimination
     from superscopes.metrics import describe, names_entity
 
     args, n, model_label = run.args, cells["source"].nunique(), cells["model"].iloc[0]
@@ -226,8 +235,11 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
     ]
     write_summary(
         run, title=f"Superscopes evaluation on {model_label}",
-        ours=f"{describe(rows['Superscopes (best-of-K) vs Patchscopes'])}. Cross-fitted (no best-of-K selection): "
-             f"{describe(rows['Superscopes (cross-fitted) vs Patchscopes'])}. Per layer {layers}: Patchscopes "
+        ours=f"at equal tries (α cross-fitted on the other half of the prompts): "
+             f"{describe(rows['Superscopes (cross-fitted) vs Patchscopes'])}; against chance under the same "
+             f"selection: {describe(rows['cross-fitted vs chance'])}. Judge: {describe_discrimination(discrimination)}. "
+             f"Best of K={len(alphas)} alphas against one try (inflated by the selection): "
+             f"{describe(rows['Superscopes (best-of-K) vs Patchscopes'])}. Per layer {layers}: Patchscopes "
              f"{counts[PATCH]} = {sum(counts[PATCH])}/{n * len(layers)}, Superscopes best-of-K {counts[BEST]} = "
              f"{sum(counts[BEST])}/{n * len(layers)}. Controls beaten at the prompt level (Holm p < 0.05): "
              f"{', '.join(beaten) or 'none'}; not beaten: {', '.join(c for c in CONTROLS if c not in beaten) or 'none'}",

@@ -114,3 +114,47 @@ def flag_echoes(frame: pd.DataFrame, output_col: str = "output") -> pd.DataFrame
     echoes = [is_echo(str(o), str(t), str(g)) for o, t, g in zip(frame[output_col].fillna(""), frame["token"],
                                                                   frame["target"])]  # fmt: skip
     return frame.assign(echo=echoes)
+
+
+def discrimination(frame: pd.DataFrame, judge: Judge | None = None, source_col: str = "source",
+                   output_col: str = "output", seed: int = 0) -> dict:  # fmt: skip
+    """How well the judge tells a readout's own prompt from the others, on this run's readouts.
+
+    Every readout is compared with every source prompt of the table. Per prompt (the unit of
+    the statistics): the mean similarity of its readouts to itself (``true``) and to the prompt
+    half the sorted list away (``mismatched``: the chance control the recipes use), paired over
+    prompts with a 95% bootstrap interval and a sign-flip p (``superscopes.metrics.compare``);
+    and the mean rank of the true prompt among all ``n_candidates`` (1 = most similar; ties
+    share their mean rank) with its interval, where chance is ``(n_candidates + 1) / 2``.
+    A judge that cannot separate the true prompt from a mismatched one on a run cannot tell
+    a readout from chance on it, whatever the success counts say."""
+    from superscopes.metrics import bootstrap_ci, compare
+
+    judge = judge or default_judge()
+    prompts = sorted(frame[source_col].astype(str).unique())
+    if len(prompts) < 2:
+        raise ValueError(f"the judge's discrimination needs at least two source prompts; this table has {prompts}")
+    outputs = frame[output_col].fillna("").astype(str).tolist()
+    similarity = judge.embed(outputs) @ judge.embed(prompts).T  # [readouts, prompts]
+    own = torch.tensor([prompts.index(s) for s in frame[source_col].astype(str)])
+    true = similarity[torch.arange(len(own)), own]
+    partner = (own + len(prompts) // 2) % len(prompts)
+    mismatched = similarity[torch.arange(len(own)), partner]
+    above = (similarity > true[:, None]).sum(1).float()
+    ties = (similarity == true[:, None]).sum(1).float()  # includes the true prompt itself
+    rank = above + (ties + 1) / 2
+    per = pd.DataFrame({"prompt": frame[source_col].astype(str).to_numpy(), "true": true.numpy(),
+                        "mismatched": mismatched.numpy(), "rank": rank.numpy()}).groupby("prompt").mean()  # fmt: skip
+    low, high = bootstrap_ci(per["rank"].to_numpy(), seed=seed)
+    return {**compare(per["true"], per["mismatched"], seed=seed), "n_readouts": len(frame),
+            "n_candidates": len(prompts), "mean_rank": float(per["rank"].mean()), "rank_ci_low": low,
+            "rank_ci_high": high, "chance_rank": (len(prompts) + 1) / 2}  # fmt: skip
+
+
+def describe_discrimination(d: dict) -> str:
+    """``discrimination`` in one sentence."""
+    return (f"the judge's discrimination on these {d['n_readouts']} readouts: similarity to the true prompt "
+            f"{d['mean_a']:.3f} vs a mismatched one {d['mean_b']:.3f} per prompt, difference {d['difference']:+.3f} "
+            f"[95% CI {d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired p = {d['p']:.3g}, {d['n_prompts']} prompts; "
+            f"the true prompt ranks {d['mean_rank']:.1f} [{d['rank_ci_low']:.1f}, {d['rank_ci_high']:.1f}] of "
+            f"{d['n_candidates']} (chance {d['chance_rank']:.1f})")  # fmt: skip

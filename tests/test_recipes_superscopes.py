@@ -108,7 +108,14 @@ def test_superscopes_evaluation_quick_and_resume(shared_model, tmp_path):
     assert (tests["p_holm"] >= tests["p"] - 1e-12).all() and (tests["ci_low"] <= tests["difference"] + 1e-12).all()
     per_prompt = read(out / "per_prompt.csv")
     assert len(per_prompt) == cells["source"].nunique() and per_prompt.drop(columns="source").stack().between(0, 1).all()
-    assert "95% CI" in (out / "summary.md").read_text().split("**Paper:**")[0]  # the headline is the interval
+    headline = (out / "summary.md").read_text().split("**Paper:**")[0]
+    assert "95% CI" in headline  # the headline is the interval
+    # Equal tries first, best-of-K after; the judge's discrimination beside them.
+    assert headline.index("at equal tries") < headline.index("against chance") < headline.index("Best of K=2")
+    assert "the true prompt ranks" in headline
+    discrimination = read(out / "judge_discrimination.csv").iloc[0]
+    assert discrimination["n_candidates"] == 3 and 1 <= discrimination["mean_rank"] <= 3
+    assert discrimination["n_readouts"] == (cells["condition"] == "greedy").sum()
 
     # Interrupted run: drop the last unit's rows, rerun, and every row is there exactly once.
     last = cells.iloc[-1][["source", "condition"]]
