@@ -80,7 +80,10 @@ def experiment(run: Run) -> None:
         entities=("source", "size"), rougeL=("rougeL", "mean"), similarity=("similarity", "mean"),
     ).reset_index()  # fmt: skip
     per_layer.to_csv(run.out / "summary.csv", index=False)
-    report(run, cells, scores, per_layer, layers, alphas, plot(run, cells, per_layer, len(data), layers))
+    discrimination = judge.discrimination(cells, judge=scorer, seed=args.seed)
+    pd.DataFrame([discrimination]).to_csv(run.out / "judge_discrimination.csv", index=False)
+    report(run, cells, scores, per_layer, layers, alphas, plot(run, cells, per_layer, len(data), layers),
+           discrimination)
 
 
 def score(cells: pd.DataFrame) -> pd.DataFrame:
@@ -134,8 +137,10 @@ def plot(run: Run, cells: pd.DataFrame, per_layer: pd.DataFrame, n_entities: int
 
 
 def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.DataFrame, layers: list[int],
-           alphas: list[float], figure: str) -> None:  # fmt: skip
-    """summary.md: per-entity comparisons with intervals (headline: judge-picked and cross-fitted vs α=1)."""
+           alphas: list[float], figure: str, discrimination: dict) -> None:  # fmt: skip
+    """summary.md: per-entity comparisons with intervals (headline: judge-picked and cross-fitted vs α=1),
+    beside the judge's discrimination between entities (it picks the alphas)."""
+    from superscopes.judge import describe_discrimination
     from superscopes.metrics import compare_all, describe
 
     args, model_label, n = run.args, cells["model"].iloc[0], cells["source"].nunique()
@@ -148,7 +153,8 @@ def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.Da
     rows = {r["comparison"]: r for _, r in tests.iterrows()}
     headline = [rows[f"{m} vs α=1"] for m in (JUDGE_BEST, XFIT) if f"{m} vs α=1" in rows]
     echoes = cells.groupby("alpha")["echo"].sum().astype(int)
-    best = scores[scores["method"].isin([PATCHSCOPES, JUDGE_BEST])].sort_values("rougeL", ascending=False)
+    best = scores[scores["method"].isin([PATCHSCOPES, JUDGE_BEST])].sort_values(
+        ["rougeL", "source", "layer", "method"], ascending=[False, True, True, True])  # ties in a fixed order
     write_summary(
         run, title=f"Entity description Patchscope on {model_label}",
         ours="; ".join(describe(r) for r in headline) or f"α=1 mean RougeL {per_entity[PATCHSCOPES].mean():.3f}",
@@ -162,7 +168,8 @@ def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.Da
                   "statistics": "per-entity mean over layers; 95% bootstrap CI over entities; paired sign-flip test; "
                                 "Holm over the amplified variants vs α=1", "cells": len(cells)},  # fmt: skip
         findings=[f"{name}: {describe(r)}." for name, r in rows.items()]
-        + [f"Echoes (score 0, never picked), per alpha: {', '.join(f'α={a:g} {k}' for a, k in echoes.items())} of "
+        + [f"The judge that picks the alphas: {describe_discrimination(discrimination)}.",
+           f"Echoes (score 0, never picked), per alpha: {', '.join(f'α={a:g} {k}' for a, k in echoes.items())} of "
            f"{n * len(layers)} readouts each.",
            "α=1 RougeL per layer: " + ", ".join(f"L{k} {v:.3f}" for k, v in per_layer[per_layer["method"] ==
                                                 PATCHSCOPES].set_index("layer")["rougeL"].items())],  # fmt: skip

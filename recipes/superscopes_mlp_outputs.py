@@ -153,6 +153,9 @@ def plot(run: Run, cells: pd.DataFrame, title: str) -> str:
 
 def run_examples(run: Run, readouts: list[Readout], title: str, paper: str) -> None:
     """Collect, count and report a notebook's examples: what the readouts say, not the judge's count alone."""
+    from superscopes import judge
+    from superscopes.judge import describe_discrimination
+
     quick = [r.quick() for r in readouts[:2]] if run.args.quick else readouts
     cells = collect(run, run.load_model(), quick)
     table, texts = counts(cells), text_table(cells)
@@ -165,6 +168,12 @@ def run_examples(run: Run, readouts: list[Readout], title: str, paper: str) -> N
                      f"{int(totals.loc[c, 'echo'])} echo, {int(totals.loc[c, 'judged_on_topic'])} pass the judge"
                      for c in sizes.index)  # fmt: skip
     naming = cells[cells["names_entity"]]
+    if cells["source"].nunique() > 1:
+        discrimination = judge.discrimination(cells, seed=run.args.seed)
+        pd.DataFrame([discrimination]).to_csv(run.out / "judge_discrimination.csv", index=False)
+        judged = f"With {discrimination['n_candidates']} examples, {describe_discrimination(discrimination)}."
+    else:
+        judged = "One example: the judge's discrimination between prompts cannot be measured."
     write_summary(
         run, title=f"{title} on {cells['model'].iloc[0]}", ours=ours, paper=paper,
         settings={"examples": [f"{r.condition}: {r.source!r} / {r.token!r}, {list(r.sites)}, layers {list(r.layers)},"
@@ -180,6 +189,7 @@ def run_examples(run: Run, readouts: list[Readout], title: str, paper: str) -> N
                   "'Great Britain' for 'Great'): the token is read out, not the entity.",
                   "The judge's count (similarity > 0.3, echoes excluded) is shown beside it: it passes generic "
                   "descriptions too, so read the texts in the table below.",
+                  judged,
                   "Greedy decoding: each readout is one deterministic text (the notebook's were sampled)."],
         tables={"Per example, condition and site": table,
                 "Every readout (✓ names the entity, [echo] an echo; judge similarity in brackets)": texts},
