@@ -1,0 +1,141 @@
+"""The papers' headlines across model scale: one table from the committed full runs of each model.
+
+Reads each recipe's committed outputs for SmolLM2-135M (``results/<recipe>``) and the other
+embedded models (``results/<model>/<recipe>``, written by ``python -m recipes.<recipe> --model
+<model> --out results/<model>/<recipe>``) and writes ``docs/scale.md``. It runs no model: every
+number is read from a run's own files, each with its interval over prompts, and a run that is not
+committed (or not finished) is shown as missing, never filled in. The rows:
+
+- judge: MiniLM similarity of the evaluation's greedy readouts to their own prompt minus a
+  mismatched prompt (``judge_discrimination.csv``), and the own prompt's rank among the 48;
+- Superscopes vs Patchscopes at equal tries (alpha cross-fitted), and vs chance under the same
+  selection (``comparisons.csv`` of ``superscopes_evaluation``);
+- best of 5 alphas vs one try, reported last: it has five tries to Patchscopes' one;
+- token identity: the Patchscope's precision@1 at two thirds of the depth (``summary.csv``);
+- entity description: mean RougeL of the alpha = 1 readouts per entity (``scores.csv``);
+- attribute extraction: the Patchscope's accuracy on the rows the model knows (``per_row.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from superscopes.metrics import bootstrap_ci
+from superscopes.parsing import CommandParser
+
+MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270m", "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B"}
+DEFAULT_MODEL = "smollm2-135m"  # its runs sit at results/<recipe>, the others' at results/<model>/<recipe>
+
+
+def run_dir(results: Path, model: str, recipe: str) -> Path:
+    return results / recipe if model == DEFAULT_MODEL else results / model / recipe
+
+
+def _interval(mean: float, low: float, high: float, digits: int = 3, sign: str = "") -> str:
+    return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def _comparison(name: str) -> Callable[[Path], str]:
+    def read(folder: Path) -> str:
+        rows = pd.read_csv(folder / "comparisons.csv").set_index("comparison")
+        row = rows.loc[name]
+        verdict = "" if row["ci_low"] <= 0 <= row["ci_high"] else (" (above)" if row["difference"] > 0 else " (below)")
+        return f"{row['mean_a']:.3f} vs {row['mean_b']:.3f}: " + _interval(
+            row["difference"], row["ci_low"], row["ci_high"], sign="+") + verdict
+
+    return read
+
+
+def judge_separation(folder: Path) -> str:
+    d = pd.read_csv(folder / "judge_discrimination.csv").iloc[0]
+    return (f"{d['mean_a']:.3f} vs {d['mean_b']:.3f}: {_interval(d['difference'], d['ci_low'], d['ci_high'], sign='+')}"
+            f"; rank {d['mean_rank']:.1f} [{d['rank_ci_low']:.1f}, {d['rank_ci_high']:.1f}] of {int(d['n_candidates'])}"
+            f" (chance {d['chance_rank']:.1f})")
+
+
+def token_identity(folder: Path) -> str:
+    summary = pd.read_csv(folder / "summary.csv")
+    patch = summary[summary["method"] == "patchscope"].set_index("layer")
+    layer = round(2 / 3 * patch.index.max())
+    row = patch.loc[layer]
+    return f"layer {layer} of {patch.index.max() + 1}: " + _interval(row["precision_at_1"], row["ci_low"], row["ci_high"], 2)
+
+
+def entity_rouge(folder: Path) -> str:
+    scores = pd.read_csv(folder / "scores.csv")
+    per_entity = scores[scores["method"] == "Patchscopes (α=1)"].groupby("source")["rougeL"].mean()
+    return _interval(per_entity.mean(), *bootstrap_ci(per_entity.to_numpy())) + f" ({len(per_entity)} entities)"
+
+
+def attribute_accuracy(folder: Path) -> str:
+    rows = pd.read_csv(folder / "per_row.csv")
+    values = rows["Patchscopes (any l*, mean over l)"].dropna()
+    return _interval(values.mean(), *bootstrap_ci(values.to_numpy())) + f" ({len(values)} known rows)"
+
+
+ROWS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
+    "judge: own vs mismatched prompt (difference), own prompt's rank": (
+        "superscopes_evaluation", "judge_discrimination.csv", judge_separation),
+    "Superscopes vs Patchscopes at equal tries (cross-fitted α), per-prompt success": (
+        "superscopes_evaluation", "comparisons.csv", _comparison("Superscopes (cross-fitted) vs Patchscopes")),
+    "Superscopes (cross-fitted α) vs chance under the same selection": (
+        "superscopes_evaluation", "comparisons.csv", _comparison("cross-fitted vs chance")),
+    "best of 5 α vs one try (inflated by the selection)": (
+        "superscopes_evaluation", "comparisons.csv", _comparison("Superscopes (best-of-K) vs Patchscopes")),
+    "token identity: Patchscope precision@1 at 2/3 depth": ("token_identity", "summary.csv", token_identity),
+    "entity description: RougeL of α=1 readouts": ("entity_description", "scores.csv", entity_rouge),
+    "attribute extraction: Patchscope accuracy (any l*, mean over l)": (
+        "attribute_extraction", "per_row.csv", attribute_accuracy),
+}  # fmt: skip
+
+
+def scale_table(results: Path, models: dict[str, str] = MODELS) -> pd.DataFrame:
+    """One row per headline, one column per model: the run's number with its 95% interval over
+    prompts, or ``not run`` where that model's run of the recipe is not committed."""
+    table = {}
+    for label, (recipe, needed, read) in ROWS.items():
+        cells = {}
+        for model, name in models.items():
+            folder = run_dir(results, model, recipe)
+            cells[name] = read(folder) if (folder / needed).is_file() else "not run"
+        table[label] = cells
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("headline (95% CI over prompts)")
+
+
+def write(results: Path, out: Path) -> Path:
+    from ._common import markdown_table
+
+    table = scale_table(results).reset_index()
+    sources = "; ".join(f"{name}: `{run_dir(Path('results'), model, '<recipe>')}`" for model, name in MODELS.items())
+    text = "\n".join([
+        "# The papers' headlines across scale", "",
+        "Generated by `python -m recipes.scale` from the committed full runs (" + sources + "). Each cell is "
+        "that run's own number with its 95% bootstrap interval over prompts (entities, positions or rows); "
+        "`not run` marks a run not committed yet. A difference whose interval holds 0 is no effect.", "",
+        markdown_table(table), "",
+    ])  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="python -m recipes.scale", description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="results", help="folder of the committed runs (default results)")
+    p.add_argument("--out", default="docs/scale.md", help="the table's file (default docs/scale.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    path = write(Path(args.results), Path(args.out))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
