@@ -153,8 +153,12 @@ def test_directions_scales():
 
 def test_constructor_errors_name_values_and_choices():
     W = torch.zeros(4, 6)
-    with pytest.raises(S.SAEError, match="architecture 'gated' is not supported; choose from standard, topk, jumprelu"):
+    with pytest.raises(S.SAEError, match="architecture 'abstopk' is not supported; choose from standard, topk, jumprelu, gated"):
+        S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), "abstopk")
+    with pytest.raises(S.SAEError, match=r"a gated SAE needs r_mag \(one per latent\)"):
         S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), "gated")
+    with pytest.raises(S.SAEError, match="normalize_activations 'whiten' is not supported; choose from none, constant"):
+        S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), normalize_activations="whiten")
     with pytest.raises(S.SAEError, match=r"W_dec has shape \(4, 6\).*must be \(6, 4\)"):
         S.SAE(W, torch.zeros(6), W, torch.zeros(4))
     with pytest.raises(S.SAEError, match="a topk SAE needs k in 1-6, got 7"):
@@ -178,7 +182,7 @@ def test_save_load_round_trip(tmp_path, arch, k):
     x = torch.randn(10, D)
     assert torch.equal(loaded.encode(x), sae.encode(x))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["hook_name"] == cfg["meta"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     S.SAE.save(sae, tmp_path / "half", dtype=torch.float16)
     half = S.load(tmp_path / "half")
     assert torch.allclose(half.W_dec, sae.W_dec, atol=1e-3) and half.W_dec.dtype == torch.float32
@@ -223,18 +227,19 @@ def test_unreadable_folders_say_why(tmp_path):
     cases = {
         "hook": (base | {"hook_name": "blocks.1.ln2.hook_normalized"}, "hook_name 'blocks.1.ln2.hook_normalized' does "
                  "not map to a site; supported: blocks.<layer>.hook_resid_pre"),
-        "arch": (base | {"architecture": "gated"}, "architecture 'gated' is not supported; choose from standard"),
-        "norm": (base | {"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm' is not supported"),
-        "width": (base | {"d_sae": 9}, r"cfg says d_in=64, d_sae=9 but W_enc has shape \(64, 8\)"),
+        "arch": (base | {"architecture": "abstopk"}, "architecture='abstopk' is not supported \\(supported: standard"),
+        "norm": (base | {"normalize_activations": "covariance_whitening"},
+                 "normalize_activations='covariance_whitening' is not supported"),
+        "width": (base | {"d_sae": 9}, r"config says d_in=64, d_sae=9 but W_enc has shape \(64, 8\)"),
         "layer": (base | {"hook_layer": 3}, "hook_layer 3 contradicts hook_name 'blocks.1.hook_resid_post'"),
     }  # fmt: skip
     for name, (cfg, message) in cases.items():
         _write_saelens(tmp_path / name, cfg, weights)
         with pytest.raises(S.SAEError, match=message):
             S.load(tmp_path / name)
-    with pytest.raises(S.SAEError, match="cfg.json is missing"):
+    with pytest.raises(S.SAEError, match="is not an SAE folder: it has arch, hook, .*; expected a SAELens folder"):
         S.load_folder(tmp_path)
-    with pytest.raises(S.SAEError, match="no SAE 'gpt9'.*embedded SAEs: smollm2-135m"):
+    with pytest.raises(S.SAEError, match="no SAE 'gpt9'.*embedded SAEs \\(smollm2-135m\\)"):
         S.load("gpt9")
 
 
