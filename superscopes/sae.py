@@ -614,8 +614,8 @@ def load_folder(path: str | Path, site: str | None = None, layer: int | None = N
         return _load_sparsify(path, site, layer, model)
     if (path / "ae.pt").exists() and (path / "config.json").exists():
         return _load_dictionary_learning(path, site, layer, model)
-    inner = sorted(p.name for p in path.glob("*/sae.safetensors"))  # a sparsify run: one folder per hookpoint
-    hint = f"; it holds sparsify hookpoints {', '.join(p.split('/')[0] for p in inner)}: give one" if inner else ""
+    inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors"))  # a sparsify run: a folder per hookpoint
+    hint = f"; it holds sparsify hookpoints {', '.join(inner)}: give one" if inner else ""
     have = ", ".join(sorted(p.name for p in path.iterdir())[:10]) if path.is_dir() else "nothing (not a folder)"
     raise SAEError(f"{path} is not an SAE folder: it has {have}; expected {FORMATS}{hint}")
 

@@ -137,3 +137,20 @@ def test_fresh_saes_written_by_installed_saelens_equal_it(tmp_path):
             print(f"{kind:26} {r['active']:7d} {r['active_mismatches']:8d} {r['encode']:9.1e} {r['decode']:9.1e}")
         for kind, result in results.items():
             check(kind, result)
+
+
+@pytest.mark.sae_lens
+def test_the_registry_entries_the_default_suite_replays_are_saelens_own():
+    """tests/test_sae_formats.py resolves release ids through a stand-in for SAELens' registry:
+    its entries must be what the installed sae-lens' registry says."""
+    from tests.test_sae_formats import GEMMA_SCOPE_RELEASE
+
+    python = os.environ.get("SUPERSCOPES_SAE_LENS_PYTHON", str(ROOT / ".venv-sae" / "bin" / "python"))
+    script = ("import json, sys; from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory as g\n"
+              "wanted = json.loads(sys.argv[1]); d = g()\n"
+              "print(json.dumps({r: {'repo_id': d[r].repo_id, 'conversion_func': d[r].conversion_func, "
+              "'config_overrides': d[r].config_overrides, 'saes_map': {i: d[r].saes_map[i] for i in f['saes_map']}, "
+              "'norm_scaling_factor': {i: d[r].norm_scaling_factor[i] for i in f['norm_scaling_factor']}} "
+              "for r, f in wanted.items()}))")  # fmt: skip
+    done = subprocess.run([python, "-c", script, json.dumps(GEMMA_SCOPE_RELEASE)], check=True, capture_output=True, text=True)
+    assert json.loads(done.stdout) == GEMMA_SCOPE_RELEASE
