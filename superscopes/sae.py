@@ -348,6 +348,13 @@ def hook_site(hook: str, model=None, where: str = "") -> tuple[str, int]:
                    "output is a site (e.g. model.layers.<layer>, model.layers.<layer>.mlp)")  # fmt: skip
 
 
+def cfg_field(cfg: dict, name: str):
+    """A SAELens ``cfg.json`` field: at the top level (pre-6.0) or under ``metadata`` (6.x; ``meta`` in
+    folders superscopes wrote before it followed 6.x)."""
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    return cfg[name] if cfg.get(name) is not None else meta.get(name)
+
+
 def _json(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
@@ -435,8 +442,7 @@ def _load_saelens(path: Path, site: str | None, layer: int | None, model=None, o
     encode or decode is implemented or refused by name."""
     cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
     cfg = _json(cfg_file) | (overrides or {})
-    meta = cfg.get("metadata") or cfg.get("meta") or {}
-    field = lambda name: cfg[name] if cfg.get(name) is not None else meta.get(name)  # noqa: E731
+    field = lambda name: cfg_field(cfg, name)  # noqa: E731
     where = f"{cfg_file}: "
 
     def refuse(name: str, value, why: str) -> None:
@@ -561,8 +567,7 @@ def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, m
     kind = trainer.get("dict_class")
     if kind not in DICTIONARY_LEARNING:
         raise SAEError(f"{cfg_file}: trainer.dict_class={kind!r} is not supported; supported: {', '.join(DICTIONARY_LEARNING)}")
-    state = {n: t.float() for n, t in _torch_file(weights_file).items() if t.is_floating_point()} | {
-        n: t for n, t in _torch_file(weights_file).items() if not t.is_floating_point()}  # fmt: skip
+    state = {n: t.float() if t.is_floating_point() else t for n, t in _torch_file(weights_file).items()}
     T = lambda name: None if state.get(name) is None else state[name].T.contiguous()  # noqa: E731
     settings: dict = {"architecture": "standard"}
     if kind in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "GatedAutoEncoder"):  # nn.Linear layers
@@ -616,8 +621,8 @@ def load_folder(path: str | Path, site: str | None = None, layer: int | None = N
         return _load_dictionary_learning(path, site, layer, model)
     inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors"))  # a sparsify run: a folder per hookpoint
     hint = f"; it holds sparsify hookpoints {', '.join(inner)}: give one" if inner else ""
-    have = ", ".join(sorted(p.name for p in path.iterdir())[:10]) if path.is_dir() else "nothing (not a folder)"
-    raise SAEError(f"{path} is not an SAE folder: it has {have}; expected {FORMATS}{hint}")
+    have = f"it has {', '.join(sorted(p.name for p in path.iterdir())[:10])}" if path.is_dir() else "no such folder"
+    raise SAEError(f"{path} is not an SAE folder: {have}; expected {FORMATS}{hint}")
 
 
 def _cached_folder(repo: str, folder: str, download: bool) -> Path | None:

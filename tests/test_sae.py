@@ -4,6 +4,7 @@ its metrics on a tiny random model, decomposition, and latents as Scope sources.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,28 @@ def test_latent_transform_in_the_graph_equals_amplify_latent_by_hand(tiny_models
     remote = run(model, scope, remote="local", progress=False)
     assert remote["output_ids"].tolist() == frame["output_ids"].tolist()
     assert remote["output_probs"].iloc[1] == pytest.approx(probs[1], rel=1e-5)
+
+
+def test_a_latent_inactive_on_every_read_vector_warns(tiny_models):
+    """Its alphas would all write the same vector: the grid says so (locally and remotely)."""
+    from superscopes.scope import read_vectors
+
+    model = tiny_models["llama"]
+    sae = orthonormal_sae("topk", k=8)
+    grid = dict(sites=["resid_post"], layers=[1], target_layers=[1], target="a b c x", placeholder="x", output="topk")
+    vector = read_vectors(model, ["one two three"], [(0, -1, "resid_post", 1)])[0]
+    acts = sae.encode(vector)
+    silent, active = int(acts.argmin()), int(acts.argmax())
+    assert float(acts[silent]) == 0 and float(acts[active]) > 0
+    for remote in (False, "local"):
+        scope = Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, silent), **grid)
+        with pytest.warns(UserWarning, match=f"latent {silent} of SAE\\(topk.* is zero on every read vector of this grid"):
+            frame = run(model, scope, remote=remote, progress=False)
+        assert frame["output_probs"].iloc[0] == frame["output_probs"].iloc[1]  # identical, as the warning says
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run(model, Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"],
+                             sae_latent=(sae, active), **grid), remote=remote, progress=False)  # fmt: skip
 
 
 def test_latent_transform_is_validated_before_any_forward_pass(tiny_models):

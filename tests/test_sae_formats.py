@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,3 +335,16 @@ def test_a_registry_norm_scaling_factor_is_folded_in_as_saelens_does(tmp_path, m
     trained = ((2.5 * X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
     assert torch.allclose(sae.encode(X), trained, atol=1e-5)
     assert torch.allclose(sae(X), (trained @ w["W_dec"] + w["b_dec"]) / 2.5, atol=1e-5)
+
+
+def test_the_app_offers_every_format(tmp_path):
+    """The explorer's ``--sae FOLDER``: a SAELens folder is offered from its cfg.json alone (the
+    6.x layout too), other formats are read at once."""
+    from superscopes.app.panels import _sae_offer
+
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_20" / "width_16k" / "a"
+    write_npz(folder / "params.npz", weights())
+    offer = _sae_offer(folder, "g")
+    assert (offer.site, offer.layer, offer.d_in, offer.size) == ("resid_post", 20, D, L) and offer.loaded is not None
+    saelens = _sae_offer(Path(__file__).parent / "data" / "sae" / "saelens-6" / "gated", "s")
+    assert (saelens.site, saelens.layer, saelens.model, saelens.loaded) == ("mlp_out", 2, "tiny", None)

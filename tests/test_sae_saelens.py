@@ -154,3 +154,14 @@ def test_the_registry_entries_the_default_suite_replays_are_saelens_own():
               "for r, f in wanted.items()}))")  # fmt: skip
     done = subprocess.run([python, "-c", script, json.dumps(GEMMA_SCOPE_RELEASE)], check=True, capture_output=True, text=True)
     assert json.loads(done.stdout) == GEMMA_SCOPE_RELEASE
+
+
+@pytest.mark.parametrize("kind", ["gated", "standard_layer_norm", "topk_rescale", "batchtopk"])
+def test_saved_again_by_superscopes_it_encodes_the_same(tmp_path, kind):
+    sae = S.load(FIXTURES / kind)
+    sae.save(tmp_path / kind)
+    again = S.load(tmp_path / kind)
+    x = load_file(FIXTURES / kind / "reference.safetensors")["x"]
+    assert (again.architecture, again.normalize_activations, again.site, again.layer) == (
+        sae.architecture, sae.normalize_activations, sae.site, sae.layer)  # fmt: skip
+    assert torch.equal(again.encode(x), sae.encode(x)) and torch.equal(again(x), sae(x))
