@@ -1,16 +1,23 @@
 """Sparse autoencoders (SAEs) on a model's sites: load, save, train, decompose, use as sources.
 
-An ``SAE`` is ``encode(x) = f((x - b_dec) @ W_enc + b_enc)`` and ``decode(a) = a @ W_dec +
-b_dec`` with ``f`` one of ``standard`` (ReLU), ``topk`` (the ``k`` largest pre-activations,
-ReLU'd) or ``jumprelu`` (ReLU, zero below a per-latent ``threshold``).
+An ``SAE`` is ``encode(x) = f((n(x) - b_dec) @ W_enc + b_enc)`` and ``decode(a) = n^-1(a @ W_dec +
+b_dec)`` with ``f`` one of ``standard`` (ReLU), ``topk`` (the ``k`` largest pre-activations,
+ReLU'd), ``jumprelu`` (ReLU, zero at or below a per-latent ``threshold``) or ``gated`` (the
+gate's pre-activation > 0 times ReLU of a magnitude path sharing ``W_enc``, scaled by
+``exp(r_mag)``, with its own bias ``b_mag``); ``b_dec`` is subtracted only if
+``apply_b_dec_to_input``; ``n`` is SAELens' run-time ``normalize_activations`` (``none``,
+``constant_norm_rescale``, ``layer_norm``), undone with the statistics of the encoded input.
 
-On disk it is a SAELens folder: ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc [d_in,
-d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``, and ``threshold`` for JumpReLU).
-Both SAELens config layouts load: the older one with ``hook_name``/``hook_layer``/
-``activation_fn_kwargs`` at the top level and the 6.x one with ``k`` at the top level and
-``hook_name`` under ``meta``. TransformerLens hook names map to our sites:
-``blocks.L.hook_resid_pre``, ``hook_resid_post``, ``hook_mlp_out``, ``hook_attn_out``. We
-write both layouts' fields, so ``sae_lens.SAE.load_from_disk`` reads our folders too.
+``load`` reads SAELens folders (pre-6.0 and 6.x ``cfg.json``; every architecture SAELens 6
+saves, BatchTopK and Matryoshka as the JumpReLU SAEs SAELens makes of them, TopK's
+``rescale_acts_by_decoder_norm`` folded into the weights), Gemma Scope's ``params.npz``,
+EleutherAI sparsify and dictionary_learning folders, and SAELens release ids or Hugging Face
+``owner/repo/folder`` names from the local Hugging Face cache. A setting that changes the math
+and is not implemented is refused by name; weights are checked (finite, shapes) and never
+unpickled. ``tests/test_sae_saelens.py`` holds the proof against SAELens itself. Hooks map to
+our sites by TransformerLens name (``blocks.L.hook_resid_pre``, ``hook_resid_post``,
+``hook_mlp_out``, ``hook_attn_out``) or HF module path (``hook_site``). ``save`` writes a
+SAELens folder (both layouts' fields, so ``sae_lens.SAE.load_from_disk`` reads it too).
 Superscopes adds ``latent_stats.safetensors`` (per latent: mean activation when active,
 firing frequency) and ``metrics.json`` (training metrics) beside them.
 

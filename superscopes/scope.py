@@ -29,7 +29,6 @@ import numbers
 import operator
 import os
 import sys
-import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -839,6 +838,8 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
 
     if silent:
+        import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
+
         sae, latent = scope.sae_latent
         warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
                       "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=3)  # fmt: skip
