@@ -194,7 +194,7 @@ def scale_figure(path, chosen: pd.DataFrame, ratios: np.ndarray, cells: pd.DataF
         axes[2].plot(group["ratio"], group["relevancy_mean"], color="0.8", lw=0.6, marker=".")
     pick = picks["relevancy"]
     axes[2].scatter(pick["patched_norm"] / site_norm, pick["relevancy_mean"], color="C3", s=14, zorder=3, label="relevancy pick")
-    axes[2].set(xlabel="patched norm / median residual norm (SAE layer)", ylabel="mean relevancy (variants)")
+    axes[2].set(xlabel="patched norm / median norm (SAE layer)", ylabel="mean relevancy (variants)")
     axes[2].legend(fontsize=7)
     return plots.save(fig, path, "Scale selection: the authors' sweep (left, middle) and the variants' relevancy").name
 

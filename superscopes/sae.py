@@ -701,6 +701,7 @@ def load(name_or_path: str | Path, model=None, site: str | None = None, layer: i
     key = str(name_or_path)
     if key in EMBEDDED:
         sae = load_folder(EMBEDDED_DIR / EMBEDDED[key])
+        sae.source = f"the embedded SAE {key}"  # not this checkout's path (it goes into summaries)
     elif Path(key).exists():
         sae = load_folder(key, site, layer, model)
     else:
