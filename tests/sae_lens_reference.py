@@ -29,12 +29,18 @@ from sae_lens import (
     BatchTopKTrainingSAEConfig,
     GatedSAE,
     GatedSAEConfig,
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
     JumpReLUSAE,
     JumpReLUSAEConfig,
+    JumpReLUTrainingSAE,
+    JumpReLUTrainingSAEConfig,
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
     StandardSAE,
     StandardSAEConfig,
+    StandardTrainingSAE,
+    StandardTrainingSAEConfig,
     TopKSAE,
     TopKSAEConfig,
     TopKTrainingSAE,
@@ -60,6 +66,10 @@ def kinds(d_in: int, d_sae: int) -> dict:
         "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig(**base())),
         "jumprelu_no_b_dec": (JumpReLUSAE, JumpReLUSAEConfig(**base(2, apply_b_dec_to_input=False))),
         "gated": (GatedSAE, GatedSAEConfig(**base(2, "mlp_out"))),
+        # Training SAEs saved with save_model: SAELens' load_from_disk reads them as the inference class.
+        "standard_training": (StandardTrainingSAE, StandardTrainingSAEConfig(**base())),
+        "jumprelu_training": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig(**base())),
+        "gated_training": (GatedTrainingSAE, GatedTrainingSAEConfig(**base(2, "mlp_out"))),
         "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig(**base(k=4))),
         "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE,
                                  MatryoshkaBatchTopKTrainingSAEConfig(**base(k=4, matryoshka_widths=[d_sae // 4, d_sae // 2, d_sae]))),
@@ -95,7 +105,7 @@ def write(out: Path, d_in: int, d_sae: int, n: int, seed: int) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 sae.save_inference_model(tmp)
                 reference = SAE.load_from_disk(tmp)
-        elif kind == "topk_training":
+        elif kind.endswith("_training"):
             reference = SAE.load_from_disk(folder)
         else:
             reference = type(sae).load_from_disk(folder)

@@ -31,7 +31,8 @@ FIXTURES = Path(__file__).parent / "data" / "sae" / "saelens-6"
 KINDS = json.loads((FIXTURES / "manifest.json").read_text())["kinds"]
 PLACES = {  # kind -> (site, layer) its hook names (tests/sae_lens_reference.py)
     "standard_no_b_dec": ("mlp_out", 2), "standard_layer_norm": ("resid_pre", 0), "topk_rescale": ("attn_out", 3),
-    "jumprelu_no_b_dec": ("resid_post", 2), "gated": ("mlp_out", 2), "pre6_jumprelu_no_b_dec": ("resid_post", 2),
+    "jumprelu_no_b_dec": ("resid_post", 2), "gated": ("mlp_out", 2), "gated_training": ("mlp_out", 2),
+    "pre6_jumprelu_no_b_dec": ("resid_post", 2),
 }  # fmt: skip
 TOLERANCE = 1e-5
 
