@@ -538,8 +538,11 @@ def _load_gemma_scope(file: Path, site: str | None, layer: int | None) -> SAE:
     extra = set(weights) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
     if extra:
         raise SAEError(f"{file} holds {', '.join(sorted(extra))}, which a Gemma Scope SAE does not have")
+    # gemma-scope-2b-pt-res reads gemma-2-2b, gemma-scope-9b-it-res gemma-2-9b-it (SAELens' names).
+    sizes = [(m.group(1), m.group(2)) for part in file.parts if (m := re.search(r"gemma-scope-(\d+b)-(pt|it)-", part))]
+    model = f"gemma-2-{sizes[-1][0]}{'-it' if sizes[-1][1] == 'it' else ''}" if sizes else None
     return _build(file, weights, site=site, layer=layer, architecture="jumprelu", apply_b_dec_to_input=False,
-                  model=next((m.group(1) for p in file.parts if (m := re.search(r"gemma-scope-(\w+)-pt", p))), None))  # fmt: skip
+                  model=model)
 
 
 def _load_sparsify(path: Path, site: str | None, layer: int | None, model=None) -> SAE:
@@ -646,7 +649,8 @@ def _cached_folder(repo: str, folder: str, download: bool) -> Path | None:
     return next((s / folder for s in snapshots if (s / folder).is_dir() and any((s / folder).iterdir())), None)
 
 
-def load_pretrained(name: str, model=None, download: bool = False) -> SAE:
+def load_pretrained(name: str, model=None, download: bool = False, site: str | None = None,
+                    layer: int | None = None) -> SAE:  # fmt: skip
     """An SAE by name: a SAELens release id ``release/sae_id`` (e.g.
     ``gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical``, resolved by SAELens'
     registry: needs ``sae-lens``, ``pip install 'superscopes[sae]'``) or a Hugging Face
@@ -689,7 +693,7 @@ def load_pretrained(name: str, model=None, download: bool = False) -> SAE:
                        f"load(..., download=True), or give its folder.{registry}")  # fmt: skip
     if overrides and not (path / CFG_FILE).exists():
         raise SAEError(f"release {release} overrides {', '.join(overrides)}, which only SAELens folders take here")
-    return load_folder(path, model=model, overrides=overrides, norm_scaling_factor=factor)
+    return load_folder(path, site, layer, model, overrides, factor)
 
 
 def load(name_or_path: str | Path, model=None, site: str | None = None, layer: int | None = None,
@@ -705,7 +709,7 @@ def load(name_or_path: str | Path, model=None, site: str | None = None, layer: i
     elif Path(key).exists():
         sae = load_folder(key, site, layer, model)
     else:
-        sae = load_pretrained(key, model, download)
+        sae = load_pretrained(key, model, download, site, layer)
     if model is not None:
         sae.check(model)
     return sae

@@ -50,10 +50,11 @@ def test_gemma_scope_params_npz_is_a_jumprelu_without_b_dec_on_the_input(tmp_pat
     assert torch.allclose(sae.encode(X), (pre > w["threshold"]) * pre.relu())
     assert torch.allclose(sae(X), sae.encode(X) @ w["W_dec"] + w["b_dec"], atol=1e-5)
     assert (sae.architecture, sae.site, sae.layer, sae.apply_b_dec_to_input) == ("jumprelu", "resid_post", 20, False)
+    assert sae.model == "gemma-2-2b"
     assert S.load(folder / "params.npz").layer == 20  # the file itself too
     mlp = tmp_path / "models--google--gemma-scope-9b-pt-mlp" / "snapshots" / "abc" / "layer_3" / "width_16k" / "x"
     write_npz(mlp / "params.npz", w)
-    assert (S.load(mlp).site, S.load(mlp).layer) == ("mlp_out", 3)
+    assert (S.load(mlp).site, S.load(mlp).layer, S.load(mlp).model) == ("mlp_out", 3, "gemma-2-9b")
     att = tmp_path / "gemma-scope-2b-pt-att" / "layer_3" / "width_16k" / "x"
     write_npz(att / "params.npz", w)
     with pytest.raises(S.SAEError, match=r"attention \(hook_z\) SAEs do not read a site"):
