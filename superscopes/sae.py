@@ -512,10 +512,10 @@ def _load_saelens(path: Path, site: str | None, layer: int | None, model=None, o
         weights["b_dec"] = weights["b_dec"] / norm_scaling_factor
         normalize = "none"
     rescale = cfg.get("rescale_acts_by_decoder_norm")
-    if rescale and cfg.get("architecture") in ("topk",) + SAELENS_TRAINING and "W_dec" in weights and "b_enc" in weights:
-        _fold_decoder_norm(weights)
-    elif rescale:
+    if rescale and cfg.get("architecture") not in ("topk",) + SAELENS_TRAINING:
         refuse("rescale_acts_by_decoder_norm", rescale, f"SAELens uses it for topk SAEs only, not {architecture}")
+    if rescale and "W_dec" in weights and "b_enc" in weights:  # a missing one is named below
+        _fold_decoder_norm(weights)
     stats = _safetensors(path / STATS_FILE) if (path / STATS_FILE).exists() else {}
     return _build(weights_file, weights, cfg.get("d_in"), cfg.get("d_sae"), site, layer, architecture=architecture,
                   k=None if k is None or architecture != "topk" else int(k), model=field("model_name"),
