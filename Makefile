@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-remote test-browser test-scale bench ndif-up ndif-down recipes clean
+.PHONY: install demo test test-remote test-sae test-browser test-scale bench ndif-up ndif-down recipes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ test: $(STAMP)
 test-remote: $(STAMP)
 	bash scripts/ndif/up.sh
 	$(BIN)/python -m pytest -q -m ndif; status=$$?; bash scripts/ndif/down.sh; exit $$status
+
+# superscopes' SAEs against SAELens itself: sae-lens (pinned) in its own venv writes SAEs of
+# every kind with its save_model and encodes inputs; our loader must give the same encodes.
+SAE_LENS ?= sae-lens==6.54.12
+SAE_VENV := .venv-sae
+SAE_STAMP := $(SAE_VENV)/.installed
+
+$(SAE_STAMP):
+	$(PYTHON) -m venv $(SAE_VENV)
+	$(SAE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SAE_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(SAE_VENV)/bin/pip install --quiet "$(SAE_LENS)"
+	touch $(SAE_STAMP)
+
+test-sae: $(STAMP) $(SAE_STAMP)
+	SUPERSCOPES_SAE_LENS_PYTHON=$(SAE_VENV)/bin/python $(BIN)/python -m pytest -q -s -m sae_lens tests/test_sae_saelens.py
 
 # The web app in headless Chromium (installs Debian chromium + chromium-driver).
 test-browser: $(STAMP)

@@ -1,14 +1,35 @@
 """Self-explaining SAE latents (Kharlapenko et al., 2024) against their top-activating contexts.
 
-Each chosen latent's decoder direction, scaled to its mean activation when active and times
-each alpha, is patched into the entity-description prompt at the SAE's layer
-(``sae.latent_scope``); the model's generated text is the latent's self-explanation. Every
-cell gets the scale-selection columns of ``sae.explanation_scores`` (self-similarity, the
-entropy of the first generated token, SelfIE relevancy). Per latent, three selectors each
-choose one alpha's text: the highest mean relevancy, the highest self-similarity, and the
-lowest entropy. Kharlapenko et al. choose the scale from self-similarity and entropy
-together; their exact combination was not readable here, so each criterion is reported
-alone, beside the shuffled control, Holm-corrected as a family.
+Main condition, as the authors' code runs it (github neverix/micrlhf-progress,
+``sprint/scale_tuning_gemma.py`` with ``sprint/self_explanation_scale.ipynb``; Gemma-2B, 18
+layers): the latent's decoder direction (unit norm) times each of 64 scales replaces the
+residual entering an early layer (their layer 2) at every placeholder of the repeat prompt
+(``REPEAT``); self-similarity is the cosine between the residual entering a late layer
+(their 16) at the last prompt position and the direction, minus its value at scale 0; the
+first generated token's entropy is taken the same way; the chosen scale is the argmax of
+self-similarity over the scales above 0, and the explanation is the greedy text at that
+scale. Here the layers are scaled to depth (2/18 and 16/18 of the model's layers) and the
+scales to the residual norm: their 0-200 fits Gemma-2B's norms, so we sweep 0 to
+``--max-scale`` times the median norm of the residual entering the injection layer
+(Gemma-2B's norm there could not be measured offline; the top, 2 by default, is our choice).
+Where their code departs from what it means to compute, we follow the meaning and name it:
+
+- ``scale_idx = np.argmax(selfsim[1:]) - 1``: the argmax over the scales after 0, j, is
+  scale j + 1 of the sweep; they take j - 1 (two scales lower; the top scale when j = 0).
+  We take j + 1.
+- the prompts are right-padded to 64 tokens and read at position -1, a pad token; their
+  notebook reads the last prompt token (``answer_start - 1``), as we do.
+- the cosine divides by the norm of the whole batch of residuals (``jnp.linalg.norm`` of
+  ``[64, d]``: one factor for every scale); we divide each residual by its own norm.
+- they sample the explanations; we decode greedily (one text per latent, reproducible).
+
+Variants (the recipe's earlier selectors): each latent's decoder direction, scaled to its
+mean activation when active and times each alpha, is patched into the entity-description
+prompt at the SAE's layer (``sae.latent_scope``); every cell gets the scale-selection
+columns of ``sae.explanation_scores`` (self-similarity, the entropy of the first generated
+token, SelfIE relevancy), and per latent three selectors each choose one alpha's text: the
+highest mean relevancy, the highest self-similarity, and the lowest entropy. All four
+selectors are compared with the shuffled control, Holm-corrected as a family.
 
 Agreement: the MiniLM judge's similarity between an explanation and the latent's
 top-activating contexts (windows of held-out corpus text ending at the token where the
@@ -22,15 +43,18 @@ the first latent it had not finished, with the same settings.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import torch
 
-from superscopes import corpus, metrics
+from superscopes import corpus, metrics, ops, plots
 from superscopes import sae as S
 from superscopes.judge import Judge, default_judge
 from superscopes.lens import collect, token_positions
 from superscopes.results import fingerprint
+from superscopes.sites import num_layers
 
 from ._common import Run, parser, recipe_main, write_summary
 from ._snippets import log
@@ -42,6 +66,12 @@ PAPER = (
     "GPT-3.5 auto-interp labels; the scale matters and is chosen by self-similarity and entropy"
 )
 WINDOW = 10  # tokens of context up to and including the most active token
+# The authors' sweep on Gemma-2B (sprint/scale_tuning_gemma.py): REP_LAYER 2, PROBE_LAYER 16 of
+# 18 layers (both index the residual entering that layer), 64 scales; their prompt without
+# Gemma's chat markers (a base model here), every "x" replaced.
+AUTHORS_LAYERS, AUTHORS_INJECT, AUTHORS_PROBE, AUTHORS_SCALES = 18, 2, 16, 64
+REPEAT = 'Repeat "x" four times exactly as it is written.\n1. "x"\n2. "x"\n3. "x"\n4. "'
+AUTHORS = "authors (argmax self-similarity, injected early)"
 
 
 def top_contexts(model, sae: S.SAE, texts: list[str], n_contexts: int, batch_size: int) -> tuple[dict[int, list[str]], float]:
@@ -66,6 +96,107 @@ def top_contexts(model, sae: S.SAE, texts: list[str], n_contexts: int, batch_siz
         contexts[latent] = [model.tokenizer.decode(ids[p][max(0, int(where[p, latent]) - WINDOW + 1) : int(where[p, latent]) + 1])
                             for p in top]  # fmt: skip
     return contexts, float(acts.float().norm(dim=-1).median())
+
+
+def depth_layers(n_layers: int) -> tuple[int, int]:
+    """The injection and probe layers at the authors' fractions of depth (2/18, 16/18)."""
+    return round(AUTHORS_INJECT * n_layers / AUTHORS_LAYERS), round(AUTHORS_PROBE * n_layers / AUTHORS_LAYERS)
+
+
+def placeholders(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """The prompt's token ids and the positions of its "x" tokens (the authors replace every one)."""
+    encoding = tokenizer(prompt, return_offsets_mapping=True)
+    found = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if prompt[a:b].strip() == "x"]
+    if not found:
+        raise SystemExit(f"no token 'x' in the prompt {prompt!r} as {tokenizer.name_or_path} splits it")
+    return encoding["input_ids"], found
+
+
+def replaced(model, ids: torch.Tensor, positions: list[int], layer: int, vectors: torch.Tensor, probe: int):
+    """One pass over ``ids`` ``[n, T]`` with row i's residual entering ``layer`` replaced by
+    ``vectors[i]`` at ``positions``: the residual entering ``probe`` and the logits, at the last position."""
+    with model.trace(ids):
+        for position in positions:
+            ops.write(model, "resid_pre", layer, vectors.to(model.dtype), position=position)
+        probed = ops.read(model, "resid_pre", probe, position=-1).save()
+        logits = model.output.logits[:, -1].save()
+    return probed.float(), logits.float()
+
+
+def scale_sweep(model, direction: torch.Tensor, scales: torch.Tensor, inject: int, probe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-similarity and first-token entropy per scale, each minus its value at scale 0
+    (``scales[0]`` is 0), for the unit ``direction`` replacing every placeholder of ``REPEAT``."""
+    ids, positions = placeholders(model.tokenizer, REPEAT)
+    unit = direction.float() / direction.float().norm()
+    with torch.inference_mode():
+        probed, logits = replaced(model, torch.tensor([ids] * len(scales)), positions, inject, unit * scales[:, None], probe)
+    similarity = torch.nn.functional.cosine_similarity(probed, unit[None], dim=-1)  # per row, not over the batch
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return similarity - similarity[0], entropy - entropy[0]
+
+
+def explain_at(model, direction: torch.Tensor, scale: float, inject: int, max_new_tokens: int) -> str:
+    """The greedy continuation of ``REPEAT`` with the placeholders replaced at ``scale``
+    (recomputed from the prompt each token, so the replacement holds at every step)."""
+    ids, positions = placeholders(model.tokenizer, REPEAT)
+    vector = (direction.float() / direction.float().norm() * scale)[None]
+    generated: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            _, logits = replaced(model, torch.tensor([ids + generated]), positions, inject, vector, inject)
+            token = int(logits[0].argmax())
+            if token == model.tokenizer.eos_token_id:
+                break
+            generated.append(token)
+    return model.tokenizer.decode(generated)
+
+
+AUTHORS_COLUMNS = ["latent", "scale", "scale_ratio", "self_similarity", "entropy", "output", "agreement", "control",
+                   "self_similarity_curve", "entropy_curve"]  # fmt: skip
+
+
+def authors(model, sae: S.SAE, latents: list[int], scales: torch.Tensor, site_norm: float, inject: int, probe: int,
+            max_new_tokens: int, contexts: dict[int, list[str]], other: dict[int, int], judge: Judge) -> pd.DataFrame:  # fmt: skip
+    """The authors' condition for ``latents``: the sweep's curves, the chosen scale (argmax of
+    self-similarity over the scales above 0: index j + 1, not their j - 1), its explanation,
+    and the judge's agreement with the latent's contexts and with the shuffled control's."""
+    rows = []
+    for latent in latents:
+        direction = sae.W_dec.detach()[latent]
+        similarity, entropy = scale_sweep(model, direction, scales, inject, probe)
+        best = int(similarity[1:].argmax()) + 1
+        text = explain_at(model, direction, float(scales[best]), inject, max_new_tokens)
+        agree = [float(np.mean(judge.similarity(contexts[c], [text] * len(contexts[c])))) for c in (latent, other[latent])]
+        rows.append({"latent": latent, "scale": float(scales[best]), "scale_ratio": float(scales[best]) / site_norm,
+                     "self_similarity": float(similarity[best]), "entropy": float(entropy[best]), "output": text,
+                     "agreement": agree[0], "control": agree[1],
+                     "self_similarity_curve": json.dumps([round(float(v), 5) for v in similarity]),
+                     "entropy_curve": json.dumps([round(float(v), 5) for v in entropy])})  # fmt: skip
+    return pd.DataFrame(rows, columns=AUTHORS_COLUMNS)
+
+
+def scale_figure(path, chosen: pd.DataFrame, ratios: np.ndarray, cells: pd.DataFrame, site_norm: float, picks: dict) -> str:
+    """Self-similarity and entropy against scale (the authors' sweep; each latent's chosen scale
+    marked) and relevancy against the patched norm (the variants' grid at the SAE's layer; the
+    relevancy selector's picks marked); scales in units of the site's median residual norm."""
+    fig, axes = plots.figure(3, size=(4.6, 3.6))
+    for ax, column, label in ((axes[0], "self_similarity", "self-similarity - at 0"), (axes[1], "entropy", "entropy - at 0 (nats)")):
+        curves = np.array([json.loads(c) for c in chosen[f"{column}_curve"]])
+        for curve in curves:
+            ax.plot(ratios, curve, color="0.8", lw=0.6)
+        ax.plot(ratios, curves.mean(0), color="C0", lw=2, label="mean over latents")
+        ax.scatter(chosen["scale_ratio"], chosen[column], color="C3", s=14, zorder=3, label="chosen scale (argmax self-sim.)")
+        ax.set(xlabel="scale / median residual norm (injection layer)", ylabel=label)
+        ax.legend(fontsize=7)
+    ratio = cells["patched_norm"] / site_norm
+    for latent, group in cells.assign(ratio=ratio).groupby("latent"):
+        axes[2].plot(group["ratio"], group["relevancy_mean"], color="0.8", lw=0.6, marker=".")
+    pick = picks["relevancy"]
+    axes[2].scatter(pick["patched_norm"] / site_norm, pick["relevancy_mean"], color="C3", s=14, zorder=3, label="relevancy pick")
+    axes[2].set(xlabel="patched norm / median norm (SAE layer)", ylabel="mean relevancy (variants)")
+    axes[2].legend(fontsize=7)
+    return plots.save(fig, path, "Scale selection: the authors' sweep (left, middle) and the variants' relevancy").name
 
 
 # Per latent, the alpha whose text each selector takes: (column, idxmax or idxmin).
@@ -130,6 +261,8 @@ def build_parser():
     p.add_argument("--texts", type=int, default=1000, help="held-out corpus passages scanned for contexts")
     p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per latent")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-scale", type=float, default=2.0,
+                   help="the authors' sweep: 64 scales from 0 to this x the median residual norm entering the injection layer")
     p.add_argument("--corpus", help="built corpus folder (default: $SUPERSCOPES_CACHE/corpus)")
     return p
 
@@ -138,6 +271,7 @@ def experiment(run: Run) -> None:
     args = run.args
     if args.quick:
         args.latents, args.alphas, args.texts, args.contexts, args.max_new_tokens = 6, "1,4", 24, 2, 8
+    n_scales = 8 if args.quick else AUTHORS_SCALES
     model = run.load_model()
     sae = S.load(args.sae or args.model, model=model)
     texts = corpus.load("heldout", args.corpus, fallback=args.quick)[: args.texts]
@@ -161,9 +295,26 @@ def experiment(run: Run) -> None:
         log(f"{len(chosen) - len(pending) + min(start + per_pass, len(pending))}/{len(chosen)} latents done")
     cells = run.cells(store, len(chosen) * len(alphas), unique=["latent", "alpha"])
 
+    # The authors' condition: its own resumable table, one row per latent.
+    inject, probe = depth_layers(num_layers(model))
+    inject_norm = float(collect(model, texts, "resid_pre", [inject], "text", args.batch_size)[inject].float().norm(dim=-1).median())
+    ratios = np.linspace(0, args.max_scale, n_scales)
+    scales = torch.tensor(ratios, dtype=torch.float32) * inject_norm
+    sweep = run.store("authors.csv", ["latent"], latents_chosen=chosen, corpus=fingerprint({"passages": texts}),
+                      inject=inject, probe=probe, scales=n_scales, max_scale=args.max_scale)  # fmt: skip
+    waiting = list(run.pending(sweep, chosen, key=lambda latent: [latent]))
+    for start in range(0, len(waiting), per_pass):
+        sweep.append(authors(model, sae, waiting[start : start + per_pass], scales, inject_norm, inject, probe,
+                             args.max_new_tokens, contexts, other, judge))  # fmt: skip
+        log(f"authors' sweep: {len(chosen) - len(waiting) + min(start + per_pass, len(waiting))}/{len(chosen)} latents done")
+    chosen_scales = run.cells(sweep, len(chosen), unique=["latent"])
+
     picks = {name: cells.loc[getattr(cells.groupby("latent")[column], how)()] for name, (column, how) in SELECTORS.items()}
     selected = pd.DataFrame([{"selector": name, **metrics.compare(g["agreement"], g["control"], seed=args.seed),
                               "mean_alpha": g["alpha"].mean()} for name, g in picks.items()])  # fmt: skip
+    selected = pd.concat([pd.DataFrame([{"selector": AUTHORS, **metrics.compare(chosen_scales["agreement"],
+                                         chosen_scales["control"], seed=args.seed), "mean_alpha": float("nan")}]),
+                          selected], ignore_index=True)  # fmt: skip
     selected["p_holm"] = selected["selector"].map(metrics.holm(dict(zip(selected["selector"], selected["p"]))))
     selected.to_csv(run.out / "selected.csv", index=False)
     per_alpha = pd.DataFrame([{"alpha": alpha, **metrics.compare(g["agreement"], g["control"], seed=args.seed),
@@ -171,15 +322,23 @@ def experiment(run: Run) -> None:
                                "entropy": g["entropy"].mean(), "relevancy_mean": g["relevancy_mean"].mean()}
                               for alpha, g in cells.groupby("alpha")])  # fmt: skip
     per_alpha.to_csv(run.out / "per_alpha.csv", index=False)
+    plot = scale_figure(run.out / "scales.png", chosen_scales, ratios, cells, site_norm, picks)
     write_summary(run, "Self-explaining SAE latents", headline(selected, len(chosen)), PAPER,
-                  {"model": args.model, "sae": repr(sae), "alphas": alphas, "passages scanned": len(texts),
+                  {"model": args.model, "sae": repr(sae),
+                   "authors' condition": f"{n_scales} scales 0-{args.max_scale:g} x the median residual norm entering "
+                                         f"layer {inject} ({inject_norm:.1f}), replacing every 'x' of {REPEAT!r} there; "
+                                         f"probe: the residual entering layer {probe}, last prompt position",
+                   "variants' alphas": alphas, "passages scanned": len(texts),
                    "contexts per latent": args.contexts, "max_new_tokens": args.max_new_tokens,
                    "median norm of the site's vectors": round(site_norm, 1)},
                   findings(selected, per_alpha, site_norm),
                   {"Agreement by scale selector (one alpha per latent)": selected.round(4),
                    "Agreement by alpha (all latents)": per_alpha.round(4),
-                   "Examples (alpha by self-similarity)": picks["self-similarity"][
-                       ["latent", "alpha", "output", "agreement", "control"]].head(10)})  # fmt: skip
+                   "Examples (authors' condition)": chosen_scales[["latent", "scale_ratio", "output", "agreement",
+                                                                   "control"]].head(10),
+                   "Examples (variants: alpha by self-similarity)": picks["self-similarity"][
+                       ["latent", "alpha", "output", "agreement", "control"]].head(10)},
+                  figures=[plot])  # fmt: skip
     print((run.out / "summary.md").read_text())
 
 

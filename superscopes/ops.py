@@ -105,19 +105,47 @@ def amplify(
     if transform == "latent":
         encoder = dict(latent)
         row = encoder.pop("decoder_row").to(vectors.dtype)
-        return vectors + (alpha - 1) * latent_activation(vectors, **encoder).to(vectors.dtype) * row
+        # With run-time input normalisation the decoder works in normalised units: one
+        # latent's part of the output is a(v) * d times the factor that maps them back.
+        scale = sae_normalize(vectors.float(), encoder.get("normalize", "none"))[1].to(vectors.dtype)
+        return vectors + (alpha - 1) * latent_activation(vectors, **encoder).to(vectors.dtype) * row * scale
     raise ValueError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+
+
+def sae_normalize(x: torch.Tensor, normalize: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAELens' run-time input normalisation of an SAE: ``x`` in the SAE's units, and the
+    ``scale`` and ``shift`` ``[n, 1]`` that map a reconstruction back (``y * scale + shift``).
+    ``constant_norm_rescale``: each row to norm sqrt(d); ``layer_norm``: each row centred and
+    divided by its (unbiased) standard deviation + 1e-5, mapped back without the 1e-5, as SAELens does."""
+    ones, zeros = x.new_ones(x.shape[:-1] + (1,)), x.new_zeros(x.shape[:-1] + (1,))
+    if normalize == "none":
+        return x, ones, zeros
+    if normalize == "constant_norm_rescale":
+        coefficient = x.shape[-1] ** 0.5 / x.norm(dim=-1, keepdim=True)
+        return x * coefficient, 1 / coefficient, zeros
+    if normalize == "layer_norm":
+        mu = x.mean(dim=-1, keepdim=True)
+        std = (x - mu).std(dim=-1, keepdim=True)
+        return (x - mu) / (std + 1e-5), std, mu
+    raise ValueError(f"normalize {normalize!r} is not one of none, constant_norm_rescale, layer_norm")
 
 
 def latent_activation(vectors: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                       index: int, k: int | None = None, threshold: torch.Tensor | None = None,
-                      subtract_b_dec: bool = True) -> torch.Tensor:  # fmt: skip
+                      subtract_b_dec: bool = True, normalize: str = "none", r_mag: torch.Tensor | None = None,
+                      b_mag: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One SAE latent's activation ``[n, 1]`` on vectors ``[n, d]``, computed as the SAE does:
-    ReLU, JumpReLU (``threshold``) or TopK (``k``: the latent counts only when its
-    pre-activation is among the ``k`` largest). Plain torch, so it runs inside a trace."""
-    x = vectors.float() - b_dec.float() if subtract_b_dec else vectors.float()
+    ReLU, JumpReLU (``threshold``), TopK (``k``: the latent counts only when its
+    pre-activation is among the ``k`` largest) or gated (``b_enc`` the gate's bias, ``r_mag``
+    and ``b_mag`` the magnitude path's); ``normalize``: the SAE's input normalisation
+    (``sae_normalize``). Plain torch, so it runs inside a trace."""
+    x = sae_normalize(vectors.float(), normalize)[0]
+    x = x - b_dec.float() if subtract_b_dec else x
     pre = x @ W_enc.float() + b_enc.float()
     own = pre[:, index : index + 1]
+    if r_mag is not None:
+        magnitude = x @ (W_enc.float() * r_mag.float().exp()) + b_mag.float()
+        return (own > 0).float() * magnitude[:, index : index + 1].relu()
     if threshold is not None:
         return own.relu() * (own > threshold[index])
     if k is not None:

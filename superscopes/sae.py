@@ -1,16 +1,23 @@
 """Sparse autoencoders (SAEs) on a model's sites: load, save, train, decompose, use as sources.
 
-An ``SAE`` is ``encode(x) = f((x - b_dec) @ W_enc + b_enc)`` and ``decode(a) = a @ W_dec +
-b_dec`` with ``f`` one of ``standard`` (ReLU), ``topk`` (the ``k`` largest pre-activations,
-ReLU'd) or ``jumprelu`` (ReLU, zero below a per-latent ``threshold``).
+An ``SAE`` is ``encode(x) = f((n(x) - b_dec) @ W_enc + b_enc)`` and ``decode(a) = n^-1(a @ W_dec +
+b_dec)`` with ``f`` one of ``standard`` (ReLU), ``topk`` (the ``k`` largest pre-activations,
+ReLU'd), ``jumprelu`` (ReLU, zero at or below a per-latent ``threshold``) or ``gated`` (the
+gate's pre-activation > 0 times ReLU of a magnitude path sharing ``W_enc``, scaled by
+``exp(r_mag)``, with its own bias ``b_mag``); ``b_dec`` is subtracted only if
+``apply_b_dec_to_input``; ``n`` is SAELens' run-time ``normalize_activations`` (``none``,
+``constant_norm_rescale``, ``layer_norm``), undone with the statistics of the encoded input.
 
-On disk it is a SAELens folder: ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc [d_in,
-d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``, and ``threshold`` for JumpReLU).
-Both SAELens config layouts load: the older one with ``hook_name``/``hook_layer``/
-``activation_fn_kwargs`` at the top level and the 6.x one with ``k`` at the top level and
-``hook_name`` under ``meta``. TransformerLens hook names map to our sites:
-``blocks.L.hook_resid_pre``, ``hook_resid_post``, ``hook_mlp_out``, ``hook_attn_out``. We
-write both layouts' fields, so ``sae_lens.SAE.load_from_disk`` reads our folders too.
+``load`` reads SAELens folders (pre-6.0 and 6.x ``cfg.json``; every architecture SAELens 6
+saves, BatchTopK and Matryoshka as the JumpReLU SAEs SAELens makes of them, TopK's
+``rescale_acts_by_decoder_norm`` folded into the weights), Gemma Scope's ``params.npz``,
+EleutherAI sparsify and dictionary_learning folders, and SAELens release ids or Hugging Face
+``owner/repo/folder`` names from the local Hugging Face cache. A setting that changes the math
+and is not implemented is refused by name; weights are checked (finite, shapes) and never
+unpickled. ``tests/test_sae_saelens.py`` holds the proof against SAELens itself. Hooks map to
+our sites by TransformerLens name (``blocks.L.hook_resid_pre``, ``hook_resid_post``,
+``hook_mlp_out``, ``hook_attn_out``) or HF module path (``hook_site``). ``save`` writes a
+SAELens folder (both layouts' fields, so ``sae_lens.SAE.load_from_disk`` reads it too).
 Superscopes adds ``latent_stats.safetensors`` (per latent: mean activation when active,
 firing frequency) and ``metrics.json`` (training metrics) beside them.
 
@@ -44,13 +51,15 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from superscopes import ops
 from superscopes.parsing import CommandParser
 from superscopes.sites import hidden_size
 
 if TYPE_CHECKING:  # pandas only where a frame is built
     import pandas as pd
 
-ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "jumprelu")
+ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "jumprelu", "gated")
+NORMALIZATIONS: tuple[str, ...] = ("none", "constant_norm_rescale", "layer_norm")  # run-time, per input
 HOOK_SITES: dict[str, str] = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_post": "resid_post",
@@ -90,6 +99,10 @@ class SAE(torch.nn.Module):
         apply_b_dec_to_input: bool = True,
         mean_activation: torch.Tensor | None = None,
         frequency: torch.Tensor | None = None,
+        normalize_activations: str = "none",
+        r_mag: torch.Tensor | None = None,
+        b_mag: torch.Tensor | None = None,
+        source: str | None = None,
     ):
         super().__init__()
         d_in, d_sae = W_enc.shape
@@ -97,11 +110,15 @@ class SAE(torch.nn.Module):
             raise SAEError(f"architecture {architecture!r} is not supported; choose from {', '.join(ARCHITECTURES)}")
         if site not in SITE_HOOKS:
             raise SAEError(f"site {site!r} has no SAE hook; choose from {', '.join(SITE_HOOKS)}")
+        if normalize_activations not in NORMALIZATIONS:
+            raise SAEError(f"normalize_activations {normalize_activations!r} is not supported; choose from "
+                           f"{', '.join(NORMALIZATIONS)}")  # fmt: skip
         shapes = {"b_enc": (b_enc, (d_sae,)), "W_dec": (W_dec, (d_sae, d_in)), "b_dec": (b_dec, (d_in,))}
-        if architecture == "jumprelu":
-            if threshold is None:
-                raise SAEError("a jumprelu SAE needs a threshold (one per latent)")
-            shapes["threshold"] = (threshold, (d_sae,))
+        needs = {"jumprelu": {"threshold": threshold}, "gated": {"r_mag": r_mag, "b_mag": b_mag}}.get(architecture, {})
+        for name, tensor in needs.items():
+            if tensor is None:
+                raise SAEError(f"a {architecture} SAE needs {name} (one per latent)")
+            shapes[name] = (tensor, (d_sae,))
         for name, (tensor, shape) in shapes.items():
             if tuple(tensor.shape) != shape:
                 raise SAEError(f"{name} has shape {tuple(tensor.shape)}; with W_enc {tuple(W_enc.shape)} it must be {shape}")
@@ -111,10 +128,16 @@ class SAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(b_enc.float())
         self.W_dec = torch.nn.Parameter(W_dec.float())
         self.b_dec = torch.nn.Parameter(b_dec.float())
-        self.threshold = None if threshold is None else torch.nn.Parameter(threshold.float(), requires_grad=False)
+        frozen = lambda t: None if t is None else torch.nn.Parameter(t.float(), requires_grad=False)  # noqa: E731
+        self.threshold = frozen(threshold if architecture == "jumprelu" else None)
+        # Gated (Rajamanoharan et al., 2024): b_enc is the gate's bias; the magnitude path
+        # shares W_enc, scaled per latent by exp(r_mag), with its own bias b_mag.
+        self.r_mag = frozen(r_mag if architecture == "gated" else None)
+        self.b_mag = frozen(b_mag if architecture == "gated" else None)
         self.architecture, self.k, self.site, self.layer, self.model = architecture, k, site, layer, model
-        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.apply_b_dec_to_input, self.normalize_activations = apply_b_dec_to_input, normalize_activations
         self.mean_activation, self.frequency = mean_activation, frequency
+        self.source = source  # the file it was read from, named in errors
 
     @property
     def d_in(self) -> int:
@@ -126,34 +149,49 @@ class SAE(torch.nn.Module):
 
     def __repr__(self) -> str:
         k = f", k={self.k}" if self.architecture == "topk" else ""
-        return f"SAE({self.architecture}{k}, {self.d_in}->{self.d_sae}, {self.site} layer {self.layer} of {self.model})"
+        source = f", from {self.source}" if self.source else ""
+        return f"SAE({self.architecture}{k}, {self.d_in}->{self.d_sae}, {self.site} layer {self.layer} of {self.model}{source})"
 
     # ------------------------------------------------------------ encode / decode
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+    def sae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the encoder sees it: normalised (``normalize_activations``), minus ``b_dec``
+        if ``apply_b_dec_to_input``."""
+        x = ops.sae_normalize(x.to(self.W_enc.dtype), self.normalize_activations)[0]
+        return x - self.b_dec if self.apply_b_dec_to_input else x
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's pre-activations (for gated SAEs: the gate's)."""
+        return self.sae_input(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations ``[..., d_sae]`` of activations ``[..., d_in]``."""
+        sae_in = self.sae_input(x)
+        pre = sae_in @ self.W_enc + self.b_enc
         if self.architecture == "standard":
             return pre.relu()
         if self.architecture == "jumprelu":
             return pre.relu() * (pre > self.threshold)
+        if self.architecture == "gated":
+            return (pre > 0).to(pre.dtype) * (sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent activations ``[..., d_sae]`` of activations ``[..., d_in]``."""
-        return self.activate(self.pre_activations(x))
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+    def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction from ``latents``. An SAE with ``normalize_activations`` maps it
+        back with the norm (and mean) of the input ``x`` it encoded, so it needs ``x``."""
+        out = latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        if self.normalize_activations == "none":
+            return out
+        if x is None:
+            raise SAEError(f"{self!r} normalizes its input ({self.normalize_activations}): decode(latents, x) needs "
+                           "the input x that was encoded, to map the reconstruction back")  # fmt: skip
+        _, scale, shift = ops.sae_normalize(x.to(self.W_dec.dtype), self.normalize_activations)
+        return out * scale + shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of ``x``, in ``x``'s dtype (so it can be written back at the site)."""
-        return self.decode(self.encode(x)).to(x.dtype)
+        return self.decode(self.encode(x), x).to(x.dtype)
 
     # ------------------------------------------------------------ fitting a model
 
@@ -215,8 +253,6 @@ class SAE(torch.nn.Module):
         """``vectors`` with latent ``latent``'s component (activation x decoder row) scaled by
         ``alpha`` and everything else kept (the SAE's error term included): the graph's
         ``latent`` transform (``Scope(transforms=["latent"], sae_latent=(sae, latent))``)."""
-        from superscopes import ops
-
         flat = vectors.reshape(-1, self.d_in)
         return ops.amplify(flat, alpha, "latent", latent=self.latent_params(latent)).reshape(vectors.shape)
 
@@ -225,7 +261,7 @@ class SAE(torch.nn.Module):
         (they travel with a remote request: the whole encoder for TopK, one column otherwise)."""
         (latent,) = self._latents([latent])
         params = {"decoder_row": self.W_dec.detach()[latent].float(), "b_dec": self.b_dec.detach().float(),
-                  "subtract_b_dec": self.apply_b_dec_to_input}  # fmt: skip
+                  "subtract_b_dec": self.apply_b_dec_to_input, "normalize": self.normalize_activations}  # fmt: skip
         if self.architecture == "topk":
             return params | {"W_enc": self.W_enc.detach().float(), "b_enc": self.b_enc.detach().float(),
                              "index": latent, "k": self.k}  # fmt: skip
@@ -233,6 +269,9 @@ class SAE(torch.nn.Module):
                    "b_enc": self.b_enc.detach()[latent : latent + 1].float(), "index": 0}  # fmt: skip
         if self.architecture == "jumprelu":
             params["threshold"] = self.threshold.detach()[latent : latent + 1].float()
+        if self.architecture == "gated":
+            params |= {"r_mag": self.r_mag.detach()[latent : latent + 1].float(),
+                       "b_mag": self.b_mag.detach()[latent : latent + 1].float()}  # fmt: skip
         return params
 
     # ------------------------------------------------------------ disk
@@ -247,14 +286,14 @@ class SAE(torch.nn.Module):
             "dtype": "float32",
             "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
-            "normalize_activations": "none",
+            "normalize_activations": self.normalize_activations,
             "model_name": self.model,
             "hook_name": hook,
             "hook_layer": self.layer,
             "hook_head_index": None,
             "activation_fn_str": "topk" if self.architecture == "topk" else "relu",
             "activation_fn_kwargs": {"k": self.k} if self.architecture == "topk" else {},
-            "meta": {"model_name": self.model, "hook_name": hook, "hook_layer": self.layer},
+            "metadata": {"model_name": self.model, "hook_name": hook, "hook_layer": self.layer},
         }
         if self.architecture == "topk":
             cfg["k"] = self.k
@@ -267,8 +306,10 @@ class SAE(torch.nn.Module):
         cfg = self.config() | {"dtype": str(dtype).removeprefix("torch.")}
         (path / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         weights = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
-        if self.threshold is not None:
-            weights["threshold"] = self.threshold
+        extra = {"threshold": self.threshold, "r_mag": self.r_mag, "b_mag": self.b_mag}
+        weights |= {name: tensor for name, tensor in extra.items() if tensor is not None}
+        if self.architecture == "gated":  # SAELens' gated SAE names the gate's bias b_gate
+            weights["b_gate"] = weights.pop("b_enc")
         save_file({n: t.detach().to(dtype).contiguous() for n, t in weights.items()}, path / WEIGHTS_FILE)
         stats = {n: t for n, t in (("mean_activation", self.mean_activation), ("frequency", self.frequency))
                  if t is not None}  # fmt: skip
@@ -277,66 +318,398 @@ class SAE(torch.nn.Module):
         return path
 
 
-def _site_and_layer(cfg: dict) -> tuple[str, int]:
-    meta = cfg.get("meta") or {}
-    hook = cfg.get("hook_name") or meta.get("hook_name")
+# ---------------------------------------------------------------- reading SAEs
+
+FORMATS = (f"a SAELens folder ({CFG_FILE} + {WEIGHTS_FILE}), a Gemma Scope params.npz (or its folder), a sparsify "
+           "folder (cfg.json + sae.safetensors) or a dictionary_learning folder (ae.pt + config.json)")  # fmt: skip
+SAELENS_TRAINING = ("batchtopk", "matryoshka_batchtopk")  # saved for inference as JumpReLU, as SAELens does
+# SAELens conversions (its registry's conversion_func) whose files we read; None is SAELens' own folder.
+CONVERSIONS = (None, "gemma_2", "sparsify", "dictionary_learning_1")
+DICTIONARY_LEARNING = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
+                       "JumpReluAutoEncoder", "GatedAutoEncoder")  # fmt: skip
+
+
+def hook_site(hook: str, model=None, where: str = "") -> tuple[str, int]:
+    """``(site, layer)`` of a TransformerLens hook name (``blocks.L.hook_resid_post``, ...) or
+    an HF module path whose output is a site (``model.layers.L``, ``layers.L.mlp``,
+    ``transformer.h.L.attn``, ...; the module paths of ``model``'s architecture if given, else
+    of every architecture in ``superscopes.sites``, which must agree)."""
+    from superscopes.sites import ARCHITECTURES as TABLE, architecture_of
+
     match = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", hook or "")
-    if not match or match.group(2) not in HOOK_SITES:
-        valid = ", ".join(f"blocks.<layer>.{h}" for h in HOOK_SITES)
-        raise SAEError(f"hook_name {hook!r} does not map to a site; supported: {valid}")
-    layer = int(match.group(1))
-    recorded = cfg.get("hook_layer", meta.get("hook_layer"))
-    if recorded is not None and int(recorded) != layer:
-        raise SAEError(f"hook_layer {recorded} contradicts hook_name {hook!r} (layer {layer})")
-    return HOOK_SITES[match.group(2)], layer
+    if match and match.group(2) in HOOK_SITES:
+        return HOOK_SITES[match.group(2)], int(match.group(1))
+    found = set()
+    for arch in [architecture_of(model)] if model is not None else TABLE.values():
+        parts = arch.blocks.split(".")
+        for prefix in (".".join(parts[i:]) for i in range(len(parts))):  # with or without model./transformer.
+            match = re.fullmatch(re.escape(prefix) + r"\.(\d+)(?:\.(.+))?", hook or "")
+            if match:
+                found |= {(site, int(match.group(1))) for site, spec in arch.sites.items()
+                          if site in SITE_HOOKS and spec.io == "output" and spec.module == (match.group(2) or "")}  # fmt: skip
+    if len(found) == 1:
+        return found.pop()
+    valid = ", ".join(f"blocks.<layer>.{h}" for h in HOOK_SITES)
+    why = f"it names {len(found)} sites ({sorted(found)}): give the model" if found else "supported"
+    raise SAEError(f"{where}hook_name {hook!r} does not map to a site; {why}: {valid}, or an HF module path whose "
+                   "output is a site (e.g. model.layers.<layer>, model.layers.<layer>.mlp)")  # fmt: skip
 
 
-def load_folder(path: str | Path) -> SAE:
-    """An SAE from a SAELens-format folder (``cfg.json`` + ``sae_weights.safetensors``)."""
-    path = Path(path)
-    for name in (CFG_FILE, WEIGHTS_FILE):
-        if not (path / name).exists():
-            raise SAEError(f"{path} is not an SAE folder: {name} is missing (a SAELens folder has {CFG_FILE} and {WEIGHTS_FILE})")
-    cfg = json.loads((path / CFG_FILE).read_text())
-    architecture = cfg.get("architecture", "standard")
-    if architecture not in ARCHITECTURES:
-        raise SAEError(f"{path}: architecture {architecture!r} is not supported; choose from {', '.join(ARCHITECTURES)}")
-    normalize = cfg.get("normalize_activations", "none") or "none"
-    if normalize != "none":  # the others need a dataset-wide factor SAELens keeps outside the folder
-        raise SAEError(f"{path}: normalize_activations {normalize!r} is not supported; fold it into the weights ('none')")
-    site, layer = _site_and_layer(cfg)
-    weights = load_file(path / WEIGHTS_FILE)
-    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in weights]
-    if architecture == "jumprelu" and "threshold" not in weights:
-        missing.append("threshold")  # SAELens training checkpoints hold log_threshold instead
-        if "log_threshold" in weights:
-            weights["threshold"], missing = weights["log_threshold"].exp(), missing[:-1]
+def cfg_field(cfg: dict, name: str):
+    """A SAELens ``cfg.json`` field: at the top level (pre-6.0) or under ``metadata`` (6.x; ``meta`` in
+    folders superscopes wrote before it followed 6.x)."""
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    return cfg[name] if cfg.get(name) is not None else meta.get(name)
+
+
+def _json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SAEError(f"{file} cannot be read as JSON: {error}") from error
+
+
+def _safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+        raise SAEError(f"{file} cannot be read as safetensors: {error}") from error
+
+
+def _npz(file: Path) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    try:  # allow_pickle=False: an object array (pickled Python) is refused, not run
+        with np.load(file, allow_pickle=False) as data:
+            return {name: torch.from_numpy(np.array(data[name])) for name in data.files}
+    except (OSError, ValueError) as error:
+        raise SAEError(f"{file} cannot be read as plain arrays (pickled objects are refused): {error}") from error
+
+
+def _torch_file(file: Path) -> dict[str, torch.Tensor]:
+    try:  # weights_only: tensors and plain containers only, no code unpickled
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, OSError, ...
+        raise SAEError(f"{file} cannot be read as plain tensors (weights_only=True): {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SAEError(f"{file} does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
+def _build(file: Path, weights: dict[str, torch.Tensor], d_in: int | None = None, d_sae: int | None = None,
+           site: str | None = None, layer: int | None = None, **settings) -> SAE:  # fmt: skip
+    """The SAE of ``weights`` read from ``file``: every tensor finite, shapes as the config
+    (``d_in``, ``d_sae``) says; errors name the file and the field."""
+    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if weights.get(n) is None]
+    missing += [n for n in {"jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}.get(settings["architecture"], ())
+                if weights.get(n) is None]  # fmt: skip
     if missing:
-        raise SAEError(f"{path / WEIGHTS_FILE} lacks {', '.join(missing)}; it has {', '.join(sorted(weights))}")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    if (d_in, d_sae) != tuple(weights["W_enc"].shape):
-        raise SAEError(f"{path}: cfg says d_in={d_in}, d_sae={d_sae} but W_enc has shape {tuple(weights['W_enc'].shape)}")
-    stats = load_file(path / STATS_FILE) if (path / STATS_FILE).exists() else {}
-    return SAE(
-        weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], architecture=architecture,
-        k=None if k is None else int(k), threshold=weights.get("threshold"), site=site, layer=layer,
-        model=cfg.get("model_name") or (cfg.get("meta") or {}).get("model_name"),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        mean_activation=stats.get("mean_activation"), frequency=stats.get("frequency"),
-    )  # fmt: skip
+        raise SAEError(f"{file} lacks {', '.join(missing)}")
+    for name, tensor in weights.items():
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SAEError(f"{file}: {name} has {bad} NaN or inf value(s) of {tensor.numel()}")
+    shape = tuple(weights["W_enc"].shape)
+    if len(shape) != 2 or (d_in is not None and shape[0] != d_in) or (d_sae is not None and shape[1] != d_sae):
+        raise SAEError(f"{file}: the config says d_in={d_in}, d_sae={d_sae} but W_enc has shape {shape}")
+    if site is None or layer is None:
+        raise SAEError(f"{file} does not say which site and layer it reads: give site= and layer= "
+                       f"(sites: {', '.join(SITE_HOOKS)})")  # fmt: skip
+    try:
+        return SAE(weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], threshold=weights.get("threshold"),
+                   r_mag=weights.get("r_mag"), b_mag=weights.get("b_mag"), site=site, layer=layer, source=str(file),
+                   **settings)  # fmt: skip
+    except SAEError as error:
+        raise SAEError(f"{file}: {error}") from None
 
 
-def load(name_or_path: str | Path, model=None) -> SAE:
-    """An embedded SAE by model name (``EMBEDDED``) or a SAELens folder; checked against ``model`` if given."""
+def _place(where: str, found: tuple[str, int] | None, site: str | None, layer: int | None) -> tuple[str | None, int | None]:
+    """The site and layer: from the file (``found``) or given; given ones must agree with the file."""
+    if found is None:
+        return site, layer
+    if (site is not None and site != found[0]) or (layer is not None and layer != found[1]):
+        raise SAEError(f"{where}reads {found[0]} layer {found[1]}, not the given site={site!r} layer={layer!r}")
+    return found
+
+
+def _fold_decoder_norm(weights: dict[str, torch.Tensor]) -> None:
+    """SAELens' ``rescale_acts_by_decoder_norm`` (TopK selects on pre-activation x decoder row
+    norm, decode divides by it again), folded into the weights as SAELens' fold_W_dec_norm
+    does: encodes and reconstructions stay the same and the decoder rows become unit norm."""
+    norm = weights["W_dec"].norm(dim=-1).clamp(min=1e-8)
+    weights["W_enc"] = weights["W_enc"] * norm
+    weights["b_enc"] = weights["b_enc"] * norm
+    weights["W_dec"] = weights["W_dec"] / norm[:, None]
+
+
+def _load_saelens(path: Path, site: str | None, layer: int | None, model=None, overrides: dict | None = None,
+                  norm_scaling_factor: float | None = None) -> SAE:  # fmt: skip
+    """A SAELens folder, pre-6.0 (hook fields, activation_fn_str/kwargs at the top level) or 6.x
+    (``k`` etc. at the top level, the hook under ``metadata``). Every field that changes
+    encode or decode is implemented or refused by name."""
+    cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
+    cfg = _json(cfg_file) | (overrides or {})
+    field = lambda name: cfg_field(cfg, name)  # noqa: E731
+    where = f"{cfg_file}: "
+
+    def refuse(name: str, value, why: str) -> None:
+        raise SAEError(f"{where}{name}={value!r} is not supported ({why})")
+
+    architecture = cfg.get("architecture") or "standard"
+    if architecture not in ARCHITECTURES + SAELENS_TRAINING:
+        refuse("architecture", architecture, f"supported: {', '.join(ARCHITECTURES + SAELENS_TRAINING)}")
+    activation = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"  # pre-6.0 fields
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if activation not in ("relu", "topk"):
+        refuse("activation_fn_str", activation, "SAELens 6 reads only relu and topk")
+    if [name for name, value in kwargs.items() if name != "k" and value]:
+        refuse("activation_fn_kwargs", kwargs, "only k is read")
+    if architecture == "standard" and activation == "topk":  # how SAELens 6 reads a pre-6.0 TopK config
+        architecture = "topk"
+    k = cfg.get("k") if cfg.get("k") is not None else kwargs.get("k")
+    normalize = cfg.get("normalize_activations")
+    normalize = {None: "none", False: "none", True: "expected_average_only_in"}.get(normalize, normalize)
+    if normalize == "expected_average_only_in" and norm_scaling_factor is None:
+        refuse("normalize_activations", normalize, "its scaling factor is not in the folder: SAELens folds it in from "
+               "its registry (loading by release id does too), or fold it into the weights and set 'none'")
+    if normalize not in NORMALIZATIONS + ("expected_average_only_in",):
+        refuse("normalize_activations", normalize, f"supported: {', '.join(NORMALIZATIONS)}")
+    if (cfg.get("reshape_activations") or "none") != "none":
+        refuse("reshape_activations", cfg["reshape_activations"], "a per-head hook_z SAE does not read a site")
+    if field("hook_head_index") is not None:
+        refuse("hook_head_index", field("hook_head_index"), "an SAE of one attention head does not read a site")
+    hook = field("hook_name") or field("hook_point")
+    found = hook_site(hook, model, where) if hook or (site is None and layer is None) else None
+    recorded = field("hook_layer")
+    if found and recorded is not None and int(recorded) != found[1]:
+        raise SAEError(f"{where}hook_layer {recorded} contradicts hook_name {hook!r} (layer {found[1]})")
+    site, layer = _place(where, found, site, layer)
+
+    weights = _safetensors(weights_file)
+    if architecture == "gated":  # SAELens names the gate's bias b_gate
+        weights["b_enc"] = weights.pop("b_gate", None)
+    if architecture == "jumprelu" and "threshold" not in weights and "log_threshold" in weights:
+        weights["threshold"] = weights.pop("log_threshold").exp()  # older SAELens training checkpoints
+    for name in ("scaling_factor", "finetuning_scaling_factor"):  # pre-6.0: decode scaled latents by it
+        if name in weights:
+            if not torch.allclose(weights[name], torch.ones_like(weights[name])):
+                refuse(name, "not all ones", f"{weights_file} holds a finetuning scaling factor; SAELens 6 refuses it too")
+            del weights[name]
+    if architecture in SAELENS_TRAINING:  # as SAELens' save_inference_model: a JumpReLU at the learned threshold
+        if "topk_threshold" not in weights:
+            raise SAEError(f"{weights_file} lacks topk_threshold (a {architecture} training SAE's threshold)")
+        d_sae = weights["W_enc"].shape[-1] if "W_enc" in weights else 0
+        weights["threshold"] = torch.full((d_sae,), float(weights.pop("topk_threshold")))
+        architecture = "jumprelu"
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | {"jumprelu": {"threshold"}, "gated": {"r_mag", "b_mag"}}.get(architecture, set())
+    if set(weights) - expected:
+        raise SAEError(f"{weights_file} holds {', '.join(sorted(set(weights) - expected))}, which a {architecture} "
+                       f"SAE does not use: refused rather than ignored (expected {', '.join(sorted(expected))})")  # fmt: skip
+    if norm_scaling_factor is not None and normalize == "expected_average_only_in":
+        # As SAELens' fold_activation_norm_scaling_factor (before any decoder-norm rescaling, as there).
+        weights["W_enc"] = weights["W_enc"] * norm_scaling_factor
+        weights["W_dec"] = weights["W_dec"] / norm_scaling_factor
+        weights["b_dec"] = weights["b_dec"] / norm_scaling_factor
+        normalize = "none"
+    rescale = cfg.get("rescale_acts_by_decoder_norm")
+    if rescale and cfg.get("architecture") not in ("topk",) + SAELENS_TRAINING:
+        refuse("rescale_acts_by_decoder_norm", rescale, f"SAELens uses it for topk SAEs only, not {architecture}")
+    if rescale and "W_dec" in weights and "b_enc" in weights:  # a missing one is named below
+        _fold_decoder_norm(weights)
+    stats = _safetensors(path / STATS_FILE) if (path / STATS_FILE).exists() else {}
+    return _build(weights_file, weights, cfg.get("d_in"), cfg.get("d_sae"), site, layer, architecture=architecture,
+                  k=None if k is None or architecture != "topk" else int(k), model=field("model_name"),
+                  apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
+                  mean_activation=stats.get("mean_activation"), frequency=stats.get("frequency"))  # fmt: skip
+
+
+def _load_gemma_scope(file: Path, site: str | None, layer: int | None) -> SAE:
+    """Gemma Scope's ``params.npz`` (``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``): a
+    JumpReLU that does not subtract ``b_dec`` from its input (Lieberum et al., 2024). Site and
+    layer come from the release's path (``gemma-scope-2b-pt-res/layer_20/...``) or are given."""
+    weights = {("W_" + n[2:] if n.startswith("w_") else n): t.float() for n, t in _npz(file).items()}
+    kinds = [m.group(1) for part in file.parts if (m := re.search(r"gemma-scope-.*-(res|mlp|att)(?:-|$)", part))]
+    layers = [int(m.group(1)) for part in file.parts if (m := re.fullmatch(r"layer_(\d+)", part))]
+    if "embedding" in file.parts or (kinds and kinds[-1] == "att"):
+        raise SAEError(f"{file}: Gemma Scope's {'embedding' if 'embedding' in file.parts else 'attention (hook_z)'} "
+                       "SAEs do not read a site; the residual (res) and MLP (mlp) ones do")  # fmt: skip
+    found = ({"res": "resid_post", "mlp": "mlp_out"}[kinds[-1]], layers[-1]) if kinds and layers else None
+    site, layer = _place(f"{file}: ", found, site, layer)
+    extra = set(weights) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    if extra:
+        raise SAEError(f"{file} holds {', '.join(sorted(extra))}, which a Gemma Scope SAE does not have")
+    # gemma-scope-2b-pt-res reads gemma-2-2b, gemma-scope-9b-it-res gemma-2-9b-it (SAELens' names).
+    sizes = [(m.group(1), m.group(2)) for part in file.parts if (m := re.search(r"gemma-scope-(\d+b)-(pt|it)-", part))]
+    model = f"gemma-2-{sizes[-1][0]}{'-it' if sizes[-1][1] == 'it' else ''}" if sizes else None
+    return _build(file, weights, site=site, layer=layer, architecture="jumprelu", apply_b_dec_to_input=False,
+                  model=model)
+
+
+def _load_sparsify(path: Path, site: str | None, layer: int | None, model=None) -> SAE:
+    """An EleutherAI sparsify folder: ``cfg.json`` + ``sae.safetensors`` (``encoder.weight``
+    ``[latents, d_in]``, ``encoder.bias``, ``W_dec`` ``[latents, d_in]``, ``b_dec``), named by
+    its hookpoint (an HF module path, e.g. ``layers.5``). Its encode: ReLU((x - b_dec) W_enc +
+    b_enc), the top k kept."""
+    cfg_file, weights_file = path / "cfg.json", path / "sae.safetensors"
+    cfg = _json(cfg_file)
+    for name, bad in (("activation", cfg.get("activation", "topk") != "topk"), ("transcode", cfg.get("transcode")),
+                      ("skip_connection", cfg.get("skip_connection")), ("signed", cfg.get("signed"))):  # fmt: skip
+        if bad:
+            raise SAEError(f"{cfg_file}: {name}={cfg[name]!r} is not supported (a topk sparse autoencoder reads a site)")
+    state = _safetensors(weights_file)
+    if "W_skip" in state:
+        raise SAEError(f"{weights_file} holds W_skip (a skip connection), which is not supported")
+    encoder = state.get("encoder.weight")
+    weights = {"W_enc": None if encoder is None else encoder.T.contiguous(), "b_enc": state.get("encoder.bias"),
+               "W_dec": state.get("W_dec"), "b_dec": state.get("b_dec")}  # fmt: skip
+    d_sae = cfg.get("num_latents") or (cfg["d_in"] * cfg["expansion_factor"] if "expansion_factor" in cfg else None)
+    site, layer = _place(f"{path}: ", hook_site(path.name, model, f"{path}: "), site, layer)
+    return _build(weights_file, {n: None if t is None else t.float() for n, t in weights.items()}, cfg.get("d_in"),
+                  d_sae, site, layer, architecture="topk", k=int(cfg["k"]), model=path.parent.name)  # fmt: skip
+
+
+def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, model=None) -> SAE:
+    """A dictionary_learning (saprmarks) folder: ``ae.pt`` (a state dict, read with
+    ``weights_only=True``) and ``config.json`` (``trainer``: ``dict_class``, ``layer``,
+    ``submodule_name``, ``k``, ...), each class's encode as its own code computes it."""
+    cfg_file, weights_file = path / "config.json", path / "ae.pt"
+    trainer = _json(cfg_file).get("trainer") or {}
+    kind = trainer.get("dict_class")
+    if kind not in DICTIONARY_LEARNING:
+        raise SAEError(f"{cfg_file}: trainer.dict_class={kind!r} is not supported; supported: {', '.join(DICTIONARY_LEARNING)}")
+    state = {n: t.float() if t.is_floating_point() else t for n, t in _torch_file(weights_file).items()}
+    T = lambda name: None if state.get(name) is None else state[name].T.contiguous()  # noqa: E731
+    settings: dict = {"architecture": "standard"}
+    if kind in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "GatedAutoEncoder"):  # nn.Linear layers
+        weights = {"W_enc": T("encoder.weight"), "b_enc": state.get("encoder.bias"), "W_dec": T("decoder.weight"),
+                   "b_dec": state.get("b_dec", state.get("bias"))}  # fmt: skip
+    else:
+        weights = {n: state.get(n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    d_sae = weights["W_enc"].shape[1] if weights["W_enc"] is not None else None
+    if kind == "AutoEncoderTopK":  # per token top k (its saved threshold is only for use_threshold=True)
+        settings = {"architecture": "topk", "k": int(state.get("k", torch.tensor(trainer.get("k", 0))))}
+    elif kind in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):  # inference: ReLU, zero at or below the threshold
+        threshold = state.get("threshold")
+        settings = {"architecture": "jumprelu"}
+        weights["threshold"] = None if threshold is None or d_sae is None else threshold.float().expand(d_sae).clone()
+    elif kind == "JumpReluAutoEncoder":  # does not subtract b_dec from its input
+        settings = {"architecture": "jumprelu", "apply_b_dec_to_input": False}
+        weights["threshold"] = state.get("threshold")
+    elif kind == "GatedAutoEncoder":  # encoder without bias; gate_bias, mag_bias, r_mag; decoder_bias
+        settings = {"architecture": "gated"}
+        weights |= {"b_enc": state.get("gate_bias"), "b_mag": state.get("mag_bias"), "r_mag": state.get("r_mag"),
+                    "b_dec": state.get("decoder_bias")}  # fmt: skip
+    hook = trainer.get("submodule_name") or ""
+    named = [s for s in SITE_HOOKS if s in hook]
+    found = None
+    if trainer.get("layer") is not None and len(named) == 1:
+        found = (named[0], int(trainer["layer"]))
+    elif hook:
+        try:
+            found = hook_site(hook, model)
+        except SAEError:
+            found = None
+    site, layer = _place(f"{cfg_file}: ", found, site, layer)
+    return _build(weights_file, weights, trainer.get("activation_dim"), trainer.get("dict_size"), site, layer,
+                  model=str(trainer.get("lm_name", "")).split("/")[-1] or None, **settings)  # fmt: skip
+
+
+def load_folder(path: str | Path, site: str | None = None, layer: int | None = None, model=None,
+                overrides: dict | None = None, norm_scaling_factor: float | None = None) -> SAE:  # fmt: skip
+    """An SAE from a folder (or Gemma Scope ``params.npz`` file) in any of ``FORMATS``, told
+    apart by the files it holds. ``site``/``layer``: where the format does not record them."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npz":
+        return _load_gemma_scope(path, site, layer)
+    if (path / "params.npz").exists():
+        return _load_gemma_scope(path / "params.npz", site, layer)
+    if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
+        return _load_saelens(path, site, layer, model, overrides, norm_scaling_factor)
+    if (path / "cfg.json").exists() and (path / "sae.safetensors").exists():
+        return _load_sparsify(path, site, layer, model)
+    if (path / "ae.pt").exists() and (path / "config.json").exists():
+        return _load_dictionary_learning(path, site, layer, model)
+    inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors"))  # a sparsify run: a folder per hookpoint
+    hint = f"; it holds sparsify hookpoints {', '.join(inner)}: give one" if inner else ""
+    have = f"it has {', '.join(sorted(p.name for p in path.iterdir())[:10])}" if path.is_dir() else "no such folder"
+    raise SAEError(f"{path} is not an SAE folder: {have}; expected {FORMATS}{hint}")
+
+
+def _cached_folder(repo: str, folder: str, download: bool) -> Path | None:
+    """``folder`` of Hugging Face repo ``repo`` in the local HF cache (its documented layout:
+    ``models--owner--name/snapshots/<commit>/``, refs/main first), or downloaded if ``download``."""
+    from huggingface_hub import constants, snapshot_download
+
+    if download:
+        return Path(snapshot_download(repo, allow_patterns=[f"{folder}/*"])) / folder
+    root = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    main = root / "refs" / "main"
+    snapshots = [root / "snapshots" / main.read_text().strip()] if main.exists() else []
+    snapshots += sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
+    return next((s / folder for s in snapshots if (s / folder).is_dir() and any((s / folder).iterdir())), None)
+
+
+def load_pretrained(name: str, model=None, download: bool = False, site: str | None = None,
+                    layer: int | None = None) -> SAE:  # fmt: skip
+    """An SAE by name: a SAELens release id ``release/sae_id`` (e.g.
+    ``gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical``, resolved by SAELens'
+    registry: needs ``sae-lens``, ``pip install 'superscopes[sae]'``) or a Hugging Face
+    ``owner/repo/folder``; its files are read from the local Hugging Face cache (``download``:
+    fetched into it first). SAELens' registry settings are applied as SAELens applies them."""
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:
+        directory = None
+    else:
+        directory = get_pretrained_saes_directory()
+    release = max((r for r in directory or {} if name.startswith(r + "/")), key=len, default=None)
+    overrides, factor = None, None
+    if release is not None:
+        lookup, sae_id = directory[release], name[len(release) + 1 :]
+        if sae_id not in lookup.saes_map:
+            ids = list(lookup.saes_map)
+            raise SAEError(f"{sae_id!r} is not an SAE of release {release}; its SAEs: {', '.join(ids[:5])}"
+                           f"{', ...' if len(ids) > 5 else ''} ({len(ids)})")  # fmt: skip
+        if lookup.conversion_func not in CONVERSIONS:
+            raise SAEError(f"release {release} is stored in SAELens' {lookup.conversion_func!r} conversion, which "
+                           f"superscopes does not read; it reads {FORMATS}")  # fmt: skip
+        repo, folder = lookup.repo_id, lookup.saes_map[sae_id]
+        overrides = {k: v for k, v in (lookup.config_overrides or {}).items() if k != "model_from_pretrained_kwargs"}
+        factor = lookup.norm_scaling_factor.get(sae_id)
+    elif name.count("/") >= 2:
+        owner, repo_name, folder = name.split("/", 2)
+        repo = f"{owner}/{repo_name}"
+    else:
+        raise SAEError(f"no SAE {name!r}: give an SAE folder, one of the embedded SAEs ({', '.join(EMBEDDED)}), a "
+                       "SAELens release id (release/sae_id) or a Hugging Face owner/repo/folder")  # fmt: skip
+    path = _cached_folder(repo, folder, download)
+    if path is None:
+        from huggingface_hub import constants
+
+        registry = ("" if directory is not None else " If it is a SAELens release id, install sae-lens "
+                    "(pip install 'superscopes[sae]') so that its registry resolves it.")  # fmt: skip
+        raise SAEError(f"SAE {name!r}: {repo}/{folder} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): "
+                       f"fetch it with `huggingface-cli download {repo} --include '{folder}/*'` or "
+                       f"load(..., download=True), or give its folder.{registry}")  # fmt: skip
+    if overrides and not (path / CFG_FILE).exists():
+        raise SAEError(f"release {release} overrides {', '.join(overrides)}, which only SAELens folders take here")
+    return load_folder(path, site, layer, model, overrides, factor)
+
+
+def load(name_or_path: str | Path, model=None, site: str | None = None, layer: int | None = None,
+         download: bool = False) -> SAE:  # fmt: skip
+    """An SAE: an embedded one by model name (``EMBEDDED``), a folder or file in any of
+    ``FORMATS`` (``load_folder``), or a SAELens release id / Hugging Face ``owner/repo/folder``
+    (``load_pretrained``); checked against ``model`` if given (whose module paths then name
+    the sites). ``site``/``layer``: where the files do not say."""
     key = str(name_or_path)
     if key in EMBEDDED:
-        path = EMBEDDED_DIR / EMBEDDED[key]
-    elif Path(key).is_dir():
-        path = Path(key)
+        sae = load_folder(EMBEDDED_DIR / EMBEDDED[key])
+        sae.source = f"the embedded SAE {key}"  # not this checkout's path (it goes into summaries)
+    elif Path(key).exists():
+        sae = load_folder(key, site, layer, model)
     else:
-        raise SAEError(f"no SAE {key!r}: give an SAE folder or one of the embedded SAEs: {', '.join(EMBEDDED)}")
-    sae = load_folder(path)
+        sae = load_pretrained(key, model, download, site, layer)
     if model is not None:
         sae.check(model)
     return sae

@@ -686,6 +686,15 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                       alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
+def _latent_silent(table: torch.Tensor, settings: dict) -> bool:
+    """Whether the ``latent`` transform's latent is zero on every source vector (then every
+    alpha writes the same vector); False without that transform. Plain torch, runs remotely too."""
+    if settings["latent"] is None or not len(table):
+        return False
+    encoder = {name: value for name, value in settings["latent"].items() if name != "decoder_row"}
+    return bool((ops.latent_activation(table.float(), **encoder) == 0).all())
+
+
 def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], settings: dict) -> tuple:
     """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache
     (with room for the tokens a ``generate`` pass adds to it)."""
@@ -817,15 +826,23 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
                 with model.session(remote=remote, backend=backend):
                     table, lens = _source_table(model, read_passes, len(keys), lens_k, external)
                     lens = nnsight.save(lens)
+                    silent = nnsight.save(_latent_silent(table, settings))
                     outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
             bar.update(len(cells))
         else:
             table, lens = _source_table(model, read_passes, len(keys), lens_k, external)
+            silent = _latent_silent(table, settings)
             check_amplified(table, scope.alphas, getattr(target_model, "dtype", torch.float32))
             outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
 
+    if silent:
+        import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
+
+        sae, latent = scope.sae_latent
+        warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
+                      "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=3)  # fmt: skip
     per_cell: list[dict] = [{} for _ in cells]
     flat = iter(covered)
     for ids, probs in outputs:

@@ -274,7 +274,7 @@ def test_the_embedded_sae_is_offered_by_name_and_matched_without_reading_its_wei
 def test_the_command_line_refuses_an_sae_or_generator_it_cannot_read(tmp_path, capsys):
     store = str(tmp_path / "runs.sqlite")
     assert app_main(["--port", "0", "--store", store, "--sae", str(tmp_path / "missing")]) == 2
-    assert "missing is not an SAE folder: cfg.json is missing" in capsys.readouterr().err
+    assert "missing is not an SAE folder: no such folder; expected a SAELens folder" in capsys.readouterr().err
     assert app_main(["--port", "0", "--store", store, "--generator", str(tmp_path / "none.pt")]) == 2
     assert "no generator at" in capsys.readouterr().err
 

@@ -66,7 +66,20 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
     assert cells["entropy"].ge(0).all()
     # Each selector takes, per latent, the alpha with the best value of its own column.
     selected = pd.read_csv(tmp_path / "out" / "selected.csv").set_index("selector")
-    assert list(selected.index) == ["relevancy", "self-similarity", "entropy"] and selected["n_prompts"].eq(6).all()
+    assert list(selected.index) == [sae_self_explanation.AUTHORS, "relevancy", "self-similarity", "entropy"]
+    assert selected["n_prompts"].eq(6).all()
+    # The authors' condition: per latent, 8 scales (--quick) from 0 to 2 x the injection site's
+    # median norm; the chosen one is the argmax of self-similarity above scale 0 (index j + 1).
+    authors = pd.read_csv(tmp_path / "out" / "authors.csv", keep_default_na=False)
+    assert sorted(authors["latent"]) == sorted(cells["latent"].unique())
+    for row in authors.itertuples():
+        curve = json.loads(row.self_similarity_curve)
+        assert len(curve) == 8 and curve[0] == 0 and json.loads(row.entropy_curve)[0] == 0
+        best = max(range(1, 8), key=curve.__getitem__)
+        assert row.scale_ratio == pytest.approx(2.0 * best / 7) and row.self_similarity == pytest.approx(curve[best], abs=1e-5)
+    assert selected.loc[sae_self_explanation.AUTHORS, "mean_a"] == pytest.approx(authors["agreement"].mean(), abs=1e-6)
+    assert (tmp_path / "out" / "scales.png").stat().st_size > 10_000 and "![scales.png](scales.png)" in \
+        (tmp_path / "out" / "summary.md").read_text()
     by_similarity = cells.loc[cells.groupby("latent")["self_similarity"].idxmax()]
     by_entropy = cells.loc[cells.groupby("latent")["entropy"].idxmin()]
     assert selected.loc["self-similarity", "mean_a"] == pytest.approx(by_similarity["agreement"].mean(), abs=1e-6)
@@ -76,3 +89,20 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
     assert list(per_alpha["n_prompts"]) == [6, 6]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "shuffled-latent control" in summary and "95% CI" in summary
+
+
+def test_the_authors_layers_scale_with_depth_and_the_replacement_reaches_the_probe(smollm2):
+    """2/18 and 16/18 of the layers (Gemma-2B's 2 and 16; SmolLM2's 3 and 27 of 30); the
+    replaced residual is what the injection layer receives at every placeholder."""
+    from recipes import sae_self_explanation as R
+
+    assert R.depth_layers(18) == (2, 16) and R.depth_layers(30) == (3, 27)
+    ids, positions = R.placeholders(smollm2.tokenizer, R.REPEAT)
+    assert len(positions) == 4 and all(smollm2.tokenizer.decode([ids[p]]).strip() == "x" for p in positions)
+    vectors = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)) * 30
+    batch = torch.tensor([ids[: positions[0] + 1]] * 2)  # the last position is the first placeholder
+    with torch.inference_mode():
+        probed, _ = R.replaced(smollm2, batch, positions[:1], 3, vectors, 3)
+    assert torch.allclose(probed, vectors, atol=1e-3)
+    similarity, entropy = R.scale_sweep(smollm2, vectors[0], torch.tensor([0.0, 10.0, 200.0]), 3, 27)
+    assert similarity[0] == 0 and entropy[0] == 0 and similarity[2] > similarity[1]

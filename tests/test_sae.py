@@ -4,6 +4,7 @@ its metrics on a tiny random model, decomposition, and latents as Scope sources.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -122,6 +123,28 @@ def test_latent_transform_in_the_graph_equals_amplify_latent_by_hand(tiny_models
     assert remote["output_probs"].iloc[1] == pytest.approx(probs[1], rel=1e-5)
 
 
+def test_a_latent_inactive_on_every_read_vector_warns(tiny_models):
+    """Its alphas would all write the same vector: the grid says so (locally and remotely)."""
+    from superscopes.scope import read_vectors
+
+    model = tiny_models["llama"]
+    sae = orthonormal_sae("topk", k=8)
+    grid = dict(sites=["resid_post"], layers=[1], target_layers=[1], target="a b c x", placeholder="x", output="topk")
+    vector = read_vectors(model, ["one two three"], [(0, -1, "resid_post", 1)])[0]
+    acts = sae.encode(vector)
+    silent, active = int(acts.argmin()), int(acts.argmax())
+    assert float(acts[silent]) == 0 and float(acts[active]) > 0
+    for remote in (False, "local"):
+        scope = Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, silent), **grid)
+        with pytest.warns(UserWarning, match=f"latent {silent} of SAE\\(topk.* is zero on every read vector of this grid"):
+            frame = run(model, scope, remote=remote, progress=False)
+        assert frame["output_probs"].iloc[0] == frame["output_probs"].iloc[1]  # identical, as the warning says
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run(model, Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"],
+                             sae_latent=(sae, active), **grid), remote=remote, progress=False)  # fmt: skip
+
+
 def test_latent_transform_is_validated_before_any_forward_pass(tiny_models):
     model = tiny_models["llama"]
     sae = orthonormal_sae()
@@ -153,8 +176,12 @@ def test_directions_scales():
 
 def test_constructor_errors_name_values_and_choices():
     W = torch.zeros(4, 6)
-    with pytest.raises(S.SAEError, match="architecture 'gated' is not supported; choose from standard, topk, jumprelu"):
+    with pytest.raises(S.SAEError, match="architecture 'abstopk' is not supported; choose from standard, topk, jumprelu, gated"):
+        S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), "abstopk")
+    with pytest.raises(S.SAEError, match=r"a gated SAE needs r_mag \(one per latent\)"):
         S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), "gated")
+    with pytest.raises(S.SAEError, match="normalize_activations 'whiten' is not supported; choose from none, constant"):
+        S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), normalize_activations="whiten")
     with pytest.raises(S.SAEError, match=r"W_dec has shape \(4, 6\).*must be \(6, 4\)"):
         S.SAE(W, torch.zeros(6), W, torch.zeros(4))
     with pytest.raises(S.SAEError, match="a topk SAE needs k in 1-6, got 7"):
@@ -178,7 +205,7 @@ def test_save_load_round_trip(tmp_path, arch, k):
     x = torch.randn(10, D)
     assert torch.equal(loaded.encode(x), sae.encode(x))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["hook_name"] == cfg["meta"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     S.SAE.save(sae, tmp_path / "half", dtype=torch.float16)
     half = S.load(tmp_path / "half")
     assert torch.allclose(half.W_dec, sae.W_dec, atol=1e-3) and half.W_dec.dtype == torch.float32
@@ -223,18 +250,19 @@ def test_unreadable_folders_say_why(tmp_path):
     cases = {
         "hook": (base | {"hook_name": "blocks.1.ln2.hook_normalized"}, "hook_name 'blocks.1.ln2.hook_normalized' does "
                  "not map to a site; supported: blocks.<layer>.hook_resid_pre"),
-        "arch": (base | {"architecture": "gated"}, "architecture 'gated' is not supported; choose from standard"),
-        "norm": (base | {"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm' is not supported"),
-        "width": (base | {"d_sae": 9}, r"cfg says d_in=64, d_sae=9 but W_enc has shape \(64, 8\)"),
+        "arch": (base | {"architecture": "abstopk"}, "architecture='abstopk' is not supported \\(supported: standard"),
+        "norm": (base | {"normalize_activations": "covariance_whitening"},
+                 "normalize_activations='covariance_whitening' is not supported"),
+        "width": (base | {"d_sae": 9}, r"config says d_in=64, d_sae=9 but W_enc has shape \(64, 8\)"),
         "layer": (base | {"hook_layer": 3}, "hook_layer 3 contradicts hook_name 'blocks.1.hook_resid_post'"),
     }  # fmt: skip
     for name, (cfg, message) in cases.items():
         _write_saelens(tmp_path / name, cfg, weights)
         with pytest.raises(S.SAEError, match=message):
             S.load(tmp_path / name)
-    with pytest.raises(S.SAEError, match="cfg.json is missing"):
+    with pytest.raises(S.SAEError, match="is not an SAE folder: it has arch, hook, .*; expected a SAELens folder"):
         S.load_folder(tmp_path)
-    with pytest.raises(S.SAEError, match="no SAE 'gpt9'.*embedded SAEs: smollm2-135m"):
+    with pytest.raises(S.SAEError, match="no SAE 'gpt9'.*embedded SAEs \\(smollm2-135m\\)"):
         S.load("gpt9")
 
 

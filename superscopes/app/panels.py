@@ -86,13 +86,14 @@ def _sae_offer(source, id_: str) -> Offered:
     import json
 
     path = Path(source)
-    if not (path / S.CFG_FILE).is_file():
-        raise S.SAEError(f"{path} is not an SAE folder: {S.CFG_FILE} is missing")
-    cfg = json.loads((path / S.CFG_FILE).read_text())
-    site, layer = S._site_and_layer(cfg)
+    if not ((path / S.CFG_FILE).is_file() and (path / S.WEIGHTS_FILE).is_file()):  # other formats: read it now
+        sae = S.load_folder(path)
+        return Offered(id_, "sae", sae.model, sae.site, sae.layer, sae.d_in, repr(sae), loaded=sae, size=sae.d_sae)
+    cfg = json.loads((path / S.CFG_FILE).read_text())  # a SAELens folder: its weights are read when it is used
+    site, layer = S.hook_site(S.cfg_field(cfg, "hook_name"), where=f"{path / S.CFG_FILE}: ")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     kind = cfg.get("architecture", "standard") + (f" k={k}" if k else "")
-    model = cfg.get("model_name") or (cfg.get("meta") or {}).get("model_name")
+    model = S.cfg_field(cfg, "model_name")
     return Offered(id_, "sae", model, site, layer, int(cfg["d_in"]), f"{kind}, {cfg['d_sae']} latents",
                    path=path, size=int(cfg["d_sae"]))  # fmt: skip
 
