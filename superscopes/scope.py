@@ -42,7 +42,7 @@ from superscopes import ops
 from superscopes.models import model_name
 from superscopes.parsing import DEFAULT_BATCH_SIZE
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
-from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers, vocab_size
+from superscopes.sites import SITE_NAMES, ScopeError, architecture_of, hidden_size, num_layers, vocab_size
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: it adds ~0.3 s to `import superscopes`
     import pandas as pd
@@ -53,10 +53,6 @@ RESULT_COLUMNS = [
     "model", "source", "token", "position", "site", "layer", "target", "target_layer", "target_site",
     "target_position", "transform", "alpha", "mode", "sample", "output", "output_ids",
 ]  # fmt: skip
-
-
-class ScopeError(ValueError):
-    """A grid that cannot run; raised before any forward pass."""
 
 
 @dataclass
