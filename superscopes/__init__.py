@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL, list_models, load
-from superscopes.scope import Scope, ScopeError, run
+from superscopes.scope import Grid, Scope, ScopeError, run
 
 if TYPE_CHECKING:
     from superscopes import cli, corpus, inverse, judge, lens, metrics, plots, probe, prompts, remote, results, sae, sites
@@ -21,7 +21,7 @@ _LAZY_MODULES = (
     "sites",
 )  # fmt: skip
 
-__all__ = ["DEFAULT_MODEL", "Scope", "ScopeError", "list_models", "load", "ops", "run", *_LAZY_MODULES]
+__all__ = ["DEFAULT_MODEL", "Grid", "Scope", "ScopeError", "list_models", "load", "ops", "run", *_LAZY_MODULES]
 __version__ = "0.1.0"
 
 

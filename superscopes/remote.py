@@ -45,10 +45,7 @@ def configure(dotenv: Path | None = None, ship: tuple[ModuleType, ...] = ()) -> 
     """Point nnsight at the configured NDIF host and key, and ship our trace code by value:
     the snippets (``ops``, ``sites``) and the modules in ``ship`` (the graph passes itself, so
     this module does not import it)."""
-    import nnsight
     from nnsight import CONFIG
-
-    from superscopes import ops, sites
 
     values = settings(dotenv)
     if values["NDIF_HOST"]:
@@ -61,8 +58,17 @@ def configure(dotenv: Path | None = None, ship: tuple[ModuleType, ...] = ()) -> 
         raise RemoteConfigError(
             f"{source} {host!r} has no scheme: write it as http://{host} (a local server) or https://{host}"
         )
-    # The server does not have superscopes installed: send the snippet modules' source.
-    for module in (ops, sites, *ship):
+    send_by_value(*ship)
+
+
+def send_by_value(*modules: ModuleType) -> None:
+    """Send our trace code by value with nnsight requests (remote and ``remote="local"``): the
+    server does not have superscopes installed. ``ops`` and ``sites`` always, plus ``modules``."""
+    import nnsight
+
+    from superscopes import ops, sites
+
+    for module in (ops, sites, *modules):
         nnsight.register(module)
 
 
