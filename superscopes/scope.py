@@ -1000,6 +1000,10 @@ def _fingerprint(model, target_model, the_plan: Plan) -> str:
                 scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
                 scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
     digest.update(json.dumps(settings, default=str).encode())
+    if scope.intervene is not None:  # the function's name and bytecode: another intervention, another grid
+        code = getattr(scope.intervene, "__code__", None)
+        digest.update(getattr(scope.intervene, "__qualname__", repr(scope.intervene)).encode())
+        digest.update(code.co_code if code is not None else b"")
     if scope.vectors is not None:
         digest.update(scope.vectors.detach().cpu().float().contiguous().numpy().tobytes())
     for cell in the_plan.cells:
