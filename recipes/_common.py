@@ -32,7 +32,7 @@ from typing import TypeVar
 import pandas as pd
 
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
-from superscopes.parsing import DEFAULT_BATCH_SIZE, CommandParser
+from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, CommandParser
 from superscopes.results import ResultStore, SettingsMismatchError
 
 DATA = Path(__file__).parent / "data"
@@ -58,7 +58,7 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default results/<name>, or results/<name>-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed for anything sampled or random")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patched rows per forward pass")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (1 is fastest on a shared CPU)")
     p.add_argument("--cells-per-request", type=int,
                    help="with --remote: split each grid into NDIF requests of at most this many cells "
                         "(default: one request per grid)")  # fmt: skip
@@ -86,7 +86,7 @@ class Run:
 
         return superscopes.run(model, scope, remote=self.args.remote, progress=False,
                                cells_per_request=self.args.cells_per_request if self.args.remote else None,
-                               **kwargs)  # fmt: skip
+                               threads=self.args.threads, **kwargs)  # fmt: skip
 
     @property
     def settings(self) -> dict[str, object]:

@@ -11,7 +11,7 @@ import pandas as pd
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import (
-    DEFAULT_BATCH_SIZE, LAYER_SYNTAX, CommandParser, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
+    DEFAULT_BATCH_SIZE, DEFAULT_THREADS, LAYER_SYNTAX, CommandParser, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
 )  # fmt: skip
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
@@ -97,7 +97,7 @@ def cmd_scope(args: argparse.Namespace) -> None:
         if differs:
             raise ValueError(f"{args.out} holds another grid ({'; '.join(differs)}); "
                              "choose another --out or pass --force to overwrite it")  # fmt: skip
-    frame = superscopes.run(model, scope, remote=args.remote)
+    frame = superscopes.run(model, scope, remote=args.remote, threads=args.threads)
     if args.judge:
         frame = judge.score(frame)
         winners = judge.best(frame, ["token", "site", "layer", "target_layer"])
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Torch threads, for every verb that computes: one is fastest on a shared CPU (two threads on two
     # busy cores run many times slower), more only on an otherwise idle machine.
     threads = argparse.ArgumentParser(add_help=False)
-    threads.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    threads.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
     scope = verbs.add_parser("scope", parents=[threads],
                              help="amplify and patch one prompt's activations, print the readouts")  # fmt: skip
     scope.add_argument("prompt", help="the source prompt")

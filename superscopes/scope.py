@@ -40,7 +40,7 @@ import torch
 
 from superscopes import ops
 from superscopes.models import model_name
-from superscopes.parsing import DEFAULT_BATCH_SIZE
+from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
 from superscopes.sites import SITE_NAMES, ScopeError, architecture_of, hidden_size, num_layers, vocab_size
 
@@ -1065,7 +1065,7 @@ def _tracing() -> bool:
 
 def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True,
         cells_per_request: int | None = None, checkpoint: str | Path | None = None,
-        timeout: float | None = None) -> pd.DataFrame:  # fmt: skip
+        timeout: float | None = None, threads: int | None = DEFAULT_THREADS) -> pd.DataFrame:  # fmt: skip
     """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
 
     ``target_model``: patch into another model (cross-model; needs ``affine`` across
@@ -1075,7 +1075,9 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     the whole grid is one request), e.g. to stay within a server's time limit.
     ``checkpoint``: a file that keeps every finished request's cells as it returns; a rerun
     with the same grid resumes from it, a different grid is refused. ``timeout``: seconds a
-    remote request may take before the client gives up (default: wait as long as it runs)."""
+    remote request may take before the client gives up (default: wait as long as it runs).
+    ``threads``: torch CPU threads while the grid runs (restored after), the CLI's and the
+    recipes' default too (``parsing.DEFAULT_THREADS``); ``None`` keeps torch's setting."""
     from tqdm.auto import tqdm
 
     if _tracing():
@@ -1090,6 +1092,8 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
         raise ScopeError(f"cells_per_request must be a positive integer, got {cells_per_request!r}")
     if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ScopeError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ScopeError(f"threads must be a positive integer (or None for torch's own setting), got {threads!r}")
     n = len(the_plan.cells)
     store = _Checkpoint(checkpoint, _fingerprint(model, target_model, the_plan), n) if checkpoint else None
     per_cell: list[dict | None] = [None] * n
@@ -1098,14 +1102,20 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     todo = [i for i in range(n) if per_cell[i] is None]
     size = cells_per_request or max(len(todo), 1)
     bar = tqdm(total=n, initial=n - len(todo), desc="superscopes", unit="cell", disable=not progress)
-    for start in range(0, len(todo), size):
-        chosen = todo[start : start + size]
-        outputs = _run_cells(model, target_model, the_plan, chosen, remote, timeout, bar)
-        for i, out in zip(chosen, outputs):
-            per_cell[i] = out
-        if store:
-            store.append(chosen, outputs)
-    bar.close()
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for start in range(0, len(todo), size):
+            chosen = todo[start : start + size]
+            outputs = _run_cells(model, target_model, the_plan, chosen, remote, timeout, bar)
+            for i, out in zip(chosen, outputs):
+                per_cell[i] = out
+            if store:
+                store.append(chosen, outputs)
+    finally:
+        torch.set_num_threads(previous)
+        bar.close()
     return _frame(model, target_model, the_plan, per_cell)
 
 

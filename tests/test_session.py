@@ -120,3 +120,30 @@ def test_what_a_remote_session_sends_of_a_grid_is_only_its_passes(tiny_models):
     assert set(state) == {"_model", "_target_model", "_work"}
     assert state["_work"].settings["intervene"] is ablate_mlp0
     assert torch.is_tensor(state["_work"].patch_passes[0].alphas)
+
+
+def test_python_cli_and_recipes_share_one_thread_default(tiny_models):
+    """``run`` sets torch's threads to the CLI's and the recipes' default while it runs, and
+    restores them after; ``threads=None`` keeps torch's own."""
+    from recipes._common import parser as recipe_parser
+    from superscopes.cli import build_parser
+    from superscopes.parsing import DEFAULT_THREADS
+
+    seen = []
+
+    def record(model):
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(tiny_models["llama"], small_grid(output="topk", intervene=record), progress=False)
+        run(tiny_models["llama"], small_grid(output="topk", intervene=record), progress=False, threads=None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert DEFAULT_THREADS == 1 and set(seen[:2]) == {DEFAULT_THREADS} and seen[-1] == 2
+    assert build_parser().parse_args(["scope", "x"]).threads == DEFAULT_THREADS
+    assert recipe_parser("x", "a recipe").parse_args([]).threads == DEFAULT_THREADS
+    with pytest.raises(ScopeError, match="threads must be a positive integer"):
+        run(tiny_models["llama"], small_grid(), progress=False, threads=0)

@@ -1161,7 +1161,7 @@ class App:
 
         while not job.cancel.is_set() and (chunk := job.next_chunk()) is not None:
             self._panels_waiting()  # a clicked cell's panel need not wait for the whole grid
-            frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False))
+            frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False, threads=None))
             frame["model"] = job.model
             frame["echo"] = [is_echo(o, t, job.grid["target"]) for o, t in zip(frame["output"], frame["token"])]
             frame["control"] = frame["transform"].map(CONTROL_OF) if control else ""
