@@ -129,13 +129,21 @@ def cmd_judge(args: argparse.Namespace) -> None:
         check_table_path(args.out)
     frame = read_table(args.file)
     groups = [c.strip() for c in args.group_cols.split(",") if c.strip()] if args.group_cols else []
-    wanted = [args.source_col, args.output_col, *groups, *([args.by] if args.by else [])]
+    if args.target is not None and args.target_col is not None:
+        raise ValueError("give --target (one prompt for every row) or --target-col (a column), not both")
+    wanted = [args.source_col, args.output_col, *groups, *([args.by] if args.by else []),
+              *([args.target_col] if args.target_col else [])]  # fmt: skip
     missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
     if missing:  # before the judge loads or scores anything
         raise ValueError(f"column(s) {missing} are not in {args.file}; its columns are {list(frame.columns)}")
     if args.by and args.by not in groups:
         raise ValueError(f"--by {args.by!r} must be one of --group-cols ({', '.join(groups) or 'none given'})")
-    frame = judge.flag_echoes(judge.score(frame, args.source_col, args.output_col), args.output_col)
+    target_col = args.target_col or "target"
+    frame = judge.score(frame, args.source_col, args.output_col, target=args.target, target_col=target_col,
+                        token_col=args.token_col)  # fmt: skip
+    if not judge.echoes_checked(frame, args.target, target_col):
+        print("echoes of the target prompt's examples could not be checked: the table has no 'target' column "
+              "(give --target TEXT or --target-col NAME)", file=sys.stderr)  # fmt: skip
     if groups:
         frame = frame.reset_index(drop=True)
         winners = judge.best(frame.assign(row=frame.index), groups, args.threshold)
@@ -255,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--group-cols", help="comma list: print each group's best similarity and success")
     judge.add_argument("--by", help="one of --group-cols: print the successes per level of it (e.g. layer)")
     judge.add_argument("--threshold", type=float, default=0.3, help="success: best similarity above this")
+    judge.add_argument("--token-col", default="token", help="column of the source tokens (echoes of the token)")
+    judge.add_argument("--target-col", help="column of the target prompts (echoes of its examples; default: target)")
+    judge.add_argument("--target", help="the target prompt of every row, for a table without a target column")
     judge.add_argument("--out", help="write the judged table (.csv or .parquet)")
     judge.set_defaults(func=cmd_judge)
 

@@ -1157,13 +1157,13 @@ class App:
         """Run the job's chunks in turn (the focused token's first), publishing each one's rows:
         grid rows, or control rows (``control``) named by their transform."""
         import superscopes
-        from superscopes.metrics import is_echo
+        from superscopes.judge import flag_echoes
 
         while not job.cancel.is_set() and (chunk := job.next_chunk()) is not None:
             self._panels_waiting()  # a clicked cell's panel need not wait for the whole grid
             frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False, threads=None))
             frame["model"] = job.model
-            frame["echo"] = [is_echo(o, t, job.grid["target"]) for o, t in zip(frame["output"], frame["token"])]
+            frame = flag_echoes(frame, target=job.grid["target"])  # the one echo rule (judge.score's)
             frame["control"] = frame["transform"].map(CONTROL_OF) if control else ""
             columns = [*ROW_COLUMNS, "control"] if control else ROW_COLUMNS
             rows = [
