@@ -119,7 +119,10 @@ _FETCH_PREFIX = ".fetch-"  # temp folders of fetches in progress: .fetch-<name>-
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SUPERSCOPES_CACHE", Path.home() / ".cache" / "superscopes"))
+    """``SUPERSCOPES_CACHE`` (environment, else ``.env``; ``~`` expanded), else ~/.cache/superscopes."""
+    from superscopes.env import value
+
+    return Path(value("SUPERSCOPES_CACHE") or Path.home() / ".cache" / "superscopes").expanduser()
 
 
 def cached_model_dir(name: str) -> Path:
@@ -436,7 +439,9 @@ def load(
     from transformers.utils import logging as transformers_logging
 
     from superscopes import remote as remote_config
+    from superscopes.env import export_hf_token
 
+    export_hf_token()  # a gated repo's token from .env, where the hub client reads it
     path = resolve_path(name_or_path)
     transformers_logging.disable_progress_bar()  # a cached load is instant; no bar per load
     hub_kwargs = _check_hub(path) if not Path(path).is_dir() else {}
