@@ -1056,6 +1056,19 @@ class _Checkpoint:
             os.fsync(f.fileno())
 
 
+def _check_served(*models) -> None:
+    """A model with its weights here (loaded without ``remote=True``) cannot run on NDIF:
+    nnsight would ask the server for its local cache path. Checked before any file is written."""
+    for m in models:
+        module = getattr(m, "_module", None)
+        weights = next(module.parameters(), None) if module is not None else None
+        if weights is not None and weights.device.type != "meta":
+            raise ScopeError(
+                f"{model_name(m)} was loaded with its weights on this machine; to run it on NDIF, load it "
+                "with superscopes.load(NAME, remote=True) (remote=\"local\" runs a local model's request here)"
+            )
+
+
 def _tracing() -> bool:
     """Whether this thread is inside an nnsight session or trace body (or an invoke of one)."""
     from nnsight.tracing import tracer  # nnsight 0.8's per-thread nesting depth (read only)
@@ -1087,6 +1100,8 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
             "inside it, and frame = grid.frame(outputs) after it"
         )
     target_model = target_model or model
+    if remote and remote != "local":
+        _check_served(model, target_model)
     the_plan = plan(model, scope, target_model)
     if cells_per_request is not None and (not isinstance(cells_per_request, int) or cells_per_request < 1):
         raise ScopeError(f"cells_per_request must be a positive integer, got {cells_per_request!r}")
