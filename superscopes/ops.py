@@ -64,9 +64,13 @@ def unembed(model, vectors: torch.Tensor) -> torch.Tensor:
 def _index(position: Position, rows: torch.Tensor | None, length: int) -> tuple:
     """The index of ``position`` (per row with ``rows``) in a ``[batch, length, d]`` site;
     a position outside the sequence raises ``ScopeError``, not torch's IndexError."""
-    if isinstance(position, bool) or not isinstance(position, (int, torch.Tensor)):
+    try:
+        positions = torch.as_tensor(position)
+    except (TypeError, ValueError, RuntimeError):
+        positions = None
+    if isinstance(position, bool) or positions is None or positions.is_floating_point() or positions.is_complex() \
+            or positions.dtype == torch.bool:  # fmt: skip
         raise ScopeError(f"position {position!r} is not a token index (an int, or a tensor of them)")
-    positions = torch.as_tensor(position)
     if positions.numel() and not bool(((positions >= -length) & (positions < length)).all()):
         raise ScopeError(f"position {position!r} is outside the sequence: it has {length} tokens "
                          f"(indices {-length} to {length - 1})")  # fmt: skip

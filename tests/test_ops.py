@@ -169,3 +169,17 @@ def test_registered_modules_ship_by_value(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "6.0"
+
+
+def test_positions_may_be_numpy_integers_but_not_text(tiny_models):
+    import numpy as np
+
+    model = tiny_models["llama"]
+    with model.trace(PROMPTS):
+        v = ops.read(model, "resid_post", 1, np.int64(-1)).save()
+        w = ops.read(model, "resid_post", 1, -1).save()
+    torch.testing.assert_close(v, w)
+    for bad in ("last", 1.5, True):
+        with pytest.raises(ScopeError, match="is not a token index"):
+            with model.trace(PROMPTS):
+                ops.read(model, "resid_post", 1, bad)
