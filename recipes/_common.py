@@ -149,10 +149,22 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
 
 def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
                 experiment: Callable[[Run], None]) -> Callable[[list[str] | None], Path]:  # fmt: skip
-    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder."""
+    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder.
+
+    From the command line (``python -m superscopes.recipes.NAME``, no ``argv``) a user error is
+    the CLI's one line (``superscopes: error: ...``, status 2), not a traceback; called with
+    ``argv`` (``superscopes recipe NAME``, tests) it raises."""
 
     def main(argv: list[str] | None = None) -> Path:
-        return run_recipe(name, build_parser, experiment, argv)
+        if argv is not None:
+            return run_recipe(name, build_parser, experiment, argv)
+        from superscopes.cli import USER_ERRORS, error_line
+
+        try:
+            return run_recipe(name, build_parser, experiment, None)
+        except USER_ERRORS as error:
+            print(error_line(error), file=sys.stderr)
+            raise SystemExit(2) from None
 
     return main
 

@@ -315,13 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         status = args.func(args)
-    except (ValueError, KeyError, RuntimeError) as error:
-        from superscopes.remote import redact
-
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"superscopes: error: {redact(str(message))}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(error_line(error), file=sys.stderr)
         return 2
     return status or 0
+
+
+# What a command reports as one line (ScopeError, ModelNotFoundError, RemoteRunError, a missing
+# column...), where anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, RuntimeError)
+
+
+def error_line(error: BaseException) -> str:
+    """``superscopes: error: <message>``, API keys and tokens scrubbed."""
+    from superscopes.remote import redact
+
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"superscopes: error: {redact(str(message))}"
 
 
 if __name__ == "__main__":
