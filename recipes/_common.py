@@ -51,7 +51,7 @@ def data_fingerprint() -> str:
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = CommandParser(prog=f"python -m recipes.{name}", description=description)
+    p = CommandParser(prog=f"python -m superscopes.recipes.{name}", description=description)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     p.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (about 2 minutes on a laptop CPU)")
@@ -124,7 +124,7 @@ def setup(name: str, args: argparse.Namespace, argv: list[str] | None) -> Run:
     out = Path(args.out or Path("results") / f"{name}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     given = sys.argv[1:] if argv is None else argv
-    command = f"python -m recipes.{name} " + " ".join(shlex.quote(a) for a in given)
+    command = f"python -m superscopes.recipes.{name} " + " ".join(shlex.quote(a) for a in given)
     return Run(name, args, out, command.strip())
 
 
