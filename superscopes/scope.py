@@ -29,6 +29,7 @@ import numbers
 import operator
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -536,6 +537,7 @@ class _Pass:
     alphas: torch.Tensor | None = None  # patch passes: one per batch row
     transform: str = "scale"
     seeds: torch.Tensor | None = None  # sampled patch passes: one seed per row (per cell)
+    width: int = 0  # unshared patch passes: tokens of the padded input, which generate returns first
 
 
 def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int) -> list[_Pass]:
@@ -608,8 +610,9 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
             if key[1]:
                 columns, inputs = shared_inputs(texts[0], positions)
             else:
-                columns = _columns(_lengths(tokenizer, texts), list(range(len(chunk))), positions)
-                inputs = {"texts": texts}
+                lengths = _lengths(tokenizer, texts)
+                columns = _columns(lengths, list(range(len(chunk))), positions)
+                inputs = {"texts": texts, "width": max(lengths)}
             vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
             groups = []
             for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells]):
@@ -746,13 +749,17 @@ def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Ten
                       "pad_token_id": settings["pad_token_id"]}  # fmt: skip
             if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
                 kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings["temperature"])]
-            with target_model.generate(**kwargs, **extra) as tracer:
-                if intervene is not None:  # every generated token's forward, not only the prompt's
-                    with tracer.invoke():
-                        _intervene(target_model, tracer, intervene, settings["max_new_tokens"], found)
-                with tracer.invoke(inputs):
-                    _apply_patches(target_model, p, table, settings)
-                    ids = tracer.result[:, -settings["max_new_tokens"] :].save()
+            with warnings.catch_warnings():
+                # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
+                warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
+                with target_model.generate(**kwargs, **extra) as tracer:
+                    if intervene is not None:  # every generated token's forward, not only the prompt's
+                        with tracer.invoke():
+                            _intervene(target_model, tracer, intervene, settings["max_new_tokens"], found)
+                    with tracer.invoke(inputs):
+                        _apply_patches(target_model, p, table, settings)
+                        # The new tokens follow the input (fewer than max_new_tokens when every row ended early).
+                        ids = tracer.result[:, p.width if p.ids is None else p.ids.shape[1] :].save()
             probs = None
         else:
             with target_model.trace(logits_to_keep=1, **extra) as tracer:
@@ -972,8 +979,10 @@ class Grid:
         send_by_value(sys.modules[__name__])  # remote sessions (and remote="local") send this module's passes by value
 
     def run(self) -> tuple:
-        """Run the grid's reads and patch passes (inside a session: when it runs its body)."""
-        return nnsight.save(_execute(self._model, self._target_model, self._work))
+        """Run the grid's reads and patch passes (inside a session: when it runs its body;
+        outside one, here and now)."""
+        outputs = _execute(self._model, self._target_model, self._work)
+        return nnsight.save(outputs) if _tracing() else outputs
 
     def frame(self, outputs: tuple) -> pd.DataFrame:
         """The grid's frame (as ``superscopes.run`` returns it) from what ``run`` returned."""

@@ -147,3 +147,20 @@ def test_python_cli_and_recipes_share_one_thread_default(tiny_models):
     assert recipe_parser("x", "a recipe").parse_args([]).threads == DEFAULT_THREADS
     with pytest.raises(ScopeError, match="threads must be a positive integer"):
         run(tiny_models["llama"], small_grid(), progress=False, threads=0)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_generation_every_row_ends_early_returns_only_new_tokens(tokenizer, share_prefix):
+    """When every row of a pass reaches the end token before max_new_tokens, the outputs are
+    the new tokens only (not the tail of the prompt), with intervene's values kept."""
+    from .conftest import build_tiny
+
+    model = build_tiny("llama", tokenizer)
+    scope = small_grid(prompts=PROMPTS[:1], alphas=[1], max_new_tokens=6, share_prefix=share_prefix)
+    full = run(model, scope, progress=False)["output_ids"][0]
+    model._module.generation_config.eos_token_id = full[1]  # every row now stops after two tokens
+    scope.intervene = lambda m: {"norm": m.model.layers[1].output[:, -1].norm(dim=-1)}
+    frame = run(model, scope, progress=False)
+    assert frame["output_ids"][0] == full[:2] and frame["norm"][0] > 0
+    grid = Grid(model, scope)
+    assert grid.frame(grid.run())["output_ids"].tolist() == [full[:2]]  # run() outside a session: here and now
