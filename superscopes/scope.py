@@ -967,7 +967,8 @@ class Grid:
     and ``frame`` decodes them. The whole grid is one request (no ``cells_per_request`` or
     ``checkpoint``: use ``superscopes.run`` for those). To edit the model the grid sees (an
     ablation), give the scope an ``intervene`` function: a trace of yours elsewhere in the
-    session does not reach the grid's passes."""
+    session does not reach the grid's passes. Torch's thread count is left as it is (the
+    session may run on a server): ``superscopes.run``'s ``threads`` does not apply."""
 
     def __init__(self, model, scope: Scope, target_model=None):
         self._model, self._target_model = model, target_model or model
