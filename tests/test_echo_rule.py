@@ -98,3 +98,37 @@ def test_recipes_and_explorer_use_the_same_rule(fake_judge):
 
     assert entity_description_score(table(reference="king of Macedon"))["echo"].tolist() == ECHO
     assert judge.flag_echoes(table().drop(columns=["target"]), target=ENTITY_DESCRIPTION)["echo"].tolist() == ECHO
+
+
+def explorer_rows() -> list[dict]:
+    """The table's rows as the explorer holds them (flagged by its chunk step)."""
+    frame = judge.flag_echoes(table(similarity=list(OUTPUTS.values())), target=ENTITY_DESCRIPTION)
+    return [{**row, "echo": bool(row["echo"])} for row in frame.to_dict("records")]
+
+
+def test_explorer_server_picks_no_echo_as_best():
+    """The best readout the explorer runs controls beside (``best_rows``)."""
+    from superscopes.app.server import best_rows
+
+    (best,) = best_rows(explorer_rows()).values()
+    assert best["output"] == WINNER
+    all_echo = [r for r in explorer_rows() if r["echo"]]
+    assert best_rows(all_echo)[(3, "resid_post", 4)]["output"] == "-great-great-great"  # a group of echoes
+
+
+def test_explorer_page_picks_no_echo_as_best():
+    """The page's own choice of each cell's best readout (``bestOf``), in Node."""
+    import json
+    import shutil
+    import subprocess
+
+    from superscopes.app.server import STATIC
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    rows = json.dumps(explorer_rows())
+    code = f"const app = require({json.dumps(str(STATIC / 'app.js'))});\nconsole.log(app.bestOf({rows}).output);"
+    done = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == WINNER

@@ -364,12 +364,15 @@ def reused_controls(transform: str, alphas: list[float]) -> set[str]:
 
 
 def best_rows(rows: list[dict]) -> dict[tuple, dict]:
-    """The best judged row of each (position, site, layer): highest similarity, ties to the
-    smaller alpha (as ``superscopes.judge.best`` on a grid)."""
+    """The best judged row of each (position, site, layer): highest similarity, an echo only
+    where every row echoes, ties to the smaller alpha (as ``superscopes.judge.best``)."""
     best: dict[tuple, dict] = {}
     for row in sorted(rows, key=lambda r: r["alpha"]):
         key = (row["position"], row["site"], row["layer"])
-        if row["similarity"] is not None and (key not in best or row["similarity"] > best[key]["similarity"]):
+        if row["similarity"] is None:
+            continue
+        rank = (not row.get("echo"), row["similarity"])
+        if key not in best or rank > (not best[key].get("echo"), best[key]["similarity"]):
             best[key] = row
     return best
 
