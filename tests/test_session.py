@@ -164,3 +164,15 @@ def test_a_generation_every_row_ends_early_returns_only_new_tokens(tokenizer, sh
     assert frame["output_ids"][0] == full[:2] and frame["norm"][0] > 0
     grid = Grid(model, scope)
     assert grid.frame(grid.run())["output_ids"].tolist() == [full[:2]]  # run() outside a session: here and now
+
+
+def test_intervene_runs_before_the_grids_reads_and_writes_at_the_same_module(tiny_models):
+    """Its edit is part of the model the grid reads (v = the constant it writes) and the grid's
+    write comes after it (the residual entering layer 1 is alpha x v, not its constant)."""
+    def constant_layer_0(m):
+        ops.activation(m, "resid_post", 0)[:] = 5.0
+        return {"entering": ops.activation(m, "resid_pre", 1)[:, -1].norm(dim=-1)}
+
+    scope = small_grid(layers=[0], target_layers=[0], target="source", output="topk", intervene=constant_layer_0)
+    frame = run(tiny_models["llama"], scope, progress=False)
+    assert frame["entering"].tolist() == pytest.approx([40.0 * a for a in frame["alpha"]])  # |5 x ones(64)| = 40
