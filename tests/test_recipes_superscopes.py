@@ -231,13 +231,14 @@ def test_examples_never_count_an_echo_as_naming_the_entity():
 def test_entity_description_scores_an_echo_zero():
     from recipes.entity_description import score
 
-    cells = pd.DataFrame({"output": [" Leonardo DiCaprio: American actor", ": American actor, x", " Hanks"],
-                          "token": [" Hanks"] * 3, "target": [TARGET] * 3,
-                          "reference": ["American actor and filmmaker"] * 3})  # fmt: skip
+    outputs = [" Leonardo DiCaprio: American actor", ": American film actor, x", " Hanks", ": American actor, x"]
+    cells = pd.DataFrame({"output": outputs, "token": [" Hanks"] * 4, "target": [TARGET] * 4,
+                          "reference": ["American actor and filmmaker"] * 4})  # fmt: skip
     scored = score(cells)
-    assert scored["echo"].tolist() == [True, False, True]
+    # The last copies an example's whole description ("American actor"): an echo even where it fits.
+    assert scored["echo"].tolist() == [True, False, True, True]
     assert scored["rougeL"].tolist()[0] == scored["rougeL_raw"].tolist()[0] == 0  # copies the example: 0, not 0.67
-    assert scored["rougeL"].iloc[1] == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))
+    assert scored["rougeL"].iloc[1] == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
 
 
 # ---------------------------------------------------------------- metrics and plots
