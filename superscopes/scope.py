@@ -29,7 +29,6 @@ import numbers
 import operator
 import os
 import sys
-import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -749,17 +748,14 @@ def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Ten
                       "pad_token_id": settings["pad_token_id"]}  # fmt: skip
             if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
                 kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings["temperature"])]
-            with warnings.catch_warnings():
-                # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
-                warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
-                with target_model.generate(**kwargs, **extra) as tracer:
-                    if intervene is not None:  # every generated token's forward, not only the prompt's
-                        with tracer.invoke():
-                            _intervene(target_model, tracer, intervene, settings["max_new_tokens"], found)
-                    with tracer.invoke(inputs):
-                        _apply_patches(target_model, p, table, settings)
-                        # The new tokens follow the input (fewer than max_new_tokens when every row ended early).
-                        ids = tracer.result[:, p.width if p.ids is None else p.ids.shape[1] :].save()
+            with target_model.generate(**kwargs, **extra) as tracer:
+                if intervene is not None:  # every generated token's forward, not only the prompt's
+                    with tracer.invoke():
+                        _intervene(target_model, tracer, intervene, settings["max_new_tokens"], found)
+                with tracer.invoke(inputs):
+                    _apply_patches(target_model, p, table, settings)
+                    # The new tokens follow the input (fewer than max_new_tokens when every row ended early).
+                    ids = tracer.result[:, p.width if p.ids is None else p.ids.shape[1] :].save()
             probs = None
         else:
             with target_model.trace(logits_to_keep=1, **extra) as tracer:
@@ -949,7 +945,12 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             outputs, lens = result
             bar.update(len(prepared.plan.cells))
         else:
-            outputs, lens = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
+            import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
+
+            with warnings.catch_warnings():
+                # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
+                warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
+                outputs, lens = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
     return _collect(model, target_model, prepared, outputs, lens)
 
 
