@@ -42,7 +42,7 @@ def _grid_differences(existing: pd.DataFrame, planned: dict[str, list]) -> list[
 def _print_readout(frame: pd.DataFrame) -> None:
     columns = ["token", "site", "layer", "target_layer", "transform", "alpha"]
     if "similarity" in frame.columns:
-        columns += ["similarity", "best"]
+        columns += ["similarity", "echo", "best"]  # an echo is never the best (judge.best)
     shown = frame[columns + ["output"]].copy()
     shown["output"] = shown["output"].map(lambda s: repr(s)[1:-1][:80])
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 82):

@@ -62,6 +62,7 @@ def test_scope_judge_command_marks_no_echo_best(fake_judge, monkeypatch, tmp_pat
     assert main(["scope", "Alexander the Great", "--token", "Great", "--judge", "--out", str(out)]) == 0
     frame = pd.read_csv(out, keep_default_na=False)
     assert frame.loc[frame["best"] == "*", "output"].tolist() == [WINNER]
+    assert " echo " in capsys.readouterr().out.splitlines()[0]  # the printed table says which rows echo
     assert frame["echo"].tolist() == ECHO
 
 
