@@ -1,4 +1,5 @@
-"""One module per paper experiment: ``python -m recipes.NAME`` or ``superscopes recipe NAME``."""
+"""One module per paper experiment: ``python -m superscopes.recipes.NAME`` (``python -m recipes.NAME``
+in a checkout) or ``superscopes recipe NAME``."""
 
 RECIPES = (
     "superscopes_mlp_outputs",

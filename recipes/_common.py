@@ -32,7 +32,7 @@ from typing import TypeVar
 import pandas as pd
 
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
-from superscopes.parsing import DEFAULT_BATCH_SIZE, CommandParser
+from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, CommandParser
 from superscopes.results import ResultStore, SettingsMismatchError
 
 DATA = Path(__file__).parent / "data"
@@ -51,14 +51,14 @@ def data_fingerprint() -> str:
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = CommandParser(prog=f"python -m recipes.{name}", description=description)
+    p = CommandParser(prog=f"python -m superscopes.recipes.{name}", description=description)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     p.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (about 2 minutes on a laptop CPU)")
     p.add_argument("--out", help="output folder (default results/<name>, or results/<name>-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed for anything sampled or random")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patched rows per forward pass")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (1 is fastest on a shared CPU)")
     p.add_argument("--cells-per-request", type=int,
                    help="with --remote: split each grid into NDIF requests of at most this many cells "
                         "(default: one request per grid)")  # fmt: skip
@@ -86,7 +86,7 @@ class Run:
 
         return superscopes.run(model, scope, remote=self.args.remote, progress=False,
                                cells_per_request=self.args.cells_per_request if self.args.remote else None,
-                               **kwargs)  # fmt: skip
+                               threads=self.args.threads, **kwargs)  # fmt: skip
 
     @property
     def settings(self) -> dict[str, object]:
@@ -124,7 +124,7 @@ def setup(name: str, args: argparse.Namespace, argv: list[str] | None) -> Run:
     out = Path(args.out or Path("results") / f"{name}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     given = sys.argv[1:] if argv is None else argv
-    command = f"python -m recipes.{name} " + " ".join(shlex.quote(a) for a in given)
+    command = f"python -m superscopes.recipes.{name} " + " ".join(shlex.quote(a) for a in given)
     return Run(name, args, out, command.strip())
 
 
@@ -149,10 +149,22 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
 
 def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
                 experiment: Callable[[Run], None]) -> Callable[[list[str] | None], Path]:  # fmt: skip
-    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder."""
+    """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder.
+
+    From the command line (``python -m superscopes.recipes.NAME``, no ``argv``) a user error is
+    the CLI's one line (``superscopes: error: ...``, status 2), not a traceback; called with
+    ``argv`` (``superscopes recipe NAME``, tests) it raises."""
 
     def main(argv: list[str] | None = None) -> Path:
-        return run_recipe(name, build_parser, experiment, argv)
+        if argv is not None:
+            return run_recipe(name, build_parser, experiment, argv)
+        from superscopes.cli import USER_ERRORS, error_line
+
+        try:
+            return run_recipe(name, build_parser, experiment, None)
+        except USER_ERRORS as error:
+            print(error_line(error), file=sys.stderr)
+            raise SystemExit(2) from None
 
     return main
 

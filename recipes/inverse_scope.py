@@ -169,7 +169,8 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     for ax, hypothesis in zip(axes, hypotheses):
         part = summary[summary["hypothesis"] == hypothesis]
         plots.lines(part, "layer", "consistency", hue="sampler", ax=ax, ylim=(-0.02, 1.02),
-                    title=f"{hypothesis} (n={int(part['n'].max())})", ylabel="feature consistency rate")  # fmt: skip
+                    title=f"{hypothesis} (n={int(part['n'].max())}, 95% intervals)",
+                    ylabel="feature consistency rate")  # fmt: skip
     return plots.save(fig, path, title)
 
 

@@ -140,11 +140,9 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
 
     fig, (left, right) = plots.figure(2)
     plots.lines(summary, "layer", "precision_at_1", hue="method", ax=left, ylim=(-0.02, 1.02),
-                ylabel="precision@1 (vs the model's own next token)", title="precision@1")  # fmt: skip
-    for method, part in summary.groupby("method"):
-        left.fill_between(part["layer"], part["ci_low"], part["ci_high"], alpha=0.15)
+                ylabel="precision@1 (vs the model's own next token)", title="precision@1 (95% intervals)")  # fmt: skip
     plots.lines(summary, "layer", "surprisal", hue="method", ax=right, ylabel="surprisal -log p_source (nats)",
-                title="surprisal of the decoded token")  # fmt: skip
+                title="surprisal of the decoded token", band=None)  # the intervals are precision@1's  # fmt: skip
     return plots.save(fig, path, title)
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import (
-    DEFAULT_BATCH_SIZE, LAYER_SYNTAX, CommandParser, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
+    DEFAULT_BATCH_SIZE, DEFAULT_THREADS, LAYER_SYNTAX, CommandParser, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
 )  # fmt: skip
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
@@ -42,7 +42,7 @@ def _grid_differences(existing: pd.DataFrame, planned: dict[str, list]) -> list[
 def _print_readout(frame: pd.DataFrame) -> None:
     columns = ["token", "site", "layer", "target_layer", "transform", "alpha"]
     if "similarity" in frame.columns:
-        columns += ["similarity", "best"]
+        columns += ["similarity", "echo", "best"]  # an echo is never the best (judge.best)
     shown = frame[columns + ["output"]].copy()
     shown["output"] = shown["output"].map(lambda s: repr(s)[1:-1][:80])
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 82):
@@ -97,7 +97,7 @@ def cmd_scope(args: argparse.Namespace) -> None:
         if differs:
             raise ValueError(f"{args.out} holds another grid ({'; '.join(differs)}); "
                              "choose another --out or pass --force to overwrite it")  # fmt: skip
-    frame = superscopes.run(model, scope, remote=args.remote)
+    frame = superscopes.run(model, scope, remote=args.remote, threads=args.threads)
     if args.judge:
         frame = judge.score(frame)
         winners = judge.best(frame, ["token", "site", "layer", "target_layer"])
@@ -129,13 +129,21 @@ def cmd_judge(args: argparse.Namespace) -> None:
         check_table_path(args.out)
     frame = read_table(args.file)
     groups = [c.strip() for c in args.group_cols.split(",") if c.strip()] if args.group_cols else []
-    wanted = [args.source_col, args.output_col, *groups, *([args.by] if args.by else [])]
+    if args.target is not None and args.target_col is not None:
+        raise ValueError("give --target (one prompt for every row) or --target-col (a column), not both")
+    wanted = [args.source_col, args.output_col, *groups, *([args.by] if args.by else []),
+              *([args.target_col] if args.target_col else [])]  # fmt: skip
     missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
     if missing:  # before the judge loads or scores anything
         raise ValueError(f"column(s) {missing} are not in {args.file}; its columns are {list(frame.columns)}")
     if args.by and args.by not in groups:
         raise ValueError(f"--by {args.by!r} must be one of --group-cols ({', '.join(groups) or 'none given'})")
-    frame = judge.flag_echoes(judge.score(frame, args.source_col, args.output_col), args.output_col)
+    target_col = args.target_col or "target"
+    frame = judge.score(frame, args.source_col, args.output_col, target=args.target, target_col=target_col,
+                        token_col=args.token_col)  # fmt: skip
+    if not judge.echoes_checked(frame, args.target, target_col):
+        print("echoes of the target prompt's examples could not be checked: the table has no 'target' column "
+              "(give --target TEXT or --target-col NAME)", file=sys.stderr)  # fmt: skip
     if groups:
         frame = frame.reset_index(drop=True)
         winners = judge.best(frame.assign(row=frame.index), groups, args.threshold)
@@ -216,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Torch threads, for every verb that computes: one is fastest on a shared CPU (two threads on two
     # busy cores run many times slower), more only on an otherwise idle machine.
     threads = argparse.ArgumentParser(add_help=False)
-    threads.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    threads.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
     scope = verbs.add_parser("scope", parents=[threads],
                              help="amplify and patch one prompt's activations, print the readouts")  # fmt: skip
     scope.add_argument("prompt", help="the source prompt")
@@ -255,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--group-cols", help="comma list: print each group's best similarity and success")
     judge.add_argument("--by", help="one of --group-cols: print the successes per level of it (e.g. layer)")
     judge.add_argument("--threshold", type=float, default=0.3, help="success: best similarity above this")
+    judge.add_argument("--token-col", default="token", help="column of the source tokens (echoes of the token)")
+    judge.add_argument("--target-col", help="column of the target prompts (echoes of its examples; default: target)")
+    judge.add_argument("--target", help="the target prompt of every row, for a table without a target column")
     judge.add_argument("--out", help="write the judged table (.csv or .parquet)")
     judge.set_defaults(func=cmd_judge)
 
@@ -304,13 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         status = args.func(args)
-    except (ValueError, KeyError, RuntimeError) as error:
-        from superscopes.remote import redact
-
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"superscopes: error: {redact(str(message))}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(error_line(error), file=sys.stderr)
         return 2
     return status or 0
+
+
+# What a command reports as one line (ScopeError, ModelNotFoundError, RemoteRunError, a missing
+# column...), where anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, RuntimeError)
+
+
+def error_line(error: BaseException) -> str:
+    """``superscopes: error: <message>``, API keys and tokens scrubbed."""
+    from superscopes.remote import redact
+
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"superscopes: error: {redact(str(message))}"
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -105,9 +106,9 @@ def truncate(tokenizer, texts: Sequence[str], max_tokens: int) -> list[str]:
 
 
 def collect_pairs(model, texts: Sequence[str], site: str, layer: int, max_tokens: int = 16,
-                  batch_size: int = 32) -> Pairs:  # fmt: skip
+                  batch_size: int = 32, progress: bool = False) -> Pairs:  # fmt: skip
     """(prefix, activation at its last token) for every "text" position of every text, each text
-    cut to ``max_tokens`` tokens and read once."""
+    cut to ``max_tokens`` tokens and read once (``progress``: a bar per batch of texts)."""
     from superscopes import lens
 
     check_site(model, site, layer)
@@ -116,7 +117,7 @@ def collect_pairs(model, texts: Sequence[str], site: str, layer: int, max_tokens
         raise ValueError("no non-empty texts to read")
     positions = lens.token_positions(model.tokenizer, texts, "text")
     ids = [model.tokenizer(t)["input_ids"] for t in texts]
-    activations = lens.collect(model, texts, site, [layer], "text", batch_size)[layer]
+    activations = lens.collect(model, texts, site, [layer], "text", batch_size, progress=progress)[layer]
     return Pairs([ids[p][: i + 1] for p, i in positions], activations, [p for p, _ in positions])
 
 
@@ -589,6 +590,9 @@ def _train_command(args: argparse.Namespace) -> None:
     config = GeneratorConfig(site=args.site, layer=args.layer, max_tokens=args.max_tokens, max_vocab=args.max_vocab,
                              d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, noise=args.noise,
                              steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)  # fmt: skip
+    # Every stage says what it does as it starts (reading the corpus and the activations took a
+    # silent minute before the training bar).
+    print(f"inverse train: loading the {args.corpus} corpus and {args.model}", file=sys.stderr, flush=True)
     texts = corpus_texts(args.corpus, "train", args.texts)
     out = Path(args.out)
     cache = out / "pairs.pt"
@@ -605,7 +609,8 @@ def _train_command(args: argparse.Namespace) -> None:
             raise ValueError(f"{cache} was read with other settings ({', '.join(changed)}): use another --out")
         pairs = Pairs(saved["inputs"], saved["activations"], saved["sources"])
     else:
-        pairs = collect_pairs(model, texts, args.site, args.layer, args.max_tokens, args.read_batch_size)
+        print(f"inverse train: reading {args.site} layer {args.layer} of {len(texts)} texts", file=sys.stderr, flush=True)
+        pairs = collect_pairs(model, texts, args.site, args.layer, args.max_tokens, args.read_batch_size, progress=True)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources},
                    cache)  # fmt: skip

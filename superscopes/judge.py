@@ -76,14 +76,17 @@ def default_judge() -> Judge:
 
 
 def score(frame: pd.DataFrame, source_col: str = "source", output_col: str = "output",
-          judge: Judge | None = None) -> pd.DataFrame:  # fmt: skip
-    """``frame`` with a ``similarity`` column (empty outputs count as text "")."""
+          judge: Judge | None = None, target: str | None = None, target_col: str = "target",
+          token_col: str = "token") -> pd.DataFrame:  # fmt: skip
+    """``frame`` with a ``similarity`` column (empty outputs count as text "") and the ``echo``
+    flags of ``flag_echoes`` (the one echo rule, so ``best`` never picks an echo)."""
     for column in (source_col, output_col):
         if column not in frame.columns:
             raise KeyError(f"column {column!r} is not in the table; its columns are {list(frame.columns)}")
     judge = judge or default_judge()
     outputs = frame[output_col].fillna("").astype(str).tolist()
-    return frame.assign(similarity=judge.similarity(frame[source_col].astype(str).tolist(), outputs))
+    scored = frame.assign(similarity=judge.similarity(frame[source_col].astype(str).tolist(), outputs))
+    return flag_echoes(scored, output_col, target, target_col, token_col)
 
 
 def best(frame: pd.DataFrame, group_cols: Sequence[str] = DEFAULT_GROUP, threshold: float = DEFAULT_THRESHOLD,
@@ -104,16 +107,32 @@ def best(frame: pd.DataFrame, group_cols: Sequence[str] = DEFAULT_GROUP, thresho
     return winners.assign(success=(winners[score_col] > threshold) & won)
 
 
-def flag_echoes(frame: pd.DataFrame, output_col: str = "output") -> pd.DataFrame:
-    """``frame`` with an ``echo`` column (``metrics.is_echo`` of each readout against its
-    ``token`` and ``target`` columns), when it has them; unchanged otherwise."""
+def flag_echoes(frame: pd.DataFrame, output_col: str = "output", target: str | None = None,
+                target_col: str = "target", token_col: str = "token") -> pd.DataFrame:  # fmt: skip
+    """``frame`` with an ``echo`` column: ``metrics.is_echo`` of each readout against its
+    source token (``token_col``) and target prompt (``target_col``, or ``target`` for every
+    row), with what the table has; unchanged when it has neither. Without a target only
+    echoes of the token are caught (``echoes_checked`` says whether the examples were)."""
     from superscopes.metrics import is_echo
 
-    if not {"token", "target"} <= set(frame.columns):
+    tokens = frame[token_col].fillna("").astype(str) if token_col in frame.columns else None
+    if target is not None:
+        targets = pd.Series(target, index=frame.index)
+    elif target_col in frame.columns:
+        targets = frame[target_col].fillna("").astype(str)
+    else:
+        targets = None
+    if tokens is None and targets is None:
         return frame
-    echoes = [is_echo(str(o), str(t), str(g)) for o, t, g in zip(frame[output_col].fillna(""), frame["token"],
-                                                                  frame["target"])]  # fmt: skip
-    return frame.assign(echo=echoes)
+    tokens = pd.Series("", index=frame.index) if tokens is None else tokens
+    targets = pd.Series("", index=frame.index) if targets is None else targets
+    outputs = frame[output_col].fillna("").astype(str)
+    return frame.assign(echo=[is_echo(o, t, g) for o, t, g in zip(outputs, tokens, targets)])
+
+
+def echoes_checked(frame: pd.DataFrame, target: str | None = None, target_col: str = "target") -> bool:
+    """Whether ``flag_echoes`` can check copies of the target prompt's examples (it has a target)."""
+    return target is not None or target_col in frame.columns
 
 
 def discrimination(frame: pd.DataFrame, judge: Judge | None = None, source_col: str = "source",

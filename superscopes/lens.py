@@ -91,13 +91,24 @@ def collect(
     positions: Positions = "all",
     batch_size: int = 32,
     remote: bool | str = False,
+    progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Activations ``{layer: [n_positions, d]}`` (float32, CPU) at ``site``.
 
     Rows follow ``token_positions(model.tokenizer, prompts, positions)``; every prompt runs
-    once per chunk of ``batch_size`` prompts, all layers read in the same pass."""
+    once per chunk of ``batch_size`` prompts, all layers read in the same pass. ``progress``:
+    a bar that moves per chunk (the same passes, read one chunk at a time)."""
     prompts = list(prompts)
     layers = _layers(model, layers)
+    if progress and len(prompts) > batch_size:
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(prompts), batch_size)
+        per_prompt = isinstance(positions, Sequence) and not isinstance(positions, str)
+        parts = [collect(model, prompts[i : i + batch_size], site, layers,
+                         positions[i : i + batch_size] if per_prompt else positions, batch_size, remote)
+                 for i in tqdm(starts, desc=f"reading {site}", unit="batch")]  # fmt: skip
+        return {layer: torch.cat([part[layer] for part in parts]) for layer in layers}
     pairs = token_positions(model.tokenizer, prompts, positions)
     reads = [(p, i, site, layer) for p, i in pairs for layer in layers]
     if not reads:

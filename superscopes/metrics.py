@@ -92,12 +92,17 @@ def names_entity(source: str, token: str, text: str, ignore: str = "", min_chars
 def target_examples(target: str) -> list[str]:
     """The few-shot example names of a "name: description, name: description, x" target
     ("Syria", "Leonardo DiCaprio", "Samsung" in the entity-description prompt)."""
-    names = []
+    return [name for name, _ in _examples(target)]
+
+
+def _examples(target: str) -> list[tuple[str, str]]:
+    """(name, description) of each "name: description" item of a few-shot target."""
+    pairs = []
     for item in re.split(r",\s*|\n", str(target)):
-        name, sep, _ = item.partition(":")
+        name, sep, description = item.partition(":")
         if sep and name.strip():
-            names.append(name.strip())
-    return names
+            pairs.append((name.strip(), description.strip()))
+    return pairs
 
 
 def is_echo(text: str, token: str = "", target: str = "", span: int = 4) -> bool:
@@ -105,11 +110,13 @@ def is_echo(text: str, token: str = "", target: str = "", span: int = 4) -> bool
 
     - it repeats only the source token (nothing left once the token and punctuation go), or
     - its first item copies the target prompt's own few-shot examples: it names one of their
-      entities ("Leonardo DiCaprio: American actor") or copies ``span`` consecutive words of
-      the target prompt (four: "Country in the United Kingdom" for "Wales" reuses an example's
-      frame with a new answer, and is a readout).
+      entities ("Leonardo DiCaprio: American actor"), copies an example's whole description
+      when that is shorter than ``span`` words (two or three: "American actor"), or copies
+      ``span`` consecutive words of the target prompt (four: "Country in the United Kingdom"
+      for "Wales" reuses an example's frame with a new answer, and is a readout).
 
-    Echoes are counted apart and never as successes in any recipe that judges texts."""
+    This is the one rule of every path that judges readouts (``judge.score``/``flag_echoes``,
+    the CLI, the recipes, the explorer): echoes are counted apart and never succeed."""
     rest = str(text)
     token = str(token).strip()
     if token:
@@ -125,6 +132,9 @@ def is_echo(text: str, token: str = "", target: str = "", span: int = 4) -> bool
         name_words = words(name)
         if name_words and _contains(item, name_words):
             return True
+    short = [words(description) for _, description in _examples(target)]
+    if any(2 <= len(d) < span and _contains(item, d) for d in short):
+        return True
     target_words = words(target)
     grams = {tuple(target_words[i : i + span]) for i in range(len(target_words) - span + 1)}
     return any(tuple(item[i : i + span]) in grams for i in range(len(item) - span + 1))

@@ -119,7 +119,10 @@ _FETCH_PREFIX = ".fetch-"  # temp folders of fetches in progress: .fetch-<name>-
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SUPERSCOPES_CACHE", Path.home() / ".cache" / "superscopes"))
+    """``SUPERSCOPES_CACHE`` (environment, else ``.env``; ``~`` expanded), else ~/.cache/superscopes."""
+    from superscopes.env import value
+
+    return Path(value("SUPERSCOPES_CACHE") or Path.home() / ".cache" / "superscopes").expanduser()
 
 
 def cached_model_dir(name: str) -> Path:
@@ -436,10 +439,15 @@ def load(
     from transformers.utils import logging as transformers_logging
 
     from superscopes import remote as remote_config
+    from superscopes.env import export_hf_token
 
-    path = resolve_path(name_or_path)
+    export_hf_token()  # a gated repo's token from .env, where the hub client reads it
     transformers_logging.disable_progress_bar()  # a cached load is instant; no bar per load
-    hub_kwargs = _check_hub(path) if not Path(path).is_dir() else {}
+    try:
+        path = resolve_path(name_or_path)
+        hub_kwargs = _check_hub(path) if not Path(path).is_dir() else {}
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(_on_ndif(str(error), name_or_path) if remote else str(error)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
         if remote:
@@ -459,18 +467,26 @@ def load(
             model = TransformersModel(hf_model, tokenizer=tokenizer)
     except OSError as error:
         if Path(path).is_dir():
-            raise ModelNotFoundError(f"{path} is not a transformers checkpoint (config, weights, tokenizer): {error}") from None
-        raise ModelNotFoundError(
-            f"could not load {name_or_path!r}: its files are not in the local Hugging Face cache and the hub "
-            f"could not provide them ({error.__class__.__name__}). Embedded models that work "
-            f"offline: {', '.join(EMBEDDED)}"
-        ) from None
+            message = f"{path} is not a transformers checkpoint (config, weights, tokenizer): {error}"
+        else:
+            message = (f"could not load {name_or_path!r}: its files are not in the local Hugging Face cache and the "
+                       f"hub could not provide them ({error.__class__.__name__}). Embedded models that work "
+                       f"offline: {', '.join(EMBEDDED)}")  # fmt: skip
+        raise ModelNotFoundError(_on_ndif(message, name_or_path) if remote else message) from None
     tokenizer.padding_side = "left"  # row[:, -1] is every row's real last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not remote and getattr(model.config, "model_type", None) not in ARCHITECTURES:
         check_sites(model)
     return model
+
+
+def _on_ndif(message: str, name: str) -> str:
+    """A failed ``load(..., remote=True)``: what failed, then what to check for NDIF, one line."""
+    first = " ".join(str(message).split())
+    return (f"{first} (remote=True: the model runs on NDIF and only its tokenizer and config are read here; "
+            f"check that {name!r} is a repo id or directory the NDIF server serves (`superscopes remote status`), "
+            f"and NDIF_HOST and NDIF_API_KEY in the environment or .env)")  # fmt: skip
 
 
 def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog") -> None:

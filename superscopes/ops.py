@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from superscopes.sites import architecture_of, resolve
+from superscopes.sites import ScopeError, architecture_of, resolve
 
 Transform = Literal["scale", "cfg", "norm", "affine", "random", "latent"]
 TRANSFORMS: tuple[str, ...] = ("scale", "cfg", "norm", "affine", "random", "latent")
@@ -31,10 +31,18 @@ Position = int | torch.Tensor
 
 
 def activation(model, site: str, layer: int) -> torch.Tensor:
-    """The live ``[batch, seq, d_model]`` tensor of ``site`` at ``layer``; writes to it patch the run."""
+    """The live ``[batch, seq, d_model]`` tensor of ``site`` at ``layer``; writes to it patch the run.
+
+    A site or layer the model does not have raises the grid's ``ScopeError`` (checked before
+    the module is touched, so no forward pass waits on it)."""
     arch = architecture_of(model)
+    if site not in arch.sites:
+        raise ScopeError(f"site {site!r} is not valid; choose from {', '.join(arch.sites)}")
+    blocks = resolve(model, arch.blocks)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(blocks):
+        raise ScopeError(f"layer {layer!r} is out of range: the model has layers 0-{len(blocks) - 1}")
     spec = arch.sites[site]
-    module = resolve(resolve(model, arch.blocks)[layer], spec.module)
+    module = resolve(blocks[layer], spec.module)
     value = module.input if spec.io == "input" else module.output
     return value if spec.index is None else value[spec.index]
 
@@ -53,14 +61,27 @@ def unembed(model, vectors: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _index(position: Position, rows: torch.Tensor | None) -> tuple:
+def _index(position: Position, rows: torch.Tensor | None, length: int) -> tuple:
+    """The index of ``position`` (per row with ``rows``) in a ``[batch, length, d]`` site;
+    a position outside the sequence raises ``ScopeError``, not torch's IndexError."""
+    try:
+        positions = torch.as_tensor(position)
+    except (TypeError, ValueError, RuntimeError):
+        positions = None
+    if isinstance(position, bool) or positions is None or positions.is_floating_point() or positions.is_complex() \
+            or positions.dtype == torch.bool:  # fmt: skip
+        raise ScopeError(f"position {position!r} is not a token index (an int, or a tensor of them)")
+    if positions.numel() and not bool(((positions >= -length) & (positions < length)).all()):
+        raise ScopeError(f"position {position!r} is outside the sequence: it has {length} tokens "
+                         f"(indices {-length} to {length - 1})")  # fmt: skip
     return (slice(None), position) if rows is None else (rows, position)
 
 
 def read(model, site: str, layer: int, position: Position = -1, rows: torch.Tensor | None = None) -> torch.Tensor:
     """A copy of ``site`` at ``layer``: ``[batch, d]`` at one position, or ``[len(rows), d]``
     at ``(rows[i], position[i])``. Cloned so that saving it ships only these values."""
-    return activation(model, site, layer)[_index(position, rows)].clone()
+    value = activation(model, site, layer)
+    return value[_index(position, rows, value.shape[1])].clone()
 
 
 def amplify(
@@ -109,7 +130,7 @@ def amplify(
         # latent's part of the output is a(v) * d times the factor that maps them back.
         scale = sae_normalize(vectors.float(), encoder.get("normalize", "none"))[1].to(vectors.dtype)
         return vectors + (alpha - 1) * latent_activation(vectors, **encoder).to(vectors.dtype) * row * scale
-    raise ValueError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+    raise ScopeError(f"transform {transform!r} is not valid; choose from {', '.join(TRANSFORMS)}")
 
 
 def sae_normalize(x: torch.Tensor, normalize: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +184,8 @@ def write(
     mode: Literal["replace", "add"] = "replace",
 ) -> None:
     """Overwrite (or add to) ``site`` at ``layer`` and ``position`` with ``value`` ``[n, d]``."""
-    _write_into(activation(model, site, layer), _index(position, rows), value, mode)
+    target = activation(model, site, layer)
+    _write_into(target, _index(position, rows, target.shape[1]), value, mode)
 
 
 def _write_into(target: torch.Tensor, index: tuple, value: torch.Tensor, mode: str) -> None:
@@ -173,7 +195,7 @@ def _write_into(target: torch.Tensor, index: tuple, value: torch.Tensor, mode: s
     elif mode == "replace":
         target[index] = value
     else:
-        raise ValueError(f"mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
+        raise ScopeError(f"mode {mode!r} is not valid; choose from {', '.join(WRITE_MODES)}")
 
 
 def patch(
@@ -192,7 +214,7 @@ def patch(
 
     The ``base`` of ``cfg`` and ``norm`` is the clean vector at the write site."""
     target = activation(model, site, layer)
-    index = _index(position, rows)
+    index = _index(position, rows, target.shape[1])
     vectors = vectors.to(device=target.device, dtype=target.dtype)
     base = target[index].clone() if transform in ("cfg", "norm") else None
     _write_into(target, index, amplify(vectors, alpha, transform, base=base, **transform_args), mode)

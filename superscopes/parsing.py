@@ -12,6 +12,10 @@ import re
 # Patched rows per forward pass. Rows that continue one shared prefix gain from wide batches
 # on a CPU (126 rows of the paper grid: 128 is ~15% less CPU than 64, benchmarks/graph.py).
 DEFAULT_BATCH_SIZE = 128
+# Torch CPU threads while a grid runs, the same in Python (``run(threads=...)``), the CLI and
+# the recipes (``--threads``): one is fastest for these small batched passes on a shared CPU
+# (the README grid: 5 s on one thread, 27 s on torch's default of one per core).
+DEFAULT_THREADS = 1
 LAYER_SYNTAX = "'all', '3', '1-7' or '1,3,5-7'"
 
 

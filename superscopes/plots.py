@@ -1,8 +1,10 @@
 """Small seaborn helpers the recipes share: a figure grid, a heatmap, lines and bars per layer.
 
 Every helper draws on an axes (``ax=None`` makes a one-panel figure) and returns it, so a
-recipe composes panels with ``figure(n)`` and writes them with ``save``. The Agg backend is
-selected on import: nothing here needs a display.
+recipe composes panels with ``figure(n)`` and writes them with ``save`` (PNG and PDF, cropped
+to what was drawn). Legends read in words (``words``: ``affine_lens`` -> "affine lens"), and
+``lines`` shades each curve's interval where the table has one. The Agg backend is selected
+on import: nothing here needs a display.
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> Non
         ax.set_ylabel(ylabel)
 
 
+# Legend entries the recipes' tables hold as identifiers, in words.
+LEGEND_WORDS = {
+    "patchscope": "Patchscope", "logit_lens": "logit lens", "affine_lens": "affine lens",
+    "generator": "trained generator", "nearest": "nearest corpus inputs", "random": "random inputs",
+}  # fmt: skip
+
+
+def words(value):
+    """A legend entry in words: ``LEGEND_WORDS``, else underscores as spaces (non-text unchanged)."""
+    if not isinstance(value, str):
+        return value
+    return LEGEND_WORDS.get(value, value.replace("_", " "))
+
+
+def _in_words(frame: pd.DataFrame, *columns: str | None) -> pd.DataFrame:
+    return frame.assign(**{c: frame[c].map(words) for c in columns if c is not None})
+
+
 def heatmap(table: pd.DataFrame, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
             ax=None, label: str | None = None, fmt: str = ".2f", annot: bool = True, cmap: str = "viridis",
             vmin: float | None = None, vmax: float | None = None):  # fmt: skip
@@ -60,12 +80,22 @@ def heatmap(table: pd.DataFrame, title: str | None = None, xlabel: str | None = 
 
 def lines(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, style: str | None = None,
           title: str | None = None, xlabel: str | None = None, ylabel: str | None = None, ax=None,
-          errorbar=None, ylim: tuple[float, float] | None = None, legend_out: bool = False):  # fmt: skip
+          errorbar=None, ylim: tuple[float, float] | None = None, legend_out: bool = False,
+          band: tuple[str, str] | None = ("ci_low", "ci_high")):  # fmt: skip
     """One line per ``hue`` (and ``style``) of ``y`` against ``x`` (e.g. a score per layer), with markers;
-    ``legend_out`` puts the legend right of the axes."""
+    ``legend_out`` puts the legend right of the axes. ``band``: the columns of each point's
+    interval, shaded in its line's colour when the table has them (default: the 95% intervals
+    of ``metrics.prompt_means``)."""
     ax = _axes(ax)
+    frame = _in_words(frame, hue, style)
+    levels = list(dict.fromkeys(frame[hue])) if hue else [None]
+    palette = dict(zip(levels, sns.color_palette(n_colors=len(levels))))
     sns.lineplot(data=frame, x=x, y=y, hue=hue, style=style, markers=True, dashes=style is not None,
-                 errorbar=errorbar, ax=ax)  # fmt: skip
+                 errorbar=errorbar, ax=ax, palette=palette if hue else None)  # fmt: skip
+    if band is not None and set(band) <= set(frame.columns):
+        for level, part in frame.groupby(hue, sort=False) if hue else [(None, frame)]:
+            part = part.sort_values(x)
+            ax.fill_between(part[x], part[band[0]], part[band[1]], color=palette[level], alpha=0.15, lw=0)
     if ylim:
         ax.set_ylim(*ylim)
     _label(ax, title, xlabel if xlabel is not None else x, ylabel if ylabel is not None else y)
@@ -81,7 +111,7 @@ def bars(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str
          xlabel: str | None = None, ylabel: str | None = None, ax=None, annotate: bool = False):  # fmt: skip
     """Grouped bars of ``y`` per ``x`` (e.g. successes per layer), one colour per ``hue``."""
     ax = _axes(ax)
-    sns.barplot(data=frame, x=x, y=y, hue=hue, errorbar=None, ax=ax)
+    sns.barplot(data=_in_words(frame, hue), x=x, y=y, hue=hue, errorbar=None, ax=ax)
     if annotate:
         for container in ax.containers:
             ax.bar_label(container, fmt="%g", fontsize=7)
@@ -92,7 +122,9 @@ def bars(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str
 
 
 def save(fig_or_ax, path: str | Path, title: str | None = None) -> Path:
-    """Write the figure as PNG (``title``: an overall title above the panels) and close it."""
+    """Write the figure as PNG and, beside it, PDF (vector), both cropped to everything drawn
+    (no label or outside legend cut off); ``title``: an overall title above the panels.
+    Closes the figure and returns the PNG's path."""
     fig = fig_or_ax.figure if hasattr(fig_or_ax, "figure") and not isinstance(fig_or_ax, plt.Figure) else fig_or_ax
     if title:
         width = max(40, int(fig.get_figwidth() * 13))
@@ -100,6 +132,7 @@ def save(fig_or_ax, path: str | Path, title: str | None = None) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
     plt.close(fig)
     return path

@@ -7,34 +7,20 @@ config file, from any text we show, and ``explain`` from the exceptions it chain
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+from superscopes.env import read_dotenv, value  # noqa: F401 (read_dotenv: its old home, kept importable)
+
 ENV_VARS = ("NDIF_API_KEY", "NDIF_HOST")
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a .env file (comments, blanks, ``export`` and quotes handled)."""
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.removeprefix("export ").split("=", 1)
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
 
 
 def settings(dotenv: Path | None = None) -> dict[str, str | None]:
     """NDIF settings: the process environment wins over ``.env`` (default: ./.env)."""
-    file_values = read_dotenv(dotenv or Path.cwd() / ".env")
-    return {name: os.environ.get(name) or file_values.get(name) or None for name in ENV_VARS}
+    return {name: value(name, dotenv) for name in ENV_VARS}
 
 
 class RemoteConfigError(ValueError):
@@ -45,10 +31,7 @@ def configure(dotenv: Path | None = None, ship: tuple[ModuleType, ...] = ()) -> 
     """Point nnsight at the configured NDIF host and key, and ship our trace code by value:
     the snippets (``ops``, ``sites``) and the modules in ``ship`` (the graph passes itself, so
     this module does not import it)."""
-    import nnsight
     from nnsight import CONFIG
-
-    from superscopes import ops, sites
 
     values = settings(dotenv)
     if values["NDIF_HOST"]:
@@ -61,8 +44,17 @@ def configure(dotenv: Path | None = None, ship: tuple[ModuleType, ...] = ()) -> 
         raise RemoteConfigError(
             f"{source} {host!r} has no scheme: write it as http://{host} (a local server) or https://{host}"
         )
-    # The server does not have superscopes installed: send the snippet modules' source.
-    for module in (ops, sites, *ship):
+    send_by_value(*ship)
+
+
+def send_by_value(*modules: ModuleType) -> None:
+    """Send our trace code by value with nnsight requests (remote and ``remote="local"``): the
+    server does not have superscopes installed. ``ops`` and ``sites`` always, plus ``modules``."""
+    import nnsight
+
+    from superscopes import ops, sites
+
+    for module in (ops, sites, *modules):
         nnsight.register(module)
 
 
@@ -71,8 +63,9 @@ _SHORTEST_SECRET = 4  # a shorter "key" (e.g. "x" for a server without key check
 
 def _secrets() -> set[str]:
     """Every API key nnsight may send: ours (environment, .env) and nnsight's own (its
-    config file or NDIF_API_KEY as nnsight read it), once nnsight is imported."""
-    keys = {settings()["NDIF_API_KEY"]}
+    config file or NDIF_API_KEY as nnsight read it), once nnsight is imported; and the
+    Hugging Face token."""
+    keys = {settings()["NDIF_API_KEY"], value("HF_TOKEN")}
     if "nnsight" in sys.modules:
         from nnsight import CONFIG
 

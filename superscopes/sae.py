@@ -850,17 +850,21 @@ def cache_activations(model, site: str, layer: int, texts: Sequence[str], tokens
         if total >= tokens:
             break
         file = folder / f"shard_{index:05d}.safetensors"
-        if file.exists():
+        if file.exists():  # a saved shard, read back at once
             shard = load_file(file)["activations"]
+            bar.update(max(0, min(len(shard), tokens - bar.n)))
         else:
             # Sorted by length: a batch of similar lengths needs little padding (saves ~1/3 here).
             chunk = sorted(texts[start : start + shard_passages], key=len)
-            shard = collect(model, chunk, site, [layer], "text", batch_size)[layer].half()
+            parts = []  # read batch by batch (the same passes), so the bar moves from the first seconds
+            for first in range(0, len(chunk), batch_size):
+                parts.append(collect(model, chunk[first : first + batch_size], site, [layer], "text", batch_size)[layer])
+                bar.update(max(0, min(len(parts[-1]), tokens - bar.n)))
+            shard = torch.cat(parts).half()
             save_file({"activations": shard.contiguous()}, file.with_suffix(".tmp"))
             file.with_suffix(".tmp").replace(file)  # a shard is on disk whole or not at all
         shards.append(shard)
         total += len(shard)
-        bar.update(min(len(shard), tokens - bar.n))
     bar.close()
     if require and total < tokens:
         raise SAEError(f"the texts hold {total} tokens, fewer than tokens={tokens}: give more text or fewer tokens")

@@ -40,9 +40,9 @@ import torch
 
 from superscopes import ops
 from superscopes.models import model_name
-from superscopes.parsing import DEFAULT_BATCH_SIZE
+from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
-from superscopes.sites import SITE_NAMES, architecture_of, hidden_size, num_layers, vocab_size
+from superscopes.sites import SITE_NAMES, ScopeError, architecture_of, hidden_size, num_layers, vocab_size
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: it adds ~0.3 s to `import superscopes`
     import pandas as pd
@@ -53,10 +53,6 @@ RESULT_COLUMNS = [
     "model", "source", "token", "position", "site", "layer", "target", "target_layer", "target_site",
     "target_position", "transform", "alpha", "mode", "sample", "output", "output_ids",
 ]  # fmt: skip
-
-
-class ScopeError(ValueError):
-    """A grid that cannot run; raised before any forward pass."""
 
 
 @dataclass
@@ -90,6 +86,13 @@ class Scope:
     ``vectors``: ``[len(prompts), d]`` external source vectors (e.g. SAE latents' decoder
     directions) instead of read ones: nothing is read, ``prompts`` only name the vectors,
     and the one ``sites``/``layers`` entry says where they belong (for ``"same"``).
+    ``intervene``: your own function ``intervene(model)``, called inside every forward pass
+    the grid runs (reads, shared prefixes, patched passes at every generated token) before
+    the grid's own reads and writes at the same module, so an ablation in it makes the grid
+    that of the ablated model. What it returns in a patched pass's first forward, ``None`` or
+    a dict of tensors with one row per batch row, is joined to the frame per cell (one column
+    per key). It must be trace code (module accesses in forward order, plain torch) to run
+    remotely. The model it gets is the one being traced (``target_model`` in patched passes).
     """
 
     prompts: Sequence[str] | str
@@ -123,6 +126,7 @@ class Scope:
     affine_bias: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
     where: Callable[[Cell], bool] | None = field(default=None, repr=False)
     sae_latent: tuple | None = field(default=None, repr=False)
+    intervene: Callable[[object], dict[str, torch.Tensor] | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -532,6 +536,7 @@ class _Pass:
     alphas: torch.Tensor | None = None  # patch passes: one per batch row
     transform: str = "scale"
     seeds: torch.Tensor | None = None  # sampled patch passes: one seed per row (per cell)
+    width: int = 0  # unshared patch passes: tokens of the padded input, which generate returns first
 
 
 def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int) -> list[_Pass]:
@@ -604,8 +609,9 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
             if key[1]:
                 columns, inputs = shared_inputs(texts[0], positions)
             else:
-                columns = _columns(_lengths(tokenizer, texts), list(range(len(chunk))), positions)
-                inputs = {"texts": texts}
+                lengths = _lengths(tokenizer, texts)
+                columns = _columns(lengths, list(range(len(chunk))), positions)
+                inputs = {"texts": texts, "width": max(lengths)}
             vector_ids = torch.tensor([vector_of[(c.source, c.site, c.layer)] for c in chunk_cells])
             groups = []
             for g in _forward_groups([(scope.target_site, c.target_layer) for c in chunk_cells]):
@@ -624,20 +630,41 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
     return passes, covered, prefixes
 
 
-def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0) -> tuple:
+def _intervene(model, tracer, intervene: Callable, steps: int | None, found: dict) -> None:
+    """Inside an invoke of its own (so its module accesses need not interleave with the
+    grid's): the user's ``intervene`` once, or at each of ``steps`` generation steps; what it
+    returns at the first is kept in ``found`` (filled in place: a loop cut short by an early
+    end of generation does not return)."""
+    if steps is None:
+        found["values"] = intervene(model)
+        return
+    for step in tracer.iter[:steps]:
+        values = intervene(model)
+        if step == 0:
+            found["values"] = values
+
+
+def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0,
+                   intervene: Callable | None = None) -> tuple:  # fmt: skip
     """Run read passes; returns the vector table ``[n_vectors, d]`` and, with ``lens_k``, the
     logit lens of every vector (top-``lens_k`` ids and probabilities, or None). Only traces
-    and torch. A pass stops after its last read: the layers above it never run."""
+    and torch. A pass stops after its last read (the layers above it never run), unless the
+    user's ``intervene`` runs in it too (it may reach any layer)."""
     table = torch.empty(n_vectors, hidden_size(model))
     lens = (torch.empty(n_vectors, lens_k, dtype=torch.long), torch.empty(n_vectors, lens_k)) if lens_k else None
     for p in passes:
-        with model.trace(p.texts) as tracer:
-            values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
-            stacked = torch.cat(values).save()
-            if lens_k:
-                top = ops.unembed(model, stacked).softmax(-1).topk(lens_k)
-                top_ids, top_probs = top.indices.save(), top.values.save()
-            tracer.stop()
+        with model.trace() as tracer:
+            if intervene is not None:  # first: at a module both touch, the read sees its edit
+                with tracer.invoke():
+                    _intervene(model, tracer, intervene, None, {})
+            with tracer.invoke(p.texts):
+                values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
+                stacked = torch.cat(values).save()
+                if lens_k:
+                    top = ops.unembed(model, stacked).softmax(-1).topk(lens_k)
+                    top_ids, top_probs = top.indices.save(), top.values.save()
+                if intervene is None:
+                    tracer.stop()
         where = torch.cat([g.vectors for g in p.groups])
         table[where] = stacked.to(table.dtype).cpu()
         if lens_k:
@@ -645,23 +672,20 @@ def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0) 
     return table, lens
 
 
-def _source_table(model, passes: list[_Pass], n_vectors: int, lens_k: int, external: torch.Tensor | None) -> tuple:
-    """``_execute_reads``, or the scope's external vectors (no read pass)."""
-    if external is not None:
-        return external, None
-    return _execute_reads(model, passes, n_vectors, lens_k)
-
-
-def _prefix_caches(model, prefixes: list[torch.Tensor]) -> list[tuple[str, object]]:
+def _prefix_caches(model, prefixes: list[torch.Tensor], intervene: Callable | None = None) -> list[tuple[str, object]]:
     """The KV cache of each shared prefix (one row each), computed once per run, with the name
     the model's forward takes it by: ``cache`` from transformers 5.24 on, ``past_key_values``
     before (a server may run another transformers than the client)."""
     caches = []
     for ids in prefixes:
-        with model.trace(ids, use_cache=True, logits_to_keep=1):
-            output = model.output
-            name = "cache" if "cache" in output else "past_key_values"
-            found = nnsight.save((name, output[name]))
+        with model.trace(use_cache=True, logits_to_keep=1) as tracer:
+            if intervene is not None:
+                with tracer.invoke():
+                    _intervene(model, tracer, intervene, None, {})
+            with tracer.invoke(ids):
+                output = model.output
+                name = "cache" if "cache" in output else "past_key_values"
+                found = nnsight.save((name, output[name]))
         caches.append(found)
     return caches
 
@@ -716,30 +740,42 @@ def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], settings: di
 
 def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Tensor], table: torch.Tensor,
                      settings: dict, on_pass=None) -> list:  # fmt: skip
-    """Run patch passes; returns per pass the saved token ids (and top-k probabilities).
+    """Run patch passes; returns per pass the saved token ids, top-k probabilities (or None)
+    and what the user's ``intervene`` returned in the pass's first forward (or None).
 
     ``settings``: output, max_new_tokens, top_k, temperature, mode, pad_token_id, affine
-    weight/bias, random directions (per vector). Top-k reads the model's own logits
-    (final soft-capping and logit scales included) at the last position only."""
+    weight/bias, random directions (per vector), intervene. Top-k reads the model's own
+    logits (final soft-capping and logit scales included) at the last position only."""
     outputs = []
-    caches = _prefix_caches(target_model, prefixes)
+    intervene = settings["intervene"]
+    caches = _prefix_caches(target_model, prefixes, intervene)
     for p in passes:
         inputs, extra = _pass_inputs(target_model, p, caches, settings)
+        found = {}
         if settings["output"] == "generate":
             kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False,
                       "pad_token_id": settings["pad_token_id"]}  # fmt: skip
             if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
                 kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings["temperature"])]
-            with target_model.generate(inputs, **kwargs, **extra) as tracer:
-                _apply_patches(target_model, p, table, settings)
-                ids = tracer.result[:, -settings["max_new_tokens"] :].save()
-            outputs.append((ids, None))
+            with target_model.generate(**kwargs, **extra) as tracer:
+                if intervene is not None:  # every generated token's forward, not only the prompt's
+                    with tracer.invoke():
+                        _intervene(target_model, tracer, intervene, settings["max_new_tokens"], found)
+                with tracer.invoke(inputs):
+                    _apply_patches(target_model, p, table, settings)
+                    # The new tokens follow the input (fewer than max_new_tokens when every row ended early).
+                    ids = tracer.result[:, p.width if p.ids is None else p.ids.shape[1] :].save()
+            probs = None
         else:
-            with target_model.trace(inputs, logits_to_keep=1, **extra):
-                _apply_patches(target_model, p, table, settings)
-                top = target_model.output.logits[:, -1].float().softmax(-1).topk(settings["top_k"])
-                ids, probs = top.indices.save(), top.values.save()
-            outputs.append((ids, probs))
+            with target_model.trace(logits_to_keep=1, **extra) as tracer:
+                if intervene is not None:
+                    with tracer.invoke():
+                        _intervene(target_model, tracer, intervene, None, found)
+                with tracer.invoke(inputs):
+                    _apply_patches(target_model, p, table, settings)
+                    top = target_model.output.logits[:, -1].float().softmax(-1).topk(settings["top_k"])
+                    ids, probs = top.indices.save(), top.values.save()
+        outputs.append((ids, probs, found.get("values")))
         if on_pass is not None:
             on_pass(len(p.alphas))
     return outputs
@@ -784,9 +820,32 @@ def _directions(scope: Scope, keys: list[tuple[Source, str, int]], size: int) ->
     return directions
 
 
-def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None,
-               bar) -> list[dict]:  # fmt: skip
-    """Read, patch and decode the cells ``chosen`` (indices into the plan); one remote request."""
+@dataclass
+class _Work:
+    """One request's passes, planned on the client. ``_execute`` runs them with traces and
+    torch only: the part that runs inside a session, and on NDIF."""
+
+    read_passes: list[_Pass]
+    n_vectors: int
+    lens_k: int
+    external: torch.Tensor | None  # the scope's own vectors instead of read ones
+    patch_passes: list[_Pass]
+    prefixes: list[torch.Tensor]
+    settings: dict
+
+
+@dataclass
+class _Prepared:
+    """The client's side of a request: the cells it covers and how to decode its outputs."""
+
+    plan: Plan  # the request's cells only
+    work: _Work
+    covered: list[int]  # cell index of each patched row, in pass order
+    vector_of: dict[tuple[Source, str, int], int]
+
+
+def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepared:
+    """Plan the passes that read, patch and decode the cells ``chosen`` (indices into the plan)."""
     scope = the_plan.scope
     sub = Plan(scope, the_plan.sources, [the_plan.cells[i] for i in chosen], the_plan.targets)
     cells = sub.cells
@@ -805,7 +864,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
     settings = {
         "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
         "temperature": scope.temperature, "mode": scope.mode, "pad_token_id": target_model.tokenizer.pad_token_id,
-        "maps": maps, "directions": None, "latent": None,
+        "maps": maps, "directions": None, "latent": None, "intervene": scope.intervene,
     }  # fmt: skip
     if "latent" in scope.transforms:
         sae, latent = scope.sae_latent
@@ -814,38 +873,40 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
         settings["directions"] = _directions(scope, keys, hidden_size(target_model))
     lens_k = scope.top_k if scope.logit_lens else 0
     external = None if scope.vectors is None else scope.vectors[[k[0].prompt for k in keys]].detach().float().cpu()
+    work = _Work(read_passes, len(keys), lens_k, external, patch_passes, prefixes, settings)
+    return _Prepared(sub, work, covered, vector_of)
 
-    with torch.inference_mode():
-        if remote:
-            from superscopes.remote import configure, explain, session_backend
 
-            configure(ship=(sys.modules[__name__],))  # the server runs this module's passes
-            backend = session_backend(model, remote, timeout)
-            try:
-                # One request: the session runs every pass on the server and returns ids/probs.
-                with model.session(remote=remote, backend=backend):
-                    table, lens = _source_table(model, read_passes, len(keys), lens_k, external)
-                    lens = nnsight.save(lens)
-                    silent = nnsight.save(_latent_silent(table, settings))
-                    outputs = nnsight.save(_execute_patches(target_model, patch_passes, prefixes, table, settings))
-            except Exception as error:
-                raise explain(error, model_name(model)) from error
-            bar.update(len(cells))
-        else:
-            table, lens = _source_table(model, read_passes, len(keys), lens_k, external)
-            silent = _latent_silent(table, settings)
-            check_amplified(table, scope.alphas, getattr(target_model, "dtype", torch.float32))
-            outputs = _execute_patches(target_model, patch_passes, prefixes, table, settings, bar.update)
+def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Sequence[float] = ()) -> tuple:
+    """Run a request's reads and patch passes: ``(outputs per patch pass, logit lens or None,
+    whether the latent transform's latent is zero on every read vector)``. Only traces and torch
+    (this is what a session, local or remote, runs)."""
+    intervene = work.settings["intervene"]
+    if work.external is not None:
+        table, lens = work.external, None
+    else:
+        table, lens = _execute_reads(model, work.read_passes, work.n_vectors, work.lens_k, intervene)
+    if check_alphas:
+        check_amplified(table, check_alphas, getattr(target_model, "dtype", torch.float32))
+    silent = _latent_silent(table, work.settings)
+    return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), lens, silent
 
-    if silent:
-        import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
 
-        sae, latent = scope.sae_latent
-        warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
-                      "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=3)  # fmt: skip
+def _warn_latent_silent(scope: Scope) -> None:
+    import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
+
+    sae, latent = scope.sae_latent
+    warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
+                  "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=4)
+
+
+def _collect(model, target_model, prepared: _Prepared, outputs: list, lens) -> list[dict]:
+    """Decode a request's outputs into one dict of columns per cell (in the request's order)."""
+    scope, cells = prepared.plan.scope, prepared.plan.cells
     per_cell: list[dict] = [{} for _ in cells]
-    flat = iter(covered)
-    for ids, probs in outputs:
+    flat = iter(prepared.covered)
+    for ids, probs, values in outputs:
+        values = _intervened(values, len(ids))
         for row in range(len(ids)):
             i, row_ids = next(flat), ids[row].tolist()
             if scope.output == "generate":
@@ -854,12 +915,115 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             else:
                 per_cell[i] = {"output": target_model.tokenizer.decode([row_ids[0]]), "output_ids": row_ids,
                                "output_probs": probs[row].tolist()}  # fmt: skip
+            per_cell[i].update({name: value[row] for name, value in values.items()})
     if lens is not None:  # the source vector's own logit lens, beside what the patch made of it
         for i, cell in enumerate(cells):
-            vector = vector_of[(cell.source, cell.site, cell.layer)]
+            vector = prepared.vector_of[(cell.source, cell.site, cell.layer)]
             ids = lens[0][vector].tolist()
             per_cell[i].update(lens=model.tokenizer.decode([ids[0]]), lens_ids=ids, lens_probs=lens[1][vector].tolist())
     return per_cell
+
+
+_OWN_COLUMNS = {*RESULT_COLUMNS, "output_probs", "lens", "lens_ids", "lens_probs", "target_model"}
+
+
+def _intervened(values, rows: int) -> dict[str, list]:
+    """What ``intervene`` returned in a pass, as one value per batch row for each column."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ScopeError(f"intervene must return None or a dict of tensors by column name, got {type(values).__name__}")
+    columns = {}
+    for name, value in values.items():
+        if name in _OWN_COLUMNS:
+            raise ScopeError(f"intervene's column {name!r} is one of the frame's own: choose another name")
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or len(value) != rows:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ScopeError(f"intervene's {name!r} must be a tensor with one row per batch row ({rows}), got {shape}")
+        columns[name] = [row.item() if row.dim() == 0 else row.tolist() for row in value.detach().float().cpu()]
+    return columns
+
+
+def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None,
+               bar) -> list[dict]:  # fmt: skip
+    """Read, patch and decode the cells ``chosen`` (indices into the plan); one remote request."""
+    prepared = _prepare(model, target_model, the_plan, chosen)
+    with torch.inference_mode():
+        if remote:
+            from superscopes.remote import configure, explain, session_backend
+
+            configure(ship=(sys.modules[__name__],))  # the server runs this module's passes
+            backend = session_backend(model, remote, timeout)
+            work = prepared.work
+            try:
+                # One request: the session runs every pass on the server and returns ids/probs.
+                with model.session(remote=remote, backend=backend):
+                    result = nnsight.save(_execute(model, target_model, work))
+            except Exception as error:
+                raise explain(error, model_name(model)) from error
+            outputs, lens, silent = result
+            bar.update(len(prepared.plan.cells))
+        else:
+            import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
+
+            with warnings.catch_warnings():
+                # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
+                warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
+                outputs, lens, silent = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
+    if silent:
+        _warn_latent_silent(the_plan.scope)
+    return _collect(model, target_model, prepared, outputs, lens)
+
+
+class Grid:
+    """A grid planned to run inside your own nnsight session, beside your own traces::
+
+        grid = superscopes.Grid(model, scope)          # validated and planned: no forward pass yet
+        with model.session(remote=...) as session:     # False, "local" or True (NDIF)
+            ...                                        # your own traces
+            outputs = grid.run()                       # the grid's passes, in this session
+        frame = grid.frame(outputs)                    # the frame superscopes.run returns
+
+    A session runs its body when it exits (on the server, for a remote one), so the frame
+    exists only after it: ``run`` returns the raw outputs (saved, so they leave the session)
+    and ``frame`` decodes them. The whole grid is one request (no ``cells_per_request`` or
+    ``checkpoint``: use ``superscopes.run`` for those). To edit the model the grid sees (an
+    ablation), give the scope an ``intervene`` function: a trace of yours elsewhere in the
+    session does not reach the grid's passes. Torch's thread count is left as it is (the
+    session may run on a server): ``superscopes.run``'s ``threads`` does not apply."""
+
+    def __init__(self, model, scope: Scope, target_model=None):
+        self._model, self._target_model = model, target_model or model
+        self._plan = plan(model, scope, self._target_model)
+        self._prepared = _prepare(model, self._target_model, self._plan, list(range(len(self._plan.cells))))
+        self._work = self._prepared.work
+        from superscopes.remote import send_by_value
+
+        send_by_value(sys.modules[__name__])  # remote sessions (and remote="local") send this module's passes by value
+
+    def run(self) -> tuple:
+        """Run the grid's reads and patch passes (inside a session: when it runs its body;
+        outside one, here and now)."""
+        outputs = _execute(self._model, self._target_model, self._work)
+        return nnsight.save(outputs) if _tracing() else outputs
+
+    def frame(self, outputs: tuple) -> pd.DataFrame:
+        """The grid's frame (as ``superscopes.run`` returns it) from what ``run`` returned."""
+        if not (isinstance(outputs, tuple) and len(outputs) == 3):
+            raise ScopeError("frame() takes what grid.run() returned inside the session (outputs = grid.run())")
+        patched, lens, silent = outputs
+        if silent:
+            _warn_latent_silent(self._plan.scope)
+        per_cell = _collect(self._model, self._target_model, self._prepared, patched, lens)
+        return _frame(self._model, self._target_model, self._plan, per_cell)
+
+    def __len__(self) -> int:
+        return len(self._plan.cells)
+
+    def __getstate__(self) -> dict:
+        # What a remote session sends: only what run() needs (the plan holds the scope's
+        # callables and tensors, which the server has no use for).
+        return {"_model": self._model, "_target_model": self._target_model, "_work": self._work}
 
 
 def _fingerprint(model, target_model, the_plan: Plan) -> str:
@@ -871,6 +1035,10 @@ def _fingerprint(model, target_model, the_plan: Plan) -> str:
                 scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
                 scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
     digest.update(json.dumps(settings, default=str).encode())
+    if scope.intervene is not None:  # the function's name and bytecode: another intervention, another grid
+        code = getattr(scope.intervene, "__code__", None)
+        digest.update(getattr(scope.intervene, "__qualname__", repr(scope.intervene)).encode())
+        digest.update(code.co_code if code is not None else b"")
     if scope.vectors is not None:
         digest.update(scope.vectors.detach().cpu().float().contiguous().numpy().tobytes())
     for cell in the_plan.cells:
@@ -923,9 +1091,29 @@ class _Checkpoint:
             os.fsync(f.fileno())
 
 
+def _check_served(*models) -> None:
+    """A model with its weights here (loaded without ``remote=True``) cannot run on NDIF:
+    nnsight would ask the server for its local cache path. Checked before any file is written."""
+    for m in models:
+        module = getattr(m, "_module", None)
+        weights = next(module.parameters(), None) if module is not None else None
+        if weights is not None and weights.device.type != "meta":
+            raise ScopeError(
+                f"{model_name(m)} was loaded with its weights on this machine; to run it on NDIF, load it "
+                "with superscopes.load(NAME, remote=True) (remote=\"local\" runs a local model's request here)"
+            )
+
+
+def _tracing() -> bool:
+    """Whether this thread is inside an nnsight session or trace body (or an invoke of one)."""
+    from nnsight.tracing import tracer  # nnsight 0.8's per-thread nesting depth (read only)
+
+    return getattr(tracer._local, "depth", 0) > 0
+
+
 def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True,
         cells_per_request: int | None = None, checkpoint: str | Path | None = None,
-        timeout: float | None = None) -> pd.DataFrame:  # fmt: skip
+        timeout: float | None = None, threads: int | None = DEFAULT_THREADS) -> pd.DataFrame:  # fmt: skip
     """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
 
     ``target_model``: patch into another model (cross-model; needs ``affine`` across
@@ -935,15 +1123,27 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     the whole grid is one request), e.g. to stay within a server's time limit.
     ``checkpoint``: a file that keeps every finished request's cells as it returns; a rerun
     with the same grid resumes from it, a different grid is refused. ``timeout``: seconds a
-    remote request may take before the client gives up (default: wait as long as it runs)."""
+    remote request may take before the client gives up (default: wait as long as it runs).
+    ``threads``: torch CPU threads while the grid runs (restored after), the CLI's and the
+    recipes' default too (``parsing.DEFAULT_THREADS``); ``None`` keeps torch's setting."""
     from tqdm.auto import tqdm
 
+    if _tracing():
+        raise ScopeError(
+            "superscopes.run runs its own traces and returns a frame, which a session or trace cannot hand out: "
+            "plan it before the session with grid = superscopes.Grid(model, scope), call outputs = grid.run() "
+            "inside it, and frame = grid.frame(outputs) after it"
+        )
     target_model = target_model or model
+    if remote and remote != "local":
+        _check_served(model, target_model)
     the_plan = plan(model, scope, target_model)
     if cells_per_request is not None and (not isinstance(cells_per_request, int) or cells_per_request < 1):
         raise ScopeError(f"cells_per_request must be a positive integer, got {cells_per_request!r}")
     if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ScopeError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ScopeError(f"threads must be a positive integer (or None for torch's own setting), got {threads!r}")
     n = len(the_plan.cells)
     store = _Checkpoint(checkpoint, _fingerprint(model, target_model, the_plan), n) if checkpoint else None
     per_cell: list[dict | None] = [None] * n
@@ -952,14 +1152,20 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     todo = [i for i in range(n) if per_cell[i] is None]
     size = cells_per_request or max(len(todo), 1)
     bar = tqdm(total=n, initial=n - len(todo), desc="superscopes", unit="cell", disable=not progress)
-    for start in range(0, len(todo), size):
-        chosen = todo[start : start + size]
-        outputs = _run_cells(model, target_model, the_plan, chosen, remote, timeout, bar)
-        for i, out in zip(chosen, outputs):
-            per_cell[i] = out
-        if store:
-            store.append(chosen, outputs)
-    bar.close()
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for start in range(0, len(todo), size):
+            chosen = todo[start : start + size]
+            outputs = _run_cells(model, target_model, the_plan, chosen, remote, timeout, bar)
+            for i, out in zip(chosen, outputs):
+                per_cell[i] = out
+            if store:
+                store.append(chosen, outputs)
+    finally:
+        torch.set_num_threads(previous)
+        bar.close()
     return _frame(model, target_model, the_plan, per_cell)
 
 

@@ -137,6 +137,12 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
+class ScopeError(ValueError):
+    """A grid or a trace snippet that cannot run: a site, layer, position or setting that does
+    not exist, named with the valid choices. Raised before any forward pass where it can be.
+    Defined here, not in ``scope``, so that ``ops`` (shipped to NDIF) raises the same error."""
+
+
 def architecture_of(model) -> Architecture:
     """The site table of a model (nnsight-wrapped or plain HF), from its config's model_type;
     an architecture not in the table is inferred from the module structure."""

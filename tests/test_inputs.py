@@ -102,7 +102,7 @@ def test_recipe_help_prints_the_recipes_help(capsys):
     with pytest.raises(SystemExit):
         main(["recipe", "superscopes_hidden_states", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "python -m recipes.superscopes_hidden_states" in text and "--max-new-tokens" in text and "(default: smollm2-135m)" in text
+    assert "python -m superscopes.recipes.superscopes_hidden_states" in text and "--max-new-tokens" in text and "(default: smollm2-135m)" in text
 
 
 # ---------------------------------------------------------------- the grid's validation (no forward pass)

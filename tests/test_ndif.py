@@ -72,6 +72,27 @@ def test_topk_grid_matches_local(remote_model, local_model):
     )
 
 
+def ablate_and_read(model):
+    """A user's own intervention in every pass of the grid (SmolLM2 is a Llama)."""
+    model.model.layers[0].mlp.output[:] = 0
+    return {"attn_norm": model.model.layers[1].self_attn.output[0][:, -1].norm(dim=-1)}
+
+
+def test_grid_in_the_users_remote_session_matches_local(remote_model, local_model):
+    """A Grid and the user's own trace in one NDIF session: the frame equals a local run."""
+    scope = Scope(**GRID, max_new_tokens=5, intervene=ablate_and_read)
+    grid = superscopes.Grid(remote_model, scope)
+    with remote_model.session(remote=True):
+        with remote_model.trace("The Eiffel Tower is in"):
+            logits = remote_model.lm_head.output[:, -1].save()
+        outputs = grid.run()
+    frame = grid.frame(outputs)
+    local = superscopes.run(local_model, scope, progress=False)
+    assert frame["output_ids"].tolist() == local["output_ids"].tolist()
+    assert frame["attn_norm"].tolist() == pytest.approx(local["attn_norm"].tolist(), rel=1e-4)
+    assert logits.shape[-1] == local_model.config.vocab_size
+
+
 def test_snippets_in_a_remote_trace_match_local(remote_model, local_model):
     results = {}
     for name, model, remote in (("remote", remote_model, True), ("local", local_model, False)):

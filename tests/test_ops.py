@@ -7,6 +7,7 @@ import torch
 
 from superscopes import ops
 from superscopes.remote import configure
+from superscopes.scope import ScopeError
 from superscopes.sites import SITE_NAMES
 
 from .conftest import ARCHITECTURES
@@ -81,7 +82,7 @@ def test_transform_arithmetic():
     random = ops.amplify(v, alpha, "random", direction=direction)
     torch.testing.assert_close(random.norm(dim=-1), alpha * v.norm(dim=-1))
     assert torch.allclose(torch.nn.functional.cosine_similarity(random, direction), torch.ones(4))
-    with pytest.raises(ValueError, match="transform 'double' is not one of scale, cfg, norm, affine, random"):
+    with pytest.raises(ScopeError, match="transform 'double' is not valid; choose from scale, cfg, norm, affine, random"):
         ops.amplify(v, 1.0, "double")
 
 
@@ -106,9 +107,31 @@ def test_cfg_and_norm_write_the_hand_computed_tensor(tiny_models, arch, transfor
 
 def test_bad_write_mode_is_named(tiny_models):
     model = tiny_models["llama"]
-    with pytest.raises(ValueError, match="mode 'merge' is not one of replace, add"):
+    with pytest.raises(ScopeError, match="mode 'merge' is not valid; choose from replace, add"):
         with model.trace(PROMPTS):
             ops.write(model, "mlp_out", 1, torch.ones(2, 64), -1, mode="merge")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: ops.read(m, "mlp_outt", 1, -1), "site 'mlp_outt' is not valid; choose from resid_pre, attn_out"),
+        (lambda m: ops.read(m, "mlp_out", 3, -1), r"layer 3 is out of range: the model has layers 0-2"),
+        (lambda m: ops.read(m, "mlp_out", "1", -1), r"layer '1' is out of range"),
+        (lambda m: ops.read(m, "mlp_out", 1, 40), r"position 40 is outside the sequence: it has 6 tokens"),
+        (lambda m: ops.patch(m, "resid_post", 1, torch.ones(2, 64), torch.tensor([0, 6])), r"outside the sequence"),
+        (lambda m: ops.write(m, "attn", 0, torch.ones(2, 64)), "site 'attn' is not valid"),
+        (lambda m: ops.activation(m, "resid_post", -1), "layer -1 is out of range"),
+    ],
+    ids=["site", "layer", "layer-text", "position", "patch-positions", "write-site", "negative-layer"],
+)
+def test_snippet_errors_are_the_grids_scope_errors(tiny_models, call, message):
+    """A wrong site, layer or position inside a trace raises the ScopeError the grid raises
+    (naming the bad value and the valid choices), not a raw KeyError/IndexError/AttributeError."""
+    model = tiny_models["llama"]
+    with pytest.raises(ScopeError, match=message):
+        with model.trace(PROMPTS):
+            call(model)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
@@ -146,3 +169,17 @@ def test_registered_modules_ship_by_value(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "6.0"
+
+
+def test_positions_may_be_numpy_integers_but_not_text(tiny_models):
+    import numpy as np
+
+    model = tiny_models["llama"]
+    with model.trace(PROMPTS):
+        v = ops.read(model, "resid_post", 1, np.int64(-1)).save()
+        w = ops.read(model, "resid_post", 1, -1).save()
+    torch.testing.assert_close(v, w)
+    for bad in ("last", 1.5, True):
+        with pytest.raises(ScopeError, match="is not a token index"):
+            with model.trace(PROMPTS):
+                ops.read(model, "resid_post", 1, bad)

@@ -1,7 +1,7 @@
 """README.md runs as written: every ```python and ```bash block is executed or checked here.
 
-Python blocks run in order in one namespace (later blocks use ``model`` and ``grid`` from
-earlier ones). Bash commands are run when they are short (``superscopes scope``, ``judge``,
+Each Python block runs on its own in a fresh interpreter, as a newcomer pastes it into a new
+file (no block relies on another's variables). Bash commands are run when they are short (``superscopes scope``, ``judge``,
 ``models``) and otherwise parsed by the very parser that would run them (``make -n`` for make
 targets, the recipe's own parser for recipes, the app's parser for ``superscopes app``),
 because a recipe or the web server runs for minutes or forever. A block preceded by
@@ -77,7 +77,9 @@ def check_command(argv: list[str], run: bool) -> None:
                 check_command(["superscopes", *words[1:]], run=False)
         return
     if argv[:2] == ["python", "-m"] and argv[2].startswith("recipes."):
-        parse_recipe(argv[2].removeprefix("recipes."), argv[3:])
+        raise AssertionError(f"{shlex.join(argv)!r}: write the installed form, python -m superscopes.{argv[2]}")
+    if argv[:2] == ["python", "-m"] and argv[2].startswith("superscopes.recipes."):
+        parse_recipe(argv[2].removeprefix("superscopes.recipes."), argv[3:])
         return
     if argv[:2] == ["python", "-m"] and argv[2].startswith("superscopes."):  # a module with its own verbs
         importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
@@ -101,18 +103,22 @@ def compile_block(block: Block, folder: Path):
     return compile(block.code, str(source), "exec")
 
 
-@pytest.fixture(scope="module")
-def namespace() -> dict:
-    return {}
+def run_alone(block: Block, folder: Path) -> None:
+    """The block as its own file, in a fresh interpreter (cwd ``folder``): nothing from other
+    blocks or from this test process (imports, models, torch's thread count) carries over."""
+    compile_block(block, folder)
+    source = folder / f"{block.path.stem}_line{block.line}.py"
+    result = subprocess.run([sys.executable, str(source)], cwd=folder, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert result.returncode == 0, f"{block} failed on its own:\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("block", [b for b in ALL if b.language == "python"], ids=str)
-def test_python_block_runs(block, namespace, tmp_path, monkeypatch):
-    compiled = compile_block(block, tmp_path)
+def test_python_block_runs(block, tmp_path):
     if block.ndif:
+        compile_block(block, tmp_path)
         return  # compiled only; runs in test_ndif_blocks
-    monkeypatch.chdir(tmp_path)
-    exec(compiled, namespace)
+    run_alone(block, tmp_path)
 
 
 @pytest.mark.parametrize("block", [b for b in ALL if b.language == "bash"], ids=str)
@@ -125,8 +131,8 @@ def test_bash_block_runs_or_parses(block, tmp_path, monkeypatch):
 @pytest.mark.ndif
 @pytest.mark.skipif(not os.environ.get("NDIF_API_KEY"), reason="needs NDIF_API_KEY for the README's remote models")
 @pytest.mark.parametrize("block", [b for b in ALL if b.ndif and b.language == "python"], ids=str)
-def test_ndif_blocks(block, namespace, tmp_path):
-    exec(compile_block(block, tmp_path), namespace)
+def test_ndif_blocks(block, tmp_path):
+    run_alone(block, tmp_path)
 
 
 def test_every_block_is_seen():

@@ -202,7 +202,7 @@ def check_outputs(out, files: list[str], figures: list[str]) -> None:
     for name in [*files, "summary.csv", "summary.md", *figures]:
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
     text = (out / "summary.md").read_text()
-    assert "**Ours:**" in text and "**Paper:**" in text and "Command: `python -m recipes." in text
+    assert "**Ours:**" in text and "**Paper:**" in text and "Command: `python -m superscopes.recipes." in text
     for figure in figures:
         assert f"]({figure})" in text
         assert (out / figure).read_bytes()[:8] == PNG

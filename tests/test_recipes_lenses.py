@@ -15,7 +15,7 @@ def _outputs(out, figure: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     for name in ("cells.csv", "summary.csv", "summary.md", figure):
         assert (out / name).stat().st_size > 0, name
     summary_md = (out / "summary.md").read_text()
-    assert "**Ours:**" in summary_md and "**Paper:**" in summary_md and "Command: `python -m recipes." in summary_md
+    assert "**Ours:**" in summary_md and "**Paper:**" in summary_md and "Command: `python -m superscopes.recipes." in summary_md
     assert "nan" not in summary_md.split("## Settings")[0]
     return ResultStore.read(out / "cells.csv"), pd.read_csv(out / "summary.csv"), summary_md
 

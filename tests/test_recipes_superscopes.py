@@ -41,7 +41,7 @@ def check_common(out, figures: list[str]) -> pd.DataFrame:
     for name in ["cells.csv", "summary.csv", "summary.md", *figures]:
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
     text = (out / "summary.md").read_text()
-    assert "**Ours:**" in text and "**Paper:**" in text and "Command: `python -m recipes." in text
+    assert "**Ours:**" in text and "**Paper:**" in text and "Command: `python -m superscopes.recipes." in text
     for figure in figures:
         assert f"]({figure})" in text
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -238,13 +238,14 @@ def test_examples_never_count_an_echo_as_naming_the_entity():
 def test_entity_description_scores_an_echo_zero():
     from recipes.entity_description import score
 
-    cells = pd.DataFrame({"output": [" Leonardo DiCaprio: American actor", ": American actor, x", " Hanks"],
-                          "token": [" Hanks"] * 3, "target": [TARGET] * 3,
-                          "reference": ["American actor and filmmaker"] * 3})  # fmt: skip
+    outputs = [" Leonardo DiCaprio: American actor", ": American film actor, x", " Hanks", ": American actor, x"]
+    cells = pd.DataFrame({"output": outputs, "token": [" Hanks"] * 4, "target": [TARGET] * 4,
+                          "reference": ["American actor and filmmaker"] * 4})  # fmt: skip
     scored = score(cells)
-    assert scored["echo"].tolist() == [True, False, True]
+    # The last copies an example's whole description ("American actor"): an echo even where it fits.
+    assert scored["echo"].tolist() == [True, False, True, True]
     assert scored["rougeL"].tolist()[0] == scored["rougeL_raw"].tolist()[0] == 0  # copies the example: 0, not 0.67
-    assert scored["rougeL"].iloc[1] == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))
+    assert scored["rougeL"].iloc[1] == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
 
 
 # ---------------------------------------------------------------- metrics and plots

@@ -30,8 +30,8 @@ NDIF_WHITELIST = frozenset({
     "fsspec", "scipy", "regex", "concurrent", "io",
 })  # fmt: skip
 SHIPPED = {"superscopes.ops": ops, "superscopes.sites": sites, "superscopes.scope": scope}
-# What scope's graph runs inside the remote session (see scope.run and scope.read_vectors).
-SERVER_SIDE = (scope._execute_reads, scope._execute_patches)
+# What scope's graph runs inside a remote session (scope.run, scope.Grid.run, scope.read_vectors).
+SERVER_SIDE = (scope._execute, scope._execute_reads, scope._execute_patches, scope.Grid.run)
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -302,5 +302,5 @@ def latent_frame(model, sae, latent: int, alphas: list[float], max_new_tokens: i
     scale = "mean" if sae.mean_activation is not None else "unit"
     scope = S.latent_scope(sae, [latent], model=model, scale=scale, alphas=alphas, max_new_tokens=max_new_tokens,
                            batch_size=batch_size)  # fmt: skip
-    frame = superscopes.run(model, scope, progress=False)
+    frame = superscopes.run(model, scope, progress=False, threads=None)  # the app's --threads
     return S.explanation_scores(model, scope, frame), scale

@@ -364,12 +364,15 @@ def reused_controls(transform: str, alphas: list[float]) -> set[str]:
 
 
 def best_rows(rows: list[dict]) -> dict[tuple, dict]:
-    """The best judged row of each (position, site, layer): highest similarity, ties to the
-    smaller alpha (as ``superscopes.judge.best`` on a grid)."""
+    """The best judged row of each (position, site, layer): highest similarity, an echo only
+    where every row echoes, ties to the smaller alpha (as ``superscopes.judge.best``)."""
     best: dict[tuple, dict] = {}
     for row in sorted(rows, key=lambda r: r["alpha"]):
         key = (row["position"], row["site"], row["layer"])
-        if row["similarity"] is not None and (key not in best or row["similarity"] > best[key]["similarity"]):
+        if row["similarity"] is None:
+            continue
+        rank = (not row.get("echo"), row["similarity"])
+        if key not in best or rank > (not best[key].get("echo"), best[key]["similarity"]):
             best[key] = row
     return best
 
@@ -1157,13 +1160,13 @@ class App:
         """Run the job's chunks in turn (the focused token's first), publishing each one's rows:
         grid rows, or control rows (``control``) named by their transform."""
         import superscopes
-        from superscopes.metrics import is_echo
+        from superscopes.judge import flag_echoes
 
         while not job.cancel.is_set() and (chunk := job.next_chunk()) is not None:
             self._panels_waiting()  # a clicked cell's panel need not wait for the whole grid
-            frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False))
+            frame = self.score(superscopes.run(model, chunk, remote=job.remote, progress=False, threads=None))
             frame["model"] = job.model
-            frame["echo"] = [is_echo(o, t, job.grid["target"]) for o, t in zip(frame["output"], frame["token"])]
+            frame = flag_echoes(frame, target=job.grid["target"])  # the one echo rule (judge.score's)
             frame["control"] = frame["transform"].map(CONTROL_OF) if control else ""
             columns = [*ROW_COLUMNS, "control"] if control else ROW_COLUMNS
             rows = [

@@ -817,13 +817,9 @@ function tokenLabel(text) {
 }
 
 function tokenBest(position) {
-  let best = null;
-  for (const row of state.rows.values()) {
-    if (row.position === position && row.similarity !== null && (best === null || row.similarity > best)) {
-      best = row.similarity;
-    }
-  }
-  return best;
+  // The similarity of the token's best readout (bestOf: an echo only where every readout echoes).
+  const best = bestOf([...state.rows.values()].filter((row) => row.position === position));
+  return best && best.similarity !== null ? best.similarity : null;
 }
 
 function jobState(update, cancelled) {
@@ -923,10 +919,13 @@ function echoFlag() {
 }
 
 function bestOf(rows) {
-  // Highest similarity; ties go to the smaller alpha (as superscopes.judge.best).
+  // Highest similarity, an echo only where every row echoes; ties go to the smaller alpha
+  // (the one rule of superscopes.judge.best and the server's best_rows).
   let best = null;
   for (const row of rows) {
-    if (row.similarity !== null && (best === null || row.similarity > best.similarity)) best = row;
+    if (row.similarity === null) continue;
+    const better = best === null || (best.echo && !row.echo) || (!best.echo === !row.echo && row.similarity > best.similarity);
+    if (better) best = row;
   }
   return best || rows[0] || null;
 }
@@ -1202,6 +1201,6 @@ if (typeof module !== "undefined") {
   module.exports = {
     statusText, jobState, readoutHint, heatmapSize, isStale, runsFromUrl, runUrl, cellControls, passes,
     controlsPerBest, targetLayerFields, historyLine, closestPosition, addRows, panelStatus, saeHint, latentHint,
-    panelsLine,
+    panelsLine, bestOf,
   };
 }
