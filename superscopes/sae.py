@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from superscopes.files import UnsafeFileError, load_torch
 from superscopes.parsing import CommandParser
 from superscopes.sites import hidden_size
 
@@ -297,7 +298,10 @@ def load_folder(path: str | Path) -> SAE:
     for name in (CFG_FILE, WEIGHTS_FILE):
         if not (path / name).exists():
             raise SAEError(f"{path} is not an SAE folder: {name} is missing (a SAELens folder has {CFG_FILE} and {WEIGHTS_FILE})")
-    cfg = json.loads((path / CFG_FILE).read_text())
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SAEError(f"{path / CFG_FILE} is not readable JSON ({error})") from None
     architecture = cfg.get("architecture", "standard")
     if architecture not in ARCHITECTURES:
         raise SAEError(f"{path}: architecture {architecture!r} is not supported; choose from {', '.join(ARCHITECTURES)}")
@@ -305,7 +309,13 @@ def load_folder(path: str | Path) -> SAE:
     if normalize != "none":  # the others need a dataset-wide factor SAELens keeps outside the folder
         raise SAEError(f"{path}: normalize_activations {normalize!r} is not supported; fold it into the weights ('none')")
     site, layer = _site_and_layer(cfg)
-    weights = load_file(path / WEIGHTS_FILE)
+    try:
+        weights = load_file(path / WEIGHTS_FILE)
+    except Exception as error:  # safetensors raises its own SafetensorError on a torn or foreign file
+        raise SAEError(f"{path / WEIGHTS_FILE} is not a readable safetensors file ({error})") from None
+    bad = sorted(name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all())
+    if bad:  # a NaN weight turns every readout into NaN without any other sign
+        raise SAEError(f"{path / WEIGHTS_FILE}: {', '.join(bad)} hold NaN or inf values; refetch or retrain it")
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in weights]
     if architecture == "jumprelu" and "threshold" not in weights:
         missing.append("threshold")  # SAELens training checkpoints hold log_threshold instead
@@ -538,7 +548,7 @@ def train_sae(acts: torch.Tensor, latents: int, k: int, site: str, layer: int, m
         step, last_fired = 0, torch.zeros(latents, dtype=torch.long)
         settings = {"n": n, "latents": latents, "k": k, "batch_size": batch_size, "epochs": epochs, "lr": lr, "seed": seed}
         if checkpoint and Path(checkpoint).exists():
-            state = torch.load(checkpoint, weights_only=False)
+            state = load_torch(checkpoint)  # tensors and plain values only: a planted pickle runs no code
             if state["settings"] != settings:
                 raise SAEError(f"checkpoint {checkpoint} is of another run ({state['settings']}, this run {settings}): "
                                "give a new --out, or delete it to start over")  # fmt: skip
@@ -693,10 +703,13 @@ def main(argv: list[str] | None = None) -> None:
     from superscopes.models import load as load_model
 
     model = load_model(args.model)
-    sae = train(model, args.site, args.layer, args.latents, args.k, args.tokens, args.out,
-                texts=corpus.load("train", args.corpus), heldout=corpus.load("heldout", args.corpus),
-                heldout_tokens=args.heldout_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, dtype=torch.float16 if args.float16 else torch.float32)  # fmt: skip
+    try:
+        sae = train(model, args.site, args.layer, args.latents, args.k, args.tokens, args.out,
+                    texts=corpus.load("train", args.corpus), heldout=corpus.load("heldout", args.corpus),
+                    heldout_tokens=args.heldout_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, dtype=torch.float16 if args.float16 else torch.float32)  # fmt: skip
+    except (SAEError, UnsafeFileError) as error:  # one line naming the file, not a traceback
+        raise SystemExit(f"superscopes sae: error: {error}") from None
     print(sae)
     print((Path(args.out) / METRICS_FILE).read_text())
 

@@ -1,0 +1,172 @@
+"""Fault injection: hostile pickles, writes cut at every byte, corrupted files, kill -9.
+
+Each test here failed on the code before the fault-proofing round (issue 23) and checks
+that nothing is unpickled, lost, mixed or left unreadable. Kills are bounded and on
+loopback only; caches are built under ``tmp_path``, never the user's."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from superscopes.results import ResultStore, StoreReadError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- hostile pickles
+
+
+class _Planted:
+    """Unpickling this creates ``marker``: the harmless stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    unsafe = []
+    for folder in ("superscopes", "recipes", "scripts", "benchmarks", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":  # fmt: skip
+                    flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+                    if not (isinstance(flag, ast.Constant) and flag.value is True):
+                        unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+def test_a_planted_sae_checkpoint_runs_no_code(tmp_path):
+    from superscopes.files import UnsafeFileError
+    from superscopes.sae import train_sae
+
+    marker, checkpoint = tmp_path / "pwned", tmp_path / "checkpoint.pt"
+    torch.save({"settings": _Planted(marker)}, checkpoint)
+    with pytest.raises(UnsafeFileError) as caught:
+        train_sae(torch.randn(64, 8), latents=16, k=2, site="resid_post", layer=0, batch_size=16,
+                  checkpoint=checkpoint, progress=False)  # fmt: skip
+    assert not marker.exists()
+    message = str(caught.value)
+    assert str(checkpoint) in message and "\n" not in message and "weights_only=False" not in message
+
+
+def test_a_real_sae_checkpoint_still_resumes(tmp_path):
+    from superscopes.sae import train_sae
+
+    acts, checkpoint = torch.randn(64, 8), tmp_path / "checkpoint.pt"
+    settings = dict(latents=16, k=2, site="resid_post", layer=0, batch_size=16, progress=False)
+    whole = train_sae(acts, epochs=2, **settings)
+    train_sae(acts, epochs=1, checkpoint=checkpoint, checkpoint_every=1, **settings)
+    state = torch.load(checkpoint, weights_only=True)  # resume a run cut after its first epoch
+    state["settings"]["epochs"] = 2
+    torch.save(state, checkpoint)
+    resumed = train_sae(acts, epochs=2, checkpoint=checkpoint, **settings)
+    assert torch.allclose(resumed.W_dec, whole.W_dec, atol=1e-6)
+
+
+def test_a_planted_generator_or_corpus_file_runs_no_code(tmp_path):
+    from superscopes.files import UnsafeFileError
+    from superscopes.inverse import Generator
+
+    marker = tmp_path / "pwned"
+    torch.save({"config": _Planted(marker)}, tmp_path / "generator.pt")
+    with pytest.raises(UnsafeFileError, match=str(tmp_path / "generator.pt")):
+        Generator.load(tmp_path / "generator.pt")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- result store
+
+SETTINGS = {"model": "smollm2-135m", "alphas": [1, 3], "seed": 0}
+
+
+def _units() -> list[pd.DataFrame]:
+    """Three units with what breaks naive CSV writers: quoted newlines and commas, lists, a list column
+    that one unit lacks."""
+    return [
+        pd.DataFrame({"source": ["Diana"] * 2, "alpha": [1, 3], "output": ['a "b",\nc', ""],
+                      "output_ids": [[1, 2], []], "output_probs": [[0.5, 0.25], []]}),
+        pd.DataFrame({"source": ["Wales"] * 2, "alpha": [1, 3], "output": ["x\n", "1135"], "output_ids": [[3], [4]]}),
+        pd.DataFrame({"source": ["Paris"], "alpha": [1], "output": [",\n,"], "output_ids": [[5]],
+                      "output_probs": [[1.0]]}),
+    ]  # fmt: skip
+
+
+def _finish(path: Path) -> pd.DataFrame:
+    """Open the store as a rerun does and append the units it has not done; its table."""
+    store = ResultStore(path, ["source"], settings=SETTINGS)
+    done = store.done()
+    for unit in _units():
+        if store.key([unit["source"][0]]) not in done:
+            store.append(unit)
+    return ResultStore(path, ["source"], settings=SETTINGS).load()
+
+
+@pytest.fixture
+def whole_store(tmp_path) -> tuple[Path, pd.DataFrame, dict[str, bytes]]:
+    path = tmp_path / "whole" / "cells.csv"
+    table = _finish(path)
+    files = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    return path, table, files
+
+
+def test_a_list_column_one_unit_lacks_is_appended(whole_store):
+    _, table, _ = whole_store
+    assert table["output_probs"].tolist()[:2] == [[0.5, 0.25], []] and table["output_probs"][2:4].isna().all()
+    assert table["output_ids"].tolist() == [[1, 2], [], [3], [4], [5]]
+    assert table["output"].tolist() == ['a "b",\nc', "", "x\n", "1135", ",\n,"]
+
+
+@pytest.mark.parametrize("name", ["cells.csv", "cells.csv.journal"])
+def test_a_write_cut_at_every_byte_resumes_to_the_uninterrupted_table(whole_store, tmp_path, monkeypatch, name):
+    """Every prefix of the journal (a write cut there) or of the CSV; the other files as they were."""
+    path, table, files = whole_store
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # cuts are simulated here; syncing the disk only adds minutes
+    cut = tmp_path / "cut"
+    for offset in range(len(files[name]) + 1):
+        shutil.rmtree(cut, ignore_errors=True)
+        cut.mkdir()
+        for file, data in files.items():
+            (cut / file).write_bytes(data[:offset] if file == name else data)
+        pd.testing.assert_frame_equal(_finish(cut / "cells.csv"), table)
+        assert (cut / "cells.csv").read_bytes() == files["cells.csv"]  # the CSV users open is whole again
+    assert offset > 150  # a store of some size, cut at every offset
+
+
+def test_a_corrupt_journal_line_loses_only_its_unit(whole_store, tmp_path):
+    path, table, files = whole_store
+    journal = bytearray(files["cells.csv.journal"])
+    second = journal.index(b"\n") + 1
+    journal[second + 80] ^= 0x01  # one flipped bit inside the second unit's record
+    (path.parent / "cells.csv.journal").write_bytes(bytes(journal))
+    assert ResultStore(path, ["source"], settings=SETTINGS).done() == {("Diana",), ("Paris",)}
+    pd.testing.assert_frame_equal(_finish(path).sort_values("source", ignore_index=True),
+                                  table.sort_values("source", ignore_index=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_corrupt_meta_file_is_named(whole_store, data):
+    path, _, _ = whole_store
+    meta = path.parent / "cells.csv.meta.json"
+    meta.write_bytes(data)
+    for open_it in (lambda: ResultStore(path, ["source"], settings=SETTINGS), lambda: ResultStore.read(path)):
+        with pytest.raises(StoreReadError, match=str(meta)):
+            open_it()
+
+
+def test_a_committed_store_without_journal_resumes(whole_store):
+    """``results/`` commits the CSV and its record, not the journal."""
+    path, table, files = whole_store
+    (path.parent / "cells.csv.journal").unlink()
+    pd.testing.assert_frame_equal(_finish(path), table)
+    assert path.read_bytes() == files["cells.csv"]
+    assert os.path.exists(path.parent / "cells.csv.journal")
