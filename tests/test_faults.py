@@ -170,3 +170,62 @@ def test_a_committed_store_without_journal_resumes(whole_store):
     pd.testing.assert_frame_equal(_finish(path), table)
     assert path.read_bytes() == files["cells.csv"]
     assert os.path.exists(path.parent / "cells.csv.journal")
+
+
+# ---------------------------------------------------------------- model cache
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch, tokenizer):
+    """A cached "smollm2-135m" under tmp_path that is a tiny random Llama, as ``_install`` writes it."""
+    import transformers as T
+
+    from superscopes import models
+
+    from .conftest import _SMALL
+    from .test_models import save_tiny
+
+    monkeypatch.setenv("SUPERSCOPES_CACHE", str(tmp_path))
+    directory = models.cached_model_dir("smollm2-135m")
+    save_tiny(directory, T.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, **_SMALL), tokenizer)
+    models.write_manifest(directory)
+    return directory
+
+
+def _overwrite_keeping_size_and_mtime(path: Path) -> None:
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(stat.st_size // 2)
+        f.write(bytes(64))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_corruption_that_keeps_size_and_mtime_does_not_load(fake_cache):
+    from superscopes import models
+
+    models.verify_cache("smollm2-135m")  # verified once: its stamp is on disk
+    _overwrite_keeping_size_and_mtime(fake_cache / "model.safetensors")
+    with pytest.raises(models.CorruptCacheError, match="model.safetensors does not match its sha256"):
+        models.resolve_path("smollm2-135m")
+    assert models.cache_state("smollm2-135m") == "corrupt"
+
+
+@pytest.mark.parametrize("damage", ["delete", "empty", "drop weights"])
+def test_a_missing_or_damaged_manifest_is_refused_not_rebuilt(fake_cache, damage):
+    import json
+
+    from superscopes import models
+
+    manifest = fake_cache / models.MANIFEST
+    _overwrite_keeping_size_and_mtime(fake_cache / "model.safetensors")
+    if damage == "delete":
+        manifest.unlink()
+    elif damage == "empty":
+        manifest.write_text("")
+    else:  # a manifest that no longer vouches for the weights
+        manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                        if k != "model.safetensors"}))  # fmt: skip
+    with pytest.raises(models.CorruptCacheError, match=r"refetch smollm2-135m"):
+        models.resolve_path("smollm2-135m")
+    assert damage != "delete" or not manifest.exists()  # not re-recorded from the corrupt files
