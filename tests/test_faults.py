@@ -229,3 +229,36 @@ def test_a_missing_or_damaged_manifest_is_refused_not_rebuilt(fake_cache, damage
     with pytest.raises(models.CorruptCacheError, match=r"refetch smollm2-135m"):
         models.resolve_path("smollm2-135m")
     assert damage != "delete" or not manifest.exists()  # not re-recorded from the corrupt files
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def _layer_options(parser) -> list[str]:
+    return [flag for action in parser._actions for flag in action.option_strings if "layers" in flag]
+
+
+def test_a_huge_layer_range_is_an_error_before_it_is_expanded(capsys):
+    import importlib
+    import tracemalloc
+
+    from recipes import RECIPES
+    from superscopes.cli import build_parser
+
+    parsers = [("superscopes scope", build_parser(), ["scope", "Diana"])]
+    for name in RECIPES:
+        parsers.append((name, importlib.import_module(f"recipes.{name}").build_parser(), []))
+    checked = 0
+    tracemalloc.start()
+    try:
+        for name, parser, words in parsers:
+            for option in _layer_options(parser) if words == [] else ["--layers"]:
+                with pytest.raises(SystemExit):
+                    parser.parse_args([*words, option, "1-1000000000"])
+                error = capsys.readouterr().err
+                assert "'1-1000000000': layer 1000 is out of range: layers run 0-999" in error, (name, option, error)
+                checked += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000 and checked >= 6  # nothing was expanded, and every recipe with --layers was tried

@@ -265,14 +265,12 @@ def check_layers(value, num_layers: int, model: str = "the model") -> None:
         raise BadRequest(f"layers has {len(text)} characters; this page takes at most {MAX_FIELD_CHARS['layers']}")
     if text in ("", "all"):
         return  # parse_layers says what to do with an empty field
-    for part in text.split(","):
-        found = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not found:
-            raise BadRequest(f"layers {_show(text)}: use 'all', '3', '1-7' or '1,3,5-7'")
-        low, high = int(found[1]), int(found[2] or found[1])
-        if high < low:
-            raise BadRequest(f"layers {_show(text)}: the range {part} runs backwards")
-        _layer_range("layers", _show(text), low, high, num_layers, model)
+    from superscopes.parsing import parse_layers as parse
+
+    try:
+        parse(text, num_layers, model)  # the one parser, bounded by the model's layers before it expands a range
+    except argparse.ArgumentTypeError as error:
+        raise BadRequest(str(error)) from None
 
 
 def parse_layers(value) -> list[int] | str:
