@@ -383,12 +383,25 @@ def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> 
 
 
 def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch.dtype) -> None:
-    """Refuse alphas whose product with a read vector overflows ``dtype`` (after the read pass)."""
-    largest = vectors.abs().max().item() * max(abs(a) for a in alphas) if len(vectors) else 0.0
+    """Refuse alphas whose product with a read vector overflows ``dtype``, or whose squared norm
+    overflows float32, where RMS/LayerNorm sum the squares: the norm is then 0, the patched
+    position reads as zeros and every readout is the uniform one (after the read pass)."""
+    if not len(vectors) or not alphas:
+        return
+    alpha = max(alphas, key=abs)
+    largest = vectors.abs().max().item() * abs(alpha)
     if not largest < torch.finfo(dtype).max:
         raise ScopeError(
-            f"alpha {max(alphas, key=abs)} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
+            f"alpha {alpha} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
             f"overflows {dtype} (largest value {torch.finfo(dtype).max:.3g}); use smaller alphas"
+        )
+    norm = vectors.detach().double().norm(dim=-1).max().item()
+    limit = math.sqrt(torch.finfo(torch.float32).max)
+    if not norm * abs(alpha) < limit:
+        raise ScopeError(
+            f"alpha {alpha} times the read vectors (largest norm {norm:.3g}) has a squared norm over float32's "
+            f"largest value, so the model's normalisation overflows and every readout would be uniform; "
+            f"use alphas below {limit / norm:.3g}"
         )
 
 
@@ -835,6 +848,9 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
                 text, row_ids = _decode(target_model.tokenizer, row_ids)
                 per_cell[i] = {"output": text, "output_ids": row_ids}
             else:
+                if not torch.isfinite(probs[row]).all():  # a NaN readout is a failed pass, never a result
+                    raise ScopeError(f"cell {cells[i]} gave non-finite next-token probabilities (an activation "
+                                     "overflowed or was NaN); use smaller alphas or check the vectors")  # fmt: skip
                 per_cell[i] = {"output": target_model.tokenizer.decode([row_ids[0]]), "output_ids": row_ids,
                                "output_probs": probs[row].tolist()}  # fmt: skip
     if lens is not None:  # the source vector's own logit lens, beside what the patch made of it

@@ -262,3 +262,39 @@ def test_a_huge_layer_range_is_an_error_before_it_is_expanded(capsys):
     finally:
         tracemalloc.stop()
     assert peak < 5_000_000 and checked >= 6  # nothing was expanded, and every recipe with --layers was tried
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer):
+    from .conftest import build_tiny
+
+    return build_tiny("llama", tokenizer)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])  # the shared-prefix graph and the plain one
+@pytest.mark.parametrize("output", ["topk", "generate"])
+def test_an_alpha_that_overflows_the_norm_is_refused_not_read_as_uniform(tiny_llama, share_prefix, output,
+                                                                         monkeypatch):  # fmt: skip
+    """Alphas from 1e18 to the dtype's bound once gave uniform probabilities and '<|endoftext|>'."""
+    from superscopes import Scope, ScopeError, run, scope
+
+    patched = []
+    monkeypatch.setattr(scope, "_execute_patches", lambda *a, **k: patched.append(1))
+    grid = dict(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], output=output, top_k=3,
+                max_new_tokens=2, share_prefix=share_prefix)  # fmt: skip
+    with pytest.raises(ScopeError, match=r"alpha 1e\+25 times the read vectors .* normalisation overflows"):
+        run(tiny_llama, Scope(alphas=[1, 1e25], **grid), progress=False)
+    assert not patched  # refused after the read pass, before any patched pass
+
+
+def test_a_nan_readout_is_refused_not_reported(tokenizer):
+    from superscopes import Scope, ScopeError, run
+
+    from .conftest import build_tiny
+
+    model = build_tiny("llama", tokenizer, seed=1)
+    with torch.no_grad():
+        model._module.model.norm.weight[0] = float("nan")  # a NaN activation in every pass
+    with pytest.raises(ScopeError, match="non-finite next-token probabilities"):
+        run(model, Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk"),
+            progress=False)  # fmt: skip
