@@ -298,3 +298,34 @@ def test_a_nan_readout_is_refused_not_reported(tokenizer):
     with pytest.raises(ScopeError, match="non-finite next-token probabilities"):
         run(model, Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk"),
             progress=False)  # fmt: skip
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(token=5), r"token 5 must be text"),
+    (dict(position=1.5), r"position 1.5 must be a whole number"),
+    (dict(batch_size=None), r"batch_size None must be a whole number, at least 1"),
+    (dict(batch_size="8"), r"batch_size '8' must be a whole number, at least 1"),
+    (dict(batch_size=1.5), r"batch_size 1.5 must be a whole number, at least 1"),
+    (dict(seed="a"), r"seed 'a' must be a whole number, or None"),
+    (dict(alphas=[1, torch.tensor(2.0)]), r"alpha tensor\(2.\) is a tensor; give plain numbers"),
+    (dict(prompts=[1, 2]), r"prompt 0 is 1 \(int\); prompts are text"),
+    (dict(samples=0), r"samples 0 must be a whole number, at least 1"),
+    (dict(prompts=["Diana \ud800"]), r"prompt 0 'Diana \\ud800' has a character that is not valid text"),
+])  # fmt: skip
+def test_a_setting_of_the_wrong_type_is_named_before_any_forward_pass(tiny_llama, settings, message, monkeypatch):
+    from superscopes import Scope, ScopeError, run, scope
+
+    monkeypatch.setattr(scope, "_execute_reads", lambda *a, **k: pytest.fail("a forward pass ran"))
+    grid = dict(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], alphas=[1], output="topk")
+    with pytest.raises(ScopeError, match=message):
+        run(tiny_llama, Scope(**{**grid, **settings}), progress=False)
+
+
+def test_a_prompt_that_is_not_text_or_a_list_is_named():
+    from superscopes import Scope, ScopeError
+
+    with pytest.raises(ScopeError, match="prompts 123 must be a prompt"):
+        Scope(123)
