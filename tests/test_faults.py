@@ -329,3 +329,38 @@ def test_a_prompt_that_is_not_text_or_a_list_is_named():
 
     with pytest.raises(ScopeError, match="prompts 123 must be a prompt"):
         Scope(123)
+
+
+@pytest.mark.parametrize("status,row", [
+    (401, "NO  api key  refused by http://127.0.0.1:{port} (HTTP 401 to /status)"),
+    (403, "NO  api key  refused by http://127.0.0.1:{port} (HTTP 403 to /status)"),
+    (503, "NO  server   http://127.0.0.1:{port} is up but unavailable now (HTTP 503 to /status"),
+])  # fmt: skip
+def test_remote_status_tells_a_refused_key_and_an_unavailable_server_from_a_wrong_host(status, row, monkeypatch,
+                                                                                         capsys):  # fmt: skip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from superscopes.cli import main
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("NDIF_API_KEY", "ndif-key-not-shown-0123456789")
+    try:
+        assert main(["remote", "status"]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr().out
+    assert row.format(port=server.server_port) in out and "not look like an NDIF server" not in out
+    assert "ndif-key-not-shown" not in out
