@@ -17,6 +17,8 @@ import torch
 
 from superscopes.results import ResultStore, StoreReadError
 
+from .test_app import make_app, model  # noqa: F401 - fixtures: the tiny app on loopback
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- hostile pickles
@@ -364,3 +366,24 @@ def test_remote_status_tells_a_refused_key_and_an_unavailable_server_from_a_wron
     out = capsys.readouterr().out
     assert row.format(port=server.server_port) in out and "not look like an NDIF server" not in out
     assert "ndif-key-not-shown" not in out
+
+
+# ---------------------------------------------------------------- the explorer
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_chunked_body_is_refused_and_never_parsed_as_a_second_request(make_app, method):
+    import socket
+
+    _, base = make_app()
+    port = int(base.rsplit(":", 1)[1])
+    smuggled = b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    head = (f"{method} /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(head + body)
+        replies = b""
+        while chunk := connection.recv(65536):  # the server closes the connection after its one reply
+            replies += chunk
+    assert replies.startswith(b"HTTP/1.0 411") or replies.startswith(b"HTTP/1.1 411"), replies[:80]
+    assert replies.count(b"HTTP/1.") == 1 and b"Content-Length, not chunked" in replies

@@ -1296,6 +1296,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
+        if self.headers.get("Transfer-Encoding") is not None:
+            length = -1  # refused by _dispatch, and never read
         if not 0 <= length <= MAX_BODY:
             self.close_connection = True
             self.raw_body = None
@@ -1306,6 +1308,11 @@ class Handler(BaseHTTPRequestHandler):
         return parse_body(getattr(self, "raw_body", b""), self.headers.get("Content-Type") or "")
 
     def _dispatch(self, routes: dict) -> None:
+        if self.headers.get("Transfer-Encoding") is not None:
+            # Not read here: its bytes would be parsed as a second request on this connection.
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "send the request body with a Content-Length, not chunked")
+            return
         if not self._host_ok():
             self._error(HTTPStatus.FORBIDDEN, "this server only answers requests addressed to localhost")
             return
