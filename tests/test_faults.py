@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -387,3 +389,100 @@ def test_a_chunked_body_is_refused_and_never_parsed_as_a_second_request(make_app
             replies += chunk
     assert replies.startswith(b"HTTP/1.0 411") or replies.startswith(b"HTTP/1.1 411"), replies[:80]
     assert replies.count(b"HTTP/1.") == 1 and b"Content-Length, not chunked" in replies
+
+
+def _held_lock(path: Path):
+    """Another process holding the run store's write lock until it is killed."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(120)", str(path)],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_store_locked_by_another_process_blocks_no_request_and_keeps_the_run(make_app, tmp_path):
+    import time
+
+    from superscopes.app.store import RunStore
+
+    from .test_app import Client
+
+    path = tmp_path / "runs.sqlite"
+    app, base = make_app(store=RunStore(path))
+    client = Client(base, app)
+    _, first = client.run(tokens="last", layers="0", alphas="1")
+    client.wait(first["job"])
+    holder = _held_lock(path)
+    try:
+        started = time.perf_counter()
+        status, job = client.run(tokens="last")
+        assert status == 202 and time.perf_counter() - started < 3  # not the 10 s lock timeout
+        finished = client.wait(job["job"])
+        assert finished["status"] == "done"
+        for page in ("/api/runs?limit=5", f"/api/jobs/{first['job']}", f"/api/jobs/{job['job']}"):
+            assert client.json("GET", page)[0] == 200, page  # history and permalinks while it is locked
+        assert client.request("GET", f"/api/jobs/{job['job']}/csv")[0] == 200
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 20  # the writer retries until the lock is gone
+    while (RunStore(path).state(job["job"]) or {}).get("status") != "done":
+        assert time.time() < deadline, "the run finished while the store was locked was never kept"
+        time.sleep(0.1)
+    assert RunStore(path).state(job["job"])["rows"] == finished["rows"]
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a database" * 100, b"SQLite format 3\x00" + bytes(4000)])
+def test_a_corrupt_run_store_is_moved_aside_with_a_message(make_app, tmp_path, capfd, damage):
+    from superscopes.app.store import RunStore
+
+    from .test_app import Client
+
+    path = tmp_path / "runs.sqlite"
+    RunStore(path).save("0123456789ab", 1.0, "done", {"prompt": "p"}, {"prompt": "p", "rows": [], "controls": []})
+    path.write_bytes(damage + path.read_bytes()[len(damage) : len(damage) + 100] if damage else b"\xff" * 5000)
+    store = RunStore(path)
+    message = capfd.readouterr().err
+    assert store.moved_aside is not None and store.moved_aside.exists()
+    assert str(path) in message and str(store.moved_aside) in message
+    app, base = make_app(store=store)
+    client = Client(base, app)
+    assert client.json("GET", "/api/runs?limit=5") == (200, {"runs": []})
+    status, job = client.run(tokens="last", layers="0", alphas="1")
+    assert client.wait(job["job"])["status"] == "done"
+
+
+def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path):
+    """The database file cut at every 16th byte (and its first and last page at every byte):
+    each opens, with the kept run whole or the file moved aside, never a read error."""
+    import sqlite3
+    from contextlib import closing
+
+    from superscopes.app.store import RunStore
+
+    whole = tmp_path / "whole.sqlite"
+    state = {"prompt": "Diana", "rows": [{"output": f"row {i}", "similarity": i / 10} for i in range(30)], "controls": []}
+    RunStore(whole).save("0123456789ab", 1.0, "done", {"prompt": "Diana"}, state, b"csv,rows\n")
+    with closing(sqlite3.connect(whole)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+    data = whole.read_bytes()
+    offsets = sorted({*range(0, len(data), 16), *range(0, 512), *range(len(data) - 512, len(data))})
+    memory = Path("/dev/shm")  # tmpfs where there is one: SQLite's fsyncs cost nothing there
+    folder = Path(tempfile.mkdtemp(dir=memory if memory.is_dir() else tmp_path))
+    cut, outcomes = folder / "cut.sqlite", Counter()
+    for offset in offsets:
+        for leftover in folder.glob("cut.sqlite*"):
+            leftover.unlink()
+        cut.write_bytes(data[:offset])
+        store = RunStore(cut)
+        kept = store.state("0123456789ab")  # raises nothing
+        assert kept in (state, None), offset  # whole, or gone: never a torn state
+        outcomes["whole" if kept else "moved aside" if store.moved_aside else "started empty"] += 1
+        assert store.recent(5) in ([], [{"id": "0123456789ab", "created": 1.0, "status": "done", "prompt": "Diana"}])
+        store.save("ba9876543210", 2.0, "done", {}, {"rows": []})  # and it takes new runs
+    shutil.rmtree(folder)
+    assert len(offsets) > 500 and outcomes["moved aside"] > 0, outcomes

@@ -92,8 +92,8 @@ class RunStore:
         self.ours: set[str] = set()  # runs saved by this process: their queued/running is live
         self.moved_aside: Path | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer: threading.Thread | None = None  # started by the first save_later
         self._open()
-        threading.Thread(target=self._writer, name="superscopes-run-store", daemon=True).start()
 
     def _open(self) -> None:
         """Create the table; move a file that is not a readable database aside and start anew."""
@@ -171,6 +171,9 @@ class RunStore:
             self.sequence += 1
             self.pending[run_id] = (self.sequence, (created, status, summary, state, csv))
             self.ours.add(run_id)
+            if self.writer is None:
+                self.writer = threading.Thread(target=self._writer, name="superscopes-run-store", daemon=True)
+                self.writer.start()
             self.changed.notify()
 
     def save_now(self, run_id: str, *args, **kwargs) -> bool:
