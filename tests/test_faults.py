@@ -7,6 +7,7 @@ loopback only; caches are built under ``tmp_path``, never the user's."""
 from __future__ import annotations
 
 import ast
+import io
 import os
 import shutil
 import tempfile
@@ -486,3 +487,71 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path):
         store.save("ba9876543210", 2.0, "done", {}, {"rows": []})  # and it takes new runs
     shutil.rmtree(folder)
     assert len(offsets) > 500 and outcomes["moved aside"] > 0, outcomes
+
+
+# ---------------------------------------------------------------- kill -9
+
+_SERVE = """
+import sys, time
+from superscopes.app import make_server
+from superscopes.app.server import App
+from superscopes.app.store import RunStore
+from superscopes.app.testing import fake_similarity, tiny_model
+
+def judge(frame):  # a slow judge: the run is still going when it is killed
+    time.sleep(0.3)
+    return fake_similarity(frame)
+
+app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, offer_embedded=False, judge=judge,
+          store=RunStore(sys.argv[1]), chunk_rows=2)
+server = make_server(app, "127.0.0.1", 0)
+print(server.url, flush=True)
+server.serve_forever()
+"""
+
+
+def test_the_explorer_killed_mid_job_reopens_the_run_as_interrupted_with_every_kept_cell(make_app, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from superscopes.app.store import RunStore
+
+    from .test_app import Client
+
+    path = tmp_path / "runs.sqlite"
+    server = subprocess.Popen([sys.executable, "-c", _SERVE, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)  # fmt: skip
+    try:
+        base = server.stdout.readline().strip().rstrip("/")
+        assert base.startswith("http://127.0.0.1:"), base
+        body = {"client": "test", "model": "tiny-llama", "prompt": "Diana, Princess of Wales", "tokens": "last",
+                "layers": "0-1", "alphas": "1,3,6", "max_new_tokens": 2, "controls": False}  # fmt: skip
+        request = urllib.request.Request(base + "/api/run", json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            job = json.loads(response.read())["job"]
+        deadline, kept = time.time() + 60, []
+        while len(kept) < 4:  # two chunks of two rows are on disk
+            assert time.time() < deadline and server.poll() is None, "no chunk was kept"
+            time.sleep(0.1)
+            kept = (RunStore(path).state(job) or {}).get("rows", [])
+        server.send_signal(signal.SIGKILL)  # mid-job: the grid has 3 alphas x 3 sites x 2 layers = 18 cells
+        server.wait(10)
+    finally:
+        server.kill()
+        server.wait()
+    reopened = RunStore(path).state(job)
+    assert reopened["status"] == "interrupted" and 4 <= len(reopened["rows"]) < 18
+    assert reopened["rows"][: len(kept)] == kept  # every cell seen kept is still there, unchanged
+    app, base = make_app(store=RunStore(path))  # the restarted explorer
+    client = Client(base, app)
+    status, state = client.json("GET", f"/api/jobs/{job}?since=0")
+    assert status == 200 and state["status"] == "interrupted" and state["rows"] == reopened["rows"]
+    status, history = client.json("GET", "/api/runs?limit=5")
+    assert [(r["id"], r["status"]) for r in history["runs"]] == [(job, "interrupted")]
+    status, _, csv = client.request("GET", f"/api/jobs/{job}/csv")
+    assert status == 200 and len(pd.read_csv(io.BytesIO(csv))) == len(reopened["rows"])
