@@ -555,3 +555,50 @@ def test_the_explorer_killed_mid_job_reopens_the_run_as_interrupted_with_every_k
     assert [(r["id"], r["status"]) for r in history["runs"]] == [(job, "interrupted")]
     status, _, csv = client.request("GET", f"/api/jobs/{job}/csv")
     assert status == 200 and len(pd.read_csv(io.BytesIO(csv))) == len(reopened["rows"])
+
+
+def _unit(i: int) -> pd.DataFrame:
+    """What a recipe's unit holds: quoted newlines, commas, lists, a list column some units lack."""
+    frame = pd.DataFrame({"source": [f"prompt {i}"] * 3, "alpha": [1, 3, 6], "output": [f"a,\n{i}", '"q"', ""],
+                          "output_ids": [[i, 1], [], [2]]})  # fmt: skip
+    return frame.assign(output_probs=[[0.5], [0.25], []]) if i % 2 else frame
+
+
+def _append_units(path: Path, started=None) -> None:
+    """A recipe's loop: open the store, skip the finished units, append the others."""
+    store = ResultStore(path, ["source"], settings={"recipe": "fake", "units": 40})
+    done = store.done()
+    if started is not None:
+        started.set()
+    for i in range(40):
+        if store.key([f"prompt {i}"]) not in done:
+            store.append(_unit(i))
+
+
+def test_a_recipe_killed_at_random_moments_resumes_to_the_uninterrupted_table(tmp_path):
+    """Six SIGKILLs of a process appending units as a recipe does, then a run to the end. Forked,
+    so that each child starts at once (a fresh interpreter spends seconds importing torch)."""
+    import multiprocessing
+    import random
+    import signal
+    import time
+
+    reference = tmp_path / "reference" / "cells.csv"
+    _append_units(reference)
+    fork = multiprocessing.get_context("fork")
+    rng, path, killed = random.Random(0), tmp_path / "killed" / "cells.csv", 0
+    for _ in range(6):
+        started = fork.Event()
+        child = fork.Process(target=_append_units, args=(path, started))
+        child.start()
+        assert started.wait(30)
+        time.sleep(rng.uniform(0.0, 0.2))
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            killed += 1
+        child.join(30)
+    _append_units(path)
+    assert killed >= 4  # most kills landed mid-run
+    expected = ResultStore.read(reference)
+    pd.testing.assert_frame_equal(ResultStore.read(path), expected)
+    assert path.read_bytes() == reference.read_bytes() and len(expected) == 3 * 40
