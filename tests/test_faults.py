@@ -78,6 +78,30 @@ def test_a_real_sae_checkpoint_still_resumes(tmp_path):
     assert torch.allclose(resumed.W_dec, whole.W_dec, atol=1e-6)
 
 
+@pytest.mark.parametrize("damage", ["nan", "torn", "cfg"])
+def test_an_sae_folder_with_bad_weights_or_cfg_is_refused_naming_the_file(tmp_path, damage):
+    from superscopes.sae import SAE, SAEError, load_folder
+
+    sae = SAE(torch.randn(8, 16), torch.zeros(16), torch.randn(16, 8), torch.zeros(8), "standard", site="resid_post",
+              layer=0)  # fmt: skip
+    folder = sae.save(tmp_path / "sae")
+    if damage == "nan":
+        sae.W_dec[3, 2] = float("inf")
+        sae.b_enc[0] = float("nan")
+        folder = sae.save(tmp_path / "sae")
+        file, message = "sae_weights.safetensors", "W_dec, b_enc hold NaN or inf values"
+    elif damage == "torn":
+        weights = folder / "sae_weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        file, message = "sae_weights.safetensors", "is not a readable safetensors file"
+    else:
+        (folder / "cfg.json").write_text("{not json")
+        file, message = "cfg.json", "is not readable JSON"
+    with pytest.raises(SAEError, match=message) as caught:
+        load_folder(folder)
+    assert str(folder / file) in str(caught.value)
+
+
 def test_a_planted_generator_or_corpus_file_runs_no_code(tmp_path):
     from superscopes.files import UnsafeFileError
     from superscopes.inverse import Generator
@@ -106,13 +130,18 @@ def _units() -> list[pd.DataFrame]:
     ]  # fmt: skip
 
 
-def _finish(path: Path) -> pd.DataFrame:
-    """Open the store as a rerun does and append the units it has not done; its table."""
+def _resume(path: Path) -> None:
+    """Open the store as a rerun does and append the units it has not done."""
     store = ResultStore(path, ["source"], settings=SETTINGS)
     done = store.done()
     for unit in _units():
         if store.key([unit["source"][0]]) not in done:
             store.append(unit)
+
+
+def _finish(path: Path) -> pd.DataFrame:
+    """``_resume``, then the table as a new process reads it."""
+    _resume(path)
     return ResultStore(path, ["source"], settings=SETTINGS).load()
 
 
@@ -142,8 +171,9 @@ def test_a_write_cut_at_every_byte_resumes_to_the_uninterrupted_table(whole_stor
         cut.mkdir()
         for file, data in files.items():
             (cut / file).write_bytes(data[:offset] if file == name else data)
-        pd.testing.assert_frame_equal(_finish(cut / "cells.csv"), table)
-        assert (cut / "cells.csv").read_bytes() == files["cells.csv"]  # the CSV users open is whole again
+        _resume(cut / "cells.csv")
+        # Byte for byte the uninterrupted store: its journal, its record and the CSV users open.
+        assert {p.name: p.read_bytes() for p in cut.iterdir()} == files, offset
     assert offset > 150  # a store of some size, cut at every offset
 
 
