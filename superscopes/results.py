@@ -246,6 +246,15 @@ def _reorder(record: dict, columns: Sequence[str]) -> list[list[str]]:
     return [[row[where[c]] if c in where else "" for c in columns] for row in record["rows"]]
 
 
+def _kinds(records: Sequence[dict], recorded: Mapping[str, str]) -> dict[str, str]:
+    """``recorded`` plus the kinds of columns only the journal knows (the first kind a column had)."""
+    kinds = dict(recorded)
+    for record in records:
+        for column, kind in record.get("kinds", {}).items():
+            kinds.setdefault(column, kind)
+    return kinds
+
+
 def _replace(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably: a kill leaves the old file or the new one."""
     partial = path.with_name(path.name + ".part")
@@ -309,7 +318,10 @@ class ResultStore:
         _replace(self.meta_path, json.dumps(self._meta).encode())
 
     def _has_rows(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0
+        """Rows in the table, or in its journal (a CSV cut short still belongs to its settings)."""
+        if not self.path.exists():
+            return False
+        return self.path.stat().st_size > 0 or (self.journal_path.exists() and self.journal_path.stat().st_size > 0)
 
     def _open_journal(self) -> list[dict]:
         """The finished units' records: the journal's intact lines, or those of an older CSV store."""
@@ -338,8 +350,9 @@ class ResultStore:
 
     def _record(self, frame: pd.DataFrame) -> dict:
         units = Counter(self._unit_keys(frame))
+        # Each record carries its columns' kinds: a kill before the .meta.json write loses no type.
         return {"units": [[*unit, rows] for unit, rows in units.items()], "columns": [str(c) for c in frame.columns],
-                "rows": _text_rows(frame)}  # fmt: skip
+                "kinds": {str(c): _kind(frame[c]) for c in frame.columns}, "rows": _text_rows(frame)}  # fmt: skip
 
     def _sync(self) -> None:
         """Make the CSV and the record's unit list say what the journal says."""
@@ -347,8 +360,9 @@ class ResultStore:
         if not self.path.exists() or self.path.read_bytes() != text:
             _replace(self.path, text)
         units = [[*unit, rows] for unit, rows in self._recorded().items()]
-        if units != self._meta["units"] or not self.meta_path.exists():
-            self._meta["units"] = units
+        kinds = _kinds(self._records, self._meta["kinds"])
+        if units != self._meta["units"] or kinds != self._meta["kinds"] or not self.meta_path.exists():
+            self._meta["units"], self._meta["kinds"] = units, kinds
             self._write_meta()
 
     def _recorded(self) -> Counter:
@@ -373,7 +387,8 @@ class ResultStore:
         kinds = _read_meta_file(path.with_name(path.name + ".meta.json")).get("kinds")
         journal = path.with_name(path.name + ".journal")
         if path.exists() and journal.exists():
-            return _read_csv(_csv_text(_read_journal(journal)[0]).encode(), kinds)
+            records = _read_journal(journal)[0]
+            return _read_csv(_csv_text(records).encode(), _kinds(records, kinds or {}))
         data = path.read_bytes() if path.exists() else b""
         return _read_csv(data[: data.rfind(b"\n") + 1], kinds)
 
@@ -392,15 +407,15 @@ class ResultStore:
         if self._records is None:  # a table without a record: its rows become the first record
             self._records = [self._record(self.load())] if self._has_rows() else []
             _replace(self.journal_path, b"".join(_frame_line(record) for record in self._records))
-        self._meta["kinds"] = {**{c: _kind(frame[c]) for c in frame.columns}, **self._meta["kinds"]}
         record = self._record(frame)
+        self._meta["kinds"] = {**record["kinds"], **self._meta["kinds"]}
         with open(self.journal_path, "ab") as f:
             f.write(_frame_line(record))
             f.flush()
             os.fsync(f.fileno())
         header = _columns(self._records)
         self._records.append(record)
-        if header and self._has_rows() and _columns(self._records) == header:
+        if header and self.path.exists() and self.path.stat().st_size > 0 and _columns(self._records) == header:
             out = io.StringIO()
             csv.writer(out, lineterminator="\n").writerows(_reorder(record, header))
             with open(self.path, "a", newline="") as f:

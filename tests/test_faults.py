@@ -177,6 +177,27 @@ def test_a_write_cut_at_every_byte_resumes_to_the_uninterrupted_table(whole_stor
     assert offset > 150  # a store of some size, cut at every offset
 
 
+def test_a_kill_before_the_record_is_written_loses_no_column_type(tmp_path):
+    path = tmp_path / "cells.csv"
+    store = ResultStore(path, ["source"], settings=SETTINGS)
+    store.append(_units()[0])
+    meta = (tmp_path / "cells.csv.meta.json").read_bytes()
+    store.append(_units()[1].assign(answer=["12", "7"], success=[True, False]))
+    (tmp_path / "cells.csv.meta.json").write_bytes(meta)  # killed after the journal and CSV, before the record
+    table = ResultStore(path, ["source"], settings=SETTINGS).load()
+    assert table["answer"].tolist()[2:] == ["12", "7"] and table["success"].tolist()[2:] == [True, False]
+    assert ResultStore(path, ["source"], settings=SETTINGS).done() == {("Diana",), ("Wales",)}
+
+
+def test_a_table_cut_to_nothing_still_refuses_other_settings(whole_store):
+    from superscopes.results import SettingsMismatchError
+
+    path, _, _ = whole_store
+    path.write_bytes(b"")
+    with pytest.raises(SettingsMismatchError, match="seed: on disk 0, now 1"):
+        ResultStore(path, ["source"], settings={**SETTINGS, "seed": 1})
+
+
 def test_a_corrupt_journal_line_loses_only_its_unit(whole_store, tmp_path):
     path, table, files = whole_store
     journal = bytearray(files["cells.csv.journal"])
