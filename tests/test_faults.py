@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from superscopes.results import ResultStore, StoreReadError
+from superscopes.results import ResultStore
 
 from .test_app import make_app, model  # noqa: F401 - fixtures: the tiny app on loopback
 
@@ -211,6 +211,8 @@ def test_a_corrupt_journal_line_loses_only_its_unit(whole_store, tmp_path):
 
 @pytest.mark.parametrize("data", [b"{not json", b"[1, 2]", b"\xff\xfe"])
 def test_a_corrupt_meta_file_is_named(whole_store, data):
+    from superscopes.results import StoreReadError
+
     path, _, _ = whole_store
     meta = path.parent / "cells.csv.meta.json"
     meta.write_bytes(data)
