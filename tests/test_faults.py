@@ -160,21 +160,61 @@ def test_a_list_column_one_unit_lacks_is_appended(whole_store):
     assert table["output"].tolist() == ['a "b",\nc', "", "x\n", "1135", ",\n,"]
 
 
-@pytest.mark.parametrize("name", ["cells.csv", "cells.csv.journal"])
-def test_a_write_cut_at_every_byte_resumes_to_the_uninterrupted_table(whole_store, tmp_path, monkeypatch, name):
-    """Every prefix of the journal (a write cut there) or of the CSV; the other files as they were."""
-    path, table, files = whole_store
-    monkeypatch.setattr(os, "fsync", lambda fd: None)  # cuts are simulated here; syncing the disk only adds minutes
-    cut = tmp_path / "cut"
-    for offset in range(len(files[name]) + 1):
-        shutil.rmtree(cut, ignore_errors=True)
-        cut.mkdir()
-        for file, data in files.items():
-            (cut / file).write_bytes(data[:offset] if file == name else data)
-        _resume(cut / "cells.csv")
-        # Byte for byte the uninterrupted store: its journal, its record and the CSV users open.
-        assert {p.name: p.read_bytes() for p in cut.iterdir()} == files, offset
-    assert offset > 150  # a store of some size, cut at every offset
+@pytest.fixture
+def scratch(tmp_path) -> Path:
+    """A folder in memory (tmpfs) where there is one: thousands of small writes cost little there."""
+    memory = Path("/dev/shm")
+    folder = Path(tempfile.mkdtemp(dir=memory if memory.is_dir() and os.access(memory, os.W_OK) else tmp_path))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cut_files(folder: Path, files: dict[str, bytes], name: str, offset: int) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for file, data in files.items():
+        (folder / file).write_bytes(data[:offset] if file == name else data)
+    return folder / "cells.csv"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_the_csv_cut_at_every_byte_is_rebuilt_whole(whole_store, scratch, monkeypatch):
+    """A write of the CSV cut anywhere (the journal intact): reopened, every file is byte for byte
+    the uninterrupted store's."""
+    _, _, files = whole_store
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # cuts are simulated here; syncing the disk only adds time
+    for offset in range(len(files["cells.csv"]) + 1):
+        _resume(_cut_files(scratch / "cut", files, "cells.csv", offset))
+        assert _files(scratch / "cut") == files, offset
+    assert offset > 150  # a table of some size, cut at every offset
+
+
+def test_the_journal_cut_at_every_byte_resumes_to_the_uninterrupted_table(whole_store, scratch, monkeypatch):
+    """A write of the journal cut anywhere: reopened, the store is byte for byte the one cut at the
+    end of its last whole record (the unit being written is lost, nothing else), and that one
+    resumes to the uninterrupted store. (Resuming at every offset as well would only append the
+    same units to the same files.)"""
+    _, _, files = whole_store
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    journal = files["cells.csv.journal"]
+    ends = [0] + [i + 1 for i, byte in enumerate(journal) if byte == ord("\n")]
+    assert len(ends) == 4  # three units
+    reopened = {}
+    for end in ends:  # a cut between records: what a reopen makes of it, and that it resumes
+        ResultStore(_cut_files(scratch / "cut", files, "cells.csv.journal", end), ["source"], settings=SETTINGS)
+        reopened[end] = _files(scratch / "cut")
+        _resume(scratch / "cut" / "cells.csv")
+        assert _files(scratch / "cut") == files, end
+    for offset in range(len(journal) + 1):
+        store = ResultStore(_cut_files(scratch / "cut", files, "cells.csv.journal", offset), ["source"],
+                            settings=SETTINGS)  # fmt: skip
+        last = max(end for end in ends if end <= offset)
+        assert _files(scratch / "cut") == reopened[last], offset
+        assert len(store.done()) == ends.index(last)
+    assert offset > 500
 
 
 def test_a_kill_before_the_record_is_written_loses_no_column_type(tmp_path):
@@ -510,7 +550,7 @@ def test_a_corrupt_run_store_is_moved_aside_with_a_message(make_app, tmp_path, c
     assert client.wait(job["job"])["status"] == "done"
 
 
-def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path):
+def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path, scratch):
     """The database file cut at every 16th byte (and its first and last page at every byte):
     each opens, with the kept run whole or the file moved aside, never a read error."""
     import sqlite3
@@ -525,8 +565,7 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path):
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
     data = whole.read_bytes()
     offsets = sorted({*range(0, len(data), 16), *range(0, 512), *range(len(data) - 512, len(data))})
-    memory = Path("/dev/shm")  # tmpfs where there is one: SQLite's fsyncs cost nothing there
-    folder = Path(tempfile.mkdtemp(dir=memory if memory.is_dir() else tmp_path))
+    folder = scratch  # SQLite's fsyncs cost nothing there
     cut, outcomes = folder / "cut.sqlite", Counter()
     for offset in offsets:
         for leftover in folder.glob("cut.sqlite*"):
@@ -538,7 +577,6 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path):
         outcomes["whole" if kept else "moved aside" if store.moved_aside else "started empty"] += 1
         assert store.recent(5) in ([], [{"id": "0123456789ab", "created": 1.0, "status": "done", "prompt": "Diana"}])
         store.save("ba9876543210", 2.0, "done", {}, {"rows": []})  # and it takes new runs
-    shutil.rmtree(folder)
     assert len(offsets) > 500 and outcomes["moved aside"] > 0, outcomes
 
 
