@@ -48,6 +48,13 @@ DISTANCE_COLUMNS = ["model", "query", "layer", "sampler", "k", "distance", "cosi
 PAIRS = [("generator", "nearest"), ("generator", "random"), ("nearest", "random")]
 
 
+def _layers_or_none(text: str) -> str:
+    """``none`` or a --layers value: checked (bounded) as the line is read, kept as written."""
+    if text != "none":
+        parse_layers(text)
+    return text
+
+
 def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--corpus", type=int, help="corpus snippets; default 1200, quick 60")
@@ -56,7 +63,7 @@ def build_parser():
     p.add_argument("--layers", type=parse_layers,
                    help="layers: 'all', '0,4,8', '0-5'; default every 3rd + last (quick: 0, middle, last)")  # fmt: skip
     p.add_argument("--site", default="resid_post", help="activation site (same for queries and corpus)")
-    p.add_argument("--generator-layers",
+    p.add_argument("--generator-layers", type=_layers_or_none,
                    help="layers with a trained generator: 'none', or as --layers; default the middle one")  # fmt: skip
     p.add_argument("--generator-steps", type=int, help="generator training steps; default 3000, quick 150")
     p.add_argument("--generator-texts", type=int,

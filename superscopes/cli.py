@@ -54,9 +54,9 @@ def _affine_map(path: str | None, transform: str) -> dict:
         raise ValueError("--transform affine and --affine-map FILE go together")
     if path is None:
         return {}
-    import torch
+    from superscopes.files import load_torch
 
-    saved = torch.load(path, weights_only=True)
+    saved = load_torch(path)
     if not isinstance(saved, dict) or "weight" not in saved:
         raise ValueError(f"--affine-map {path!r} must be a torch file of a dict with 'weight' (and 'bias')")
     return {"affine_weight": saved["weight"], "affine_bias": saved.get("bias")}

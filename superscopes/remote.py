@@ -261,9 +261,17 @@ def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> lis
     try:
         raw = ndif._get("/status")
     except Exception as error:
+        status = _http_status(error)
         if _transport_failure(error) is not None:
             sentence = f"{host} is unreachable ({type(error).__name__}): check NDIF_HOST"
-        elif (status := _http_status(error)) is not None:
+        elif status in (401, 403):  # an NDIF server that checks keys on every path
+            rows.append(("server", True, f"{host} answers"))
+            rows.append(("api key", False, f"refused by {host} (HTTP {status} to /status): set NDIF_API_KEY to a valid key"))
+            return rows
+        elif status in (502, 503, 504):
+            sentence = (f"{host} is up but unavailable now (HTTP {status} to /status: starting, overloaded or behind a "
+                        "proxy whose server is down); try again later")  # fmt: skip
+        elif status is not None:
             sentence = f"{host} answered HTTP {status} to /status: it does not look like an NDIF server (check NDIF_HOST)"
         else:
             sentence = f"{host} gave no NDIF status ({type(error).__name__}: {error}): check NDIF_HOST"

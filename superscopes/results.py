@@ -1,18 +1,22 @@
 """Result tables: resumable stores that cannot mix settings, and typed CSV/Parquet round-trips.
 
-A ``ResultStore`` is a CSV that grows one finished unit (e.g. one source prompt's cells) at
-a time, with a sidecar ``<name>.meta.json`` holding
+A ``ResultStore`` grows one finished unit (e.g. one source prompt's cells) at a time. Its
+record of truth is a journal, ``<name>.journal``: one line per appended unit, framed as
+``<byte length> <sha256 prefix> <JSON>`` and fsynced before anything else is written, so a
+write cut at any byte loses at most the unit being written (a torn or corrupt line fails
+its length or hash and is dropped; that unit is redone). Beside it:
 
-- the *settings* that produced it (model, grid, prompts, seed, ...) plus the package
-  version. Reopening with the same settings resumes; with other settings it refuses and
-  names what differs (``on_mismatch="new"`` writes to a sibling file keyed by the settings'
-  fingerprint instead), so a rerun with other alphas never reuses rows it did not compute.
-- the *finished units* and their row counts, recorded after the unit's rows are fsynced. A
-  unit is done only when it is recorded and all of its rows are on disk; rows of a unit cut
-  off part-way (a kill between rows and record, a half-written line) are dropped on open and
-  the unit is redone, so no row is lost or duplicated.
-- the *column types*, so values come back as written (``output_ids`` a list of ints,
-  booleans as booleans, a readout "1135" as text).
+- ``<name>`` itself (``cells.csv``), the table users open: rebuilt from the journal whenever
+  it disagrees with it (a cut append, an edit), so it always holds exactly the finished
+  units. Deleting it starts the store over.
+- ``<name>.meta.json``: the *settings* that produced it (model, grid, prompts, seed, ...)
+  plus the package version. Reopening with the same settings resumes; with other settings
+  it refuses and names what differs (``on_mismatch="new"`` writes to a sibling file keyed by
+  the settings' fingerprint instead), so a rerun with other alphas never reuses rows it did
+  not compute. It also lists the finished units with their row counts, so a CSV and its
+  record copied without the journal (a commit of ``results/``) still resume, and the
+  *column types*, so values come back as written (``output_ids`` a list of ints, booleans
+  as booleans, a readout "1135" as text).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ TABLE_SUFFIXES = (".csv", ".parquet")
 
 class SettingsMismatchError(ValueError):
     """A store on disk was made with other settings than this run's."""
+
+
+class StoreReadError(ValueError):
+    """A store's record on disk cannot be read; the message names the file."""
 
 
 # ---------------------------------------------------------------- column types
@@ -72,11 +80,16 @@ def _from_text(values: pd.Series, kind: str) -> pd.Series:
     return numbers.astype(float)
 
 
+def _missing(value) -> bool:
+    """None, NaN or pd.NA: what a list column holds for a row of a unit that lacks it."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
 def _encode(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
     for column in frame.columns:
         if _kind(frame[column]) == "list":
-            frame[column] = frame[column].map(lambda v: json.dumps(list(v)) if v is not None else "")
+            frame[column] = frame[column].map(lambda v: "" if _missing(v) else json.dumps(list(v)))
     return frame
 
 
@@ -163,8 +176,97 @@ def _with_version(settings: Mapping[str, object]) -> dict[str, object]:
 # ---------------------------------------------------------------- the store
 
 
+
+def _read_meta_file(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise StoreReadError(f"{path} is not a readable store record ({error}); restore it, or delete it with its "
+                             "table to start over") from None  # fmt: skip
+    if not isinstance(meta, dict):
+        raise StoreReadError(f"{path} is not a readable store record (a JSON object); restore it, or delete it with "
+                             "its table to start over")  # fmt: skip
+    return meta
+
+
+def _frame_line(record: dict) -> bytes:
+    """One journal line: ``<length> <hash> <payload>``; ASCII JSON holds no newline of its own."""
+    payload = json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode()
+    return b"%d %s %s\n" % (len(payload), hashlib.sha256(payload).hexdigest()[:32].encode(), payload)
+
+
+def _parse_line(line: bytes) -> dict | None:
+    """The record a journal line holds, or None when it is torn or corrupt."""
+    parts = line.split(b" ", 2)
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) != len(parts[2]):
+        return None
+    if hashlib.sha256(parts[2]).hexdigest()[:32].encode() != parts[1]:
+        return None
+    try:
+        record = json.loads(parts[2])
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and {"units", "columns", "rows"} <= set(record)
+    return record if ok else None
+
+
+def _read_journal(path: Path) -> tuple[list[dict], bool]:
+    """The intact records of a journal, and whether anything else (a torn tail, a corrupt line) is in it."""
+    data = path.read_bytes() if path.exists() else b""
+    lines = data.split(b"\n")
+    records = [record for line in lines[:-1] if (record := _parse_line(line)) is not None]
+    return records, len(records) != len(lines) - 1 or lines[-1] != b""
+
+
+def _text_rows(frame: pd.DataFrame) -> list[list[str]]:
+    """Each cell as the CSV text it is written as (lists as JSON, missing values empty)."""
+    return list(csv.reader(io.StringIO(_encode(frame).to_csv(index=False))))[1:]
+
+
+def _columns(records: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(column for record in records for column in record["columns"]))
+
+
+def _csv_text(records: Sequence[dict]) -> str:
+    """The table of ``records``: one header, the union of their columns in order of appearance."""
+    if not records:
+        return ""
+    out, columns = io.StringIO(), _columns(records)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for record in records:
+        writer.writerows(_reorder(record, columns))
+    return out.getvalue()
+
+
+def _reorder(record: dict, columns: Sequence[str]) -> list[list[str]]:
+    where = {column: i for i, column in enumerate(record["columns"])}
+    return [[row[where[c]] if c in where else "" for c in columns] for row in record["rows"]]
+
+
+def _kinds(records: Sequence[dict], recorded: Mapping[str, str]) -> dict[str, str]:
+    """``recorded`` plus the kinds of columns only the journal knows (the first kind a column had)."""
+    kinds = dict(recorded)
+    for record in records:
+        for column, kind in record.get("kinds", {}).items():
+            kinds.setdefault(column, kind)
+    return kinds
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: a kill leaves the old file or the new one."""
+    partial = path.with_name(path.name + ".part")
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
 class ResultStore:
-    """A resumable CSV of finished units; see the module docstring.
+    """A resumable table of finished units; see the module docstring.
 
     ``settings``: what produced the rows (``None`` opens any store, for reading).
     ``on_mismatch``: ``"refuse"`` (raise ``SettingsMismatchError``) or ``"new"`` (use
@@ -194,77 +296,99 @@ class ResultStore:
         self._meta = {"settings": meta.get("settings") if self.settings is None else _plain(self.settings),
                       "unit_columns": self.unit_columns, "units": meta.get("units", []),
                       "kinds": meta.get("kinds", {})}  # fmt: skip
-        if meta:  # a table without a record (older versions, or written by hand) is only read, never pruned
-            self._drop_unfinished()
+        # A table without a record or journal (older versions, or written by hand) is only read, never
+        # pruned, until something is appended to it.
+        self._records: list[dict] | None = None
+        if meta or self.journal_path.exists():
+            self._records = self._open_journal()
+            self._sync()
 
     @property
     def meta_path(self) -> Path:
         return self.path.with_name(self.path.name + ".meta.json")
 
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".journal")
+
     def _read_meta(self) -> dict:
-        return json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
+        return _read_meta_file(self.meta_path)
 
     def _write_meta(self) -> None:
-        # Atomic: a kill leaves either the old or the new record, never a torn one.
-        partial = self.meta_path.with_name(self.meta_path.name + ".part")
-        partial.write_text(json.dumps(self._meta))
-        os.replace(partial, self.meta_path)
+        _replace(self.meta_path, json.dumps(self._meta).encode())
 
     def _has_rows(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0
+        """Rows in the table, or in its journal (a CSV cut short still belongs to its settings)."""
+        if not self.path.exists():
+            return False
+        return self.path.stat().st_size > 0 or (self.journal_path.exists() and self.journal_path.stat().st_size > 0)
 
-    def _read(self) -> pd.DataFrame:
-        if not self._has_rows():
-            return pd.DataFrame()
-        data = self.path.read_bytes()
-        return _read_csv(data[: data.rfind(b"\n") + 1], self._meta["kinds"])  # a crash mid-write leaves a half line
-
-    def _header(self) -> list[str]:
-        if not self._has_rows():
+    def _open_journal(self) -> list[dict]:
+        """The finished units' records: the journal's intact lines, or those of an older CSV store."""
+        if not self.path.exists():  # the table was deleted: nothing it recorded is done
+            self.journal_path.unlink(missing_ok=True)
             return []
-        with open(self.path, newline="") as f:
-            return next(csv.reader(f))
+        if self.journal_path.exists():
+            records, damaged = _read_journal(self.journal_path)
+            if damaged:  # drop the torn tail now, so the next record starts on a line of its own
+                _replace(self.journal_path, b"".join(_frame_line(record) for record in records))
+            return records
+        records = self._finished_csv_rows()  # a CSV store of an older version, or a committed one
+        _replace(self.journal_path, b"".join(_frame_line(record) for record in records))
+        return records
+
+    def _finished_csv_rows(self) -> list[dict]:
+        """As one record, the CSV's rows of recorded units whose rows are all on disk."""
+        data = self.path.read_bytes()
+        frame = _read_csv(data[: data.rfind(b"\n") + 1], self._meta["kinds"])  # a crash mid-write leaves a half line
+        recorded = Counter({tuple(unit): rows for *unit, rows in self._meta["units"]})
+        keys = self._unit_keys(frame)
+        on_disk = Counter(keys)
+        finished = {unit for unit, rows in recorded.items() if on_disk[unit] == rows}
+        kept = frame[[key in finished for key in keys]]
+        return [self._record(kept)] if len(kept) else []
+
+    def _record(self, frame: pd.DataFrame) -> dict:
+        units = Counter(self._unit_keys(frame))
+        # Each record carries its columns' kinds: a kill before the .meta.json write loses no type.
+        return {"units": [[*unit, rows] for unit, rows in units.items()], "columns": [str(c) for c in frame.columns],
+                "kinds": {str(c): _kind(frame[c]) for c in frame.columns}, "rows": _text_rows(frame)}  # fmt: skip
+
+    def _sync(self) -> None:
+        """Make the CSV and the record's unit list say what the journal says."""
+        text = _csv_text(self._records).encode()
+        if not self.path.exists() or self.path.read_bytes() != text:
+            _replace(self.path, text)
+        units = [[*unit, rows] for unit, rows in self._recorded().items()]
+        kinds = _kinds(self._records, self._meta["kinds"])
+        if units != self._meta["units"] or kinds != self._meta["kinds"] or not self.meta_path.exists():
+            self._meta["units"], self._meta["kinds"] = units, kinds
+            self._write_meta()
 
     def _recorded(self) -> Counter:
-        return Counter({tuple(unit): rows for *unit, rows in self._meta["units"]})
+        return sum((Counter({tuple(unit): rows for *unit, rows in record["units"]}) for record in self._records or []),
+                   Counter())  # fmt: skip
 
     def _unit_keys(self, frame: pd.DataFrame) -> list[tuple]:
         if not self.unit_columns:  # the whole table is one unit
             return [()] * len(frame)
         return list(frame[self.unit_columns].astype(str).itertuples(index=False, name=None))
 
-    def _drop_unfinished(self) -> None:
-        """Keep only rows of recorded units whose rows are all on disk; rewrite if any went."""
-        if not self._has_rows():  # the table was deleted: nothing it recorded is done
-            if self._meta["units"]:
-                self._meta["units"] = []
-                self._write_meta()
-            return
-        frame, recorded = self._read(), self._recorded()
-        keys = self._unit_keys(frame)
-        on_disk = Counter(keys)
-        finished = {unit for unit, rows in recorded.items() if on_disk[unit] == rows}
-        keep = [key in finished for key in keys]
-        if all(keep) and finished == set(recorded) and self.path.read_bytes().endswith(b"\n"):
-            return
-        self._meta["units"] = [[*unit, rows] for unit, rows in recorded.items() if unit in finished]
-        self._rewrite(frame[keep])
-
-    def _rewrite(self, frame: pd.DataFrame) -> None:
-        partial = self.path.with_name(self.path.name + ".part")
-        partial.write_text(_encode(frame).to_csv(index=False) if len(frame) else "")
-        os.replace(partial, self.path)
-        self._write_meta()
-
     def load(self) -> pd.DataFrame:
-        return self._read()
+        if self._records is None:
+            data = self.path.read_bytes() if self.path.exists() else b""
+            return _read_csv(data[: data.rfind(b"\n") + 1], self._meta["kinds"])
+        return _read_csv(_csv_text(self._records).encode(), self._meta["kinds"])
 
     @staticmethod
     def read(path: str | Path) -> pd.DataFrame:
         """A store's rows with their recorded types, without opening it for writing."""
         path = Path(path)
-        meta_path = path.with_name(path.name + ".meta.json")
-        kinds = json.loads(meta_path.read_text()).get("kinds") if meta_path.exists() else None
+        kinds = _read_meta_file(path.with_name(path.name + ".meta.json")).get("kinds")
+        journal = path.with_name(path.name + ".journal")
+        if path.exists() and journal.exists():
+            records = _read_journal(journal)[0]
+            return _read_csv(_csv_text(records).encode(), _kinds(records, kinds or {}))
         data = path.read_bytes() if path.exists() else b""
         return _read_csv(data[: data.rfind(b"\n") + 1], kinds)
 
@@ -277,19 +401,28 @@ class ResultStore:
         return tuple(str(v) for v in values)
 
     def append(self, frame: pd.DataFrame) -> None:
-        """Append one finished unit's rows durably, then record the unit as done."""
+        """Append finished units' rows: first durably to the journal, then to the CSV and the record."""
         if frame.empty:
             return
-        self._meta["kinds"] = {**{c: _kind(frame[c]) for c in frame.columns}, **self._meta["kinds"]}
-        header = self._header()
-        if header and not set(frame.columns) <= set(header):  # new columns: widen the file, keep them
-            self._rewrite(pd.concat([self._read(), frame], ignore_index=True))
-        else:
-            body = _encode(frame.reindex(columns=header) if header else frame)
+        if self._records is None:  # a table without a record: its rows become the first record
+            self._records = [self._record(self.load())] if self._has_rows() else []
+            _replace(self.journal_path, b"".join(_frame_line(record) for record in self._records))
+        record = self._record(frame)
+        self._meta["kinds"] = {**record["kinds"], **self._meta["kinds"]}
+        with open(self.journal_path, "ab") as f:
+            f.write(_frame_line(record))
+            f.flush()
+            os.fsync(f.fileno())
+        header = _columns(self._records)
+        self._records.append(record)
+        if header and self.path.exists() and self.path.stat().st_size > 0 and _columns(self._records) == header:
+            out = io.StringIO()
+            csv.writer(out, lineterminator="\n").writerows(_reorder(record, header))
             with open(self.path, "a", newline="") as f:
-                f.write(body.to_csv(index=False, header=not header))
+                f.write(out.getvalue())
                 f.flush()
                 os.fsync(f.fileno())
-        recorded = self._recorded() + Counter(self._unit_keys(frame))
-        self._meta["units"] = [[*unit, rows] for unit, rows in recorded.items()]
-        self._write_meta()
+            self._meta["units"] = [[*unit, rows] for unit, rows in self._recorded().items()]
+            self._write_meta()
+        else:  # the first unit, or new columns: the whole table, with the widened header
+            self._sync()

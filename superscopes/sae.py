@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from superscopes import ops
+from superscopes.files import UnsafeFileError, load_torch
 from superscopes.parsing import CommandParser
 from superscopes.sites import hidden_size
 
@@ -915,7 +916,7 @@ def train_sae(acts: torch.Tensor, latents: int, k: int, site: str, layer: int, m
         step, last_fired = 0, torch.zeros(latents, dtype=torch.long)
         settings = {"n": n, "latents": latents, "k": k, "batch_size": batch_size, "epochs": epochs, "lr": lr, "seed": seed}
         if checkpoint and Path(checkpoint).exists():
-            state = torch.load(checkpoint, weights_only=False)
+            state = load_torch(checkpoint)  # tensors and plain values only: a planted pickle runs no code
             if state["settings"] != settings:
                 raise SAEError(f"checkpoint {checkpoint} is of another run ({state['settings']}, this run {settings}): "
                                "give a new --out, or delete it to start over")  # fmt: skip
@@ -1070,10 +1071,13 @@ def main(argv: list[str] | None = None) -> None:
     from superscopes.models import load as load_model
 
     model = load_model(args.model)
-    sae = train(model, args.site, args.layer, args.latents, args.k, args.tokens, args.out,
-                texts=corpus.load("train", args.corpus), heldout=corpus.load("heldout", args.corpus),
-                heldout_tokens=args.heldout_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, dtype=torch.float16 if args.float16 else torch.float32)  # fmt: skip
+    try:
+        sae = train(model, args.site, args.layer, args.latents, args.k, args.tokens, args.out,
+                    texts=corpus.load("train", args.corpus), heldout=corpus.load("heldout", args.corpus),
+                    heldout_tokens=args.heldout_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, dtype=torch.float16 if args.float16 else torch.float32)  # fmt: skip
+    except (SAEError, UnsafeFileError) as error:  # one line naming the file, not a traceback
+        raise SystemExit(f"superscopes sae: error: {error}") from None
     print(sae)
     print((Path(args.out) / METRICS_FILE).read_text())
 

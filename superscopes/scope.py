@@ -30,7 +30,7 @@ import operator
 import os
 import sys
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -131,6 +131,8 @@ class Scope:
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
+        if not isinstance(self.prompts, Iterable):
+            raise ScopeError(f"prompts {self.prompts!r} must be a prompt (text) or a list of prompts")
         self.prompts = list(self.prompts)
         for name in ("sites", "alphas", "transforms", "target_layers"):
             value = getattr(self, name)
@@ -314,6 +316,36 @@ def _layer_pairs(scope: Scope, model, target_model) -> list[tuple[int, int]]:
     return [(layer, layer if t == "same" else t) for layer in layers for t in scope.target_layers]
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too
+
+
+def _check_types(scope: Scope) -> None:
+    """Settings of the wrong type, named before they fail deep inside tokenisation or batching."""
+    for index, prompt in enumerate(scope.prompts):
+        if not isinstance(prompt, str):
+            raise ScopeError(f"prompt {index} is {prompt!r} ({type(prompt).__name__}); prompts are text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can encode it
+            raise ScopeError(f"prompt {index} {prompt!r} has a character that is not valid text "
+                             f"({prompt[error.start]!r} at {error.start}, a lone surrogate)") from None  # fmt: skip
+    for name, kind, ok in (("token", "text", lambda v: isinstance(v, str)), ("position", "a whole number", _whole)):
+        value = getattr(scope, name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not ok(item):
+                raise ScopeError(f"{name} {item!r} must be {kind}, one for all prompts or a list of one per prompt")
+    if not _whole(scope.batch_size) or scope.batch_size < 1:
+        raise ScopeError(f"batch_size {scope.batch_size!r} must be a whole number, at least 1")
+    if not _whole(scope.samples) or scope.samples < 1:
+        raise ScopeError(f"samples {scope.samples!r} must be a whole number, at least 1")
+    if scope.seed is not None and not _whole(scope.seed):
+        raise ScopeError(f"seed {scope.seed!r} must be a whole number, or None")
+    for alpha in scope.alphas:
+        if isinstance(alpha, torch.Tensor):
+            raise ScopeError(f"alpha {alpha!r} is a tensor; give plain numbers (alphas=tensor.tolist())")
+
+
 def _check_not_empty(scope: Scope) -> None:
     for name in ("sites", "alphas", "transforms", "target_layers"):
         if not getattr(scope, name):
@@ -334,8 +366,6 @@ def _check_numbers(scope: Scope, target_model) -> None:
         raise ScopeError(f"temperature {scope.temperature!r} must be a finite number above 0")
     if scope.output == "generate" and not (is_int(scope.max_new_tokens) and scope.max_new_tokens >= 1):
         raise ScopeError(f"max_new_tokens {scope.max_new_tokens!r} must be a whole number, at least 1")
-    if not is_int(scope.samples):
-        raise ScopeError(f"samples {scope.samples!r} must be a whole number, at least 1")
     limit = torch.finfo(getattr(target_model, "dtype", torch.float32)).max
     for alpha in scope.alphas:
         if isinstance(alpha, (int, float)) and abs(alpha) >= limit:
@@ -387,12 +417,25 @@ def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> 
 
 
 def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch.dtype) -> None:
-    """Refuse alphas whose product with a read vector overflows ``dtype`` (after the read pass)."""
-    largest = vectors.abs().max().item() * max(abs(a) for a in alphas) if len(vectors) else 0.0
+    """Refuse alphas whose product with a read vector overflows ``dtype``, or whose squared norm
+    overflows float32, where RMS/LayerNorm sum the squares: the norm is then 0, the patched
+    position reads as zeros and every readout is the uniform one (after the read pass)."""
+    if not len(vectors) or not alphas:
+        return
+    alpha = max(alphas, key=abs)
+    largest = vectors.abs().max().item() * abs(alpha)
     if not largest < torch.finfo(dtype).max:
         raise ScopeError(
-            f"alpha {max(alphas, key=abs)} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
+            f"alpha {alpha} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
             f"overflows {dtype} (largest value {torch.finfo(dtype).max:.3g}); use smaller alphas"
+        )
+    norm = vectors.detach().double().norm(dim=-1).max().item()
+    limit = math.sqrt(torch.finfo(torch.float32).max)
+    if not norm * abs(alpha) < limit:
+        raise ScopeError(
+            f"alpha {alpha} times the read vectors (largest norm {norm:.3g}) has a squared norm over float32's "
+            f"largest value, so the model's normalisation overflows and every readout would be uniform; "
+            f"use alphas below {limit / norm:.3g}"
         )
 
 
@@ -427,6 +470,7 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
     target_model = target_model or model
     if not scope.prompts:
         raise ScopeError("no prompts given")
+    _check_types(scope)
     _check_not_empty(scope)
     source_arch, target_arch = architecture_of(model), architecture_of(target_model)
     for site in scope.sites:
@@ -454,10 +498,8 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
             "only transform 'affine' can map between these models"
         )
     _check_numbers(scope, target_model)
-    if scope.samples < 1 or (scope.samples > 1 and not scope.do_sample):
+    if scope.samples > 1 and not scope.do_sample:
         raise ScopeError(f"samples={scope.samples}: more than one try per cell needs do_sample=True")
-    if scope.batch_size < 1:
-        raise ScopeError(f"batch_size must be at least 1, got {scope.batch_size}")
 
     sources = _sources(scope, model.tokenizer)
     resolved = {t: _target(scope, t, target_model.tokenizer) for t in dict.fromkeys(targets_wanted)}
@@ -913,6 +955,9 @@ def _collect(model, target_model, prepared: _Prepared, outputs: list, lens) -> l
                 text, row_ids = _decode(target_model.tokenizer, row_ids)
                 per_cell[i] = {"output": text, "output_ids": row_ids}
             else:
+                if not torch.isfinite(probs[row]).all():  # a NaN readout is a failed pass, never a result
+                    raise ScopeError(f"cell {cells[i]} gave non-finite next-token probabilities (an activation "
+                                     "overflowed or was NaN); use smaller alphas or check the vectors")  # fmt: skip
                 per_cell[i] = {"output": target_model.tokenizer.decode([row_ids[0]]), "output_ids": row_ids,
                                "output_probs": probs[row].tolist()}  # fmt: skip
             per_cell[i].update({name: value[row] for name, value in values.items()})

@@ -225,13 +225,6 @@ def test_an_unchanged_cache_is_not_hashed_again(fake_cache, monkeypatch):
     models.verify_cache("smollm2-135m")
 
 
-def test_a_cache_from_before_manifests_gets_one(fake_cache):
-    (fake_cache / models.MANIFEST).unlink()
-    assert models.cache_state("smollm2-135m") == "yes"
-    manifest = json.loads((fake_cache / models.MANIFEST).read_text())
-    assert manifest["model.safetensors"]["size"] == (fake_cache / "model.safetensors").stat().st_size
-
-
 def test_a_failed_or_killed_fetch_leaves_no_temp_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SUPERSCOPES_CACHE", str(tmp_path))
     parent = models.cached_model_dir("smollm2-135m").parent

@@ -68,8 +68,10 @@ def test_token_identity_resumes_without_duplicates(token_identity):
     from recipes import token_identity as recipe
 
     before = ResultStore.read(token_identity / "cells.csv")
-    # Unrecord the logit-lens units, as if the run had been killed after writing their rows
-    # but before recording them: their rows are dropped and recomputed, not kept twice.
+    # Unrecord the logit-lens units of the CSV store without its journal (as committed in
+    # results/), as if the run had been killed after writing their rows but before recording
+    # them: their rows are dropped and recomputed, not kept twice.
+    (token_identity / "cells.csv.journal").unlink()
     meta_path = token_identity / "cells.csv.meta.json"
     meta = json.loads(meta_path.read_text())
     meta["units"] = [u for u in meta["units"] if u[0] != "logit_lens"]

@@ -99,12 +99,17 @@ def test_a_unit_cut_off_part_way_is_redone(tmp_path):
     assert len(store.load()) == 6 and not store.load().duplicated(["source", "alpha"]).any()
 
 
-def test_a_unit_missing_rows_is_not_done(tmp_path):
+def test_a_unit_missing_rows_is_rebuilt_from_the_journal_or_redone_without_it(tmp_path):
     path = tmp_path / "cells.csv"
     store = ResultStore(path, ["source"], settings=SETTINGS)
     store.append(unit("Diana", n=2))  # no newline inside a value: the file's lines are its rows
+    whole = path.read_bytes()
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # one row of the recorded unit lost
+    assert ResultStore(path, ["source"], settings=SETTINGS).done() == {("Diana",)}
+    assert path.read_bytes() == whole  # the CSV is rebuilt from the journal
+    path.write_text("".join(lines[:-1]))
+    store.journal_path.unlink()  # a CSV and its record without the journal (a commit of results/)
     assert ResultStore(path, ["source"], settings=SETTINGS).done() == set()
 
 

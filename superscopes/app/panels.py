@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from superscopes.files import load_torch
+
 EMBEDDED_PREFIX = "embedded:"
 # The README's full-size command (about 45 min on two CPU cores), at the cell's site and layer.
 TRAIN_COMMAND = ("python -m superscopes.inverse train --model {model} --site {site} --layer {layer} --steps 3000 "
@@ -122,7 +124,7 @@ def _corpus_offer(source, id_: str) -> Offered:
         path = path / "pairs.pt" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"no corpus of pairs at {path} (superscopes inverse train --out writes pairs.pt)")
-        saved = torch.load(path, weights_only=True, mmap=True)
+        saved = load_torch(path, mmap=True)
     read = saved.get("read") or {}
     if not {"inputs", "activations"} <= set(saved) or "site" not in read:
         raise ValueError(f"{path}: a corpus of pairs holds read (model, site, layer), inputs and activations")

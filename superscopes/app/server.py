@@ -61,7 +61,7 @@ from urllib.parse import parse_qs, urlsplit
 import pandas as pd
 
 from superscopes.app.panels import Panels, train_command
-from superscopes.app.store import RunStore, check_run_id
+from superscopes.app.store import RunStore, RunStoreError, check_run_id
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
 
 STATIC = Path(__file__).parent / "static"
@@ -265,14 +265,12 @@ def check_layers(value, num_layers: int, model: str = "the model") -> None:
         raise BadRequest(f"layers has {len(text)} characters; this page takes at most {MAX_FIELD_CHARS['layers']}")
     if text in ("", "all"):
         return  # parse_layers says what to do with an empty field
-    for part in text.split(","):
-        found = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not found:
-            raise BadRequest(f"layers {_show(text)}: use 'all', '3', '1-7' or '1,3,5-7'")
-        low, high = int(found[1]), int(found[2] or found[1])
-        if high < low:
-            raise BadRequest(f"layers {_show(text)}: the range {part} runs backwards")
-        _layer_range("layers", _show(text), low, high, num_layers, model)
+    from superscopes.parsing import parse_layers as parse
+
+    try:
+        parse(text, num_layers, model)  # the one parser, bounded by the model's layers before it expands a range
+    except argparse.ArgumentTypeError as error:
+        raise BadRequest(str(error)) from None
 
 
 def parse_layers(value) -> list[int] | str:
@@ -556,7 +554,12 @@ class App:
         self.panels = Panels(saes, generators, corpora, embedded=offer_embedded)
         self.quick: deque[Job] = deque()  # panel jobs: before queued grids and between a grid's chunks
         self.explained: dict[tuple[str, int], dict] = {}  # (sae, latent) -> its latest self-explanation
-        for run in reversed(store.recent(KEEP_JOBS * 4, kind="latent") if store is not None else []):
+        try:
+            explained = store.recent(KEEP_JOBS * 4, kind="latent") if store is not None else []
+        except RunStoreError as error:  # locked by another process: the page works without them
+            _log_error(error)
+            explained = []
+        for run in reversed(explained):
             if run.get("explanation"):
                 self.explained[(run["sae"], run["latent"])] = run["explanation"] | {"job": run["id"]}
 
@@ -675,7 +678,10 @@ class App:
 
     def _kept(self, job_id: str) -> dict:
         """A kept run's state (a run of an earlier server, or one dropped from memory)."""
-        kept = self.store.state(check_run_id(job_id)) if self.store is not None else None
+        try:
+            kept = self.store.state(check_run_id(job_id)) if self.store is not None else None
+        except RunStoreError as error:
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
         if kept is None:
             raise NotFound(f"no run {job_id!r} on this server: it was never run here, or the history dropped it")
         return kept
@@ -716,9 +722,12 @@ class App:
         """The newest runs for the history list: kept ones, with live ones' progress."""
         with self.jobs_lock:
             live = dict(self.jobs)
-        if self.store is not None:
-            found = self.store.recent(limit)
-        else:
+        try:
+            found = self.store.recent(limit) if self.store is not None else None
+        except RunStoreError as error:  # locked or unreadable: this server's own runs still list
+            _log_error(error)
+            found = None
+        if found is None:
             grids = [j for j in live.values() if j.kind == "grid"]
             newest = sorted(grids, key=lambda j: j.started, reverse=True)[:limit]
             found = [{"id": j.id, "created": j.started, "status": j.status} for j in newest]
@@ -741,16 +750,21 @@ class App:
             job.focus = position
         return {"job": job.id, "focus": position}
 
-    def keep(self, job: Job) -> None:
-        """Save the job in the store (its settings at the start, everything when it stops); a
-        failure is logged, never the job's."""
+    def keep(self, job: Job, now: bool = False) -> None:
+        """Save the job in the store: its settings at the start, its rows after each chunk,
+        everything when it stops (``now``: the worker tries at once). Requests only hand the
+        snapshot to the store's writer; a failure is logged, never the job's."""
         if self.store is None:
             return
         try:
-            with self.keep_lock:  # else the start's save, if slow, could overwrite a fast job's last one
+            with self.keep_lock:  # snapshots are taken in order: the store writes the newest last
                 state = job.state() | {"ahead": 0, "cancelling": False, "eta": None}
-                data = None if job.active or job.kind != "grid" else csv_safe(job.frame()).to_csv(index=False).encode()
-                self.store.save(job.id, job.created, state["status"], job.summary(), state, data)
+                with job.lock:
+                    frames = list(job.frames)
+                data = (lambda: csv_safe(pd.concat(frames, ignore_index=True)).to_csv(index=False).encode()) \
+                    if job.kind == "grid" and frames else None  # fmt: skip
+                save = self.store.save_now if now else self.store.save_later
+                save(job.id, job.created, state["status"], job.summary(), state, data)
         except Exception as error:  # a full disk must not fail the run
             _log_error(error)
 
@@ -1048,7 +1062,7 @@ class App:
         with job.lock:
             job.result, job.status, job.error, job.finished = result, status, error, time.time()
             job.done = job.total if status == "done" else 0
-        self.keep(job)
+        self.keep(job, now=True)
 
     def _cell(self, job: Job, model) -> dict:
         from superscopes.app.panels import breakdown, generated, nearest, read_vector
@@ -1154,7 +1168,7 @@ class App:
             status, error = "error", _error_text(exc)
         with job.lock:
             job.status, job.error, job.finished = status, error, time.time()
-        self.keep(job)
+        self.keep(job, now=True)
 
     def _chunks(self, job: Job, model, control: bool = False) -> None:
         """Run the job's chunks in turn (the focused token's first), publishing each one's rows:
@@ -1181,6 +1195,7 @@ class App:
                 else:
                     job.rows.extend(rows)
                     job.done += len(rows)
+            self.keep(job)  # a finished chunk outlives a crash of this process
 
     def _controls(self, job: Job, model) -> None:
         """The second phase: each best readout's controls, in sub-grids of one source token and a
@@ -1229,9 +1244,15 @@ class App:
         if job is not None:
             prompt, data = job.prompt, csv_safe(job.frame()).to_csv(index=False).encode()
         else:
-            prompt, data = self._kept(job_id)["prompt"], self.store.csv(job_id)
-            if data is None:
+            kept = self._kept(job_id)
+            try:
+                prompt, data = kept["prompt"], self.store.csv(job_id)
+            except RunStoreError as error:
+                raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
+            if data is None and kept.get("dropped"):
                 raise NotFound(f"run {job_id!r} was too large to keep its results: run it again for a CSV")
+            if data is None:
+                raise NotFound(f"run {job_id!r} stopped before any of its cells finished: it has no CSV")
         return f"superscopes-{_slug(prompt)}-{job_id}.csv", data
 
 
@@ -1301,6 +1322,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
+        if self.headers.get("Transfer-Encoding") is not None:
+            length = -1  # refused by _dispatch, and never read
         if not 0 <= length <= MAX_BODY:
             self.close_connection = True
             self.raw_body = None
@@ -1311,6 +1334,11 @@ class Handler(BaseHTTPRequestHandler):
         return parse_body(getattr(self, "raw_body", b""), self.headers.get("Content-Type") or "")
 
     def _dispatch(self, routes: dict) -> None:
+        if self.headers.get("Transfer-Encoding") is not None:
+            # Not read here: its bytes would be parsed as a second request on this connection.
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "send the request body with a Content-Length, not chunked")
+            return
         if not self._host_ok():
             self._error(HTTPStatus.FORBIDDEN, "this server only answers requests addressed to localhost")
             return
