@@ -8,8 +8,9 @@ committed (or not finished) is shown as missing, never filled in. The rows:
 
 - judge: MiniLM similarity of the evaluation's greedy readouts to their own prompt minus a
   mismatched prompt (``judge_discrimination.csv``), and the own prompt's rank among the 48;
-- Superscopes vs Patchscopes at equal tries (alpha cross-fitted), and vs chance under the same
-  selection (``comparisons.csv`` of ``superscopes_evaluation``);
+- Superscopes vs Patchscopes at equal tries (alpha cross-fitted), vs chance under the same
+  selection, and vs the norm-matched patch, which tells amplification from norm repair
+  (``comparisons.csv`` of ``superscopes_evaluation``);
 - best of 5 alphas vs one try, reported last: it has five tries to Patchscopes' one;
 - token identity: the Patchscope's precision@1 at two thirds of the depth (``summary.csv``);
 - entity description: mean RougeL of the alpha = 1 readouts per entity (``scores.csv``);
@@ -84,6 +85,8 @@ ROWS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
         "superscopes_evaluation", "comparisons.csv", _comparison("Superscopes (cross-fitted) vs Patchscopes")),
     "Superscopes (cross-fitted α) vs chance under the same selection": (
         "superscopes_evaluation", "comparisons.csv", _comparison("cross-fitted vs chance")),
+    "Superscopes (cross-fitted α) vs the norm-matched patch (v rescaled to the replaced vector's norm)": (
+        "superscopes_evaluation", "comparisons.csv", _comparison("cross-fitted vs norm-matched")),
     "best of 5 α vs one try (inflated by the selection)": (
         "superscopes_evaluation", "comparisons.csv", _comparison("Superscopes (best-of-K) vs Patchscopes")),
     "token identity: Patchscope precision@1 at 2/3 depth": ("token_identity", "summary.csv", token_identity),
