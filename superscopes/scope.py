@@ -422,14 +422,21 @@ def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch
     position reads as zeros and every readout is the uniform one (after the read pass)."""
     if not len(vectors) or not alphas:
         return
+    refuse_overflow(vectors.abs().max().item(), vectors.detach().double().norm(dim=-1).max().item(), alphas, dtype)
+
+
+def refuse_overflow(entry: float, norm: float, alphas: Sequence[float], dtype: torch.dtype) -> None:
+    """``check_amplified`` from the read vectors' largest entry and largest norm: what a run the
+    client could not watch (on NDIF, or a ``Grid`` in a session) sends back, checked before any
+    of its cells is reported."""
+    if not alphas:
+        return
     alpha = max(alphas, key=abs)
-    largest = vectors.abs().max().item() * abs(alpha)
-    if not largest < torch.finfo(dtype).max:
+    if not entry * abs(alpha) < torch.finfo(dtype).max:
         raise ScopeError(
-            f"alpha {alpha} times the read vectors (largest entry {vectors.abs().max().item():.3g}) "
+            f"alpha {alpha} times the read vectors (largest entry {entry:.3g}) "
             f"overflows {dtype} (largest value {torch.finfo(dtype).max:.3g}); use smaller alphas"
         )
-    norm = vectors.detach().double().norm(dim=-1).max().item()
     limit = math.sqrt(torch.finfo(torch.float32).max)
     if not norm * abs(alpha) < limit:
         raise ScopeError(
@@ -752,6 +759,16 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) 
                       alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
 
 
+def _read_stats(table: torch.Tensor, settings: dict) -> dict:
+    """What the client checks after the passes it did not watch: the read vectors' largest entry
+    and norm (``refuse_overflow``) and whether the latent transform's latent is silent. Plain
+    torch, runs remotely too."""
+    if not len(table):
+        return {"entry": 0.0, "norm": 0.0, "silent": False}
+    return {"entry": float(table.abs().max()), "norm": float(table.double().norm(dim=-1).max()),
+            "silent": _latent_silent(table, settings)}
+
+
 def _latent_silent(table: torch.Tensor, settings: dict) -> bool:
     """Whether the ``latent`` transform's latent is zero on every source vector (then every
     alpha writes the same vector); False without that transform. Plain torch, runs remotely too."""
@@ -921,8 +938,8 @@ def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepare
 
 def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Sequence[float] = ()) -> tuple:
     """Run a request's reads and patch passes: ``(outputs per patch pass, logit lens or None,
-    whether the latent transform's latent is zero on every read vector)``. Only traces and torch
-    (this is what a session, local or remote, runs)."""
+    the read vectors' statistics: ``_read_stats``)``. Only traces and torch (this is what a
+    session, local or remote, runs)."""
     intervene = work.settings["intervene"]
     if work.external is not None:
         table, lens = work.external, None
@@ -930,8 +947,15 @@ def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Seque
         table, lens = _execute_reads(model, work.read_passes, work.n_vectors, work.lens_k, intervene)
     if check_alphas:
         check_amplified(table, check_alphas, getattr(target_model, "dtype", torch.float32))
-    silent = _latent_silent(table, work.settings)
-    return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), lens, silent
+    stats = _read_stats(table, work.settings)
+    return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), lens, stats
+
+
+def _check_stats(stats: dict, scope: Scope, target_model) -> None:
+    """Client side, before any cell is reported: refuse overflowing alphas, warn about a silent latent."""
+    refuse_overflow(stats["entry"], stats["norm"], scope.alphas, getattr(target_model, "dtype", torch.float32))
+    if stats["silent"]:
+        _warn_latent_silent(scope)
 
 
 def _warn_latent_silent(scope: Scope) -> None:
@@ -939,7 +963,7 @@ def _warn_latent_silent(scope: Scope) -> None:
 
     sae, latent = scope.sae_latent
     warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
-                  "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=4)
+                  "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=5)
 
 
 def _collect(model, target_model, prepared: _Prepared, outputs: list, lens) -> list[dict]:
@@ -1006,7 +1030,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
                     result = nnsight.save(_execute(model, target_model, work))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
-            outputs, lens, silent = result
+            outputs, lens, stats = result
             bar.update(len(prepared.plan.cells))
         else:
             import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
@@ -1014,9 +1038,8 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             with warnings.catch_warnings():
                 # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
                 warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
-                outputs, lens, silent = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
-    if silent:
-        _warn_latent_silent(the_plan.scope)
+                outputs, lens, stats = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
+    _check_stats(stats, the_plan.scope, target_model)
     return _collect(model, target_model, prepared, outputs, lens)
 
 
@@ -1056,9 +1079,8 @@ class Grid:
         """The grid's frame (as ``superscopes.run`` returns it) from what ``run`` returned."""
         if not (isinstance(outputs, tuple) and len(outputs) == 3):
             raise ScopeError("frame() takes what grid.run() returned inside the session (outputs = grid.run())")
-        patched, lens, silent = outputs
-        if silent:
-            _warn_latent_silent(self._plan.scope)
+        patched, lens, stats = outputs
+        _check_stats(stats, self._plan.scope, self._target_model)
         per_cell = _collect(self._model, self._target_model, self._prepared, patched, lens)
         return _frame(self._model, self._target_model, self._plan, per_cell)
 

@@ -385,6 +385,25 @@ def test_an_alpha_that_overflows_the_norm_is_refused_not_read_as_uniform(tiny_ll
     assert not patched  # refused after the read pass, before any patched pass
 
 
+@pytest.mark.parametrize("how", ["remote", "grid"])
+def test_an_overflowing_alpha_is_refused_where_the_client_cannot_watch_the_passes(tiny_llama, how):
+    """On NDIF (here remote="local") and in a Grid run inside the user's session the read vectors
+    never reach the client before the patches: their largest entry and norm come back with the
+    outputs, and no cell is reported."""
+    from superscopes import Grid, Scope, ScopeError, run
+
+    scope = Scope(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], alphas=[1, 1e25],
+                  output="generate", max_new_tokens=2)  # fmt: skip
+    with pytest.raises(ScopeError, match=r"alpha 1e\+25 times the read vectors .* normalisation overflows"):
+        if how == "remote":
+            run(tiny_llama, scope, remote="local", progress=False)
+        else:
+            grid = Grid(tiny_llama, scope)
+            with tiny_llama.session():
+                outputs = grid.run()
+            grid.frame(outputs)
+
+
 def test_a_nan_readout_is_refused_not_reported(tokenizer):
     from superscopes import Scope, ScopeError, run
 
