@@ -674,14 +674,18 @@ def _unit(i: int) -> pd.DataFrame:
     return frame.assign(output_probs=[[0.5], [0.25], []]) if i % 2 else frame
 
 
-def _append_units(path: Path, started=None) -> None:
-    """A recipe's loop: open the store, skip the finished units, append the others."""
+def _append_units(path: Path, started=None, pace: float = 0.0) -> None:
+    """A recipe's loop: open the store, skip the finished units, append the others (``pace``
+    seconds of "compute" before each, so that a kill lands mid-run on a fast machine too)."""
+    import time
+
     store = ResultStore(path, ["source"], settings={"recipe": "fake", "units": 40})
     done = store.done()
     if started is not None:
         started.set()
     for i in range(40):
         if store.key([f"prompt {i}"]) not in done:
+            time.sleep(pace)
             store.append(_unit(i))
 
 
@@ -699,7 +703,7 @@ def test_a_recipe_killed_at_random_moments_resumes_to_the_uninterrupted_table(tm
     rng, path, killed = random.Random(0), tmp_path / "killed" / "cells.csv", 0
     for _ in range(6):
         started = fork.Event()
-        child = fork.Process(target=_append_units, args=(path, started))
+        child = fork.Process(target=_append_units, args=(path, started, 0.02))  # at most ~10 units a child
         child.start()
         assert started.wait(30)
         time.sleep(rng.uniform(0.0, 0.2))
