@@ -273,21 +273,7 @@ def test_a_committed_store_without_journal_resumes(whole_store):
 # ---------------------------------------------------------------- model cache
 
 
-@pytest.fixture
-def fake_cache(tmp_path, monkeypatch, tokenizer):
-    """A cached "smollm2-135m" under tmp_path that is a tiny random Llama, as ``_install`` writes it."""
-    import transformers as T
-
-    from superscopes import models
-
-    from .conftest import _SMALL
-    from .test_models import save_tiny
-
-    monkeypatch.setenv("SUPERSCOPES_CACHE", str(tmp_path))
-    directory = models.cached_model_dir("smollm2-135m")
-    save_tiny(directory, T.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, **_SMALL), tokenizer)
-    models.write_manifest(directory)
-    return directory
+from .test_models import fake_cache  # noqa: E402,F401  (the fixture: a tiny Llama cached as "smollm2-135m")
 
 
 def _overwrite_keeping_size_and_mtime(path: Path) -> None:
