@@ -416,19 +416,12 @@ def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> 
             )
 
 
-def check_amplified(vectors: torch.Tensor, alphas: Sequence[float], dtype: torch.dtype) -> None:
-    """Refuse alphas whose product with a read vector overflows ``dtype``, or whose squared norm
-    overflows float32, where RMS/LayerNorm sum the squares: the norm is then 0, the patched
-    position reads as zeros and every readout is the uniform one (after the read pass)."""
-    if not len(vectors) or not alphas:
-        return
-    refuse_overflow(vectors.abs().max().item(), vectors.detach().double().norm(dim=-1).max().item(), alphas, dtype)
-
-
 def refuse_overflow(entry: float, norm: float, alphas: Sequence[float], dtype: torch.dtype) -> None:
-    """``check_amplified`` from the read vectors' largest entry and largest norm: what a run the
-    client could not watch (on NDIF, or a ``Grid`` in a session) sends back, checked before any
-    of its cells is reported."""
+    """Refuse alphas whose product with the read vectors (largest entry ``entry``, largest norm
+    ``norm``) overflows ``dtype``, or whose squared norm overflows float32, where RMS/LayerNorm
+    sum the squares: the norm is then 0, the patched position reads as zeros and every readout
+    is the uniform one. Checked after the read pass: locally before any patched pass; for a run
+    the client cannot watch (on NDIF, or a ``Grid`` in a session) before any cell is reported."""
     if not alphas:
         return
     alpha = max(alphas, key=abs)
@@ -945,9 +938,9 @@ def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Seque
         table, lens = work.external, None
     else:
         table, lens = _execute_reads(model, work.read_passes, work.n_vectors, work.lens_k, intervene)
-    if check_alphas:
-        check_amplified(table, check_alphas, getattr(target_model, "dtype", torch.float32))
     stats = _read_stats(table, work.settings)
+    if check_alphas:  # locally, refused before any patched pass (remote: after, by _check_stats)
+        refuse_overflow(stats["entry"], stats["norm"], check_alphas, getattr(target_model, "dtype", torch.float32))
     return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), lens, stats
 
 

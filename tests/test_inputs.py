@@ -162,12 +162,13 @@ def test_integer_like_layers_work(smollm2_plan):
 
 
 def test_an_amplified_vector_that_overflows_is_refused():
-    from superscopes.scope import check_amplified
+    from superscopes.scope import refuse_overflow
 
     vectors = torch.tensor([[1.0, -300.0]])
-    check_amplified(vectors, [1, 200], torch.float16)
+    entry, norm = vectors.abs().max().item(), vectors.norm(dim=-1).max().item()
+    refuse_overflow(entry, norm, [1, 200], torch.float16)
     with pytest.raises(ScopeError, match=r"alpha 300 times the read vectors \(largest entry 300\) overflows torch.float16"):
-        check_amplified(vectors, [1, 300], torch.float16)
+        refuse_overflow(entry, norm, [1, 300], torch.float16)
 
 
 def test_affine_transform_from_the_command_line(tmp_path, capsys):
