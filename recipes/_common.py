@@ -31,6 +31,7 @@ from typing import TypeVar
 
 import pandas as pd
 
+from superscopes.corpus import PATCHSCOPES_DATA
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
 from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, CommandParser
 from superscopes.results import ResultStore, SettingsMismatchError
@@ -43,10 +44,15 @@ RUN_ONLY = ("out", "threads", "batch_size", "remote", "new_file", "cells_per_req
 
 @functools.cache
 def data_fingerprint() -> str:
-    """A hash of recipes/data: edited prompts or answers make earlier rows another run's."""
+    """A hash of the data the recipes read (recipes/data and the package's Patchscopes data):
+    edited prompts or answers make earlier rows another run's. Files are named as if all lay
+    under recipes/data, where the Patchscopes data was when the committed runs were made, so
+    moving it into the package kept their fingerprints."""
+    named = {str(p.relative_to(DATA)): p for p in DATA.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    named |= {f"patchscopes/{p.relative_to(PATCHSCOPES_DATA)}": p for p in PATCHSCOPES_DATA.rglob("*") if p.is_file()}
     digest = hashlib.sha256()
-    for path in sorted(p for p in DATA.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(DATA)).encode() + b"\0" + path.read_bytes())
+    for name in sorted(named):
+        digest.update(name.encode() + b"\0" + named[name].read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -158,7 +164,7 @@ def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
     def main(argv: list[str] | None = None) -> Path:
         if argv is not None:
             return run_recipe(name, build_parser, experiment, argv)
-        from superscopes.cli import USER_ERRORS, error_line
+        from superscopes.parsing import USER_ERRORS, error_line
 
         try:
             return run_recipe(name, build_parser, experiment, None)

@@ -31,10 +31,11 @@ from collections.abc import Callable
 import pandas as pd
 
 from superscopes import metrics
+from superscopes.corpus import PATCHSCOPES_DATA
 
-from ._common import DATA, Run
+from ._common import Run
 
-FACTUAL = DATA / "patchscopes" / "factual"
+FACTUAL = PATCHSCOPES_DATA / "factual"
 LI_PREFIX = "Complete the sentence: "
 LI_NEW_TOKENS = 20
 _ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")

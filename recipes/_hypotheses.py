@@ -20,7 +20,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from ._snippets import PATCHSCOPES_DATA
+from superscopes.corpus import PATCHSCOPES_DATA
 
 HYPOTHESES = ("country", "same_subject", "subject_end", "same_relation", "same_token", "same_prediction")
 GENERATOR_HYPOTHESES = ("country", "same_subject", "same_token", "same_prediction")

@@ -1,6 +1,7 @@
-"""Real text for the lens recipes (token_identity, cross_model, inverse_scope): the
-``prompt_source`` snippets of the Patchscopes factual data, random token positions in them
-drawn as the Patchscopes code draws them, and the run log those recipes keep.
+"""Real text for the lens recipes (token_identity, cross_model, inverse_scope): random token
+positions in the Patchscopes snippets (``superscopes.corpus.patchscopes_snippets``, imported
+here as ``load_snippets``) drawn as the Patchscopes code draws them, and the run log those
+recipes keep.
 
 The paper samples positions of Pile texts (PAIR-code/interpretability,
 patchscopes/code/next_token_prediction.ipynb and patch_cross_model.ipynb: one
@@ -10,7 +11,6 @@ the Pile is not available offline, so these snippets stand in for it.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -19,33 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._common import DATA
-
-PATCHSCOPES_DATA = DATA / "patchscopes"
-
-
-@functools.lru_cache(maxsize=1)
-def _all_snippets() -> pd.DataFrame:
-    frames = []
-    for path in sorted((PATCHSCOPES_DATA / "factual").glob("*.tsv")):
-        # Only the two columns used (the files hold long generation columns too).
-        frame = pd.read_csv(path, sep="\t", usecols=["subject", "prompt_source"], dtype=str, keep_default_na=False)
-        frames.append(pd.DataFrame({"text": frame["prompt_source"].str.strip(), "subject": frame["subject"],
-                                    "relation": path.stem}))  # fmt: skip
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_snippets(seed: int = 0, min_words: int = 4) -> pd.DataFrame:
-    """Every distinct ``prompt_source`` snippet of the factual Patchscopes data, with its
-    ``subject`` and ``relation`` (file name), shuffled with ``seed`` and ordered round-robin
-    over relations (so the first n rows mix all relations evenly)."""
-    snippets = _all_snippets().copy()
-    snippets = snippets[snippets["text"].str.split().str.len() >= min_words]
-    snippets = snippets.drop_duplicates("text").sample(frac=1.0, random_state=seed)
-    snippets["rank"] = snippets.groupby("relation").cumcount()
-    rng = np.random.default_rng(seed)
-    snippets["tie"] = rng.random(len(snippets))
-    return snippets.sort_values(["rank", "tie"]).drop(columns=["rank", "tie"]).reset_index(drop=True)
+from superscopes.corpus import patchscopes_snippets as load_snippets  # noqa: F401  (the recipes' name)
 
 
 def sample_prefixes(tokenizers: Sequence, texts: Sequence[str], seed: int, include_last: bool = False,

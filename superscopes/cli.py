@@ -11,8 +11,18 @@ import pandas as pd
 from superscopes import ops
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import (
-    DEFAULT_BATCH_SIZE, DEFAULT_THREADS, LAYER_SYNTAX, CommandParser, join_negative_values, parse_floats, parse_layers, parse_names, parse_target_layers,
-)  # fmt: skip
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_THREADS,
+    LAYER_SYNTAX,
+    USER_ERRORS,
+    CommandParser,
+    error_line,
+    join_negative_values,
+    parse_floats,
+    parse_layers,
+    parse_names,
+    parse_target_layers,
+)
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
 from superscopes.sites import SITE_NAMES
@@ -323,16 +333,5 @@ def main(argv: list[str] | None = None) -> int:
 
 # What a command reports as one line (ScopeError, ModelNotFoundError, RemoteRunError, a missing
 # column...), where anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, RuntimeError)
-
-
-def error_line(error: BaseException) -> str:
-    """``superscopes: error: <message>``, API keys and tokens scrubbed."""
-    from superscopes.remote import redact
-
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    return f"superscopes: error: {redact(str(message))}"
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""An offline English corpus built from Debian packages: SAE training, InverseScope, any recipe.
+"""Offline English text: a corpus built from Debian packages (SAE training, InverseScope, any
+recipe) and the Patchscopes snippets shipped with the package.
 
 The Hugging Face hub is out of reach here, so the text comes from three Debian packages
 (``apt-get install -y dict-gcide wordnet-base fortunes-min``), chosen for being plain,
@@ -23,17 +24,26 @@ about ``--words`` words, so batches of them need little padding. The held-out sp
 stable hash of each passage's text (not of its position), so it stays the same when a
 source grows or the passages are reordered. ``FALLBACK`` is a tiny built-in corpus written
 for this module (no third-party text) that tests use when the packages are not installed.
+
+``patchscopes_snippets`` is the second named corpus: the ``prompt_source`` snippets of the
+Patchscopes factual data (``superscopes/data/patchscopes``, Apache-2.0, see its NOTICE), real
+sentences that mention an entity, which the lens recipes sample positions from. ``texts``
+reads either corpus, or a file, by name.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from superscopes.models import cache_dir
 from superscopes.parsing import CommandParser
@@ -55,6 +65,8 @@ SOURCES: dict[str, dict[str, str]] = {
         "licence": "BSD (fortune-mod)",
     },
 }
+PATCHSCOPES_DATA = Path(__file__).parent / "data" / "patchscopes"
+CORPORA = ("patchscopes", "debian")
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 2
 
@@ -228,6 +240,44 @@ def load(split: str = "train", path: str | Path | None = None, fallback: bool = 
         raise FileNotFoundError(f"no corpus at {file}: build it with `python -m superscopes.corpus build`")
     with open(file, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_snippets() -> pd.DataFrame:
+    frames = []
+    for path in sorted((PATCHSCOPES_DATA / "factual").glob("*.tsv")):
+        # Only the two columns used (the files hold long generation columns too).
+        frame = pd.read_csv(path, sep="\t", usecols=["subject", "prompt_source"], dtype=str, keep_default_na=False)
+        text = frame["prompt_source"].str.strip()
+        frames.append(pd.DataFrame({"text": text, "subject": frame["subject"], "relation": path.stem}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def patchscopes_snippets(seed: int = 0, min_words: int = 4) -> pd.DataFrame:
+    """Every distinct ``prompt_source`` snippet of the factual Patchscopes data, with its
+    ``subject`` and ``relation`` (file name), shuffled with ``seed`` and ordered round-robin
+    over relations (so the first n rows mix all relations evenly)."""
+    snippets = _all_snippets().copy()
+    snippets = snippets[snippets["text"].str.split().str.len() >= min_words]
+    snippets = snippets.drop_duplicates("text").sample(frac=1.0, random_state=seed)
+    snippets["rank"] = snippets.groupby("relation").cumcount()
+    rng = np.random.default_rng(seed)
+    snippets["tie"] = rng.random(len(snippets))
+    return snippets.sort_values(["rank", "tie"]).drop(columns=["rank", "tie"]).reset_index(drop=True)
+
+
+def texts(source: str, split: str = "train", limit: int | None = None) -> list[str]:
+    """Texts of a named corpus or a file: ``patchscopes`` (``patchscopes_snippets(0)``; it has
+    no splits), ``debian`` (``load(split)``) or a file with one text a line."""
+    if source == "patchscopes":
+        found = patchscopes_snippets(0)["text"].astype(str).tolist()
+    elif source == "debian":
+        found = load(split)
+    elif Path(source).is_file():
+        found = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"corpus {source!r}: use {' or '.join(map(repr, CORPORA))} or a file with one text a line")
+    return found[:limit] if limit else found
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -563,29 +563,9 @@ def evaluate(model, generator: Generator, pairs: Pairs, queries: int = 100, k: i
 # ---------------------------------------------------------------- command line
 
 
-def corpus_texts(source: str, split: str = "train", limit: int | None = None) -> list[str]:
-    """Texts of a corpus: ``patchscopes`` (the factual snippets of recipes/data), ``debian`` (the
-    shared offline English corpus, ``superscopes.corpus.load(split)``) or a file, one text a line."""
-    if source == "patchscopes":
-        try:  # installed, the recipes live under the package; in a checkout, at the top
-            from superscopes.recipes._snippets import load_snippets
-        except ModuleNotFoundError:
-            from recipes._snippets import load_snippets
-
-        texts = load_snippets(0)["text"].astype(str).tolist()
-    elif source == "debian":
-        from superscopes import corpus
-
-        texts = list(corpus.load(split))
-    elif Path(source).is_file():
-        texts = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
-    else:
-        raise ValueError(f"corpus {source!r}: use 'patchscopes', 'debian' or a file with one text a line")
-    return texts[:limit] if limit else texts
-
-
 def _train_command(args: argparse.Namespace) -> None:
     import superscopes
+    from superscopes.corpus import texts as corpus_texts
     from superscopes.models import model_name
 
     config = GeneratorConfig(site=args.site, layer=args.layer, max_tokens=args.max_tokens, max_vocab=args.max_vocab,

@@ -99,3 +99,16 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = HelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+# Errors a command reports as one line (a wrong value, a missing file, a failed remote run)
+# rather than as a traceback: the command line and the recipes print them alike.
+USER_ERRORS = (ValueError, KeyError, RuntimeError)
+
+
+def error_line(error: BaseException) -> str:
+    """``superscopes: error: <message>``, API keys and tokens scrubbed."""
+    from superscopes.remote import redact
+
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"superscopes: error: {redact(str(message))}"

@@ -63,3 +63,16 @@ def test_build_writes_splits_and_a_manifest(tmp_path):
     assert all(corpus.split_of(json.loads(line)["text"]) == "train" for line in lines["train"])
     assert json.loads((tmp_path / "manifest.json").read_text())["sources"]["fortunes"]["licence"].startswith("BSD")
     assert corpus.load("heldout", tmp_path) == [json.loads(line)["text"] for line in lines["heldout"]]
+
+
+def test_the_patchscopes_snippets_are_a_named_corpus(tmp_path):
+    snippets = corpus.patchscopes_snippets(0)
+    assert len(snippets) > 10_000 and snippets["text"].is_unique
+    assert set(snippets["relation"]) >= {"country_currency", "star_constellation"}
+    assert snippets["relation"].head(14).nunique() == 14  # round-robin over the 14 relations
+    assert corpus.texts("patchscopes", limit=5) == snippets["text"].head(5).tolist()
+    lines = tmp_path / "texts.txt"
+    lines.write_text("one text\n\n  another  \n")
+    assert corpus.texts(str(lines)) == ["one text", "another"]
+    with pytest.raises(ValueError, match="'wikipedia'.*'patchscopes' or 'debian'"):
+        corpus.texts("wikipedia")

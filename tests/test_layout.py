@@ -65,7 +65,8 @@ def test_the_wheel_installs_recipes_as_superscopes_recipes(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"superscopes"}
     assert "superscopes/recipes/token_identity.py" in names and "superscopes/recipes/data/multihop.csv" in names
-    assert any(n.startswith("superscopes/recipes/data/patchscopes/factual/") for n in names)
+    assert "superscopes/data/patchscopes/factual/country_currency.tsv" in names
+    assert "superscopes/data/patchscopes/NOTICE" in names and "superscopes/data/patchscopes/LICENSE" in names
 
 
 def test_recipes_import_each_other_relatively():
@@ -83,3 +84,36 @@ def test_the_core_modules_have_no_import_cycle():
     graph = {m: deps - {"superscopes"} for m, deps in module_graph().items() if m != "superscopes"}
     cycles = sorted(m for m in graph if any(reaches(graph, n, m) for n in graph[m]))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Modules ``path`` imports, statically or through ``importlib.import_module("...")``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") and node.args
+              and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value)
+    return found
+
+
+def _is_recipes(module: str) -> bool:
+    return module.split(".")[0] == "recipes" or module.startswith("superscopes.recipes")
+
+
+def test_the_core_never_imports_the_recipes():
+    """The recipes configure the core, never the reverse. The one way in is the command line's
+    ``superscopes recipe NAME``, which finds them by name; and the recipes import neither the
+    command line nor the explorer, so even that makes no circle."""
+    for path in sorted((ROOT / "superscopes").rglob("*.py")):
+        wrong = {m for m in _imported_names(path) if _is_recipes(m)}
+        if path.name == "cli.py":
+            assert wrong == {"recipes", "superscopes.recipes"}, wrong  # recipes_package() only
+            continue
+        assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+    for path in sorted((ROOT / "recipes").rglob("*.py")):
+        upward = {m for m in _imported_names(path) if m.startswith(("superscopes.cli", "superscopes.app"))}
+        assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}"
