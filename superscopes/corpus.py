@@ -266,18 +266,46 @@ def patchscopes_snippets(seed: int = 0, min_words: int = 4) -> pd.DataFrame:
     return snippets.sort_values(["rank", "tie"]).drop(columns=["rank", "tie"]).reset_index(drop=True)
 
 
-def texts(source: str, split: str = "train", limit: int | None = None) -> list[str]:
-    """Texts of a named corpus or a file: ``patchscopes`` (``patchscopes_snippets(0)``; it has
-    no splits), ``debian`` (``load(split)``) or a file with one text a line."""
+# Files read through ``datasets`` (memory-mapped Arrow, any size), by suffix.
+DATASET_FILES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def texts(source: str, split: str = "train", limit: int | None = None, column: str = "text") -> list[str]:
+    """Texts of a named corpus, a dataset or a file.
+
+    - ``patchscopes``: ``patchscopes_snippets(0)`` (it has no splits);
+    - ``debian``: ``load(split)``, the corpus built from Debian packages;
+    - ``hf:NAME``: the ``column`` of a Hugging Face hub dataset's ``split``, read with
+      ``datasets.load_dataset`` (streamed when ``limit`` is set, so a 10k-text sample of a large
+      corpus downloads only those texts);
+    - a ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` file: its ``column``, through ``datasets``;
+    - any other file: one text a line."""
     if source == "patchscopes":
         found = patchscopes_snippets(0)["text"].astype(str).tolist()
     elif source == "debian":
         found = load(split)
+    elif source.startswith("hf:"):
+        found = _dataset_column(source, column, limit, path=source[3:], split=split)
+    elif Path(source).is_file() and Path(source).suffix in DATASET_FILES:
+        found = _dataset_column(source, column, limit, path=DATASET_FILES[Path(source).suffix], data_files=source,
+                                split="train")
     elif Path(source).is_file():
         found = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
     else:
-        raise ValueError(f"corpus {source!r}: use {' or '.join(map(repr, CORPORA))} or a file with one text a line")
+        raise ValueError(f"corpus {source!r}: use {' or '.join(map(repr, CORPORA))}, hf:NAME (a hub dataset), "
+                         f"a {'/'.join(DATASET_FILES)} file or a file with one text a line")
     return found[:limit] if limit else found
+
+
+def _dataset_column(source: str, column: str, limit: int | None, **where) -> list[str]:
+    import datasets
+
+    dataset = datasets.load_dataset(**where, streaming=limit is not None)
+    names = dataset.column_names or list(next(iter(dataset)))  # a stream may not know its columns up front
+    if column not in names:
+        raise ValueError(f"corpus {source!r} has no column {column!r}; its columns: {', '.join(names)}")
+    rows = dataset.take(limit) if limit is not None else dataset
+    return [str(row[column]) for row in rows if row[column] and str(row[column]).strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -574,7 +574,7 @@ def _train_command(args: argparse.Namespace) -> None:
     # Every stage says what it does as it starts (reading the corpus and the activations took a
     # silent minute before the training bar).
     print(f"inverse train: loading the {args.corpus} corpus and {args.model}", file=sys.stderr, flush=True)
-    texts = corpus_texts(args.corpus, "train", args.texts)
+    texts = corpus_texts(args.corpus, "train", args.texts, args.text_column)
     out = Path(args.out)
     cache = out / "pairs.pt"
     model = superscopes.load(args.model)
@@ -651,7 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--site", default="resid_post")
     t.add_argument("--layer", type=int, required=True)
-    t.add_argument("--corpus", default="patchscopes", help="'patchscopes', 'debian' or a file with one text a line")
+    t.add_argument("--corpus", default="patchscopes",
+                   help="'patchscopes', 'debian', hf:NAME (a hub dataset), a csv/json/jsonl/parquet file or a file "
+                        "with one text a line (superscopes.corpus.texts)")
+    t.add_argument("--text-column", default="text", help="the texts' column of a dataset or csv/json/parquet file")
     t.add_argument("--texts", type=int, help="use only the first N texts")
     t.add_argument("--out", required=True, help="folder for pairs.pt, checkpoint.pt, generator.pt, train.json")
     defaults = GeneratorConfig()

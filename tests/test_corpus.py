@@ -76,3 +76,28 @@ def test_the_patchscopes_snippets_are_a_named_corpus(tmp_path):
     assert corpus.texts(str(lines)) == ["one text", "another"]
     with pytest.raises(ValueError, match="'wikipedia'.*'patchscopes' or 'debian'"):
         corpus.texts("wikipedia")
+
+
+def test_dataset_files_are_read_through_datasets(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"text": ["first text", "", "third text"], "n": [1, 2, 3]}).to_parquet(tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n{"body": "three"}\n')
+    assert corpus.texts(str(tmp_path / "a.parquet")) == ["first text", "third text"]  # empty texts dropped
+    assert corpus.texts(str(tmp_path / "b.jsonl"), column="body", limit=2) == ["one", "two"]  # streamed
+    with pytest.raises(ValueError, match="no column 'text'; its columns: body"):
+        corpus.texts(str(tmp_path / "b.jsonl"))
+
+
+def test_hub_datasets_go_through_load_dataset(monkeypatch):
+    import datasets
+
+    asked = {}
+
+    def load_dataset(**where):
+        asked.update(where)
+        return datasets.Dataset.from_dict({"text": ["x y", "z w", "v u"]}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert corpus.texts("hf:someone/pile-10k", "validation", limit=2) == ["x y", "z w"]
+    assert asked == {"path": "someone/pile-10k", "split": "validation", "streaming": True}
