@@ -1520,8 +1520,11 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``superscopes app [--model NAME] [--port N] [--host 127.0.0.1]``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="superscopes app", description="serve the Superscopes page"))
+    """``superscopes app [--model NAME] [--port N] [--host 127.0.0.1]``: its --help shows every
+    default, as the ``superscopes app`` verb's does (the same ``CommandParser``)."""
+    from superscopes.parsing import CommandParser
+
+    parser = add_arguments(CommandParser(prog="superscopes app", description="serve the Superscopes page"))
     return cmd_app(parser.parse_args(argv))
 
 
