@@ -143,6 +143,7 @@ class Scheduler:
             self.run_panel(job)
 
     def _work(self) -> None:
+        """The worker thread: waiting panel jobs first, then the next grid, until ``close``."""
         while True:
             with self.lock:
                 while not self.queue and not self.quick and not self.closed:
