@@ -19,9 +19,11 @@ import pytest
 
 import superscopes
 from superscopes.app import App, make_server
-from superscopes.app.server import LIMITS, SITES, STATIC, add_arguments
+from superscopes.app.request import LIMITS, SITES
+from superscopes.app.server import add_arguments
 from superscopes.app.store import RunStore
 from superscopes.app.testing import fake_similarity, tiny_model
+from superscopes.app.web import STATIC
 from superscopes.prompts import tokens as prompt_tokens
 from superscopes.scope import RESULT_COLUMNS
 
@@ -536,7 +538,7 @@ def test_the_store_is_bounded_and_parameterised(tmp_path):
 
 
 def test_controls_beside_each_best_readout(api, model):
-    from superscopes.app.server import best_rows
+    from superscopes.app.grid import best_rows
     from superscopes.metrics import is_echo
 
     status, job = api.run(tokens="last", alphas="1,3")

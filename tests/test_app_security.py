@@ -18,24 +18,19 @@ import pandas as pd
 import pytest
 
 from superscopes.app import make_server
-from superscopes.app.server import (
-    KEEP_JOBS,
+from superscopes.app.errors import BadRequest, Refused, redact, secret_values
+from superscopes.app.jobs import csv_safe
+from superscopes.app.request import (
     LIMITS,
-    BadRequest,
-    Handler,
-    Refused,
-    Server,
     check_layers,
-    cross_site,
-    csv_safe,
     parse_alphas,
     parse_body,
     parse_target_layer,
     parse_whole,
-    redact,
-    secret_values,
 )
+from superscopes.app.scheduler import KEEP_JOBS
 from superscopes.app.testing import fake_similarity
+from superscopes.app.web import Handler, Server, cross_site
 from tests.test_app import NAME, PROMPT, Client, api, make_app, model  # noqa: F401 - fixtures
 
 SECRET = "hf_Zq8example0secret0value"  # a made-up token
