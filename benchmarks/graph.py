@@ -2,6 +2,7 @@
 
     python -m benchmarks.graph              # about 15 min on 2 idle cores
     python -m benchmarks.graph --quick      # smoke run (about 1 min)
+    python -m benchmarks.graph --model qwen2.5-coder-1.5b   # the paper grid and peak memory at 1.5B
 
 Every block runs its contenders interleaved (A B C, C B A, ...) in one process, one torch
 thread unless said otherwise, after a warm-up; it reports medians with min-max, process CPU
@@ -22,7 +23,11 @@ time beside wall time, and paired ratios. Contenders:
   shared / floor is a paired ratio, not a comparison with a rate measured once.
 - ``shared_2threads``: ``shared`` with two torch threads.
 
-Writes ``benchmarks/results/graph.json`` and ``graph.md``.
+With ``--model`` other than the default, only the paper grid runs (the other grids and the cold
+start are about the toolkit, not the model), plus the peak memory of a ``shared`` run in a new
+process against the bytes of the model's weights. The floor's GEMMs take that model's MLP shape.
+
+Writes ``benchmarks/results/graph.json`` and ``graph.md`` (``graph-<model>.*`` for another model).
 """
 
 from __future__ import annotations
@@ -52,12 +57,17 @@ def log(message: str) -> None:
     print(f"[graph {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-GEMM_SHAPE = (1024, 576, 1536)  # an MLP-shaped GEMM of SmolLM2: [1024 x 576] @ [576 x 1536]
+DEFAULT_MODEL = "smollm2-135m"
 
 
-def floor_gemms(flops: float):
-    """A round of the compute floor: ``flops`` of float32 matmuls of ``GEMM_SHAPE``."""
-    m, k, n = GEMM_SHAPE
+def gemm_shape(config) -> tuple[int, int, int]:
+    """An MLP-shaped GEMM of the model: [1024 x d] @ [d x d_ff] (SmolLM2: [1024 x 576] @ [576 x 1536])."""
+    return 1024, config.hidden_size, config.intermediate_size
+
+
+def floor_gemms(flops: float, shape: tuple[int, int, int]):
+    """A round of the compute floor: ``flops`` of float32 matmuls of ``shape``."""
+    m, k, n = shape
     a, b = torch.randn(m, k), torch.randn(k, n)
     count = max(1, round(flops / (2 * m * k * n)))
 
@@ -128,6 +138,7 @@ def block_paper_grid(model, sizes: W.Sizes, rounds: int) -> dict:
         if record:
             hooks_shared_texts.update({cell: text for cell, (text, _) in zip(chosen, texts) if cell[0] == "resid_post"})
 
+    shape = gemm_shape(model.config)
     source_tokens = len(tok(W.SOURCE)["input_ids"])
     flops = floor_flops(model.config, source_tokens, index + 1, index, len(cells), sizes.max_new_tokens)
     one_cell = W.replace(scope, sites=["mlp_out"], layers=scope.layers[:1], alphas=scope.alphas[:1])
@@ -141,7 +152,7 @@ def block_paper_grid(model, sizes: W.Sizes, rounds: int) -> dict:
              note="one site per round, x3"),
         Item("hooks_shared", lambda r: hooks_shared(cells), warm=lambda: hooks_shared(cells[:1], record=False),
              note="plain HF hooks, shared prefix, all rows in one generate"),
-        Item("floor", floor_gemms(flops), note=f"{flops / 1e9:.0f} GFLOP of {GEMM_SHAPE} GEMMs"),
+        Item("floor", floor_gemms(flops, shape), note=f"{flops / 1e9:.0f} GFLOP of {shape} GEMMs"),
         Item("shared_2threads", _threads(2, lambda r: superscopes.run(model, scope, progress=False))),
     ]  # fmt: skip
     log(f"paper grid: {rounds} rounds")
@@ -164,7 +175,7 @@ def block_paper_grid(model, sizes: W.Sizes, rounds: int) -> dict:
             "hooks_shared/floor": paired_ratio(timings["hooks_shared"], timings["floor"]),
             "shared/shared_2threads": paired_ratio(timings["shared"], timings["shared_2threads"]),
         },
-        "floor": {"gflop": flops / 1e9, "gemm_shape": GEMM_SHAPE, "cpu_median_s": floor_cpu,
+        "floor": {"gflop": flops / 1e9, "gemm_shape": shape, "cpu_median_s": floor_cpu,
                   "gemm_gflops_1thread": flops / 1e9 / floor_cpu},  # fmt: skip
         "agreement": {
             "shared_vs_unshared_text": [int((shared_df["output"] == unshared_df["output"]).sum()), len(shared_df)],
@@ -243,11 +254,42 @@ def cold_start() -> dict:
     return result
 
 
+PEAK_CODE = """
+import json, sys, torch
+from pathlib import Path
+import superscopes
+from benchmarks import workloads as W
+
+torch.set_num_threads(1)
+model = superscopes.load(sys.argv[1])
+weights = sum(p.numel() * p.element_size() for p in model._module.parameters())
+status = Path("/proc/self/status")
+def rss(field):
+    line = next(l for l in status.read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+loaded = rss("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak from here on is the grid's
+with torch.inference_mode():
+    superscopes.run(model, W.grid_scope(W.QUICK if sys.argv[2] == "quick" else W.FULL), progress=False)
+print(json.dumps({"weights_bytes": weights, "rss_after_load_bytes": loaded, "peak_rss_bytes": rss("VmHWM")}))
+"""
+
+
+def peak_memory(model_name: str, quick: bool) -> dict:
+    """Peak resident memory of one ``shared`` paper-grid run in a new process, after the load
+    (Linux resets the peak through /proc/self/clear_refs), against the bytes of the weights."""
+    out = subprocess.run([sys.executable, "-c", PEAK_CODE, model_name, "quick" if quick else "full"], capture_output=True, text=True, cwd=REPO,
+                         check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    found["peak/weights"] = found["peak_rss_bytes"] / found["weights_bytes"]
+    return found
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = ["# The graph: shared prefix vs whole prompt per row", "",
              f"`{meta['command']}` on {meta['date_utc']}, {meta['cpu_model']}, {meta['cpu_cores']} cores, "
-             f"load average {meta['loadavg_start']} at start and {meta['loadavg_end']} at the end; SmolLM2-135M "
+             f"load average {meta['loadavg_start']} at start and {meta['loadavg_end']} at the end; {meta['model']} "
              "float32, 1 torch thread unless named. Times: median (min-max) over interleaved rounds.", ""]  # fmt: skip
 
     def t(d):
@@ -272,6 +314,13 @@ def markdown(results: dict) -> str:
               f"shared vs hand-written hooks with the shared prefix texts {agree['shared_vs_hooks_shared_text']} "
               "(resid_post cells)",
               ""]  # fmt: skip
+    if "peak_memory" in results:
+        m = results["peak_memory"]
+        lines += [f"- peak memory of a `shared` run in a new process: {m['peak_rss_bytes'] / 2**30:.2f} GiB resident "
+                  f"vs {m['weights_bytes'] / 2**30:.2f} GiB of weights ({m['peak/weights']:.2f}x; "
+                  f"{m['rss_after_load_bytes'] / 2**30:.2f} GiB after the load)", ""]
+    if "pairs" not in results:
+        return "\n".join(lines) + "\n"
     lines += ["## Other grids", "", "| grid | cells | shared wall s | shared CPU s | unshared wall s | unshared CPU s | "
               "unshared / shared | same ids |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     rows = list(results["pairs"].items()) + [(f"length {k} tokens (top-k, 64 cells)", v) for k, v in results["length"].items()]
@@ -297,25 +346,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.graph", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small grids, 2 rounds")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory; "
+                        "another than the default runs the paper grid and peak memory only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     meta = machine_info(1, REPO)
     meta.update(command="python -m benchmarks.graph " + " ".join(argv if argv is not None else sys.argv[1:]),
-                loadavg_start=loadavg(), quick=args.quick)  # fmt: skip
+                loadavg_start=loadavg(), quick=args.quick, model=args.model)  # fmt: skip
     import superscopes
 
-    model = superscopes.load("smollm2-135m")
+    everything = args.model == DEFAULT_MODEL
+    results: dict = {"meta": meta}
+    if not everything:  # first, in a new process, so that two copies of the weights never coexist
+        results["peak_memory"] = peak_memory(args.model, args.quick)
+    model = superscopes.load(args.model)
     sizes = W.QUICK if args.quick else W.FULL
     rounds = 2 if args.quick else 3
-    results: dict = {"meta": meta}
     with torch.inference_mode():
         results["paper_grid"] = block_paper_grid(model, sizes, rounds)
-        results["pairs"] = block_pairs(model, sizes, rounds, args.quick)
-        results["length"] = block_length(model, rounds, args.quick)
-    results["cold_start"] = cold_start()
+        if everything:
+            results["pairs"] = block_pairs(model, sizes, rounds, args.quick)
+            results["length"] = block_length(model, rounds, args.quick)
+    if everything:
+        results["cold_start"] = cold_start()
     meta["loadavg_end"] = loadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("" if everything else f"-{Path(args.model).name}") + ("-quick" if args.quick else "")
     (args.out / f"graph{suffix}.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / f"graph{suffix}.md").write_text(markdown(results))
     print(markdown(results))
