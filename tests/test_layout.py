@@ -66,6 +66,7 @@ def test_the_wheel_installs_recipes_as_superscopes_recipes(tmp_path):
     assert tops == {"superscopes"}
     assert "superscopes/recipes/token_identity.py" in names and "superscopes/recipes/data/multihop.csv" in names
     assert "superscopes/data/patchscopes/factual/country_currency.tsv" in names
+    assert "superscopes/py.typed" in names  # type checkers read the package's hints
     assert "superscopes/data/patchscopes/NOTICE" in names and "superscopes/data/patchscopes/LICENSE" in names
 
 
