@@ -27,8 +27,7 @@ import json
 import math
 import numbers
 import operator
-import os
-import sys
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,16 @@ from typing import TYPE_CHECKING, Literal
 import nnsight
 import torch
 
-from superscopes import ops
+from superscopes import graph, ops
+from superscopes.graph import (
+    Settings,
+    _execute,
+    _execute_reads,
+    _Group,
+    _Pass,
+    _Work,
+    refuse_overflow,
+)
 from superscopes.models import model_name
 from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
@@ -416,29 +424,6 @@ def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> 
             )
 
 
-def refuse_overflow(entry: float, norm: float, alphas: Sequence[float], dtype: torch.dtype) -> None:
-    """Refuse alphas whose product with the read vectors (largest entry ``entry``, largest norm
-    ``norm``) overflows ``dtype``, or whose squared norm overflows float32, where RMS/LayerNorm
-    sum the squares: the norm is then 0, the patched position reads as zeros and every readout
-    is the uniform one. Checked after the read pass: locally before any patched pass; for a run
-    the client cannot watch (on NDIF, or a ``Grid`` in a session) before any cell is reported."""
-    if not alphas:
-        return
-    alpha = max(alphas, key=abs)
-    if not entry * abs(alpha) < torch.finfo(dtype).max:
-        raise ScopeError(
-            f"alpha {alpha} times the read vectors (largest entry {entry:.3g}) "
-            f"overflows {dtype} (largest value {torch.finfo(dtype).max:.3g}); use smaller alphas"
-        )
-    limit = math.sqrt(torch.finfo(torch.float32).max)
-    if not norm * abs(alpha) < limit:
-        raise ScopeError(
-            f"alpha {alpha} times the read vectors (largest norm {norm:.3g}) has a squared norm over float32's "
-            f"largest value, so the model's normalisation overflows and every readout would be uniform; "
-            f"use alphas below {limit / norm:.3g}"
-        )
-
-
 def _check_vectors(scope: Scope, pairs: list[tuple[int, int]], targets: list[str], model) -> None:
     shape, wanted = tuple(getattr(scope.vectors, "shape", ())), (len(scope.prompts), hidden_size(model))
     if shape != wanted:
@@ -547,40 +532,6 @@ def _forward_groups(keys: list[tuple[str, int]]) -> list[list[int]]:
     return [list(g) for _, g in itertools.groupby(order, key=lambda i: keys[i])]
 
 
-# A pass is planned on the client (tokenisation, rows, columns) as plain tensors, so that
-# executing it is only nnsight traces and torch: the part that runs on NDIF.
-
-
-@dataclass
-class _Group:
-    site: str
-    layer: int
-    rows: torch.Tensor  # batch rows
-    columns: torch.Tensor  # token columns in the pass's input (padded batch, or the unshared suffix)
-    vectors: torch.Tensor  # read pass: where the values go in the vector table; patch pass: which vectors
-    maps: list[tuple[int, torch.Tensor]] | None = None  # affine per layer pair: (map index, group members)
-
-
-@dataclass
-class _Pass:
-    """One batched forward (read) or ``generate``/``trace`` (patch).
-
-    Unshared passes feed ``texts`` (left-padded). Shared-prefix passes feed one text's
-    ``ids`` ``[1, T]`` to every row: its first ``start`` tokens are the same in every row, so
-    they run once (``prefix``: an index into the plan's prefix table, whose KV cache every
-    row reuses) and only tokens ``start..T-1`` run per row."""
-
-    groups: list[_Group]
-    texts: list[str] | None = None
-    ids: torch.Tensor | None = None
-    start: int = 0
-    prefix: int | None = None
-    alphas: torch.Tensor | None = None  # patch passes: one per batch row
-    transform: str = "scale"
-    seeds: torch.Tensor | None = None  # sampled patch passes: one seed per row (per cell)
-    width: int = 0  # unshared patch passes: tokens of the padded input, which generate returns first
-
-
 def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int) -> list[_Pass]:
     passes = []
     for start in range(0, len(prompts), batch_size):
@@ -672,167 +623,6 @@ def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
     return passes, covered, prefixes
 
 
-def _intervene(model, tracer, intervene: Callable, steps: int | None, found: dict) -> None:
-    """Inside an invoke of its own (so its module accesses need not interleave with the
-    grid's): the user's ``intervene`` once, or at each of ``steps`` generation steps; what it
-    returns at the first is kept in ``found`` (filled in place: a loop cut short by an early
-    end of generation does not return)."""
-    if steps is None:
-        found["values"] = intervene(model)
-        return
-    for step in tracer.iter[:steps]:
-        values = intervene(model)
-        if step == 0:
-            found["values"] = values
-
-
-def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0,
-                   intervene: Callable | None = None) -> tuple:  # fmt: skip
-    """Run read passes; returns the vector table ``[n_vectors, d]`` and, with ``lens_k``, the
-    logit lens of every vector (top-``lens_k`` ids and probabilities, or None). Only traces
-    and torch. A pass stops after its last read (the layers above it never run), unless the
-    user's ``intervene`` runs in it too (it may reach any layer)."""
-    table = torch.empty(n_vectors, hidden_size(model))
-    lens = (torch.empty(n_vectors, lens_k, dtype=torch.long), torch.empty(n_vectors, lens_k)) if lens_k else None
-    for p in passes:
-        with model.trace() as tracer:
-            if intervene is not None:  # first: at a module both touch, the read sees its edit
-                with tracer.invoke():
-                    _intervene(model, tracer, intervene, None, {})
-            with tracer.invoke(p.texts):
-                values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
-                stacked = torch.cat(values).save()
-                if lens_k:
-                    top = ops.unembed(model, stacked).softmax(-1).topk(lens_k)
-                    top_ids, top_probs = top.indices.save(), top.values.save()
-                if intervene is None:
-                    tracer.stop()
-        where = torch.cat([g.vectors for g in p.groups])
-        table[where] = stacked.to(table.dtype).cpu()
-        if lens_k:
-            lens[0][where], lens[1][where] = top_ids.cpu(), top_probs.cpu()
-    return table, lens
-
-
-def _prefix_caches(model, prefixes: list[torch.Tensor], intervene: Callable | None = None) -> list[tuple[str, object]]:
-    """The KV cache of each shared prefix (one row each), computed once per run, with the name
-    the model's forward takes it by: ``cache`` from transformers 5.24 on, ``past_key_values``
-    before (a server may run another transformers than the client)."""
-    caches = []
-    for ids in prefixes:
-        with model.trace(use_cache=True, logits_to_keep=1) as tracer:
-            if intervene is not None:
-                with tracer.invoke():
-                    _intervene(model, tracer, intervene, None, {})
-            with tracer.invoke(ids):
-                output = model.output
-                name = "cache" if "cache" in output else "past_key_values"
-                found = nnsight.save((name, output[name]))
-        caches.append(found)
-    return caches
-
-
-def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: dict) -> None:
-    """Inside a trace: write each group's transformed vectors, in forward order."""
-    if p.transform == "none":
-        return
-    for g in p.groups:
-        parts = [(None, slice(None))] if g.maps is None else g.maps
-        for map_index, members in parts:  # rows of one group that share an affine map
-            rows, vectors = g.rows[members], g.vectors[members]
-            extra = {}
-            if p.transform == "affine":
-                weight, bias = settings["maps"][map_index or 0]
-                extra = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-            elif p.transform == "random":
-                extra = {"direction": settings["directions"][vectors]}
-            elif p.transform == "latent":
-                extra = {"latent": settings["latent"]}
-            ops.patch(target_model, g.site, g.layer, table[vectors], g.columns[members], rows,
-                      alpha=p.alphas[rows], transform=p.transform, mode=settings["mode"], **extra)  # fmt: skip
-
-
-def _read_stats(table: torch.Tensor, settings: dict) -> dict:
-    """What the client checks after the passes it did not watch: the read vectors' largest entry
-    and norm (``refuse_overflow``) and whether the latent transform's latent is silent. Plain
-    torch, runs remotely too."""
-    if not len(table):
-        return {"entry": 0.0, "norm": 0.0, "silent": False}
-    return {"entry": float(table.abs().max()), "norm": float(table.double().norm(dim=-1).max()),
-            "silent": _latent_silent(table, settings)}
-
-
-def _latent_silent(table: torch.Tensor, settings: dict) -> bool:
-    """Whether the ``latent`` transform's latent is zero on every source vector (then every
-    alpha writes the same vector); False without that transform. Plain torch, runs remotely too."""
-    if settings["latent"] is None or not len(table):
-        return False
-    encoder = {name: value for name, value in settings["latent"].items() if name != "decoder_row"}
-    return bool((ops.latent_activation(table.float(), **encoder) == 0).all())
-
-
-def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], settings: dict) -> tuple:
-    """What a patch pass feeds the model: texts, or token ids plus the shared prefix's cache
-    (with room for the tokens a ``generate`` pass adds to it)."""
-    if p.ids is None:
-        return p.texts, {}
-    n = len(p.alphas)
-    extra = {}
-    if p.prefix is not None:
-        name, cache = caches[p.prefix]
-        # generate feeds tokens start..T-1, then each new token but the last
-        room = p.ids.shape[1] - p.start + settings["max_new_tokens"] - 1 if settings["output"] == "generate" else 0
-        extra = {name: ops.repeat_cache(model, cache, n, room)}
-    # The mask covers the cached tokens too (nnsight would otherwise build one for the fed
-    # tokens only, hiding the prefix); generate skips the tokens its cache already holds.
-    mask = torch.ones(n, p.ids.shape[1], dtype=torch.long)
-    fed = p.ids[:, p.start :] if settings["output"] == "topk" else p.ids
-    return {"input_ids": fed.repeat(n, 1), "attention_mask": mask}, extra
-
-
-def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Tensor], table: torch.Tensor,
-                     settings: dict, on_pass=None) -> list:  # fmt: skip
-    """Run patch passes; returns per pass the saved token ids, top-k probabilities (or None)
-    and what the user's ``intervene`` returned in the pass's first forward (or None).
-
-    ``settings``: output, max_new_tokens, top_k, temperature, mode, pad_token_id, affine
-    weight/bias, random directions (per vector), intervene. Top-k reads the model's own
-    logits (final soft-capping and logit scales included) at the last position only."""
-    outputs = []
-    intervene = settings["intervene"]
-    caches = _prefix_caches(target_model, prefixes, intervene)
-    for p in passes:
-        inputs, extra = _pass_inputs(target_model, p, caches, settings)
-        found = {}
-        if settings["output"] == "generate":
-            kwargs = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False,
-                      "pad_token_id": settings["pad_token_id"]}  # fmt: skip
-            if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
-                kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings["temperature"])]
-            with target_model.generate(**kwargs, **extra) as tracer:
-                if intervene is not None:  # every generated token's forward, not only the prompt's
-                    with tracer.invoke():
-                        _intervene(target_model, tracer, intervene, settings["max_new_tokens"], found)
-                with tracer.invoke(inputs):
-                    _apply_patches(target_model, p, table, settings)
-                    # The new tokens follow the input (fewer than max_new_tokens when every row ended early).
-                    ids = tracer.result[:, p.width if p.ids is None else p.ids.shape[1] :].save()
-            probs = None
-        else:
-            with target_model.trace(logits_to_keep=1, **extra) as tracer:
-                if intervene is not None:
-                    with tracer.invoke():
-                        _intervene(target_model, tracer, intervene, None, found)
-                with tracer.invoke(inputs):
-                    _apply_patches(target_model, p, table, settings)
-                    top = target_model.output.logits[:, -1].float().softmax(-1).topk(settings["top_k"])
-                    ids, probs = top.indices.save(), top.values.save()
-        outputs.append((ids, probs, found.get("values")))
-        if on_pass is not None:
-            on_pass(len(p.alphas))
-    return outputs
-
-
 def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64,
                  remote: bool | str = False) -> torch.Tensor:  # fmt: skip
     """Vectors ``[len(reads), d]`` for ``(prompt index, token index, site, layer)`` reads.
@@ -845,7 +635,7 @@ def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int
             return _execute_reads(model, passes, len(reads))[0]
         from superscopes.remote import configure, explain
 
-        configure(ship=(sys.modules[__name__],))
+        configure(ship=(graph,))
         try:
             with model.session(remote=remote):
                 table = nnsight.save(_execute_reads(model, passes, len(reads))[0])
@@ -870,20 +660,6 @@ def _directions(scope: Scope, keys: list[tuple[Source, str, int]], size: int) ->
         seed = zlib.crc32(f"{scope.seed or 0}|{src.prompt}|{src.position}|{site}|{layer}".encode())
         directions[i] = torch.randn(size, generator=torch.Generator().manual_seed(seed))
     return directions
-
-
-@dataclass
-class _Work:
-    """One request's passes, planned on the client. ``_execute`` runs them with traces and
-    torch only: the part that runs inside a session, and on NDIF."""
-
-    read_passes: list[_Pass]
-    n_vectors: int
-    lens_k: int
-    external: torch.Tensor | None  # the scope's own vectors instead of read ones
-    patch_passes: list[_Pass]
-    prefixes: list[torch.Tensor]
-    settings: dict
 
 
 @dataclass
@@ -913,35 +689,28 @@ def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepare
         biases = scope.affine_bias or {}
         maps = [(scope.affine_weight[pair], biases.get(pair)) for pair in used]
     patch_passes, covered, prefixes = _patch_passes(target_model, sub, vector_of, map_of)
-    settings = {
-        "output": scope.output, "max_new_tokens": scope.max_new_tokens, "top_k": scope.top_k,
-        "temperature": scope.temperature, "mode": scope.mode, "pad_token_id": target_model.tokenizer.pad_token_id,
-        "maps": maps, "directions": None, "latent": None, "intervene": scope.intervene,
-    }  # fmt: skip
+    latent, directions = None, None
     if "latent" in scope.transforms:
-        sae, latent = scope.sae_latent
-        settings["latent"] = sae.latent_params(latent)
+        sae, index = scope.sae_latent
+        latent = sae.latent_params(index)
     if "random" in scope.transforms:
-        settings["directions"] = _directions(scope, keys, hidden_size(target_model))
+        directions = _directions(scope, keys, hidden_size(target_model))
+    settings = Settings(
+        output=scope.output,
+        max_new_tokens=scope.max_new_tokens,
+        top_k=scope.top_k,
+        temperature=scope.temperature,
+        mode=scope.mode,
+        pad_token_id=target_model.tokenizer.pad_token_id,
+        maps=tuple(maps),
+        directions=directions,
+        latent=latent,
+        intervene=scope.intervene,
+    )
     lens_k = scope.top_k if scope.logit_lens else 0
     external = None if scope.vectors is None else scope.vectors[[k[0].prompt for k in keys]].detach().float().cpu()
     work = _Work(read_passes, len(keys), lens_k, external, patch_passes, prefixes, settings)
     return _Prepared(sub, work, covered, vector_of)
-
-
-def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Sequence[float] = ()) -> tuple:
-    """Run a request's reads and patch passes: ``(outputs per patch pass, logit lens or None,
-    the read vectors' statistics: ``_read_stats``)``. Only traces and torch (this is what a
-    session, local or remote, runs)."""
-    intervene = work.settings["intervene"]
-    if work.external is not None:
-        table, lens = work.external, None
-    else:
-        table, lens = _execute_reads(model, work.read_passes, work.n_vectors, work.lens_k, intervene)
-    stats = _read_stats(table, work.settings)
-    if check_alphas:  # locally, refused before any patched pass (remote: after, by _check_stats)
-        refuse_overflow(stats["entry"], stats["norm"], check_alphas, getattr(target_model, "dtype", torch.float32))
-    return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), lens, stats
 
 
 def _check_stats(stats: dict, scope: Scope, target_model) -> None:
@@ -952,8 +721,6 @@ def _check_stats(stats: dict, scope: Scope, target_model) -> None:
 
 
 def _warn_latent_silent(scope: Scope) -> None:
-    import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
-
     sae, latent = scope.sae_latent
     warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
                   "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=5)
@@ -1014,7 +781,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
         if remote:
             from superscopes.remote import configure, explain, session_backend
 
-            configure(ship=(sys.modules[__name__],))  # the server runs this module's passes
+            configure(ship=(graph,))  # the server runs the graph's passes
             backend = session_backend(model, remote, timeout)
             work = prepared.work
             try:
@@ -1026,8 +793,6 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
             outputs, lens, stats = result
             bar.update(len(prepared.plan.cells))
         else:
-            import warnings  # here, client side: this module is shipped to NDIF, whose import allowlist is short
-
             with warnings.catch_warnings():
                 # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
                 warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
@@ -1060,7 +825,7 @@ class Grid:
         self._work = self._prepared.work
         from superscopes.remote import send_by_value
 
-        send_by_value(sys.modules[__name__])  # remote sessions (and remote="local") send this module's passes by value
+        send_by_value(graph)  # remote sessions (and remote="local") send the graph's passes by value
 
     def run(self) -> tuple:
         """Run the grid's reads and patch passes (inside a session: when it runs its body;
@@ -1080,10 +845,11 @@ class Grid:
     def __len__(self) -> int:
         return len(self._plan.cells)
 
-    def __getstate__(self) -> dict:
-        # What a remote session sends: only what run() needs (the plan holds the scope's
-        # callables and tensors, which the server has no use for).
-        return {"_model": self._model, "_target_model": self._target_model, "_work": self._work}
+    def __reduce__(self) -> tuple:
+        # What a remote session sends: a graph.ShippedGrid with only what run() needs (the plan
+        # holds the scope's callables and tensors, which the server has no use for), so this
+        # module need not ship.
+        return graph.ShippedGrid, (self._model, self._target_model, self._work)
 
 
 def _fingerprint(model, target_model, the_plan: Plan) -> str:
@@ -1110,45 +876,6 @@ def _fingerprint(model, target_model, the_plan: Plan) -> str:
             if tensor is not None:
                 digest.update(str(key).encode() + tensor.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-class _Checkpoint:
-    """Finished cells of one grid, one JSON line per request as it returns (fsynced), under a
-    header line with the grid's fingerprint: a rerun resumes, a different grid is refused."""
-
-    def __init__(self, path: str | Path, fingerprint: str, n_cells: int):
-        self.path = Path(path)
-        self.header = {"fingerprint": fingerprint, "cells": n_cells}
-        if self.path.exists() and self.path.stat().st_size:
-            first = self.path.read_text().splitlines()[0]
-            found = json.loads(first) if first.startswith("{") else {}
-            if found.get("fingerprint") != fingerprint:
-                raise ScopeError(
-                    f"checkpoint {self.path} holds another grid (fingerprint {found.get('fingerprint')!r}, "
-                    f"this grid {fingerprint!r}): give a new checkpoint path, or delete it to start over"
-                )
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write([self.header])
-
-    def load(self) -> dict[int, dict]:
-        done = {}
-        for line in self.path.read_text().splitlines()[1:]:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut off mid-write: its request is redone
-                continue
-            done.update({int(i): out for i, out in record["cells"].items()})
-        return done
-
-    def append(self, chosen: list[int], outputs: list[dict]) -> None:
-        self._write([{"cells": {str(i): out for i, out in zip(chosen, outputs)}}])
-
-    def _write(self, records: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def _check_served(*models) -> None:
@@ -1205,7 +932,9 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ScopeError(f"threads must be a positive integer (or None for torch's own setting), got {threads!r}")
     n = len(the_plan.cells)
-    store = _Checkpoint(checkpoint, _fingerprint(model, target_model, the_plan), n) if checkpoint else None
+    from superscopes.results import Checkpoint  # here: results imports pandas
+
+    store = Checkpoint(checkpoint, _fingerprint(model, target_model, the_plan), n) if checkpoint else None
     per_cell: list[dict | None] = [None] * n
     for i, out in (store.load() if store else {}).items():
         per_cell[i] = out
