@@ -17,6 +17,7 @@ import nnsight
 import torch
 
 from superscopes import ops
+from superscopes.readouts.base import Context, Readout
 from superscopes.sites import ScopeError, hidden_size
 
 
@@ -24,7 +25,8 @@ from superscopes.sites import ScopeError, hidden_size
 class Settings:
     """What the patch passes need besides their own plan, one per request (built by the client)."""
 
-    output: str  # "generate" or "topk"
+    readouts: tuple[Readout, ...]  # the primary one (Scope.output) first
+    generate: bool  # patch passes are model.generate (else one forward each)
     max_new_tokens: int
     top_k: int
     temperature: float
@@ -84,15 +86,20 @@ def _intervene(model, tracer, intervene: Callable, steps: int | None, found: dic
             found["values"] = values
 
 
-def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0,
-                   intervene: Callable | None = None) -> tuple:  # fmt: skip
-    """Run read passes; returns the vector table ``[n_vectors, d]`` and, with ``lens_k``, the
-    logit lens of every vector (top-``lens_k`` ids and probabilities, or None). Only traces
+def _execute_reads(
+    model, passes: list[_Pass], n_vectors: int, settings: Settings | None = None
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, ...]]]:
+    """Run read passes; returns the vector table ``[n_vectors, d]`` and what each read-stage
+    readout of ``settings`` computed, by name (tensors with one row per vector). Only traces
     and torch. A pass stops after its last read (the layers above it never run), unless the
     user's ``intervene`` runs in it too (it may reach any layer)."""
     table = torch.empty(n_vectors, hidden_size(model))
-    lens = (torch.empty(n_vectors, lens_k, dtype=torch.long), torch.empty(n_vectors, lens_k)) if lens_k else None
+    readouts = [r for r in settings.readouts if r.stage == "read"] if settings is not None else []
+    intervene = settings.intervene if settings is not None else None
+    top_k = settings.top_k if settings is not None else 0
+    tables: dict[str, tuple[torch.Tensor, ...]] = {}
     for p in passes:
+        computed = {}
         with model.trace() as tracer:
             if intervene is not None:  # first: at a module both touch, the read sees its edit
                 with tracer.invoke():
@@ -100,16 +107,19 @@ def _execute_reads(model, passes: list[_Pass], n_vectors: int, lens_k: int = 0,
             with tracer.invoke(p.texts):
                 values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
                 stacked = torch.cat(values).save()
-                if lens_k:
-                    top = ops.unembed(model, stacked).softmax(-1).topk(lens_k)
-                    top_ids, top_probs = top.indices.save(), top.values.save()
+                for readout in readouts:
+                    context = Context(top_k, vectors=stacked)
+                    computed[readout.name] = nnsight.save(readout.compute(model, tracer, context))
                 if intervene is None:
                     tracer.stop()
         where = torch.cat([g.vectors for g in p.groups])
         table[where] = stacked.to(table.dtype).cpu()
-        if lens_k:
-            lens[0][where], lens[1][where] = top_ids.cpu(), top_probs.cpu()
-    return table, lens
+        for name, found in computed.items():
+            if name not in tables:
+                tables[name] = tuple(torch.empty(n_vectors, *t.shape[1:], dtype=t.dtype) for t in found)
+            for whole, part in zip(tables[name], found):
+                whole[where] = part.cpu()
+    return table, tables
 
 
 def _prefix_caches(model, prefixes: list[torch.Tensor], intervene: Callable | None = None) -> list[tuple[str, object]]:
@@ -179,56 +189,69 @@ def _pass_inputs(model, p: _Pass, caches: list[tuple[str, object]], settings: Se
     if p.prefix is not None:
         name, cache = caches[p.prefix]
         # generate feeds tokens start..T-1, then each new token but the last
-        room = p.ids.shape[1] - p.start + settings.max_new_tokens - 1 if settings.output == "generate" else 0
+        room = p.ids.shape[1] - p.start + settings.max_new_tokens - 1 if settings.generate else 0
         extra = {name: ops.repeat_cache(model, cache, n, room)}
     # The mask covers the cached tokens too (nnsight would otherwise build one for the fed
     # tokens only, hiding the prefix); generate skips the tokens its cache already holds.
     mask = torch.ones(n, p.ids.shape[1], dtype=torch.long)
-    fed = p.ids[:, p.start :] if settings.output == "topk" else p.ids
+    fed = p.ids if settings.generate else p.ids[:, p.start :]
     return {"input_ids": fed.repeat(n, 1), "attention_mask": mask}, extra
 
 
-def _execute_patches(target_model, passes: list[_Pass], prefixes: list[torch.Tensor], table: torch.Tensor,
-                     settings: Settings, on_pass=None) -> list:  # fmt: skip
-    """Run patch passes; returns per pass the saved token ids, top-k probabilities (or None)
-    and what the user's ``intervene`` returned in the pass's first forward (or None).
-
-    ``settings``: output, max_new_tokens, top_k, temperature, mode, pad_token_id, affine
-    weight/bias, random directions (per vector), intervene. Top-k reads the model's own
-    logits (final soft-capping and logit scales included) at the last position only."""
+def _execute_patches(
+    target_model,
+    passes: list[_Pass],
+    prefixes: list[torch.Tensor],
+    table: torch.Tensor,
+    settings: Settings,
+    on_pass: Callable[[int], object] | None = None,
+) -> list[tuple[dict[str, tuple[torch.Tensor, ...]], object]]:
+    """Run patch passes; returns per pass what each patch-stage readout computed, by name, and
+    what the user's ``intervene`` returned in the pass's first forward (or None)."""
     outputs = []
     intervene = settings.intervene
+    primary, *rest = [r for r in settings.readouts if r.stage == "patch"]
     caches = _prefix_caches(target_model, prefixes, intervene)
     for p in passes:
         inputs, extra = _pass_inputs(target_model, p, caches, settings)
-        found = {}
-        if settings.output == "generate":
+        found, computed = {}, {}
+        if settings.generate:
             kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False,
                       "pad_token_id": settings.pad_token_id}  # fmt: skip
             if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
                 kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings.temperature)]
+            context = Context(settings.top_k, fed=p.width if p.ids is None else p.ids.shape[1])
             with target_model.generate(**kwargs, **extra) as tracer:
                 if intervene is not None:  # every generated token's forward, not only the prompt's
                     with tracer.invoke():
                         _intervene(target_model, tracer, intervene, settings.max_new_tokens, found)
                 with tracer.invoke(inputs):
                     _apply_patches(target_model, p, table, settings)
-                    # The new tokens follow the input (fewer than max_new_tokens when every row ended early).
-                    ids = tracer.result[:, p.width if p.ids is None else p.ids.shape[1] :].save()
-            probs = None
+                    computed[primary.name] = nnsight.save(primary.compute(target_model, tracer, context))
+                _readouts_after(target_model, tracer, rest, context, computed)
         else:
+            context = Context(settings.top_k)
             with target_model.trace(logits_to_keep=1, **extra) as tracer:
                 if intervene is not None:
                     with tracer.invoke():
                         _intervene(target_model, tracer, intervene, None, found)
                 with tracer.invoke(inputs):
                     _apply_patches(target_model, p, table, settings)
-                    top = target_model.output.logits[:, -1].float().softmax(-1).topk(settings.top_k)
-                    ids, probs = top.indices.save(), top.values.save()
-        outputs.append((ids, probs, found.get("values")))
+                    computed[primary.name] = nnsight.save(primary.compute(target_model, tracer, context))
+                _readouts_after(target_model, tracer, rest, context, computed)
+        outputs.append((computed, found.get("values")))
         if on_pass is not None:
             on_pass(len(p.alphas))
     return outputs
+
+
+def _readouts_after(model, tracer, readouts: list[Readout], context: Context, computed: dict) -> None:
+    """Inside a patch pass, after the patched rows' own invoke: each other readout in an invoke
+    of its own over the whole batch (it sees the writes; its module accesses need not follow
+    the primary readout's in forward order)."""
+    for readout in readouts:
+        with tracer.invoke():
+            computed[readout.name] = nnsight.save(readout.compute(model, tracer, context))
 
 
 @dataclass
@@ -238,7 +261,6 @@ class _Work:
 
     read_passes: list[_Pass]
     n_vectors: int
-    lens_k: int
     external: torch.Tensor | None  # the scope's own vectors instead of read ones
     patch_passes: list[_Pass]
     prefixes: list[torch.Tensor]
@@ -246,18 +268,17 @@ class _Work:
 
 
 def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Sequence[float] = ()) -> tuple:
-    """Run a request's reads and patch passes: ``(outputs per patch pass, logit lens or None,
-    the read vectors' statistics: ``_read_stats``)``. Only traces and torch (this is what a
-    session, local or remote, runs)."""
-    intervene = work.settings.intervene
+    """Run a request's reads and patch passes: ``(outputs per patch pass, read-stage readouts
+    by name, the read vectors' statistics: ``_read_stats``)``. Only traces and torch (this is
+    what a session, local or remote, runs)."""
     if work.external is not None:
-        table, lens = work.external, None
+        table, read = work.external, {}
     else:
-        table, lens = _execute_reads(model, work.read_passes, work.n_vectors, work.lens_k, intervene)
+        table, read = _execute_reads(model, work.read_passes, work.n_vectors, work.settings)
     stats = _read_stats(table, work.settings)
     if check_alphas:  # locally, refused before any patched pass (remote: after, by _check_stats)
         refuse_overflow(stats["entry"], stats["norm"], check_alphas, getattr(target_model, "dtype", torch.float32))
-    return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), lens, stats
+    return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), read, stats
 
 
 def refuse_overflow(entry: float, norm: float, alphas: Sequence[float], dtype: torch.dtype) -> None:

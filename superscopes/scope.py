@@ -27,17 +27,19 @@ import json
 import math
 import numbers
 import operator
+import sys
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 import nnsight
 import torch
 
-from superscopes import graph, ops
+from superscopes import graph, ops, readouts
 from superscopes.graph import (
     Settings,
     _execute,
@@ -50,7 +52,7 @@ from superscopes.graph import (
 from superscopes.models import model_name
 from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
-from superscopes.sites import SITE_NAMES, ScopeError, architecture_of, hidden_size, num_layers, vocab_size
+from superscopes.sites import SITE_NAMES, ScopeError, architecture_of, hidden_size, num_layers
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: it adds ~0.3 s to `import superscopes`
     import pandas as pd
@@ -82,7 +84,9 @@ class Scope:
     map, or a dict of maps keyed by ``(layer, target_layer)`` (one per layer pair).
     ``sae_latent``: ``(sae, latent)`` for the ``latent`` transform (amplify that SAE latent's
     component of each read vector; the cells must read at the SAE's site and layer).
-    ``output``: ``generate`` (``max_new_tokens`` tokens) or ``topk`` (next-token top-k).
+    ``output``: ``generate`` (``max_new_tokens`` tokens) or ``topk`` (next-token top-k): a
+    primary readout of ``superscopes.readouts.REGISTRY``. ``readouts``: further readouts by
+    name (``superscopes.readouts.available()`` lists them with their columns), e.g. ``lens``.
     Greedy by default; ``do_sample=True`` samples at ``temperature`` (no top-k/top-p
     truncation) with one seed per cell derived from ``seed`` and the cell itself, so a
     sampled cell's text does not depend on ``batch_size`` or on the rest of the grid.
@@ -90,7 +94,8 @@ class Scope:
     run and reuse their KV cache in every row (same results, much less compute); ``False``
     runs every row's whole prompt, as plain batching does.
     ``logit_lens``: also read each source vector through the model's final norm and
-    unembedding in the read pass (columns ``lens``, ``lens_ids``, ``lens_probs``: top-k).
+    unembedding in the read pass (columns ``lens``, ``lens_ids``, ``lens_probs``: top-k); the
+    same as the ``lens`` readout.
     ``vectors``: ``[len(prompts), d]`` external source vectors (e.g. SAE latents' decoder
     directions) instead of read ones: nothing is read, ``prompts`` only name the vectors,
     and the one ``sites``/``layers`` entry says where they belong (for ``"same"``).
@@ -135,6 +140,7 @@ class Scope:
     where: Callable[[Cell], bool] | None = field(default=None, repr=False)
     sae_latent: tuple | None = field(default=None, repr=False)
     intervene: Callable[[object], dict[str, torch.Tensor] | None] | None = field(default=None, repr=False)
+    readouts: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -142,7 +148,7 @@ class Scope:
         if not isinstance(self.prompts, Iterable):
             raise ScopeError(f"prompts {self.prompts!r} must be a prompt (text) or a list of prompts")
         self.prompts = list(self.prompts)
-        for name in ("sites", "alphas", "transforms", "target_layers"):
+        for name in ("sites", "alphas", "transforms", "target_layers", "readouts"):
             value = getattr(self, name)
             setattr(self, name, [value] if isinstance(value, (str, int, float)) else list(value))
         if not (isinstance(self.layers, str) and self.layers == "all"):
@@ -366,9 +372,6 @@ def _check_numbers(scope: Scope, target_model) -> None:
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    vocab = vocab_size(target_model)
-    if scope.output == "topk" and not (is_int(scope.top_k) and 1 <= scope.top_k <= vocab):
-        raise ScopeError(f"top_k {scope.top_k!r} must be a whole number in 1-{vocab} (the vocabulary size)")
     if scope.do_sample and not (isinstance(scope.temperature, (int, float)) and math.isfinite(scope.temperature)
                                 and scope.temperature > 0):  # fmt: skip
         raise ScopeError(f"temperature {scope.temperature!r} must be a finite number above 0")
@@ -464,7 +467,9 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
     for transform in scope.transforms:
         _choices("transform", transform, (*ops.TRANSFORMS, "none"))
     _choices("mode", scope.mode, ops.WRITE_MODES)
-    _choices("output", scope.output, ["generate", "topk"])
+    _choices("output", scope.output, [r.name for r in readouts.REGISTRY.values() if r.primary])
+    for name in scope.readouts:
+        _choices("readout", name, [r.name for r in readouts.REGISTRY.values() if not r.primary])
     pairs = _layer_pairs(scope, model, target_model)
     for alpha in scope.alphas:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -482,6 +487,8 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
             f"hidden sizes differ ({hidden_size(model)} vs {hidden_size(target_model)}): "
             "only transform 'affine' can map between these models"
         )
+    for readout in _readouts(scope):
+        readout.check(scope, model, target_model)
     _check_numbers(scope, target_model)
     if scope.samples > 1 and not scope.do_sample:
         raise ScopeError(f"samples={scope.samples}: more than one try per cell needs do_sample=True")
@@ -505,6 +512,21 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
         if not cells:
             raise ScopeError("`where` kept none of the grid's cells")
     return Plan(scope, sources, cells, [resolved[t] for t in targets_wanted])
+
+
+def _readouts(scope: Scope) -> list[readouts.Readout]:
+    """The scope's readouts, the primary one (``output``) first; ``logit_lens`` is ``lens``."""
+    names = [scope.output, *(["lens"] if scope.logit_lens else []), *scope.readouts]
+    return [readouts.REGISTRY[name] for name in dict.fromkeys(names)]
+
+
+def _shipped(scope: Scope) -> tuple[ModuleType, ...]:
+    """What a remote request sends by value besides ``ops`` and ``sites``: the graph's passes,
+    the readouts package, and the module of any readout registered from elsewhere."""
+    own = {graph.__name__, readouts.__name__}
+    others = {type(r).__module__ for r in _readouts(scope)} - {"__main__"}
+    others = {m for m in others if m not in own and not m.startswith(readouts.__name__ + ".")}
+    return (graph, readouts, *(sys.modules[m] for m in sorted(others)))
 
 
 # ---------------------------------------------------------------- execution
@@ -635,21 +657,13 @@ def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int
             return _execute_reads(model, passes, len(reads))[0]
         from superscopes.remote import configure, explain
 
-        configure(ship=(graph,))
+        configure(ship=(graph, readouts))
         try:
             with model.session(remote=remote):
                 table = nnsight.save(_execute_reads(model, passes, len(reads))[0])
         except Exception as error:
             raise explain(error, model_name(model)) from error
         return table
-
-
-def _decode(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
-    """Generated ids up to (not including) the first end-of-sequence token, and their text."""
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True), ids
 
 
 def _directions(scope: Scope, keys: list[tuple[Source, str, int]], size: int) -> torch.Tensor:
@@ -695,8 +709,10 @@ def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepare
         latent = sae.latent_params(index)
     if "random" in scope.transforms:
         directions = _directions(scope, keys, hidden_size(target_model))
+    chosen_readouts = tuple(_readouts(scope))
     settings = Settings(
-        output=scope.output,
+        readouts=chosen_readouts,
+        generate=any(r.generates for r in chosen_readouts),
         max_new_tokens=scope.max_new_tokens,
         top_k=scope.top_k,
         temperature=scope.temperature,
@@ -707,9 +723,8 @@ def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepare
         latent=latent,
         intervene=scope.intervene,
     )
-    lens_k = scope.top_k if scope.logit_lens else 0
     external = None if scope.vectors is None else scope.vectors[[k[0].prompt for k in keys]].detach().float().cpu()
-    work = _Work(read_passes, len(keys), lens_k, external, patch_passes, prefixes, settings)
+    work = _Work(read_passes, len(keys), external, patch_passes, prefixes, settings)
     return _Prepared(sub, work, covered, vector_of)
 
 
@@ -726,34 +741,36 @@ def _warn_latent_silent(scope: Scope) -> None:
                   "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=5)
 
 
-def _collect(model, target_model, prepared: _Prepared, outputs: list, lens) -> list[dict]:
-    """Decode a request's outputs into one dict of columns per cell (in the request's order)."""
-    scope, cells = prepared.plan.scope, prepared.plan.cells
+def _collect(model, target_model, prepared: _Prepared, outputs: list, read: dict) -> list[dict]:
+    """Decode a request's outputs into one dict of columns per cell (in the request's order):
+    each readout's columns, then what ``intervene`` returned."""
+    cells = prepared.plan.cells
+    chosen = prepared.work.settings.readouts
     per_cell: list[dict] = [{} for _ in cells]
     flat = iter(prepared.covered)
-    for ids, probs, values in outputs:
-        values = _intervened(values, len(ids))
-        for row in range(len(ids)):
-            i, row_ids = next(flat), ids[row].tolist()
-            if scope.output == "generate":
-                text, row_ids = _decode(target_model.tokenizer, row_ids)
-                per_cell[i] = {"output": text, "output_ids": row_ids}
-            else:
-                if not torch.isfinite(probs[row]).all():  # a NaN readout is a failed pass, never a result
-                    raise ScopeError(f"cell {cells[i]} gave non-finite next-token probabilities (an activation "
-                                     "overflowed or was NaN); use smaller alphas or check the vectors")  # fmt: skip
-                per_cell[i] = {"output": target_model.tokenizer.decode([row_ids[0]]), "output_ids": row_ids,
-                               "output_probs": probs[row].tolist()}  # fmt: skip
+    for computed, values in outputs:
+        rows = len(next(iter(computed.values()))[0])
+        values = _intervened(values, rows)
+        for row in range(rows):
+            i = next(flat)
+            for readout in chosen:
+                if readout.stage == "patch":
+                    try:
+                        per_cell[i].update(readout.decode(target_model.tokenizer, computed[readout.name], row))
+                    except ScopeError as error:  # e.g. a NaN readout: name the cell
+                        raise ScopeError(f"cell {cells[i]} {error}") from None
             per_cell[i].update({name: value[row] for name, value in values.items()})
-    if lens is not None:  # the source vector's own logit lens, beside what the patch made of it
-        for i, cell in enumerate(cells):
-            vector = prepared.vector_of[(cell.source, cell.site, cell.layer)]
-            ids = lens[0][vector].tolist()
-            per_cell[i].update(lens=model.tokenizer.decode([ids[0]]), lens_ids=ids, lens_probs=lens[1][vector].tolist())
+    for readout in chosen:  # the source vector's own readouts, beside what the patch made of it
+        if readout.stage == "read" and readout.name in read:
+            for i, cell in enumerate(cells):
+                vector = prepared.vector_of[(cell.source, cell.site, cell.layer)]
+                per_cell[i].update(readout.decode(model.tokenizer, read[readout.name], vector))
     return per_cell
 
 
-_OWN_COLUMNS = {*RESULT_COLUMNS, "output_probs", "lens", "lens_ids", "lens_probs", "target_model"}
+def _own_columns() -> set[str]:
+    """The frame's own columns: the grid's, and every registered readout's."""
+    return {*RESULT_COLUMNS, "target_model", *(c for r in readouts.REGISTRY.values() for c in r.columns)}
 
 
 def _intervened(values, rows: int) -> dict[str, list]:
@@ -764,7 +781,7 @@ def _intervened(values, rows: int) -> dict[str, list]:
         raise ScopeError(f"intervene must return None or a dict of tensors by column name, got {type(values).__name__}")
     columns = {}
     for name, value in values.items():
-        if name in _OWN_COLUMNS:
+        if name in _own_columns():
             raise ScopeError(f"intervene's column {name!r} is one of the frame's own: choose another name")
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or len(value) != rows:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -781,7 +798,7 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
         if remote:
             from superscopes.remote import configure, explain, session_backend
 
-            configure(ship=(graph,))  # the server runs the graph's passes
+            configure(ship=_shipped(the_plan.scope))  # the server runs the graph's passes and readouts
             backend = session_backend(model, remote, timeout)
             work = prepared.work
             try:
@@ -790,15 +807,15 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
                     result = nnsight.save(_execute(model, target_model, work))
             except Exception as error:
                 raise explain(error, model_name(model)) from error
-            outputs, lens, stats = result
+            outputs, read, stats = result
             bar.update(len(prepared.plan.cells))
         else:
             with warnings.catch_warnings():
                 # intervene's loop over max_new_tokens steps is cut short, by design, when every row ends early
                 warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
-                outputs, lens, stats = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
+                outputs, read, stats = _execute(model, target_model, prepared.work, bar.update, the_plan.scope.alphas)
     _check_stats(stats, the_plan.scope, target_model)
-    return _collect(model, target_model, prepared, outputs, lens)
+    return _collect(model, target_model, prepared, outputs, read)
 
 
 class Grid:
@@ -825,7 +842,7 @@ class Grid:
         self._work = self._prepared.work
         from superscopes.remote import send_by_value
 
-        send_by_value(graph)  # remote sessions (and remote="local") send the graph's passes by value
+        send_by_value(*_shipped(scope))  # remote sessions (and remote="local") send the graph's passes by value
 
     def run(self) -> tuple:
         """Run the grid's reads and patch passes (inside a session: when it runs its body;
@@ -837,9 +854,9 @@ class Grid:
         """The grid's frame (as ``superscopes.run`` returns it) from what ``run`` returned."""
         if not (isinstance(outputs, tuple) and len(outputs) == 3):
             raise ScopeError("frame() takes what grid.run() returned inside the session (outputs = grid.run())")
-        patched, lens, stats = outputs
+        patched, read, stats = outputs
         _check_stats(stats, self._plan.scope, self._target_model)
-        per_cell = _collect(self._model, self._target_model, self._prepared, patched, lens)
+        per_cell = _collect(self._model, self._target_model, self._prepared, patched, read)
         return _frame(self._model, self._target_model, self._plan, per_cell)
 
     def __len__(self) -> int:
@@ -860,6 +877,8 @@ def _fingerprint(model, target_model, the_plan: Plan) -> str:
     settings = [model_name(model), model_name(target_model), scope.prompts, targets,
                 scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
                 scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
+    if scope.readouts:  # a grid without further readouts keeps the fingerprint it had before they existed
+        settings.append(list(scope.readouts))
     digest.update(json.dumps(settings, default=str).encode())
     if scope.intervene is not None:  # the function's name and bytecode: another intervention, another grid
         code = getattr(scope.intervene, "__code__", None)

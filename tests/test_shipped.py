@@ -1,18 +1,20 @@
 """The code NDIF runs by value imports only modules the server allows.
 
-``remote.configure()`` registers ``ops``, ``sites`` and ``graph`` with nnsight, so their
-functions travel as source and run in NDIF's sandbox, whose importer refuses any module not
+``remote.configure()`` registers ``ops``, ``sites``, ``graph`` and the ``readouts`` package
+with nnsight, so their functions travel as source and run in NDIF's sandbox, whose importer refuses any module not
 on its whitelist ("Module ... is not whitelisted"). They run there whole: every import they
 make is checked (parsed with ``ast``), with no exceptions."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 
-from superscopes import graph, ops, sites
+from superscopes import graph, ops, readouts, scope, sites
 
 # Top-level names of the modules in NDIF's sandbox whitelist, ndif-team/ndif
 # src/ndif/services/ray/nn/security/whitelist.yaml (commit 09d8624b), "modules" section.
@@ -26,7 +28,11 @@ NDIF_WHITELIST = frozenset({
     "encodings", "peft", "pydantic", "argparse", "datasets", "tokenizers", "huggingface_hub", "httpcore",
     "fsspec", "scipy", "regex", "concurrent", "io",
 })  # fmt: skip
-SHIPPED = {"superscopes.ops": ops, "superscopes.sites": sites, "superscopes.graph": graph}
+SHIPPED = {m.__name__: m for m in (ops, sites, graph, readouts)}
+SHIPPED |= {  # every readout ships with the package (its module registered by value)
+    f"superscopes.readouts.{info.name}": importlib.import_module(f"superscopes.readouts.{info.name}")
+    for info in pkgutil.iter_modules(readouts.__path__)
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -70,8 +76,11 @@ def test_the_registered_modules_are_the_ones_checked(monkeypatch):
     registered = []
     monkeypatch.setattr(nnsight, "register", registered.append)
     monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:1")
-    configure(ship=(graph,))  # as the grid calls it
-    assert {m.__name__ for m in registered} == set(SHIPPED)
+    configure(ship=scope._shipped(scope.Scope(prompts=["x"])))  # as the grid calls it
+    names = {m.__name__ for m in registered}
+    assert names == {"superscopes.ops", "superscopes.sites", "superscopes.graph", "superscopes.readouts"}
+    # a registered package ships its submodules too (cloudpickle checks the parent names)
+    assert all(name in names or name.rsplit(".", 1)[0] in names for name in SHIPPED)
 
 
 def test_a_helper_library_would_be_caught(tmp_path):
