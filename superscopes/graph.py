@@ -281,6 +281,32 @@ def _execute(model, target_model, work: _Work, on_pass=None, check_alphas: Seque
     return _execute_patches(target_model, work.patch_passes, work.prefixes, table, work.settings, on_pass), read, stats
 
 
+def unembed_vectors(
+    model, vectors: torch.Tensor, anchor: str, top_k: int, full: bool, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The final norm and unembedding of ``vectors [n, d]``, ``batch_size`` rows per trace of
+    the one-token prompt ``anchor``: top-``top_k`` ids and probabilities, and with ``full``
+    every log-probability (``lens.decode``; inside a session, all chunks are one request)."""
+    ids, probs, logprobs = [], [], []
+    for start in range(0, len(vectors), batch_size):
+        chunk = vectors[start : start + batch_size].float()
+        with model.trace(anchor):
+            lp = ops.unembed(model, chunk).log_softmax(-1)
+            top = lp.topk(top_k)
+            top_ids, top_probs = top.indices.save(), top.values.exp().save()
+            if full:
+                full_lp = lp.save()
+        ids.append(top_ids.cpu())
+        probs.append(top_probs.cpu())
+        if full:
+            logprobs.append(full_lp.cpu())
+    return (
+        torch.cat(ids) if ids else torch.empty(0, top_k, dtype=torch.long),
+        torch.cat(probs) if probs else torch.empty(0, top_k),
+        (torch.cat(logprobs) if logprobs else torch.empty(0, 0)) if full else None,
+    )
+
+
 def refuse_overflow(entry: float, norm: float, alphas: Sequence[float], dtype: torch.dtype) -> None:
     """Refuse alphas whose product with the read vectors (largest entry ``entry``, largest norm
     ``norm``) overflows ``dtype``, or whose squared norm overflows float32, where RMS/LayerNorm

@@ -655,14 +655,11 @@ def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int
     with torch.inference_mode():
         if not remote:
             return _execute_reads(model, passes, len(reads))[0]
-        from superscopes.remote import configure, explain
+        from superscopes import remote as ndif
 
-        configure(ship=(graph, readouts))
-        try:
-            with model.session(remote=remote):
+        with ndif.request(model, remote, ship=(graph, readouts), name=model_name(model)) as options:
+            with model.session(**options):
                 table = nnsight.save(_execute_reads(model, passes, len(reads))[0])
-        except Exception as error:
-            raise explain(error, model_name(model)) from error
         return table
 
 
@@ -796,17 +793,15 @@ def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: b
     prepared = _prepare(model, target_model, the_plan, chosen)
     with torch.inference_mode():
         if remote:
-            from superscopes.remote import configure, explain, session_backend
+            from superscopes import remote as ndif
 
-            configure(ship=_shipped(the_plan.scope))  # the server runs the graph's passes and readouts
-            backend = session_backend(model, remote, timeout)
             work = prepared.work
-            try:
-                # One request: the session runs every pass on the server and returns ids/probs.
-                with model.session(remote=remote, backend=backend):
+            # One request: the session runs every pass (the graph's and the readouts' code, sent by
+            # value) on the server and returns only what the readouts saved.
+            shipped = _shipped(the_plan.scope)
+            with ndif.request(model, remote, ship=shipped, timeout=timeout, name=model_name(model)) as options:
+                with model.session(**options):
                     result = nnsight.save(_execute(model, target_model, work))
-            except Exception as error:
-                raise explain(error, model_name(model)) from error
             outputs, read, stats = result
             bar.update(len(prepared.plan.cells))
         else:
