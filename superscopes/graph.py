@@ -142,19 +142,20 @@ def _prefix_caches(model, prefixes: list[torch.Tensor], intervene: Callable | No
 
 def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: Settings) -> None:
     """Inside a trace: write each group's transformed vectors, in forward order."""
-    if p.transform == "none":
+    spec = ops.TRANSFORM_TABLE[p.transform]
+    if not spec.writes:
         return
     for g in p.groups:
         parts = [(None, slice(None))] if g.maps is None else g.maps
         for map_index, members in parts:  # rows of one group that share an affine map
             rows, vectors = g.rows[members], g.vectors[members]
             extra = {}
-            if p.transform == "affine":
+            if spec.argument == "weight":
                 weight, bias = settings.maps[map_index or 0]
                 extra = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-            elif p.transform == "random":
+            elif spec.argument == "direction":
                 extra = {"direction": settings.directions[vectors]}
-            elif p.transform == "latent":
+            elif spec.argument == "latent":
                 extra = {"latent": settings.latent}
             ops.patch(target_model, g.site, g.layer, table[vectors], g.columns[members], rows,
                       alpha=p.alphas[rows], transform=p.transform, mode=settings.mode, **extra)  # fmt: skip

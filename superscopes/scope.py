@@ -465,7 +465,7 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
         _choices("site", site, list(source_arch.sites))
     _choices("target_site", scope.target_site, list(target_arch.sites))
     for transform in scope.transforms:
-        _choices("transform", transform, (*ops.TRANSFORMS, "none"))
+        _choices("transform", transform, list(ops.TRANSFORM_TABLE))
     _choices("mode", scope.mode, ops.WRITE_MODES)
     _choices("output", scope.output, [r.name for r in readouts.REGISTRY.values() if r.primary])
     for name in scope.readouts:
@@ -481,7 +481,7 @@ def plan(model, scope: Scope, target_model=None) -> Plan:
         _check_vectors(scope, pairs, targets_wanted, model)
     if target_model is not model and "source" in targets_wanted:
         raise ScopeError('target "source" means the source prompt in the source model; give a target template')
-    mapped = {"affine", "none"}
+    mapped = {name for name, spec in ops.TRANSFORM_TABLE.items() if spec.any_hidden_size}
     if hidden_size(model) != hidden_size(target_model) and not set(scope.transforms) <= mapped:
         raise ScopeError(
             f"hidden sizes differ ({hidden_size(model)} vs {hidden_size(target_model)}): "
