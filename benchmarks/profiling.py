@@ -34,7 +34,7 @@ CATEGORIES = [
 ]  # fmt: skip
 
 
-# superscopes.scope and superscopes.graph functions whose exclusive time is attributed to a category (those present).
+# Functions of superscopes.scope, spec, batching and graph whose exclusive time is attributed to a category.
 SCOPE_ENTRY_POINTS = {
     "trace build/teardown": ["read_vectors", "_execute_reads", "_execute_patches", "_patch_pass"],
     "planning": ["plan", "_read_passes", "_patch_passes"],
@@ -93,8 +93,10 @@ def breakdown(model, run) -> dict:
     """Run ``run()`` once with the category timer installed; returns seconds per category."""
     from nnsight.intervention.interleaver import Interleaver
 
+    import superscopes.batching as batching_module
     import superscopes.graph as graph_module
     import superscopes.scope as scope_module
+    import superscopes.spec as spec_module
 
     timer = CategoryTimer()
     hf = model._module
@@ -108,7 +110,7 @@ def breakdown(model, run) -> dict:
     wrapped = []
     for category, names in SCOPE_ENTRY_POINTS.items():
         for name in names:  # the core evolves: wrap the entry points this version has, where it calls them
-            for module in (scope_module, graph_module):
+            for module in (scope_module, spec_module, batching_module, graph_module):
                 fn = getattr(module, name, None)
                 if callable(fn):
                     wraps.append((module, name, timer.wrap(fn, category)))

@@ -2,9 +2,10 @@
 
 Everything here is trace code and plain torch, and the whole module ships by value with a
 remote request (``remote.send_by_value``): NDIF compiles each function from its source and
-imports only the modules on its allowlist, so this module imports nothing else
-(``tests/test_shipped.py`` checks it). The client plans the passes (``superscopes.scope``) as
-plain tensors in a ``_Work``; ``_execute`` runs them.
+imports only the modules on its allowlist, so this module imports nothing else but the other
+shipped modules (``ops``, ``sites``, ``readouts``; ``tests/test_shipped.py`` checks it). The
+client plans the passes (``superscopes.batching``) as plain tensors in a ``_Work``;
+``_execute`` runs them.
 """
 
 from __future__ import annotations
