@@ -97,12 +97,14 @@ def measure(configs: list[dict], threads: int) -> list[dict]:
 
     torch.set_num_threads(threads)
     import superscopes
+    import superscopes.graph
     import superscopes.scope
     from nnsight.tracing.tracer import Tracer
 
     from benchmarks import workloads as W
 
-    Tracer.source(superscopes.scope.__file__)  # pin the text matching the loaded code (see run.pin_trace_sources)
+    for module in (superscopes.scope, superscopes.graph):  # pin the loaded code's text (see run.pin_trace_sources)
+        Tracer.source(module.__file__)
     model = superscopes.load("smollm2-135m")
     warm_scope = W.cells_scope(1)
 

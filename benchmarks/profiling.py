@@ -12,7 +12,7 @@ and the categories add up to the wall time of ``superscopes.run``:
 - trace build/teardown: the rest of the functions that run the traces (``_execute_reads`` /
   ``_execute_patches``, or ``read_vectors`` / ``_patch_pass`` in older versions): nnsight
   capturing, compiling and batching the trace, building the interleaver, saving results
-- decoding: ``tokenizer.decode`` of the generated ids (and ``_decode``)
+- decoding: ``tokenizer.decode`` of the generated ids (and ``_collect``, which decodes the readouts)
 - planning: the rest of ``plan`` and of the pass planning (validation, cells, columns)
 - result table: ``_frame`` (the DataFrame)
 - other: the rest of ``run`` (bookkeeping)
@@ -34,11 +34,11 @@ CATEGORIES = [
 ]  # fmt: skip
 
 
-# superscopes.scope functions whose exclusive time is attributed to a category (those present).
+# Functions of superscopes.scope, spec, batching and graph whose exclusive time is attributed to a category.
 SCOPE_ENTRY_POINTS = {
     "trace build/teardown": ["read_vectors", "_execute_reads", "_execute_patches", "_patch_pass"],
     "planning": ["plan", "_read_passes", "_patch_passes"],
-    "decoding": ["_decode"],
+    "decoding": ["_collect"],
     "result table": ["_frame"],
 }
 
@@ -93,7 +93,10 @@ def breakdown(model, run) -> dict:
     """Run ``run()`` once with the category timer installed; returns seconds per category."""
     from nnsight.intervention.interleaver import Interleaver
 
+    import superscopes.batching as batching_module
+    import superscopes.graph as graph_module
     import superscopes.scope as scope_module
+    import superscopes.spec as spec_module
 
     timer = CategoryTimer()
     hf = model._module
@@ -106,11 +109,12 @@ def breakdown(model, run) -> dict:
     ]
     wrapped = []
     for category, names in SCOPE_ENTRY_POINTS.items():
-        for name in names:  # the core evolves: wrap the entry points this version has
-            fn = getattr(scope_module, name, None)
-            if callable(fn):
-                wraps.append((scope_module, name, timer.wrap(fn, category)))
-                wrapped.append(f"superscopes.scope.{name} -> {category}")
+        for name in names:  # the core evolves: wrap the entry points this version has, where it calls them
+            for module in (scope_module, spec_module, batching_module, graph_module):
+                fn = getattr(module, name, None)
+                if callable(fn):
+                    wraps.append((module, name, timer.wrap(fn, category)))
+                    wrapped.append(f"{module.__name__}.{name} -> {category}")
     pre = hf.register_forward_pre_hook(lambda module, args: timer.push("model forward"))
     post = hf.register_forward_hook(lambda module, args, output: timer.pop())
     with contextlib.ExitStack() as stack:

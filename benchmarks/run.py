@@ -37,10 +37,11 @@ def pin_trace_sources() -> None:
     at the line the running code says; if the file was edited after import (another
     engineer saving ``scope.py`` mid-run), the lines no longer match and the trace fails.
     Reading them right after import pins the text that matches the loaded code."""
+    import superscopes.graph
     import superscopes.scope
     from nnsight.tracing.tracer import Tracer
 
-    for module in (superscopes.scope, B):
+    for module in (superscopes.scope, superscopes.graph, B):
         Tracer.source(module.__file__)
 
 

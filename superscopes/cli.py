@@ -49,12 +49,15 @@ def _grid_differences(existing: pd.DataFrame, planned: dict[str, list]) -> list[
     return differs
 
 
-def _print_readout(frame: pd.DataFrame) -> None:
+def _print_readout(frame: pd.DataFrame, extra: list[str] = ()) -> None:
+    """The readouts, one line per cell; ``extra``: further readouts' columns, shortened."""
     columns = ["token", "site", "layer", "target_layer", "transform", "alpha"]
     if "similarity" in frame.columns:
         columns += ["similarity", "echo", "best"]  # an echo is never the best (judge.best)
-    shown = frame[columns + ["output"]].copy()
+    shown = frame[columns + ["output", *extra]].copy()
     shown["output"] = shown["output"].map(lambda s: repr(s)[1:-1][:80])
+    for column in extra:
+        shown[column] = shown[column].map(lambda v: str(v)[:40])
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 82):
         print(shown.to_string(index=False))
 
@@ -81,8 +84,25 @@ def _sae_latent(args: argparse.Namespace, model) -> dict:
     return {"sae_latent": (sae.load(args.sae or args.model, model=model), args.latent)}
 
 
+def _readouts(groups: list[list[str]] | None) -> dict:
+    """``--readout NAME`` (repeatable, or a comma list) as ``Scope`` settings: at most one primary
+    readout (``output``, default ``generate``), the rest ``readouts``. Checked before the model loads."""
+    from superscopes import readouts
+
+    names = list(dict.fromkeys(name for group in groups or [] for name in group))
+    for name in names:
+        if name not in readouts.REGISTRY:
+            raise ValueError(f"--readout {name!r} is not a readout; choose from {', '.join(readouts.REGISTRY)}")
+    primary = [name for name in names if readouts.REGISTRY[name].primary]
+    if len(primary) > 1:
+        choices = ", ".join(r.name for r in readouts.REGISTRY.values() if r.primary)
+        raise ValueError(f"--readout {' and '.join(primary)}: give at most one of {choices} (the output readout)")
+    return {"output": primary[0] if primary else "generate", "readouts": [n for n in names if n not in primary]}
+
+
 def cmd_scope(args: argparse.Namespace) -> None:
     _check_out(args.out, args.force)
+    chosen = _readouts(args.readout)
     affine = _affine_map(args.affine_map, args.transform)
     if (args.transform == "latent") != (args.latent is not None):  # before the model loads
         raise ValueError("--transform latent and --latent N go together")
@@ -98,6 +118,7 @@ def cmd_scope(args: argparse.Namespace) -> None:
         sites=args.sites, layers=args.layers, alphas=args.alphas, transforms=[args.transform],
         target=args.target, target_layers=args.target_layer, max_new_tokens=args.max_new_tokens,
         do_sample=args.seed is not None and args.sample, seed=args.seed, batch_size=args.batch_size, **affine, **latent,
+        **chosen,
     )  # fmt: skip
     if args.out and Path(args.out).exists() and Path(args.out).stat().st_size > 0 and not args.force:
         layers = range(num_layers(model)) if scope.layers == "all" else scope.layers
@@ -114,7 +135,9 @@ def cmd_scope(args: argparse.Namespace) -> None:
         key = ["token", "site", "layer", "target_layer", "alpha"]
         marked = set(map(tuple, winners[key].itertuples(index=False)))
         frame["best"] = ["*" if tuple(r) in marked else "" for r in frame[key].itertuples(index=False)]
-    _print_readout(frame)
+    from superscopes import readouts
+
+    _print_readout(frame, [c for name in chosen["readouts"] for c in readouts.REGISTRY[name].columns])
     print(_target_tokens(frame, model.tokenizer))
     if args.out:
         save_table(frame, args.out)
@@ -256,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--target", default="entity",
                        help=f"a template ({', '.join(TEMPLATES)}) or template text containing the word x")  # fmt: skip
     scope.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated per readout")
+    scope.add_argument(
+        "--readout",
+        type=parse_names,
+        action="append",
+        metavar="NAME",
+        help="what each cell reads out (repeatable or a comma list): generate (default) or topk, plus e.g. lens; "
+        "superscopes.readouts.available() lists them",
+    )
     scope.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     scope.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")
     scope.add_argument("--judge", action="store_true", help="add MiniLM similarity and mark the best alpha")

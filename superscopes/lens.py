@@ -26,9 +26,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import nnsight
 import torch
 
-from superscopes import ops
+from superscopes import graph, readouts
+from superscopes.models import model_name
 from superscopes.scope import read_vectors
 from superscopes.sites import hidden_size, num_layers
 
@@ -113,10 +115,6 @@ def collect(
     reads = [(p, i, site, layer) for p, i in pairs for layer in layers]
     if not reads:
         return {layer: torch.empty(0, hidden_size(model)) for layer in layers}
-    if remote:
-        from superscopes.remote import configure
-
-        configure()
     vectors = read_vectors(model, prompts, reads, batch_size=batch_size, remote=remote)
     vectors = vectors.view(len(pairs), len(layers), -1)
     return {layer: vectors[:, j].contiguous() for j, layer in enumerate(layers)}
@@ -178,31 +176,20 @@ def decode(
 
     Returns ``ids`` and ``probs`` ``[n, top_k]``, and with ``full=True`` also ``logprobs``
     ``[n, vocab]`` (large: 4 bytes per vocabulary entry per row)."""
-    if remote:
-        from superscopes.remote import configure
-
-        configure()
     anchor = model.tokenizer.bos_token or "."
-    ids, probs, logprobs = [], [], []
-    for start in range(0, len(vectors), batch_size):
-        chunk = vectors[start : start + batch_size].float()
-        with torch.inference_mode():
-            with model.trace(anchor, remote=remote):
-                lp = ops.unembed(model, chunk).log_softmax(-1)
-                top = lp.topk(top_k)
-                top_ids, top_probs = top.indices.save(), top.values.exp().save()
-                if full:
-                    full_lp = lp.save()
-        ids.append(top_ids.cpu())
-        probs.append(top_probs.cpu())
-        if full:
-            logprobs.append(full_lp.cpu())
-    out = {
-        "ids": torch.cat(ids) if ids else torch.empty(0, top_k, dtype=torch.long),
-        "probs": torch.cat(probs) if probs else torch.empty(0, top_k),
-    }
+    with torch.inference_mode():
+        if remote:
+            from superscopes import remote as ndif
+
+            with ndif.request(model, remote, ship=(graph, readouts), name=model_name(model)) as options:
+                with model.session(**options):  # one request, however many chunks
+                    found = nnsight.save(graph.unembed_vectors(model, vectors, anchor, top_k, full, batch_size))
+        else:
+            found = graph.unembed_vectors(model, vectors, anchor, top_k, full, batch_size)
+    ids, probs, logprobs = found
+    out = {"ids": ids, "probs": probs}
     if full:
-        out["logprobs"] = torch.cat(logprobs) if logprobs else torch.empty(0, 0)
+        out["logprobs"] = logprobs
     return out
 
 

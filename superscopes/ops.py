@@ -16,6 +16,7 @@ Sites are described in ``superscopes.sites``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,7 +25,30 @@ from transformers.cache_utils import DynamicLayer
 from superscopes.sites import ScopeError, architecture_of, resolve
 
 Transform = Literal["scale", "cfg", "norm", "affine", "random", "latent"]
-TRANSFORMS: tuple[str, ...] = ("scale", "cfg", "norm", "affine", "random", "latent")
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """What a transform needs: read by the grid's validation, its planning and its patch passes."""
+
+    description: str
+    writes: bool = True  # False: nothing is written (the control)
+    base: bool = False  # amplify gets the clean vector at the write site
+    argument: Literal["weight", "direction", "latent"] | None = None  # its per-grid tensors, as amplify takes them
+    any_hidden_size: bool = False  # can write into a model of another hidden size than the read one
+
+
+# The one table of transforms (``amplify`` says what each computes); "none" is the grid's control.
+TRANSFORM_TABLE: dict[str, TransformSpec] = {
+    "scale": TransformSpec("alpha * v"),
+    "cfg": TransformSpec("base + alpha * (v - base)", base=True),
+    "norm": TransformSpec("v at the norm of the vector it replaces, times alpha", base=True),
+    "affine": TransformSpec("alpha * (v @ weight.T + bias), a fitted map", argument="weight", any_hidden_size=True),
+    "random": TransformSpec("a random direction with the norm of v, times alpha (a control)", argument="direction"),
+    "latent": TransformSpec("v with one SAE latent's component scaled by alpha", argument="latent"),
+    "none": TransformSpec("nothing written: the target's own output (a control)", writes=False, any_hidden_size=True),
+}
+TRANSFORMS: tuple[str, ...] = tuple(name for name, spec in TRANSFORM_TABLE.items() if spec.writes)
 WRITE_MODES: tuple[str, ...] = ("replace", "add")
 
 Position = int | torch.Tensor
@@ -216,7 +240,8 @@ def patch(
     target = activation(model, site, layer)
     index = _index(position, rows, target.shape[1])
     vectors = vectors.to(device=target.device, dtype=target.dtype)
-    base = target[index].clone() if transform in ("cfg", "norm") else None
+    spec = TRANSFORM_TABLE.get(transform)  # an unknown one is named by amplify
+    base = target[index].clone() if spec is not None and spec.base else None
     _write_into(target, index, amplify(vectors, alpha, transform, base=base, **transform_args), mode)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -338,3 +339,26 @@ def session_backend(model, remote: bool | str, timeout: float | None):
 
     host = remote if isinstance(remote, str) else None
     return DeadlineBackend(model.to_model_key(), host=host, env=model._remoteable_get_env())
+
+
+@contextmanager
+def request(
+    model, remote: bool | str, ship: tuple[ModuleType, ...] = (), timeout: float | None = None, name: str | None = None
+) -> Iterator[dict]:
+    """One remote request, the one way every remote run goes: ``configure`` (host, key, the
+    trace code in ``ship`` sent by value), the keyword arguments of ``model.session`` (with
+    ``timeout``'s deadline), and any failure of the body as a ``RemoteRunError`` (``explain``;
+    ``name``: the model's, for the message)::
+
+        with remote.request(model, remote, ship=(graph,)) as options:
+            with model.session(**options):
+                result = nnsight.save(...)
+
+    The caller opens the session itself: nnsight compiles the ``with`` block of the frame that
+    enters it, so the block must be the caller's, not this function's."""
+    configure(ship=ship)
+    options = {"remote": remote, "backend": session_backend(model, remote, timeout)}
+    try:
+        yield options
+    except Exception as error:
+        raise explain(error, name) from error

@@ -34,6 +34,8 @@ from typing import Literal
 
 import pandas as pd
 
+from superscopes.sites import ScopeError
+
 # Columns whose cells are lists (token ids, probabilities): JSON text in CSV.
 LIST_COLUMNS = ("output_ids", "output_probs")
 # Result columns that are text even when every value looks like a number ("1135").
@@ -426,3 +428,43 @@ class ResultStore:
             self._write_meta()
         else:  # the first unit, or new columns: the whole table, with the widened header
             self._sync()
+
+
+class Checkpoint:
+    """Finished cells of one grid (``superscopes.run(..., checkpoint=PATH)``), one JSON line per
+    request as it returns (fsynced), under a header line with the grid's fingerprint: a rerun
+    resumes, a different grid is refused."""
+
+    def __init__(self, path: str | Path, fingerprint: str, n_cells: int) -> None:
+        self.path = Path(path)
+        self.header = {"fingerprint": fingerprint, "cells": n_cells}
+        if self.path.exists() and self.path.stat().st_size:
+            first = self.path.read_text().splitlines()[0]
+            found = json.loads(first) if first.startswith("{") else {}
+            if found.get("fingerprint") != fingerprint:
+                raise ScopeError(
+                    f"checkpoint {self.path} holds another grid (fingerprint {found.get('fingerprint')!r}, "
+                    f"this grid {fingerprint!r}): give a new checkpoint path, or delete it to start over"
+                )
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write([self.header])
+
+    def load(self) -> dict[int, dict]:
+        done = {}
+        for line in self.path.read_text().splitlines()[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off mid-write: its request is redone
+                continue
+            done.update({int(i): out for i, out in record["cells"].items()})
+        return done
+
+    def append(self, chosen: list[int], outputs: list[dict]) -> None:
+        self._write([{"cells": {str(i): out for i, out in zip(chosen, outputs)}}])
+
+    def _write(self, records: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())

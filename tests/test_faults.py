@@ -360,10 +360,10 @@ def tiny_llama(tokenizer):
 def test_an_alpha_that_overflows_the_norm_is_refused_not_read_as_uniform(tiny_llama, share_prefix, output,
                                                                          monkeypatch):  # fmt: skip
     """Alphas from 1e18 to the dtype's bound once gave uniform probabilities and '<|endoftext|>'."""
-    from superscopes import Scope, ScopeError, run, scope
+    from superscopes import Scope, ScopeError, graph, run
 
     patched = []
-    monkeypatch.setattr(scope, "_execute_patches", lambda *a, **k: patched.append(1))
+    monkeypatch.setattr(graph, "_execute_patches", lambda *a, **k: patched.append(1))
     grid = dict(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], output=output, top_k=3,
                 max_new_tokens=2, share_prefix=share_prefix)  # fmt: skip
     with pytest.raises(ScopeError, match=r"alpha 1e\+25 times the read vectors .* normalisation overflows"):
@@ -419,9 +419,9 @@ def test_a_nan_readout_is_refused_not_reported(tokenizer):
     (dict(prompts=["Diana \ud800"]), r"prompt 0 'Diana \\ud800' has a character that is not valid text"),
 ])  # fmt: skip
 def test_a_setting_of_the_wrong_type_is_named_before_any_forward_pass(tiny_llama, settings, message, monkeypatch):
-    from superscopes import Scope, ScopeError, run, scope
+    from superscopes import Scope, ScopeError, graph, run
 
-    monkeypatch.setattr(scope, "_execute_reads", lambda *a, **k: pytest.fail("a forward pass ran"))
+    monkeypatch.setattr(graph, "_execute_reads", lambda *a, **k: pytest.fail("a forward pass ran"))
     grid = dict(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], alphas=[1], output="topk")
     with pytest.raises(ScopeError, match=message):
         run(tiny_llama, Scope(**{**grid, **settings}), progress=False)

@@ -50,6 +50,7 @@ class FakeNDIF(BaseHTTPRequestHandler):
     whoami: tuple[int, dict] = (200, {"email": "someone@example.org", "tags": []})
     server_nnsight = "0.8.1"
     frames: list[str] = []  # queued for the websocket after the POST
+    requests = 0  # POST /request received: one per remote request
 
     def _json(self, status: int, value) -> None:
         body = json.dumps(value).encode()
@@ -96,6 +97,7 @@ class FakeNDIF(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        FakeNDIF.requests += 1
         if self.plain_404 or self.post_status != 200:
             return self._json(404 if self.plain_404 else self.post_status, {"detail": self.detail or "Not Found"})
         self._json(200, {"id": "request-1", "status": "RECEIVED"})
@@ -114,7 +116,8 @@ def fake_ndif(monkeypatch):
     server.daemon_threads = True
     server.closing = threading.Event()
     for name, value in dict(post_status=200, detail="", run_error="", plain_404=False, silent=False, server_nnsight="0.8.1",
-                            whoami=(200, {"email": "someone@example.org", "tags": []}), frames=[]).items():  # fmt: skip
+                            whoami=(200, {"email": "someone@example.org", "tags": []}), frames=[],
+                            requests=0).items():  # fmt: skip
         monkeypatch.setattr(FakeNDIF, name, value)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{server.server_port}")
@@ -172,6 +175,23 @@ def test_refusals_become_clear_errors_without_the_key(fake_ndif, scenario, advic
     assert advice in message
     assert "unreachable" not in message
     assert SECRET not in chained and SECRET not in message
+
+
+@pytest.mark.parametrize("call", ["decode", "collect"])
+def test_a_lens_on_ndif_is_one_request_whose_failure_is_explained(fake_ndif, call):
+    """``lens.decode`` once sent one request per 256 vectors, and its errors bypassed ``explain``."""
+    import torch
+
+    from superscopes import lens
+
+    fake_ndif.run_error = "Traceback ...\nRuntimeError: CUDA out of memory on the server"
+    model = superscopes.load("smollm2-135m", remote=True)
+    with pytest.raises(RemoteRunError, match="the server raised an exception while running the request"):
+        if call == "decode":
+            lens.decode(model, torch.randn(600, model.config.hidden_size), batch_size=256, remote=True)
+        else:
+            lens.collect(model, ["Diana, Princess of Wales"] * 5, layers=[1], batch_size=2, remote=True)
+    assert fake_ndif.requests == 1
 
 
 def test_the_key_from_nnsights_config_file_is_scrubbed(fake_ndif, monkeypatch, tmp_path):

@@ -118,10 +118,10 @@ def test_frame_takes_what_run_returned(tiny_models):
 
 
 def test_what_a_remote_session_sends_of_a_grid_is_only_its_passes(tiny_models):
-    state = Grid(tiny_models["llama"], small_grid(intervene=ablate_mlp0)).__getstate__()
-    assert set(state) == {"_model", "_target_model", "_work"}
-    assert state["_work"].settings["intervene"] is ablate_mlp0
-    assert torch.is_tensor(state["_work"].patch_passes[0].alphas)
+    shipped, (model, target_model, work) = Grid(tiny_models["llama"], small_grid(intervene=ablate_mlp0)).__reduce__()
+    assert shipped.__name__ == "ShippedGrid" and model is target_model is tiny_models["llama"]
+    assert work.settings.intervene is ablate_mlp0
+    assert torch.is_tensor(work.patch_passes[0].alphas)
 
 
 def test_python_cli_and_recipes_share_one_thread_default(tiny_models):

@@ -1,21 +1,20 @@
 """The code NDIF runs by value imports only modules the server allows.
 
-``remote.configure()`` registers ``ops``, ``sites`` and ``scope`` with nnsight, so their
-functions travel as source and run in NDIF's sandbox, whose importer refuses any module not
-on its whitelist ("Module ... is not whitelisted"). ``ops`` and ``sites`` run there whole:
-every import they make is checked (parsed with ``ast``). Of ``scope`` only the graph's
-execution runs there; the globals those functions reach are checked."""
+``remote.configure()`` registers ``ops``, ``sites``, ``graph`` and the ``readouts`` package
+with nnsight, so their functions travel as source and run in NDIF's sandbox, whose importer refuses any module not
+on its whitelist ("Module ... is not whitelisted"). They run there whole: every import they
+make is checked (parsed with ``ast``), with no exceptions."""
 
 from __future__ import annotations
 
 import ast
-import inspect
-import types
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 
-from superscopes import ops, scope, sites
+from superscopes import graph, ops, readouts, scope, sites
 
 # Top-level names of the modules in NDIF's sandbox whitelist, ndif-team/ndif
 # src/ndif/services/ray/nn/security/whitelist.yaml (commit 09d8624b), "modules" section.
@@ -29,9 +28,11 @@ NDIF_WHITELIST = frozenset({
     "encodings", "peft", "pydantic", "argparse", "datasets", "tokenizers", "huggingface_hub", "httpcore",
     "fsspec", "scipy", "regex", "concurrent", "io",
 })  # fmt: skip
-SHIPPED = {"superscopes.ops": ops, "superscopes.sites": sites, "superscopes.scope": scope}
-# What scope's graph runs inside a remote session (scope.run, scope.Grid.run, scope.read_vectors).
-SERVER_SIDE = (scope._execute, scope._execute_reads, scope._execute_patches, scope.Grid.run)
+SHIPPED = {m.__name__: m for m in (ops, sites, graph, readouts)}
+SHIPPED |= {  # every readout ships with the package (its module registered by value)
+    f"superscopes.readouts.{info.name}": importlib.import_module(f"superscopes.readouts.{info.name}")
+    for info in pkgutil.iter_modules(readouts.__path__)
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -41,7 +42,9 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module)
+            # ``from superscopes import ops`` imports the shipped module, not the package
+            names |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in SHIPPED else node.module
+                      for a in node.names}
     return names
 
 
@@ -49,41 +52,20 @@ def allowed(module: str) -> bool:
     return module in SHIPPED or module.split(".")[0] in NDIF_WHITELIST
 
 
-@pytest.mark.parametrize("module", [ops, sites], ids=["ops", "sites"])
+@pytest.mark.parametrize("module", list(SHIPPED.values()), ids=list(SHIPPED))
 def test_modules_shipped_whole_import_only_whitelisted_modules(module):
     refused = sorted(m for m in imported_modules(Path(module.__file__)) if not allowed(m))
     assert not refused, f"{module.__name__} imports {refused}, which NDIF's sandbox refuses"
 
 
-def reached_modules(function: types.FunctionType, seen: set | None = None) -> set[str]:
-    """The modules of the globals a function (and the shipped functions it calls) uses."""
-    seen = set() if seen is None else seen
-    if function in seen:
-        return set()
-    seen.add(function)
-    modules = set()
-    codes = [function.__code__]
-    while codes:
-        code = codes.pop()
-        codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
-        for name in code.co_names:
-            value = function.__globals__.get(name)
-            if value is None:
-                continue
-            owner = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-            if owner is None:
-                continue
-            modules.add(owner)
-            if owner in SHIPPED and inspect.isfunction(value):
-                modules |= reached_modules(value, seen)
-    return modules
+def test_a_grid_in_a_remote_session_ships_as_the_graph_alone(tiny_models):
+    """A ``Grid`` pickles as a ``graph.ShippedGrid``: the client-side ``scope`` never ships."""
+    from superscopes import Grid, Scope
 
-
-def test_the_graph_run_on_the_server_reaches_only_whitelisted_modules():
-    reached = set().union(*(reached_modules(f) for f in SERVER_SIDE))
-    assert "superscopes.ops" in reached and "torch" in reached  # the walk follows the calls
-    refused = sorted(m for m in reached if not allowed(m))
-    assert not refused, f"the remote graph reaches {refused}, which NDIF's sandbox refuses"
+    grid = Grid(tiny_models["llama"], Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk"))
+    cls, args = grid.__reduce__()
+    assert cls is graph.ShippedGrid and cls.__module__ in SHIPPED
+    assert isinstance(args[2], graph._Work) and not hasattr(args[2], "plan")
 
 
 def test_the_registered_modules_are_the_ones_checked(monkeypatch):
@@ -94,8 +76,11 @@ def test_the_registered_modules_are_the_ones_checked(monkeypatch):
     registered = []
     monkeypatch.setattr(nnsight, "register", registered.append)
     monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:1")
-    configure(ship=(scope,))  # as the graph calls it
-    assert {m.__name__ for m in registered} == set(SHIPPED)
+    configure(ship=scope._shipped(scope.Scope(prompts=["x"])))  # as the grid calls it
+    names = {m.__name__ for m in registered}
+    assert names == {"superscopes.ops", "superscopes.sites", "superscopes.graph", "superscopes.readouts"}
+    # a registered package ships its submodules too (cloudpickle checks the parent names)
+    assert all(name in names or name.rsplit(".", 1)[0] in names for name in SHIPPED)
 
 
 def test_a_helper_library_would_be_caught(tmp_path):
