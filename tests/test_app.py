@@ -452,7 +452,7 @@ def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_
     assert kept["settings"] == {
         "model": NAME, "prompt": PROMPT, "tokens": "last", "token": "", "layers": "1", "target_layer": "same",
         "sites": list(SITES), "alphas": "1,3", "transform": "scale", "target": "custom",
-        "template": "Tell me about @ please", "placeholder": "@", "max_new_tokens": 4, "controls": True,
+        "template": "Tell me about @ please", "placeholder": "@", "max_new_tokens": 4, "controls": True, "readouts": [],
     }  # fmt: skip
     status, kept = again.json("GET", f"/api/jobs/{job['job']}?since=4&controls_since=5")
     assert kept["rows"] == live["rows"][4:] and kept["controls"] == live["controls"][5:]

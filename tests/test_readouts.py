@@ -94,3 +94,27 @@ def test_the_command_line_names_a_bad_readout_before_the_model_loads(toy, monkey
     monkeypatch.setattr(superscopes, "load", lambda *args, **kwargs: pytest.fail("the model loaded"))
     assert main(["scope", "Diana", "--readout", value]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_explorer_offers_a_registered_readout_and_serves_its_column(toy, tmp_path):
+    from superscopes.app import App
+    from superscopes.app.store import RunStore
+    from superscopes.app.testing import fake_similarity, tiny_model
+    from tests.test_app import NAME, Client, start
+
+    app = App(default_model=NAME, models={NAME: tiny_model(name=NAME)}, offer_embedded=False,
+              judge=fake_similarity, store=RunStore(tmp_path / "runs.sqlite"))  # fmt: skip
+    server = start(app)
+    try:
+        api = Client(server.url.rstrip("/"), app)
+        status, config = api.json("GET", "/api/config")
+        assert status == 200 and {r["name"] for r in config["readouts"]} == {"lens", "final_norm"}
+        status, refused = api.run(readouts=["nope"])
+        assert status == 400 and "readout 'nope' is not offered here; choose from lens, final_norm" in refused["error"]
+        status, job = api.run(sites=["resid_post"], readouts=["final_norm"], controls=False)
+        assert status == 202, job
+        state = api.wait(job["job"])
+        assert state["status"] == "done" and state["rows"]
+        assert all(isinstance(row["final_norm"], float) and row["final_norm"] > 0 for row in state["rows"])
+    finally:
+        server.shutdown()

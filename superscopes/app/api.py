@@ -105,6 +105,7 @@ class App:
 
     def config(self, client: str | None = None) -> dict:
         """What the page needs to lay out its form, and the ``client``'s active job."""
+        from superscopes import readouts
         from superscopes.prompts import TEMPLATES
 
         active = self.scheduler.active_job(client) if client else None
@@ -115,6 +116,7 @@ class App:
             "limits": self.limits,
             "sites": SITES,
             "transforms": TRANSFORMS,
+            "readouts": [r for r in readouts.available() if not r["primary"]],
             "templates": {name: {"text": t.text, "placeholder": t.placeholder} for name, t in TEMPLATES.items()},
             "defaults": DEFAULTS,
             "threshold": self.threshold,

@@ -20,6 +20,13 @@ from superscopes.app.jobs import GridJob, Keeper, finite
 from superscopes.app.model_cache import REMOTE_PREFIX, ModelCache, WithTokenizer
 from superscopes.app.request import CONTROLS, DEFAULTS, GridRequest, grid_cells, grid_layers, reused_controls
 
+def readout_columns(names: list[str]) -> list[str]:
+    """The frame columns the chosen readouts add, which the page's rows carry too."""
+    from superscopes import readouts
+
+    return [column for name in names for column in readouts.REGISTRY[name].columns]
+
+
 ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity", "echo"]
 CONTROL_OF = {transform: name for name, (transform, _) in CONTROLS.items()}
 
@@ -61,6 +68,7 @@ def grid_job(
         "target_layers": [target_layer],
         "max_new_tokens": request.max_new_tokens,
         "batch_size": batch_size,
+        "readouts": request.readouts,
     }
     positions, target, target_token = _sources(request, model, models, layers, common, pieces)
     grid = {
@@ -145,6 +153,7 @@ def _settings(request: GridRequest, target_layer: int | str) -> dict:
         "placeholder": request.placeholder or DEFAULTS["placeholder"],
         "max_new_tokens": request.max_new_tokens,
         "controls": request.controls,
+        "readouts": request.readouts,
     }
 
 
@@ -237,7 +246,7 @@ class GridRunner:
             frame["model"] = job.model
             frame = flag_echoes(frame, target=job.grid["target"])  # the one echo rule (judge.score's)
             frame["control"] = frame["transform"].map(CONTROL_OF) if control else ""
-            columns = [*ROW_COLUMNS, "control"] if control else ROW_COLUMNS
+            columns = [*ROW_COLUMNS, *readout_columns(job.common.get("readouts", [])), *(["control"] if control else [])]
             rows = [
                 {k: finite(v.item() if hasattr(v, "item") else v) for k, v in zip(columns, values)}
                 for values in frame[columns].itertuples(index=False)

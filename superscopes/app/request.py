@@ -50,6 +50,7 @@ DEFAULTS = {
     "placeholder": "x",
     "max_new_tokens": 10,
     "controls": True,
+    "readouts": [],
 }
 PANEL_DEFAULTS = {"k": 10, "samples": 5, "seed": 0, "alphas": "1,2,4,8", "max_new_tokens": 10, "promotes": 5}
 # Controls beside each best readout, as the recipes run them: control -> (transform, alpha);
@@ -80,6 +81,7 @@ class GridRequest:
     placeholder: str | None  # a custom template's placeholder
     max_new_tokens: int
     controls: bool
+    readouts: list[str]  # registered readouts beside the generated text (superscopes.readouts)
     focus: int | None  # a token the page has clicked: runs first if it is a source token
     layers: object
     target_layer: object
@@ -298,6 +300,24 @@ def _target(body: dict, limits: dict) -> tuple[str, str, str | None]:
     return kind, template, placeholder
 
 
+def extra_readouts() -> list[str]:
+    """The registered readouts a grid may add to its generated text (every one but the primary ones)."""
+    from superscopes import readouts
+
+    return [r["name"] for r in readouts.available() if not r["primary"]]
+
+
+def parse_readouts(value) -> list[str]:
+    """A list of registered readouts' names, each offered here, without repeats."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"readouts must be a list of names; got {str(value)[:80]!r}")
+    offered = extra_readouts()
+    for name in value:
+        if name not in offered:
+            raise BadRequest(f"readout {name[:40]!r} is not offered here; choose from {', '.join(offered) or 'none'}")
+    return unique(value)
+
+
 def parse_grid(body: dict, limits: dict, default_model: str) -> GridRequest:
     """Every field of a grid that can be checked without the model, in the page's order."""
     client = text(body, "client") or "anonymous"
@@ -321,6 +341,7 @@ def parse_grid(body: dict, limits: dict, default_model: str) -> GridRequest:
         body.get("max_new_tokens", DEFAULTS["max_new_tokens"]), "max_new_tokens", 1, limits["max_new_tokens"]
     )
     controls = parse_flag(body.get("controls", DEFAULTS["controls"]), "controls")
+    chosen_readouts = parse_readouts(body.get("readouts", DEFAULTS["readouts"]))
     focus = body.get("focus")
     if focus is not None:
         focus = parse_whole(focus, "focus", 0, limits["max_prompt_tokens"] - 1)
@@ -338,6 +359,7 @@ def parse_grid(body: dict, limits: dict, default_model: str) -> GridRequest:
         placeholder=placeholder,
         max_new_tokens=max_new_tokens,
         controls=controls,
+        readouts=chosen_readouts,
         focus=focus,
         layers=body.get("layers", DEFAULTS["layers"]),
         target_layer=body.get("target_layer", DEFAULTS["target_layer"]),

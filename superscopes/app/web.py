@@ -3,7 +3,7 @@
 Endpoints (all JSON unless stated; POSTs take only same-origin ``application/json``)::
 
     GET  /                      the page;  GET /static/<file>
-    GET  /api/config            models, limits, defaults, templates, the client's active job
+    GET  /api/config            models, limits, defaults, templates, readouts, the client's active job
     POST /api/tokens            {model, prompt} -> the prompt's tokens and the model's layers
     POST /api/run               a grid -> {job, total, ahead, ...} or {error} (400, 409, 503)
     GET  /api/jobs/<id>?since=N&controls_since=M
