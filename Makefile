@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-remote test-sae test-browser test-scale bench ndif-up ndif-down recipes clean
+.PHONY: install demo test test-ends test-remote test-sae test-browser test-scale bench ndif-up ndif-down recipes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ demo: $(STAMP)
 # The default suite: tiny random models of 8 architectures plus the real SmolLM2.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The default suite on each end of the transformers range in pyproject.toml, each in its own venv
+# (make test runs on the newest release the range allows).
+TRANSFORMERS_ENDS ?= 5.24.0 5.25.0
+test-ends:
+	set -e; for v in $(TRANSFORMERS_ENDS); do \
+		venv=.venv-transformers-$$v; \
+		[ -x $$venv/bin/python ] || $(PYTHON) -m venv $$venv; \
+		$$venv/bin/pip install --quiet "$(TORCH)"; \
+		$$venv/bin/pip install --quiet -e ".[test]" "transformers==$$v"; \
+		echo "transformers $$v"; $$venv/bin/python -m pytest -q; \
+	done
 
 # Against a real NDIF server on loopback: starts it (first time ~10 min to install), runs
 # the remote tier, stops it. See scripts/ndif/README.md.
