@@ -4,6 +4,8 @@ the cells, through their readouts."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import collections
 import itertools
 import warnings
@@ -17,6 +19,9 @@ from superscopes.graph import Settings, _Group, _Pass, _Work, refuse_overflow
 from superscopes.prompts import num_tokens
 from superscopes.sites import SITE_NAMES, ScopeError, hidden_size
 from superscopes.spec import RESULT_COLUMNS, Cell, Plan, Scope, Source, _readouts
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -67,7 +72,7 @@ def cell_seed(seed: int, cell: Cell) -> int:
     return zlib.crc32(f"{key}{cell.target_layer}|{cell.sample}".encode())
 
 
-def _patch_passes(target_model, the_plan: Plan, vector_of: dict,
+def _patch_passes(target_model: Model, the_plan: Plan, vector_of: dict,
                   map_of: dict | None) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:  # fmt: skip
     """Batched target passes, the cell order they cover, and the shared prefixes' token ids.
 
@@ -152,7 +157,7 @@ class _Prepared:
     vector_of: dict[tuple[Source, str, int], int]
 
 
-def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepared:
+def _prepare(model: Model, target_model: Model, the_plan: Plan, chosen: list[int]) -> _Prepared:
     """Plan the passes that read, patch and decode the cells ``chosen`` (indices into the plan)."""
     scope = the_plan.scope
     sub = Plan(scope, the_plan.sources, [the_plan.cells[i] for i in chosen], the_plan.targets)
@@ -194,7 +199,7 @@ def _prepare(model, target_model, the_plan: Plan, chosen: list[int]) -> _Prepare
     return _Prepared(sub, work, covered, vector_of)
 
 
-def _check_stats(stats: dict, scope: Scope, target_model) -> None:
+def _check_stats(stats: dict, scope: Scope, target_model: Model) -> None:
     """Client side, before any cell is reported: refuse overflowing alphas, warn about a silent latent."""
     refuse_overflow(stats["entry"], stats["norm"], scope.alphas, getattr(target_model, "dtype", torch.float32))
     if stats["silent"]:
@@ -207,7 +212,7 @@ def _warn_latent_silent(scope: Scope) -> None:
                   "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=5)
 
 
-def _collect(model, target_model, prepared: _Prepared, outputs: list, read: dict) -> list[dict]:
+def _collect(model: Model, target_model: Model, prepared: _Prepared, outputs: list, read: dict) -> list[dict]:
     """Decode a request's outputs into one dict of columns per cell (in the request's order):
     each readout's columns, then what ``intervene`` returned."""
     cells = prepared.plan.cells

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import sys
 from pathlib import Path
@@ -26,6 +28,9 @@ from superscopes.parsing import (
 from superscopes.prompts import TEMPLATES
 from superscopes.results import check_table_path, read_table, save_table
 from superscopes.sites import SITE_NAMES
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 __all__ = ["build_parser", "main", "parse_floats", "parse_layers", "parse_target_layers", "read_table", "save_table"]
 
@@ -75,7 +80,7 @@ def _affine_map(path: str | None, transform: str) -> dict:
     return {"affine_weight": saved["weight"], "affine_bias": saved.get("bias")}
 
 
-def _sae_latent(args: argparse.Namespace, model) -> dict:
+def _sae_latent(args: argparse.Namespace, model: Model) -> dict:
     """``--transform latent --latent N [--sae PATH]``: the model's embedded SAE by default."""
     if args.latent is None:
         return {}

@@ -47,6 +47,8 @@ command resumes from them; ``generator.pt`` is the trained generator (``Generato
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import hashlib
 import json
@@ -64,6 +66,9 @@ from torch import nn
 
 from superscopes.files import load_torch
 from superscopes.parsing import CommandParser
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 PAD, BOUNDARY, UNKNOWN = 0, 1, 2  # generator-vocabulary indices before the corpus tokens
 SPECIAL = 3
@@ -106,7 +111,7 @@ def truncate(tokenizer, texts: Sequence[str], max_tokens: int) -> list[str]:
     return out
 
 
-def collect_pairs(model, texts: Sequence[str], site: str, layer: int, max_tokens: int = 16,
+def collect_pairs(model: Model, texts: Sequence[str], site: str, layer: int, max_tokens: int = 16,
                   batch_size: int = 32, progress: bool = False) -> Pairs:  # fmt: skip
     """(prefix, activation at its last token) for every "text" position of every text, each text
     cut to ``max_tokens`` tokens and read once (``progress``: a bar per batch of texts)."""
@@ -122,7 +127,7 @@ def collect_pairs(model, texts: Sequence[str], site: str, layer: int, max_tokens
     return Pairs([ids[p][: i + 1] for p, i in positions], activations, [p for p, _ in positions])
 
 
-def check_site(model, site: str, layer: int) -> None:
+def check_site(model: Model, site: str, layer: int) -> None:
     """Raise before any forward pass if ``site`` or ``layer`` does not exist in ``model``."""
     from superscopes.sites import architecture_of, num_layers
 
@@ -134,7 +139,7 @@ def check_site(model, site: str, layer: int) -> None:
         raise ValueError(f"layer {layer!r} is out of range 0-{n - 1}")
 
 
-def last_token_activations(model, texts: Sequence[str], site: str, layer: int, batch_size: int = 32) -> torch.Tensor:
+def last_token_activations(model: Model, texts: Sequence[str], site: str, layer: int, batch_size: int = 32) -> torch.Tensor:
     """z(x) for each text x: the activation at its last token ``[n, d]``."""
     from superscopes import lens
 
@@ -512,7 +517,7 @@ def lexical_labels(cells, sampler: str = "nearest", value: str = "consistency", 
     return pd.DataFrame(rows)
 
 
-def evaluate(model, generator: Generator, pairs: Pairs, queries: int = 100, k: int = 10, seed: int = 0,
+def evaluate(model: Model, generator: Generator, pairs: Pairs, queries: int = 100, k: int = 10, seed: int = 0,
              batch_size: int = 32):  # fmt: skip
     """Does the generator sample near z at all? For ``queries`` held-out pairs (one per held-out
     text, seeded), per sampler: the mean distance from z(x) of its ``k`` inputs to the query's z

@@ -22,6 +22,8 @@ BOS, and its hidden states have outlier norms that would dominate a least-square
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ from superscopes import graph, readouts
 from superscopes.models import model_name
 from superscopes.scope import read_vectors
 from superscopes.sites import hidden_size, num_layers
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 Positions = str | Sequence[int] | Sequence[Sequence[int]]
 
@@ -75,7 +80,7 @@ def token_positions(tokenizer, prompts: Sequence[str], positions: Positions = "a
     return pairs
 
 
-def _layers(model, layers) -> list[int]:
+def _layers(model: Model, layers) -> list[int]:
     n = num_layers(model)
     chosen = list(range(n)) if layers == "all" else [layers] if isinstance(layers, int) else list(layers)
     chosen = [layer % n if isinstance(layer, int) and -n <= layer < 0 else layer for layer in chosen]
@@ -86,7 +91,7 @@ def _layers(model, layers) -> list[int]:
 
 
 def collect(
-    model,
+    model: Model,
     prompts: Sequence[str],
     site: str = "resid_post",
     layers: Sequence[int] | int | str = "all",
@@ -163,7 +168,7 @@ def r_squared(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def decode(
-    model,
+    model: Model,
     vectors: torch.Tensor,
     top_k: int = 1,
     full: bool = False,
@@ -211,7 +216,7 @@ class LensOutput:
 
 
 def logit_lens(
-    model,
+    model: Model,
     prompts: Sequence[str],
     layers: Sequence[int] | int | str = "all",
     positions: Positions = "last",
@@ -233,7 +238,7 @@ def logit_lens(
 
 
 def fit_affine_lens(
-    model,
+    model: Model,
     prompts: Sequence[str],
     layers: Sequence[int] | int | str = "all",
     positions: Positions = "text",
@@ -253,7 +258,7 @@ def fit_affine_lens(
 
 
 def affine_lens(
-    model,
+    model: Model,
     prompts: Sequence[str],
     layers: Sequence[int] | int | str = "all",
     positions: Positions = "last",
@@ -285,7 +290,7 @@ def affine_lens(
 
 
 def final_logprobs(
-    model,
+    model: Model,
     prompts: Sequence[str],
     positions: Positions = "last",
     batch_size: int = 32,
@@ -298,7 +303,7 @@ def final_logprobs(
 
 
 def next_tokens(
-    model,
+    model: Model,
     prompts: Sequence[str],
     positions: Positions = "last",
     batch_size: int = 32,
@@ -310,7 +315,7 @@ def next_tokens(
     return decode(model, h, 1, remote=remote)["ids"][:, 0]
 
 
-def _last_block_output(model, prompts: Sequence[str], positions: Positions, batch_size: int,
+def _last_block_output(model: Model, prompts: Sequence[str], positions: Positions, batch_size: int,
                        remote: bool | str) -> torch.Tensor:  # fmt: skip
     """``resid_post`` of the last block at the positions: what the model's own head reads."""
     last = num_layers(model) - 1
@@ -358,7 +363,7 @@ def aligned_positions(
 
 def collect_aligned(
     source_model,
-    target_model,
+    target_model: Model,
     prompts: Sequence[str],
     source_layers: Sequence[int] | int | str,
     target_layers: Sequence[int] | int | str,
@@ -377,7 +382,7 @@ def collect_aligned(
 
 def fit_cross_model(
     source_model,
-    target_model,
+    target_model: Model,
     prompts: Sequence[str],
     source_layers: Sequence[int] | int | str,
     target_layers: Sequence[int] | int | str,

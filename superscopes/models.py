@@ -22,10 +22,18 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
 from superscopes.sites import ARCHITECTURES
+
+if TYPE_CHECKING:  # nnsight is imported where a model is loaded
+    from nnsight.modeling.transformers import TransformersModel
+
+#: What ``load`` returns and every function that takes a ``model`` expects: an nnsight
+#: ``TransformersModel`` (``nnsight.LanguageModel`` is a subclass of it), local or on NDIF.
+Model: TypeAlias = "TransformersModel"
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -447,7 +455,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     **from_pretrained_kwargs,
-):
+) -> Model:
     """An nnsight ``TransformersModel`` for an embedded name, a HF repo id or a local directory.
 
     With ``remote=True`` no weights are loaded here: the model runs on NDIF (``NDIF_HOST``,

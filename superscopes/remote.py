@@ -7,6 +7,8 @@ config file, from any text we show, and ``explain`` from the exceptions it chain
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 import sys
 from collections.abc import Iterator
@@ -15,6 +17,9 @@ from pathlib import Path
 from types import ModuleType
 
 from superscopes.env import read_dotenv, value  # noqa: F401 (read_dotenv: its old home, kept importable)
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 ENV_VARS = ("NDIF_API_KEY", "NDIF_HOST")
 
@@ -296,7 +301,7 @@ def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> lis
     return rows
 
 
-def session_backend(model, remote: bool | str, timeout: float | None):
+def session_backend(model: Model, remote: bool | str, timeout: float | None):
     """The backend of a remote session: nnsight's own, or with ``timeout`` one that gives up
     (``TimeoutError``) when no result has come back that many seconds after the request."""
     if timeout is None or remote == "local":
@@ -343,7 +348,7 @@ def session_backend(model, remote: bool | str, timeout: float | None):
 
 @contextmanager
 def request(
-    model, remote: bool | str, ship: tuple[ModuleType, ...] = (), timeout: float | None = None, name: str | None = None
+    model: Model, remote: bool | str, ship: tuple[ModuleType, ...] = (), timeout: float | None = None, name: str | None = None
 ) -> Iterator[dict]:
     """One remote request, the one way every remote run goes: ``configure`` (host, key, the
     trace code in ``ship`` sent by value), the keyword arguments of ``model.session`` (with

@@ -59,6 +59,8 @@ from superscopes.sites import hidden_size
 if TYPE_CHECKING:  # pandas only where a frame is built
     import pandas as pd
 
+    from superscopes.models import Model
+
 ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "jumprelu", "gated")
 NORMALIZATIONS: tuple[str, ...] = ("none", "constant_norm_rescale", "layer_norm")  # run-time, per input
 HOOK_SITES: dict[str, str] = {
@@ -196,7 +198,7 @@ class SAE(torch.nn.Module):
 
     # ------------------------------------------------------------ fitting a model
 
-    def check(self, model) -> None:
+    def check(self, model: Model) -> None:
         """Raise ``SAEError`` unless the SAE's width, site and layer fit ``model`` (no forward pass)."""
         from superscopes.models import model_name
         from superscopes.sites import architecture_of, num_layers
@@ -330,7 +332,7 @@ DICTIONARY_LEARNING = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "Matryo
                        "JumpReluAutoEncoder", "GatedAutoEncoder")  # fmt: skip
 
 
-def hook_site(hook: str, model=None, where: str = "") -> tuple[str, int]:
+def hook_site(hook: str, model: Model | None=None, where: str = "") -> tuple[str, int]:
     """``(site, layer)`` of a TransformerLens hook name (``blocks.L.hook_resid_post``, ...) or
     an HF module path whose output is a site (``model.layers.L``, ``layers.L.mlp``,
     ``transformer.h.L.attn``, ...; the module paths of ``model``'s architecture if given, else
@@ -443,7 +445,7 @@ def _fold_decoder_norm(weights: dict[str, torch.Tensor]) -> None:
     weights["W_dec"] = weights["W_dec"] / norm[:, None]
 
 
-def _load_saelens(path: Path, site: str | None, layer: int | None, model=None, overrides: dict | None = None,
+def _load_saelens(path: Path, site: str | None, layer: int | None, model: Model | None=None, overrides: dict | None = None,
                   norm_scaling_factor: float | None = None) -> SAE:  # fmt: skip
     """A SAELens folder, pre-6.0 (hook fields, activation_fn_str/kwargs at the top level) or 6.x
     (``k`` etc. at the top level, the hook under ``metadata``). Every field that changes
@@ -546,7 +548,7 @@ def _load_gemma_scope(file: Path, site: str | None, layer: int | None) -> SAE:
                   model=model)
 
 
-def _load_sparsify(path: Path, site: str | None, layer: int | None, model=None) -> SAE:
+def _load_sparsify(path: Path, site: str | None, layer: int | None, model: Model | None=None) -> SAE:
     """An EleutherAI sparsify folder: ``cfg.json`` + ``sae.safetensors`` (``encoder.weight``
     ``[latents, d_in]``, ``encoder.bias``, ``W_dec`` ``[latents, d_in]``, ``b_dec``), named by
     its hookpoint (an HF module path, e.g. ``layers.5``). Its encode: ReLU((x - b_dec) W_enc +
@@ -569,7 +571,7 @@ def _load_sparsify(path: Path, site: str | None, layer: int | None, model=None) 
                   d_sae, site, layer, architecture="topk", k=int(cfg["k"]), model=path.parent.name)  # fmt: skip
 
 
-def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, model=None) -> SAE:
+def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, model: Model | None=None) -> SAE:
     """A dictionary_learning (saprmarks) folder: ``ae.pt`` (a state dict, read with
     ``weights_only=True``) and ``config.json`` (``trainer``: ``dict_class``, ``layer``,
     ``submodule_name``, ``k``, ...), each class's encode as its own code computes it."""
@@ -615,7 +617,7 @@ def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, m
                   model=str(trainer.get("lm_name", "")).split("/")[-1] or None, **settings)  # fmt: skip
 
 
-def load_folder(path: str | Path, site: str | None = None, layer: int | None = None, model=None,
+def load_folder(path: str | Path, site: str | None = None, layer: int | None = None, model: Model | None=None,
                 overrides: dict | None = None, norm_scaling_factor: float | None = None) -> SAE:  # fmt: skip
     """An SAE from a folder (or Gemma Scope ``params.npz`` file) in any of ``FORMATS``, told
     apart by the files it holds. ``site``/``layer``: where the format does not record them."""
@@ -650,7 +652,7 @@ def _cached_folder(repo: str, folder: str, download: bool) -> Path | None:
     return next((s / folder for s in snapshots if (s / folder).is_dir() and any((s / folder).iterdir())), None)
 
 
-def load_pretrained(name: str, model=None, download: bool = False, site: str | None = None,
+def load_pretrained(name: str, model: Model | None=None, download: bool = False, site: str | None = None,
                     layer: int | None = None) -> SAE:  # fmt: skip
     """An SAE by name: a SAELens release id ``release/sae_id`` (e.g.
     ``gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical``, resolved by SAELens'
@@ -697,7 +699,7 @@ def load_pretrained(name: str, model=None, download: bool = False, site: str | N
     return load_folder(path, site, layer, model, overrides, factor)
 
 
-def load(name_or_path: str | Path, model=None, site: str | None = None, layer: int | None = None,
+def load(name_or_path: str | Path, model: Model | None=None, site: str | None = None, layer: int | None = None,
          download: bool = False) -> SAE:  # fmt: skip
     """An SAE: an embedded one by model name (``EMBEDDED``), a folder or file in any of
     ``FORMATS`` (``load_folder``), or a SAELens release id / Hugging Face ``owner/repo/folder``
@@ -719,7 +721,7 @@ def load(name_or_path: str | Path, model=None, site: str | None = None, layer: i
 # ---------------------------------------------------------------- the graph
 
 
-def latent_scope(sae: SAE, latents: Sequence[int], model=None, scale: str | float = "mean", **settings):
+def latent_scope(sae: SAE, latents: Sequence[int], model: Model | None=None, scale: str | float = "mean", **settings):
     """A ``Scope`` whose sources are latents: each latent's ``directions(scale)`` vector,
     times each alpha, patched into the target (default ``identity``, at the SAE's layer).
     ``settings``: any other ``Scope`` field (alphas, target, target_layers, output, ...).
@@ -734,7 +736,7 @@ def latent_scope(sae: SAE, latents: Sequence[int], model=None, scale: str | floa
                  sites=[sae.site], layers=[sae.layer], **settings)  # fmt: skip
 
 
-def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
+def explanation_scores(model: Model, scope, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` (``run`` of a ``vectors`` scope with ``output="generate"``, e.g. from
     ``latent_scope``) with two scale-selection columns per cell:
 
@@ -789,7 +791,7 @@ def explanation_scores(model, scope, frame: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- metrics
 
 
-def next_token_losses(model, sae: SAE, ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+def next_token_losses(model: Model, sae: SAE, ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
     """Mean next-token loss (nats) on token ids ``[n, T]`` (no padding): ``clean``; ``spliced``,
     with the site replaced by the SAE's reconstruction; ``zero``, with the site zero-ablated.
     Position 0 stays clean in both (an attention sink with outlier norms, left out of
@@ -821,7 +823,7 @@ def next_token_losses(model, sae: SAE, ids: torch.Tensor, batch_size: int = 8) -
 # ---------------------------------------------------------------- training
 
 
-def cache_activations(model, site: str, layer: int, texts: Sequence[str], tokens: int, folder: str | Path,
+def cache_activations(model: Model, site: str, layer: int, texts: Sequence[str], tokens: int, folder: str | Path,
                       batch_size: int = 32, shard_passages: int = 512, progress: bool = True,
                       require: bool = True) -> torch.Tensor:  # fmt: skip
     """Activations ``[n, d]`` (float16) of every text token but the first (see
@@ -996,7 +998,7 @@ def loss_ids(tokenizer, texts: Sequence[str], length: int, n: int) -> torch.Tens
     return torch.tensor(rows, dtype=torch.long)
 
 
-def train(model, site: str, layer: int, latents: int, k: int, tokens: int, out: str | Path,
+def train(model: Model, site: str, layer: int, latents: int, k: int, tokens: int, out: str | Path,
           texts: Sequence[str] | None = None, heldout: Sequence[str] | None = None, heldout_tokens: int = 50_000,
           loss_texts: int = 64, loss_length: int = 64, epochs: int = 1, batch_size: int = 1024, lr: float | None = None,
           read_batch: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32, progress: bool = True) -> SAE:  # fmt: skip

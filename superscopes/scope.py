@@ -47,6 +47,8 @@ from superscopes.spec import RESULT_COLUMNS, Cell, Plan, Scope, Source, Target, 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: it adds ~0.3 s to `import superscopes`
     import pandas as pd
 
+    from superscopes.models import Model
+
 # Importable from here as before: spec (the grid's specification and plan) and batching split off.
 __all__ = [
     "RESULT_COLUMNS",
@@ -66,7 +68,7 @@ __all__ = [
 ]
 
 
-def read_vectors(model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64,
+def read_vectors(model: Model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64,
                  remote: bool | str = False) -> torch.Tensor:  # fmt: skip
     """Vectors ``[len(reads), d]`` for ``(prompt index, token index, site, layer)`` reads.
 
@@ -93,7 +95,7 @@ def _shipped(scope: Scope) -> tuple[ModuleType, ...]:
     return (graph, readouts, *(sys.modules[m] for m in sorted(others)))
 
 
-def _run_cells(model, target_model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None,
+def _run_cells(model: Model, target_model: Model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None,
                bar) -> list[dict]:  # fmt: skip
     """Read, patch and decode the cells ``chosen`` (indices into the plan); one remote request."""
     prepared = _prepare(model, target_model, the_plan, chosen)
@@ -136,7 +138,7 @@ class Grid:
     session does not reach the grid's passes. Torch's thread count is left as it is (the
     session may run on a server): ``superscopes.run``'s ``threads`` does not apply."""
 
-    def __init__(self, model, scope: Scope, target_model=None):
+    def __init__(self, model: Model, scope: Scope, target_model: Model | None=None):
         self._model, self._target_model = model, target_model or model
         self._plan = plan(model, scope, self._target_model)
         self._prepared = _prepare(model, self._target_model, self._plan, list(range(len(self._plan.cells))))
@@ -170,7 +172,7 @@ class Grid:
         return graph.ShippedGrid, (self._model, self._target_model, self._work)
 
 
-def _fingerprint(model, target_model, the_plan: Plan) -> str:
+def _fingerprint(model: Model, target_model: Model, the_plan: Plan) -> str:
     """A hash of everything that decides a grid's outputs (not how it is batched)."""
     scope = the_plan.scope
     digest = hashlib.sha256()
@@ -218,7 +220,7 @@ def _tracing() -> bool:
     return getattr(tracer._local, "depth", 0) > 0
 
 
-def run(model, scope: Scope, target_model=None, remote: bool | str = False, progress: bool = True,
+def run(model: Model, scope: Scope, target_model: Model | None=None, remote: bool | str = False, progress: bool = True,
         cells_per_request: int | None = None, checkpoint: str | Path | None = None,
         timeout: float | None = None, threads: int | None = DEFAULT_THREADS) -> pd.DataFrame:  # fmt: skip
     """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
@@ -278,7 +280,7 @@ def run(model, scope: Scope, target_model=None, remote: bool | str = False, prog
     return _frame(model, target_model, the_plan, per_cell)
 
 
-def _frame(model, target_model, the_plan: Plan, per_cell: list[dict]) -> pd.DataFrame:
+def _frame(model: Model, target_model: Model, the_plan: Plan, per_cell: list[dict]) -> pd.DataFrame:
     scope = the_plan.scope
     name, target_name = model_name(model), model_name(target_model)
     records = []

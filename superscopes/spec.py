@@ -3,6 +3,8 @@ scope against the model(s) and expands it into cells before any forward pass."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import itertools
 import math
 import numbers
@@ -18,6 +20,9 @@ from superscopes.models import model_name
 from superscopes.parsing import DEFAULT_BATCH_SIZE
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
 from superscopes.sites import ScopeError, architecture_of, hidden_size, num_layers
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 TargetLayer = int | Literal["same"]
 
@@ -70,38 +75,71 @@ class Scope:
     remotely. The model it gets is the one being traced (``target_model`` in patched passes).
     """
 
+    #: source prompts (one string or several)
     prompts: Sequence[str] | str
+    #: source token: a substring, first match, its last token; or one per prompt
     token: str | Sequence[str] | None = None
+    #: source position: index into the tokenised prompt (BOS included; negative from the end)
     position: int | Sequence[int] | None = None
+    #: every token of each prompt is a source position
     all_tokens: bool = False
+    #: where vectors are read (superscopes.sites.SITE_NAMES)
     sites: Sequence[str] = ("mlp_out", "resid_post")
+    #: source layers
     layers: Sequence[int] | Literal["all"] = "all"
+    #: amplification factors
     alphas: Sequence[float] = (1, 3, 6, 9, 12, 15)
+    #: how each read vector becomes the written one (ops.TRANSFORMS, or none)
     transforms: Sequence[str] = ("scale",)
+    #: target prompt: a template name, template text, "source", or one per prompt
     target: str | Sequence[str] = "entity"
+    #: the target template's placeholder (default: the template's own)
     placeholder: str | None = None
+    #: where in the target the vector is written
     target_position: Literal["placeholder", "last"] | int = "placeholder"
+    #: target layers: indices or "same" (the source layer)
     target_layers: Sequence[TargetLayer] = (0,)
+    #: explicit (layer, target_layer) pairs instead of layers x target_layers
     layer_pairs: Sequence[tuple[int, int]] | None = None
+    #: where the vector is written
     target_site: str = "resid_post"
+    #: replace the target's vector, or add to it
     mode: Literal["replace", "add"] = "replace"
+    #: the primary readout (superscopes.readouts)
     output: Literal["generate", "topk"] = "generate"
+    #: tokens generated per cell (output generate)
     max_new_tokens: int = 10
+    #: tokens kept by top-k readouts (output topk, the lens)
     top_k: int = 10
+    #: sample instead of greedy decoding
     do_sample: bool = False
+    #: sampling temperature (do_sample)
     temperature: float = 1.0
+    #: sampled texts per cell (do_sample)
     samples: int = 1
+    #: seed of sampling and of random directions
     seed: int | None = None
+    #: patched rows per forward pass
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: run the target prompt's prefix once and reuse its KV cache
     share_prefix: bool = True
+    #: add the read vectors' own logit lens (the lens readout)
     logit_lens: bool = False
+    #: external source vectors [len(prompts), d] instead of read ones
     vectors: torch.Tensor | None = field(default=None, repr=False)
+    #: a grid larger than this is refused before any forward pass
     max_cells: int = 20_000
+    #: the affine transform's map: one, or one per (layer, target_layer)
     affine_weight: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
+    #: the affine transform's bias, as affine_weight
     affine_bias: torch.Tensor | dict[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
+    #: keep only the cells it returns True for
     where: Callable[[Cell], bool] | None = field(default=None, repr=False)
+    #: (sae, latent) for the latent transform
     sae_latent: tuple | None = field(default=None, repr=False)
+    #: your own trace code, called in every forward pass of the grid
     intervene: Callable[[object], dict[str, torch.Tensor] | None] | None = field(default=None, repr=False)
+    #: further readouts by name (superscopes.readouts.available())
     readouts: Sequence[str] = ()
 
     def __post_init__(self) -> None:
@@ -196,7 +234,7 @@ def _choices(name: str, value, valid: Sequence) -> None:
         raise ScopeError(f"{name} {value!r} is not valid; choose from {', '.join(map(str, valid))}")
 
 
-def _check_layers(name: str, layers: Sequence, model) -> None:
+def _check_layers(name: str, layers: Sequence, model: Model) -> None:
     n = num_layers(model)
     for layer in layers:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
@@ -274,7 +312,7 @@ def _target(scope: Scope, target: str, tokenizer) -> Target:
     )
 
 
-def _layer_pairs(scope: Scope, model, target_model) -> list[tuple[int, int]]:
+def _layer_pairs(scope: Scope, model: Model, target_model: Model) -> list[tuple[int, int]]:
     """(source layer, target layer) pairs, validated against both models."""
     if scope.layer_pairs is not None:
         if not scope.layer_pairs or any(not isinstance(pair, tuple) or len(pair) != 2 for pair in scope.layer_pairs):
@@ -328,7 +366,7 @@ def _check_not_empty(scope: Scope) -> None:
             raise ScopeError(f"no {name} given: an empty {name} list would make an empty grid")
 
 
-def _check_numbers(scope: Scope, target_model) -> None:
+def _check_numbers(scope: Scope, target_model: Model) -> None:
     """Generation settings, named with their valid range."""
 
     def is_int(value) -> bool:
@@ -345,7 +383,7 @@ def _check_numbers(scope: Scope, target_model) -> None:
             raise ScopeError(f"alpha {alpha!r} overflows the model's dtype (largest value {limit:.3g})")
 
 
-def _check_affine(scope: Scope, model, target_model, pairs: list[tuple[int, int]]) -> None:
+def _check_affine(scope: Scope, model: Model, target_model: Model, pairs: list[tuple[int, int]]) -> None:
     """A map for every layer pair (one map, or a dict of maps by pair); each map's shape is
     [target hidden, source hidden] (bias [target hidden]), all finite."""
     if "affine" not in scope.transforms:
@@ -373,7 +411,7 @@ def _check_affine(scope: Scope, model, target_model, pairs: list[tuple[int, int]
                 raise ScopeError(f"{label} has non-finite values (nan or inf)")
 
 
-def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> None:
+def _check_context(scope: Scope, model: Model, target_model: Model, targets: list[Target]) -> None:
     """Every prompt, plus the generated tokens where they follow it, fits the model's context."""
     new = scope.max_new_tokens if scope.output == "generate" else 0
     checks = [(model, prompt, 0) for prompt in scope.prompts]
@@ -389,7 +427,7 @@ def _check_context(scope: Scope, model, target_model, targets: list[Target]) -> 
             )
 
 
-def _check_vectors(scope: Scope, pairs: list[tuple[int, int]], targets: list[str], model) -> None:
+def _check_vectors(scope: Scope, pairs: list[tuple[int, int]], targets: list[str], model: Model) -> None:
     shape, wanted = tuple(getattr(scope.vectors, "shape", ())), (len(scope.prompts), hidden_size(model))
     if shape != wanted:
         raise ScopeError(f"vectors has shape {shape}; give one {wanted[1]}-vector per prompt (name): {wanted}")
@@ -399,7 +437,7 @@ def _check_vectors(scope: Scope, pairs: list[tuple[int, int]], targets: list[str
         raise ScopeError('target "source" and logit_lens need read vectors; with vectors, use a target template')
 
 
-def _check_latent(scope: Scope, model, pairs: list[tuple[int, int]]) -> None:
+def _check_latent(scope: Scope, model: Model, pairs: list[tuple[int, int]]) -> None:
     """The ``latent`` transform's SAE fits the model, the latent exists, and every source
     vector is read where the SAE was trained (its site and layer)."""
     if "latent" not in scope.transforms:
@@ -415,7 +453,7 @@ def _check_latent(scope: Scope, model, pairs: list[tuple[int, int]]) -> None:
                          f"reads {wrong[:5]} too: use sites=[{sae.site!r}], layers=[{sae.layer}]")  # fmt: skip
 
 
-def plan(model, scope: Scope, target_model=None) -> Plan:
+def plan(model: Model, scope: Scope, target_model: Model | None=None) -> Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
     if not scope.prompts:

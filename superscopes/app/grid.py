@@ -9,6 +9,8 @@ the controls of each best readout (alpha 1, norm-matched, random direction of th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +21,9 @@ from superscopes.app.errors import error_text, log_error
 from superscopes.app.jobs import GridJob, Keeper, finite
 from superscopes.app.model_cache import REMOTE_PREFIX, ModelCache, WithTokenizer
 from superscopes.app.request import CONTROLS, DEFAULTS, GridRequest, grid_cells, grid_layers, reused_controls
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 def readout_columns(names: list[str]) -> list[str]:
     """The frame columns the chosen readouts add, which the page's rows carry too."""
@@ -49,7 +54,7 @@ def best_rows(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def grid_job(
-    request: GridRequest, model, models: ModelCache, limits: dict, chunk_rows: int, batch_size: int, threshold: float
+    request: GridRequest, model: Model, models: ModelCache, limits: dict, chunk_rows: int, batch_size: int, threshold: float
 ) -> GridJob:
     """Check the grid against the model, validate it with the core's ``plan`` (no forward
     pass) and cut it into chunks. Takes no lock that a running job holds."""
@@ -101,7 +106,7 @@ def grid_job(
 
 
 def _sources(
-    request: GridRequest, model, models: ModelCache, layers: list[int], common: dict, pieces: list[dict]
+    request: GridRequest, model: Model, models: ModelCache, layers: list[int], common: dict, pieces: list[dict]
 ) -> tuple[list[int], str, str]:
     """The source positions the grid reads (``plan`` raises ScopeError for a grid it refuses),
     the target prompt and the target token its vectors replace."""
@@ -234,7 +239,7 @@ class GridRunner:
             job.status, job.error, job.finished = status, error, time.time()
         self.keep(job, now=True)
 
-    def _chunks(self, job: GridJob, model, between_chunks: Callable[[], None], control: bool = False) -> None:
+    def _chunks(self, job: GridJob, model: Model, between_chunks: Callable[[], None], control: bool = False) -> None:
         """Run the job's chunks in turn (the focused token's first), publishing each one's rows:
         grid rows, or control rows (``control``) named by their transform."""
         import superscopes
@@ -261,7 +266,7 @@ class GridRunner:
                     job.done += len(rows)
             self.keep(job)  # a finished chunk outlives a crash of this process
 
-    def _controls(self, job: GridJob, model, between_chunks: Callable[[], None]) -> None:
+    def _controls(self, job: GridJob, model: Model, between_chunks: Callable[[], None]) -> None:
         """The second phase: each best readout's controls; those the grid holds are copied,
         not run again."""
         with job.lock:

@@ -3,6 +3,8 @@ private tokenizer per model for the request path."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import threading
 from collections.abc import Iterator
@@ -11,6 +13,9 @@ from contextlib import contextmanager
 from superscopes.app.errors import BadRequest
 from superscopes.app.request import unique
 from superscopes.models import EMBEDDED
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 REMOTE_PREFIX = "ndif:"
 
@@ -73,7 +78,7 @@ class ModelCache:
             return self.loaded[name]
 
     @contextmanager
-    def tokenizer(self, model) -> Iterator[object]:
+    def tokenizer(self, model: Model) -> Iterator[object]:
         """A private copy of the model's tokenizer, held for the request path alone: a fast
         tokenizer used from two threads at once (a request and the worker) can fail."""
         with self.tokenizer_lock:
@@ -82,7 +87,7 @@ class ModelCache:
                 self.tokenizers[key] = (model, copy.deepcopy(model.tokenizer))
             yield self.tokenizers[key][1]
 
-    def tokens(self, model, prompt: str) -> list[dict]:
+    def tokens(self, model: Model, prompt: str) -> list[dict]:
         """The prompt's tokens, with the private tokenizer."""
         from superscopes.prompts import tokens
 
@@ -99,7 +104,7 @@ class ModelCache:
 class WithTokenizer:
     """``model`` as ``plan`` sees it, with another tokenizer (the request path's private copy)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model: Model, tokenizer):
         self._model, self.tokenizer = model, tokenizer
 
     def __getattr__(self, name: str):

@@ -8,6 +8,8 @@ grids and between a running grid's chunks, one at a time per page (beside its gr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +24,9 @@ from superscopes.app.panels import Panels, train_command
 from superscopes.app.request import PANEL_DEFAULTS, parse_cell, parse_latent, prompt, text
 from superscopes.app.scheduler import KEEP_JOBS
 from superscopes.app.store import RunStore, RunStoreError
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 
 class PanelJobs:
@@ -164,7 +169,7 @@ class PanelJobs:
             job.done = job.total if status == "done" else 0
         self.keep(job, now=True)
 
-    def _cell(self, job: PanelJob, model) -> dict:
+    def _cell(self, job: PanelJob, model: Model) -> dict:
         from superscopes.app.panels import breakdown, generated, nearest, read_vector
 
         r, panels = job.request, self.panels
@@ -190,7 +195,7 @@ class PanelJobs:
             result["nearest"] = {"id": None, "why": r["corpus_why"]}
         return result
 
-    def _latent(self, job: PanelJob, model) -> dict:
+    def _latent(self, job: PanelJob, model: Model) -> dict:
         from superscopes.app.panels import latent_frame
         from superscopes.metrics import is_echo
 

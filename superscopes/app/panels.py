@@ -20,6 +20,8 @@ worker thread, never in a request.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,9 @@ from pathlib import Path
 import torch
 
 from superscopes.files import load_torch
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 EMBEDDED_PREFIX = "embedded:"
 # The README's full-size command (about 45 min on two CPU cores), at the cell's site and layer.
@@ -226,7 +231,7 @@ def train_command(model: str, site: str, layer: int) -> str:
 # ---------------------------------------------------------------- the worker's side
 
 
-def read_vector(model, prompt: str, site: str, layer: int, position: int) -> torch.Tensor:
+def read_vector(model: Model, prompt: str, site: str, layer: int, position: int) -> torch.Tensor:
     """The activation ``[d]`` at ``site``/``layer`` and ``position`` of ``prompt`` (as the grid reads it)."""
     from superscopes import ops
 
@@ -235,7 +240,7 @@ def read_vector(model, prompt: str, site: str, layer: int, position: int) -> tor
     return vector[0].detach().float().cpu()
 
 
-def breakdown(model, sae, vector: torch.Tensor, k: int, promotes: int) -> dict:
+def breakdown(model: Model, sae, vector: torch.Tensor, k: int, promotes: int) -> dict:
     """The vector's ``k`` most active latents, each with the ``promotes`` tokens its decoder
     direction promotes through the model's own unembedding, and how well the SAE
     reconstructs the vector."""
@@ -262,7 +267,7 @@ def breakdown(model, sae, vector: torch.Tensor, k: int, promotes: int) -> dict:
     }
 
 
-def generated(model, generator, vector: torch.Tensor, samples: int, seed: int) -> list[dict]:
+def generated(model: Model, generator, vector: torch.Tensor, samples: int, seed: int) -> list[dict]:
     """``samples`` seeded inputs from the generator for the vector, each with the distance of
     its own activation (at its last token) to the vector (``inverse.distance``)."""
     from superscopes.inverse import distance, last_token_activations
@@ -275,7 +280,7 @@ def generated(model, generator, vector: torch.Tensor, samples: int, seed: int) -
     return [{"text": t, "distance": found.get(t)} for t in texts]
 
 
-def nearest(model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tensor | None) -> tuple[list[dict], str]:
+def nearest(model: Model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tensor | None) -> tuple[list[dict], str]:
     """The corpus's ``n`` distinct input texts whose activations are nearest the vector by the
     standardised distance (``std``: the generator's, else the corpus's own), and which std was
     used. Distinct: corpus texts often share a prefix, and a repeated input says nothing new."""
@@ -295,7 +300,7 @@ def nearest(model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tenso
     return [{"text": text, "distance": d} for text, d in shown.items()], scale
 
 
-def latent_frame(model, sae, latent: int, alphas: list[float], max_new_tokens: int, batch_size: int):
+def latent_frame(model: Model, sae, latent: int, alphas: list[float], max_new_tokens: int, batch_size: int):
     """``sae.latent_scope`` for one latent (identity target at the SAE's layer), run and scored
     by ``sae.explanation_scores``; the latent's mean activation is its scale where recorded."""
     import superscopes

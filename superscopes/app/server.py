@@ -16,6 +16,8 @@ This module starts it: ``serve`` and the ``superscopes app`` options.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import sqlite3
 import sys
@@ -29,6 +31,9 @@ from superscopes.app.web import STATIC, Server
 from superscopes.models import DEFAULT_MODEL
 from superscopes.parsing import CommandParser
 
+if TYPE_CHECKING:
+    from superscopes.models import Model
+
 # Names the CLI, the package and older imports read from here.
 __all__ = ["LIMITS", "STATIC", "App", "add_arguments", "best_rows", "cmd_app", "main", "make_server", "serve"]
 
@@ -39,7 +44,7 @@ def make_server(app: App | None = None, host: str = "127.0.0.1", port: int = 876
 
 
 def serve(
-    model=DEFAULT_MODEL,
+    model: Model=DEFAULT_MODEL,
     host: str = "127.0.0.1",
     port: int = 8765,
     remote_models: list[str] | None = None,

@@ -3,10 +3,15 @@ one that holds a run in its chunk in progress for as long as a test needs."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import threading
 import zlib
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from superscopes.models import Model
 
 
 def tiny_model(seed: int = 0, name: str = "tiny-llama"):
@@ -82,7 +87,7 @@ class GatedJudge:
                 event.set()
 
 
-def tiny_panels(model, folder, name: str = "tiny-llama", site: str = "resid_post", layer: int = 0) -> tuple:
+def tiny_panels(model: Model, folder, name: str = "tiny-llama", site: str = "resid_post", layer: int = 0) -> tuple:
     """A TopK SAE (128 latents, k=8) and an InverseScope generator (20 steps) for ``model`` at
     ``site``/``layer``, trained in seconds on the built-in fallback sentences and written to
     ``folder/sae`` and ``folder/generator`` (``generator.pt`` beside its ``pairs.pt``, as
