@@ -36,7 +36,6 @@ mapped vector then passes the final norm a second time).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -44,7 +43,7 @@ import pandas as pd
 from superscopes.metrics import compare_conditions, prompt_means
 
 from ._common import Run, parser, recipe_main, write_summary
-from ._snippets import evaluated_and_fit, load_snippets, log, record_time
+from ._snippets import evaluated_and_fit, load_snippets, log
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 per layer of a Patchscope, the logit lens and an affine lens"
@@ -174,19 +173,16 @@ def experiment(run: Run) -> None:
     from superscopes.prompts import IDENTITY
     from superscopes.sites import num_layers
 
-    t0 = time.time()
     model = run.load_model()
     name, last = model_name(model), num_layers(model) - 1
     src, fit = sources(run, model.tokenizer, n, n_fit)
     store = run.store("cells.csv", ["method", "source"], fit_texts=len(fit), ridge=ridge)
-    rows_before = len(store.load())
     done = store.done()
     if any(store.key([m, s]) not in done for m in METHODS for s in src["source"]):
         log(f"{name}: {len(src)} positions x {last + 1} layers x {len(METHODS)} methods")
         cells = readouts(run, model, src, fit, ridge)
         store.append(cells[[store.key([m, s]) not in done for m, s in zip(cells["method"], cells["source"])]])
     cells = run.cells(store, len(src) * (last + 1) * len(METHODS), unique=["method", "source", "layer"])
-    seconds = record_time(run.out, t0, rows_before, len(cells))
     summary, comparisons = statistics(cells, args.seed)
     summary.insert(0, "model", name)
     summary.to_csv(run.out / "summary.csv", index=False)
@@ -211,8 +207,7 @@ def experiment(run: Run) -> None:
          "affine lens": f"least squares h_l -> h_{last} (resid_post) with bias, ridge {ridge}, one random position of "
          f"each of {len(fit)} held-out snippets; applied by the graph's affine transform at layer {last} of the source",
          "precision@1": "argmax patched == argmax of the source model's own next-token distribution at the position",
-         "surprisal": "-log p_source(argmax patched), nats",
-         "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
+         "surprisal": "-log p_source(argmax patched), nats"},
         findings(summary, comparisons, last),
         {"precision@1 per layer": wide, "per method and layer (95% bootstrap over positions)":
          summary.drop(columns=["model"]), "Patchscope minus each lens, paired over positions": shown},

@@ -240,16 +240,3 @@ def test_inverse_scope_without_a_generator(tmp_path):
     assert set(pd.read_csv(tmp_path / "comparisons.csv")["a"]) == {"nearest"}
     assert (tmp_path / "lexical.csv").stat().st_size > 0
 
-
-def test_record_time_counts_the_invocations_that_made_the_current_cells(tmp_path):
-    import time
-
-    from recipes._snippets import record_time
-
-    now = time.time()
-    assert record_time(tmp_path, now - 10, 0, 5) == pytest.approx(10, abs=0.5)  # first run: 5 cells
-    assert record_time(tmp_path, now - 4, 5, 9) == pytest.approx(14, abs=1)  # a resume adds 4
-    assert record_time(tmp_path, now - 2, 9, 9) == pytest.approx(14, abs=1)  # nothing to do: not counted
-    # The table was deleted and made again from nothing: the earlier invocations no longer count.
-    assert record_time(tmp_path, now - 3, 0, 9) == pytest.approx(3, abs=0.5)
-    assert len(pd.read_csv(tmp_path / "timings.csv")) == 1
