@@ -25,7 +25,9 @@ a second gives the affine lens (``transforms=["affine"]``, ``layer_pairs`` (l, l
 ``affine_weight={(l, last): W_l}``, ``target="source"``; maps from ``lens.fit_affine_lens``).
 Statistics are per source position (one prompt each): per layer, each method's precision@1 with
 a 95% bootstrap interval, and the paired differences patchscope - logit lens and patchscope -
-affine lens (bootstrap interval, sign-flip p, Holm over the table).
+affine lens (bootstrap interval, sign-flip p, Holm over the table). A layer is claimed above or
+below a lens only where its Holm p < 0.05 and its interval at its Holm level (``metrics.holm_intervals``)
+does not reach 0.
 
 Deviations from the paper's code: the texts are the Patchscopes factual snippets
 (``prompt_source``, about 8 words) instead of the Pile (not available offline); 500 evaluated
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from superscopes.metrics import compare_conditions, prompt_means
+from superscopes.metrics import compare_conditions, holm_intervals, prompt_means
 
 from ._common import Run, parser, recipe_main, write_summary
 from ._snippets import evaluated_and_fit, load_snippets, log
@@ -131,7 +133,13 @@ def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFra
     summary = prompt_means(cells, "precision_at_1", "source", ("method", "layer"), seed)
     summary = summary.merge(cells.groupby(["method", "layer"])["surprisal"].mean().reset_index())
     pairs = [("patchscope", "logit_lens"), ("patchscope", "affine_lens")]
-    return summary, compare_conditions(cells, "method", pairs, ("layer",), "precision_at_1", "source", seed)
+    comparisons = compare_conditions(cells, "method", pairs, ("layer",), "precision_at_1", "source", seed)
+    wide = cells.pivot_table(index=["layer", "source"], columns="method", values="precision_at_1", aggfunc="mean")
+    differences = [(wide.loc[layer, a] - wide.loc[layer, b]).to_numpy()
+                   for layer, a, b in comparisons[["layer", "a", "b"]].itertuples(index=False)]  # fmt: skip
+    intervals = holm_intervals(differences, list(comparisons["p"]), seed=seed)
+    comparisons["holm_ci_low"], comparisons["holm_ci_high"] = zip(*intervals)
+    return summary, comparisons
 
 
 def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
@@ -150,9 +158,10 @@ def findings(summary: pd.DataFrame, comparisons: pd.DataFrame, last: int) -> lis
     out = []
     for lens_name in ("logit_lens", "affine_lens"):
         part = comparisons[(comparisons["b"] == lens_name) & (comparisons["layer"] < last)]
-        above = part[(part["ci_low"] > 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
-        below = part[(part["ci_high"] < 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
-        out.append(f"Patchscope vs {lens_name} (paired over positions, Holm p < 0.05, layers 0-{last - 1}): above at "
+        above = part[(part["holm_ci_low"] > 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
+        below = part[(part["holm_ci_high"] < 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
+        out.append(f"Patchscope vs {lens_name} (paired over positions, Holm p < 0.05 and the Holm-level interval "
+                   f"clear of 0, layers 0-{last - 1}): above at "
                    f"layers {above or 'none'}, below at layers {below or 'none'}, no detectable difference at the "
                    f"other {len(part) - len(above) - len(below)}.")  # fmt: skip
     at_last = summary[summary["layer"] == last].set_index("method")["precision_at_1"]
@@ -197,7 +206,8 @@ def experiment(run: Run) -> None:
             + " / ".join(f"{at.loc[l, 'logit_lens']:.2f}" for l in (0, mid, last - 1)) + ", affine lens "
             + " / ".join(f"{at.loc[l, 'affine_lens']:.2f}" for l in (0, mid, last - 1))
             + f" ({name}, {len(src)} positions; intervals in the tables)")  # fmt: skip
-    shown = comparisons[["layer", "b", "difference", "ci_low", "ci_high", "p", "p_holm"]].rename(
+    columns = ["layer", "b", "difference", "ci_low", "ci_high", "holm_ci_low", "holm_ci_high", "p", "p_holm"]
+    shown = comparisons[columns].rename(
         columns={"b": "patchscope minus"})  # fmt: skip
     write_summary(
         run, f"Token identity: Patchscope vs logit lens vs affine lens ({name})", ours, PAPER,
