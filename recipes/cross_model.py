@@ -140,7 +140,8 @@ def findings(comparisons: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
     """Per grid: its best pair (chosen on these texts) and how many pairs beat the control."""
     out = []
     for (direction, condition), part in comparisons.groupby(["direction", "condition"], sort=False):
-        best = part.loc[part["mean_a"].idxmax()]
+        # The best pair; a tie goes to the lowest (l, l*), whatever the table's order.
+        best = part.sort_values(["mean_a", "layer", "target_layer"], ascending=[False, True, True]).iloc[0]
         above = part[(part["ci_low"] > 0) & (part["p_holm"] < 0.05)]
         below = part[(part["ci_high"] < 0) & (part["p_holm"] < 0.05)]
         out.append(f"{direction}, {condition}: best pair (l={best['layer']}, l*={best['target_layer']}; chosen on "

@@ -309,7 +309,10 @@ def experiment(run: Run) -> None:
         log(f"authors' sweep: {len(chosen) - len(waiting) + min(start + per_pass, len(waiting))}/{len(chosen)} latents done")
     chosen_scales = run.cells(sweep, len(chosen), unique=["latent"])
 
-    picks = {name: cells.loc[getattr(cells.groupby("latent")[column], how)()] for name, (column, how) in SELECTORS.items()}
+    ordered = cells.sort_values(["latent", "alpha"])  # a tie goes to the lowest alpha, whatever the store's order
+    picks = {
+        name: ordered.loc[getattr(ordered.groupby("latent")[col], how)()] for name, (col, how) in SELECTORS.items()
+    }
     selected = pd.DataFrame([{"selector": name, **metrics.compare(g["agreement"], g["control"], seed=args.seed),
                               "mean_alpha": g["alpha"].mean()} for name, g in picks.items()])  # fmt: skip
     selected = pd.concat([pd.DataFrame([{"selector": AUTHORS, **metrics.compare(chosen_scales["agreement"],
@@ -334,8 +337,8 @@ def experiment(run: Run) -> None:
                   findings(selected, per_alpha, site_norm),
                   {"Agreement by scale selector (one alpha per latent)": selected.round(4),
                    "Agreement by alpha (all latents)": per_alpha.round(4),
-                   "Examples (authors' condition)": chosen_scales[["latent", "scale_ratio", "output", "agreement",
-                                                                   "control"]].head(10),
+                   "Examples (authors' condition)": chosen_scales.sort_values("latent")[
+                       ["latent", "scale_ratio", "output", "agreement", "control"]].head(10),
                    "Examples (variants: alpha by self-similarity)": picks["self-similarity"][
                        ["latent", "alpha", "output", "agreement", "control"]].head(10)},
                   figures=[plot])  # fmt: skip

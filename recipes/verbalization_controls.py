@@ -231,7 +231,8 @@ def experiment(run: Run) -> None:
     plots.save(fig, run.out / "accuracy_heatmaps.png", title=f"Patch success per (l, l*), {len(rows)} rows")
     maps = pd.read_csv(run.out / "maps.csv")
     findings = [metrics.describe(r) for _, r in table.iterrows()] + [
-        "Rows by who knows the fact: " + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().items()) + ".",
+        "Rows by who knows the fact: "
+        + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().sort_index().items()) + ".",
         "Held-out R^2 of the affine maps: " + ", ".join(f"{r.source_model} L{r.layer} -> {r.verbaliser} "
                                                        f"L{r.target_layer} {r.r2_heldout:.2f}" for r in maps.itertuples()) + ".",
         f"Echoes never count: {int(cells['echo'].sum())} of {len(cells)} texts only repeat the subject.",

@@ -240,3 +240,12 @@ def test_inverse_scope_without_a_generator(tmp_path):
     assert set(pd.read_csv(tmp_path / "comparisons.csv")["a"]) == {"nearest"}
     assert (tmp_path / "lexical.csv").stat().st_size > 0
 
+
+def test_cross_model_best_pair_does_not_depend_on_the_tables_order():
+    from recipes.cross_model import findings
+
+    scores = {"mean_a": [0.5, 0.5, 0.1], "mean_b": 0.0, "difference": [0.5, 0.5, 0.1], "p": 0.5, "p_holm": 1.0}
+    grid = {"direction": "a -> b", "condition": "same_text", "layer": [4, 2, 2], "target_layer": [1, 3, 1]}
+    pairs = pd.DataFrame({**grid, **scores, "ci_low": 0.0, "ci_high": 1.0})
+    texts = {findings(pairs.iloc[order], pd.DataFrame())[0] for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2])}
+    assert len(texts) == 1 and "best pair (l=2, l*=3;" in texts.pop()

@@ -290,3 +290,14 @@ def test_plot_helpers_write_pngs(tmp_path):
     path = plots.save(fig, tmp_path / "sub" / "fig.png", title="a long overall title " * 10)
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert plots.save(plots.lines(frame, x="layer", y="score"), tmp_path / "one.png").exists()
+
+
+def test_entity_description_picks_break_ties_by_the_lowest_alpha_whatever_the_order():
+    from recipes.entity_description import JUDGE_BEST, ORACLE, picks
+
+    scores = {"similarity": [0.2, 0.5, 0.5, 0.1], "rougeL": [0.1, 0.4, 0.4, 0.0], "rougeL_raw": 0.0, "echo": False}
+    cells = pd.DataFrame({"source": "Diana", "layer": 3, "alpha": [1.0, 9.0, 6.0, 3.0], **scores, "description": "d"})
+    cells["reference"] = "r"
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        chosen = picks(cells.iloc[order], [1.0, 3.0, 6.0, 9.0], seed=0).set_index("method")["alpha"]
+        assert chosen[ORACLE] == 6.0 and chosen[JUDGE_BEST] == 6.0
