@@ -253,21 +253,35 @@ def test_multihop_quick(shared_models, tmp_path):
     assert len(baseline) == 3 * len(queries)
     evaluated = queries[as_bool(queries["evaluated"])]
     assert not as_bool(evaluated["two_hop_ok"]).any()
-    conditions = [mh.BACK, mh.BACK + mh.SHUFFLED, mh.COT, mh.COT + mh.SHUFFLED]
+    seeds = [0, 1, 2]  # three shuffled-source draws per method
+    conditions = [c for m in mh.METHODS for c in (m, *[mh.shuffled(m, s) for s in seeds])]
     assert sorted(cells["condition"].unique()) == sorted(conditions)
-    tries = cells.groupby(["condition", "row"]).size()
-    assert tries.nunique() == 1  # every condition gets the same (l, l*) pairs for every query
-    assert (cells["target_layer"] < cells["layer"]).all()
+    notebook = cells["condition"].str.startswith(mh.NOTEBOOK)
+    tries = cells[~notebook].groupby(["condition", "row"]).size()
+    assert tries.nunique() == 1  # back-patching, the paper's CoT and their controls: the same (l, l*) pairs
+    assert (cells.loc[~notebook, "target_layer"] < cells.loc[~notebook, "layer"]).all()
+    pairs = cells[notebook].groupby(["condition", "row"])[["layer", "target_layer"]].apply(lambda f: len(f.value_counts()))
+    grid = sorted(set(cells.loc[notebook, "layer"]))
+    assert set(pairs) == {len(grid) ** 2} and grid == sorted(set(cells.loc[notebook, "target_layer"]))  # every pair
     back, cot = cells[cells["condition"] == mh.BACK], cells[cells["condition"] == mh.COT]
     assert (back["target"] == "source").all() and (back["position"] == back["target_position"]).all()
     span, prefix = dict(zip(evaluated["row"], evaluated["span"])), dict(zip(evaluated["row"], evaluated["prefix"]))
     assert all(s == span[r] and t == prefix[r] for s, t, r in zip(cot["source"], cot["target"], cot["row"]))  # pi1 -> pi2
-    shuffled = cells[cells["condition"] == mh.COT + mh.SHUFFLED]
-    assert all(s != span[r] for s, r in zip(shuffled["source"], shuffled["row"]))  # another query's pi1
+    nb = cells[cells["condition"] == mh.NOTEBOOK]  # the notebook's direction: pi2 -> pi1
+    assert all(s == prefix[r] and t == span[r] for s, t, r in zip(nb["source"], nb["target"], nb["row"]))
+    for seed in seeds:
+        shuffled = cells[cells["condition"] == mh.shuffled(mh.COT, seed)]
+        assert all(s != span[r] for s, r in zip(shuffled["source"], shuffled["row"]))  # another query's pi1
     scores = read(out / "per_query.csv").set_index("row")
     fixed = cells.assign(ok=as_bool(cells["correct"])).groupby(["condition", "row"])["ok"].any()
     for name in conditions:
         assert (scores[f"{name}: fixed"].astype(float) == fixed[name].reindex(scores.index).astype(float)).all()
+    control = scores[[f"{mh.shuffled(mh.BACK, s)}: fixed" for s in seeds]].astype(float).mean(axis=1)
+    assert (scores[f"{mh.BACK}{mh.SHUFFLED}: fixed"].astype(float) == control).all()  # the mean of the draws
+    spread = pd.read_csv(out / "shuffled_draws.csv").set_index("control")
+    assert list(spread.columns) == ["seed 0", "seed 1", "seed 2", "min", "max", "sd"] and len(spread) == 6
+    summary = (out / "summary.md").read_text()
+    assert "Shuffled-source draws" in summary and "seeds [0, 1, 2]" in summary and "- wall time: " in summary
 
     run_recipe("multihop", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)
