@@ -287,16 +287,34 @@ def test_multihop_quick(shared_models, tmp_path):
     assert len(read(out / "cells.csv")) == len(cells)
 
 
+def test_verbalization_controls_tasks_are_lis_six_and_li_samples_as_li_draws_them():
+    from recipes import verbalization_controls as vc
+
+    people = ["person_plays_position_in_sport", "person_plays_pro_sport"]
+    assert vc.TASKS == ["country_currency", "food_from_country", *people, "product_by_company", "star_constellation"]
+    assert not set(vc.EXTENSION_TASKS) & set(vc.TASKS)
+    frame = pd.read_csv(F.FACTUAL / "star_constellation.tsv", sep="\t")  # Li's get_feature_extraction_datasets
+    frame = frame[frame["prompt_source"].notna()]
+    frame = frame[~frame["prompt_source"].str.contains("\n")].reset_index(drop=True)
+    frame = frame[~frame["prompt_source"].str.contains("service")].reset_index(drop=True)
+    frame = frame.sample(n=10, replace=False, random_state=42).reset_index(drop=True)
+    assert list(F.li_rows("star_constellation", n_samples=10)["subject"]) == list(frame["subject"].map(F.unescape))
+
+
 def test_verbalization_controls_quick(shared_models, tmp_path):
+    from recipes import verbalization_controls as vc
+
     out = tmp_path / "vc"
     run_recipe("verbalization_controls", out)
-    check_outputs(out, ["cells.csv", "knowledge.csv", "maps.csv", "rows.csv", "per_row.csv", "comparisons.csv"],
-                  ["accuracy_heatmaps.png"])  # fmt: skip
+    check_outputs(out, ["cells.csv", "knowledge.csv", "maps.csv", "rows.csv", "per_row.csv", "comparisons.csv",
+                        "li_accuracy.csv", "shuffled_draws.csv"], ["accuracy_heatmaps.png"])  # fmt: skip
     cells, rows = read(out / "cells.csv"), read(out / "rows.csv")
     a, b = "smollm2-135m", "gemma3-270m"
-    assert set(cells["condition"]) == {f"{a}: input only (Li)", f"{b}: input only (Li)", f"{a}: own Patchscope",
-                                       f"{b}: own Patchscope", f"{a}: reads {b}", f"{b}: reads {a}",
-                                       f"{a}: reads {b}, shuffled source", f"{b}: reads {a}, shuffled source"}  # fmt: skip
+    seeds = [0, 1, 2]  # three shuffled-source draws
+    draws = {vc.shuffled_name(v, s, seed) for v, s in ((a, b), (b, a)) for seed in seeds}
+    li_conditions = {f"{m}: {c}" for m in (a, b) for c in ("input only (Li)", "Patchscope (Li's rows)")}
+    assert set(cells["condition"]) == {f"{a}: own Patchscope", f"{b}: own Patchscope", f"{a}: reads {b}",
+                                       f"{b}: reads {a}", *li_conditions, *draws}  # fmt: skip
     cross = cells[cells["condition"].str.contains("reads")]
     assert (cross["transform"] == "affine").all() and (cross["source_model"] != cross["verbaliser"]).all()
     own = cells[cells["condition"].str.contains("own")]
@@ -306,11 +324,29 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
     maps = read(out / "maps.csv")
     assert len(maps) == cross[~cross["condition"].str.contains("shuffled")].groupby(
         ["source_model", "layer", "target_layer"]).ngroups  # fmt: skip
+    # Li's Patchscope: every unfiltered row (the input-only rows), the whole snippet as the source.
+    li = F.li_rows("country_currency", 6)
+    for m in (a, b):
+        patched = cells[cells["condition"] == f"{m}: Patchscope (Li's rows)"]
+        inputs = (cells["condition"] == f"{m}: input only (Li)").sum()
+        assert patched["li_row"].astype(int).nunique() == len(li) == inputs
+        assert set(patched["snippet"]) == set(li["snippet"]) and (patched["transform"] == "scale").all()
+        hit = [F.mentions(o, t) for o, t in zip(patched["output"], patched["object"])]  # Li's check_correct
+        per_row = patched.assign(hit=hit).groupby(["li_row", "layer"])["hit"].any().groupby("li_row").mean()
+        accuracy = read(out / "li_accuracy.csv").set_index(["model", "method"]).loc[(m, "Patchscope (Li's rows)")]
+        assert float(accuracy["country_currency"]) == pytest.approx(per_row.mean())
+        assert float(accuracy["mean over 1 of Li's tasks"]) == pytest.approx(per_row.mean())
     scores = read(out / "per_row.csv")
     assert len(scores) == len(rows) and scores["majority class"].astype(float).between(0, 1).all()
+    control = scores[[vc.shuffled_name(a, b, seed) for seed in seeds]].astype(float).mean(axis=1)
+    assert (scores[f"{a}: reads {b}, shuffled source"].astype(float) == control).all()  # the mean of the draws
+    spread = pd.read_csv(out / "shuffled_draws.csv")
+    assert list(spread.columns) == ["control", "seed 0", "seed 1", "seed 2", "min", "max", "sd"] and len(spread) == 4
     comparisons = read(out / "comparisons.csv")
     assert (f"{a}: own Patchscope", "majority class") in set(map(tuple, comparisons[["a", "b"]].values))
     assert (comparisons["n_prompts"].astype(int) > 0).all()
+    summary = (out / "summary.md").read_text()
+    assert "Li's comparison (mean over 1 of Li's tasks)" in summary and "- wall time: " in summary
 
     run_recipe("verbalization_controls", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)
