@@ -370,8 +370,8 @@ def experiment(run: Run) -> None:
                   {"models": ", ".join(names), "tasks": ", ".join(tasks), "rows": f"{len(rows)} (one snippet per subject)",
                    "Li's rows": f"{len(li)} unfiltered rows (input only and Li's Patchscope, per model)",
                    "affine maps": f"ridge least squares on {', '.join(FIT_TASKS)} snippets, 80% fit / 20% R^2",
-                   "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens; success: Li's check_correct (echoes never count "
-                                 "in the controls; Li's comparison counts them as Li do)",
+                   "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens; success: Li's check_correct (echoes "
+                                 "never count in the controls; Li's comparison counts them as Li do)",
                    "shuffled sources": f"{DRAWS} draws per cross-model condition, seeds {seeds}",
                    "seed": args.seed, "cells": len(cells)},  # fmt: skip
                   findings, {"Li et al.'s comparison: accuracy per task, then their mean": accuracy.round(3),
