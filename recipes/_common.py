@@ -79,7 +79,8 @@ class Run:
     started: float = field(default_factory=time.time)
     # Each store this invocation opened, with its finished units when opened: what the invocation added.
     opened: dict[Path, tuple[ResultStore, int]] = field(default_factory=dict)
-    seconds: float | None = None  # set by record_time
+    seconds: float | None = None  # set by record_time (None: no logged invocation added results)
+    timed: bool = False
 
     @property
     def remote(self) -> bool:
@@ -189,23 +190,24 @@ def depth_layers(fractions: Iterable[float], n_layers: int) -> list[int]:
     return sorted({min(n_layers - 1, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
-def record_time(run: Run) -> float:
+def record_time(run: Run) -> float | None:
     """Log this invocation in ``timings.csv`` (when it finished, its seconds, the finished units it
     added to the run's stores, the model(s), threads and CPUs); returns the seconds spent by the
-    invocations that added units (the cost of the results, whatever the number of resumes). An
-    invocation that found no finished unit starts the log anew: the rows of earlier ones were
-    deleted or never made."""
+    invocations that added units (the cost of the results, whatever the number of resumes), None
+    when none is logged (results made before the log). An invocation that found no finished unit
+    starts the log anew: the rows of earlier ones were deleted or never made."""
     path = run.out / "timings.csv"
     found = sum(before for _, before in run.opened.values())
     added = sum(len(store.done()) - before for store, before in run.opened.values())
     models = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m]
-    row = pd.DataFrame([{"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - run.started, 1),
-                         "added": added, "model": " + ".join(models), "threads": run.args.threads,
-                         "cpus": os.cpu_count()}])  # fmt: skip
+    seconds = round(time.time() - run.started, 1)
+    row = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "added": added}
+    log = pd.DataFrame([{**row, "model": " + ".join(models), "threads": run.args.threads, "cpus": os.cpu_count()}])
     if found and path.exists():  # an older log may name its count cells_added
-        row = pd.concat([pd.read_csv(path).rename(columns={"cells_added": "added"}), row], ignore_index=True)
-    row.to_csv(path, index=False)
-    run.seconds = float(row.loc[row["added"] > 0, "seconds"].sum())
+        log = pd.concat([pd.read_csv(path).rename(columns={"cells_added": "added"}), log], ignore_index=True)
+    log.to_csv(path, index=False)
+    made = log.loc[log["added"] > 0, "seconds"]
+    run.seconds, run.timed = (float(made.sum()) if len(made) else None), True
     return run.seconds
 
 
@@ -226,9 +228,13 @@ def write_summary(run: Run, title: str, ours: str, paper: str, settings: dict[st
                   findings: list[str], tables: dict[str, pd.DataFrame] | None = None,
                   figures: list[str] | None = None) -> Path:  # fmt: skip
     """summary.md: our number next to the paper's, the settings, the command that made it, its wall time."""
-    seconds = run.seconds if run.seconds is not None else record_time(run)
-    settings = {**settings, "wall time": f"{seconds:.0f} s over the invocations that added results (timings.csv: each "
-                f"invocation, its model and threads), {run.args.threads} thread(s), {os.cpu_count()} CPUs"}  # fmt: skip
+    seconds = run.seconds if run.timed else record_time(run)
+    if seconds is None:
+        wall = "not logged: the results were made before timings.csv, which logs every invocation since"
+    else:
+        wall = f"{seconds:.0f} s over the invocations that added results (timings.csv: each, its model and threads)"
+    here = f"this invocation: {run.args.threads} thread(s), {os.cpu_count()} CPUs"
+    settings = {**settings, "wall time": f"{wall}; {here}"}
     lines = [f"# {title}", "", f"- **Ours:** {ours}", f"- **Paper:** {paper}", "", "## Settings", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
     embedded = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m in EMBEDDED]

@@ -121,3 +121,7 @@ def test_record_time_logs_each_invocation_and_counts_those_that_added_units(tmp_
     # A table made again from nothing: the earlier invocations no longer count.
     assert record_time(invocation("other.csv", UNITS, 3)) == pytest.approx(3, abs=0.5)
     assert len(pd.read_csv(tmp_path / "timings.csv")) == 1
+    # Results made before the log: their time is not known, and the summary says so.
+    (tmp_path / "timings.csv").unlink()
+    write_summary(invocation("other.csv", [], 5), "toy", "ours", "paper", {}, [])
+    assert "- wall time: not logged: the results were made before timings.csv" in (tmp_path / "summary.md").read_text()
