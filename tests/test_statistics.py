@@ -7,9 +7,24 @@ import math
 import pandas as pd
 import pytest
 
-from superscopes.metrics import (any_then_mean, bootstrap_ci, compare, compare_all, compare_conditions,
-                                 cross_fitted_best, cross_fitted_mean, describe, holm, holm_intervals, is_echo, majority_share,
-                                 paired_permutation_p, per_prompt, prompt_means, target_examples)  # fmt: skip
+from superscopes.metrics import (
+    any_then_mean,
+    bootstrap_ci,
+    compare,
+    compare_all,
+    compare_conditions,
+    cross_fitted_best,
+    cross_fitted_mean,
+    describe,
+    holm,
+    holm_intervals,
+    is_echo,
+    majority_share,
+    paired_permutation_p,
+    per_prompt,
+    prompt_means,
+    target_examples,
+)
 from superscopes.prompts import ENTITY_DESCRIPTION
 
 
