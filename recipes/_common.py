@@ -205,6 +205,7 @@ def record_time(run: Run) -> float | None:
     log = pd.DataFrame([{**row, "model": " + ".join(models), "threads": run.args.threads, "cpus": os.cpu_count()}])
     if found and path.exists():  # an older log may name its count cells_added
         log = pd.concat([pd.read_csv(path).rename(columns={"cells_added": "added"}), log], ignore_index=True)
+        log = log.astype({"threads": "Int64", "cpus": "Int64"})  # counts, blank where an older log has none
     log.to_csv(path, index=False)
     made = log.loc[log["added"] > 0, "seconds"]
     run.seconds, run.timed = (float(made.sum()) if len(made) else None), True
