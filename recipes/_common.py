@@ -12,7 +12,8 @@ A recipe module defines ``NAME``, ``DESCRIPTION``, ``build_parser()`` (starting 
   settings skips finished units (``Run.pending``), one with other settings is refused (or
   writes a new file with ``--new-file``);
 - the check that the finished table holds exactly the grid's rows (``Run.cells``), and the
-  summary (``write_summary``).
+  summary (``write_summary``), which states the run's wall time as logged in ``timings.csv``
+  (``record_time``: one row per invocation, with its model and threads).
 Column types (booleans, token-id lists) come back from the stores as written.
 """
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import os
 import shlex
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -80,6 +82,11 @@ class Run:
     args: argparse.Namespace
     out: Path
     command: str
+    started: float = field(default_factory=time.time)
+    # Each store this invocation opened, with its finished units when opened: what the invocation added.
+    opened: dict[Path, tuple[ResultStore, int]] = field(default_factory=dict)
+    seconds: float | None = None  # set by record_time (None: no logged invocation added results)
+    timed: bool = False
 
     @property
     def remote(self) -> bool:
@@ -103,7 +110,9 @@ class Run:
     def store(self, filename: str, unit_columns: list[str], **settings: object) -> ResultStore:
         """A resumable table of this run; ``settings``: what else decides its rows (resolved layers...)."""
         on_mismatch = "new" if self.args.new_file else "refuse"
-        return ResultStore(self.out / filename, unit_columns, {**self.settings, **settings}, on_mismatch)
+        store = ResultStore(self.out / filename, unit_columns, {**self.settings, **settings}, on_mismatch)
+        self.opened.setdefault(store.path, (store, len(store.done())))
+        return store
 
     @staticmethod
     def pending(store: ResultStore, items: Iterable[T], key: Callable[[T], Sequence[Hashable]]) -> Iterator[T]:
@@ -187,6 +196,28 @@ def depth_layers(fractions: Iterable[float], n_layers: int) -> list[int]:
     return sorted({min(n_layers - 1, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
+def record_time(run: Run) -> float | None:
+    """Log this invocation in ``timings.csv`` (when it finished, its seconds, the finished units it
+    added to the run's stores, the model(s), threads and CPUs); returns the seconds spent by the
+    invocations that added units (the cost of the results, whatever the number of resumes), None
+    when none is logged (results made before the log). An invocation that found no finished unit
+    starts the log anew: the rows of earlier ones were deleted or never made."""
+    path = run.out / "timings.csv"
+    found = sum(before for _, before in run.opened.values())
+    added = sum(len(store.done()) - before for store, before in run.opened.values())
+    models = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m]
+    seconds = round(time.time() - run.started, 1)
+    row = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "added": added}
+    log = pd.DataFrame([{**row, "model": " + ".join(models), "threads": run.args.threads, "cpus": os.cpu_count()}])
+    if found and path.exists():  # an older log may name its count cells_added
+        log = pd.concat([pd.read_csv(path).rename(columns={"cells_added": "added"}), log], ignore_index=True)
+        log = log.astype({"threads": "Int64", "cpus": "Int64"})  # counts, blank where an older log has none
+    log.to_csv(path, index=False)
+    made = log.loc[log["added"] > 0, "seconds"]
+    run.seconds, run.timed = (float(made.sum()) if len(made) else None), True
+    return run.seconds
+
+
 def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
     if table.empty:
         return "(empty)"
@@ -203,7 +234,14 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
 def write_summary(run: Run, title: str, ours: str, paper: str, settings: dict[str, object],
                   findings: list[str], tables: dict[str, pd.DataFrame] | None = None,
                   figures: list[str] | None = None) -> Path:  # fmt: skip
-    """summary.md: our number next to the paper's, the settings, the command that made it."""
+    """summary.md: our number next to the paper's, the settings, the command that made it, its wall time."""
+    seconds = run.seconds if run.timed else record_time(run)
+    if seconds is None:
+        wall = "not logged: the results were made before timings.csv, which logs every invocation since"
+    else:
+        wall = f"{seconds:.0f} s over the invocations that added results (timings.csv: each, its model and threads)"
+    here = f"this invocation: {run.args.threads} thread(s), {os.cpu_count()} CPUs"
+    settings = {**settings, "wall time": f"{wall}; {here}"}
     lines = [f"# {title}", "", f"- **Ours:** {ours}", f"- **Paper:** {paper}", "", "## Settings", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
     embedded = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m in EMBEDDED]

@@ -66,14 +66,17 @@ def judged(frame: pd.DataFrame, obj: str = "object", token: str = "subject") -> 
     return frame.assign(echo=echo, success=[h and not e for h, e in zip(hit, echo)])
 
 
-def li_rows(task: str, limit_subjects: int | None = None) -> pd.DataFrame:
+def li_rows(task: str, limit_subjects: int | None = None, n_samples: int | None = None) -> pd.DataFrame:
     """Li et al.'s rows of one task: ``task, subject, object, template, snippet`` (unfiltered;
-    ``limit_subjects``: only the first N subjects, file order, for a quick run)."""
+    ``limit_subjects``: only the first N subjects, file order, for a quick run; ``n_samples``: N
+    rows drawn as Li's ``--n_samples`` draws them, ``sample(n, random_state=42)`` after the filters)."""
     frame = pd.read_csv(FACTUAL / f"{task}.tsv", sep="\t", index_col=0)
     frame = frame[frame["prompt_source"].notna()]
     frame = frame[~frame["prompt_source"].str.contains("\n")]
     if task == "star_constellation":
         frame = frame[~frame["prompt_source"].str.contains("service")]
+    if n_samples is not None and 0 < n_samples < len(frame):
+        frame = frame.sample(n=n_samples, replace=False, random_state=42)
     frame = frame[["subject", "object", "prompt_target", "prompt_source"]].astype(str).map(unescape)
     frame.columns = ["subject", "object", "template", "snippet"]
     if limit_subjects is not None:

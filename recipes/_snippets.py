@@ -1,7 +1,7 @@
 """Real text for the lens recipes (token_identity, cross_model, inverse_scope): random token
 positions in the Patchscopes snippets (``superscopes.corpus.patchscopes_snippets``, imported
-here as ``load_snippets``) drawn as the Patchscopes code draws them, and the run log those
-recipes keep.
+here as ``load_snippets``) drawn as the Patchscopes code draws them, and the log lines those
+recipes print.
 
 The paper samples positions of Pile texts (PAIR-code/interpretability,
 patchscopes/code/next_token_prediction.ipynb and patch_cross_model.ipynb: one
@@ -14,10 +14,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from superscopes.corpus import patchscopes_snippets as load_snippets  # noqa: F401  (the recipes' name)
 
@@ -72,15 +70,3 @@ def evaluated_and_fit(tokenizers: Sequence, texts: Sequence[str], seed: int, n: 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-
-def record_time(out: Path, started: float, cells_before: int, cells_after: int) -> float:
-    """Log this invocation in ``timings.csv``; returns the seconds spent by invocations that
-    added cells (the cost of the results, whatever the number of resumes). An invocation that
-    found no cells starts the log anew: the rows of earlier ones were deleted or never made."""
-    path = out / "timings.csv"
-    row = pd.DataFrame([{"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 1),
-                         "cells_added": cells_after - cells_before}])  # fmt: skip
-    fresh = cells_before == 0 or not path.exists()
-    row.to_csv(path, mode="w" if fresh else "a", header=fresh, index=False)
-    log_ = pd.read_csv(path)
-    return float(log_.loc[log_["cells_added"] > 0, "seconds"].sum())

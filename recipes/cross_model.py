@@ -25,7 +25,6 @@ factual snippets instead of the Pile; 200 evaluated texts (paper 2000), maps fit
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +33,7 @@ from superscopes.metrics import compare_conditions, prompt_means
 from superscopes.parsing import parse_layers
 
 from ._common import Run, parser, recipe_main, resolve_layers, write_summary
-from ._snippets import evaluated_and_fit, load_snippets, log, record_time
+from ._snippets import evaluated_and_fit, load_snippets, log
 
 NAME = "cross_model"
 DESCRIPTION = "Cross-model Patchscopes: affine maps between SmolLM2 and Gemma-3 per layer pair, precision@1"
@@ -141,7 +140,8 @@ def findings(comparisons: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
     """Per grid: its best pair (chosen on these texts) and how many pairs beat the control."""
     out = []
     for (direction, condition), part in comparisons.groupby(["direction", "condition"], sort=False):
-        best = part.loc[part["mean_a"].idxmax()]
+        # The best pair; a tie goes to the lowest (l, l*), whatever the table's order.
+        best = part.sort_values(["mean_a", "layer", "target_layer"], ascending=[False, True, True]).iloc[0]
         above = part[(part["ci_low"] > 0) & (part["p_holm"] < 0.05)]
         below = part[(part["ci_high"] < 0) & (part["p_holm"] < 0.05)]
         out.append(f"{direction}, {condition}: best pair (l={best['layer']}, l*={best['target_layer']}; chosen on "
@@ -186,7 +186,6 @@ def experiment(run: Run) -> None:
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
-    t0 = time.time()
     a, b = run.load_model(), run.load_model(args.other)
     layers = {}
     for m, given in ((a, args.layers), (b, args.other_layers)):
@@ -198,19 +197,16 @@ def experiment(run: Run) -> None:
     directions = [(a, b)] if quick else [(a, b), (b, a)]
     store = run.store("cells.csv", ["direction", "condition"], layers=list(layers.values()), fit_texts=len(fit),
                       ridge=ridge)  # fmt: skip
-    rows_before = len(store.load())
     compute(run, store, directions, layers, prompts, fit, ridge)
     per_grid = sum(len(layers[id(s)]) * len(layers[id(t)]) + 1 for s, t in directions)  # + the control
     cells = run.cells(store, len(prompts) * len(CONDITIONS) * per_grid,
                       unique=["direction", "condition", "source", "layer", "target_layer", "transform"])  # fmt: skip
-    seconds = record_time(run.out, t0, rows_before, len(cells))
     agree = cells.drop_duplicates("source")
     agree = float(sum(map(same_text, agree["source_top1"], agree["target_top1"])) / len(agree))
-    report(run, [model_name(m) for m in (a, b)], layers.values(), cells, len(fit), ridge, agree, seconds)
+    report(run, [model_name(m) for m in (a, b)], layers.values(), cells, len(fit), ridge, agree)
 
 
-def report(run: Run, names: list[str], layers, cells: pd.DataFrame, n_fit: int, ridge: float, agree: float,
-           seconds: float) -> None:  # fmt: skip
+def report(run: Run, names: list[str], layers, cells: pd.DataFrame, n_fit: int, ridge: float, agree: float) -> None:
     """summary.csv, comparisons.csv, the heatmaps and summary.md."""
     args, n = run.args, cells["source"].nunique()
     summary, comparisons = statistics(cells, args.seed)
@@ -237,8 +233,7 @@ def report(run: Run, names: list[str], layers, cells: pd.DataFrame, n_fit: int, 
          f"last token of {n_fit} held-out prefixes drawn the same way",
          "conditions": "same_text (the paper's: the same text in the target model, last token, layer l*); "
          "identity_prompt (variant: over '?' of the identity prompt); control: nothing written",
-         "precision@1": "stripped text of the patched target's top token == the source model's own next token",
-         "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
+         "precision@1": "stripped text of the patched target's top token == the source model's own next token"},
         findings(comparisons, quality),
         {**tables, "each pair minus the no-write control, paired over texts": comparisons}, [figure.name],
     )  # fmt: skip

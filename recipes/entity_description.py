@@ -107,7 +107,8 @@ def picks(cells: pd.DataFrame, alphas: list[float], seed: int) -> pd.DataFrame:
     from superscopes.metrics import cross_fitted_mean
 
     columns = [*KEY, "alpha", "similarity", "rougeL", "rougeL_raw", "echo", "description", "reference"]
-    amplified = cells[cells["alpha"] != 1]
+    # Sorted so that a tie goes to the lowest alpha, whatever the store's order.
+    amplified = cells[cells["alpha"] != 1].sort_values([*KEY, "alpha"])
     chosen = [cells[cells["alpha"] == 1][columns].assign(method=PATCHSCOPES)]
     chosen += [cells[cells["alpha"] == a][columns].assign(method=f"α={a:g}") for a in alphas if a != 1]
     if not amplified.empty:

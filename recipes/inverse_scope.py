@@ -20,7 +20,6 @@ significant, or layer 0 already has 90% of its best layer's lift over random
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from superscopes.parsing import parse_layers
 
 from ._common import Run, parser, recipe_main, resolve_layers, write_summary
 from ._hypotheses import GENERATOR_HYPOTHESES, HYPOTHESES, Inputs, countries, generated_features, subject_queries
-from ._snippets import load_snippets, log, record_time
+from ._snippets import load_snippets, log
 
 NAME = "inverse_scope"
 DESCRIPTION = "InverseScope: feature consistency of generated, nearest-activation and random inputs per layer"
@@ -197,7 +196,7 @@ def generator_training(out: Path, layers: list[int], n_texts: int) -> str:
 
 
 def report(run: Run, name: str, cells: pd.DataFrame, distances: pd.DataFrame, n_corpus: int, queries: int,
-           layers: list[int], generator_layers: list[int], n_generator_texts: int, seconds: float) -> None:  # fmt: skip
+           layers: list[int], generator_layers: list[int], n_generator_texts: int) -> None:  # fmt: skip
     """summary.csv, comparisons.csv, lexical.csv, the figure and summary.md."""
     args = run.args
     summary = prompt_means(cells, "consistency", "query", ("hypothesis", "layer", "sampler"), args.seed)
@@ -244,8 +243,7 @@ def report(run: Run, name: str, cells: pd.DataFrame, distances: pd.DataFrame, n_
          "queries": f"{queries} held-out snippets, last token of the first whole-word subject mention (seed {args.seed})",
          "generator training": generator_training(run.out, generator_layers, n_generator_texts),
          "sampling": f"k={args.k}: generator samples; nearest by cosine at the same layer and site; random uniform",
-         "consistency": "FCR = mean over inputs of 1{f(x) = f(x_original)}, over the queries with f(x_original) = 1",
-         "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
+         "consistency": "FCR = mean over inputs of 1{f(x) = f(x_original)}, over the queries with f(x_original) = 1"},
         findings, {"consistency per layer": wide, "lexical check (nearest inputs, best layer vs layer 0)": lex,
                    "paired comparisons over queries (difference, 95% interval, Holm p)": comparisons,
                    "distance of each sampler's inputs to z (standardised RMS, 95% interval)": distance_summary},
@@ -258,7 +256,6 @@ def experiment(run: Run) -> None:
     from superscopes.models import model_name
     from superscopes.sites import num_layers
 
-    t0 = time.time()
     model = run.load_model()
     name, n_layers, tokenizer = model_name(model), num_layers(model), model.tokenizer
     default = sorted({0, n_layers // 2, n_layers - 1}) if quick else sorted(set(range(0, n_layers, 3)) | {n_layers - 1})
@@ -278,17 +275,15 @@ def experiment(run: Run) -> None:
     stores = (run.store("cells.csv", ["layer"], layers=layers),
               run.store("generator.csv", ["layer"], layers=layers, generator_layers=generator_layers),
               run.store("distances.csv", ["layer"], layers=layers, generator_layers=generator_layers))  # fmt: skip
-    rows_before = len(stores[0].load())
     pending = list(run.pending(stores[0], layers, key=lambda layer: [layer]))
     generator_pending = list(run.pending(stores[1], generator_layers, key=lambda layer: [layer]))
     log(f"{name}: layers {layers} ({len(pending)} to run); generator at {generator_layers}; {len(queries)} queries")
     if pending or generator_pending:
         consistency_rows(run, model, corpus, queries, pending, generator_pending, generator_texts, stores)
     cells = stores[0].load()  # rows per layer depend on the data; the store keeps only layers whose rows are all there
-    seconds = record_time(run.out, t0, rows_before, len(cells))
     cells = pd.concat([cells, stores[1].load()], ignore_index=True)
     report(run, name, cells[cells["layer"].isin(layers)], stores[2].load(), len(corpus), len(queries), layers,
-           generator_layers, len(generator_texts), seconds)  # fmt: skip
+           generator_layers, len(generator_texts))  # fmt: skip
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -34,8 +34,11 @@ selectors are compared with the shuffled control, Holm-corrected as a family.
 Agreement: the MiniLM judge's similarity between an explanation and the latent's
 top-activating contexts (windows of held-out corpus text ending at the token where the
 latent is most active), against a shuffled-latent control (the same explanation against
-another latent's contexts). Latents are the prompts of the statistics: a paired bootstrap
-interval and sign-flip p over latents (``superscopes.metrics.compare``).
+another latent's contexts: each latent's contexts go to the next latent of a seeded cycle),
+drawn 3 times (the cycle drawn after the latents, stored with the cells, and cycles drawn with
+seeds seed + 1 and seed + 2): a latent's control is its mean over the draws, and each draw's
+mean with their spread is reported (``control_draws.csv``). Latents are the prompts of the
+statistics: a paired bootstrap interval and sign-flip p over latents (``superscopes.metrics.compare``).
 
 ``cells.csv`` is saved after every graph pass (``--batch-size`` rows): a killed run resumes at
 the first latent it had not finished, with the same settings.
@@ -251,6 +254,27 @@ def explain(run: Run, model, sae: S.SAE, latents: list[int], alphas: list[float]
     return cells[COLUMNS]
 
 
+def cycle(chosen: list[int], rng: np.random.Generator) -> dict[int, int]:
+    """Each latent mapped to the next one of a random cycle through ``chosen`` (never itself when two or more)."""
+    order = rng.permutation(len(chosen))
+    return {chosen[order[i]]: chosen[order[(i + 1) % len(chosen)]] for i in range(len(chosen))}
+
+
+def control_draws(
+    frame: pd.DataFrame, cycles: list[dict[int, int]], contexts: dict[int, list[str]], judge: Judge
+) -> pd.DataFrame:
+    """``frame`` with a ``control, draw k`` column per cycle (draw 0: the stored ``control``) and
+    ``control`` their mean: the shuffled-latent control drawn ``len(cycles)`` times."""
+    frame = frame.assign(**{"control, draw 0": frame["control"]})
+    for k, other in enumerate(cycles[1:], start=1):
+        frame[f"control, draw {k}"] = [
+            float(np.mean(judge.similarity(contexts[other[latent]], [text] * len(contexts[other[latent]]))))
+            for text, latent in zip(frame["output"], frame["latent"])
+        ]
+    frame["control"] = frame[[f"control, draw {k}" for k in range(len(cycles))]].mean(axis=1)
+    return frame
+
+
 def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--sae", help="SAE folder (default: the model's embedded SAE)")
@@ -282,9 +306,10 @@ def experiment(run: Run) -> None:
     if len(chosen) < 2:
         raise SystemExit(f"only {len(chosen)} latent(s) have {args.contexts} contexts in {len(texts)} passages: scan more --texts")
     alphas = [float(a) for a in args.alphas.split(",")]
-    # Shuffled-latent control: each latent's contexts go to the next latent in a seeded cycle.
-    order = rng.permutation(len(chosen))
-    other = {chosen[order[i]]: chosen[order[(i + 1) % len(chosen)]] for i in range(len(chosen))}
+    # Shuffled-latent control: each latent's contexts go to the next latent in a seeded cycle; drawn
+    # 3 times, the first stored with the cells.
+    other = cycle(chosen, rng)
+    cycles = [other] + [cycle(chosen, np.random.default_rng(args.seed + k)) for k in (1, 2)]
     # The passages decide the rows, not the folder they were read from: a corpus moved elsewhere
     # resumes, one rebuilt with other passages is refused.
     store = run.store("cells.csv", ["latent"], latents_chosen=chosen, corpus=fingerprint({"passages": texts}))
@@ -307,9 +332,13 @@ def experiment(run: Run) -> None:
         sweep.append(authors(model, sae, waiting[start : start + per_pass], scales, inject_norm, inject, probe,
                              args.max_new_tokens, contexts, other, judge))  # fmt: skip
         log(f"authors' sweep: {len(chosen) - len(waiting) + min(start + per_pass, len(waiting))}/{len(chosen)} latents done")
-    chosen_scales = run.cells(sweep, len(chosen), unique=["latent"])
+    chosen_scales = control_draws(run.cells(sweep, len(chosen), unique=["latent"]), cycles, contexts, judge)
+    cells = control_draws(cells, cycles, contexts, judge)
 
-    picks = {name: cells.loc[getattr(cells.groupby("latent")[column], how)()] for name, (column, how) in SELECTORS.items()}
+    ordered = cells.sort_values(["latent", "alpha"])  # a tie goes to the lowest alpha, whatever the store's order
+    picks = {
+        name: ordered.loc[getattr(ordered.groupby("latent")[col], how)()] for name, (col, how) in SELECTORS.items()
+    }
     selected = pd.DataFrame([{"selector": name, **metrics.compare(g["agreement"], g["control"], seed=args.seed),
                               "mean_alpha": g["alpha"].mean()} for name, g in picks.items()])  # fmt: skip
     selected = pd.concat([pd.DataFrame([{"selector": AUTHORS, **metrics.compare(chosen_scales["agreement"],
@@ -322,6 +351,11 @@ def experiment(run: Run) -> None:
                                "entropy": g["entropy"].mean(), "relevancy_mean": g["relevancy_mean"].mean()}
                               for alpha, g in cells.groupby("alpha")])  # fmt: skip
     per_alpha.to_csv(run.out / "per_alpha.csv", index=False)
+    draws = [f"control, draw {k}" for k in range(len(cycles))]
+    means = [{"selector": AUTHORS, **chosen_scales[draws].mean()}]
+    spread = pd.DataFrame(means + [{"selector": name, **g[draws].mean()} for name, g in picks.items()])
+    spread = spread.assign(min=spread[draws].min(axis=1), max=spread[draws].max(axis=1), sd=spread[draws].std(axis=1))
+    spread.to_csv(run.out / "control_draws.csv", index=False)
     plot = scale_figure(run.out / "scales.png", chosen_scales, ratios, cells, site_norm, picks)
     write_summary(run, "Self-explaining SAE latents", headline(selected, len(chosen)), PAPER,
                   {"model": args.model, "sae": repr(sae),
@@ -330,12 +364,18 @@ def experiment(run: Run) -> None:
                                          f"probe: the residual entering layer {probe}, last prompt position",
                    "variants' alphas": alphas, "passages scanned": len(texts),
                    "contexts per latent": args.contexts, "max_new_tokens": args.max_new_tokens,
-                   "median norm of the site's vectors": round(site_norm, 1)},
-                  findings(selected, per_alpha, site_norm),
+                   "median norm of the site's vectors": round(site_norm, 1),
+                   "shuffled-latent control": f"{len(cycles)} draws: the seeded cycle drawn after the latents, "
+                                              f"and cycles with seeds {args.seed + 1}, {args.seed + 2}"},
+                  findings(selected, per_alpha, site_norm) + [
+                      f"The shuffled-latent control, drawn {len(cycles)} times: its mean over latents ranges "
+                      + "; ".join(f"{r.selector} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples())
+                      + " over the draws."],
                   {"Agreement by scale selector (one alpha per latent)": selected.round(4),
+                   "Shuffled-latent control per draw (mean over latents)": spread.round(4),
                    "Agreement by alpha (all latents)": per_alpha.round(4),
-                   "Examples (authors' condition)": chosen_scales[["latent", "scale_ratio", "output", "agreement",
-                                                                   "control"]].head(10),
+                   "Examples (authors' condition)": chosen_scales.sort_values("latent")[
+                       ["latent", "scale_ratio", "output", "agreement", "control"]].head(10),
                    "Examples (variants: alpha by self-similarity)": picks["self-similarity"][
                        ["latent", "alpha", "output", "agreement", "control"]].head(10)},
                   figures=[plot])  # fmt: skip

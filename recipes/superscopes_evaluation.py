@@ -24,7 +24,9 @@ written to ``judge_discrimination.csv``; the headline compares at equal tries. R
 prompt's success rate over its layers), with a 95% bootstrap interval over prompts and a paired
 sign-flip test. Controls, Holm-corrected as one family: a norm-matched patch (v rescaled to the norm of
 the vector it replaces, one try), a random direction with v's norm at the same alphas (3 seeds), and
-chance (the same readouts judged against a mismatched prompt, half the list away). Each is compared
+chance (the same readouts judged against a mismatched prompt: another prompt drawn for each prompt,
+3 draws with seeds seed, seed + 1, seed + 2; a (prompt, layer)'s chance is its mean over the draws, and
+each draw's successes are reported with their spread). Each is compared
 under the paper's best-of-5 selection and under a cross-fitted one (alpha chosen per layer on one half
 of the prompts by the mean judge similarity, scored on the other half, swapped; averaged over 3 splits),
 which has no best-of-K inflation.
@@ -38,6 +40,7 @@ import pandas as pd
 from superscopes.parsing import parse_floats, parse_layers
 
 from ._common import DATA, Run, parser, recipe_main, write_summary
+from ._facts import other_sources
 
 NAME = "superscopes_evaluation"
 DESCRIPTION = __doc__.splitlines()[0]
@@ -61,6 +64,7 @@ PAPER_SINGLE_ALPHA = {3: 111, 6: 121, 9: 114, 12: 107, 15: 87}
 PATCH, BEST, XFIT = "Patchscopes (α=1)", "Superscopes best-of-K α", "Superscopes cross-fitted α"
 NORM, RANDOM_BEST, RANDOM_XFIT = "norm-matched", "random direction best-of-K α", "random direction cross-fitted α"
 CHANCE_ONE, CHANCE_BEST, CHANCE_XFIT = "chance α=1", "chance best-of-K α", "chance cross-fitted α"
+MISMATCH_DRAWS = 3  # mismatched-prompt draws of the chance control
 PAIRS = {
     "Superscopes (best-of-K) vs Patchscopes": (BEST, PATCH),
     "Superscopes (cross-fitted) vs Patchscopes": (XFIT, PATCH),
@@ -106,7 +110,6 @@ def experiment(run: Run) -> None:
     prompts = NOTEBOOK_PROMPTS if args.prompts == "notebook" else \
         pd.read_csv(DATA / "superscopes_entities.csv", keep_default_na=False)["prompt"].tolist()  # fmt: skip
     prompts = prompts[: args.limit or (3 if args.quick else None)]
-    partner = {p: prompts[(i + len(prompts) // 2) % len(prompts)] for i, p in enumerate(prompts)}
     alphas = args.alphas or ([3, 9] if args.quick else ALPHAS)
     model = run.load_model()
     layers = args.layers or ([1, 4] if args.quick else LAYERS)
@@ -120,11 +123,12 @@ def experiment(run: Run) -> None:
             scope = superscopes.Scope(prompt, sites=["mlp_out"], layers=layers, target="entity", target_layers=["same"],
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **seeded)  # fmt: skip
             frame = judge.score(run.scope(model, scope), judge=scorer).drop(columns=["output_ids"])
-            mismatch = scorer.similarity([partner[prompt]] * len(frame), frame["output"].fillna("").tolist())
-            store.append(frame.assign(condition=condition, mismatch_similarity=mismatch))
+            store.append(frame.assign(condition=condition))
     expected = len(prompts) * len(layers) * sum(len(s["alphas"]) for s in grid.values())
-    cells = successes(run.cells(store, expected, unique=["source", "condition", "layer", "alpha"]))
-    table = method_cells(cells, args.random_seeds, splits=[args.seed + s for s in range(3)])
+    cells = run.cells(store, expected, unique=["source", "condition", "layer", "alpha"])
+    draws = [args.seed + k for k in range(MISMATCH_DRAWS)]
+    cells = successes(mismatched(cells, prompts, draws, scorer), draws)
+    table = method_cells(cells, args.random_seeds, splits=[args.seed + s for s in range(3)], draws=draws)
     per_prompt = table.groupby(level="source").mean()
     tests = compare_all(per_prompt, PAIRS, family=CONTROLS, seed=args.seed)
     per_prompt.to_csv(run.out / "per_prompt.csv")
@@ -135,22 +139,36 @@ def experiment(run: Run) -> None:
     discrimination = judge.discrimination(greedy, judge=scorer, seed=args.seed)
     pd.DataFrame([discrimination]).to_csv(run.out / "judge_discrimination.csv", index=False)
     report(run, cells, table, per_layer, tests, layers, alphas, plot(run, per_layer, tests, len(prompts)),
-           discrimination)
+           discrimination, draws)  # fmt: skip
 
 
-def successes(cells: pd.DataFrame) -> pd.DataFrame:
-    """Echo flags, then success (judge > 0.3), chance (> 0.3 against the mismatched prompt), strict (> 0.5): never an echo."""
+def mismatched(cells: pd.DataFrame, prompts: list[str], draws: list[int], scorer) -> pd.DataFrame:
+    """Per draw (its seed), the greedy readouts' judge similarity to a mismatched prompt: for each
+    prompt, another one drawn with that seed (``_facts.other_sources``: never its own)."""
+    greedy = cells["condition"] == "greedy"
+    outputs, sources = cells.loc[greedy, "output"].fillna("").tolist(), cells.loc[greedy, "source"]
+    for seed in draws:
+        partner = {p: prompts[j] for p, j in zip(prompts, other_sources(prompts, seed))}
+        cells.loc[greedy, f"mismatch_similarity (seed {seed})"] = scorer.similarity(list(sources.map(partner)), outputs)
+    return cells
+
+
+def successes(cells: pd.DataFrame, draws: list[int]) -> pd.DataFrame:
+    """Echo flags, then success (judge > 0.3), chance per draw (> 0.3 against that draw's mismatched
+    prompt), strict (> 0.5): never an echo."""
     from superscopes import judge
 
     cells = judge.flag_echoes(cells)
-    for column, similarity, threshold in (("success", "similarity", THRESHOLD), ("chance", "mismatch_similarity",
-                                          THRESHOLD), ("strict", "similarity", STRICT)):  # fmt: skip
+    scored = [("success", "similarity", THRESHOLD), ("strict", "similarity", STRICT)]
+    scored += [(f"chance (seed {s})", f"mismatch_similarity (seed {s})", THRESHOLD) for s in draws]
+    for column, similarity, threshold in scored:
         cells[column] = (cells[similarity] > threshold) & ~cells["echo"].astype(bool)
     return cells
 
 
-def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int]) -> pd.DataFrame:
-    """Success of every method per (prompt, layer): best of its alphas, or cross-fitted (averaged over splits)."""
+def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int], draws: list[int]) -> pd.DataFrame:
+    """Success of every method per (prompt, layer): best of its alphas, or cross-fitted (averaged over
+    splits); the random direction per seed and chance per mismatched-prompt draw, then their means."""
     from superscopes.metrics import cross_fitted_mean
 
     def best(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -163,8 +181,12 @@ def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int]) -> pd.DataF
     one, amplified = greedy[greedy["alpha"] == 1], greedy[greedy["alpha"] != 1]
     columns = {PATCH: best(one, "success"), BEST: best(amplified, "success"), XFIT: xfit(amplified, "success"),
                f"{PATCH} @{STRICT}": best(one, "strict"), f"{BEST} @{STRICT}": best(amplified, "strict"),
-               NORM: best(cells[cells["condition"] == "norm"], "success"), CHANCE_ONE: best(one, "chance"),
-               CHANCE_BEST: best(amplified, "chance"), CHANCE_XFIT: xfit(amplified, "chance", "mismatch_similarity")}  # fmt: skip
+               NORM: best(cells[cells["condition"] == "norm"], "success")}  # fmt: skip
+    for s in draws:
+        chance, similarity = f"chance (seed {s})", f"mismatch_similarity (seed {s})"
+        columns[f"{CHANCE_ONE} (seed {s})"] = best(one, chance)
+        columns[f"{CHANCE_BEST} (seed {s})"] = best(amplified, chance)
+        columns[f"{CHANCE_XFIT} (seed {s})"] = xfit(amplified, chance, similarity)
     for s in range(seeds):
         drawn = cells[cells["condition"] == f"random{s}"]
         columns[f"{RANDOM_BEST} (seed {s})"], columns[f"{RANDOM_XFIT} (seed {s})"] = best(drawn, "success"), xfit(
@@ -172,6 +194,8 @@ def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int]) -> pd.DataF
     table = pd.DataFrame(columns)
     for name in (RANDOM_BEST, RANDOM_XFIT):
         table[name] = table[[f"{name} (seed {s})" for s in range(seeds)]].mean(axis=1)
+    for name in (CHANCE_ONE, CHANCE_BEST, CHANCE_XFIT):
+        table[name] = table[[f"{name} (seed {s})" for s in draws]].mean(axis=1)
     return table.rename_axis(["source", "layer"])
 
 
@@ -201,7 +225,8 @@ def plot(run: Run, per_layer: pd.DataFrame, tests: pd.DataFrame, n: int) -> str:
 
 
 def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.DataFrame, tests: pd.DataFrame,
-           layers: list[int], alphas: list[float], figure: str, discrimination: dict) -> None:  # fmt: skip
+           layers: list[int], alphas: list[float], figure: str, discrimination: dict,
+           draws: list[int]) -> None:  # fmt: skip
     """summary.md: the headline at equal tries (cross-fitted α against Patchscopes and against chance under
     the same selection), the judge's discrimination, every test in words, per-layer counts, echoes, each
     alpha alone. Best-of-K is reported, never first: it has K tries to Patchscopes' one."""
@@ -216,6 +241,7 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
     echo_passes = int(((greedy["similarity"] > THRESHOLD) & greedy["echo"].astype(bool)).sum())
     spread = {name: [table[f"{name} (seed {s})"].sum() for s in range(args.random_seeds)]
               for name in (RANDOM_BEST, RANDOM_XFIT)}  # fmt: skip
+    chance = {k: [table[f"{k} (seed {s})"].sum() for s in draws] for k in (CHANCE_ONE, CHANCE_BEST, CHANCE_XFIT)}
     singles = greedy.groupby("alpha")["success"].sum().astype(int).rename("successes").reset_index()
     singles["paper (48 prompts, layers 1-7)"] = singles["alpha"].map({1: 29, **PAPER_SINGLE_ALPHA}).fillna("")
     counts = {name: [int(v) for v in per_layer[name]] for name in (PATCH, BEST)}
@@ -227,6 +253,9 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
         "Random direction, per seed, (prompt, layer) successes: "
         + "; ".join(f"{k} {[round(float(x), 2) for x in v]} (mean {pd.Series(v).mean():.1f}, sd {pd.Series(v).std():.1f})"
                     for k, v in spread.items()),
+        f"Chance, per mismatched-prompt draw (seeds {draws}), (prompt, layer) successes: "
+        + "; ".join(f"{k} {[round(float(x), 2) for x in v]} (min {min(v):.1f}, max {max(v):.1f}, sd "
+                    f"{pd.Series(v).std():.1f})" for k, v in chance.items()),
         f"Echoes: {int(greedy['echo'].astype(bool).sum())} of {len(greedy)} greedy readouts copy the target's few-shot "
         f"examples or only repeat the source token; {echo_passes} of them pass the judge's {THRESHOLD} and are not "
         "counted as successes.",
@@ -248,7 +277,8 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
               "layer), no interval or test",
         settings={"model": model_label, "prompts": f"{args.prompts} ({n})", "source": "MLP output at the last token",
                   "layers (source = target)": layers, "alphas": f"1 (Patchscopes) vs {alphas} (Superscopes)",
-                  "random-direction seeds": args.random_seeds, "cross-fitting splits": 3,
+                  "random-direction seeds": args.random_seeds, "mismatched-prompt draws (chance)": draws,
+                  "cross-fitting splits": 3,
                   "generation": f"greedy, {args.max_new_tokens} new tokens",
                   "judge": f"all-MiniLM-L6-v2 cosine(source prompt, readout) > {THRESHOLD}, echoes excluded",
                   "statistics": "per-prompt success rate over layers; 95% bootstrap CI over prompts (10,000 "

@@ -25,7 +25,9 @@ a second gives the affine lens (``transforms=["affine"]``, ``layer_pairs`` (l, l
 ``affine_weight={(l, last): W_l}``, ``target="source"``; maps from ``lens.fit_affine_lens``).
 Statistics are per source position (one prompt each): per layer, each method's precision@1 with
 a 95% bootstrap interval, and the paired differences patchscope - logit lens and patchscope -
-affine lens (bootstrap interval, sign-flip p, Holm over the table).
+affine lens (bootstrap interval, sign-flip p, Holm over the table). A layer is claimed above or
+below a lens only where its Holm p < 0.05 and its interval at its Holm level (``metrics.holm_intervals``)
+does not reach 0.
 
 Deviations from the paper's code: the texts are the Patchscopes factual snippets
 (``prompt_source``, about 8 words) instead of the Pile (not available offline); 500 evaluated
@@ -36,15 +38,14 @@ mapped vector then passes the final norm a second time).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
 
-from superscopes.metrics import compare_conditions, prompt_means
+from superscopes.metrics import compare_conditions, holm_intervals, prompt_means
 
 from ._common import Run, parser, recipe_main, write_summary
-from ._snippets import evaluated_and_fit, load_snippets, log, record_time
+from ._snippets import evaluated_and_fit, load_snippets, log
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 per layer of a Patchscope, the logit lens and an affine lens"
@@ -132,7 +133,13 @@ def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFra
     summary = prompt_means(cells, "precision_at_1", "source", ("method", "layer"), seed)
     summary = summary.merge(cells.groupby(["method", "layer"])["surprisal"].mean().reset_index())
     pairs = [("patchscope", "logit_lens"), ("patchscope", "affine_lens")]
-    return summary, compare_conditions(cells, "method", pairs, ("layer",), "precision_at_1", "source", seed)
+    comparisons = compare_conditions(cells, "method", pairs, ("layer",), "precision_at_1", "source", seed)
+    wide = cells.pivot_table(index=["layer", "source"], columns="method", values="precision_at_1", aggfunc="mean")
+    differences = [(wide.loc[layer, a] - wide.loc[layer, b]).to_numpy()
+                   for layer, a, b in comparisons[["layer", "a", "b"]].itertuples(index=False)]  # fmt: skip
+    intervals = holm_intervals(differences, list(comparisons["p"]), seed=seed)
+    comparisons["holm_ci_low"], comparisons["holm_ci_high"] = zip(*intervals)
+    return summary, comparisons
 
 
 def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
@@ -151,9 +158,10 @@ def findings(summary: pd.DataFrame, comparisons: pd.DataFrame, last: int) -> lis
     out = []
     for lens_name in ("logit_lens", "affine_lens"):
         part = comparisons[(comparisons["b"] == lens_name) & (comparisons["layer"] < last)]
-        above = part[(part["ci_low"] > 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
-        below = part[(part["ci_high"] < 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
-        out.append(f"Patchscope vs {lens_name} (paired over positions, Holm p < 0.05, layers 0-{last - 1}): above at "
+        above = part[(part["holm_ci_low"] > 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
+        below = part[(part["holm_ci_high"] < 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
+        out.append(f"Patchscope vs {lens_name} (paired over positions, Holm p < 0.05 and the Holm-level interval "
+                   f"clear of 0, layers 0-{last - 1}): above at "
                    f"layers {above or 'none'}, below at layers {below or 'none'}, no detectable difference at the "
                    f"other {len(part) - len(above) - len(below)}.")  # fmt: skip
     at_last = summary[summary["layer"] == last].set_index("method")["precision_at_1"]
@@ -174,19 +182,16 @@ def experiment(run: Run) -> None:
     from superscopes.prompts import IDENTITY
     from superscopes.sites import num_layers
 
-    t0 = time.time()
     model = run.load_model()
     name, last = model_name(model), num_layers(model) - 1
     src, fit = sources(run, model.tokenizer, n, n_fit)
     store = run.store("cells.csv", ["method", "source"], fit_texts=len(fit), ridge=ridge)
-    rows_before = len(store.load())
     done = store.done()
     if any(store.key([m, s]) not in done for m in METHODS for s in src["source"]):
         log(f"{name}: {len(src)} positions x {last + 1} layers x {len(METHODS)} methods")
         cells = readouts(run, model, src, fit, ridge)
         store.append(cells[[store.key([m, s]) not in done for m, s in zip(cells["method"], cells["source"])]])
     cells = run.cells(store, len(src) * (last + 1) * len(METHODS), unique=["method", "source", "layer"])
-    seconds = record_time(run.out, t0, rows_before, len(cells))
     summary, comparisons = statistics(cells, args.seed)
     summary.insert(0, "model", name)
     summary.to_csv(run.out / "summary.csv", index=False)
@@ -201,7 +206,8 @@ def experiment(run: Run) -> None:
             + " / ".join(f"{at.loc[l, 'logit_lens']:.2f}" for l in (0, mid, last - 1)) + ", affine lens "
             + " / ".join(f"{at.loc[l, 'affine_lens']:.2f}" for l in (0, mid, last - 1))
             + f" ({name}, {len(src)} positions; intervals in the tables)")  # fmt: skip
-    shown = comparisons[["layer", "b", "difference", "ci_low", "ci_high", "p", "p_holm"]].rename(
+    columns = ["layer", "b", "difference", "ci_low", "ci_high", "holm_ci_low", "holm_ci_high", "p", "p_holm"]
+    shown = comparisons[columns].rename(
         columns={"b": "patchscope minus"})  # fmt: skip
     write_summary(
         run, f"Token identity: Patchscope vs logit lens vs affine lens ({name})", ours, PAPER,
@@ -211,8 +217,7 @@ def experiment(run: Run) -> None:
          "affine lens": f"least squares h_l -> h_{last} (resid_post) with bias, ridge {ridge}, one random position of "
          f"each of {len(fit)} held-out snippets; applied by the graph's affine transform at layer {last} of the source",
          "precision@1": "argmax patched == argmax of the source model's own next-token distribution at the position",
-         "surprisal": "-log p_source(argmax patched), nats",
-         "wall time": f"{seconds:.0f} s (invocations that computed cells; see timings.csv), 2-core CPU"},
+         "surprisal": "-log p_source(argmax patched), nats"},
         findings(summary, comparisons, last),
         {"precision@1 per layer": wide, "per method and layer (95% bootstrap over positions)":
          summary.drop(columns=["model"]), "Patchscope minus each lens, paired over positions": shown},

@@ -1,16 +1,33 @@
 """Verbalisation controls (Li et al., 2025): does a Patchscope readout reveal more than the input and the reader's own knowledge?
 
-On the Patchscopes factual tasks (subject snippet -> "The capital city of x"), two models
-(default SmolLM2-135M-Instruct and Gemma-3-270m) each verbalise, one graph run per condition:
+On Li et al.'s six Patchscopes factual tasks (``LI_TASKS``: country_currency, food_from_country,
+person_plays_position_in_sport, person_plays_pro_sport, product_by_company, star_constellation;
+millicentli/verb_faithfulness, ``notebooks/view_prompt_baseline.ipynb``), two models (default
+SmolLM2-135M-Instruct and Gemma-3-270m) each verbalise, one graph run per condition.
 
-- its own activations (the attribute-extraction Patchscope: h_l at the last subject token
-  written at layer l* over the placeholder);
+Li et al.'s comparison, on every unfiltered row of the tasks (``recipes._facts.li_rows``), scored
+by their ``check_correct`` (the object in the text, case-insensitive) and averaged as their
+notebook averages: per task, then the mean over the tasks:
+
 - nothing but the input: Li et al.'s input-only prompt (``recipes._facts``: their exact text,
-  20 tokens, their success test), on every unfiltered row of the tasks;
+  20 tokens);
+- the Patchscope as Li run it (``src/utils/patchscopes_utils.py``, ``patchscopes``): the whole
+  snippet's last token at source layer l written over the template's last token ("x") at
+  target layer l*, 20 new tokens; a row counts for l if some l* answers, averaged over l (the
+  notebook's Patchscopes cell).
+
+The controls, on up to ``--max-rows`` subjects per task picked round-robin over who knows the fact:
+
+- its own activations (the attribute-extraction Patchscope as the Patchscopes paper runs it:
+  h_l at the last subject token of the snippet cut after the subject, written at layer l* over
+  the placeholder); the Patchscopes paper's known-fact filter is its score on the rows whose fact
+  the verbaliser knows, reported beside Li's comparison;
 - the other model's activations through an affine map per (l, l*) fitted by ridge least
   squares on held-out text (``superscopes.lens``: aligned word ends), ``transforms=["affine"]``
   with ``target_model``; and the same with a shuffled source (the snippet of another subject of the
-  same task with another object), the chance level of a cross-model "hit";
+  same task with another object), the chance level of a cross-model "hit", drawn 3 times (seeds
+  seed, seed + 1, seed + 2): a row's control score is its mean over the draws, and each draw's
+  accuracy with their spread is reported;
 - its own knowledge: the plain question ("The capital city of France").
 
 A patch condition scores a row as Li et al. score Patchscopes: for each source layer, whether
@@ -20,8 +37,14 @@ on facts only the source model knows; success that tracks the verbaliser's own k
 means the readout passes on the subject and the verbaliser answers from what it knows. Every
 comparison is paired over rows (bootstrap interval, Holm over the family); the majority class
 (the most common object of the task's other subjects) stands beside every accuracy; echoes
-(the output only repeats the subject) never count. Deviations, named: 20 new tokens for every
-condition, two source and two target layers per model, at most ``--max-rows`` subjects per task.
+(the output only repeats the subject) never count there. Deviations, named: two source and two
+target layers per model (Li: every source layer into every target layer below 16 on
+Llama-3.1-8B-Instruct), 20 new tokens for the controls too; the Patchscope's text is the new
+tokens only (Li's decode also holds the target prompt, in which no task's object occurs); at most
+``--max-rows`` subjects per task for the controls; the tasks' other rows of the data
+(country_capital_city, country_largest_city) only as a named extension (``--tasks``), reported
+apart and never in the mean over Li's tasks; ``--li-samples`` draws rows per task as Li's
+``--n_samples`` does (default: every row, as their reported runs).
 """
 
 from __future__ import annotations
@@ -41,8 +64,19 @@ from ._common import Run, depth_layers, parser, recipe_main, write_summary
 NAME = "verbalization_controls"
 DESCRIPTION = __doc__.splitlines()[0]
 OTHER = "gemma3-270m"
-TASKS = ["country_capital_city", "country_currency", "country_largest_city", "food_from_country"]
+LI_TASKS = [
+    "country_currency",
+    "food_from_country",
+    "person_plays_position_in_sport",
+    "person_plays_pro_sport",
+    "product_by_company",
+    "star_constellation",
+]
+EXTENSION_TASKS = ["country_capital_city", "country_largest_city"]  # ours, never in the mean over Li's tasks
+TASKS = LI_TASKS
 QUICK_TASKS = ["country_currency"]
+DRAWS = 3  # shuffled-source draws per cross-model condition
+INPUT, LI_PATCH = "input only (Li)", "Patchscope (Li's rows)"
 FIT_TASKS = ["person_father", "person_mother"]  # snippets for the affine maps (never evaluated here)
 SOURCE_DEPTHS, TARGET_DEPTHS = (0.15, 0.3), (0.0, 0.15)  # l and l* as shares of each model's depth
 MAJORITY = "majority class"  # the most common object of the task's other subjects (unfiltered rows)
@@ -88,6 +122,7 @@ def build_parser():
     p.add_argument("--max-rows", type=int, help="subjects per task (default 12; quick 3)")
     p.add_argument("--limit-subjects", type=int, help="only the first N subjects per task, input-only rows too (quick 6)")
     p.add_argument("--fit-snippets", type=int, help="snippets for the affine maps (default 400; quick 24)")
+    p.add_argument("--li-samples", type=int, help="Li's rows per task, drawn as their --n_samples (default all)")
     return p
 
 
@@ -98,7 +133,7 @@ def evaluated_rows(run: Run, models: dict, tasks: list[str], limit: int | None) 
     rows = rows[[all(F.crop_is_exact(models[m].tokenizer, sn, su, so) for m in names)
                  for sn, su, so in zip(rows["snippet"], rows["subject"], rows["source"])]]  # fmt: skip
     specs = {m: functools.partial(F.knowledge, run, models[m], rows, F.LI_NEW_TOKENS) for m in names}
-    table = F.conditions(run, "knowledge.csv", specs)
+    table = F.conditions(run, "knowledge.csv", specs, tasks=tasks)
     known = {m: set(zip(*table.loc[(table["condition"] == m) & table["known"], ["task", "subject"]].T.values)) for m in names}
     rows = pick_rows(rows, known, names, run.args.max_rows or (3 if run.args.quick else 12), run.args.seed)
     for m in names:
@@ -131,8 +166,15 @@ def affine_maps(run: Run, models: dict, layers: dict, targets: dict) -> dict:
     return maps
 
 
-def run_conditions(run: Run, models: dict, rows: pd.DataFrame, tasks: list[str], limit: int | None) -> pd.DataFrame:
-    """Every condition's texts, one graph run each, judged (success, echo)."""
+def li_rows(run: Run, tasks: list[str], limit: int | None) -> pd.DataFrame:
+    """Li et al.'s unfiltered rows of every task, numbered (``li_row``)."""
+    li = pd.concat([F.li_rows(t, limit, run.args.li_samples) for t in tasks], ignore_index=True)
+    return li.assign(li_row=range(len(li)))
+
+
+def run_conditions(run: Run, models: dict, rows: pd.DataFrame, li: pd.DataFrame) -> pd.DataFrame:
+    """Every condition's texts, one graph run each, judged (success, echo); Li's conditions on
+    every row of ``li`` (``row`` -1), the others on the picked ``rows``."""
     import superscopes
     from superscopes.sites import num_layers
 
@@ -140,11 +182,14 @@ def run_conditions(run: Run, models: dict, rows: pd.DataFrame, tasks: list[str],
     layers = {m: depth_layers(SOURCE_DEPTHS[: 1 if run.args.quick else 2], num_layers(models[m])) for m in names}
     targets = {m: depth_layers(TARGET_DEPTHS[: 1 if run.args.quick else 2], num_layers(models[m])) for m in names}
     maps = functools.cache(lambda: affine_maps(run, models, layers, targets))
-    shuffled = rows["source"].copy()  # another subject of the same task, with another object
-    for _, part in rows.groupby("task"):
-        shuffled[part.index] = part["source"].values[F.other_sources(list(part["object"]), run.args.seed)]
-    li = pd.concat([F.li_rows(t, limit) for t in tasks], ignore_index=True)
     meta = rows[["row", "task", "subject", "object", "snippet"]]
+
+    def shuffled(seed: int) -> pd.Series:
+        """Each row's source replaced by that of another subject of the same task, with another object."""
+        sources = rows["source"].copy()
+        for _, part in rows.groupby("task"):
+            sources[part.index] = part["source"].values[F.other_sources(list(part["object"]), seed)]
+        return sources
 
     def patch(s: str, v: str, sources: pd.Series):
         def make() -> pd.DataFrame:
@@ -164,34 +209,104 @@ def run_conditions(run: Run, models: dict, rows: pd.DataFrame, tasks: list[str],
         prompts = [F.input_only_prompt(models[m].tokenizer, s, t) for s, t in zip(li["snippet"], li["template"])]
         return lambda: li.assign(row=-1, verbaliser=m, output=F.greedy(run, models[m], prompts, F.LI_NEW_TOKENS))
 
+    def li_patch(m: str):
+        """Li's Patchscope: the whole snippet's last token at l, over the template's "x" at l*."""
+
+        def make() -> pd.DataFrame:
+            grid = {"layers": layers[m], "target_layers": targets[m], "alphas": [1], "sites": ["resid_post"]}
+            texts = {"max_new_tokens": F.LI_NEW_TOKENS, "batch_size": run.args.batch_size}
+            scope = superscopes.Scope(list(li["snippet"]), target=list(li["template"]), **grid, **texts)
+            frame = run.scope(models[m], scope).drop(columns=["source", "token", "target"])
+            frame["li_row"] = np.repeat(li["li_row"].values, len(frame) // len(li))  # cells come in prompt order
+            return frame.merge(li, on="li_row").assign(row=-1, source_model=m, verbaliser=m)
+
+        return make
+
     specs = {}
     for v, s in [(names[0], names[0]), (names[1], names[1]), (names[0], names[1]), (names[1], names[0])]:
-        specs[f"{v}: input only (Li)"] = input_only(v)
+        if s == v:
+            specs[f"{v}: {INPUT}"], specs[f"{v}: {LI_PATCH}"] = input_only(v), li_patch(v)
         specs[f"{v}: {'own Patchscope' if s == v else f'reads {s}'}"] = patch(s, v, rows["source"])
         if s != v:
-            specs[f"{v}: reads {s}, shuffled source"] = patch(s, v, shuffled)
-    return F.conditions(run, "cells.csv", specs, F.judged, layers=layers, targets=targets)
+            for seed in draw_seeds(run.args.seed):
+                specs[shuffled_name(v, s, seed)] = patch(s, v, shuffled(seed))
+    tasks = list(dict.fromkeys(li["task"]))
+    settings = {"layers": layers, "targets": targets, "tasks": tasks, "draws": DRAWS, "li_rows": len(li)}
+    return F.conditions(run, "cells.csv", specs, F.judged, **settings)
 
 
-def row_scores(cells: pd.DataFrame, rows: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """One row per evaluated row; per condition its score (patches: any l*, mean over l), plus
-    the cross-model scores restricted to the facts only the source model knows."""
+def draw_seeds(seed: int) -> list[int]:
+    return [seed + k for k in range(DRAWS)]
+
+
+def shuffled_name(v: str, s: str, seed: int) -> str:
+    """The condition of verbaliser ``v`` reading ``s`` from a shuffled source drawn with ``seed``."""
+    return f"{v}: reads {s}, shuffled source (seed {seed})"
+
+
+def row_scores(cells: pd.DataFrame, rows: pd.DataFrame, names: list[str], seed0: int) -> pd.DataFrame:
+    """One row per evaluated row; per condition its score (patches: any l*, mean over l; each
+    shuffled control: the mean of its draws), plus the cross-model scores restricted to the facts
+    only the source model knows."""
     scores = rows.set_index("row")[["task", "subject", "object", "category", *[f"{m} knows" for m in names]]].copy()
     for name, part in cells.groupby("condition"):
-        if "input only" in name:
+        if name.endswith(INPUT):
             hit = part.drop_duplicates(["task", "subject", "snippet"]).set_index(["task", "subject", "snippet"])["success"]
             scores[name] = [hit.get(k, np.nan) for k in zip(rows["task"], rows["subject"], rows["snippet"])]
-        else:
+        elif not name.endswith(LI_PATCH):  # Li's Patchscope is scored on Li's rows (li_accuracy)
             scores[name] = metrics.any_then_mean(part, "success", "row", any_over="target_layer", mean_over="layer")
     for s, v in [(names[0], names[1]), (names[1], names[0])]:
-        for name in (f"{v}: reads {s}", f"{v}: reads {s}, shuffled source"):
+        draws = [shuffled_name(v, s, seed) for seed in draw_seeds(seed0)]
+        scores[f"{v}: reads {s}, shuffled source"] = scores[draws].mean(axis=1)  # the control: mean of the draws
+        for name in (f"{v}: reads {s}", f"{v}: reads {s}, shuffled source", *draws):
             scores[f"{name} [only {s} knows]"] = scores[name].where(scores["category"] == f"only {s}")
     for m in names:
         scores[f"{m}: plain question"] = scores[f"{m} knows"]
-    li = cells[cells["row"] < 0].drop_duplicates(["task", "subject", "snippet"])  # the task's other subjects' objects
+    li = cells[cells["row"] < 0].drop_duplicates(["task", "subject", "snippet"])  # the tasks' other subjects' objects
     scores[MAJORITY] = [metrics.majority_share([o], li.loc[(li["task"] == t) & (li["subject"] != s), "object"])
                         for t, s, o in zip(scores["task"], scores["subject"], scores["object"])]  # fmt: skip
     return scores.astype({c: float for c in scores.columns if ":" in c or c == MAJORITY})
+
+
+def li_accuracy(cells: pd.DataFrame, scores: pd.DataFrame, names: list[str], tasks: list[str]) -> pd.DataFrame:
+    """Li et al.'s table: per method, its accuracy per task and the mean over the tasks, as their
+    notebook computes it (Li's rows: ``check_correct``; the Patchscope: any l* per l, then the mean
+    over l). Beside them, the Patchscopes paper's variant: the own Patchscope (subject-cropped
+    source, judged with echoes excluded) on the picked rows whose fact the verbaliser knows.
+    Extension tasks get their columns but never enter the mean over Li's tasks."""
+    li = cells[cells["row"] < 0]
+    li = li.assign(hit=[F.mentions(o, b) for o, b in zip(li["output"], li["object"])])
+    records = []
+    for m in names:
+        for method in (INPUT, LI_PATCH):
+            part = li[li["condition"] == f"{m}: {method}"]
+            if method == LI_PATCH:
+                per_row = metrics.any_then_mean(part, "hit", "li_row", any_over="target_layer", mean_over="layer")
+                by_task = part.drop_duplicates("li_row").set_index("li_row")["task"].reindex(per_row.index)
+                accuracy = per_row.groupby(by_task).mean()
+            else:
+                accuracy = part.groupby("task")["hit"].mean()
+            records.append({"model": m, "method": method, **accuracy.to_dict()})
+        known = scores[scores[f"{m} knows"].astype(bool)]
+        paper = known.groupby("task")[f"{m}: own Patchscope"].mean()
+        records.append({"model": m, "method": "own Patchscope, facts it knows (Patchscopes paper)", **paper.to_dict()})
+    table = pd.DataFrame(records).reindex(columns=["model", "method", *tasks])
+    ours = [t for t in tasks if t in LI_TASKS]
+    table.insert(2, f"mean over {len(ours)} of Li's tasks", table[ours].mean(axis=1))
+    return table.sort_values(["model", "method"]).reset_index(drop=True)
+
+
+def draw_spread(scores: pd.DataFrame, names: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Per cross-model control: each shuffled draw's accuracy over the rows (by its seed; all rows and
+    the facts only the source model knows), their min, max and SD."""
+    records = []
+    for s, v in [(names[0], names[1]), (names[1], names[0])]:
+        for suffix in ("", f" [only {s} knows]"):
+            rates = [float(scores[shuffled_name(v, s, seed) + suffix].mean()) for seed in seeds]
+            by_seed = {f"seed {seed}": r for seed, r in zip(seeds, rates)}
+            spread = {"min": min(rates), "max": max(rates), "sd": float(np.std(rates, ddof=1))}
+            records.append({"control": f"{v}: reads {s}, shuffled source{suffix}", **by_seed, **spread})
+    return pd.DataFrame(records)
 
 
 def family(names: list[str]) -> list[tuple[str, str]]:
@@ -216,9 +331,15 @@ def experiment(run: Run) -> None:
         raise SystemExit("--model and --other must be two different models")
     rows, known = evaluated_rows(run, models, tasks, limit)
     rows.to_csv(run.out / "rows.csv", index=False)
-    cells = run_conditions(run, models, rows, tasks, limit)
-    scores = row_scores(cells, rows, names)
+    li = li_rows(run, tasks, limit)
+    cells = run_conditions(run, models, rows, li)
+    seeds = draw_seeds(args.seed)
+    scores = row_scores(cells, rows, names, args.seed)
     scores.to_csv(run.out / "per_row.csv")
+    accuracy = li_accuracy(cells, scores, names, tasks)
+    accuracy.to_csv(run.out / "li_accuracy.csv", index=False)
+    spread = draw_spread(scores, names, seeds)
+    spread.to_csv(run.out / "shuffled_draws.csv", index=False)
     table = F.comparisons(run, scores, family(names), "comparisons.csv")
     methods = [c for c in scores.columns if (":" in c and "[" not in c) or c == MAJORITY]
     by_category = scores.groupby("category")[methods].mean().T.assign(**{"all rows": scores[methods].mean()})
@@ -231,18 +352,31 @@ def experiment(run: Run) -> None:
     plots.save(fig, run.out / "accuracy_heatmaps.png", title=f"Patch success per (l, l*), {len(rows)} rows")
     maps = pd.read_csv(run.out / "maps.csv")
     findings = [metrics.describe(r) for _, r in table.iterrows()] + [
-        "Rows by who knows the fact: " + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().items()) + ".",
+        "Rows by who knows the fact: "
+        + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().sort_index().items()) + ".",
         "Held-out R^2 of the affine maps: " + ", ".join(f"{r.source_model} L{r.layer} -> {r.verbaliser} "
                                                        f"L{r.target_layer} {r.r2_heldout:.2f}" for r in maps.itertuples()) + ".",
-        f"Echoes never count: {int(cells['echo'].sum())} of {len(cells)} texts only repeat the subject.",
+        f"Shuffled sources drawn {DRAWS} times (seeds {seeds}); over the draws, the accuracy ranges "
+        + "; ".join(f"{r.control} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples()) + ".",
+        f"Echoes never count in the controls: {int(cells.loc[cells['row'] >= 0, 'echo'].sum())} of "
+        f"{int((cells['row'] >= 0).sum())} texts only repeat the subject.",
     ]  # fmt: skip
-    write_summary(run, f"Verbalisation controls on {names[0]} and {names[1]}", metrics.describe(table.iloc[0]), PAPER,
+    mean, parts = accuracy.columns[2], []
+    for m in names:
+        a = accuracy[accuracy["model"] == m].set_index("method")[mean]
+        parts.append(f"{m}: input only {a[INPUT]:.3f}, Patchscope {a[LI_PATCH]:.3f}")
+    ours = f"Li's comparison ({mean}): " + "; ".join(parts)
+    write_summary(run, f"Verbalisation controls on {names[0]} and {names[1]}", ours, PAPER,
                   {"models": ", ".join(names), "tasks": ", ".join(tasks), "rows": f"{len(rows)} (one snippet per subject)",
-                   "input only": f"Li's prompt on {int((cells['row'] < 0).sum() // 2)} unfiltered rows per model",
+                   "Li's rows": f"{len(li)} unfiltered rows (input only and Li's Patchscope, per model)",
                    "affine maps": f"ridge least squares on {', '.join(FIT_TASKS)} snippets, 80% fit / 20% R^2",
-                   "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens; success: Li's check_correct, echoes never",
+                   "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens; success: Li's check_correct (echoes "
+                                 "never count in the controls; Li's comparison counts them as Li do)",
+                   "shuffled sources": f"{DRAWS} draws per cross-model condition, seeds {seeds}",
                    "seed": args.seed, "cells": len(cells)},  # fmt: skip
-                  findings, {"Comparisons over rows (Holm over the family)": table.round(4),
+                  findings, {"Li et al.'s comparison: accuracy per task, then their mean": accuracy.round(3),
+                             "Comparisons over rows (Holm over the family)": table.round(4),
+                             "Shuffled-source draws (accuracy over the rows per draw)": spread.round(4),
                              "Accuracy by knowledge category": by_category.round(3).reset_index(),
                              "Knowledge check": known.groupby("condition")["known"].agg(["size", "sum"]).reset_index()},
                   ["accuracy_heatmaps.png"])  # fmt: skip

@@ -201,6 +201,18 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
     return adjusted
 
 
+def holm_intervals(differences: Sequence[Sequence[float]], p_values: Sequence[float], level: float = 0.95,
+                   seed: int = 0) -> list[tuple[float, float]]:  # fmt: skip
+    """Bootstrap intervals of each test's mean difference at its Holm level: of m tests, the one
+    with the k-th smallest p (k from 1) gets level ``1 - (1 - level) / (m - k + 1)``, the level at
+    which Holm's step-down procedure tests it. A claim whose interval here reaches 0 is not one
+    the family supports, whatever its unadjusted interval says."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rank = {i: k for k, i in enumerate(order)}
+    m = len(p_values)
+    return [bootstrap_ci(d, level=1 - (1 - level) / (m - rank[i]), seed=seed) for i, d in enumerate(differences)]
+
+
 def compare(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict:
     """Prompt-level comparison of two conditions, ``a[i]`` and ``b[i]`` the same prompt's scores:
     means, the mean difference with a 95% bootstrap interval over prompts, and the paired p."""

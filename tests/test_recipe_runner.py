@@ -93,3 +93,35 @@ def test_summaries_say_the_embedded_weights_are_dequantised_gguf(tmp_path, model
     args = parser("x", "x").parse_args(["--model", model])
     path = write_summary(Run("x", args, tmp_path, "python -m recipes.x"), "T", "ours", "paper", {"a": 1}, [])
     assert ("4-bit GGUF checkpoints de-quantised to float32" in path.read_text()) is noted
+
+
+def test_record_time_logs_each_invocation_and_counts_those_that_added_units(tmp_path):
+    import time
+
+    from recipes._common import record_time, setup, write_summary
+
+    args = build_parser().parse_args(["--out", str(tmp_path)])
+
+    def invocation(filename: str, units: list[str], seconds: float) -> Run:
+        run = setup("toy", args, [])
+        run.started = time.time() - seconds
+        store = run.store(filename, ["source"])
+        for source in units:
+            store.append(pd.DataFrame({"source": [source], "alpha": [1.0]}))
+        return run
+
+    assert record_time(invocation("cells.csv", UNITS[:1], 10)) == pytest.approx(10, abs=0.5)
+    assert record_time(invocation("cells.csv", UNITS[1:], 4)) == pytest.approx(14, abs=1)  # a resume adds 2
+    run = invocation("cells.csv", [], 2)  # nothing to do: logged, not counted
+    write_summary(run, "toy", "ours", "paper", {}, [])
+    assert run.seconds == pytest.approx(14, abs=1)
+    assert "- wall time: 14 s over the invocations that added results" in (tmp_path / "summary.md").read_text()
+    log = pd.read_csv(tmp_path / "timings.csv")
+    assert list(log["added"]) == [1, 2, 0] and set(log["threads"]) == {1} and set(log["model"]) == {args.model}
+    # A table made again from nothing: the earlier invocations no longer count.
+    assert record_time(invocation("other.csv", UNITS, 3)) == pytest.approx(3, abs=0.5)
+    assert len(pd.read_csv(tmp_path / "timings.csv")) == 1
+    # Results made before the log: their time is not known, and the summary says so.
+    (tmp_path / "timings.csv").unlink()
+    write_summary(invocation("other.csv", [], 5), "toy", "ours", "paper", {}, [])
+    assert "- wall time: not logged: the results were made before timings.csv" in (tmp_path / "summary.md").read_text()

@@ -253,36 +253,68 @@ def test_multihop_quick(shared_models, tmp_path):
     assert len(baseline) == 3 * len(queries)
     evaluated = queries[as_bool(queries["evaluated"])]
     assert not as_bool(evaluated["two_hop_ok"]).any()
-    conditions = [mh.BACK, mh.BACK + mh.SHUFFLED, mh.COT, mh.COT + mh.SHUFFLED]
+    seeds = [0, 1, 2]  # three shuffled-source draws per method
+    conditions = [c for m in mh.METHODS for c in (m, *[mh.shuffled(m, s) for s in seeds])]
     assert sorted(cells["condition"].unique()) == sorted(conditions)
-    tries = cells.groupby(["condition", "row"]).size()
-    assert tries.nunique() == 1  # every condition gets the same (l, l*) pairs for every query
-    assert (cells["target_layer"] < cells["layer"]).all()
+    notebook = cells["condition"].str.startswith(mh.NOTEBOOK)
+    tries = cells[~notebook].groupby(["condition", "row"]).size()
+    assert tries.nunique() == 1  # back-patching, the paper's CoT and their controls: the same (l, l*) pairs
+    assert (cells.loc[~notebook, "target_layer"] < cells.loc[~notebook, "layer"]).all()
+    pairs = cells[notebook].groupby(["condition", "row"])[["layer", "target_layer"]].apply(lambda f: len(f.value_counts()))
+    grid = sorted(set(cells.loc[notebook, "layer"]))
+    assert set(pairs) == {len(grid) ** 2} and grid == sorted(set(cells.loc[notebook, "target_layer"]))  # every pair
     back, cot = cells[cells["condition"] == mh.BACK], cells[cells["condition"] == mh.COT]
     assert (back["target"] == "source").all() and (back["position"] == back["target_position"]).all()
     span, prefix = dict(zip(evaluated["row"], evaluated["span"])), dict(zip(evaluated["row"], evaluated["prefix"]))
     assert all(s == span[r] and t == prefix[r] for s, t, r in zip(cot["source"], cot["target"], cot["row"]))  # pi1 -> pi2
-    shuffled = cells[cells["condition"] == mh.COT + mh.SHUFFLED]
-    assert all(s != span[r] for s, r in zip(shuffled["source"], shuffled["row"]))  # another query's pi1
+    nb = cells[cells["condition"] == mh.NOTEBOOK]  # the notebook's direction: pi2 -> pi1
+    assert all(s == prefix[r] and t == span[r] for s, t, r in zip(nb["source"], nb["target"], nb["row"]))
+    for seed in seeds:
+        shuffled = cells[cells["condition"] == mh.shuffled(mh.COT, seed)]
+        assert all(s != span[r] for s, r in zip(shuffled["source"], shuffled["row"]))  # another query's pi1
     scores = read(out / "per_query.csv").set_index("row")
     fixed = cells.assign(ok=as_bool(cells["correct"])).groupby(["condition", "row"])["ok"].any()
     for name in conditions:
         assert (scores[f"{name}: fixed"].astype(float) == fixed[name].reindex(scores.index).astype(float)).all()
+    control = scores[[f"{mh.shuffled(mh.BACK, s)}: fixed" for s in seeds]].astype(float).mean(axis=1)
+    assert (scores[f"{mh.BACK}{mh.SHUFFLED}: fixed"].astype(float) == control).all()  # the mean of the draws
+    spread = pd.read_csv(out / "shuffled_draws.csv").set_index("control")
+    assert list(spread.columns) == ["seed 0", "seed 1", "seed 2", "min", "max", "sd"] and len(spread) == 6
+    summary = (out / "summary.md").read_text()
+    assert "Shuffled-source draws" in summary and "seeds [0, 1, 2]" in summary and "- wall time: " in summary
 
     run_recipe("multihop", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)
 
 
+def test_verbalization_controls_tasks_are_lis_six_and_li_samples_as_li_draws_them():
+    from recipes import verbalization_controls as vc
+
+    people = ["person_plays_position_in_sport", "person_plays_pro_sport"]
+    assert vc.TASKS == ["country_currency", "food_from_country", *people, "product_by_company", "star_constellation"]
+    assert not set(vc.EXTENSION_TASKS) & set(vc.TASKS)
+    frame = pd.read_csv(F.FACTUAL / "star_constellation.tsv", sep="\t")  # Li's get_feature_extraction_datasets
+    frame = frame[frame["prompt_source"].notna()]
+    frame = frame[~frame["prompt_source"].str.contains("\n")].reset_index(drop=True)
+    frame = frame[~frame["prompt_source"].str.contains("service")].reset_index(drop=True)
+    frame = frame.sample(n=10, replace=False, random_state=42).reset_index(drop=True)
+    assert list(F.li_rows("star_constellation", n_samples=10)["subject"]) == list(frame["subject"].map(F.unescape))
+
+
 def test_verbalization_controls_quick(shared_models, tmp_path):
+    from recipes import verbalization_controls as vc
+
     out = tmp_path / "vc"
     run_recipe("verbalization_controls", out)
-    check_outputs(out, ["cells.csv", "knowledge.csv", "maps.csv", "rows.csv", "per_row.csv", "comparisons.csv"],
-                  ["accuracy_heatmaps.png"])  # fmt: skip
+    check_outputs(out, ["cells.csv", "knowledge.csv", "maps.csv", "rows.csv", "per_row.csv", "comparisons.csv",
+                        "li_accuracy.csv", "shuffled_draws.csv"], ["accuracy_heatmaps.png"])  # fmt: skip
     cells, rows = read(out / "cells.csv"), read(out / "rows.csv")
     a, b = "smollm2-135m", "gemma3-270m"
-    assert set(cells["condition"]) == {f"{a}: input only (Li)", f"{b}: input only (Li)", f"{a}: own Patchscope",
-                                       f"{b}: own Patchscope", f"{a}: reads {b}", f"{b}: reads {a}",
-                                       f"{a}: reads {b}, shuffled source", f"{b}: reads {a}, shuffled source"}  # fmt: skip
+    seeds = [0, 1, 2]  # three shuffled-source draws
+    draws = {vc.shuffled_name(v, s, seed) for v, s in ((a, b), (b, a)) for seed in seeds}
+    li_conditions = {f"{m}: {c}" for m in (a, b) for c in ("input only (Li)", "Patchscope (Li's rows)")}
+    assert set(cells["condition"]) == {f"{a}: own Patchscope", f"{b}: own Patchscope", f"{a}: reads {b}",
+                                       f"{b}: reads {a}", *li_conditions, *draws}  # fmt: skip
     cross = cells[cells["condition"].str.contains("reads")]
     assert (cross["transform"] == "affine").all() and (cross["source_model"] != cross["verbaliser"]).all()
     own = cells[cells["condition"].str.contains("own")]
@@ -292,11 +324,29 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
     maps = read(out / "maps.csv")
     assert len(maps) == cross[~cross["condition"].str.contains("shuffled")].groupby(
         ["source_model", "layer", "target_layer"]).ngroups  # fmt: skip
+    # Li's Patchscope: every unfiltered row (the input-only rows), the whole snippet as the source.
+    li = F.li_rows("country_currency", 6)
+    for m in (a, b):
+        patched = cells[cells["condition"] == f"{m}: Patchscope (Li's rows)"]
+        inputs = (cells["condition"] == f"{m}: input only (Li)").sum()
+        assert patched["li_row"].astype(int).nunique() == len(li) == inputs
+        assert set(patched["snippet"]) == set(li["snippet"]) and (patched["transform"] == "scale").all()
+        hit = [F.mentions(o, t) for o, t in zip(patched["output"], patched["object"])]  # Li's check_correct
+        per_row = patched.assign(hit=hit).groupby(["li_row", "layer"])["hit"].any().groupby("li_row").mean()
+        accuracy = read(out / "li_accuracy.csv").set_index(["model", "method"]).loc[(m, "Patchscope (Li's rows)")]
+        assert float(accuracy["country_currency"]) == pytest.approx(per_row.mean())
+        assert float(accuracy["mean over 1 of Li's tasks"]) == pytest.approx(per_row.mean())
     scores = read(out / "per_row.csv")
     assert len(scores) == len(rows) and scores["majority class"].astype(float).between(0, 1).all()
+    control = scores[[vc.shuffled_name(a, b, seed) for seed in seeds]].astype(float).mean(axis=1)
+    assert (scores[f"{a}: reads {b}, shuffled source"].astype(float) == control).all()  # the mean of the draws
+    spread = pd.read_csv(out / "shuffled_draws.csv")
+    assert list(spread.columns) == ["control", "seed 0", "seed 1", "seed 2", "min", "max", "sd"] and len(spread) == 4
     comparisons = read(out / "comparisons.csv")
     assert (f"{a}: own Patchscope", "majority class") in set(map(tuple, comparisons[["a", "b"]].values))
     assert (comparisons["n_prompts"].astype(int) > 0).all()
+    summary = (out / "summary.md").read_text()
+    assert "Li's comparison (mean over 1 of Li's tasks)" in summary and "- wall time: " in summary
 
     run_recipe("verbalization_controls", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)

@@ -241,15 +241,11 @@ def test_inverse_scope_without_a_generator(tmp_path):
     assert (tmp_path / "lexical.csv").stat().st_size > 0
 
 
-def test_record_time_counts_the_invocations_that_made_the_current_cells(tmp_path):
-    import time
+def test_cross_model_best_pair_does_not_depend_on_the_tables_order():
+    from recipes.cross_model import findings
 
-    from recipes._snippets import record_time
-
-    now = time.time()
-    assert record_time(tmp_path, now - 10, 0, 5) == pytest.approx(10, abs=0.5)  # first run: 5 cells
-    assert record_time(tmp_path, now - 4, 5, 9) == pytest.approx(14, abs=1)  # a resume adds 4
-    assert record_time(tmp_path, now - 2, 9, 9) == pytest.approx(14, abs=1)  # nothing to do: not counted
-    # The table was deleted and made again from nothing: the earlier invocations no longer count.
-    assert record_time(tmp_path, now - 3, 0, 9) == pytest.approx(3, abs=0.5)
-    assert len(pd.read_csv(tmp_path / "timings.csv")) == 1
+    scores = {"mean_a": [0.5, 0.5, 0.1], "mean_b": 0.0, "difference": [0.5, 0.5, 0.1], "p": 0.5, "p_holm": 1.0}
+    grid = {"direction": "a -> b", "condition": "same_text", "layer": [4, 2, 2], "target_layer": [1, 3, 1]}
+    pairs = pd.DataFrame({**grid, **scores, "ci_low": 0.0, "ci_high": 1.0})
+    texts = {findings(pairs.iloc[order], pd.DataFrame())[0] for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2])}
+    assert len(texts) == 1 and "best pair (l=2, l*=3;" in texts.pop()

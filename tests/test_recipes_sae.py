@@ -89,6 +89,13 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
     assert list(per_alpha["n_prompts"]) == [6, 6]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "shuffled-latent control" in summary and "95% CI" in summary
+    # The control drawn 3 times: the stored cycle and two more; the comparisons use their mean.
+    draws = pd.read_csv(tmp_path / "out" / "control_draws.csv").set_index("selector")
+    columns = ["control, draw 0", "control, draw 1", "control, draw 2"]
+    assert list(draws.columns) == [*columns, "min", "max", "sd"] and len(draws) == 4
+    assert draws.loc[sae_self_explanation.AUTHORS, columns[0]] == pytest.approx(authors["control"].mean(), abs=1e-6)
+    assert selected["mean_b"].to_numpy() == pytest.approx(draws[columns].mean(axis=1).to_numpy(), abs=1e-6)
+    assert "drawn 3 times" in summary
 
 
 def test_the_authors_layers_scale_with_depth_and_the_replacement_reaches_the_probe(smollm2):

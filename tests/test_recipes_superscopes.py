@@ -102,12 +102,15 @@ def test_superscopes_evaluation_quick_and_resume(shared_model, tmp_path):
     assert set(cells[cells["condition"] == "norm"]["transform"]) == {"norm"}
     assert set(cells[cells["condition"] == "random0"]["transform"]) == {"random"}
     assert 1.0 not in set(cells[cells["condition"] == "random0"]["alpha"])
-    assert cells["mismatch_similarity"].between(-1, 1).all()
     tests = read(out / "comparisons.csv")
     assert tests["comparison"].tolist() == list(evaluation.PAIRS)
     assert (tests["p_holm"] >= tests["p"] - 1e-12).all() and (tests["ci_low"] <= tests["difference"] + 1e-12).all()
     per_prompt = read(out / "per_prompt.csv")
     assert len(per_prompt) == cells["source"].nunique() and per_prompt.drop(columns="source").stack().between(0, 1).all()
+    # Chance: three mismatched-prompt draws (seeds 0, 1, 2), the control their mean, each draw reported.
+    draws = [f"{evaluation.CHANCE_BEST} (seed {s})" for s in (0, 1, 2)]
+    assert (per_prompt[evaluation.CHANCE_BEST] == per_prompt[draws].astype(float).mean(axis=1)).all()
+    assert "Chance, per mismatched-prompt draw (seeds [0, 1, 2])" in (out / "summary.md").read_text()
     headline = (out / "summary.md").read_text().split("**Paper:**")[0]
     assert "95% CI" in headline  # the headline is the interval
     # Equal tries first, best-of-K after; the judge's discrimination beside them.
@@ -200,7 +203,7 @@ TARGET = "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, 
 def evaluation_cells(rows) -> pd.DataFrame:
     """Constructed judged cells: (source, layer, alpha, similarity, output); token "Floyd", greedy."""
     frame = pd.DataFrame(rows, columns=["source", "layer", "alpha", "similarity", "output"])
-    return frame.assign(condition="greedy", token="Floyd", target=TARGET, mismatch_similarity=0.0)
+    return frame.assign(condition="greedy", token="Floyd", target=TARGET, **{"mismatch_similarity (seed 0)": 0.0})
 
 
 def test_evaluation_never_counts_an_echo_or_alpha_1_as_superscopes():
@@ -214,10 +217,10 @@ def test_evaluation_never_counts_an_echo_or_alpha_1_as_superscopes():
         ("Deep Purple", 1, 3.0, 0.5, ": British rock band"),  # a real success
         ("Deep Purple", 1, 6.0, 0.2, ": colour"),
     ])  # fmt: skip
-    cells = evaluation.successes(cells)
+    cells = evaluation.successes(cells, draws=[0])
     assert cells["echo"].tolist() == [False, True, True, False, False, False]
     assert cells["success"].tolist() == [True, False, False, False, True, False]  # echoes above 0.3 never succeed
-    table = evaluation.method_cells(cells, seeds=0, splits=[0])
+    table = evaluation.method_cells(cells, seeds=0, splits=[0], draws=[0])
     assert table.loc[("Pink Floyd", 1), evaluation.PATCH] == 1 and table.loc[("Pink Floyd", 1), evaluation.BEST] == 0
     assert table.loc[("Deep Purple", 1), evaluation.PATCH] == 0 and table.loc[("Deep Purple", 1), evaluation.BEST] == 1
 
@@ -290,3 +293,27 @@ def test_plot_helpers_write_pngs(tmp_path):
     path = plots.save(fig, tmp_path / "sub" / "fig.png", title="a long overall title " * 10)
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert plots.save(plots.lines(frame, x="layer", y="score"), tmp_path / "one.png").exists()
+
+
+def test_entity_description_picks_break_ties_by_the_lowest_alpha_whatever_the_order():
+    from recipes.entity_description import JUDGE_BEST, ORACLE, picks
+
+    scores = {"similarity": [0.2, 0.5, 0.5, 0.1], "rougeL": [0.1, 0.4, 0.4, 0.0], "rougeL_raw": 0.0, "echo": False}
+    cells = pd.DataFrame({"source": "Diana", "layer": 3, "alpha": [1.0, 9.0, 6.0, 3.0], **scores, "description": "d"})
+    cells["reference"] = "r"
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        chosen = picks(cells.iloc[order], [1.0, 3.0, 6.0, 9.0], seed=0).set_index("method")["alpha"]
+        assert chosen[ORACLE] == 6.0 and chosen[JUDGE_BEST] == 6.0
+
+
+def test_evaluation_draws_mismatched_prompts_never_the_own_one():
+    from recipes import superscopes_evaluation as evaluation
+
+    class Judge:  # similarity 1 when the readout names the reference
+        def similarity(self, references, outputs):
+            return [float(r in o) for r, o in zip(references, outputs)]
+
+    prompts = ["Pink Floyd", "Deep Purple", "Green Day", "Daft Punk"]
+    cells = pd.DataFrame({"source": prompts, "condition": "greedy", "output": prompts})  # each names its own prompt
+    cells = evaluation.mismatched(cells, prompts, [0, 1, 2], Judge())
+    assert (cells[[f"mismatch_similarity (seed {s})" for s in (0, 1, 2)]] == 0).all().all()

@@ -7,9 +7,24 @@ import math
 import pandas as pd
 import pytest
 
-from superscopes.metrics import (any_then_mean, bootstrap_ci, compare, compare_all, compare_conditions,
-                                 cross_fitted_best, cross_fitted_mean, describe, holm, is_echo, majority_share,
-                                 paired_permutation_p, per_prompt, prompt_means, target_examples)  # fmt: skip
+from superscopes.metrics import (
+    any_then_mean,
+    bootstrap_ci,
+    compare,
+    compare_all,
+    compare_conditions,
+    cross_fitted_best,
+    cross_fitted_mean,
+    describe,
+    holm,
+    holm_intervals,
+    is_echo,
+    majority_share,
+    paired_permutation_p,
+    per_prompt,
+    prompt_means,
+    target_examples,
+)
 from superscopes.prompts import ENTITY_DESCRIPTION
 
 
@@ -183,3 +198,34 @@ def test_compare_all_of_pairs_holm_adjusts_over_all_and_drops_missing_prompts():
     assert table.loc["a", "comparison"] == "a vs b"
     assert "no significant prompt-level difference" in describe(table.reset_index().iloc[0])
     assert "a > b at the prompt level" in describe({**table.reset_index().iloc[0].to_dict(), "p_holm": 0.01})
+
+
+
+def test_holm_intervals_widen_with_the_holm_level():
+    """The smallest of m p-values gets level 1 - 0.05/m, the largest 0.95: the same differences give a
+    wider interval when their test comes first."""
+    diffs = [0.1, 0.2, 0.0, 0.3, 0.1, 0.2, 0.1, 0.4, 0.0, 0.2] * 5
+    first, last, _ = holm_intervals([diffs, diffs, diffs], [0.001, 0.5, 0.2])
+    assert first[0] < last[0] and first[1] > last[1]
+    assert last == pytest.approx(bootstrap_ci(diffs))  # the largest p: the plain 95% interval
+
+
+def test_token_identity_claims_no_layer_whose_holm_interval_reaches_0():
+    from recipes.token_identity import findings
+
+    row = {"a": "patchscope", "n_prompts": 500, "mean_a": 0.3, "mean_b": 0.2, "p": 0.001, "p_holm": 0.01}
+    ci = ["ci_low", "ci_high", "holm_ci_low", "holm_ci_high"]
+    comparisons = pd.DataFrame(
+        [
+            {**row, "layer": 0, "b": "logit_lens", "difference": 0.1, **dict(zip(ci, [0.05, 0.15, 0.02, 0.18]))},
+            # significant with its plain interval, not at its Holm level
+            {**row, "layer": 1, "b": "logit_lens", "difference": 0.05, **dict(zip(ci, [0.01, 0.09, -0.01, 0.11]))},
+            {**row, "layer": 0, "b": "affine_lens", "difference": -0.05, **dict(zip(ci, [-0.09, -0.01, -0.11, 0.01]))},
+        ]
+    )
+    summary = pd.DataFrame(
+        {"layer": [2, 2, 2], "method": ["patchscope", "logit_lens", "affine_lens"], "precision_at_1": [1.0] * 3}
+    )
+    logit, affine, _ = findings(summary, comparisons, last=2)
+    assert "above at layers [0], below at layers none" in logit
+    assert "above at layers none, below at layers none" in affine
