@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ends test-remote test-sae test-browser test-scale bench ndif-up ndif-down recipes clean
+.PHONY: install demo lint test test-ends test-remote test-sae test-browser test-scale bench ndif-up ndif-down recipes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/superscopes scope "Diana, Princess of Wales" --token Wales --sites mlp_out,resid_post \
 		--layers 1-4 --alphas 1,3,6,9,12,15 --target-layer same --judge --out results/demo/wales.csv
+
+# The written-down style: ruff's lint rules and format (pyproject.toml), pinned, checked not applied.
+RUFF ?= ruff==0.17.6
+lint: $(STAMP)
+	$(BIN)/pip install --quiet "$(RUFF)"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The default suite: tiny random models of 8 architectures plus the real SmolLM2.
 test: $(STAMP)

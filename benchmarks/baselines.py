@@ -103,15 +103,23 @@ class HookScope:
         for layer in layers:
             block = self.blocks[layer]
             if "resid_pre" in sites:  # the residual stream entering the block, HF hidden_states[l]
-                handles.append(block.register_forward_pre_hook(lambda m, args, l=layer: keep(("resid_pre", l), args[0])))
+                handles.append(
+                    block.register_forward_pre_hook(lambda m, args, l=layer: keep(("resid_pre", l), args[0]))
+                )
             if "attn_out" in sites:  # the attention update (self_attn returns (out, weights))
-                handles.append(block.self_attn.register_forward_hook(lambda m, a, out, l=layer: keep(("attn_out", l), out[0])))
+                handles.append(
+                    block.self_attn.register_forward_hook(lambda m, a, out, l=layer: keep(("attn_out", l), out[0]))
+                )
             if "mlp_in" in sites:  # the normalised residual entering the MLP
-                handles.append(block.mlp.register_forward_pre_hook(lambda m, args, l=layer: keep(("mlp_in", l), args[0])))
+                handles.append(
+                    block.mlp.register_forward_pre_hook(lambda m, args, l=layer: keep(("mlp_in", l), args[0]))
+                )
             if "mlp_out" in sites:  # the MLP's update to the residual stream
                 handles.append(block.mlp.register_forward_hook(lambda m, a, out, l=layer: keep(("mlp_out", l), out)))
             if "resid_post" in sites:  # the block's output, HF hidden_states[l + 1]
-                handles.append(block.register_forward_hook(lambda m, a, out, l=layer: keep(("resid_post", l), _block_output(out))))
+                handles.append(
+                    block.register_forward_hook(lambda m, a, out, l=layer: keep(("resid_post", l), _block_output(out)))
+                )
         try:
             self.hf(**self.tok(prompt, return_tensors="pt"))
         finally:
@@ -143,8 +151,15 @@ class HookScope:
             handle.remove()
         return decode_until_eos(self.tok, out[0, enc["input_ids"].shape[1] :].tolist())
 
-    def generate_grid_shared_prefix(self, target: str, layers: list[int], vectors: torch.Tensor, alphas: torch.Tensor,
-                                    max_new_tokens: int, batch_size: int = 64) -> list[tuple[str, list[int]]]:
+    def generate_grid_shared_prefix(
+        self,
+        target: str,
+        layers: list[int],
+        vectors: torch.Tensor,
+        alphas: torch.Tensor,
+        max_new_tokens: int,
+        batch_size: int = 64,
+    ) -> list[tuple[str, list[int]]]:
         """A what-if, not a method of the paper: all rows share the target prompt up to its last
         token (the placeholder), and a patch at the last token cannot change earlier positions, so
         the prefix's KV cache is computed once (one row) and copied to every row; each row then
@@ -170,25 +185,30 @@ class HookScope:
                 handles.append(self.blocks[layer].register_forward_hook(self._rows_hook(torch.tensor(local), v)))
             try:
                 out = self.hf.generate(
-                    input_ids=ids.expand(len(rows), -1), attention_mask=torch.ones(len(rows), length, dtype=torch.long),
-                    cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                    input_ids=ids.expand(len(rows), -1),
+                    attention_mask=torch.ones(len(rows), length, dtype=torch.long),
+                    cache=cache,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
                     pad_token_id=self.tok.pad_token_id,
-                )  # fmt: skip
+                )
             finally:
                 for handle in handles:
                     handle.remove()
             results += [decode_until_eos(self.tok, row[length:].tolist()) for row in out]
         return results
 
-    def cells_shared_prefix(self, source: str, target: str, cells: list[tuple], max_new_tokens: int,
-                            batch_size: int = 64) -> list[tuple[str, list[int]]]:  # fmt: skip
+    def cells_shared_prefix(
+        self, source: str, target: str, cells: list[tuple], max_new_tokens: int, batch_size: int = 64
+    ) -> list[tuple[str, list[int]]]:
         """``generate_grid_shared_prefix`` for (site, layer, alpha) cells: the vectors are read
         from ``source``'s last token (one cached forward), then written at block ``layer``."""
         cache = self.cache(source, sorted({c[0] for c in cells}), sorted({c[1] for c in cells}))
         vectors = torch.stack([cache[(site, layer)] for site, layer, _ in cells])
         alphas = torch.tensor([float(a) for *_, a in cells])
-        return self.generate_grid_shared_prefix(target, [c[1] for c in cells], vectors, alphas, max_new_tokens,
-                                                batch_size)  # fmt: skip
+        return self.generate_grid_shared_prefix(
+            target, [c[1] for c in cells], vectors, alphas, max_new_tokens, batch_size
+        )
 
     @staticmethod
     def _rows_hook(rows: torch.Tensor, values: torch.Tensor):

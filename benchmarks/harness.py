@@ -70,15 +70,18 @@ class Timing:
         }
 
 
-def interleave(items: list[Item], rounds: int, warmup: int = 1, log: Callable[[str], None] = print) -> dict[str, Timing]:
+def interleave(
+    items: list[Item], rounds: int, warmup: int = 1, log: Callable[[str], None] = print
+) -> dict[str, Timing]:
     """Run ``items`` in interleaved rounds (A B C, then C B A, ...) after ``warmup`` passes.
 
-    Each measurement records wall-clock time and this process's CPU time. The order is reversed on alternate rounds so that a slow drift of the machine (other
-    processes starting or ending) affects every contender alike. ``gc.collect()`` runs
-    before each measurement, outside the timed region."""
+    Each measurement records wall-clock time and this process's CPU time. The order is
+    reversed on alternate rounds so that a slow drift of the machine (other processes
+    starting or ending) affects every contender alike. ``gc.collect()`` runs before each
+    measurement, outside the timed region."""
     for _ in range(warmup):
         for item in items:
-            (item.warm or (lambda: item.fn(0)))()
+            (item.warm or (lambda item=item: item.fn(0)))()
     result = {item.name: Timing(item.name, scale=item.scale, note=item.note) for item in items}
     for r in range(rounds):
         order = items if r % 2 == 0 else items[::-1]
@@ -155,12 +158,14 @@ def machine_info(threads: int, repo: Path) -> dict:
     import transformers
 
     try:
-        total_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        total_kb = int(
+            next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]
+        )
         memory_gb = round(total_kb / 1024**2, 1)
     except (OSError, StopIteration):
         memory_gb = None
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "memory_gb": memory_gb,

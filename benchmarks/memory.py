@@ -82,9 +82,14 @@ def _child(model, config: dict, warm, write_fd: int) -> None:
         else:
             peak = proc_status_kb("VmHWM")
         result = {
-            **config, **facts, "method": method, "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
-            "peak_delta_mb": (peak - before) / 1024, "seconds": seconds,
-        }  # fmt: skip
+            **config,
+            **facts,
+            "method": method,
+            "rss_before_mb": before / 1024,
+            "peak_rss_mb": peak / 1024,
+            "peak_delta_mb": (peak - before) / 1024,
+            "seconds": seconds,
+        }
     except Exception as error:  # reported, not raised: the parent keeps going
         result = {**config, "error": f"{type(error).__name__}: {error}"}
     os.write(write_fd, json.dumps(result).encode())
@@ -96,11 +101,11 @@ def measure(configs: list[dict], threads: int) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)
+    from nnsight.tracing.tracer import Tracer
+
     import superscopes
     import superscopes.graph
     import superscopes.scope
-    from nnsight.tracing.tracer import Tracer
-
     from benchmarks import workloads as W
 
     for module in (superscopes.scope, superscopes.graph):  # pin the loaded code's text (see run.pin_trace_sources)

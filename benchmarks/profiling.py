@@ -29,9 +29,16 @@ import time
 from collections import defaultdict
 
 CATEGORIES = [
-    "tokenisation", "model forward", "nnsight interleaving", "generation loop",
-    "trace build/teardown", "decoding", "planning", "result table", "other",
-]  # fmt: skip
+    "tokenisation",
+    "model forward",
+    "nnsight interleaving",
+    "generation loop",
+    "trace build/teardown",
+    "decoding",
+    "planning",
+    "result table",
+    "other",
+]
 
 
 # Functions of superscopes.scope, spec, batching and graph whose exclusive time is attributed to a category.
@@ -154,7 +161,7 @@ def cprofile(run, top: int = 25) -> dict:
     total = time.perf_counter() - start
     rows = []
     stats = pstats.Stats(profiler)
-    for (filename, line, name), (cc, nc, tt, ct, _callers) in stats.stats.items():
+    for (filename, line, name), (_cc, nc, tt, ct, _callers) in stats.stats.items():
         rows.append({"function": _short(filename, line, name), "calls": nc, "tottime_s": tt, "cumtime_s": ct})
     by_own = sorted(rows, key=lambda r: -r["tottime_s"])[:top]
     by_cum = sorted(rows, key=lambda r: -r["cumtime_s"])[:top]

@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -57,8 +57,16 @@ class Meter:
 
 
 def ours(model, layers: list[int], remote: bool):
-    scope = Scope(SOURCE, sites=["resid_post"], layers=layers, alphas=[1], target="identity",
-                  target_layers=["same"], output="topk", top_k=10)  # fmt: skip
+    scope = Scope(
+        SOURCE,
+        sites=["resid_post"],
+        layers=layers,
+        alphas=[1],
+        target="identity",
+        target_layers=["same"],
+        output="topk",
+        top_k=10,
+    )
     return superscopes.run(model, scope, remote=remote, progress=False)
 
 
@@ -109,13 +117,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows[name]["seconds"].append(time.perf_counter() - start)
                 after = meter.snapshot()
                 rows[name]["requests"], rows[name]["sent"], rows[name]["received"] = (
-                    after[0] - before[0], after[1] - before[1], after[2] - before[2])  # fmt: skip
+                    after[0] - before[0],
+                    after[1] - before[1],
+                    after[2] - before[2],
+                )
 
     ours_name = next(iter(variants))
     lines = [
         f"Remote sweep: token identity of {SOURCE!r}, all {len(layers)} layers of smollm2-135m, "
         f"local NDIF server (ndif 0.1.2, CPU) on 127.0.0.1; {args.repeats} interleaved repeats after warm-up; "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}.",
         "",
         "| variant | requests / sweep | sent / sweep | received / sweep | median wall s (min-max) | wall vs ours |",

@@ -70,8 +70,15 @@ def _memory_points(results: dict) -> list[dict]:
 
 
 def _row(target: str, goal: str, wall: str, cpu: str, ok, ok_cpu, value=None) -> dict:
-    return {"target": target, "goal": goal, "measured": wall, "measured_cpu": cpu, "ok": ok, "ok_cpu": ok_cpu,
-            "value": value}  # fmt: skip
+    return {
+        "target": target,
+        "goal": goal,
+        "measured": wall,
+        "measured_cpu": cpu,
+        "ok": ok,
+        "ok_cpu": ok_cpu,
+        "value": value,
+    }
 
 
 def targets(results: dict) -> list[dict]:
@@ -83,9 +90,17 @@ def targets(results: dict) -> list[dict]:
         for key in (str(sizes[0]), str(sizes[-1])):
             r = forward[key]["ratios"]["trace_patch/hf_forward"]
             goal = GOALS["patch_b1"]
-            rows.append(_row(f"nnsight trace with one patch, B={key}, vs plain HF forward of the same rows",
-                             f"<= {goal:.2f}x", fr(r, 3), fr(r["cpu"], 3), r["median"] <= goal,
-                             r["cpu"]["median"] <= goal, r["median"]))  # fmt: skip
+            rows.append(
+                _row(
+                    f"nnsight trace with one patch, B={key}, vs plain HF forward of the same rows",
+                    f"<= {goal:.2f}x",
+                    fr(r, 3),
+                    fr(r["cpu"], 3),
+                    r["median"] <= goal,
+                    r["cpu"]["median"] <= goal,
+                    r["median"],
+                )
+            )
     else:
         rows.append(_row("patched forward vs plain forward (B=1, B=64)", "<= 1.15x", "n/a", "n/a", None, None))
     tiny = results.get("tiny")
@@ -96,28 +111,48 @@ def targets(results: dict) -> list[dict]:
         def ms(x):
             return f"{x['median'] * 1e3:.2f} ms ({x['min'] * 1e3:.2f} - {x['max'] * 1e3:.2f})"
 
-        rows.append(_row(
-            "nnsight overhead of a trace with one patch, 2-layer tiny Llama (d=64, vocab 49152), B=1",
-            f"<= {GOALS['tiny_ms']:.0f} ms", f"{ms(d)} over {fs(t['median_s'])}", f"{ms(d['cpu'])} over {fs(t['cpu_median_s'])}",
-            d["median"] * 1e3 <= GOALS["tiny_ms"], d["cpu"]["median"] * 1e3 <= GOALS["tiny_ms"], d["median"] * 1e3,
-        ))  # fmt: skip
+        rows.append(
+            _row(
+                "nnsight overhead of a trace with one patch, 2-layer tiny Llama (d=64, vocab 49152), B=1",
+                f"<= {GOALS['tiny_ms']:.0f} ms",
+                f"{ms(d)} over {fs(t['median_s'])}",
+                f"{ms(d['cpu'])} over {fs(t['cpu_median_s'])}",
+                d["median"] * 1e3 <= GOALS["tiny_ms"],
+                d["cpu"]["median"] * 1e3 <= GOALS["tiny_ms"],
+                d["median"] * 1e3,
+            )
+        )
     else:
         rows.append(_row("tiny-model nnsight overhead", "<= 3 ms", "n/a", "n/a", None, None))
     grid = results.get("grid")
     if grid:
         r = grid["ratios"]["hooks_per_cell/ours_generate"]
         goal = GOALS["grid_vs_hooks"]
-        rows.append(_row(f"grid ({grid['cells']} cells, generate) speed-up over per-cell hooks + generate (comparison 4)",
-                         f">= {goal:.0f}x", fr(r), fr(r["cpu"]), r["median"] >= goal, r["cpu"]["median"] >= goal,
-                         r["median"]))  # fmt: skip
+        rows.append(
+            _row(
+                f"grid ({grid['cells']} cells, generate) speed-up over per-cell hooks + generate (comparison 4)",
+                f">= {goal:.0f}x",
+                fr(r),
+                fr(r["cpu"]),
+                r["median"] >= goal,
+                r["cpu"]["median"] >= goal,
+                r["median"],
+            )
+        )
         r = grid["ratios"]["lens_per_layer/ours_topk"]
         r2 = grid["ratios"]["lens_per_layer/ours_generate"]
-        rows.append(_row(
-            "grid speed-up over one trace per layer with full-vocab output (comparison 5), like for like: ours with "
-            f"output='topk' (and, in brackets, ours generating {grid['max_new_tokens']} tokens)",
-            "> 1x", f"{fr(r)} [{fr(r2)}]", f"{fr(r['cpu'])} [{fr(r2['cpu'])}]", r["median"] > 1, r["cpu"]["median"] > 1,
-            r["median"],
-        ))  # fmt: skip
+        rows.append(
+            _row(
+                "grid speed-up over one trace per layer with full-vocab output (comparison 5), like for like: ours with "
+                f"output='topk' (and, in brackets, ours generating {grid['max_new_tokens']} tokens)",
+                "> 1x",
+                f"{fr(r)} [{fr(r2)}]",
+                f"{fr(r['cpu'])} [{fr(r2['cpu'])}]",
+                r["median"] > 1,
+                r["cpu"]["median"] > 1,
+                r["median"],
+            )
+        )
     else:
         rows.append(_row("grid vs comparisons 4 and 5", ">= 8x, > 1x", "n/a", "n/a", None, None))
     points = [p for p in _memory_points(results) if p["kind"] == "cells" and p.get("batch_size") == 64]
@@ -128,15 +163,28 @@ def targets(results: dict) -> list[dict]:
         big, ref = by_cells[max(by_cells)], by_cells[128]
         ratio = big["peak_delta_mb"] / max(ref["peak_delta_mb"], 1e-9)
         one_pass = f"; 64 cells, one pass: {by_cells[64]['peak_delta_mb']:.0f} MB" if 64 in by_cells else ""
-        rows.append(_row(
-            f"grid peak memory bounded by batch size: {max(by_cells)} cells vs 128 cells at batch_size=64",
-            f"<= {GOALS['memory_ratio']:.2f}x (cells x{max(by_cells) // 128})",
-            f"{ratio:.2f}x ({big['peak_delta_mb']:.0f} MB vs {ref['peak_delta_mb']:.0f} MB{one_pass})", "-",
-            ratio <= GOALS["memory_ratio"], None, ratio,
-        ))  # fmt: skip
+        rows.append(
+            _row(
+                f"grid peak memory bounded by batch size: {max(by_cells)} cells vs 128 cells at batch_size=64",
+                f"<= {GOALS['memory_ratio']:.2f}x (cells x{max(by_cells) // 128})",
+                f"{ratio:.2f}x ({big['peak_delta_mb']:.0f} MB vs {ref['peak_delta_mb']:.0f} MB{one_pass})",
+                "-",
+                ratio <= GOALS["memory_ratio"],
+                None,
+                ratio,
+            )
+        )
     else:
-        rows.append(_row("grid peak memory bounded by batch size", "<= 1.25x from 128 to 512 cells",
-                         "n/a (needs the 128- and 512-cell memory points: full run)", "-", None, None))  # fmt: skip
+        rows.append(
+            _row(
+                "grid peak memory bounded by batch size",
+                "<= 1.25x from 128 to 512 cells",
+                "n/a (needs the 128- and 512-cell memory points: full run)",
+                "-",
+                None,
+                None,
+            )
+        )
     return rows
 
 
@@ -151,32 +199,46 @@ def reading(results: dict) -> list[str]:
         sizes = sorted(int(k) for k in forward if k.isdigit())
         parts = [f"{forward[str(b)]['ratios']['trace_patch/hf_forward']['median']:.2f}x at B={b}" for b in sizes]
         last = forward[str(sizes[0])]["ratios"].get("hf_forward_last_logits/hf_forward")
-        line = f"- nnsight's overhead is small: a trace with one patch costs {' and '.join(parts)} of a plain HF forward"
+        line = (
+            f"- nnsight's overhead is small: a trace with one patch costs {' and '.join(parts)} of a plain HF forward"
+        )
         if tiny:
-            line += (f"; on the tiny model the fixed cost is {tiny['overhead_s']['trace_patch-hf_forward']['cpu']['median'] * 1e3:.1f} ms "
-                     "of CPU time per trace")  # fmt: skip
+            line += (
+                f"; on the tiny model the fixed cost is {tiny['overhead_s']['trace_patch-hf_forward']['cpu']['median'] * 1e3:.1f} ms "
+                "of CPU time per trace"
+            )
         out.append(line + ".")
         if last:
-            out.append(f"- Unembedding only the last position (`logits_to_keep=1`) makes the plain forward of the "
-                       f"{forward[str(sizes[0])]['prompt_tokens']}-token target {last['median']:.2f}x as long: the "
-                       "next-token (topk) paths compute the full-vocabulary logits of every position and keep one.")  # fmt: skip
+            out.append(
+                f"- Unembedding only the last position (`logits_to_keep=1`) makes the plain forward of the "
+                f"{forward[str(sizes[0])]['prompt_tokens']}-token target {last['median']:.2f}x as long: the "
+                "next-token (topk) paths compute the full-vocabulary logits of every position and keep one."
+            )
     if grid:
         r = grid["ratios"]
-        line = (f"- The grid costs {r['ours_generate/hf_generate_floor']['median']:.2f}x plain HF generate of the same rows")
+        line = (
+            f"- The grid costs {r['ours_generate/hf_generate_floor']['median']:.2f}x plain HF generate of the same rows"
+        )
         if profile:
             share = profile["breakdown"]["share"]["model forward"] * 100
             line += f", and {share:.1f}% of its time is the model's own forward (profile)"
-        out.append(line + f". Its {r['hooks_per_cell/ours_generate']['median']:.1f}x over comparison 4 comes from batching "
-                   "alone; on a CPU the prompt pass is compute-bound, so running the same target prompt for every "
-                   "row costs nearly as much batched as one by one, and batching pays off in the decode steps.")  # fmt: skip
-        out.append(f"- The what-if (a hand-written target prefix computed once, KV cache shared) produced the same "
-                   f"texts ({grid['agreement']['whatif_vs_ours_text'][0]}/{grid['agreement']['whatif_vs_ours_text'][1]}); "
-                   f"ours took {r['ours_generate/whatif_shared_prefix']['median']:.2f}x its time, comparison 4 "
-                   f"{r['hooks_per_cell/whatif_shared_prefix']['median']:.1f}x.")  # fmt: skip
-        out.append(f"- Comparison 5 (one trace per layer, batches of {len(grid['alphas'])} rows) takes "
-                   f"{r['lens_per_layer/ours_topk']['median']:.2f}x as long as ours in topk mode: its traces are compute-bound "
-                   f"too; ours generating {grid['max_new_tokens']} tokens takes "
-                   f"{1 / r['lens_per_layer/ours_generate']['median']:.2f}x comparison 5's single next-token readout.")  # fmt: skip
+        out.append(
+            line + f". Its {r['hooks_per_cell/ours_generate']['median']:.1f}x over comparison 4 comes from batching "
+            "alone; on a CPU the prompt pass is compute-bound, so running the same target prompt for every "
+            "row costs nearly as much batched as one by one, and batching pays off in the decode steps."
+        )
+        out.append(
+            f"- The what-if (a hand-written target prefix computed once, KV cache shared) produced the same "
+            f"texts ({grid['agreement']['whatif_vs_ours_text'][0]}/{grid['agreement']['whatif_vs_ours_text'][1]}); "
+            f"ours took {r['ours_generate/whatif_shared_prefix']['median']:.2f}x its time, comparison 4 "
+            f"{r['hooks_per_cell/whatif_shared_prefix']['median']:.1f}x."
+        )
+        out.append(
+            f"- Comparison 5 (one trace per layer, batches of {len(grid['alphas'])} rows) takes "
+            f"{r['lens_per_layer/ours_topk']['median']:.2f}x as long as ours in topk mode: its traces are compute-bound "
+            f"too; ours generating {grid['max_new_tokens']} tokens takes "
+            f"{1 / r['lens_per_layer/ours_generate']['median']:.2f}x comparison 5's single next-token readout."
+        )
     points = {(p["cells"], p["batch_size"]): p for p in _memory_points(results) if p["kind"] == "cells"}
     if (64, 64) in points:
         line = f"- Peak extra memory: {points[(64, 64)]['peak_delta_mb']:.0f} MB at 64 cells"
@@ -189,8 +251,10 @@ def reading(results: dict) -> list[str]:
         cells = results.get("cells")
         tokens = cells["points"][0]["target_tokens"] if cells else 10
         logits = 64 * tokens * 49152 * 4 / 2**20
-        out.append(line + f": it follows the batch size. Much of it is the full logits of a pass "
-                   f"(64 rows x {tokens} positions x 49152 x 4 bytes = {logits:.0f} MB).")  # fmt: skip
+        out.append(
+            line + f": it follows the batch size. Much of it is the full logits of a pass "
+            f"(64 rows x {tokens} positions x 49152 x 4 bytes = {logits:.0f} MB)."
+        )
     return out
 
 
@@ -203,7 +267,8 @@ def markdown(results: dict) -> str:
         "# Superscopes benchmarks",
         "",
         f"Generated by `{meta['command'].strip()}` on {meta['date_utc']} in {meta['duration_s'] / 60:.1f} min"
-        + (" (**--quick**: small sizes, few rounds; not for quoting)" if meta["quick"] else "") + ".",
+        + (" (**--quick**: small sizes, few rounds; not for quoting)" if meta["quick"] else "")
+        + ".",
         "",
         "| machine | |",
         "| --- | --- |",
@@ -234,8 +299,10 @@ def markdown(results: dict) -> str:
     ]
     for row in targets(results):
         cpu_verdict = "-" if row["measured_cpu"] == "-" else _verdict(row["ok_cpu"])
-        lines.append(f"| {row['target']} | {row['goal']} | {row['measured']} | {_verdict(row['ok'])} | "
-                     f"{row['measured_cpu']} | {cpu_verdict} |")  # fmt: skip
+        lines.append(
+            f"| {row['target']} | {row['goal']} | {row['measured']} | {_verdict(row['ok'])} | "
+            f"{row['measured_cpu']} | {cpu_verdict} |"
+        )
     lines.append("")
     notes = reading(results)
     if notes:
@@ -291,10 +358,10 @@ def markdown(results: dict) -> str:
         lines += [
             "## 3-5. The Superscopes grid, three ways",
             "",
-            f"Source \"Diana, Princess of Wales\", token \"Wales\"; {len(grid['sites'])} sites {grid['sites']} x "
+            f'Source "Diana, Princess of Wales", token "Wales"; {len(grid["sites"])} sites {grid["sites"]} x '
             f"{len(grid['layers'])} layers {grid['layers']} x {len(grid['alphas'])} alphas {grid['alphas']} = "
             f"{grid['cells']} cells; target layer = source layer; entity-description target "
-            f"({grid['target_tokens']} tokens) patched on \"x\"; {grid['max_new_tokens']} greedy tokens; "
+            f'({grid["target_tokens"]} tokens) patched on "x"; {grid["max_new_tokens"]} greedy tokens; '
             f"batch_size {grid['batch_size']}.",
             "",
             "| # | contender | what runs | time (whole grid) | CPU time | ours is faster by (wall; CPU) |",
@@ -304,10 +371,16 @@ def markdown(results: dict) -> str:
             "ours_generate": ("3", "superscopes.run(output='generate')"),
             "hf_generate_floor": ("1", "plain HF generate of the same rows (floor, no read, no patch)"),
             "hooks_per_cell": ("4", "authors' approach: HF hooks, one generate per cell"),
-            "lens_per_layer": ("5", "nnterp-style patchscope_lens: one trace per layer, full-vocab probs (equivalent code)"),
+            "lens_per_layer": (
+                "5",
+                "nnterp-style patchscope_lens: one trace per layer, full-vocab probs (equivalent code)",
+            ),
             "ours_topk": ("3'", "superscopes.run(output='topk')"),
-            "whatif_shared_prefix": ("what-if", "plain-PyTorch prototype: batched like 3, and the target's prefix "
-                                                "(all but the placeholder) computed once, its KV cache shared by all rows"),
+            "whatif_shared_prefix": (
+                "what-if",
+                "plain-PyTorch prototype: batched like 3, and the target's prefix "
+                "(all but the placeholder) computed once, its KV cache shared by all rows",
+            ),
         }
         ratio_for = {
             "hooks_per_cell": grid["ratios"]["hooks_per_cell/ours_generate"],
@@ -316,7 +389,11 @@ def markdown(results: dict) -> str:
         for name, t in grid["timings"].items():
             number, what = labels.get(name, ("", name))
             note = f" [{t['note']}]" if t["note"] and t["scale"] != 1 else ""
-            speed = frc(ratio_for[name]) + (" (vs 3')" if name == "lens_per_layer" else " (vs 3)") if name in ratio_for else "-"
+            speed = (
+                frc(ratio_for[name]) + (" (vs 3')" if name == "lens_per_layer" else " (vs 3)")
+                if name in ratio_for
+                else "-"
+            )
             if name == "hf_generate_floor":
                 speed = f"ours / floor = {frc(grid['ratios']['ours_generate/hf_generate_floor'])}"
             if name == "whatif_shared_prefix":
@@ -376,8 +453,10 @@ def markdown(results: dict) -> str:
             )
         if any(p["baseline_sampled"] for p in cells["points"]):
             lines.append("")
-            lines.append("(sampled): the baseline ran an evenly spaced sample of the cells each round (a different "
-                         "sample per round), times scaled to all cells; every cell costs the same forward.")  # fmt: skip
+            lines.append(
+                "(sampled): the baseline ran an evenly spaced sample of the cells each round (a different "
+                "sample per round), times scaled to all cells; every cell costs the same forward."
+            )
         lines.append("")
 
     length = results.get("length")
@@ -427,7 +506,9 @@ def markdown(results: dict) -> str:
                 if "error" in c:
                     lines.append(f"| {label} | error: {c['error']} | | |")
                 else:
-                    lines.append(f"| {label} | {c['peak_delta_mb']:.0f} MB | {c['rss_before_mb']:.0f} MB | {fs(c['seconds'])} |")
+                    lines.append(
+                        f"| {label} | {c['peak_delta_mb']:.0f} MB | {c['rss_before_mb']:.0f} MB | {fs(c['seconds'])} |"
+                    )
             lines.append("")
 
     profile = results.get("profile")
@@ -479,8 +560,16 @@ def _errorbar(ax, xs, timings, label, marker="o", hollow=None):
     for x, y, h in zip(xs, med, hollow):
         ax.plot([x], [y], marker=marker, color=color, markerfacecolor="white" if h else color, linestyle="none")
     if all("cpu_median_s" in t for t in timings):
-        ax.plot(xs, [t["cpu_median_s"] for t in timings], linestyle="--", marker=marker, markersize=3, color=color,
-                alpha=0.7, label=f"{label}, CPU time")  # fmt: skip
+        ax.plot(
+            xs,
+            [t["cpu_median_s"] for t in timings],
+            linestyle="--",
+            marker=marker,
+            markersize=3,
+            color=color,
+            alpha=0.7,
+            label=f"{label}, CPU time",
+        )
 
 
 def _memory_axis(ax, points, x_key, xlabel):
@@ -507,20 +596,35 @@ def plots(results: dict, out: Path) -> list[str]:
         fig, (ax, mx) = plt.subplots(1, 2, figsize=(12, 4.8))
         xs = [p["cells"] for p in cells["points"]]
         _errorbar(ax, xs, [p["timings"]["ours_topk"] for p in cells["points"]], "superscopes.run (batched)")
-        _errorbar(ax, xs, [p["timings"]["hooks_per_cell_topk"] for p in cells["points"]], "per-cell hooks (authors')",
-                  marker="^", hollow=[p["baseline_sampled"] for p in cells["points"]])  # fmt: skip
+        _errorbar(
+            ax,
+            xs,
+            [p["timings"]["hooks_per_cell_topk"] for p in cells["points"]],
+            "per-cell hooks (authors')",
+            marker="^",
+            hollow=[p["baseline_sampled"] for p in cells["points"]],
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cells (next-token top-k)")
         ax.set_ylabel("time (s): wall median, min-max bars; dashed: CPU")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, title="hollow: baseline sampled, scaled" if any(p["baseline_sampled"] for p in cells["points"]) else None,
-                  title_fontsize=8)  # fmt: skip
+        ax.legend(
+            fontsize=8,
+            title="hollow: baseline sampled, scaled" if any(p["baseline_sampled"] for p in cells["points"]) else None,
+            title_fontsize=8,
+        )
         pts = sorted([p for p in memory if p["kind"] == "cells" and p["batch_size"] == 64], key=lambda p: p["cells"])
         _memory_axis(mx, pts, "cells", "cells")
         for p in memory:
             if p["kind"] == "cells" and p["batch_size"] != 64:
-                mx.plot([p["cells"]], [p["peak_delta_mb"]], marker="D", linestyle="none", label=f"batch_size {p['batch_size']}")
+                mx.plot(
+                    [p["cells"]],
+                    [p["peak_delta_mb"]],
+                    marker="D",
+                    linestyle="none",
+                    label=f"batch_size {p['batch_size']}",
+                )
         if pts:
             mx.legend()
         fig.suptitle(f"Cost vs number of cells - {title}", fontsize=10)
@@ -532,8 +636,11 @@ def plots(results: dict, out: Path) -> list[str]:
     if length:
         fig, (ax, mx) = plt.subplots(1, 2, figsize=(12, 4.8))
         xs = [p["tokens"] for p in length["points"]]
-        for name, label, marker in [("ours_topk", "superscopes.run", "o"), ("hooks_per_cell_topk", "per-cell hooks", "^"),
-                                    ("hf_forward_floor", "plain HF forward (floor)", "v")]:  # fmt: skip
+        for name, label, marker in [
+            ("ours_topk", "superscopes.run", "o"),
+            ("hooks_per_cell_topk", "per-cell hooks", "^"),
+            ("hf_forward_floor", "plain HF forward (floor)", "v"),
+        ]:
             _errorbar(ax, xs, [p["timings"][name] for p in length["points"]], label, marker=marker)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -553,8 +660,10 @@ def plots(results: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(9, 3.8))
         names = list(grid["timings"])
         med = [grid["timings"][n]["median_s"] for n in names]
-        err = [[m - grid["timings"][n]["min_s"] for n, m in zip(names, med)],
-               [grid["timings"][n]["max_s"] - m for n, m in zip(names, med)]]  # fmt: skip
+        err = [
+            [m - grid["timings"][n]["min_s"] for n, m in zip(names, med)],
+            [grid["timings"][n]["max_s"] - m for n, m in zip(names, med)],
+        ]
         ax.barh(names, med, xerr=err, capsize=3, color=["C0", "C7", "C3", "C1", "C2", "C0"][: len(names)])
         cpu = [grid["timings"][n].get("cpu_median_s") for n in names]
         if all(c is not None for c in cpu):

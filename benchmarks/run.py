@@ -37,9 +37,10 @@ def pin_trace_sources() -> None:
     at the line the running code says; if the file was edited after import (another
     engineer saving ``scope.py`` mid-run), the lines no longer match and the trace fails.
     Reading them right after import pins the text that matches the loaded code."""
+    from nnsight.tracing.tracer import Tracer
+
     import superscopes.graph
     import superscopes.scope
-    from nnsight.tracing.tracer import Tracer
 
     for module in (superscopes.scope, superscopes.graph, B):
         Tracer.source(module.__file__)
@@ -102,14 +103,20 @@ def block_forward(ctx: Context) -> dict:
         alphas = torch.tensor([W.GRID_ALPHAS[i % len(W.GRID_ALPHAS)] for i in range(batch)], dtype=torch.float32)
         every = [
             Item("hf_forward", _discard(lambda r, t=texts: B.hf_forward(m, t))),
-            Item("hf_forward_last_logits", _discard(lambda r, t=texts: B.hf_forward_last_logits(m, t)),
-                 note="plain HF forward with logits_to_keep=1 (only the last position unembedded)"),
+            Item(
+                "hf_forward_last_logits",
+                _discard(lambda r, t=texts: B.hf_forward_last_logits(m, t)),
+                note="plain HF forward with logits_to_keep=1 (only the last position unembedded)",
+            ),
             Item("trace_none", lambda r, t=texts: B.trace_none(m, t)),
             Item("trace_read", _discard(lambda r, t=texts: B.trace_read(m, t, 3))),
             Item("trace_patch", _discard(lambda r, t=texts, v=vectors, a=alphas: B.trace_patch(m, t, 3, v, a))),
             Item("hf_generate", _discard(lambda r, t=texts: B.hf_generate(m, t, n))),
-            Item("nnsight_generate_patch", _discard(lambda r, t=texts, v=vectors, a=alphas: B.nnsight_generate_patch(m, t, 3, v, a, n))),
-        ]  # fmt: skip
+            Item(
+                "nnsight_generate_patch",
+                _discard(lambda r, t=texts, v=vectors, a=alphas: B.nnsight_generate_patch(m, t, 3, v, a, n)),
+            ),
+        ]
         items = every if batch == 1 else [i for i in every if i.name in ("hf_forward", "trace_patch")]
         rounds = s.rounds_small if batch == 1 else s.rounds_batch
         log(f"forward: B={batch}, {rounds} rounds")
@@ -121,11 +128,16 @@ def block_forward(ctx: Context) -> dict:
             if name.startswith("trace") or name == "hf_forward_last_logits"
         }
         if batch == 1:
-            ratios["nnsight_generate_patch/hf_generate"] = paired_ratio(timings["nnsight_generate_patch"], timings["hf_generate"])
+            ratios["nnsight_generate_patch/hf_generate"] = paired_ratio(
+                timings["nnsight_generate_patch"], timings["hf_generate"]
+            )
         out[str(batch)] = {
-            "rows": batch, "prompt_tokens": len(m.tokenizer(W.TARGET)["input_ids"]), "max_new_tokens": n,
-            "timings": _timings(timings), "ratios": ratios,
-        }  # fmt: skip
+            "rows": batch,
+            "prompt_tokens": len(m.tokenizer(W.TARGET)["input_ids"]),
+            "max_new_tokens": n,
+            "timings": _timings(timings),
+            "ratios": ratios,
+        }
     return out
 
 
@@ -214,28 +226,63 @@ def block_grid(ctx: Context) -> dict:
         for start in range(0, n_cells, scope.batch_size):
             B.hf_generate(m, rows[start : start + scope.batch_size], n_tokens)
 
-    one_cell = superscopes.Scope(W.SOURCE, token=W.TOKEN, sites=["mlp_out"], layers=[layers[0]], alphas=[alphas[0]],
-                                 target_layers=["same"], max_new_tokens=n_tokens)  # fmt: skip
+    one_cell = superscopes.Scope(
+        W.SOURCE,
+        token=W.TOKEN,
+        sites=["mlp_out"],
+        layers=[layers[0]],
+        alphas=[alphas[0]],
+        target_layers=["same"],
+        max_new_tokens=n_tokens,
+    )
     items = [
-        Item("ours_generate", ours, warm=lambda: superscopes.run(m, one_cell, progress=False),
-             note="1 read trace + ceil(cells/64) generate traces"),
-        Item("hf_generate_floor", floor, warm=lambda: B.hf_generate(m, [W.TARGET], n_tokens),
-             note="plain HF generate of the same target rows, same chunks, no patch, no read"),
-        Item("hooks_per_cell", lambda r: hooks_site(W.GRID_SITES[r % per_round], layers, alphas), scale=per_round,
-             warm=lambda: hooks_site("mlp_out", layers[:1], alphas[:1], record=False),
-             note="one site per round, x3"),
-        Item("lens_per_layer", lambda r: lens_site(W.GRID_SITES[r % per_round], layers, alphas), scale=per_round,
-             warm=lambda: lens_site("mlp_out", layers[:1], alphas[:1], record=False),
-             note="one site per round, x3"),
-        Item("whatif_shared_prefix", lambda r: shared_prefix(grid_cells), warm=lambda: shared_prefix(grid_cells[:1], False),
-             note="what-if, plain PyTorch: batched like ours, target prefix KV computed once and shared by all rows"),
-        Item("ours_topk", ours_topk, warm=lambda: superscopes.run(m, W.with_output(one_cell, "topk"), progress=False),
-             note="superscopes.run with output='topk' (next-token top-10)"),
-    ]  # fmt: skip
+        Item(
+            "ours_generate",
+            ours,
+            warm=lambda: superscopes.run(m, one_cell, progress=False),
+            note="1 read trace + ceil(cells/64) generate traces",
+        ),
+        Item(
+            "hf_generate_floor",
+            floor,
+            warm=lambda: B.hf_generate(m, [W.TARGET], n_tokens),
+            note="plain HF generate of the same target rows, same chunks, no patch, no read",
+        ),
+        Item(
+            "hooks_per_cell",
+            lambda r: hooks_site(W.GRID_SITES[r % per_round], layers, alphas),
+            scale=per_round,
+            warm=lambda: hooks_site("mlp_out", layers[:1], alphas[:1], record=False),
+            note="one site per round, x3",
+        ),
+        Item(
+            "lens_per_layer",
+            lambda r: lens_site(W.GRID_SITES[r % per_round], layers, alphas),
+            scale=per_round,
+            warm=lambda: lens_site("mlp_out", layers[:1], alphas[:1], record=False),
+            note="one site per round, x3",
+        ),
+        Item(
+            "whatif_shared_prefix",
+            lambda r: shared_prefix(grid_cells),
+            warm=lambda: shared_prefix(grid_cells[:1], False),
+            note="what-if, plain PyTorch: batched like ours, target prefix KV computed once and shared by all rows",
+        ),
+        Item(
+            "ours_topk",
+            ours_topk,
+            warm=lambda: superscopes.run(m, W.with_output(one_cell, "topk"), progress=False),
+            note="superscopes.run with output='topk' (next-token top-10)",
+        ),
+    ]
     log(f"grid: {n_cells} cells, {n_tokens} new tokens, {per_round} rounds")
     timings = interleave(items, per_round, warmup=1, log=log)
 
-    ours_df = superscopes.run(m, scope, progress=False) if timings["ours_generate"].facts is None else timings["ours_generate"].facts
+    ours_df = (
+        superscopes.run(m, scope, progress=False)
+        if timings["ours_generate"].facts is None
+        else timings["ours_generate"].facts
+    )
     topk_df = timings["ours_topk"].facts
     same_text = same_ids = 0
     mismatches = []
@@ -258,20 +305,32 @@ def block_grid(ctx: Context) -> dict:
         "hooks_per_cell/whatif_shared_prefix": paired_ratio(timings["hooks_per_cell"], timings["whatif_shared_prefix"]),
     }
     return {
-        "cells": n_cells, "sites": W.GRID_SITES, "layers": layers, "alphas": alphas, "max_new_tokens": n_tokens,
-        "target_tokens": index + 1, "batch_size": scope.batch_size,
-        "timings": _timings(timings), "ratios": ratios,
+        "cells": n_cells,
+        "sites": W.GRID_SITES,
+        "layers": layers,
+        "alphas": alphas,
+        "max_new_tokens": n_tokens,
+        "target_tokens": index + 1,
+        "batch_size": scope.batch_size,
+        "timings": _timings(timings),
+        "ratios": ratios,
         "hooks_per_cell_measured_total_s": sum(total.raw),
         "agreement": {
-            "hooks_vs_ours_text": [same_text, n_cells], "hooks_vs_ours_ids": [same_ids, n_cells],
-            "lens_vs_ours_topk_top1": [same_top1, n_cells], "whatif_vs_ours_text": [same_shared, n_cells],
+            "hooks_vs_ours_text": [same_text, n_cells],
+            "hooks_vs_ours_ids": [same_ids, n_cells],
+            "lens_vs_ours_topk_top1": [same_top1, n_cells],
+            "whatif_vs_ours_text": [same_shared, n_cells],
             "mismatches": mismatches,
             "examples": [
-                {"cell": [r.site, r.layer, r.alpha], "ours": r.output, "hooks": hook_texts[(r.site, r.layer, float(r.alpha))][0]}
+                {
+                    "cell": [r.site, r.layer, r.alpha],
+                    "ours": r.output,
+                    "hooks": hook_texts[(r.site, r.layer, float(r.alpha))][0],
+                }
                 for r in ours_df.iloc[:: max(1, n_cells // 4)].itertuples()
             ],
         },
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- scaling curves
@@ -281,7 +340,9 @@ def _hook_topk_cells(hooks, cells: list[tuple], target: str, index: int, source:
     sites = sorted({c[0] for c in cells})
     layers = sorted({c[1] for c in cells})
     cache = hooks.cache(source, sites, layers, position)
-    return [hooks.topk_cell(target, index, layer, cache[(site, layer)], float(alpha))[0] for site, layer, alpha in cells]
+    return [
+        hooks.topk_cell(target, index, layer, cache[(site, layer)], float(alpha))[0] for site, layer, alpha in cells
+    ]
 
 
 def block_cells(ctx: Context) -> dict:
@@ -300,26 +361,39 @@ def block_cells(ctx: Context) -> dict:
         stride = n // per_round
         top1: dict[tuple, int] = {}
 
-        def baseline(r, cells=cells, stride=stride):
+        def baseline(r, cells=cells, stride=stride, top1=top1):
             sample = cells[r % stride :: stride]
             for cell, ids in zip(sample, _hook_topk_cells(hooks, sample, W.SHORT_TARGET, index, W.SOURCE)):
                 top1[cell] = ids[0]
 
         items = [
             Item("ours_topk", lambda r, sc=scope: superscopes.run(m, sc, progress=False)),
-            Item("hooks_per_cell_topk", baseline, scale=stride,
-                 note="" if stride == 1 else f"{per_round} of {n} cells per round (every {stride}th), x{stride}"),
-        ]  # fmt: skip
+            Item(
+                "hooks_per_cell_topk",
+                baseline,
+                scale=stride,
+                note="" if stride == 1 else f"{per_round} of {n} cells per round (every {stride}th), x{stride}",
+            ),
+        ]
         log(f"cells: n={n}, {s.rounds_curve} rounds" + (f" (baseline samples 1/{stride})" if stride > 1 else ""))
         timings = interleave(items, s.rounds_curve, warmup=1 if k == 0 else 0, log=log)
         df = timings["ours_topk"].facts
-        agree = sum(top1[(r.site, r.layer, r.alpha)] == r.output_ids[0] for r in df.itertuples() if (r.site, r.layer, r.alpha) in top1)
-        points.append({
-            "cells": n, "target_tokens": index + 1, "baseline_sampled": stride > 1, "baseline_cells_per_round": per_round,
-            "timings": _timings(timings),
-            "ratio": paired_ratio(timings["hooks_per_cell_topk"], timings["ours_topk"]),
-            "top1_agreement": [agree, len(top1)],
-        })  # fmt: skip
+        agree = sum(
+            top1[(r.site, r.layer, r.alpha)] == r.output_ids[0]
+            for r in df.itertuples()
+            if (r.site, r.layer, r.alpha) in top1
+        )
+        points.append(
+            {
+                "cells": n,
+                "target_tokens": index + 1,
+                "baseline_sampled": stride > 1,
+                "baseline_cells_per_round": per_round,
+                "timings": _timings(timings),
+                "ratio": paired_ratio(timings["hooks_per_cell_topk"], timings["ours_topk"]),
+                "top1_agreement": [agree, len(top1)],
+            }
+        )
     return {"target": W.SHORT_TARGET, "points": points}
 
 
@@ -339,19 +413,29 @@ def block_length(ctx: Context) -> dict:
         n_cells = len(cells)
         items = [
             Item("ours_topk", lambda r, sc=scope: superscopes.run(m, sc, progress=False)),
-            Item("hooks_per_cell_topk", _discard(lambda r, t=text, n=n_tokens: _hook_topk_cells(hooks, cells, t, n - 1, t))),
-            Item("hf_forward_floor", _discard(lambda r, t=text: (B.hf_forward(m, [t]), B.hf_forward(m, [t] * n_cells))),
-                 note="plain HF forward of the source row and the target rows"),
-        ]  # fmt: skip
+            Item(
+                "hooks_per_cell_topk",
+                _discard(lambda r, t=text, n=n_tokens, c=cells: _hook_topk_cells(hooks, c, t, n - 1, t)),
+            ),
+            Item(
+                "hf_forward_floor",
+                _discard(lambda r, t=text, n=n_cells: (B.hf_forward(m, [t]), B.hf_forward(m, [t] * n))),
+                note="plain HF forward of the source row and the target rows",
+            ),
+        ]
         log(f"length: {n_tokens} tokens, {n_cells} cells, {s.rounds_curve} rounds")
         timings = interleave(items, s.rounds_curve, warmup=1 if k == 0 else 0, log=log)
-        points.append({
-            "tokens": n_tokens, "cells": n_cells, "timings": _timings(timings),
-            "ratios": {
-                "ours_topk/hf_forward_floor": paired_ratio(timings["ours_topk"], timings["hf_forward_floor"]),
-                "hooks_per_cell_topk/ours_topk": paired_ratio(timings["hooks_per_cell_topk"], timings["ours_topk"]),
-            },
-        })  # fmt: skip
+        points.append(
+            {
+                "tokens": n_tokens,
+                "cells": n_cells,
+                "timings": _timings(timings),
+                "ratios": {
+                    "ours_topk/hf_forward_floor": paired_ratio(timings["ours_topk"], timings["hf_forward_floor"]),
+                    "hooks_per_cell_topk/ours_topk": paired_ratio(timings["hooks_per_cell_topk"], timings["ours_topk"]),
+                },
+            }
+        )
     return {"alphas": s.length_alphas, "site": "resid_post", "layer": 3, "points": points}
 
 
@@ -360,7 +444,6 @@ def block_length(ctx: Context) -> dict:
 
 def block_profile(ctx: Context) -> dict:
     import superscopes
-
     from benchmarks.profiling import breakdown, cprofile
 
     m = ctx.model
@@ -370,7 +453,11 @@ def block_profile(ctx: Context) -> dict:
     log(f"  total {categories['total_s']:.2f}s: " + ", ".join(f"{k} {v:.2f}" for k, v in categories["seconds"].items()))
     log("profile: cProfile of one grid run")
     profile = cprofile(lambda: superscopes.run(m, scope, progress=False))
-    return {"cells": len(scope.sites) * len(scope.layers) * len(scope.alphas), "breakdown": categories, "cprofile": profile}
+    return {
+        "cells": len(scope.sites) * len(scope.layers) * len(scope.alphas),
+        "breakdown": categories,
+        "cprofile": profile,
+    }
 
 
 def block_memory(ctx: Context) -> dict:
@@ -381,8 +468,12 @@ def block_memory(ctx: Context) -> dict:
     log(f"memory: {len(configs)} configurations in a separate process (fork per configuration)")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory", "--threads", str(ctx.threads)],
-        input=json.dumps(configs), capture_output=True, text=True, cwd=REPO, env={**os.environ, **MALLOC_ENV},
-    )  # fmt: skip
+        input=json.dumps(configs),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **MALLOC_ENV},
+    )
     for line in proc.stderr.splitlines():
         if line.startswith("  memory"):
             log(line.strip())
@@ -398,9 +489,14 @@ def block_memory(ctx: Context) -> dict:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 RUNNERS = {
-    "forward": block_forward, "tiny": block_tiny, "grid": block_grid, "cells": block_cells,
-    "length": block_length, "profile": block_profile, "memory": block_memory,
-}  # fmt: skip
+    "forward": block_forward,
+    "tiny": block_tiny,
+    "grid": block_grid,
+    "cells": block_cells,
+    "length": block_length,
+    "profile": block_profile,
+    "memory": block_memory,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,8 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     meta = machine_info(args.threads, REPO)
-    meta.update(quick=args.quick, blocks=selected, loadavg_start=loadavg(),
-                command="python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
+    meta.update(
+        quick=args.quick,
+        blocks=selected,
+        loadavg_start=loadavg(),
+        command="python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     log(f"{meta['cpu_model']}, {meta['cpu_cores']} cores, torch threads {args.threads}, load {meta['loadavg_start']}")
 
     import superscopes
@@ -437,8 +537,11 @@ def main(argv: list[str] | None = None) -> int:
             block_start = time.perf_counter()
             load_before = loadavg()
             results[name] = RUNNERS[name](ctx)
-            results[name]["block"] = {"seconds": time.perf_counter() - block_start, "loadavg_start": load_before,
-                                      "loadavg_end": loadavg()}  # fmt: skip
+            results[name]["block"] = {
+                "seconds": time.perf_counter() - block_start,
+                "loadavg_start": load_before,
+                "loadavg_end": loadavg(),
+            }
     meta["loadavg_end"] = loadavg()
     meta["duration_s"] = time.perf_counter() - started
 

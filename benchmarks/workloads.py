@@ -42,48 +42,97 @@ class Sizes:
 
 
 FULL = Sizes(
-    rounds_small=7, rounds_tiny=30, batch=64, rounds_batch=3,
-    grid_layers=GRID_LAYERS, grid_alphas=GRID_ALPHAS, max_new_tokens=10,
-    cells=[1, 8, 64, 512], baseline_cells_per_round=64,
-    lengths=[8, 32, 128, 512], length_alphas=[1, 6], rounds_curve=2,
-    memory_cells=[1, 8, 64, 128, 256, 512], memory_lengths=[8, 32, 128, 512], memory_batch_sizes=[16],
-)  # fmt: skip
+    rounds_small=7,
+    rounds_tiny=30,
+    batch=64,
+    rounds_batch=3,
+    grid_layers=GRID_LAYERS,
+    grid_alphas=GRID_ALPHAS,
+    max_new_tokens=10,
+    cells=[1, 8, 64, 512],
+    baseline_cells_per_round=64,
+    lengths=[8, 32, 128, 512],
+    length_alphas=[1, 6],
+    rounds_curve=2,
+    memory_cells=[1, 8, 64, 128, 256, 512],
+    memory_lengths=[8, 32, 128, 512],
+    memory_batch_sizes=[16],
+)
 
 QUICK = Sizes(
-    rounds_small=2, rounds_tiny=5, batch=4, rounds_batch=2,
-    grid_layers=[3], grid_alphas=[1, 6], max_new_tokens=2,
-    cells=[1, 8], baseline_cells_per_round=4,
-    lengths=[8, 24], length_alphas=[1, 6], rounds_curve=2,
-    memory_cells=[1, 8], memory_lengths=[], memory_batch_sizes=[],
-)  # fmt: skip
+    rounds_small=2,
+    rounds_tiny=5,
+    batch=4,
+    rounds_batch=2,
+    grid_layers=[3],
+    grid_alphas=[1, 6],
+    max_new_tokens=2,
+    cells=[1, 8],
+    baseline_cells_per_round=4,
+    lengths=[8, 24],
+    length_alphas=[1, 6],
+    rounds_curve=2,
+    memory_cells=[1, 8],
+    memory_lengths=[],
+    memory_batch_sizes=[],
+)
 
 
 def grid_scope(sizes: Sizes, output: str = "generate") -> superscopes.Scope:
     """The headline grid: 1 token x 3 sites x 7 layers x 6 alphas (126 cells), l* = l, 10 tokens."""
     return superscopes.Scope(
-        SOURCE, token=TOKEN, sites=GRID_SITES, layers=sizes.grid_layers, alphas=sizes.grid_alphas,
-        target_layers=["same"], output=output, max_new_tokens=sizes.max_new_tokens,
-    )  # fmt: skip
+        SOURCE,
+        token=TOKEN,
+        sites=GRID_SITES,
+        layers=sizes.grid_layers,
+        alphas=sizes.grid_alphas,
+        target_layers=["same"],
+        output=output,
+        max_new_tokens=sizes.max_new_tokens,
+    )
 
 
 def cells_scope(n: int, batch_size: int = 64) -> superscopes.Scope:
     """``n`` cells (n = sites x layers x alphas) on the short target, next-token top-k."""
-    shapes = {1: (1, 1, 1), 4: (1, 2, 2), 8: (1, 2, 4), 16: (2, 4, 2), 64: (2, 8, 4), 128: (2, 8, 8), 256: (4, 8, 8),
-              512: (4, 16, 8)}  # fmt: skip
+    shapes = {
+        1: (1, 1, 1),
+        4: (1, 2, 2),
+        8: (1, 2, 4),
+        16: (2, 4, 2),
+        64: (2, 8, 4),
+        128: (2, 8, 8),
+        256: (4, 8, 8),
+        512: (4, 16, 8),
+    }
     n_sites, n_layers, n_alphas = shapes[n]
     sites = CELL_SITES[-n_sites:]
     return superscopes.Scope(
-        SOURCE, token=TOKEN, sites=sites, layers=list(range(n_layers)), alphas=CELL_ALPHAS[:n_alphas],
-        target=SHORT_TARGET, placeholder="x", target_layers=["same"], output="topk", batch_size=batch_size,
-    )  # fmt: skip
+        SOURCE,
+        token=TOKEN,
+        sites=sites,
+        layers=list(range(n_layers)),
+        alphas=CELL_ALPHAS[:n_alphas],
+        target=SHORT_TARGET,
+        placeholder="x",
+        target_layers=["same"],
+        output="topk",
+        batch_size=batch_size,
+    )
 
 
 def length_scope(text: str, alphas: list[float]) -> superscopes.Scope:
     """Back-patching into the source prompt itself at its last token: both passes scale with length."""
     return superscopes.Scope(
-        text, position=-1, sites=["resid_post"], layers=[3], alphas=alphas,
-        target="source", target_layers=["same"], output="topk", batch_size=64,
-    )  # fmt: skip
+        text,
+        position=-1,
+        sites=["resid_post"],
+        layers=[3],
+        alphas=alphas,
+        target="source",
+        target_layers=["same"],
+        output="topk",
+        batch_size=64,
+    )
 
 
 _PARAGRAPH = (
@@ -110,10 +159,18 @@ def tiny_model(tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(config).eval()
     return TransformersModel(hf, tokenizer=tokenizer)

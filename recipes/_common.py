@@ -66,13 +66,21 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default results/<name>, or results/<name>-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed for anything sampled or random")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patched rows per forward pass")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (1 is fastest on a shared CPU)")
-    p.add_argument("--cells-per-request", type=int,
-                   help="with --remote: split each grid into NDIF requests of at most this many cells "
-                        "(default: one request per grid)")  # fmt: skip
-    p.add_argument("--new-file", action="store_true",
-                   help="if the output folder holds rows made with other settings, write a new table beside them "
-                        "instead of stopping")  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (1 is fastest on a shared CPU)"
+    )
+    p.add_argument(
+        "--cells-per-request",
+        type=int,
+        help="with --remote: split each grid into NDIF requests of at most this many cells "
+        "(default: one request per grid)",
+    )
+    p.add_argument(
+        "--new-file",
+        action="store_true",
+        help="if the output folder holds rows made with other settings, write a new table beside them "
+        "instead of stopping",
+    )
     return p
 
 
@@ -97,9 +105,15 @@ class Run:
         ``--cells-per-request`` cells per request) and no progress bar."""
         import superscopes
 
-        return superscopes.run(model, scope, remote=self.args.remote, progress=False,
-                               cells_per_request=self.args.cells_per_request if self.args.remote else None,
-                               threads=self.args.threads, **kwargs)  # fmt: skip
+        return superscopes.run(
+            model,
+            scope,
+            remote=self.args.remote,
+            progress=False,
+            cells_per_request=self.args.cells_per_request if self.args.remote else None,
+            threads=self.args.threads,
+            **kwargs,
+        )
 
     @property
     def settings(self) -> dict[str, object]:
@@ -143,8 +157,12 @@ def setup(name: str, args: argparse.Namespace, argv: list[str] | None) -> Run:
     return Run(name, args, out, command.strip())
 
 
-def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], experiment: Callable[[Run], None],
-               argv: list[str] | None = None) -> Path:  # fmt: skip
+def run_recipe(
+    name: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    experiment: Callable[[Run], None],
+    argv: list[str] | None = None,
+) -> Path:
     """Parse, make the output folder, run ``experiment`` on ``--threads`` threads (restored after)."""
     import torch
 
@@ -157,13 +175,16 @@ def run_recipe(name: str, build_parser: Callable[[], argparse.ArgumentParser], e
         print(f"wrote {run.out} ({time.time() - started:.0f} s)")
         return run.out
     except SettingsMismatchError as error:
-        raise SystemExit(f"{name}: {error} (here: --out DIR for another folder, --new-file to write beside it)") from None
+        raise SystemExit(
+            f"{name}: {error} (here: --out DIR for another folder, --new-file to write beside it)"
+        ) from None
     finally:
         torch.set_num_threads(previous)
 
 
-def recipe_main(name: str, build_parser: Callable[[], argparse.ArgumentParser],
-                experiment: Callable[[Run], None]) -> Callable[[list[str] | None], Path]:  # fmt: skip
+def recipe_main(
+    name: str, build_parser: Callable[[], argparse.ArgumentParser], experiment: Callable[[Run], None]
+) -> Callable[[list[str] | None], Path]:
     """A recipe's ``main(argv=None)``: ``run_recipe`` of its parser and experiment; returns the output folder.
 
     From the command line (``python -m superscopes.recipes.NAME``, no ``argv``) a user error is
@@ -231,9 +252,16 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def write_summary(run: Run, title: str, ours: str, paper: str, settings: dict[str, object],
-                  findings: list[str], tables: dict[str, pd.DataFrame] | None = None,
-                  figures: list[str] | None = None) -> Path:  # fmt: skip
+def write_summary(
+    run: Run,
+    title: str,
+    ours: str,
+    paper: str,
+    settings: dict[str, object],
+    findings: list[str],
+    tables: dict[str, pd.DataFrame] | None = None,
+    figures: list[str] | None = None,
+) -> Path:
     """summary.md: our number next to the paper's, the settings, the command that made it, its wall time."""
     seconds = run.seconds if run.timed else record_time(run)
     if seconds is None:
@@ -246,8 +274,10 @@ def write_summary(run: Run, title: str, ours: str, paper: str, settings: dict[st
     lines += [f"- {key}: {value}" for key, value in settings.items()]
     embedded = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m in EMBEDDED]
     if embedded:  # a reader comparing with the papers' bf16/fp16 models must know
-        lines.append(f"- weights: {', '.join(embedded)} are the embedded 4-bit GGUF checkpoints de-quantised to "
-                     "float32, not the original half-precision weights")  # fmt: skip
+        lines.append(
+            f"- weights: {', '.join(embedded)} are the embedded 4-bit GGUF checkpoints de-quantised to "
+            "float32, not the original half-precision weights"
+        )
     lines += ["", f"Command: `{run.command}`", "", "## What it shows", ""]
     lines += [f"- {finding}" for finding in findings]
     for caption, table in (tables or {}).items():

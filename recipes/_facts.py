@@ -114,8 +114,9 @@ def load_task(task: str, limit_subjects: int | None = None) -> pd.DataFrame:
     for subject, obj, template, snippet in frame.itertuples(index=False):
         start = snippet.find(subject)
         if start > 0 and snippet[:start].strip():
-            rows.append((task, subject, obj, template, question(template, subject), snippet,
-                         snippet[: start + len(subject)]))  # fmt: skip
+            rows.append(
+                (task, subject, obj, template, question(template, subject), snippet, snippet[: start + len(subject)])
+            )
     out = pd.DataFrame(rows, columns=["task", "subject", "object", "template", "question", "snippet", "source"])
     return out.drop_duplicates(["subject", "source"]).reset_index(drop=True)
 
@@ -147,9 +148,17 @@ def greedy(run: Run, model, prompts: list[str], max_new_tokens: int) -> list[str
     unique = list(dict.fromkeys(prompts))
     if not unique:
         return []
-    scope = superscopes.Scope(unique, sites=["resid_post"], layers=[0], alphas=[1], transforms=["none"],
-                              target="source", target_layers=[0], max_new_tokens=max_new_tokens,
-                              batch_size=run.args.batch_size)  # fmt: skip
+    scope = superscopes.Scope(
+        unique,
+        sites=["resid_post"],
+        layers=[0],
+        alphas=[1],
+        transforms=["none"],
+        target="source",
+        target_layers=[0],
+        max_new_tokens=max_new_tokens,
+        batch_size=run.args.batch_size,
+    )
     outputs = dict(zip(*run.scope(model, scope)[["source", "output"]].T.values))
     return [outputs[p] for p in prompts]
 
@@ -162,8 +171,13 @@ def knowledge(run: Run, model, rows: pd.DataFrame, max_new_tokens: int) -> pd.Da
     return subjects.assign(answer=answers, known=known).reset_index(drop=True)
 
 
-def conditions(run: Run, filename: str, specs: dict[str, Callable[[], pd.DataFrame]],
-               judge: Callable[[pd.DataFrame], pd.DataFrame] | None = None, **settings) -> pd.DataFrame:  # fmt: skip
+def conditions(
+    run: Run,
+    filename: str,
+    specs: dict[str, Callable[[], pd.DataFrame]],
+    judge: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    **settings,
+) -> pd.DataFrame:
     """Each condition's frame (``specs[name]()``: one ``superscopes.run``), judged by ``judge`` and
     stored as it finishes under a ``condition`` column; a rerun with the same settings skips
     finished conditions."""

@@ -67,8 +67,14 @@ class Inputs:
     """Inputs (snippet, token) as one table, with the features the hypotheses need;
     ``predictions``: the model's greedy next-token id after each input."""
 
-    def __init__(self, tokenizer, frame: pd.DataFrame, pairs: list[tuple[int, int]], country_names: list[str],
-                 predictions: np.ndarray):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        frame: pd.DataFrame,
+        pairs: list[tuple[int, int]],
+        country_names: list[str],
+        predictions: np.ndarray,
+    ):
         if len(predictions) != len(pairs):
             raise ValueError(f"{len(predictions)} predictions for {len(pairs)} inputs")
         self.pairs, self.prediction = pairs, np.asarray(predictions)
@@ -90,9 +96,14 @@ class Inputs:
         """Per query, the most any k of these inputs can agree with it on each hypothesis that
         holds for it: min(1, inputs for which the hypothesis holds / k)."""
         every = np.arange(len(self.pairs))
-        return [{h: min(1.0, float(np.sum(f == f_query)) / k)
-                 for h, (f_query, f) in self.features(query, qi, q[1], q[2], every).items() if f_query}
-                for qi, q in enumerate(queries)]  # fmt: skip
+        return [
+            {
+                h: min(1.0, float(np.sum(f == f_query)) / k)
+                for h, (f_query, f) in self.features(query, qi, q[1], q[2], every).items()
+                if f_query
+            }
+            for qi, q in enumerate(queries)
+        ]
 
     def features(self, query: Inputs, qi: int, subject: str, relation: str, rows: np.ndarray) -> dict:
         """hypothesis -> (f(x_original) of query ``qi``, f over these inputs' ``rows``)."""

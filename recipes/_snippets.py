@@ -20,8 +20,9 @@ import numpy as np
 from superscopes.corpus import patchscopes_snippets as load_snippets  # noqa: F401  (the recipes' name)
 
 
-def sample_prefixes(tokenizers: Sequence, texts: Sequence[str], seed: int, include_last: bool = False,
-                    tries: int = 10) -> list[tuple[int, str, list[int]]]:  # fmt: skip
+def sample_prefixes(
+    tokenizers: Sequence, texts: Sequence[str], seed: int, include_last: bool = False, tries: int = 10
+) -> list[tuple[int, str, list[int]]]:
     """One random token position per text, as the Patchscopes code draws it, and the text up to
     and including that token: ``(text index, prefix, [position in each tokenizer])``.
 
@@ -50,8 +51,9 @@ def sample_prefixes(tokenizers: Sequence, texts: Sequence[str], seed: int, inclu
     return chosen
 
 
-def evaluated_and_fit(tokenizers: Sequence, texts: Sequence[str], seed: int, n: int, n_fit: int,
-                      include_last: bool = False) -> tuple[list[tuple[int, str, list[int]]], list[str]]:  # fmt: skip
+def evaluated_and_fit(
+    tokenizers: Sequence, texts: Sequence[str], seed: int, n: int, n_fit: int, include_last: bool = False
+) -> tuple[list[tuple[int, str, list[int]]], list[str]]:
     """``n`` distinct prefixes to evaluate (``sample_prefixes`` over ``texts`` in order: a prompt
     is a unit, and two texts may start alike), and ``n_fit`` prefixes of the texts after the last
     one used, the last token allowed (the paper's training positions): maps fitted on them never
@@ -69,4 +71,3 @@ def evaluated_and_fit(tokenizers: Sequence, texts: Sequence[str], seed: int, n: 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-

@@ -39,14 +39,27 @@ from ._common import Run, parser, recipe_main, resolve_layers, write_summary
 
 NAME = "attribute_extraction"
 DESCRIPTION = __doc__.splitlines()[0]
-TASKS = ["country_capital_city", "country_currency", "country_largest_city", "food_from_country", "person_plays_pro_sport"]
+TASKS = [
+    "country_capital_city",
+    "country_currency",
+    "country_largest_city",
+    "food_from_country",
+    "person_plays_pro_sport",
+]
 QUICK_TASKS = ["country_currency", "country_largest_city"]
-PS, PS1, PROBE, INPUT, NONE, MAJORITY = ("Patchscopes (any l*, mean over l)", "Patchscopes (one cross-fitted cell)",
-                                         "probe (cross-fitted layer)", "input only (Li)", "unpatched target",
-                                         "majority class")  # fmt: skip
+PS, PS1, PROBE, INPUT, NONE, MAJORITY = (
+    "Patchscopes (any l*, mean over l)",
+    "Patchscopes (one cross-fitted cell)",
+    "probe (cross-fitted layer)",
+    "input only (Li)",
+    "unpatched target",
+    "majority class",
+)
 PAIRS = [(PS, INPUT), (PS, PROBE), (PS1, INPUT), (PS, NONE), (PS, MAJORITY), (INPUT, MAJORITY), (PROBE, MAJORITY)]
-PAPER = ("Patchscopes (GPT-J, 12 tasks): beats the probe on 6 of 12 tasks. Li et al. (2025), Llama-3.1-8B-Instruct, "
-         "6 factual tasks: input-only 0.644 > LIT 0.602 > Patchscopes 0.487")  # fmt: skip
+PAPER = (
+    "Patchscopes (GPT-J, 12 tasks): beats the probe on 6 of 12 tasks. Li et al. (2025), Llama-3.1-8B-Instruct, "
+    "6 factual tasks: input-only 0.644 > LIT 0.602 > Patchscopes 0.487"
+)
 
 
 def split(rows: pd.DataFrame, max_test: int, seed: int) -> pd.Series:
@@ -76,7 +89,9 @@ def build_parser():
     p.add_argument("--layers", type=parse_layers, help="source layers l (default every 4th layer; quick 4,12)")
     p.add_argument("--target-layers", type=parse_layers, help="target layers l* (default as --layers; quick 0,4)")
     p.add_argument("--max-rows", type=int, help="held-out rows per task (default 8; quick 2)")
-    p.add_argument("--limit-subjects", type=int, help="only the first N subjects per task, input-only rows too (quick 6)")
+    p.add_argument(
+        "--limit-subjects", type=int, help="only the first N subjects per task, input-only rows too (quick 6)"
+    )
     return p
 
 
@@ -85,11 +100,13 @@ def known_rows(run: Run, model, tasks: list[str]) -> tuple[pd.DataFrame, pd.Data
     limit = run.args.limit_subjects or (6 if run.args.quick else None)
     rows = pd.concat([F.load_task(t, limit) for t in tasks], ignore_index=True)
     rows = rows[[F.crop_is_exact(model.tokenizer, *r) for r in zip(rows["snippet"], rows["subject"], rows["source"])]]
-    known = F.conditions(run, "knowledge.csv", {"plain question": lambda: F.knowledge(run, model, rows, F.LI_NEW_TOKENS)})
+    known = F.conditions(
+        run, "knowledge.csv", {"plain question": lambda: F.knowledge(run, model, rows, F.LI_NEW_TOKENS)}
+    )
     yes = set(zip(*known.loc[known["known"], ["task", "subject"]].T.values))
     rows = rows[[k in yes for k in zip(rows["task"], rows["subject"])]].reset_index(drop=True)
     rows["test"] = False
-    for task, part in rows.groupby("task"):
+    for _, part in rows.groupby("task"):
         rows.loc[part.index, "test"] = split(part, run.args.max_rows or (2 if run.args.quick else 8), run.args.seed)
     return rows.assign(row=range(len(rows))), known
 
@@ -100,7 +117,7 @@ def probe_rows(run: Run, model, rows: pd.DataFrame) -> pd.DataFrame:
     from superscopes.probe import fit_probe
 
     out = []
-    for task, part in rows.groupby("task"):
+    for _, part in rows.groupby("task"):
         if part["test"].any():
             h = collect(model, list(part["source"]), "resid_post", "all", "last", 32, run.remote)
             held = part["test"].values
@@ -118,14 +135,22 @@ def run_conditions(run: Run, model, rows: pd.DataFrame, tasks: list[str], layers
     import superscopes
 
     test = rows[rows["test"]]
-    li = pd.concat([F.li_rows(t, run.args.limit_subjects or (6 if run.args.quick else None)) for t in tasks],
-                   ignore_index=True)  # fmt: skip
+    li = pd.concat(
+        [F.li_rows(t, run.args.limit_subjects or (6 if run.args.quick else None)) for t in tasks], ignore_index=True
+    )
     li = li.assign(prompt=[F.input_only_prompt(model.tokenizer, s, t) for s, t in zip(li["snippet"], li["template"])])
 
     def patchscopes() -> pd.DataFrame:
-        scope = superscopes.Scope(list(test["source"]), sites=["resid_post"], layers=layers, alphas=[1],
-                                  target=list(test["template"]), target_layers=targets,
-                                  max_new_tokens=F.LI_NEW_TOKENS, batch_size=run.args.batch_size)  # fmt: skip
+        scope = superscopes.Scope(
+            list(test["source"]),
+            sites=["resid_post"],
+            layers=layers,
+            alphas=[1],
+            target=list(test["template"]),
+            target_layers=targets,
+            max_new_tokens=F.LI_NEW_TOKENS,
+            batch_size=run.args.batch_size,
+        )
         frame = run.scope(model, scope).drop(columns=["source", "token", "target"])
         frame["row"] = np.repeat(test["row"].values, len(frame) // len(test))  # cells come in prompt order
         return frame.merge(test[["row", "task", "subject", "object", "snippet"]], on="row")
@@ -134,8 +159,11 @@ def run_conditions(run: Run, model, rows: pd.DataFrame, tasks: list[str], layers
         return lambda: frame.assign(output=F.greedy(run, model, prompts, F.LI_NEW_TOKENS))
 
     keep = ["row", "task", "subject", "object", "snippet"]
-    specs = {"Patchscopes": patchscopes, NONE: text(test[keep], list(test["template"])),
-             INPUT: text(li.assign(row=-1), list(li["prompt"]))}  # fmt: skip
+    specs = {
+        "Patchscopes": patchscopes,
+        NONE: text(test[keep], list(test["template"])),
+        INPUT: text(li.assign(row=-1), list(li["prompt"])),
+    }
     return F.conditions(run, "cells.csv", specs, F.judged, layers=layers, targets=targets)
 
 
@@ -145,27 +173,40 @@ def row_scores(cells: pd.DataFrame, probes: pd.DataFrame, rows: pd.DataFrame, se
     ps = cells[cells["condition"] == "Patchscopes"]
     ps = ps.assign(pair=ps["layer"].astype(str) + "->" + ps["target_layer"].astype(str), pool="all")
     one = metrics.cross_fitted_best(ps, "pair", "success", "success", by=("pool",), prompt="row", seed=seed)
-    layer = metrics.cross_fitted_best(probes.assign(pool="all"), "layer", "correct", "correct", by=("pool",),
-                                      prompt="row", seed=seed)  # fmt: skip
+    layer = metrics.cross_fitted_best(
+        probes.assign(pool="all"), "layer", "correct", "correct", by=("pool",), prompt="row", seed=seed
+    )
     li = cells[cells["condition"] == INPUT].drop_duplicates(["task", "subject", "snippet"])
     li = li.set_index(["task", "subject", "snippet"])["success"]
     none = cells[cells["condition"] == NONE].set_index("row")["success"]
     train = rows[~rows["test"]]
-    majority = [metrics.majority_share([o], train.loc[train["task"] == t, "object"]) for t, o in zip(test["task"], test["object"])]
-    return pd.DataFrame({
-        "task": test["task"], "object": test["object"],
-        PS: metrics.any_then_mean(ps, "success", "row", any_over="target_layer", mean_over="layer"),
-        PS1: one.set_index("row")["success"], PROBE: layer.set_index("row")["correct"],
-        INPUT: [li.get(k, float("nan")) for k in zip(test["task"], test["subject"], test["snippet"])],
-        NONE: none, MAJORITY: majority,
-    }, index=test.index).astype({m: float for m in (PS, PS1, PROBE, INPUT, NONE, MAJORITY)})  # fmt: skip
+    majority = [
+        metrics.majority_share([o], train.loc[train["task"] == t, "object"])
+        for t, o in zip(test["task"], test["object"])
+    ]
+    return pd.DataFrame(
+        {
+            "task": test["task"],
+            "object": test["object"],
+            PS: metrics.any_then_mean(ps, "success", "row", any_over="target_layer", mean_over="layer"),
+            PS1: one.set_index("row")["success"],
+            PROBE: layer.set_index("row")["correct"],
+            INPUT: [li.get(k, float("nan")) for k in zip(test["task"], test["subject"], test["snippet"])],
+            NONE: none,
+            MAJORITY: majority,
+        },
+        index=test.index,
+    ).astype({m: float for m in (PS, PS1, PROBE, INPUT, NONE, MAJORITY)})
 
 
 def per_task(scores: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """Per task: held-out accuracies beside the majority class, and Li's input-only accuracy on every row."""
     li = cells[cells["condition"] == INPUT]
-    table = scores.groupby("task").agg(rows=("object", "size"), classes=("object", "nunique"),
-                                       **{m: (m, "mean") for m in (MAJORITY, PS, PS1, PROBE, INPUT)})  # fmt: skip
+    table = scores.groupby("task").agg(
+        rows=("object", "size"),
+        classes=("object", "nunique"),
+        **{m: (m, "mean") for m in (MAJORITY, PS, PS1, PROBE, INPUT)},
+    )
     table["beats probe"] = (table[PS] > table[PROBE]).where(table["classes"] > 1)
     table["input only, all rows"] = li.groupby("task")["success"].mean()
     table["majority, all rows"] = li.groupby("task")["object"].apply(metrics.majority_share)
@@ -179,11 +220,30 @@ def figures(run: Run, cells: pd.DataFrame, tasks_table: pd.DataFrame, label: str
     ps = cells[cells["condition"] == "Patchscopes"]
     wide = ps.pivot_table(index="target_layer", columns="layer", values="success").sort_index(ascending=False)
     fig, (ax, bx) = plots.figure(2, cols=2, size=(6.0, 4.6))
-    plots.heatmap(wide, ax=ax, vmin=0, vmax=1, label="success", title="Patchscopes, all held-out rows",
-                  xlabel="source layer l", ylabel="target layer l*")  # fmt: skip
-    long = tasks_table.melt(id_vars="task", value_vars=[MAJORITY, PS, PROBE, INPUT], var_name="method", value_name="accuracy")
-    plots.bars(long.round(2), x="task", y="accuracy", hue="method", ax=bx, annotate=False,
-               title="held-out accuracy per task", xlabel="task", ylabel="accuracy")  # fmt: skip
+    plots.heatmap(
+        wide,
+        ax=ax,
+        vmin=0,
+        vmax=1,
+        label="success",
+        title="Patchscopes, all held-out rows",
+        xlabel="source layer l",
+        ylabel="target layer l*",
+    )
+    long = tasks_table.melt(
+        id_vars="task", value_vars=[MAJORITY, PS, PROBE, INPUT], var_name="method", value_name="accuracy"
+    )
+    plots.bars(
+        long.round(2),
+        x="task",
+        y="accuracy",
+        hue="method",
+        ax=bx,
+        annotate=False,
+        title="held-out accuracy per task",
+        xlabel="task",
+        ylabel="accuracy",
+    )
     bx.tick_params(axis="x", labelrotation=20)
     plots.save(fig, run.out / "accuracy.png", title=f"{label}: attribute extraction, {F.LI_NEW_TOKENS} greedy tokens")
     return ["accuracy.png"]
@@ -216,24 +276,39 @@ def experiment(run: Run) -> None:
         f"Echoes (the output only repeats the subject) never count: {int(cells['echo'].sum())} of {len(cells)} texts.",
         "The probe and the one-cell Patchscope choose their layer / (l, l*) on the other half of the rows; 'any l*, "
         "mean over l' tries every target layer per source layer, as Li et al. score Patchscopes.",
-    ]  # fmt: skip
-    write_summary(run, f"Attribute extraction Patchscope vs probe vs input only on {label}", metrics.describe(table.iloc[0]),
-                  PAPER, {"model": f"{label} ({n} layers)", "tasks": ", ".join(tasks),
-                          "held-out rows": f"{len(scores)} (known facts, at most {args.max_rows or (2 if args.quick else 8)} per task)",
-                          "layers l / l*": f"{layers} / {targets}", "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens",
-                          "success": "object in the output, lowercased, whitespace as is (Li's check_correct); echoes never",
-                          "input only": f"Li's chat prompt, {int((cells['condition'] == INPUT).sum())} unfiltered rows",
-                          "seed": args.seed},  # fmt: skip
-                  findings, {"Comparisons over held-out rows": table.round(4), "Per task": tasks_table.round(3),
-                             "Knowledge check": known.groupby("task")["known"].agg(["size", "sum"]).reset_index()},
-                  figures(run, cells, tasks_table, label))  # fmt: skip
+    ]
+    write_summary(
+        run,
+        f"Attribute extraction Patchscope vs probe vs input only on {label}",
+        metrics.describe(table.iloc[0]),
+        PAPER,
+        {
+            "model": f"{label} ({n} layers)",
+            "tasks": ", ".join(tasks),
+            "held-out rows": f"{len(scores)} (known facts, at most {args.max_rows or (2 if args.quick else 8)} per task)",
+            "layers l / l*": f"{layers} / {targets}",
+            "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens",
+            "success": "object in the output, lowercased, whitespace as is (Li's check_correct); echoes never",
+            "input only": f"Li's chat prompt, {int((cells['condition'] == INPUT).sum())} unfiltered rows",
+            "seed": args.seed,
+        },
+        findings,
+        {
+            "Comparisons over held-out rows": table.round(4),
+            "Per task": tasks_table.round(3),
+            "Knowledge check": known.groupby("task")["known"].agg(["size", "sum"]).reset_index(),
+        },
+        figures(run, cells, tasks_table, label),
+    )
 
 
 def _li_line(cells: pd.DataFrame) -> str:
     li = cells[cells["condition"] == INPUT]
     low, high = metrics.bootstrap_ci(li["success"].astype(float))
-    return (f"{li['success'].mean():.3f} (95% CI [{low:.3f}, {high:.3f}] over {len(li)} rows) against a majority "
-            f"class of {li.groupby('task')['object'].apply(metrics.majority_share).mean():.3f} (mean over tasks)")
+    return (
+        f"{li['success'].mean():.3f} (95% CI [{low:.3f}, {high:.3f}] over {len(li)} rows) against a majority "
+        f"class of {li.groupby('task')['object'].apply(metrics.majority_share).mean():.3f} (mean over tasks)"
+    )
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -44,9 +44,23 @@ PAPER = (
 )
 CONDITIONS = ("same_text", "identity_prompt")
 CELL_COLUMNS = [
-    "direction", "condition", "model", "target_model", "source", "token", "layer", "target_layer", "transform",
-    "pred_token", "output_ids", "output_probs", "source_top1", "target_top1", "precision_at_1", "target_match",
-]  # fmt: skip
+    "direction",
+    "condition",
+    "model",
+    "target_model",
+    "source",
+    "token",
+    "layer",
+    "target_layer",
+    "transform",
+    "pred_token",
+    "output_ids",
+    "output_probs",
+    "source_top1",
+    "target_top1",
+    "precision_at_1",
+    "target_match",
+]
 
 
 def same_text(a: str, b: str) -> bool:
@@ -71,16 +85,22 @@ def fit_maps(run: Run, s, t, fit: list[str], src_layers, tgt_layers, ridge: floa
     """One map per (l, l*): least squares on the last token of every fit prefix; R^2 on the prompts."""
     from superscopes import lens
 
-    collect = lambda m, texts, layers: lens.collect(m, texts, "resid_post", layers, "last", run.args.batch_size,
-                                                    run.remote)  # fmt: skip
+    def collect(m, texts, layers):
+        return lens.collect(m, texts, "resid_post", layers, "last", run.args.batch_size, run.remote)
+
     X, Y = collect(s, fit, src_layers), collect(t, fit, tgt_layers)
     EX, EY = collect(s, prompts, src_layers), collect(t, prompts, tgt_layers)
     maps, quality = {}, []
     for ls in src_layers:
         for lt in tgt_layers:
             maps[(ls, lt)] = lens.fit_affine(X[ls], Y[lt], ridge)
-            quality.append({"layer": ls, "target_layer": lt,
-                            "r2_eval": lens.r_squared(lens.apply_affine(EX[ls], *maps[(ls, lt)]), EY[lt])})
+            quality.append(
+                {
+                    "layer": ls,
+                    "target_layer": lt,
+                    "r2_eval": lens.r_squared(lens.apply_affine(EX[ls], *maps[(ls, lt)]), EY[lt]),
+                }
+            )
     return maps, pd.DataFrame(quality)
 
 
@@ -91,11 +111,21 @@ def grid(run: Run, s, t, condition: str, prompts: list[str], maps: dict, own: di
 
     pairs = list(maps)
     target = prompts if condition == "same_text" else "identity"
-    scope = Scope(prompts, sites=["resid_post"], layer_pairs=pairs, transforms=["affine", "none"], alphas=[1],
-                  affine_weight={p: w for p, (w, _) in maps.items()}, affine_bias={p: b for p, (_, b) in maps.items()},
-                  target=target, target_position="last" if condition == "same_text" else "placeholder",
-                  where=lambda c: c.transform == "affine" or (c.layer, c.target_layer) == pairs[0],
-                  output="topk", top_k=run.args.top_k, batch_size=run.args.batch_size)  # fmt: skip
+    scope = Scope(
+        prompts,
+        sites=["resid_post"],
+        layer_pairs=pairs,
+        transforms=["affine", "none"],
+        alphas=[1],
+        affine_weight={p: w for p, (w, _) in maps.items()},
+        affine_bias={p: b for p, (_, b) in maps.items()},
+        target=target,
+        target_position="last" if condition == "same_text" else "placeholder",
+        where=lambda c: c.transform == "affine" or (c.layer, c.target_layer) == pairs[0],
+        output="topk",
+        top_k=run.args.top_k,
+        batch_size=run.args.batch_size,
+    )
     frame = run.scope(s, scope, target_model=t)
     frame["pred_token"] = [t.tokenizer.decode([ids[0]]) for ids in frame["output_ids"]]
     frame["source_top1"] = frame["source"].map(own[id(s)])
@@ -103,8 +133,12 @@ def grid(run: Run, s, t, condition: str, prompts: list[str], maps: dict, own: di
     frame["precision_at_1"] = [int(same_text(a, b)) for a, b in zip(frame["pred_token"], frame["source_top1"])]
     frame["target_match"] = [int(same_text(a, b)) for a, b in zip(frame["pred_token"], frame["target_top1"])]
     frame["output_probs"] = [[round(float(x), 6) for x in row] for row in frame["output_probs"]]
-    return frame.assign(direction=f"{model_name(s)} -> {model_name(t)}", condition=condition, model=model_name(s),
-                        target_model=model_name(t))[CELL_COLUMNS]  # fmt: skip
+    return frame.assign(
+        direction=f"{model_name(s)} -> {model_name(t)}",
+        condition=condition,
+        model=model_name(s),
+        target_model=model_name(t),
+    )[CELL_COLUMNS]
 
 
 def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -115,8 +149,9 @@ def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFra
     control = cells[cells["transform"] == "none"][["direction", "condition", "source", "precision_at_1"]]
     at_pairs = mapped[keys[:-1]].drop_duplicates().merge(control, on=["direction", "condition"])
     paired = pd.concat([mapped, at_pairs.assign(transform="none")], ignore_index=True)
-    return summary, compare_conditions(paired, "transform", [("affine", "none")], keys[:-1], "precision_at_1",
-                                       "source", seed)  # fmt: skip
+    return summary, compare_conditions(
+        paired, "transform", [("affine", "none")], keys[:-1], "precision_at_1", "source", seed
+    )
 
 
 def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
@@ -127,12 +162,22 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     for ax, (direction, condition) in zip(axes, panels):
         part = summary[(summary["direction"] == direction) & (summary["condition"] == condition)]
         control = part[part["transform"] == "none"]["precision_at_1"].iloc[0]
-        table = part[part["transform"] == "affine"].pivot(index="layer", columns="target_layer",
-                                                          values="precision_at_1").sort_index(ascending=False)
+        table = (
+            part[part["transform"] == "affine"]
+            .pivot(index="layer", columns="target_layer", values="precision_at_1")
+            .sort_index(ascending=False)
+        )
         source, target = direction.split(" -> ")
-        plots.heatmap(table, title=f"{direction}, {condition} (no-write control {control:.2f})",
-                      xlabel=f"target layer l* ({target})", ylabel=f"source layer l ({source})", ax=ax,
-                      label="precision@1", vmin=0, vmax=1)  # fmt: skip
+        plots.heatmap(
+            table,
+            title=f"{direction}, {condition} (no-write control {control:.2f})",
+            xlabel=f"target layer l* ({target})",
+            ylabel=f"source layer l ({source})",
+            ax=ax,
+            label="precision@1",
+            vmin=0,
+            vmax=1,
+        )
     return plots.save(fig, path, title)
 
 
@@ -144,15 +189,21 @@ def findings(comparisons: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
         best = part.sort_values(["mean_a", "layer", "target_layer"], ascending=[False, True, True]).iloc[0]
         above = part[(part["ci_low"] > 0) & (part["p_holm"] < 0.05)]
         below = part[(part["ci_high"] < 0) & (part["p_holm"] < 0.05)]
-        out.append(f"{direction}, {condition}: best pair (l={best['layer']}, l*={best['target_layer']}; chosen on "
-                   f"these texts) precision@1 "
-                   f"{best['mean_a']:.2f} vs the no-write control {best['mean_b']:.2f} (difference "
-                   f"{best['difference']:+.2f} [{best['ci_low']:+.2f}, {best['ci_high']:+.2f}]); above the control "
-                   f"at {len(above)} of {len(part)} pairs, below at {len(below)} (Holm p < 0.05).")  # fmt: skip
+        out.append(
+            f"{direction}, {condition}: best pair (l={best['layer']}, l*={best['target_layer']}; chosen on "
+            f"these texts) precision@1 "
+            f"{best['mean_a']:.2f} vs the no-write control {best['mean_b']:.2f} (difference "
+            f"{best['difference']:+.2f} [{best['ci_low']:+.2f}, {best['ci_high']:+.2f}]); above the control "
+            f"at {len(above)} of {len(part)} pairs, below at {len(below)} (Holm p < 0.05)."
+        )
     if not quality.empty:
-        out.append("Map quality, R^2 on the evaluated texts' positions: " + "; ".join(
-            f"{d}: median {g['r2_eval'].median():.2f}, max {g['r2_eval'].max():.2f}"
-            for d, g in quality.groupby("direction")))  # fmt: skip
+        out.append(
+            "Map quality, R^2 on the evaluated texts' positions: "
+            + "; ".join(
+                f"{d}: median {g['r2_eval'].median():.2f}, max {g['r2_eval'].max():.2f}"
+                for d, g in quality.groupby("direction")
+            )
+        )
     return out
 
 
@@ -162,12 +213,21 @@ def compute(run: Run, store, directions: list, layers: dict, prompts: list[str],
     from superscopes.models import model_name
 
     models = {id(m): m for pair in directions for m in pair}.values()
-    own = {id(m): dict(zip(prompts, (m.tokenizer.decode([int(i)]) for i in
-                                     lens.next_tokens(m, prompts, "last", run.args.batch_size, run.remote))))
-           for m in models}  # fmt: skip
+    own = {
+        id(m): dict(
+            zip(
+                prompts,
+                (
+                    m.tokenizer.decode([int(i)])
+                    for i in lens.next_tokens(m, prompts, "last", run.args.batch_size, run.remote)
+                ),
+            )
+        )
+        for m in models
+    }
     for s, t in directions:
         direction = f"{model_name(s)} -> {model_name(t)}"
-        todo = list(run.pending(store, CONDITIONS, lambda c: [direction, c]))
+        todo = list(run.pending(store, CONDITIONS, lambda c, d=direction: [d, c]))
         if not todo:
             continue
         maps, quality = fit_maps(run, s, t, fit, layers[id(s)], layers[id(t)], ridge, prompts)
@@ -191,16 +251,26 @@ def experiment(run: Run) -> None:
     for m, given in ((a, args.layers), (b, args.other_layers)):
         n = num_layers(m)
         layers[id(m)] = resolve_layers(given, n, [n - 1] if quick else list(range(0, n, args.stride)))
-    chosen, fit = evaluated_and_fit([a.tokenizer, b.tokenizer], load_snippets(args.seed)["text"].tolist(), args.seed,
-                                    args.sources or (4 if quick else 200), n_fit, include_last=True)  # fmt: skip
+    chosen, fit = evaluated_and_fit(
+        [a.tokenizer, b.tokenizer],
+        load_snippets(args.seed)["text"].tolist(),
+        args.seed,
+        args.sources or (4 if quick else 200),
+        n_fit,
+        include_last=True,
+    )
     prompts = [prefix for _, prefix, _ in chosen]
     directions = [(a, b)] if quick else [(a, b), (b, a)]
-    store = run.store("cells.csv", ["direction", "condition"], layers=list(layers.values()), fit_texts=len(fit),
-                      ridge=ridge)  # fmt: skip
+    store = run.store(
+        "cells.csv", ["direction", "condition"], layers=list(layers.values()), fit_texts=len(fit), ridge=ridge
+    )
     compute(run, store, directions, layers, prompts, fit, ridge)
     per_grid = sum(len(layers[id(s)]) * len(layers[id(t)]) + 1 for s, t in directions)  # + the control
-    cells = run.cells(store, len(prompts) * len(CONDITIONS) * per_grid,
-                      unique=["direction", "condition", "source", "layer", "target_layer", "transform"])  # fmt: skip
+    cells = run.cells(
+        store,
+        len(prompts) * len(CONDITIONS) * per_grid,
+        unique=["direction", "condition", "source", "layer", "target_layer", "transform"],
+    )
     agree = cells.drop_duplicates("source")
     agree = float(sum(map(same_text, agree["source_top1"], agree["target_top1"])) / len(agree))
     report(run, [model_name(m) for m in (a, b)], layers.values(), cells, len(fit), ridge, agree)
@@ -215,28 +285,44 @@ def report(run: Run, names: list[str], layers, cells: pd.DataFrame, n_fit: int, 
     quality = pd.read_csv(run.out / "map_fit.csv") if (run.out / "map_fit.csv").exists() else pd.DataFrame()
     if not quality.empty:  # a resumed direction refits its maps (the same maps): keep the last fit
         quality = quality.drop_duplicates(["direction", "layer", "target_layer"], keep="last")
-    figure = plot(summary, run.out / "cross_model.png",
-                  f"Cross-model Patchscopes: {n} texts, maps fitted on {n_fit} (ridge {ridge})")
+    figure = plot(
+        summary,
+        run.out / "cross_model.png",
+        f"Cross-model Patchscopes: {n} texts, maps fitted on {n_fit} (ridge {ridge})",
+    )
     main_part = comparisons[comparisons["condition"] == "same_text"]
-    ours = "; ".join(f"{d}: best pair {g['mean_a'].max():.2f}, no-write control {g['mean_b'].iloc[0]:.2f}, "
-                     f"{int(((g['ci_low'] > 0) & (g['p_holm'] < 0.05)).sum())} of {len(g)} pairs above it (Holm)"
-                     for d, g in main_part.groupby("direction", sort=False))  # fmt: skip
+    ours = "; ".join(
+        f"{d}: best pair {g['mean_a'].max():.2f}, no-write control {g['mean_b'].iloc[0]:.2f}, "
+        f"{int(((g['ci_low'] > 0) & (g['p_holm'] < 0.05)).sum())} of {len(g)} pairs above it (Holm)"
+        for d, g in main_part.groupby("direction", sort=False)
+    )
     ours += f" (same-text condition, {n} texts; the two models' own next tokens agree on {agree:.2f})"
-    tables = {f"precision@1, {d}, {c}": g[g["transform"] == "affine"].pivot(
-        index="layer", columns="target_layer", values="precision_at_1").reset_index().rename(columns={"layer": "l \\ l*"})
-        for (d, c), g in summary.groupby(["direction", "condition"], sort=False)}  # fmt: skip
+    tables = {
+        f"precision@1, {d}, {c}": g[g["transform"] == "affine"]
+        .pivot(index="layer", columns="target_layer", values="precision_at_1")
+        .reset_index()
+        .rename(columns={"layer": "l \\ l*"})
+        for (d, c), g in summary.groupby(["direction", "condition"], sort=False)
+    }
     write_summary(
-        run, f"Cross-model Patchscopes ({names[0]} <-> {names[1]})", ours, PAPER,
-        {"models": ", ".join(f"{m} (layers {l})" for m, l in zip(names, layers)),
-         "source texts": f"{n} snippets cut after a random token both tokenizers end at the same character "
-         f"(seed {args.seed})", "maps": f"least squares with bias (ridge {ridge}) per (l, l*), resid_post -> resid_post, "
-         f"last token of {n_fit} held-out prefixes drawn the same way",
-         "conditions": "same_text (the paper's: the same text in the target model, last token, layer l*); "
-         "identity_prompt (variant: over '?' of the identity prompt); control: nothing written",
-         "precision@1": "stripped text of the patched target's top token == the source model's own next token"},
+        run,
+        f"Cross-model Patchscopes ({names[0]} <-> {names[1]})",
+        ours,
+        PAPER,
+        {
+            "models": ", ".join(f"{m} (layers {l})" for m, l in zip(names, layers)),
+            "source texts": f"{n} snippets cut after a random token both tokenizers end at the same character "
+            f"(seed {args.seed})",
+            "maps": f"least squares with bias (ridge {ridge}) per (l, l*), resid_post -> resid_post, "
+            f"last token of {n_fit} held-out prefixes drawn the same way",
+            "conditions": "same_text (the paper's: the same text in the target model, last token, layer l*); "
+            "identity_prompt (variant: over '?' of the identity prompt); control: nothing written",
+            "precision@1": "stripped text of the patched target's top token == the source model's own next token",
+        },
         findings(comparisons, quality),
-        {**tables, "each pair minus the no-write control, paired over texts": comparisons}, [figure.name],
-    )  # fmt: skip
+        {**tables, "each pair minus the no-write control, paired over texts": comparisons},
+        [figure.name],
+    )
 
 
 main = recipe_main(NAME, build_parser, experiment)

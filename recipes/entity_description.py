@@ -68,22 +68,35 @@ def experiment(run: Run) -> None:
     scorer = judge.default_judge()
     for entity in run.pending(store, data["entity"], key=lambda entity: [entity]):
         scope = superscopes.Scope(
-            entity, sites=[args.site], layers=layers, alphas=alphas, target="entity", target_layers=["same"],
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        )  # fmt: skip
+            entity,
+            sites=[args.site],
+            layers=layers,
+            alphas=alphas,
+            target="entity",
+            target_layers=["same"],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
         frame = judge.score(run.scope(model, scope), judge=scorer)
         store.append(frame.drop(columns=["output_ids"]).assign(reference=reference[entity]))
     cells = score(run.cells(store, len(data) * len(layers) * len(alphas), unique=["source", "layer", "alpha"]))
     scores = picks(cells, alphas, seed=args.seed)
     scores.to_csv(run.out / "scores.csv", index=False)
-    per_layer = scores.groupby(["method", "layer"], sort=False).agg(
-        entities=("source", "size"), rougeL=("rougeL", "mean"), similarity=("similarity", "mean"),
-    ).reset_index()  # fmt: skip
+    per_layer = (
+        scores.groupby(["method", "layer"], sort=False)
+        .agg(
+            entities=("source", "size"),
+            rougeL=("rougeL", "mean"),
+            similarity=("similarity", "mean"),
+        )
+        .reset_index()
+    )
     per_layer.to_csv(run.out / "summary.csv", index=False)
     discrimination = judge.discrimination(cells, judge=scorer, seed=args.seed)
     pd.DataFrame([discrimination]).to_csv(run.out / "judge_discrimination.csv", index=False)
-    report(run, cells, scores, per_layer, layers, alphas, plot(run, cells, per_layer, len(data), layers),
-           discrimination)
+    report(
+        run, cells, scores, per_layer, layers, alphas, plot(run, cells, per_layer, len(data), layers), discrimination
+    )
 
 
 def score(cells: pd.DataFrame) -> pd.DataFrame:
@@ -94,10 +107,12 @@ def score(cells: pd.DataFrame) -> pd.DataFrame:
     cells = judge.flag_echoes(cells)
     cells["echo"] = cells["echo"].astype(bool)
     cells["description"] = cells["output"].fillna("").map(first_item)
-    cells["rougeL"] = [0.0 if e else rouge_l(d, r) for e, d, r in zip(cells["echo"], cells["description"],
-                                                                      cells["reference"])]  # fmt: skip
-    cells["rougeL_raw"] = [0.0 if e else rouge_l(o, r) for e, o, r in zip(cells["echo"], cells["output"].fillna(""),
-                                                                          cells["reference"])]  # fmt: skip
+    cells["rougeL"] = [
+        0.0 if e else rouge_l(d, r) for e, d, r in zip(cells["echo"], cells["description"], cells["reference"])
+    ]
+    cells["rougeL_raw"] = [
+        0.0 if e else rouge_l(o, r) for e, o, r in zip(cells["echo"], cells["output"].fillna(""), cells["reference"])
+    ]
     return cells
 
 
@@ -127,18 +142,35 @@ def plot(run: Run, cells: pd.DataFrame, per_layer: pd.DataFrame, n_entities: int
     fig, (ax,) = plots.figure(1, size=(10.0, 5.0))
     main_methods = [PATCHSCOPES, JUDGE_BEST, XFIT, ORACLE]
     shown = per_layer.assign(kind=["method" if m in main_methods else "single α" for m in per_layer["method"]])
-    plots.lines(shown, x="layer", y="rougeL", hue="method", style="kind", ax=ax, legend_out=True,
-                title=f"RougeL of the readout's first item vs the reference (echoes 0), {n_entities} entities, "
-                      f"source site {args.site}, {args.max_new_tokens} new tokens",
-                xlabel="layer (source = target)", ylabel="mean RougeL F1")  # fmt: skip
+    plots.lines(
+        shown,
+        x="layer",
+        y="rougeL",
+        hue="method",
+        style="kind",
+        ax=ax,
+        legend_out=True,
+        title=f"RougeL of the readout's first item vs the reference (echoes 0), {n_entities} entities, "
+        f"source site {args.site}, {args.max_new_tokens} new tokens",
+        xlabel="layer (source = target)",
+        ylabel="mean RougeL F1",
+    )
     ax.set_xticks(layers)
     figure = "rougeL_per_layer.png"
     plots.save(fig, run.out / figure, title=f"{model_label}: entity-description Patchscope, alpha = 1 vs amplified")
     return figure
 
 
-def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.DataFrame, layers: list[int],
-           alphas: list[float], figure: str, discrimination: dict) -> None:  # fmt: skip
+def report(
+    run: Run,
+    cells: pd.DataFrame,
+    scores: pd.DataFrame,
+    per_layer: pd.DataFrame,
+    layers: list[int],
+    alphas: list[float],
+    figure: str,
+    discrimination: dict,
+) -> None:
     """summary.md: per-entity comparisons with intervals (headline: judge-picked and cross-fitted vs α=1),
     beside the judge's discrimination between entities (it picks the alphas)."""
     from superscopes.judge import describe_discrimination
@@ -155,28 +187,45 @@ def report(run: Run, cells: pd.DataFrame, scores: pd.DataFrame, per_layer: pd.Da
     headline = [rows[f"{m} vs α=1"] for m in (JUDGE_BEST, XFIT) if f"{m} vs α=1" in rows]
     echoes = cells.groupby("alpha")["echo"].sum().astype(int)
     best = scores[scores["method"].isin([PATCHSCOPES, JUDGE_BEST])].sort_values(
-        ["rougeL", "source", "layer", "method"], ascending=[False, True, True, True])  # ties in a fixed order
+        ["rougeL", "source", "layer", "method"], ascending=[False, True, True, True]
+    )  # ties in a fixed order
     write_summary(
-        run, title=f"Entity description Patchscope on {model_label}",
+        run,
+        title=f"Entity description Patchscope on {model_label}",
         ours="; ".join(describe(r) for r in headline) or f"α=1 mean RougeL {per_entity[PATCHSCOPES].mean():.3f}",
         paper="Patchscopes (Vicuna-13B, Wikipedia descriptions of PopQA subjects, 50 tokens) reports RougeL per "
-              "source layer as a curve (the entity is resolved gradually over the early layers); no single number "
-              "is in our notes. Superscopes does not evaluate with RougeL; amplification here is our extension",
-        settings={"model": model_label, "data": f"recipes/data/entity_descriptions.csv, {n} entities",
-                  "source": f"last token of the bare entity name, site {args.site}", "layers (source = target)": layers,
-                  "alphas": alphas, "generation": f"greedy, {args.max_new_tokens} new tokens",
-                  "metric": "RougeL F1 of the readout's first item vs the reference; echoes score 0",
-                  "statistics": "per-entity mean over layers; 95% bootstrap CI over entities; paired sign-flip test; "
-                                "Holm over the amplified variants vs α=1", "cells": len(cells)},  # fmt: skip
+        "source layer as a curve (the entity is resolved gradually over the early layers); no single number "
+        "is in our notes. Superscopes does not evaluate with RougeL; amplification here is our extension",
+        settings={
+            "model": model_label,
+            "data": f"recipes/data/entity_descriptions.csv, {n} entities",
+            "source": f"last token of the bare entity name, site {args.site}",
+            "layers (source = target)": layers,
+            "alphas": alphas,
+            "generation": f"greedy, {args.max_new_tokens} new tokens",
+            "metric": "RougeL F1 of the readout's first item vs the reference; echoes score 0",
+            "statistics": "per-entity mean over layers; 95% bootstrap CI over entities; paired sign-flip test; "
+            "Holm over the amplified variants vs α=1",
+            "cells": len(cells),
+        },
         findings=[f"{name}: {describe(r)}." for name, r in rows.items()]
-        + [f"The judge that picks the alphas: {describe_discrimination(discrimination)}.",
-           f"Echoes (score 0, never picked), per alpha: {', '.join(f'α={a:g} {k}' for a, k in echoes.items())} of "
-           f"{n * len(layers)} readouts each.",
-           "α=1 RougeL per layer: " + ", ".join(f"L{k} {v:.3f}" for k, v in per_layer[per_layer["method"] ==
-                                                PATCHSCOPES].set_index("layer")["rougeL"].items())],  # fmt: skip
-        tables={"Per-entity comparisons (mean RougeL per entity)": tests.drop(columns=["a", "b"]),
-                "Per layer": per_layer, "Best-scoring readouts (α=1 and judge-picked amplified)": best.head(12)[
-                    ["source", "layer", "method", "alpha", "rougeL", "description", "reference"]]},  # fmt: skip
+        + [
+            f"The judge that picks the alphas: {describe_discrimination(discrimination)}.",
+            f"Echoes (score 0, never picked), per alpha: {', '.join(f'α={a:g} {k}' for a, k in echoes.items())} of "
+            f"{n * len(layers)} readouts each.",
+            "α=1 RougeL per layer: "
+            + ", ".join(
+                f"L{k} {v:.3f}"
+                for k, v in per_layer[per_layer["method"] == PATCHSCOPES].set_index("layer")["rougeL"].items()
+            ),
+        ],
+        tables={
+            "Per-entity comparisons (mean RougeL per entity)": tests.drop(columns=["a", "b"]),
+            "Per layer": per_layer,
+            "Best-scoring readouts (α=1 and judge-picked amplified)": best.head(12)[
+                ["source", "layer", "method", "alpha", "rougeL", "description", "reference"]
+            ],
+        },
         figures=[figure],
     )
 

@@ -66,15 +66,19 @@ BACK, COT, SHUFFLED = "back-patching", "CoT Patchscope", ", shuffled source"
 NOTEBOOK = "CoT Patchscope (notebook: pi2 -> pi1)"
 METHODS = [COT, BACK, NOTEBOOK]
 KINDS = {"query": "answer_aliases", "hop1_query": "bridge_aliases", "hop2_query": "answer_aliases"}
-PAPER = ("Patchscopes (Vicuna-13B, 46 queries whose hops the model answers): two-hop accuracy 19.6% -> 50% with the "
-         "CoT Patchscope (some (l, l*) pair right). Hopping Too Late (Biran et al., 2024): back-patching fixes up to "
-         "57% (arXiv v1) / 66% (published) of the wrongly answered two-hop queries")  # fmt: skip
+PAPER = (
+    "Patchscopes (Vicuna-13B, 46 queries whose hops the model answers): two-hop accuracy 19.6% -> 50% with the "
+    "CoT Patchscope (some (l, l*) pair right). Hopping Too Late (Biran et al., 2024): back-patching fixes up to "
+    "57% (arXiv v1) / 66% (published) of the wrongly answered two-hop queries"
+)
 
 
 def correct(output: str, aliases: str) -> bool:
     """Some ``|``-separated alias appears in the output as a whole word (case-insensitive)."""
     text = str(output).lower()
-    return any(re.search(r"(?<!\w)" + re.escape(a.strip().lower()) + r"(?!\w)", text) for a in aliases.split("|") if a.strip())
+    return any(
+        re.search(r"(?<!\w)" + re.escape(a.strip().lower()) + r"(?!\w)", text) for a in aliases.split("|") if a.strip()
+    )
 
 
 def first_hop_span(query: str, hop1_query: str) -> str | None:
@@ -108,8 +112,11 @@ def draw_seeds(seed: int) -> list[int]:
 def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--stride", type=int, help="layer stride of l and l* (default 4; quick 8)")
-    p.add_argument("--eval-set", choices=["answerable", "wrong"],
-                   help="queries to patch: wrong with both hops right (default), or every wrong one (quick)")  # fmt: skip
+    p.add_argument(
+        "--eval-set",
+        choices=["answerable", "wrong"],
+        help="queries to patch: wrong with both hops right (default), or every wrong one (quick)",
+    )
     p.add_argument("--limit", type=int, help="use the first N queries (default all; quick 6)")
     p.add_argument("--max-queries", type=int, help="patch at most N evaluated queries (quick 2)")
     return p
@@ -123,16 +130,29 @@ def queries(run: Run, model) -> pd.DataFrame:
     data.insert(0, "row", range(len(data)))
     prompts = [p for kind in KINDS for p in data[kind]]
     aliases = {kind: dict(zip(data["row"], data[column])) for kind, column in KINDS.items()}
-    unpatched = F.conditions(run, "baseline.csv", {"unpatched": lambda: pd.DataFrame({
-        "kind": np.repeat(list(KINDS), len(data)), "row": list(data["row"]) * len(KINDS), "prompt": prompts,
-        "output": F.greedy(run, model, prompts, MAX_NEW_TOKENS)})},
-        lambda f: f.assign(correct=[correct(o, aliases[k][r]) for o, k, r in zip(f["output"], f["kind"], f["row"])]))  # fmt: skip
+    unpatched = F.conditions(
+        run,
+        "baseline.csv",
+        {
+            "unpatched": lambda: pd.DataFrame(
+                {
+                    "kind": np.repeat(list(KINDS), len(data)),
+                    "row": list(data["row"]) * len(KINDS),
+                    "prompt": prompts,
+                    "output": F.greedy(run, model, prompts, MAX_NEW_TOKENS),
+                }
+            )
+        },
+        lambda f: f.assign(correct=[correct(o, aliases[k][r]) for o, k, r in zip(f["output"], f["kind"], f["row"])]),
+    )
     flags = unpatched.pivot(index="row", columns="kind", values="correct").reindex(data["row"])
     data["two_hop_ok"], data["hop1_ok"], data["hop2_ok"] = (flags[k].values.astype(bool) for k in KINDS)
     data["answerable"] = data["hop1_ok"] & data["hop2_ok"]
     data["span"] = [first_hop_span(q, h) for q, h in zip(data["query"], data["hop1_query"])]
     data["prefix"] = [q[: q.find(s)].rstrip() if s else "" for q, s in zip(data["query"], data["span"])]
-    wanted = ~data["two_hop_ok"] & (data["answerable"] if (args.eval_set or ("wrong" if args.quick else "answerable")) == "answerable" else True)
+    wanted = ~data["two_hop_ok"] & (
+        data["answerable"] if (args.eval_set or ("wrong" if args.quick else "answerable")) == "answerable" else True
+    )
     chosen = data.index[wanted & (data["prefix"] != "")][: args.max_queries or (2 if args.quick else None)]
     return data.assign(evaluated=data.index.isin(chosen))
 
@@ -145,17 +165,28 @@ def run_conditions(
 
     def patch(sources: list[str], target, grid: list[tuple[int, int]], new_tokens: int) -> Callable[[], pd.DataFrame]:
         def make() -> pd.DataFrame:
-            scope = superscopes.Scope(sources, sites=["resid_post"], layer_pairs=grid, alphas=[1], target=target,
-                                      target_position="placeholder" if target == "source" else "last",
-                                      max_new_tokens=new_tokens, batch_size=run.args.batch_size)  # fmt: skip
+            scope = superscopes.Scope(
+                sources,
+                sites=["resid_post"],
+                layer_pairs=grid,
+                alphas=[1],
+                target=target,
+                target_position="placeholder" if target == "source" else "last",
+                max_new_tokens=new_tokens,
+                batch_size=run.args.batch_size,
+            )
             frame = run.scope(model, scope)
             return frame.assign(row=np.repeat(ev["row"].values, len(grid)))  # cells come in prompt order
+
         return make
 
     query, span, prefix = (list(ev[c]) for c in ("query", "span", "prefix"))
     # method: (its sources, its target, its pairs, its new tokens)
-    methods = {BACK: (query, query, pairs, MAX_NEW_TOKENS), COT: (span, prefix, pairs, MAX_NEW_TOKENS),
-               NOTEBOOK: (prefix, span, notebook_pairs, NOTEBOOK_NEW_TOKENS)}  # fmt: skip
+    methods = {
+        BACK: (query, query, pairs, MAX_NEW_TOKENS),
+        COT: (span, prefix, pairs, MAX_NEW_TOKENS),
+        NOTEBOOK: (prefix, span, notebook_pairs, NOTEBOOK_NEW_TOKENS),
+    }
     specs = {}
     for name, (sources, target, grid, new_tokens) in methods.items():
         specs[name] = patch(sources, "source" if name == BACK else target, grid, new_tokens)
@@ -166,8 +197,10 @@ def run_conditions(
 
     def judge(frame: pd.DataFrame) -> pd.DataFrame:
         echo = [metrics.is_echo(o, t) for o, t in zip(frame["output"], frame["token"])]
-        return frame.assign(echo=echo, correct=[correct(o, aliases[r]) and not e
-                                                for o, r, e in zip(frame["output"], frame["row"], echo)])  # fmt: skip
+        return frame.assign(
+            echo=echo,
+            correct=[correct(o, aliases[r]) and not e for o, r, e in zip(frame["output"], frame["row"], echo)],
+        )
 
     return F.conditions(run, "cells.csv", specs, judge, pairs=pairs, notebook_pairs=notebook_pairs, draws=DRAWS)
 
@@ -214,8 +247,17 @@ def heatmaps(run: Run, cells: pd.DataFrame, label: str) -> str:
     for ax, name in zip(axes, [n for m in METHODS for n in (m, m + SHUFFLED)]):
         wide = per_pair[per_pair["panel"] == name].pivot(index="target_layer", columns="layer", values="correct")
         title = name if name in METHODS else f"{name} (mean of {DRAWS} draws)"
-        plots.heatmap(wide.sort_index(ascending=False), ax=ax, fmt=".1f", vmin=0, vmax=max(1, per_pair["correct"].max()),
-                      label="queries fixed", title=title, xlabel="source layer l", ylabel="target layer l*")  # fmt: skip
+        plots.heatmap(
+            wide.sort_index(ascending=False),
+            ax=ax,
+            fmt=".1f",
+            vmin=0,
+            vmax=max(1, per_pair["correct"].max()),
+            label="queries fixed",
+            title=title,
+            xlabel="source layer l",
+            ylabel="target layer l*",
+        )
     plots.save(fig, run.out / "fixes_heatmap.png", title=f"{label}: wrong two-hop queries fixed per (l, l*)")
     return "fixes_heatmap.png"
 
@@ -240,10 +282,28 @@ def experiment(run: Run) -> None:
     spread.to_csv(run.out / "shuffled_draws.csv", index=False)
     table = F.comparisons(run, scores, family(), "comparisons.csv")
     answerable = data[data["answerable"]]
-    summary = pd.DataFrame({"measure": ["queries", "two-hop accuracy", "first hop (bridge) accuracy", "second hop accuracy",
-                                        "both hops right", "two-hop accuracy where both hops are right", "evaluated"],
-                            "value": [len(data), data["two_hop_ok"].mean(), data["hop1_ok"].mean(), data["hop2_ok"].mean(),
-                                      len(answerable), answerable["two_hop_ok"].mean(), len(ev)]})  # fmt: skip
+    summary = pd.DataFrame(
+        {
+            "measure": [
+                "queries",
+                "two-hop accuracy",
+                "first hop (bridge) accuracy",
+                "second hop accuracy",
+                "both hops right",
+                "two-hop accuracy where both hops are right",
+                "evaluated",
+            ],
+            "value": [
+                len(data),
+                data["two_hop_ok"].mean(),
+                data["hop1_ok"].mean(),
+                data["hop2_ok"].mean(),
+                len(answerable),
+                answerable["two_hop_ok"].mean(),
+                len(ev),
+            ],
+        }
+    )
     summary.to_csv(run.out / "summary.csv", index=False)
     fixed = scores[[f"{c}: fixed" for m in METHODS for c in (m, m + SHUFFLED)]].sum()
     findings = [metrics.describe(r) for _, r in table.iterrows()] + [
@@ -253,26 +313,39 @@ def experiment(run: Run) -> None:
         f"Queries fixed (some of {len(pairs)} pairs; the notebook's direction: {len(notebook_pairs)}) of {len(ev)}, "
         "controls as the mean of their draws: " + ", ".join(f"{k[:-7]} {v:.1f}" for k, v in fixed.items()) + ".",
         f"Shuffled sources drawn {DRAWS} times (seeds {seeds}); over the draws, the rate per query ranges "
-        + "; ".join(f"{r.control} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples()) + ".",
+        + "; ".join(f"{r.control} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples())
+        + ".",
         f"Echoes never count: {int(cells['echo'].sum())} of {len(cells)} texts only repeat the source token.",
         "'Fixed' is an oracle over every pair; the shuffled source is its chance level (a short, common answer such as "
         "'euro' or 'Asia' can come from a perturbed pass), so only the paired test against it says whether a method "
         "fixes more than chance.",
-    ]  # fmt: skip
-    write_summary(run, f"Multi-hop self-correction by patching on {label}",
-                  "; ".join(metrics.describe(table.iloc[i]) for i in (0, 1, 3)), PAPER,
-                  {"model": f"{label} ({num_layers(model)} layers)", "data": f"recipes/data/multihop.csv, {len(data)} queries",
-                   "evaluated": f"{len(ev)} queries", "layer pairs (back-patching, the paper's CoT)": pairs,
-                   "layer pairs (the notebook's direction)": f"every (l, l*) of {list(range(0, num_layers(model), stride))}",
-                   "shuffled sources": f"{DRAWS} draws per method, seeds {seeds}",
-                   "generation": f"greedy, {MAX_NEW_TOKENS} new tokens ({NOTEBOOK_NEW_TOKENS} in the notebook's "
-                                 "direction); alias as a whole word, case-insensitive",
-                   "seed": run.args.seed, "cells": len(cells)},
-                  findings, {"Comparisons over queries (Holm over the family)": table.round(4),
-                             "Shuffled-source draws (rate over queries per draw)": spread.round(4),
-                             "Unpatched": summary.round(3),
-                             "Evaluated queries": ev[["relation", "query", "answer"]]},
-                  [heatmaps(run, cells, label)])  # fmt: skip
+    ]
+    write_summary(
+        run,
+        f"Multi-hop self-correction by patching on {label}",
+        "; ".join(metrics.describe(table.iloc[i]) for i in (0, 1, 3)),
+        PAPER,
+        {
+            "model": f"{label} ({num_layers(model)} layers)",
+            "data": f"recipes/data/multihop.csv, {len(data)} queries",
+            "evaluated": f"{len(ev)} queries",
+            "layer pairs (back-patching, the paper's CoT)": pairs,
+            "layer pairs (the notebook's direction)": f"every (l, l*) of {list(range(0, num_layers(model), stride))}",
+            "shuffled sources": f"{DRAWS} draws per method, seeds {seeds}",
+            "generation": f"greedy, {MAX_NEW_TOKENS} new tokens ({NOTEBOOK_NEW_TOKENS} in the notebook's "
+            "direction); alias as a whole word, case-insensitive",
+            "seed": run.args.seed,
+            "cells": len(cells),
+        },
+        findings,
+        {
+            "Comparisons over queries (Holm over the family)": table.round(4),
+            "Shuffled-source draws (rate over queries per draw)": spread.round(4),
+            "Unpatched": summary.round(3),
+            "Evaluated queries": ev[["relation", "query", "answer"]],
+        },
+        [heatmaps(run, cells, label)],
+    )
 
 
 main = recipe_main(NAME, build_parser, experiment)

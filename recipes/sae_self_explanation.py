@@ -77,7 +77,9 @@ REPEAT = 'Repeat "x" four times exactly as it is written.\n1. "x"\n2. "x"\n3. "x
 AUTHORS = "authors (argmax self-similarity, injected early)"
 
 
-def top_contexts(model, sae: S.SAE, texts: list[str], n_contexts: int, batch_size: int) -> tuple[dict[int, list[str]], float]:
+def top_contexts(
+    model, sae: S.SAE, texts: list[str], n_contexts: int, batch_size: int
+) -> tuple[dict[int, list[str]], float]:
     """Per latent active on at least ``n_contexts`` tokens of ``texts``: the text windows
     ending at its ``n_contexts`` most active tokens (one per passage); and the median norm of
     the site's vectors over the passages' tokens (the scale a patched vector competes with)."""
@@ -96,8 +98,10 @@ def top_contexts(model, sae: S.SAE, texts: list[str], n_contexts: int, batch_siz
     contexts = {}
     for latent in ((best > 0).sum(0) >= n_contexts).nonzero()[:, 0].tolist():
         top = best[:, latent].topk(n_contexts).indices.tolist()
-        contexts[latent] = [model.tokenizer.decode(ids[p][max(0, int(where[p, latent]) - WINDOW + 1) : int(where[p, latent]) + 1])
-                            for p in top]  # fmt: skip
+        contexts[latent] = [
+            model.tokenizer.decode(ids[p][max(0, int(where[p, latent]) - WINDOW + 1) : int(where[p, latent]) + 1])
+            for p in top
+        ]
     return contexts, float(acts.float().norm(dim=-1).median())
 
 
@@ -126,13 +130,17 @@ def replaced(model, ids: torch.Tensor, positions: list[int], layer: int, vectors
     return probed.float(), logits.float()
 
 
-def scale_sweep(model, direction: torch.Tensor, scales: torch.Tensor, inject: int, probe: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_sweep(
+    model, direction: torch.Tensor, scales: torch.Tensor, inject: int, probe: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-similarity and first-token entropy per scale, each minus its value at scale 0
     (``scales[0]`` is 0), for the unit ``direction`` replacing every placeholder of ``REPEAT``."""
     ids, positions = placeholders(model.tokenizer, REPEAT)
     unit = direction.float() / direction.float().norm()
     with torch.inference_mode():
-        probed, logits = replaced(model, torch.tensor([ids] * len(scales)), positions, inject, unit * scales[:, None], probe)
+        probed, logits = replaced(
+            model, torch.tensor([ids] * len(scales)), positions, inject, unit * scales[:, None], probe
+        )
     similarity = torch.nn.functional.cosine_similarity(probed, unit[None], dim=-1)  # per row, not over the batch
     logp = logits.log_softmax(-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -155,12 +163,33 @@ def explain_at(model, direction: torch.Tensor, scale: float, inject: int, max_ne
     return model.tokenizer.decode(generated)
 
 
-AUTHORS_COLUMNS = ["latent", "scale", "scale_ratio", "self_similarity", "entropy", "output", "agreement", "control",
-                   "self_similarity_curve", "entropy_curve"]  # fmt: skip
+AUTHORS_COLUMNS = [
+    "latent",
+    "scale",
+    "scale_ratio",
+    "self_similarity",
+    "entropy",
+    "output",
+    "agreement",
+    "control",
+    "self_similarity_curve",
+    "entropy_curve",
+]
 
 
-def authors(model, sae: S.SAE, latents: list[int], scales: torch.Tensor, site_norm: float, inject: int, probe: int,
-            max_new_tokens: int, contexts: dict[int, list[str]], other: dict[int, int], judge: Judge) -> pd.DataFrame:  # fmt: skip
+def authors(
+    model,
+    sae: S.SAE,
+    latents: list[int],
+    scales: torch.Tensor,
+    site_norm: float,
+    inject: int,
+    probe: int,
+    max_new_tokens: int,
+    contexts: dict[int, list[str]],
+    other: dict[int, int],
+    judge: Judge,
+) -> pd.DataFrame:
     """The authors' condition for ``latents``: the sweep's curves, the chosen scale (argmax of
     self-similarity over the scales above 0: index j + 1, not their j - 1), its explanation,
     and the judge's agreement with the latent's contexts and with the shuffled control's."""
@@ -170,76 +199,135 @@ def authors(model, sae: S.SAE, latents: list[int], scales: torch.Tensor, site_no
         similarity, entropy = scale_sweep(model, direction, scales, inject, probe)
         best = int(similarity[1:].argmax()) + 1
         text = explain_at(model, direction, float(scales[best]), inject, max_new_tokens)
-        agree = [float(np.mean(judge.similarity(contexts[c], [text] * len(contexts[c])))) for c in (latent, other[latent])]
-        rows.append({"latent": latent, "scale": float(scales[best]), "scale_ratio": float(scales[best]) / site_norm,
-                     "self_similarity": float(similarity[best]), "entropy": float(entropy[best]), "output": text,
-                     "agreement": agree[0], "control": agree[1],
-                     "self_similarity_curve": json.dumps([round(float(v), 5) for v in similarity]),
-                     "entropy_curve": json.dumps([round(float(v), 5) for v in entropy])})  # fmt: skip
+        agree = [
+            float(np.mean(judge.similarity(contexts[c], [text] * len(contexts[c])))) for c in (latent, other[latent])
+        ]
+        rows.append(
+            {
+                "latent": latent,
+                "scale": float(scales[best]),
+                "scale_ratio": float(scales[best]) / site_norm,
+                "self_similarity": float(similarity[best]),
+                "entropy": float(entropy[best]),
+                "output": text,
+                "agreement": agree[0],
+                "control": agree[1],
+                "self_similarity_curve": json.dumps([round(float(v), 5) for v in similarity]),
+                "entropy_curve": json.dumps([round(float(v), 5) for v in entropy]),
+            }
+        )
     return pd.DataFrame(rows, columns=AUTHORS_COLUMNS)
 
 
-def scale_figure(path, chosen: pd.DataFrame, ratios: np.ndarray, cells: pd.DataFrame, site_norm: float, picks: dict) -> str:
+def scale_figure(
+    path, chosen: pd.DataFrame, ratios: np.ndarray, cells: pd.DataFrame, site_norm: float, picks: dict
+) -> str:
     """Self-similarity and entropy against scale (the authors' sweep; each latent's chosen scale
     marked) and relevancy against the patched norm (the variants' grid at the SAE's layer; the
     relevancy selector's picks marked); scales in units of the site's median residual norm."""
     fig, axes = plots.figure(3, size=(4.6, 3.6))
-    for ax, column, label in ((axes[0], "self_similarity", "self-similarity - at 0"), (axes[1], "entropy", "entropy - at 0 (nats)")):
+    for ax, column, label in (
+        (axes[0], "self_similarity", "self-similarity - at 0"),
+        (axes[1], "entropy", "entropy - at 0 (nats)"),
+    ):
         curves = np.array([json.loads(c) for c in chosen[f"{column}_curve"]])
         for curve in curves:
             ax.plot(ratios, curve, color="0.8", lw=0.6)
         ax.plot(ratios, curves.mean(0), color="C0", lw=2, label="mean over latents")
-        ax.scatter(chosen["scale_ratio"], chosen[column], color="C3", s=14, zorder=3, label="chosen scale (argmax self-sim.)")
+        ax.scatter(
+            chosen["scale_ratio"], chosen[column], color="C3", s=14, zorder=3, label="chosen scale (argmax self-sim.)"
+        )
         ax.set(xlabel="scale / median residual norm (injection layer)", ylabel=label)
         ax.legend(fontsize=7)
     ratio = cells["patched_norm"] / site_norm
-    for latent, group in cells.assign(ratio=ratio).groupby("latent"):
+    for _, group in cells.assign(ratio=ratio).groupby("latent"):
         axes[2].plot(group["ratio"], group["relevancy_mean"], color="0.8", lw=0.6, marker=".")
     pick = picks["relevancy"]
-    axes[2].scatter(pick["patched_norm"] / site_norm, pick["relevancy_mean"], color="C3", s=14, zorder=3, label="relevancy pick")
+    axes[2].scatter(
+        pick["patched_norm"] / site_norm, pick["relevancy_mean"], color="C3", s=14, zorder=3, label="relevancy pick"
+    )
     axes[2].set(xlabel="patched norm / median norm (SAE layer)", ylabel="mean relevancy (variants)")
     axes[2].legend(fontsize=7)
     return plots.save(fig, path, "Scale selection: the authors' sweep (left, middle) and the variants' relevancy").name
 
 
 # Per latent, the alpha whose text each selector takes: (column, idxmax or idxmin).
-SELECTORS = {"relevancy": ("relevancy_mean", "idxmax"), "self-similarity": ("self_similarity", "idxmax"),
-             "entropy": ("entropy", "idxmin")}  # fmt: skip
+SELECTORS = {
+    "relevancy": ("relevancy_mean", "idxmax"),
+    "self-similarity": ("self_similarity", "idxmax"),
+    "entropy": ("entropy", "idxmin"),
+}
 
 
 def headline(selected: pd.DataFrame, n_latents: int) -> str:
-    parts = [f"{r.selector} {r.mean_a:.3f} vs shuffled {r.mean_b:.3f} (difference {r.difference:+.3f}, 95% CI "
-             f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}], Holm p={r.p_holm:.2g})" for r in selected.itertuples()]  # fmt: skip
+    parts = [
+        f"{r.selector} {r.mean_a:.3f} vs shuffled {r.mean_b:.3f} (difference {r.difference:+.3f}, 95% CI "
+        f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}], Holm p={r.p_holm:.2g})"
+        for r in selected.itertuples()
+    ]
     return f"{n_latents} latents, agreement with own contexts by scale selector: " + "; ".join(parts)
 
 
 def findings(selected: pd.DataFrame, per_alpha: pd.DataFrame, site_norm: float) -> list[str]:
     above = [r.selector for r in selected.itertuples() if r.p_holm < 0.05 and r.ci_low > 0]
-    verdict = (f"Explanations chosen by {', '.join(above)} agree with their own latent's contexts more than with "
-               "another latent's (95% interval above 0, Holm-corrected p < 0.05)." if above else
-               "No scale selector's explanations are distinguishable from the shuffled-latent control "
-               "(intervals over latents, Holm-corrected).")  # fmt: skip
-    scales = ", ".join(f"{a:g}: norm {n:.0f}, self-similarity {v:.2f}, entropy {e:.2f}"
-                       for a, n, v, e in zip(per_alpha["alpha"], per_alpha["patched_norm"], per_alpha["self_similarity"],
-                                             per_alpha["entropy"]))  # fmt: skip
-    return [verdict,
-            "What they capture is topical or lexical overlap with the contexts (MiniLM similarity); they do not "
-            "capture the position-specific or single-token role a latent plays (the windows end at the token, the "
-            "explanation never sees it), and a judge similarity near the control means the text is generic.",
-            f"By alpha (median patched norm against the site's median norm {site_norm:.0f}): {scales}."]  # fmt: skip
+    verdict = (
+        f"Explanations chosen by {', '.join(above)} agree with their own latent's contexts more than with "
+        "another latent's (95% interval above 0, Holm-corrected p < 0.05)."
+        if above
+        else "No scale selector's explanations are distinguishable from the shuffled-latent control "
+        "(intervals over latents, Holm-corrected)."
+    )
+    scales = ", ".join(
+        f"{a:g}: norm {n:.0f}, self-similarity {v:.2f}, entropy {e:.2f}"
+        for a, n, v, e in zip(
+            per_alpha["alpha"], per_alpha["patched_norm"], per_alpha["self_similarity"], per_alpha["entropy"]
+        )
+    )
+    return [
+        verdict,
+        "What they capture is topical or lexical overlap with the contexts (MiniLM similarity); they do not "
+        "capture the position-specific or single-token role a latent plays (the windows end at the token, the "
+        "explanation never sees it), and a judge similarity near the control means the text is generic.",
+        f"By alpha (median patched norm against the site's median norm {site_norm:.0f}): {scales}.",
+    ]
 
 
-COLUMNS = ["latent", "alpha", "patched_norm", "output", "self_similarity", "entropy", "relevancy_mean", "agreement",
-           "control", "contexts"]  # fmt: skip
+COLUMNS = [
+    "latent",
+    "alpha",
+    "patched_norm",
+    "output",
+    "self_similarity",
+    "entropy",
+    "relevancy_mean",
+    "agreement",
+    "control",
+    "contexts",
+]
 
 
-def explain(run: Run, model, sae: S.SAE, latents: list[int], alphas: list[float], contexts: dict[int, list[str]],
-            other: dict[int, int], judge: Judge) -> pd.DataFrame:  # fmt: skip
+def explain(
+    run: Run,
+    model,
+    sae: S.SAE,
+    latents: list[int],
+    alphas: list[float],
+    contexts: dict[int, list[str]],
+    other: dict[int, int],
+    judge: Judge,
+) -> pd.DataFrame:
     """The self-explanations of ``latents`` at every alpha, with their scale-selection scores,
     and the judge's agreement with their own contexts and with the shuffled control's."""
     args = run.args
-    scope = S.latent_scope(sae, latents, model=model, alphas=alphas, target="entity", max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size)  # fmt: skip
+    scope = S.latent_scope(
+        sae,
+        latents,
+        model=model,
+        alphas=alphas,
+        target="entity",
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     cells = S.explanation_scores(model, scope, run.scope(model, scope))
     cells["latent"] = [int(name.split()[-1]) for name in cells["source"]]
 
@@ -249,8 +337,10 @@ def explain(run: Run, model, sae: S.SAE, latents: list[int], alphas: list[float]
     cells["agreement"] = [agreement(o, latent) for o, latent in zip(cells["output"], cells["latent"])]
     cells["control"] = [agreement(o, other[latent]) for o, latent in zip(cells["output"], cells["latent"])]
     cells["contexts"] = [" | ".join(contexts[latent]) for latent in cells["latent"]]
-    cells["patched_norm"] = [float(scope.vectors[scope.prompts.index(source)].norm()) * alpha
-                             for source, alpha in zip(cells["source"], cells["alpha"])]  # fmt: skip
+    cells["patched_norm"] = [
+        float(scope.vectors[scope.prompts.index(source)].norm()) * alpha
+        for source, alpha in zip(cells["source"], cells["alpha"])
+    ]
     return cells[COLUMNS]
 
 
@@ -279,14 +369,21 @@ def build_parser():
     p = parser(NAME, DESCRIPTION)
     p.add_argument("--sae", help="SAE folder (default: the model's embedded SAE)")
     p.add_argument("--latents", type=int, default=200, help="latents explained (sampled among those with contexts)")
-    p.add_argument("--alphas", default="1,4,8,16,32",
-                   help="multiples of each latent's mean activation (32 reaches about the residual norm of the "
-                        "embedded SAE's layer)")  # fmt: skip
+    p.add_argument(
+        "--alphas",
+        default="1,4,8,16,32",
+        help="multiples of each latent's mean activation (32 reaches about the residual norm of the "
+        "embedded SAE's layer)",
+    )
     p.add_argument("--texts", type=int, default=1000, help="held-out corpus passages scanned for contexts")
     p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per latent")
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--max-scale", type=float, default=2.0,
-                   help="the authors' sweep: 64 scales from 0 to this x the median residual norm entering the injection layer")
+    p.add_argument(
+        "--max-scale",
+        type=float,
+        default=2.0,
+        help="the authors' sweep: 64 scales from 0 to this x the median residual norm entering the injection layer",
+    )
     p.add_argument("--corpus", help="built corpus folder (default: $SUPERSCOPES_CACHE/corpus)")
     return p
 
@@ -304,7 +401,9 @@ def experiment(run: Run) -> None:
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(sorted(contexts), size=min(args.latents, len(contexts)), replace=False).tolist())
     if len(chosen) < 2:
-        raise SystemExit(f"only {len(chosen)} latent(s) have {args.contexts} contexts in {len(texts)} passages: scan more --texts")
+        raise SystemExit(
+            f"only {len(chosen)} latent(s) have {args.contexts} contexts in {len(texts)} passages: scan more --texts"
+        )
     alphas = [float(a) for a in args.alphas.split(",")]
     # Shuffled-latent control: each latent's contexts go to the next latent in a seeded cycle; drawn
     # 3 times, the first stored with the cells.
@@ -322,16 +421,41 @@ def experiment(run: Run) -> None:
 
     # The authors' condition: its own resumable table, one row per latent.
     inject, probe = depth_layers(num_layers(model))
-    inject_norm = float(collect(model, texts, "resid_pre", [inject], "text", args.batch_size)[inject].float().norm(dim=-1).median())
+    inject_norm = float(
+        collect(model, texts, "resid_pre", [inject], "text", args.batch_size)[inject].float().norm(dim=-1).median()
+    )
     ratios = np.linspace(0, args.max_scale, n_scales)
     scales = torch.tensor(ratios, dtype=torch.float32) * inject_norm
-    sweep = run.store("authors.csv", ["latent"], latents_chosen=chosen, corpus=fingerprint({"passages": texts}),
-                      inject=inject, probe=probe, scales=n_scales, max_scale=args.max_scale)  # fmt: skip
+    sweep = run.store(
+        "authors.csv",
+        ["latent"],
+        latents_chosen=chosen,
+        corpus=fingerprint({"passages": texts}),
+        inject=inject,
+        probe=probe,
+        scales=n_scales,
+        max_scale=args.max_scale,
+    )
     waiting = list(run.pending(sweep, chosen, key=lambda latent: [latent]))
     for start in range(0, len(waiting), per_pass):
-        sweep.append(authors(model, sae, waiting[start : start + per_pass], scales, inject_norm, inject, probe,
-                             args.max_new_tokens, contexts, other, judge))  # fmt: skip
-        log(f"authors' sweep: {len(chosen) - len(waiting) + min(start + per_pass, len(waiting))}/{len(chosen)} latents done")
+        sweep.append(
+            authors(
+                model,
+                sae,
+                waiting[start : start + per_pass],
+                scales,
+                inject_norm,
+                inject,
+                probe,
+                args.max_new_tokens,
+                contexts,
+                other,
+                judge,
+            )
+        )
+        log(
+            f"authors' sweep: {len(chosen) - len(waiting) + min(start + per_pass, len(waiting))}/{len(chosen)} latents done"
+        )
     chosen_scales = control_draws(run.cells(sweep, len(chosen), unique=["latent"]), cycles, contexts, judge)
     cells = control_draws(cells, cycles, contexts, judge)
 
@@ -339,17 +463,46 @@ def experiment(run: Run) -> None:
     picks = {
         name: ordered.loc[getattr(ordered.groupby("latent")[col], how)()] for name, (col, how) in SELECTORS.items()
     }
-    selected = pd.DataFrame([{"selector": name, **metrics.compare(g["agreement"], g["control"], seed=args.seed),
-                              "mean_alpha": g["alpha"].mean()} for name, g in picks.items()])  # fmt: skip
-    selected = pd.concat([pd.DataFrame([{"selector": AUTHORS, **metrics.compare(chosen_scales["agreement"],
-                                         chosen_scales["control"], seed=args.seed), "mean_alpha": float("nan")}]),
-                          selected], ignore_index=True)  # fmt: skip
+    selected = pd.DataFrame(
+        [
+            {
+                "selector": name,
+                **metrics.compare(g["agreement"], g["control"], seed=args.seed),
+                "mean_alpha": g["alpha"].mean(),
+            }
+            for name, g in picks.items()
+        ]
+    )
+    selected = pd.concat(
+        [
+            pd.DataFrame(
+                [
+                    {
+                        "selector": AUTHORS,
+                        **metrics.compare(chosen_scales["agreement"], chosen_scales["control"], seed=args.seed),
+                        "mean_alpha": float("nan"),
+                    }
+                ]
+            ),
+            selected,
+        ],
+        ignore_index=True,
+    )
     selected["p_holm"] = selected["selector"].map(metrics.holm(dict(zip(selected["selector"], selected["p"]))))
     selected.to_csv(run.out / "selected.csv", index=False)
-    per_alpha = pd.DataFrame([{"alpha": alpha, **metrics.compare(g["agreement"], g["control"], seed=args.seed),
-                               "patched_norm": g["patched_norm"].median(), "self_similarity": g["self_similarity"].mean(),
-                               "entropy": g["entropy"].mean(), "relevancy_mean": g["relevancy_mean"].mean()}
-                              for alpha, g in cells.groupby("alpha")])  # fmt: skip
+    per_alpha = pd.DataFrame(
+        [
+            {
+                "alpha": alpha,
+                **metrics.compare(g["agreement"], g["control"], seed=args.seed),
+                "patched_norm": g["patched_norm"].median(),
+                "self_similarity": g["self_similarity"].mean(),
+                "entropy": g["entropy"].mean(),
+                "relevancy_mean": g["relevancy_mean"].mean(),
+            }
+            for alpha, g in cells.groupby("alpha")
+        ]
+    )
     per_alpha.to_csv(run.out / "per_alpha.csv", index=False)
     draws = [f"control, draw {k}" for k in range(len(cycles))]
     means = [{"selector": AUTHORS, **chosen_scales[draws].mean()}]
@@ -357,28 +510,44 @@ def experiment(run: Run) -> None:
     spread = spread.assign(min=spread[draws].min(axis=1), max=spread[draws].max(axis=1), sd=spread[draws].std(axis=1))
     spread.to_csv(run.out / "control_draws.csv", index=False)
     plot = scale_figure(run.out / "scales.png", chosen_scales, ratios, cells, site_norm, picks)
-    write_summary(run, "Self-explaining SAE latents", headline(selected, len(chosen)), PAPER,
-                  {"model": args.model, "sae": repr(sae),
-                   "authors' condition": f"{n_scales} scales 0-{args.max_scale:g} x the median residual norm entering "
-                                         f"layer {inject} ({inject_norm:.1f}), replacing every 'x' of {REPEAT!r} there; "
-                                         f"probe: the residual entering layer {probe}, last prompt position",
-                   "variants' alphas": alphas, "passages scanned": len(texts),
-                   "contexts per latent": args.contexts, "max_new_tokens": args.max_new_tokens,
-                   "median norm of the site's vectors": round(site_norm, 1),
-                   "shuffled-latent control": f"{len(cycles)} draws: the seeded cycle drawn after the latents, "
-                                              f"and cycles with seeds {args.seed + 1}, {args.seed + 2}"},
-                  findings(selected, per_alpha, site_norm) + [
-                      f"The shuffled-latent control, drawn {len(cycles)} times: its mean over latents ranges "
-                      + "; ".join(f"{r.selector} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples())
-                      + " over the draws."],
-                  {"Agreement by scale selector (one alpha per latent)": selected.round(4),
-                   "Shuffled-latent control per draw (mean over latents)": spread.round(4),
-                   "Agreement by alpha (all latents)": per_alpha.round(4),
-                   "Examples (authors' condition)": chosen_scales.sort_values("latent")[
-                       ["latent", "scale_ratio", "output", "agreement", "control"]].head(10),
-                   "Examples (variants: alpha by self-similarity)": picks["self-similarity"][
-                       ["latent", "alpha", "output", "agreement", "control"]].head(10)},
-                  figures=[plot])  # fmt: skip
+    write_summary(
+        run,
+        "Self-explaining SAE latents",
+        headline(selected, len(chosen)),
+        PAPER,
+        {
+            "model": args.model,
+            "sae": repr(sae),
+            "authors' condition": f"{n_scales} scales 0-{args.max_scale:g} x the median residual norm entering "
+            f"layer {inject} ({inject_norm:.1f}), replacing every 'x' of {REPEAT!r} there; "
+            f"probe: the residual entering layer {probe}, last prompt position",
+            "variants' alphas": alphas,
+            "passages scanned": len(texts),
+            "contexts per latent": args.contexts,
+            "max_new_tokens": args.max_new_tokens,
+            "median norm of the site's vectors": round(site_norm, 1),
+            "shuffled-latent control": f"{len(cycles)} draws: the seeded cycle drawn after the latents, "
+            f"and cycles with seeds {args.seed + 1}, {args.seed + 2}",
+        },
+        findings(selected, per_alpha, site_norm)
+        + [
+            f"The shuffled-latent control, drawn {len(cycles)} times: its mean over latents ranges "
+            + "; ".join(f"{r.selector} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples())
+            + " over the draws."
+        ],
+        {
+            "Agreement by scale selector (one alpha per latent)": selected.round(4),
+            "Shuffled-latent control per draw (mean over latents)": spread.round(4),
+            "Agreement by alpha (all latents)": per_alpha.round(4),
+            "Examples (authors' condition)": chosen_scales.sort_values("latent")[
+                ["latent", "scale_ratio", "output", "agreement", "control"]
+            ].head(10),
+            "Examples (variants: alpha by self-similarity)": picks["self-similarity"][
+                ["latent", "alpha", "output", "agreement", "control"]
+            ].head(10),
+        },
+        figures=[plot],
+    )
     print((run.out / "summary.md").read_text())
 
 

@@ -19,9 +19,9 @@ greedy decoding, where the notebook's ``generate`` sampled with Llama-2-chat's g
 
 Added here: the judge's discrimination on the run (``superscopes.judge.discrimination``: similarity of
 the greedy readouts to their own prompt vs a mismatched one, and the rank of the own prompt among all 48),
-written to ``judge_discrimination.csv``; the headline compares at equal tries. Readouts that only echo (the target's few-shot examples, or the source token alone:
-``metrics.is_echo``) never succeed and are counted apart; every comparison is made per prompt (a
-prompt's success rate over its layers), with a 95% bootstrap interval over prompts and a paired
+written to ``judge_discrimination.csv``; the headline compares at equal tries. Readouts that
+only echo (the target's few-shot examples, or the source token alone: ``metrics.is_echo``)
+never succeed and are counted apart; every comparison is made per prompt (a prompt's success rate over its layers), with a 95% bootstrap interval over prompts and a paired
 sign-flip test. Controls, Holm-corrected as one family: a norm-matched patch (v rescaled to the norm of
 the vector it replaces, one try), a random direction with v's norm at the same alphas (3 seeds), and
 chance (the same readouts judged against a mismatched prompt: another prompt drawn for each prompt,
@@ -46,15 +46,55 @@ NAME = "superscopes_evaluation"
 DESCRIPTION = __doc__.splitlines()[0]
 
 NOTEBOOK_PROMPTS = [
-    "Pink Floyd", "Led Zeppelin", "Arctic Monkeys", "Daft Punk", "Iron Maiden", "Green Day", "Pearl Jam", "Maroon 5",
-    "Joy Division", "Deep Purple", "Depeche Mode", "Black Sabbath", "Judas Priest", "Arcade Fire", "Tame Impala",
-    "Pulp Fiction", "Fight Club", "Top Gun", "King Kong", "Mad Max", "Die Hard", "Mean Girls", "Home Alone",
-    "Dirty Dancing", "Black Panther", "Kill Bill", "Forrest Gump", "Finding Nemo", "Independence Day",
-    "Pitch Perfect", "Shutter Island", "The Shining", "Reservoir Dogs", "Star Wars", "Baby Driver",
-    "American Psycho", "Pretty Woman", "Fatal Attraction", "Black Swan", "Taxi Driver", "Diana, Princess of Wales",
-    "Back to the Future", "Alexander the Great", "Saturday Night Live", "Red Hot Chili Peppers", "Will Smith",
-    "Titanic", "George Washington",
-]  # fmt: skip
+    "Pink Floyd",
+    "Led Zeppelin",
+    "Arctic Monkeys",
+    "Daft Punk",
+    "Iron Maiden",
+    "Green Day",
+    "Pearl Jam",
+    "Maroon 5",
+    "Joy Division",
+    "Deep Purple",
+    "Depeche Mode",
+    "Black Sabbath",
+    "Judas Priest",
+    "Arcade Fire",
+    "Tame Impala",
+    "Pulp Fiction",
+    "Fight Club",
+    "Top Gun",
+    "King Kong",
+    "Mad Max",
+    "Die Hard",
+    "Mean Girls",
+    "Home Alone",
+    "Dirty Dancing",
+    "Black Panther",
+    "Kill Bill",
+    "Forrest Gump",
+    "Finding Nemo",
+    "Independence Day",
+    "Pitch Perfect",
+    "Shutter Island",
+    "The Shining",
+    "Reservoir Dogs",
+    "Star Wars",
+    "Baby Driver",
+    "American Psycho",
+    "Pretty Woman",
+    "Fatal Attraction",
+    "Black Swan",
+    "Taxi Driver",
+    "Diana, Princess of Wales",
+    "Back to the Future",
+    "Alexander the Great",
+    "Saturday Night Live",
+    "Red Hot Chili Peppers",
+    "Will Smith",
+    "Titanic",
+    "George Washington",
+]
 ALPHAS = [3, 6, 9, 12, 15]  # range(3, 18, 3)
 LAYERS = [1, 2, 3, 4, 5, 6, 7]  # range(1, 8)
 THRESHOLD, STRICT = 0.3, 0.5
@@ -82,8 +122,12 @@ CONTROLS = [name for name in PAIRS if name.startswith(("best-of-K vs", "cross-fi
 
 def build_parser():
     p = parser(NAME, DESCRIPTION)
-    p.add_argument("--prompts", choices=["notebook", "ours"], default="notebook",
-                   help="the authors' 48 prompts, or our own list of 48 entities")  # fmt: skip
+    p.add_argument(
+        "--prompts",
+        choices=["notebook", "ours"],
+        default="notebook",
+        help="the authors' 48 prompts, or our own list of 48 entities",
+    )
     p.add_argument("--layers", type=parse_layers, default=None, help="source = target layers (default 1-7)")
     p.add_argument("--alphas", type=parse_floats, default=None, help="Superscopes alphas (default 3,6,9,12,15)")
     p.add_argument("--random-seeds", type=int, default=3, help="random-direction draws (at least 3)")
@@ -107,8 +151,11 @@ def experiment(run: Run) -> None:
     args = run.args
     if args.random_seeds < 3:
         raise SystemExit(f"--random-seeds {args.random_seeds}: a random control needs at least 3 draws")
-    prompts = NOTEBOOK_PROMPTS if args.prompts == "notebook" else \
-        pd.read_csv(DATA / "superscopes_entities.csv", keep_default_na=False)["prompt"].tolist()  # fmt: skip
+    prompts = (
+        NOTEBOOK_PROMPTS
+        if args.prompts == "notebook"
+        else pd.read_csv(DATA / "superscopes_entities.csv", keep_default_na=False)["prompt"].tolist()
+    )
     prompts = prompts[: args.limit or (3 if args.quick else None)]
     alphas = args.alphas or ([3, 9] if args.quick else ALPHAS)
     model = run.load_model()
@@ -120,8 +167,16 @@ def experiment(run: Run) -> None:
     for condition, settings in grid.items():
         seeded = {**settings, "seed": args.seed + settings.get("seed", 0)}
         for prompt in run.pending(store, prompts, key=lambda p: [p, condition]):
-            scope = superscopes.Scope(prompt, sites=["mlp_out"], layers=layers, target="entity", target_layers=["same"],
-                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **seeded)  # fmt: skip
+            scope = superscopes.Scope(
+                prompt,
+                sites=["mlp_out"],
+                layers=layers,
+                target="entity",
+                target_layers=["same"],
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                **seeded,
+            )
             frame = judge.score(run.scope(model, scope), judge=scorer).drop(columns=["output_ids"])
             store.append(frame.assign(condition=condition))
     expected = len(prompts) * len(layers) * sum(len(s["alphas"]) for s in grid.values())
@@ -138,8 +193,18 @@ def experiment(run: Run) -> None:
     greedy = cells[cells["condition"] == "greedy"]
     discrimination = judge.discrimination(greedy, judge=scorer, seed=args.seed)
     pd.DataFrame([discrimination]).to_csv(run.out / "judge_discrimination.csv", index=False)
-    report(run, cells, table, per_layer, tests, layers, alphas, plot(run, per_layer, tests, len(prompts)),
-           discrimination, draws)  # fmt: skip
+    report(
+        run,
+        cells,
+        table,
+        per_layer,
+        tests,
+        layers,
+        alphas,
+        plot(run, per_layer, tests, len(prompts)),
+        discrimination,
+        draws,
+    )
 
 
 def mismatched(cells: pd.DataFrame, prompts: list[str], draws: list[int], scorer) -> pd.DataFrame:
@@ -179,9 +244,14 @@ def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int], draws: list
 
     greedy = cells[cells["condition"] == "greedy"]
     one, amplified = greedy[greedy["alpha"] == 1], greedy[greedy["alpha"] != 1]
-    columns = {PATCH: best(one, "success"), BEST: best(amplified, "success"), XFIT: xfit(amplified, "success"),
-               f"{PATCH} @{STRICT}": best(one, "strict"), f"{BEST} @{STRICT}": best(amplified, "strict"),
-               NORM: best(cells[cells["condition"] == "norm"], "success")}  # fmt: skip
+    columns = {
+        PATCH: best(one, "success"),
+        BEST: best(amplified, "success"),
+        XFIT: xfit(amplified, "success"),
+        f"{PATCH} @{STRICT}": best(one, "strict"),
+        f"{BEST} @{STRICT}": best(amplified, "strict"),
+        NORM: best(cells[cells["condition"] == "norm"], "success"),
+    }
     for s in draws:
         chance, similarity = f"chance (seed {s})", f"mismatch_similarity (seed {s})"
         columns[f"{CHANCE_ONE} (seed {s})"] = best(one, chance)
@@ -189,8 +259,10 @@ def method_cells(cells: pd.DataFrame, seeds: int, splits: list[int], draws: list
         columns[f"{CHANCE_XFIT} (seed {s})"] = xfit(amplified, chance, similarity)
     for s in range(seeds):
         drawn = cells[cells["condition"] == f"random{s}"]
-        columns[f"{RANDOM_BEST} (seed {s})"], columns[f"{RANDOM_XFIT} (seed {s})"] = best(drawn, "success"), xfit(
-            drawn, "success")  # fmt: skip
+        columns[f"{RANDOM_BEST} (seed {s})"], columns[f"{RANDOM_XFIT} (seed {s})"] = (
+            best(drawn, "success"),
+            xfit(drawn, "success"),
+        )
     table = pd.DataFrame(columns)
     for name in (RANDOM_BEST, RANDOM_XFIT):
         table[name] = table[[f"{name} (seed {s})" for s in range(seeds)]].mean(axis=1)
@@ -209,12 +281,21 @@ def plot(run: Run, per_layer: pd.DataFrame, tests: pd.DataFrame, n: int) -> str:
         axes[0].plot(per_layer.index, per_layer[name] / n, marker="o", color=f"C{i}", label=name)
     for (name, values), colour in zip(PAPER.items(), ("C0", "C1")):
         axes[0].plot(LAYERS, [v / 48 for v in values], ls="--", color=colour, label=f"paper {name} (Llama-2-13b)")
-    axes[0].set(xlabel="layer (source = target)", ylabel="successes / prompts", ylim=(0, 1),
-                title=f"Successes per layer, threshold {THRESHOLD}, echoes excluded")  # fmt: skip
+    axes[0].set(
+        xlabel="layer (source = target)",
+        ylabel="successes / prompts",
+        ylim=(0, 1),
+        title=f"Successes per layer, threshold {THRESHOLD}, echoes excluded",
+    )
     axes[0].legend(fontsize=7)
     ys = range(len(tests))
-    axes[1].errorbar(tests["difference"], ys, xerr=[tests["difference"] - tests["ci_low"],
-                     tests["ci_high"] - tests["difference"]], fmt="o", capsize=3)  # fmt: skip
+    axes[1].errorbar(
+        tests["difference"],
+        ys,
+        xerr=[tests["difference"] - tests["ci_low"], tests["ci_high"] - tests["difference"]],
+        fmt="o",
+        capsize=3,
+    )
     axes[1].axvline(0, color="black", lw=0.8)
     axes[1].set_yticks(list(ys), tests["comparison"], fontsize=7)
     axes[1].invert_yaxis()
@@ -224,9 +305,18 @@ def plot(run: Run, per_layer: pd.DataFrame, tests: pd.DataFrame, n: int) -> str:
     return figure
 
 
-def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.DataFrame, tests: pd.DataFrame,
-           layers: list[int], alphas: list[float], figure: str, discrimination: dict,
-           draws: list[int]) -> None:  # fmt: skip
+def report(
+    run: Run,
+    cells: pd.DataFrame,
+    table: pd.DataFrame,
+    per_layer: pd.DataFrame,
+    tests: pd.DataFrame,
+    layers: list[int],
+    alphas: list[float],
+    figure: str,
+    discrimination: dict,
+    draws: list[int],
+) -> None:
     """summary.md: the headline at equal tries (cross-fitted α against Patchscopes and against chance under
     the same selection), the judge's discrimination, every test in words, per-layer counts, echoes, each
     alpha alone. Best-of-K is reported, never first: it has K tries to Patchscopes' one."""
@@ -239,8 +329,10 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
     wins = greedy[greedy["success"]]
     named = sum(names_entity(s, t, o, ignore=g) for s, t, o, g in wins[["source", "token", "output", "target"]].values)
     echo_passes = int(((greedy["similarity"] > THRESHOLD) & greedy["echo"].astype(bool)).sum())
-    spread = {name: [table[f"{name} (seed {s})"].sum() for s in range(args.random_seeds)]
-              for name in (RANDOM_BEST, RANDOM_XFIT)}  # fmt: skip
+    spread = {
+        name: [table[f"{name} (seed {s})"].sum() for s in range(args.random_seeds)]
+        for name in (RANDOM_BEST, RANDOM_XFIT)
+    }
     chance = {k: [table[f"{k} (seed {s})"].sum() for s in draws] for k in (CHANCE_ONE, CHANCE_BEST, CHANCE_XFIT)}
     singles = greedy.groupby("alpha")["success"].sum().astype(int).rename("successes").reset_index()
     singles["paper (48 prompts, layers 1-7)"] = singles["alpha"].map({1: 29, **PAPER_SINGLE_ALPHA}).fillna("")
@@ -251,11 +343,15 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
         f"Controls ({', '.join(CONTROLS)}) are one family, Holm-corrected; a control is beaten only where its Holm "
         "p < 0.05 and A > B.",
         "Random direction, per seed, (prompt, layer) successes: "
-        + "; ".join(f"{k} {[round(float(x), 2) for x in v]} (mean {pd.Series(v).mean():.1f}, sd {pd.Series(v).std():.1f})"
-                    for k, v in spread.items()),
+        + "; ".join(
+            f"{k} {[round(float(x), 2) for x in v]} (mean {pd.Series(v).mean():.1f}, sd {pd.Series(v).std():.1f})"
+            for k, v in spread.items()
+        ),
         f"Chance, per mismatched-prompt draw (seeds {draws}), (prompt, layer) successes: "
-        + "; ".join(f"{k} {[round(float(x), 2) for x in v]} (min {min(v):.1f}, max {max(v):.1f}, sd "
-                    f"{pd.Series(v).std():.1f})" for k, v in chance.items()),
+        + "; ".join(
+            f"{k} {[round(float(x), 2) for x in v]} (min {min(v):.1f}, max {max(v):.1f}, sd {pd.Series(v).std():.1f})"
+            for k, v in chance.items()
+        ),
         f"Echoes: {int(greedy['echo'].astype(bool).sum())} of {len(greedy)} greedy readouts copy the target's few-shot "
         f"examples or only repeat the source token; {echo_passes} of them pass the judge's {THRESHOLD} and are not "
         "counted as successes.",
@@ -263,30 +359,40 @@ def report(run: Run, cells: pd.DataFrame, table: pd.DataFrame, per_layer: pd.Dat
         "'Peppers'); the rest pass the judge without naming it.",
     ]
     write_summary(
-        run, title=f"Superscopes evaluation on {model_label}",
+        run,
+        title=f"Superscopes evaluation on {model_label}",
         ours=f"at equal tries (α cross-fitted on the other half of the prompts): "
-             f"{describe(rows['Superscopes (cross-fitted) vs Patchscopes'])}; against chance under the same "
-             f"selection: {describe(rows['cross-fitted vs chance'])}. Judge: {describe_discrimination(discrimination)}. "
-             f"Best of K={len(alphas)} alphas against one try (inflated by the selection): "
-             f"{describe(rows['Superscopes (best-of-K) vs Patchscopes'])}. Per layer {layers}: Patchscopes "
-             f"{counts[PATCH]} = {sum(counts[PATCH])}/{n * len(layers)}, Superscopes best-of-K {counts[BEST]} = "
-             f"{sum(counts[BEST])}/{n * len(layers)}. Controls beaten at the prompt level (Holm p < 0.05): "
-             f"{', '.join(beaten) or 'none'}; not beaten: {', '.join(c for c in CONTROLS if c not in beaten) or 'none'}",
+        f"{describe(rows['Superscopes (cross-fitted) vs Patchscopes'])}; against chance under the same "
+        f"selection: {describe(rows['cross-fitted vs chance'])}. Judge: {describe_discrimination(discrimination)}. "
+        f"Best of K={len(alphas)} alphas against one try (inflated by the selection): "
+        f"{describe(rows['Superscopes (best-of-K) vs Patchscopes'])}. Per layer {layers}: Patchscopes "
+        f"{counts[PATCH]} = {sum(counts[PATCH])}/{n * len(layers)}, Superscopes best-of-K {counts[BEST]} = "
+        f"{sum(counts[BEST])}/{n * len(layers)}. Controls beaten at the prompt level (Holm p < 0.05): "
+        f"{', '.join(beaten) or 'none'}; not beaten: {', '.join(c for c in CONTROLS if c not in beaten) or 'none'}",
         paper=f"Llama-2-13b-chat, 48 prompts, layers 1-7: Patchscopes {PAPER['Patchscopes']} = 29/336, Superscopes "
-              f"(best of 5 alphas) {PAPER['Superscopes']} = 196/336 (threshold 0.5: 4 vs 61); counted per (prompt, "
-              "layer), no interval or test",
-        settings={"model": model_label, "prompts": f"{args.prompts} ({n})", "source": "MLP output at the last token",
-                  "layers (source = target)": layers, "alphas": f"1 (Patchscopes) vs {alphas} (Superscopes)",
-                  "random-direction seeds": args.random_seeds, "mismatched-prompt draws (chance)": draws,
-                  "cross-fitting splits": 3,
-                  "generation": f"greedy, {args.max_new_tokens} new tokens",
-                  "judge": f"all-MiniLM-L6-v2 cosine(source prompt, readout) > {THRESHOLD}, echoes excluded",
-                  "statistics": "per-prompt success rate over layers; 95% bootstrap CI over prompts (10,000 "
-                                "resamples); paired sign-flip test", "cells": len(cells)},  # fmt: skip
+        f"(best of 5 alphas) {PAPER['Superscopes']} = 196/336 (threshold 0.5: 4 vs 61); counted per (prompt, "
+        "layer), no interval or test",
+        settings={
+            "model": model_label,
+            "prompts": f"{args.prompts} ({n})",
+            "source": "MLP output at the last token",
+            "layers (source = target)": layers,
+            "alphas": f"1 (Patchscopes) vs {alphas} (Superscopes)",
+            "random-direction seeds": args.random_seeds,
+            "mismatched-prompt draws (chance)": draws,
+            "cross-fitting splits": 3,
+            "generation": f"greedy, {args.max_new_tokens} new tokens",
+            "judge": f"all-MiniLM-L6-v2 cosine(source prompt, readout) > {THRESHOLD}, echoes excluded",
+            "statistics": "per-prompt success rate over layers; 95% bootstrap CI over prompts (10,000 "
+            "resamples); paired sign-flip test",
+            "cells": len(cells),
+        },
         findings=findings,
-        tables={"Successes per layer": per_layer[[PATCH, BEST, XFIT, NORM, RANDOM_BEST, CHANCE_BEST]].reset_index(),
-                "Each alpha alone, one greedy try (successes over prompts x layers)": singles,
-                "Prompt-level comparisons (a vs b: per-prompt success rates)": tests.drop(columns=["a", "b"])},
+        tables={
+            "Successes per layer": per_layer[[PATCH, BEST, XFIT, NORM, RANDOM_BEST, CHANCE_BEST]].reset_index(),
+            "Each alpha alone, one greedy try (successes over prompts x layers)": singles,
+            "Prompt-level comparisons (a vs b: per-prompt success rates)": tests.drop(columns=["a", "b"]),
+        },
         figures=[figure],
     )
 

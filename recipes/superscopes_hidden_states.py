@@ -32,8 +32,10 @@ HIDDEN = ("resid_post",)
 
 def notebook_pair(source: str, token: str, plain: range, amplified: range, alphas) -> list[Readout]:
     """A test of hidden_states_amplification.ipynb: plain, then amplified, both into layer 0."""
-    return [Readout(source, token, "plain", HIDDEN, tuple(plain), (1,), 0),
-            Readout(source, token, "amplified", HIDDEN, tuple(amplified), tuple(alphas), 0)]  # fmt: skip
+    return [
+        Readout(source, token, "plain", HIDDEN, tuple(plain), (1,), 0),
+        Readout(source, token, "amplified", HIDDEN, tuple(amplified), tuple(alphas), 0),
+    ]
 
 
 READOUTS = [
@@ -41,9 +43,11 @@ READOUTS = [
     *notebook_pair("Red Hot Chili Peppers", "ppers", range(2, 5), range(3, 4), (1.3, 1.5, 1.7, 1.9)),
     *notebook_pair("Florence and the Machine", "Machine", range(9, 12), range(7, 10), range(3, 24, 3)),
 ]
-PAPER = ("Llama-2-13b-chat, read by eye, no count: amplified hidden states read 'Ancient Greek king' / 'The "
-         "Macedonian king' ('Great', layers 4-5, α 3), 'The band' / 'Rock band' ('ppers', layer 3, α 1.5), 'is a "
-         "British rock band' ('Machine', layer 9, α 12), one layer or more before the plain readout does")  # fmt: skip
+PAPER = (
+    "Llama-2-13b-chat, read by eye, no count: amplified hidden states read 'Ancient Greek king' / 'The "
+    "Macedonian king' ('Great', layers 4-5, α 3), 'The band' / 'Rock band' ('ppers', layer 3, α 1.5), 'is a "
+    "British rock band' ('Machine', layer 9, α 12), one layer or more before the plain readout does"
+)
 
 
 def experiment(run: Run) -> None:

@@ -56,9 +56,23 @@ PAPER = (
 )
 METHODS = ("patchscope", "logit_lens", "affine_lens")
 CELL_COLUMNS = [
-    "model", "method", "source", "snippet", "relation", "position", "token", "layer", "pred_id", "pred_token",
-    "output_ids", "output_probs", "source_top1_id", "source_top1", "precision_at_1", "surprisal",
-]  # fmt: skip
+    "model",
+    "method",
+    "source",
+    "snippet",
+    "relation",
+    "position",
+    "token",
+    "layer",
+    "pred_id",
+    "pred_token",
+    "output_ids",
+    "output_probs",
+    "source_top1_id",
+    "source_top1",
+    "precision_at_1",
+    "surprisal",
+]
 
 
 def build_parser():
@@ -76,8 +90,14 @@ def sources(run: Run, tokenizer, n: int, n_fit: int) -> tuple[pd.DataFrame, list
     snippets = load_snippets(run.args.seed)
     chosen, fit = evaluated_and_fit([tokenizer], snippets["text"].tolist(), run.args.seed, n, n_fit)
     rows = snippets.iloc[[i for i, _, _ in chosen]]
-    frame = pd.DataFrame({"source": [prefix for _, prefix, _ in chosen], "snippet": rows["text"].tolist(),
-                          "relation": rows["relation"].tolist(), "position": [pos[0] for _, _, pos in chosen]})
+    frame = pd.DataFrame(
+        {
+            "source": [prefix for _, prefix, _ in chosen],
+            "snippet": rows["text"].tolist(),
+            "relation": rows["relation"].tolist(),
+            "position": [pos[0] for _, _, pos in chosen],
+        }
+    )
     return frame, fit
 
 
@@ -90,14 +110,26 @@ def score(name: str, method: str, frame: pd.DataFrame, ids: str, probs: str, src
     for row in frame.itertuples():
         i, top = index[row.source], [int(x) for x in getattr(row, ids)]
         own_top = int(own[i].argmax())
-        rows.append({
-            "model": name, "method": method, "source": row.source, "snippet": info.loc[row.source, "snippet"],
-            "relation": info.loc[row.source, "relation"], "position": row.position, "token": row.token,
-            "layer": row.layer, "pred_id": top[0], "pred_token": tokenizer.decode([top[0]]), "output_ids": top,
-            "output_probs": [round(float(x), 6) for x in getattr(row, probs)], "source_top1_id": own_top,
-            "source_top1": tokenizer.decode([own_top]), "precision_at_1": int(top[0] == own_top),
-            "surprisal": float(-own[i, top[0]]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "method": method,
+                "source": row.source,
+                "snippet": info.loc[row.source, "snippet"],
+                "relation": info.loc[row.source, "relation"],
+                "position": row.position,
+                "token": row.token,
+                "layer": row.layer,
+                "pred_id": top[0],
+                "pred_token": tokenizer.decode([top[0]]),
+                "output_ids": top,
+                "output_probs": [round(float(x), 6) for x in getattr(row, probs)],
+                "source_top1_id": own_top,
+                "source_top1": tokenizer.decode([own_top]),
+                "precision_at_1": int(top[0] == own_top),
+                "surprisal": float(-own[i, top[0]]),
+            }
+        )
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
@@ -110,21 +142,50 @@ def readouts(run: Run, model, src: pd.DataFrame, fit: list[str], ridge: float) -
     args, prompts = run.args, src["source"].tolist()
     n_layers, name = num_layers(model), model_name(model)
     last, layers = n_layers - 1, list(range(n_layers))
-    grid = dict(sites=["resid_post"], alphas=[1], output="topk", top_k=args.top_k, batch_size=args.batch_size,
-                max_cells=len(prompts) * n_layers)  # fmt: skip
+    grid = dict(
+        sites=["resid_post"],
+        alphas=[1],
+        output="topk",
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        max_cells=len(prompts) * n_layers,
+    )
     own = lens.final_logprobs(model, prompts, "last", args.batch_size, run.remote)
-    frame = run.scope(model, Scope(prompts, layers=layers, transforms=["scale"], target="identity",
-                                   target_layers=["same"], logit_lens=True, **grid))  # fmt: skip
+    frame = run.scope(
+        model,
+        Scope(
+            prompts,
+            layers=layers,
+            transforms=["scale"],
+            target="identity",
+            target_layers=["same"],
+            logit_lens=True,
+            **grid,
+        ),
+    )
     log(f"patchscope and logit lens: {len(frame)} cells; fitting affine maps on {len(fit)} texts (ridge {ridge})")
     maps = lens.fit_affine_lens(model, fit, layers, "last", ridge, batch_size=args.batch_size, remote=run.remote)
-    affine = run.scope(model, Scope(prompts, layer_pairs=[(l, last) for l in layers], transforms=["affine"],
-                                    affine_weight={(l, last): maps[l][0] for l in layers},
-                                    affine_bias={(l, last): maps[l][1] for l in layers}, target="source", **grid))
+    affine = run.scope(
+        model,
+        Scope(
+            prompts,
+            layer_pairs=[(l, last) for l in layers],
+            transforms=["affine"],
+            affine_weight={(l, last): maps[l][0] for l in layers},
+            affine_bias={(l, last): maps[l][1] for l in layers},
+            target="source",
+            **grid,
+        ),
+    )
     tok = model.tokenizer
-    return pd.concat([score(name, "patchscope", frame, "output_ids", "output_probs", src, own, tok),
-                      score(name, "logit_lens", frame, "lens_ids", "lens_probs", src, own, tok),
-                      score(name, "affine_lens", affine, "output_ids", "output_probs", src, own, tok)],
-                     ignore_index=True)  # fmt: skip
+    return pd.concat(
+        [
+            score(name, "patchscope", frame, "output_ids", "output_probs", src, own, tok),
+            score(name, "logit_lens", frame, "lens_ids", "lens_probs", src, own, tok),
+            score(name, "affine_lens", affine, "output_ids", "output_probs", src, own, tok),
+        ],
+        ignore_index=True,
+    )
 
 
 def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -135,8 +196,10 @@ def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFra
     pairs = [("patchscope", "logit_lens"), ("patchscope", "affine_lens")]
     comparisons = compare_conditions(cells, "method", pairs, ("layer",), "precision_at_1", "source", seed)
     wide = cells.pivot_table(index=["layer", "source"], columns="method", values="precision_at_1", aggfunc="mean")
-    differences = [(wide.loc[layer, a] - wide.loc[layer, b]).to_numpy()
-                   for layer, a, b in comparisons[["layer", "a", "b"]].itertuples(index=False)]  # fmt: skip
+    differences = [
+        (wide.loc[layer, a] - wide.loc[layer, b]).to_numpy()
+        for layer, a, b in comparisons[["layer", "a", "b"]].itertuples(index=False)
+    ]
     intervals = holm_intervals(differences, list(comparisons["p"]), seed=seed)
     comparisons["holm_ci_low"], comparisons["holm_ci_high"] = zip(*intervals)
     return summary, comparisons
@@ -146,10 +209,26 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> Path:
     from superscopes import plots
 
     fig, (left, right) = plots.figure(2)
-    plots.lines(summary, "layer", "precision_at_1", hue="method", ax=left, ylim=(-0.02, 1.02),
-                ylabel="precision@1 (vs the model's own next token)", title="precision@1 (95% intervals)")  # fmt: skip
-    plots.lines(summary, "layer", "surprisal", hue="method", ax=right, ylabel="surprisal -log p_source (nats)",
-                title="surprisal of the decoded token", band=None)  # the intervals are precision@1's  # fmt: skip
+    plots.lines(
+        summary,
+        "layer",
+        "precision_at_1",
+        hue="method",
+        ax=left,
+        ylim=(-0.02, 1.02),
+        ylabel="precision@1 (vs the model's own next token)",
+        title="precision@1 (95% intervals)",
+    )
+    plots.lines(
+        summary,
+        "layer",
+        "surprisal",
+        hue="method",
+        ax=right,
+        ylabel="surprisal -log p_source (nats)",
+        title="surprisal of the decoded token",
+        band=None,
+    )  # the intervals are precision@1's
     return plots.save(fig, path, title)
 
 
@@ -160,15 +239,19 @@ def findings(summary: pd.DataFrame, comparisons: pd.DataFrame, last: int) -> lis
         part = comparisons[(comparisons["b"] == lens_name) & (comparisons["layer"] < last)]
         above = part[(part["holm_ci_low"] > 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
         below = part[(part["holm_ci_high"] < 0) & (part["p_holm"] < 0.05)]["layer"].tolist()
-        out.append(f"Patchscope vs {lens_name} (paired over positions, Holm p < 0.05 and the Holm-level interval "
-                   f"clear of 0, layers 0-{last - 1}): above at "
-                   f"layers {above or 'none'}, below at layers {below or 'none'}, no detectable difference at the "
-                   f"other {len(part) - len(above) - len(below)}.")  # fmt: skip
+        out.append(
+            f"Patchscope vs {lens_name} (paired over positions, Holm p < 0.05 and the Holm-level interval "
+            f"clear of 0, layers 0-{last - 1}): above at "
+            f"layers {above or 'none'}, below at layers {below or 'none'}, no detectable difference at the "
+            f"other {len(part) - len(above) - len(below)}."
+        )
     at_last = summary[summary["layer"] == last].set_index("method")["precision_at_1"]
     values = ", ".join(f"{m} {v:.2f}" for m, v in at_last.items())
-    out.append(f"At the last layer ({last}) all three read the model's own output by construction (the logit lens "
-               "is the output, the Patchscope writes h_last at l* = last, an unpenalised least-squares map from the "
-               f"last layer to itself is the identity): {values}; not a finding.")  # fmt: skip
+    out.append(
+        f"At the last layer ({last}) all three read the model's own output by construction (the logit lens "
+        "is the output, the Patchscope writes h_last at l* = last, an unpenalised least-squares map from the "
+        f"last layer to itself is the identity): {values}; not a finding."
+    )
     return out
 
 
@@ -196,33 +279,49 @@ def experiment(run: Run) -> None:
     summary.insert(0, "model", name)
     summary.to_csv(run.out / "summary.csv", index=False)
     comparisons.to_csv(run.out / "comparisons.csv", index=False)
-    figure = plot(summary, run.out / "token_identity.png",
-                  f"Token identity on {name}: {len(src)} random positions, every layer; 95% bootstrap intervals")
+    figure = plot(
+        summary,
+        run.out / "token_identity.png",
+        f"Token identity on {name}: {len(src)} random positions, every layer; 95% bootstrap intervals",
+    )
     wide = summary.pivot(index="layer", columns="method", values="precision_at_1").reset_index()
     mid = last * 2 // 3
     at = wide.set_index("layer")
-    ours = (f"precision@1 at layer 0 / {mid} / {last - 1}: Patchscope "
-            + " / ".join(f"{at.loc[l, 'patchscope']:.2f}" for l in (0, mid, last - 1)) + ", logit lens "
-            + " / ".join(f"{at.loc[l, 'logit_lens']:.2f}" for l in (0, mid, last - 1)) + ", affine lens "
-            + " / ".join(f"{at.loc[l, 'affine_lens']:.2f}" for l in (0, mid, last - 1))
-            + f" ({name}, {len(src)} positions; intervals in the tables)")  # fmt: skip
+    ours = (
+        f"precision@1 at layer 0 / {mid} / {last - 1}: Patchscope "
+        + " / ".join(f"{at.loc[l, 'patchscope']:.2f}" for l in (0, mid, last - 1))
+        + ", logit lens "
+        + " / ".join(f"{at.loc[l, 'logit_lens']:.2f}" for l in (0, mid, last - 1))
+        + ", affine lens "
+        + " / ".join(f"{at.loc[l, 'affine_lens']:.2f}" for l in (0, mid, last - 1))
+        + f" ({name}, {len(src)} positions; intervals in the tables)"
+    )
     columns = ["layer", "b", "difference", "ci_low", "ci_high", "holm_ci_low", "holm_ci_high", "p", "p_holm"]
-    shown = comparisons[columns].rename(
-        columns={"b": "patchscope minus"})  # fmt: skip
+    shown = comparisons[columns].rename(columns={"b": "patchscope minus"})
     write_summary(
-        run, f"Token identity: Patchscope vs logit lens vs affine lens ({name})", ours, PAPER,
-        {"model": name, "source positions": f"{len(src)}: one random token per snippet (no BOS, not the last token), "
-         f"snippet cut after it (seed {args.seed})", "layers": f"all ({last + 1})",
-         "Patchscope": f"target {IDENTITY!r}, written over '?', resid_post, l* = l, alpha 1, next-token top-{args.top_k}",
-         "affine lens": f"least squares h_l -> h_{last} (resid_post) with bias, ridge {ridge}, one random position of "
-         f"each of {len(fit)} held-out snippets; applied by the graph's affine transform at layer {last} of the source",
-         "precision@1": "argmax patched == argmax of the source model's own next-token distribution at the position",
-         "surprisal": "-log p_source(argmax patched), nats"},
+        run,
+        f"Token identity: Patchscope vs logit lens vs affine lens ({name})",
+        ours,
+        PAPER,
+        {
+            "model": name,
+            "source positions": f"{len(src)}: one random token per snippet (no BOS, not the last token), "
+            f"snippet cut after it (seed {args.seed})",
+            "layers": f"all ({last + 1})",
+            "Patchscope": f"target {IDENTITY!r}, written over '?', resid_post, l* = l, alpha 1, next-token top-{args.top_k}",
+            "affine lens": f"least squares h_l -> h_{last} (resid_post) with bias, ridge {ridge}, one random position of "
+            f"each of {len(fit)} held-out snippets; applied by the graph's affine transform at layer {last} of the source",
+            "precision@1": "argmax patched == argmax of the source model's own next-token distribution at the position",
+            "surprisal": "-log p_source(argmax patched), nats",
+        },
         findings(summary, comparisons, last),
-        {"precision@1 per layer": wide, "per method and layer (95% bootstrap over positions)":
-         summary.drop(columns=["model"]), "Patchscope minus each lens, paired over positions": shown},
+        {
+            "precision@1 per layer": wide,
+            "per method and layer (95% bootstrap over positions)": summary.drop(columns=["model"]),
+            "Patchscope minus each lens, paired over positions": shown,
+        },
         [figure.name],
-    )  # fmt: skip
+    )
 
 
 main = recipe_main(NAME, build_parser, experiment)

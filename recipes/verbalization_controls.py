@@ -1,4 +1,5 @@
-"""Verbalisation controls (Li et al., 2025): does a Patchscope readout reveal more than the input and the reader's own knowledge?
+"""Verbalisation controls (Li et al., 2025): does a Patchscope readout reveal more than the
+input and the reader's own knowledge?
 
 On Li et al.'s six Patchscopes factual tasks (``LI_TASKS``: country_currency, food_from_country,
 person_plays_position_in_sport, person_plays_pro_sport, product_by_company, star_constellation;
@@ -81,8 +82,10 @@ FIT_TASKS = ["person_father", "person_mother"]  # snippets for the affine maps (
 SOURCE_DEPTHS, TARGET_DEPTHS = (0.15, 0.3), (0.0, 0.15)  # l and l* as shares of each model's depth
 MAJORITY = "majority class"  # the most common object of the task's other subjects (unfiltered rows)
 RIDGE = 0.05  # times the source's summed centred variance per dimension (raised held-out R^2 on 320 snippets)
-PAPER = ("Li et al. (2025), Llama-3.1-8B-Instruct, 6 factual Patchscopes tasks: input-only 0.644 > LIT 0.602 > "
-         "Patchscopes 0.487; their knowledge controls show readouts drawing on the verbaliser's own knowledge")  # fmt: skip
+PAPER = (
+    "Li et al. (2025), Llama-3.1-8B-Instruct, 6 factual Patchscopes tasks: input-only 0.644 > LIT 0.602 > "
+    "Patchscopes 0.487; their knowledge controls show readouts drawing on the verbaliser's own knowledge"
+)
 
 
 def fit_snippets(n: int, seed: int) -> list[str]:
@@ -120,7 +123,9 @@ def build_parser():
     p.add_argument("--other", default=OTHER, help=f"the second model (default {OTHER})")
     p.add_argument("--tasks", help=f"comma list of factual tasks (default {','.join(TASKS)})")
     p.add_argument("--max-rows", type=int, help="subjects per task (default 12; quick 3)")
-    p.add_argument("--limit-subjects", type=int, help="only the first N subjects per task, input-only rows too (quick 6)")
+    p.add_argument(
+        "--limit-subjects", type=int, help="only the first N subjects per task, input-only rows too (quick 6)"
+    )
     p.add_argument("--fit-snippets", type=int, help="snippets for the affine maps (default 400; quick 24)")
     p.add_argument("--li-samples", type=int, help="Li's rows per task, drawn as their --n_samples (default all)")
     return p
@@ -130,16 +135,24 @@ def evaluated_rows(run: Run, models: dict, tasks: list[str], limit: int | None) 
     """Exact crops for both tokenizers, each subject's knowledge in both models, the picked rows."""
     names = list(models)
     rows = pd.concat([F.load_task(t, limit) for t in tasks], ignore_index=True)
-    rows = rows[[all(F.crop_is_exact(models[m].tokenizer, sn, su, so) for m in names)
-                 for sn, su, so in zip(rows["snippet"], rows["subject"], rows["source"])]]  # fmt: skip
+    rows = rows[
+        [
+            all(F.crop_is_exact(models[m].tokenizer, sn, su, so) for m in names)
+            for sn, su, so in zip(rows["snippet"], rows["subject"], rows["source"])
+        ]
+    ]
     specs = {m: functools.partial(F.knowledge, run, models[m], rows, F.LI_NEW_TOKENS) for m in names}
     table = F.conditions(run, "knowledge.csv", specs, tasks=tasks)
-    known = {m: set(zip(*table.loc[(table["condition"] == m) & table["known"], ["task", "subject"]].T.values)) for m in names}
+    known = {
+        m: set(zip(*table.loc[(table["condition"] == m) & table["known"], ["task", "subject"]].T.values)) for m in names
+    }
     rows = pick_rows(rows, known, names, run.args.max_rows or (3 if run.args.quick else 12), run.args.seed)
     for m in names:
         rows[f"{m} knows"] = [(t, s) in known[m] for t, s in zip(rows["task"], rows["subject"])]
     a, b = (rows[f"{m} knows"] for m in names)
-    rows["category"] = np.select([a & b, a & ~b, ~a & b], ["both know", f"only {names[0]}", f"only {names[1]}"], "neither knows")
+    rows["category"] = np.select(
+        [a & b, a & ~b, ~a & b], ["both know", f"only {names[0]}", f"only {names[1]}"], "neither knows"
+    )
     return rows.assign(row=range(len(rows))), table
 
 
@@ -152,16 +165,25 @@ def affine_maps(run: Run, models: dict, layers: dict, targets: dict) -> dict:
     pos = dict(zip(names, aligned_positions(models[names[0]].tokenizer, models[names[1]].tokenizer, texts)))
     prompt_of = torch.tensor([i for i, p in enumerate(pos[names[0]]) for _ in p])
     fit = prompt_of < int(0.8 * len(texts))
-    acts = {m: collect(models[m], texts, "resid_post", sorted(set(layers[m]) | set(targets[m])), pos[m], 32, run.remote)
-            for m in names}  # fmt: skip
+    acts = {
+        m: collect(models[m], texts, "resid_post", sorted(set(layers[m]) | set(targets[m])), pos[m], 32, run.remote)
+        for m in names
+    }
     maps, records = {}, []
     for s, v in [(names[0], names[1]), (names[1], names[0])]:
         for ls, lv in ((ls, lv) for ls in layers[s] for lv in targets[v]):
             X, Y = acts[s][ls], acts[v][lv]
             ridge = RIDGE * float((X[fit] - X[fit].mean(0)).pow(2).sum()) / X.shape[1]
             maps[(s, v, ls, lv)] = fit_affine(X[fit], Y[fit], ridge=ridge)
-            records.append({"source_model": s, "verbaliser": v, "layer": ls, "target_layer": lv,
-                            "r2_heldout": r_squared(apply_affine(X[~fit], *maps[(s, v, ls, lv)]), Y[~fit])})  # fmt: skip
+            records.append(
+                {
+                    "source_model": s,
+                    "verbaliser": v,
+                    "layer": ls,
+                    "target_layer": lv,
+                    "r2_heldout": r_squared(apply_affine(X[~fit], *maps[(s, v, ls, lv)]), Y[~fit]),
+                }
+            )
     pd.DataFrame(records).to_csv(run.out / "maps.csv", index=False)
     return maps
 
@@ -196,13 +218,25 @@ def run_conditions(run: Run, models: dict, rows: pd.DataFrame, li: pd.DataFrame)
             kwargs = {"layers": layers[s], "target_layers": targets[v]}
             if s != v:
                 pairs = [(ls, lv) for ls in layers[s] for lv in targets[v]]
-                kwargs = {"layer_pairs": pairs, "transforms": ["affine"], "affine_weight": {p: maps()[(s, v, *p)][0] for p in pairs},
-                          "affine_bias": {p: maps()[(s, v, *p)][1] for p in pairs}}  # fmt: skip
-            scope = superscopes.Scope(list(sources), sites=["resid_post"], alphas=[1], target=list(rows["template"]),
-                                      max_new_tokens=F.LI_NEW_TOKENS, batch_size=run.args.batch_size, **kwargs)  # fmt: skip
+                kwargs = {
+                    "layer_pairs": pairs,
+                    "transforms": ["affine"],
+                    "affine_weight": {p: maps()[(s, v, *p)][0] for p in pairs},
+                    "affine_bias": {p: maps()[(s, v, *p)][1] for p in pairs},
+                }
+            scope = superscopes.Scope(
+                list(sources),
+                sites=["resid_post"],
+                alphas=[1],
+                target=list(rows["template"]),
+                max_new_tokens=F.LI_NEW_TOKENS,
+                batch_size=run.args.batch_size,
+                **kwargs,
+            )
             frame = run.scope(models[s], scope, target_model=models[v]).drop(columns=["source", "token", "target"])
             frame["row"] = np.repeat(rows["row"].values, len(frame) // len(rows))  # cells come in prompt order
             return frame.merge(meta, on="row").assign(source_model=s, verbaliser=v)
+
         return make
 
     def input_only(m: str):
@@ -251,7 +285,9 @@ def row_scores(cells: pd.DataFrame, rows: pd.DataFrame, names: list[str], seed0:
     scores = rows.set_index("row")[["task", "subject", "object", "category", *[f"{m} knows" for m in names]]].copy()
     for name, part in cells.groupby("condition"):
         if name.endswith(INPUT):
-            hit = part.drop_duplicates(["task", "subject", "snippet"]).set_index(["task", "subject", "snippet"])["success"]
+            hit = part.drop_duplicates(["task", "subject", "snippet"]).set_index(["task", "subject", "snippet"])[
+                "success"
+            ]
             scores[name] = [hit.get(k, np.nan) for k in zip(rows["task"], rows["subject"], rows["snippet"])]
         elif not name.endswith(LI_PATCH):  # Li's Patchscope is scored on Li's rows (li_accuracy)
             scores[name] = metrics.any_then_mean(part, "success", "row", any_over="target_layer", mean_over="layer")
@@ -263,8 +299,10 @@ def row_scores(cells: pd.DataFrame, rows: pd.DataFrame, names: list[str], seed0:
     for m in names:
         scores[f"{m}: plain question"] = scores[f"{m} knows"]
     li = cells[cells["row"] < 0].drop_duplicates(["task", "subject", "snippet"])  # the tasks' other subjects' objects
-    scores[MAJORITY] = [metrics.majority_share([o], li.loc[(li["task"] == t) & (li["subject"] != s), "object"])
-                        for t, s, o in zip(scores["task"], scores["subject"], scores["object"])]  # fmt: skip
+    scores[MAJORITY] = [
+        metrics.majority_share([o], li.loc[(li["task"] == t) & (li["subject"] != s), "object"])
+        for t, s, o in zip(scores["task"], scores["subject"], scores["object"])
+    ]
     return scores.astype({c: float for c in scores.columns if ":" in c or c == MAJORITY})
 
 
@@ -311,11 +349,16 @@ def draw_spread(scores: pd.DataFrame, names: list[str], seeds: list[int]) -> pd.
 
 def family(names: list[str]) -> list[tuple[str, str]]:
     pairs = []
-    for (v, s) in [(names[0], names[1]), (names[1], names[0])]:
-        pairs += [(f"{v}: own Patchscope", f"{v}: input only (Li)"), (f"{v}: own Patchscope", MAJORITY),
-                  (f"{v}: input only (Li)", MAJORITY), (f"{v}: reads {s}", f"{v}: input only (Li)"),
-                  (f"{v}: reads {s}", f"{v}: own Patchscope"), (f"{v}: reads {s}", f"{v}: reads {s}, shuffled source"),
-                  (f"{v}: reads {s} [only {s} knows]", f"{v}: reads {s}, shuffled source [only {s} knows]")]  # fmt: skip
+    for v, s in [(names[0], names[1]), (names[1], names[0])]:
+        pairs += [
+            (f"{v}: own Patchscope", f"{v}: input only (Li)"),
+            (f"{v}: own Patchscope", MAJORITY),
+            (f"{v}: input only (Li)", MAJORITY),
+            (f"{v}: reads {s}", f"{v}: input only (Li)"),
+            (f"{v}: reads {s}", f"{v}: own Patchscope"),
+            (f"{v}: reads {s}", f"{v}: reads {s}, shuffled source"),
+            (f"{v}: reads {s} [only {s} knows]", f"{v}: reads {s}, shuffled source [only {s} knows]"),
+        ]
     return pairs
 
 
@@ -353,33 +396,52 @@ def experiment(run: Run) -> None:
     maps = pd.read_csv(run.out / "maps.csv")
     findings = [metrics.describe(r) for _, r in table.iterrows()] + [
         "Rows by who knows the fact: "
-        + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().sort_index().items()) + ".",
-        "Held-out R^2 of the affine maps: " + ", ".join(f"{r.source_model} L{r.layer} -> {r.verbaliser} "
-                                                       f"L{r.target_layer} {r.r2_heldout:.2f}" for r in maps.itertuples()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().sort_index().items())
+        + ".",
+        "Held-out R^2 of the affine maps: "
+        + ", ".join(
+            f"{r.source_model} L{r.layer} -> {r.verbaliser} L{r.target_layer} {r.r2_heldout:.2f}"
+            for r in maps.itertuples()
+        )
+        + ".",
         f"Shuffled sources drawn {DRAWS} times (seeds {seeds}); over the draws, the accuracy ranges "
-        + "; ".join(f"{r.control} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples()) + ".",
+        + "; ".join(f"{r.control} {r.min:.3f}-{r.max:.3f} (SD {r.sd:.3f})" for r in spread.itertuples())
+        + ".",
         f"Echoes never count in the controls: {int(cells.loc[cells['row'] >= 0, 'echo'].sum())} of "
         f"{int((cells['row'] >= 0).sum())} texts only repeat the subject.",
-    ]  # fmt: skip
+    ]
     mean, parts = accuracy.columns[2], []
     for m in names:
         a = accuracy[accuracy["model"] == m].set_index("method")[mean]
         parts.append(f"{m}: input only {a[INPUT]:.3f}, Patchscope {a[LI_PATCH]:.3f}")
     ours = f"Li's comparison ({mean}): " + "; ".join(parts)
-    write_summary(run, f"Verbalisation controls on {names[0]} and {names[1]}", ours, PAPER,
-                  {"models": ", ".join(names), "tasks": ", ".join(tasks), "rows": f"{len(rows)} (one snippet per subject)",
-                   "Li's rows": f"{len(li)} unfiltered rows (input only and Li's Patchscope, per model)",
-                   "affine maps": f"ridge least squares on {', '.join(FIT_TASKS)} snippets, 80% fit / 20% R^2",
-                   "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens; success: Li's check_correct (echoes "
-                                 "never count in the controls; Li's comparison counts them as Li do)",
-                   "shuffled sources": f"{DRAWS} draws per cross-model condition, seeds {seeds}",
-                   "seed": args.seed, "cells": len(cells)},  # fmt: skip
-                  findings, {"Li et al.'s comparison: accuracy per task, then their mean": accuracy.round(3),
-                             "Comparisons over rows (Holm over the family)": table.round(4),
-                             "Shuffled-source draws (accuracy over the rows per draw)": spread.round(4),
-                             "Accuracy by knowledge category": by_category.round(3).reset_index(),
-                             "Knowledge check": known.groupby("condition")["known"].agg(["size", "sum"]).reset_index()},
-                  ["accuracy_heatmaps.png"])  # fmt: skip
+    write_summary(
+        run,
+        f"Verbalisation controls on {names[0]} and {names[1]}",
+        ours,
+        PAPER,
+        {
+            "models": ", ".join(names),
+            "tasks": ", ".join(tasks),
+            "rows": f"{len(rows)} (one snippet per subject)",
+            "Li's rows": f"{len(li)} unfiltered rows (input only and Li's Patchscope, per model)",
+            "affine maps": f"ridge least squares on {', '.join(FIT_TASKS)} snippets, 80% fit / 20% R^2",
+            "generation": f"greedy, {F.LI_NEW_TOKENS} new tokens; success: Li's check_correct (echoes "
+            "never count in the controls; Li's comparison counts them as Li do)",
+            "shuffled sources": f"{DRAWS} draws per cross-model condition, seeds {seeds}",
+            "seed": args.seed,
+            "cells": len(cells),
+        },
+        findings,
+        {
+            "Li et al.'s comparison: accuracy per task, then their mean": accuracy.round(3),
+            "Comparisons over rows (Holm over the family)": table.round(4),
+            "Shuffled-source draws (accuracy over the rows per draw)": spread.round(4),
+            "Accuracy by knowledge category": by_category.round(3).reset_index(),
+            "Knowledge check": known.groupby("condition")["known"].agg(["size", "sum"]).reset_index(),
+        },
+        ["accuracy_heatmaps.png"],
+    )
 
 
 main = recipe_main(NAME, build_parser, experiment)

@@ -11,16 +11,42 @@ from superscopes import ops
 from superscopes.models import DEFAULT_MODEL, list_models, load
 from superscopes.scope import Grid, Scope, ScopeError, run
 
-if TYPE_CHECKING:
-    from superscopes import cli, corpus, env, inverse, judge, lens, metrics, plots, probe, prompts, remote, results, sae
-    from superscopes import sites
+if TYPE_CHECKING:  # for type checkers: at run time __getattr__ imports them on first use
+    from superscopes import (  # noqa: F401
+        cli,
+        corpus,
+        env,
+        inverse,
+        judge,
+        lens,
+        metrics,
+        plots,
+        probe,
+        prompts,
+        remote,
+        results,
+        sae,
+        sites,
+    )
 
 # Submodules loaded on first attribute access (``superscopes.judge.score``), so that
 # ``import superscopes`` stays fast and does not pull in pandas plotting or the judge.
 _LAZY_MODULES = (
-    "cli", "corpus", "env", "inverse", "judge", "lens", "metrics", "plots", "probe", "prompts", "remote", "results", "sae",
+    "cli",
+    "corpus",
+    "env",
+    "inverse",
+    "judge",
+    "lens",
+    "metrics",
+    "plots",
+    "probe",
+    "prompts",
+    "remote",
+    "results",
+    "sae",
     "sites",
-)  # fmt: skip
+)
 
 __all__ = ["DEFAULT_MODEL", "Grid", "Scope", "ScopeError", "list_models", "load", "ops", "run", *_LAZY_MODULES]
 __version__ = "0.1.0"

@@ -4,13 +4,12 @@ the cells, through their readouts."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import collections
 import itertools
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,8 +57,9 @@ def _read_passes(tokenizer, prompts: list[str], reads: list[tuple[int, int, str,
             members = [ids[j] for j in group]
             rows = [reads[i][0] - start for i in members]
             columns = _columns(lengths, rows, [reads[i][1] for i in members])
-            groups.append(_Group(reads[members[0]][2], reads[members[0]][3], torch.tensor(rows), columns,
-                                 torch.tensor(members)))  # fmt: skip
+            groups.append(
+                _Group(reads[members[0]][2], reads[members[0]][3], torch.tensor(rows), columns, torch.tensor(members))
+            )
         passes.append(_Pass(groups, texts=texts))
     return passes
 
@@ -72,8 +72,9 @@ def cell_seed(seed: int, cell: Cell) -> int:
     return zlib.crc32(f"{key}{cell.target_layer}|{cell.sample}".encode())
 
 
-def _patch_passes(target_model: Model, the_plan: Plan, vector_of: dict,
-                  map_of: dict | None) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:  # fmt: skip
+def _patch_passes(
+    target_model: Model, the_plan: Plan, vector_of: dict, map_of: dict | None
+) -> tuple[list[_Pass], list[int], list[torch.Tensor]]:
     """Batched target passes, the cell order they cover, and the shared prefixes' token ids.
 
     Rows of a pass share one transform; with ``share_prefix`` they also share one target
@@ -126,8 +127,16 @@ def _patch_passes(target_model: Model, the_plan: Plan, vector_of: dict,
                 if map_of is not None and chunk_cells[0].transform == "affine":
                     index = [map_of[(chunk_cells[i].layer, chunk_cells[i].target_layer)] for i in g]
                     maps = [(m, torch.tensor([j for j, k in enumerate(index) if k == m])) for m in dict.fromkeys(index)]
-                groups.append(_Group(scope.target_site, chunk_cells[g[0]].target_layer, torch.tensor(g), columns[g],
-                                     vector_ids[g], maps))  # fmt: skip
+                groups.append(
+                    _Group(
+                        scope.target_site,
+                        chunk_cells[g[0]].target_layer,
+                        torch.tensor(g),
+                        columns[g],
+                        vector_ids[g],
+                        maps,
+                    )
+                )
             seeds = None
             if scope.do_sample:
                 seeds = torch.tensor([cell_seed(scope.seed or 0, c) for c in chunk_cells], dtype=torch.int64)
@@ -208,8 +217,11 @@ def _check_stats(stats: dict, scope: Scope, target_model: Model) -> None:
 
 def _warn_latent_silent(scope: Scope) -> None:
     sae, latent = scope.sae_latent
-    warnings.warn(f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
-                  "its alphas change nothing (pick a latent active there: sae.decompose(vector))", stacklevel=5)
+    warnings.warn(
+        f"transform 'latent': latent {latent} of {sae!r} is zero on every read vector of this grid, so "
+        "its alphas change nothing (pick a latent active there: sae.decompose(vector))",
+        stacklevel=5,
+    )
 
 
 def _collect(model: Model, target_model: Model, prepared: _Prepared, outputs: list, read: dict) -> list[dict]:

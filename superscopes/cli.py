@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -119,20 +118,40 @@ def cmd_scope(args: argparse.Namespace) -> None:
     model = superscopes.load(args.model, remote=args.remote)
     latent = _sae_latent(args, model)
     scope = superscopes.Scope(
-        args.prompt, token=args.token, position=args.position, all_tokens=args.all_tokens,
-        sites=args.sites, layers=args.layers, alphas=args.alphas, transforms=[args.transform],
-        target=args.target, target_layers=args.target_layer, max_new_tokens=args.max_new_tokens,
-        do_sample=args.seed is not None and args.sample, seed=args.seed, batch_size=args.batch_size, **affine, **latent,
+        args.prompt,
+        token=args.token,
+        position=args.position,
+        all_tokens=args.all_tokens,
+        sites=args.sites,
+        layers=args.layers,
+        alphas=args.alphas,
+        transforms=[args.transform],
+        target=args.target,
+        target_layers=args.target_layer,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.seed is not None and args.sample,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        **affine,
+        **latent,
         **chosen,
-    )  # fmt: skip
+    )
     if args.out and Path(args.out).exists() and Path(args.out).stat().st_size > 0 and not args.force:
         layers = range(num_layers(model)) if scope.layers == "all" else scope.layers
-        planned = {"model": [model_name(model)], "source": scope.prompts, "site": scope.sites,
-                   "layer": list(layers), "alpha": [float(a) for a in scope.alphas], "transform": scope.transforms}  # fmt: skip
+        planned = {
+            "model": [model_name(model)],
+            "source": scope.prompts,
+            "site": scope.sites,
+            "layer": list(layers),
+            "alpha": [float(a) for a in scope.alphas],
+            "transform": scope.transforms,
+        }
         differs = _grid_differences(read_table(args.out), planned)
         if differs:
-            raise ValueError(f"{args.out} holds another grid ({'; '.join(differs)}); "
-                             "choose another --out or pass --force to overwrite it")  # fmt: skip
+            raise ValueError(
+                f"{args.out} holds another grid ({'; '.join(differs)}); "
+                "choose another --out or pass --force to overwrite it"
+            )
     frame = superscopes.run(model, scope, remote=args.remote, threads=args.threads)
     if args.judge:
         frame = judge.score(frame)
@@ -169,19 +188,28 @@ def cmd_judge(args: argparse.Namespace) -> None:
     groups = [c.strip() for c in args.group_cols.split(",") if c.strip()] if args.group_cols else []
     if args.target is not None and args.target_col is not None:
         raise ValueError("give --target (one prompt for every row) or --target-col (a column), not both")
-    wanted = [args.source_col, args.output_col, *groups, *([args.by] if args.by else []),
-              *([args.target_col] if args.target_col else [])]  # fmt: skip
+    wanted = [
+        args.source_col,
+        args.output_col,
+        *groups,
+        *([args.by] if args.by else []),
+        *([args.target_col] if args.target_col else []),
+    ]
     missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
     if missing:  # before the judge loads or scores anything
         raise ValueError(f"column(s) {missing} are not in {args.file}; its columns are {list(frame.columns)}")
     if args.by and args.by not in groups:
         raise ValueError(f"--by {args.by!r} must be one of --group-cols ({', '.join(groups) or 'none given'})")
     target_col = args.target_col or "target"
-    frame = judge.score(frame, args.source_col, args.output_col, target=args.target, target_col=target_col,
-                        token_col=args.token_col)  # fmt: skip
+    frame = judge.score(
+        frame, args.source_col, args.output_col, target=args.target, target_col=target_col, token_col=args.token_col
+    )
     if not judge.echoes_checked(frame, args.target, target_col):
-        print("echoes of the target prompt's examples could not be checked: the table has no 'target' column "
-              "(give --target TEXT or --target-col NAME)", file=sys.stderr)  # fmt: skip
+        print(
+            "echoes of the target prompt's examples could not be checked: the table has no 'target' column "
+            "(give --target TEXT or --target-col NAME)",
+            file=sys.stderr,
+        )
     if groups:
         frame = frame.reset_index(drop=True)
         winners = judge.best(frame.assign(row=frame.index), groups, args.threshold)
@@ -193,11 +221,14 @@ def cmd_judge(args: argparse.Namespace) -> None:
         print(f"{int(winners['success'].sum())}/{len(winners)} groups above {args.threshold}")
         # For --out: each group's winning row, and whether its group passed.
         frame["winner"] = frame.index.isin(winners["row"])
-        frame = frame.merge(winners[[*groups, "success"]].rename(columns={"success": "group_success"}), on=groups,
-                            how="left")  # fmt: skip
+        frame = frame.merge(
+            winners[[*groups, "success"]].rename(columns={"success": "group_success"}), on=groups, how="left"
+        )
     if "echo" in frame.columns:
-        print(f"{int(frame['echo'].sum())} of {len(frame)} readouts echo the source token or the target's examples "
-              "(never a success)")  # fmt: skip
+        print(
+            f"{int(frame['echo'].sum())} of {len(frame)} readouts echo the source token or the target's examples "
+            "(never a success)"
+        )
     if args.out:
         save_table(frame, args.out)
         print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
@@ -263,26 +294,34 @@ def build_parser() -> argparse.ArgumentParser:
     # busy cores run many times slower), more only on an otherwise idle machine.
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
-    scope = verbs.add_parser("scope", parents=[threads],
-                             help="amplify and patch one prompt's activations, print the readouts")  # fmt: skip
+    scope = verbs.add_parser(
+        "scope", parents=[threads], help="amplify and patch one prompt's activations, print the readouts"
+    )
     scope.add_argument("prompt", help="the source prompt")
     where = scope.add_mutually_exclusive_group()
-    where.add_argument("--token", help="a word or whole token of the prompt; its first match's last token "
-                                       "(default: the last token)")  # fmt: skip
+    where.add_argument(
+        "--token", help="a word or whole token of the prompt; its first match's last token (default: the last token)"
+    )
     where.add_argument("--position", type=int, help="token index (BOS counts; negative from the end)")
     where.add_argument("--all-tokens", action="store_true", help="every token of the prompt")
-    scope.add_argument("--sites", type=parse_names, default="mlp_out,resid_post",
-                       help=f"comma list of {', '.join(SITE_NAMES)}")  # fmt: skip
+    scope.add_argument(
+        "--sites", type=parse_names, default="mlp_out,resid_post", help=f"comma list of {', '.join(SITE_NAMES)}"
+    )
     scope.add_argument("--layers", type=parse_layers, default="1-7", help=f"source layers: {LAYER_SYNTAX}")
     scope.add_argument("--alphas", type=parse_floats, default="1,3,6,9,12,15", help="comma list of amplifications")
-    scope.add_argument("--transform", default="scale", choices=ops.TRANSFORMS,
-                       help="how the vector is amplified (affine needs --affine-map, latent needs --latent)")  # fmt: skip
+    scope.add_argument(
+        "--transform",
+        default="scale",
+        choices=ops.TRANSFORMS,
+        help="how the vector is amplified (affine needs --affine-map, latent needs --latent)",
+    )
     scope.add_argument("--affine-map", help="torch file of {'weight': [d, d], 'bias': [d]} for --transform affine")
     scope.add_argument("--latent", type=int, help="SAE latent whose component --transform latent amplifies")
     scope.add_argument("--sae", help="SAE folder for --latent (default: the model's embedded SAE)")
     scope.add_argument("--target-layer", type=parse_target_layers, default="0", help="0, same, INT or a comma list")
-    scope.add_argument("--target", default="entity",
-                       help=f"a template ({', '.join(TEMPLATES)}) or template text containing the word x")  # fmt: skip
+    scope.add_argument(
+        "--target", default="entity", help=f"a template ({', '.join(TEMPLATES)}) or template text containing the word x"
+    )
     scope.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated per readout")
     scope.add_argument(
         "--readout",
@@ -302,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--force", action="store_true", help="overwrite an --out file that holds another grid")
     scope.set_defaults(func=cmd_scope)
 
-    judge = verbs.add_parser("judge", parents=[threads], help="add a MiniLM similarity column to a table")  # fmt: skip
+    judge = verbs.add_parser("judge", parents=[threads], help="add a MiniLM similarity column to a table")
     judge.add_argument("file", help="a .csv or .parquet table")
     judge.add_argument("--source-col", required=True, help="column of the texts the readouts should describe")
     judge.add_argument("--output-col", required=True, help="column of the readouts")
@@ -315,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--out", help="write the judged table (.csv or .parquet)")
     judge.set_defaults(func=cmd_judge)
 
-    models = verbs.add_parser("models", help="list the embedded models and their cache state")  # fmt: skip
+    models = verbs.add_parser("models", help="list the embedded models and their cache state")
     models.add_argument("--refetch", metavar="NAME", help="fetch an embedded model again (e.g. a corrupt cache)")
     models.set_defaults(func=cmd_models)
 
-    app = verbs.add_parser("app", parents=[threads], help="the Superscopes explorer: a web page on 127.0.0.1")  # fmt: skip
+    app = verbs.add_parser("app", parents=[threads], help="the Superscopes explorer: a web page on 127.0.0.1")
     from superscopes.app.server import add_arguments, cmd_app
 
     add_arguments(app)
@@ -327,12 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     remote = verbs.add_parser("remote", help="NDIF: check the server, versions, key and model")
     remote_verbs = remote.add_subparsers(dest="remote_verb", required=True)
-    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?")  # fmt: skip
+    status = remote_verbs.add_parser("status", help="is the server reachable, compatible, the model deployed?")
     status.add_argument("model", nargs="?", help="embedded name, repo id or served directory")
     status.set_defaults(func=cmd_remote_status)
 
-    recipe = verbs.add_parser("recipe", help="run a paper experiment: superscopes recipe NAME [--quick] ...",
-                              add_help=False)  # fmt: skip
+    recipe = verbs.add_parser(
+        "recipe", help="run a paper experiment: superscopes recipe NAME [--quick] ...", add_help=False
+    )
     recipe.add_argument("name", help="the recipe; `superscopes recipe NAME --help` for its options")
     recipe.add_argument("recipe_args", nargs=argparse.REMAINDER)
     recipe.set_defaults(func=cmd_recipe)

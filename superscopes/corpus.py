@@ -287,13 +287,16 @@ def texts(source: str, split: str = "train", limit: int | None = None, column: s
     elif source.startswith("hf:"):
         found = _dataset_column(source, column, limit, path=source[3:], split=split)
     elif Path(source).is_file() and Path(source).suffix in DATASET_FILES:
-        found = _dataset_column(source, column, limit, path=DATASET_FILES[Path(source).suffix], data_files=source,
-                                split="train")
+        found = _dataset_column(
+            source, column, limit, path=DATASET_FILES[Path(source).suffix], data_files=source, split="train"
+        )
     elif Path(source).is_file():
         found = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
     else:
-        raise ValueError(f"corpus {source!r}: use {' or '.join(map(repr, CORPORA))}, hf:NAME (a hub dataset), "
-                         f"a {'/'.join(DATASET_FILES)} file or a file with one text a line")
+        raise ValueError(
+            f"corpus {source!r}: use {' or '.join(map(repr, CORPORA))}, hf:NAME (a hub dataset), "
+            f"a {'/'.join(DATASET_FILES)} file or a file with one text a line"
+        )
     return found[:limit] if limit else found
 
 

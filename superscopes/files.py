@@ -20,7 +20,9 @@ def load_torch(path: str | Path, mmap: bool = False):
     try:
         return torch.load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
-        raise UnsafeFileError(f"{path} holds objects other than tensors and plain values; refused to unpickle it "
-                              "(delete it, or rewrite it with tensors, numbers, strings, lists and dicts only)") from None
+        raise UnsafeFileError(
+            f"{path} holds objects other than tensors and plain values; refused to unpickle it "
+            "(delete it, or rewrite it with tensors, numbers, strings, lists and dicts only)"
+        ) from None
     except (RuntimeError, EOFError, ValueError) as error:  # a torn or foreign file
         raise UnsafeFileError(f"{path} is not a readable torch file ({str(error).splitlines()[0]})") from None

@@ -158,8 +158,18 @@ def _apply_patches(target_model, p: _Pass, table: torch.Tensor, settings: Settin
                 extra = {"direction": settings.directions[vectors]}
             elif spec.argument == "latent":
                 extra = {"latent": settings.latent}
-            ops.patch(target_model, g.site, g.layer, table[vectors], g.columns[members], rows,
-                      alpha=p.alphas[rows], transform=p.transform, mode=settings.mode, **extra)  # fmt: skip
+            ops.patch(
+                target_model,
+                g.site,
+                g.layer,
+                table[vectors],
+                g.columns[members],
+                rows,
+                alpha=p.alphas[rows],
+                transform=p.transform,
+                mode=settings.mode,
+                **extra,
+            )
 
 
 def _read_stats(table: torch.Tensor, settings: Settings) -> dict:
@@ -168,8 +178,11 @@ def _read_stats(table: torch.Tensor, settings: Settings) -> dict:
     torch, runs remotely too."""
     if not len(table):
         return {"entry": 0.0, "norm": 0.0, "silent": False}
-    return {"entry": float(table.abs().max()), "norm": float(table.double().norm(dim=-1).max()),
-            "silent": _latent_silent(table, settings)}
+    return {
+        "entry": float(table.abs().max()),
+        "norm": float(table.double().norm(dim=-1).max()),
+        "silent": _latent_silent(table, settings),
+    }
 
 
 def _latent_silent(table: torch.Tensor, settings: Settings) -> bool:
@@ -218,8 +231,11 @@ def _execute_patches(
         inputs, extra = _pass_inputs(target_model, p, caches, settings)
         found, computed = {}, {}
         if settings.generate:
-            kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": False,
-                      "pad_token_id": settings.pad_token_id}  # fmt: skip
+            kwargs = {
+                "max_new_tokens": settings.max_new_tokens,
+                "do_sample": False,
+                "pad_token_id": settings.pad_token_id,
+            }
             if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
                 kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings.temperature)]
             context = Context(settings.top_k, fed=p.width if p.ids is None else p.ids.shape[1])

@@ -47,8 +47,6 @@ command resumes from them; ``generator.pt`` is the trained generator (``Generato
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
 import hashlib
 import json
@@ -59,6 +57,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -88,8 +87,10 @@ class Pairs:
 
     def __post_init__(self):
         if len(self.inputs) != len(self.activations) or len(self.inputs) != len(self.sources):
-            raise ValueError(f"{len(self.inputs)} inputs, {len(self.activations)} activations and "
-                             f"{len(self.sources)} sources: need one of each per pair")  # fmt: skip
+            raise ValueError(
+                f"{len(self.inputs)} inputs, {len(self.activations)} activations and "
+                f"{len(self.sources)} sources: need one of each per pair"
+            )
         if any(len(x) == 0 for x in self.inputs):
             raise ValueError("every input needs at least one token")
 
@@ -111,8 +112,15 @@ def truncate(tokenizer, texts: Sequence[str], max_tokens: int) -> list[str]:
     return out
 
 
-def collect_pairs(model: Model, texts: Sequence[str], site: str, layer: int, max_tokens: int = 16,
-                  batch_size: int = 32, progress: bool = False) -> Pairs:  # fmt: skip
+def collect_pairs(
+    model: Model,
+    texts: Sequence[str],
+    site: str,
+    layer: int,
+    max_tokens: int = 16,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Pairs:
     """(prefix, activation at its last token) for every "text" position of every text, each text
     cut to ``max_tokens`` tokens and read once (``progress``: a bar per batch of texts)."""
     from superscopes import lens
@@ -139,7 +147,9 @@ def check_site(model: Model, site: str, layer: int) -> None:
         raise ValueError(f"layer {layer!r} is out of range 0-{n - 1}")
 
 
-def last_token_activations(model: Model, texts: Sequence[str], site: str, layer: int, batch_size: int = 32) -> torch.Tensor:
+def last_token_activations(
+    model: Model, texts: Sequence[str], site: str, layer: int, batch_size: int = 32
+) -> torch.Tensor:
     """z(x) for each text x: the activation at its last token ``[n, d]``."""
     from superscopes import lens
 
@@ -189,8 +199,9 @@ class _Net(nn.Module):
         self.condition = nn.Linear(d_in, c.n_prefix * c.d_model)
         self.embed = nn.Embedding(vocab_size, c.d_model)
         self.position = nn.Embedding(c.n_prefix + c.max_tokens + 2, c.d_model)
-        layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, 4 * c.d_model, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            c.d_model, c.n_heads, 4 * c.d_model, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(c.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -208,8 +219,15 @@ class _Net(nn.Module):
 class Generator:
     """A trained conditional generator of inputs for one (model, site, layer)."""
 
-    def __init__(self, config: GeneratorConfig, vocab: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 state: dict | None = None, history: list[dict] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        vocab: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        state: dict | None = None,
+        history: list[dict] | None = None,
+    ):
         self.config, self.vocab = config, vocab.long()
         self.mean, self.std = mean.float(), std.float()
         self.history = list(history or [])
@@ -228,8 +246,10 @@ class Generator:
 
     def standardise(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.d_in:
-            raise ValueError(f"activations of shape {tuple(z.shape)}: need [n, {self.d_in}] ({self.config.site}, "
-                             f"layer {self.config.layer} of {self.config.model or 'the read model'})")  # fmt: skip
+            raise ValueError(
+                f"activations of shape {tuple(z.shape)}: need [n, {self.d_in}] ({self.config.site}, "
+                f"layer {self.config.layer} of {self.config.model or 'the read model'})"
+            )
         return (z.float() - self.mean) / self.std
 
     # ------------------------------------------------------------ sequences
@@ -254,8 +274,9 @@ class Generator:
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD), n
 
     @torch.inference_mode()
-    def sample(self, z: torch.Tensor, k: int = 10, seed: int = 0, temperature: float = 1.0,
-               batch_size: int = 256) -> list[list[list[int]]]:  # fmt: skip
+    def sample(
+        self, z: torch.Tensor, k: int = 10, seed: int = 0, temperature: float = 1.0, batch_size: int = 256
+    ) -> list[list[list[int]]]:
         """``k`` inputs (token ids in reading order) for each activation of ``z [n, d]``.
 
         Seeded: the same z, k, seed and batch_size give the same samples."""
@@ -287,8 +308,9 @@ class Generator:
                 break
         return [[int(t) for t in row[1:] if t >= SPECIAL] for row in tokens]
 
-    def sample_texts(self, tokenizer, z: torch.Tensor, k: int = 10, seed: int = 0,
-                     temperature: float = 1.0) -> list[list[str]]:  # fmt: skip
+    def sample_texts(
+        self, tokenizer, z: torch.Tensor, k: int = 10, seed: int = 0, temperature: float = 1.0
+    ) -> list[list[str]]:
         """``sample`` decoded to text with the read model's tokenizer."""
         return [[tokenizer.decode(x) for x in row] for row in self.sample(z, k, seed, temperature)]
 
@@ -297,8 +319,17 @@ class Generator:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": asdict(self.config), "vocab": self.vocab, "mean": self.mean, "std": self.std,
-                    "state": self.net.state_dict(), "history": self.history}, path)  # fmt: skip
+        torch.save(
+            {
+                "config": asdict(self.config),
+                "vocab": self.vocab,
+                "mean": self.mean,
+                "std": self.std,
+                "state": self.net.state_dict(),
+                "history": self.history,
+            },
+            path,
+        )
         return path
 
     @classmethod
@@ -307,8 +338,14 @@ class Generator:
         if not path.is_file():
             raise FileNotFoundError(f"no generator at {path} (train one: python -m superscopes.inverse train ...)")
         saved = load_torch(path)
-        return cls(GeneratorConfig(**saved["config"]), saved["vocab"], saved["mean"], saved["std"],
-                   saved["state"], saved["history"])  # fmt: skip
+        return cls(
+            GeneratorConfig(**saved["config"]),
+            saved["vocab"],
+            saved["mean"],
+            saved["std"],
+            saved["state"],
+            saved["history"],
+        )
 
 
 # ---------------------------------------------------------------- training
@@ -337,9 +374,16 @@ def _schedule(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, eval_every: int = 200,
-          checkpoint_every: int = 200, progress: bool = True, eval_pairs: int = 2048,
-          stop_after: int | None = None) -> Generator:  # fmt: skip
+def train(
+    pairs: Pairs,
+    config: GeneratorConfig,
+    out: str | Path | None = None,
+    eval_every: int = 200,
+    checkpoint_every: int = 200,
+    progress: bool = True,
+    eval_pairs: int = 2048,
+    stop_after: int | None = None,
+) -> Generator:
     """Train a generator on ``pairs`` (seeded; each step's batch and noise depend only on the
     seed and the step, so a resumed run matches an uninterrupted one).
 
@@ -369,9 +413,11 @@ def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, 
             saved = load_torch(checkpoint)
             if saved["config"] != asdict(config) or saved["fingerprint"] != fingerprint:
                 changed = sorted(k for k in saved["config"] if saved["config"][k] != asdict(config).get(k))
-                raise ValueError(f"{checkpoint} is from another run (config fields differing: {changed or 'none'}; "
-                                 f"pairs {saved['fingerprint']} vs {fingerprint}): delete it or use another "
-                                 "out")  # fmt: skip
+                raise ValueError(
+                    f"{checkpoint} is from another run (config fields differing: {changed or 'none'}; "
+                    f"pairs {saved['fingerprint']} vs {fingerprint}): delete it or use another "
+                    "out"
+                )
             net.load_state_dict(saved["state"])
             optimiser.load_state_dict(saved["optimiser"])
             step, generator.history = saved["step"], saved["history"]
@@ -414,16 +460,29 @@ def train(pairs: Pairs, config: GeneratorConfig, out: str | Path | None = None, 
             bar.set_postfix(loss=f"{np.mean(window[-50:]):.3f}")
             if step % eval_every == 0 or step == config.steps:
                 seconds = time.perf_counter() - t_window
-                record = {"step": step, "train_loss": float(np.mean(window)), "seconds_per_step": seconds / len(window),
-                          "tokens_per_second": tokens_seen / seconds, **evaluate()}  # fmt: skip
+                record = {
+                    "step": step,
+                    "train_loss": float(np.mean(window)),
+                    "seconds_per_step": seconds / len(window),
+                    "tokens_per_second": tokens_seen / seconds,
+                    **evaluate(),
+                }
                 generator.history.append(record)
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                 window, tokens_seen, t_window = [], 0, time.perf_counter()
             if checkpoint is not None and (step % checkpoint_every == 0 or step == end):
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"config": asdict(config), "fingerprint": fingerprint, "step": step,
-                            "state": net.state_dict(), "optimiser": optimiser.state_dict(),
-                            "history": generator.history}, checkpoint)  # fmt: skip
+                torch.save(
+                    {
+                        "config": asdict(config),
+                        "fingerprint": fingerprint,
+                        "step": step,
+                        "state": net.state_dict(),
+                        "optimiser": optimiser.state_dict(),
+                        "history": generator.history,
+                    },
+                    checkpoint,
+                )
         bar.close()
         net.eval()
     if out is not None and step == config.steps:
@@ -458,8 +517,13 @@ def fcr(f_original, f_samples: Sequence) -> float:
     return float(np.mean([f == f_original for f in f_samples]))
 
 
-def fcr_table(cells, value: str = "consistency", prompt: str = "query",
-              by: Sequence[str] = ("hypothesis", "layer", "sampler"), seed: int = 0):  # fmt: skip
+def fcr_table(
+    cells,
+    value: str = "consistency",
+    prompt: str = "query",
+    by: Sequence[str] = ("hypothesis", "layer", "sampler"),
+    seed: int = 0,
+):
     """Mean of ``value`` (FCR by default; any per-query score) per group, with a 95% bootstrap
     interval over queries: each query's mean is one value, its samples are not independent draws."""
     from superscopes.metrics import prompt_means
@@ -467,19 +531,32 @@ def fcr_table(cells, value: str = "consistency", prompt: str = "query",
     return prompt_means(cells, value, prompt, by, seed)
 
 
-def compare_samplers(cells, a: str = "generator", others: Sequence[str] = ("nearest", "random"),
-                     value: str = "consistency", prompt: str = "query", seed: int = 0):  # fmt: skip
+def compare_samplers(
+    cells,
+    a: str = "generator",
+    others: Sequence[str] = ("nearest", "random"),
+    value: str = "consistency",
+    prompt: str = "query",
+    seed: int = 0,
+):
     """Sampler ``a`` against each of ``others`` per (hypothesis, layer), paired by query (the
     queries both answer): mean difference, 95% bootstrap interval over queries, paired sign-flip
     p, and Holm-adjusted p over the whole family of comparisons."""
     from superscopes.metrics import compare_conditions
 
-    return compare_conditions(cells, "sampler", [(a, other) for other in others], ("hypothesis", "layer"), value,
-                              prompt, seed)  # fmt: skip
+    return compare_conditions(
+        cells, "sampler", [(a, other) for other in others], ("hypothesis", "layer"), value, prompt, seed
+    )
 
 
-def lexical_labels(cells, sampler: str = "nearest", value: str = "consistency", prompt: str = "query",
-                   seed: int = 0, level_share: float = 0.9):  # fmt: skip
+def lexical_labels(
+    cells,
+    sampler: str = "nearest",
+    value: str = "consistency",
+    prompt: str = "query",
+    seed: int = 0,
+    level_share: float = 0.9,
+):
     """Per hypothesis, is its FCR already at its level at layer 0? From ``sampler``'s cells (and
     ``random``'s at layer 0): FCR at layer 0 and at the best layer, their paired difference over
     queries (95% bootstrap), the share of the best layer's lift over random already reached at
@@ -510,15 +587,32 @@ def lexical_labels(cells, sampler: str = "nearest", value: str = "consistency", 
         share = (rise["mean_b"] - random0.mean()) / lift if lift > 0 else float("nan")
         flat = rise["ci_low"] <= 0 or rise["mean_b"] >= at_best[0] or share >= level_share
         label = "rises" if not flat else "lexical" if above_random else "not above random"
-        rows.append({"hypothesis": hypothesis, "fcr_layer0": rise["mean_b"], "best_layer": best,
-                     "fcr_best": rise["mean_a"], "best_ci_low": at_best[0], "difference": rise["difference"],
-                     "ci_low": rise["ci_low"], "ci_high": rise["ci_high"], "share_at_layer0": share,
-                     "label": label})  # fmt: skip
+        rows.append(
+            {
+                "hypothesis": hypothesis,
+                "fcr_layer0": rise["mean_b"],
+                "best_layer": best,
+                "fcr_best": rise["mean_a"],
+                "best_ci_low": at_best[0],
+                "difference": rise["difference"],
+                "ci_low": rise["ci_low"],
+                "ci_high": rise["ci_high"],
+                "share_at_layer0": share,
+                "label": label,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def evaluate(model: Model, generator: Generator, pairs: Pairs, queries: int = 100, k: int = 10, seed: int = 0,
-             batch_size: int = 32):  # fmt: skip
+def evaluate(
+    model: Model,
+    generator: Generator,
+    pairs: Pairs,
+    queries: int = 100,
+    k: int = 10,
+    seed: int = 0,
+    batch_size: int = 32,
+):
     """Does the generator sample near z at all? For ``queries`` held-out pairs (one per held-out
     text, seeded), per sampler: the mean distance from z(x) of its ``k`` inputs to the query's z
     (``distance``; and ``cosine``), and the share of inputs ending in the query's last token.
@@ -552,16 +646,28 @@ def evaluate(model: Model, generator: Generator, pairs: Pairs, queries: int = 10
         last = pairs.inputs[row][-1]
         found = {
             "generator": (z_generated[qi], [x[-1] for x in samples[qi]], texts_out[qi * k : qi * k + 3]),
-            "nearest": (corpus[nearest[qi]], [pairs.inputs[train_rows[j]][-1] for j in nearest[qi]],
-                        [model.tokenizer.decode(pairs.inputs[train_rows[j]]) for j in nearest[qi][:3]]),
-            "random": (corpus[random_rows[qi]], [pairs.inputs[train_rows[j]][-1] for j in random_rows[qi]],
-                       [model.tokenizer.decode(pairs.inputs[train_rows[j]]) for j in random_rows[qi][:3]]),
-        }  # fmt: skip
+            "nearest": (
+                corpus[nearest[qi]],
+                [pairs.inputs[train_rows[j]][-1] for j in nearest[qi]],
+                [model.tokenizer.decode(pairs.inputs[train_rows[j]]) for j in nearest[qi][:3]],
+            ),
+            "random": (
+                corpus[random_rows[qi]],
+                [pairs.inputs[train_rows[j]][-1] for j in random_rows[qi]],
+                [model.tokenizer.decode(pairs.inputs[train_rows[j]]) for j in random_rows[qi][:3]],
+            ),
+        }
         for sampler, (acts, lasts, shown) in found.items():
-            rows.append({"query": model.tokenizer.decode(pairs.inputs[row]), "sampler": sampler,
-                         "distance": float(distance(acts, z[qi], generator.std).mean()),
-                         "cosine": float(cosine_distance(acts, z[qi][None]).mean()),
-                         "same_last_token": fcr(last, lasts), "examples": json.dumps(shown)})  # fmt: skip
+            rows.append(
+                {
+                    "query": model.tokenizer.decode(pairs.inputs[row]),
+                    "sampler": sampler,
+                    "distance": float(distance(acts, z[qi], generator.std).mean()),
+                    "cosine": float(cosine_distance(acts, z[qi][None]).mean()),
+                    "same_last_token": fcr(last, lasts),
+                    "examples": json.dumps(shown),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -573,9 +679,20 @@ def _train_command(args: argparse.Namespace) -> None:
     from superscopes.corpus import texts as corpus_texts
     from superscopes.models import model_name
 
-    config = GeneratorConfig(site=args.site, layer=args.layer, max_tokens=args.max_tokens, max_vocab=args.max_vocab,
-                             d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, noise=args.noise,
-                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)  # fmt: skip
+    config = GeneratorConfig(
+        site=args.site,
+        layer=args.layer,
+        max_tokens=args.max_tokens,
+        max_vocab=args.max_vocab,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        noise=args.noise,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
     # Every stage says what it does as it starts (reading the corpus and the activations took a
     # silent minute before the training bar).
     print(f"inverse train: loading the {args.corpus} corpus and {args.model}", file=sys.stderr, flush=True)
@@ -586,8 +703,14 @@ def _train_command(args: argparse.Namespace) -> None:
     config.model = model_name(model)
     check_site(model, args.site, args.layer)
     t0 = time.perf_counter()
-    read = {"model": config.model, "site": args.site, "layer": args.layer, "corpus": args.corpus, "texts": len(texts),
-            "max_tokens": args.max_tokens}  # fmt: skip
+    read = {
+        "model": config.model,
+        "site": args.site,
+        "layer": args.layer,
+        "corpus": args.corpus,
+        "texts": len(texts),
+        "max_tokens": args.max_tokens,
+    }
     if cache.exists():  # activations are read once per out folder; a resume reuses them
         saved = load_torch(cache)
         if saved.get("read") != read:
@@ -595,20 +718,29 @@ def _train_command(args: argparse.Namespace) -> None:
             raise ValueError(f"{cache} was read with other settings ({', '.join(changed)}): use another --out")
         pairs = Pairs(saved["inputs"], saved["activations"], saved["sources"])
     else:
-        print(f"inverse train: reading {args.site} layer {args.layer} of {len(texts)} texts", file=sys.stderr, flush=True)
+        print(
+            f"inverse train: reading {args.site} layer {args.layer} of {len(texts)} texts", file=sys.stderr, flush=True
+        )
         pairs = collect_pairs(model, texts, args.site, args.layer, args.max_tokens, args.read_batch_size, progress=True)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources},
-                   cache)  # fmt: skip
+        torch.save(
+            {"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources}, cache
+        )
     read_seconds = time.perf_counter() - t0
     print(f"{len(pairs.inputs)} pairs from {len(set(pairs.sources))} texts ({read_seconds:.0f} s to read or load)")
     t1 = time.perf_counter()
     generator = train(pairs, config, out, args.eval_every, args.checkpoint_every, stop_after=args.stop_after)
     last = generator.history[-1] if generator.history else {}
-    report = {"config": asdict(config), "corpus": args.corpus, "texts": len(set(pairs.sources)),
-              "pairs": len(pairs.inputs),
-              "read_seconds": read_seconds, "train_seconds_this_invocation": time.perf_counter() - t1, "final": last,
-              "history": generator.history}  # fmt: skip
+    report = {
+        "config": asdict(config),
+        "corpus": args.corpus,
+        "texts": len(set(pairs.sources)),
+        "pairs": len(pairs.inputs),
+        "read_seconds": read_seconds,
+        "train_seconds_this_invocation": time.perf_counter() - t1,
+        "final": last,
+        "history": generator.history,
+    }
     (out / "train.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(last))
 
@@ -639,12 +771,19 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     summary = {}
     for value in ("distance", "cosine", "same_last_token"):
         part = fcr_table(table, value, by=("sampler",), seed=args.seed).set_index("sampler")
-        summary[value] = {sampler: {"mean": r[value], "ci95": [r["ci_low"], r["ci_high"]], "n": r["n"]}
-                          for sampler, r in part.iterrows()}  # fmt: skip
+        summary[value] = {
+            sampler: {"mean": r[value], "ci95": [r["ci_low"], r["ci_high"]], "n": r["n"]}
+            for sampler, r in part.iterrows()
+        }
     history = generator.history[-1] if generator.history else {}
-    report = {"generator": str(out / "generator.pt"), "queries": int(table["query"].nunique()), "k": args.k,
-              "held_out_loss": history.get("held_out_loss"), "seconds": time.perf_counter() - t0,
-              **summary}  # fmt: skip
+    report = {
+        "generator": str(out / "generator.pt"),
+        "queries": int(table["query"].nunique()),
+        "k": args.k,
+        "held_out_loss": history.get("held_out_loss"),
+        "seconds": time.perf_counter() - t0,
+        **summary,
+    }
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
@@ -656,9 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--site", default="resid_post")
     t.add_argument("--layer", type=int, required=True)
-    t.add_argument("--corpus", default="patchscopes",
-                   help="'patchscopes', 'debian', hf:NAME (a hub dataset), a csv/json/jsonl/parquet file or a file "
-                        "with one text a line (superscopes.corpus.texts)")
+    t.add_argument(
+        "--corpus",
+        default="patchscopes",
+        help="'patchscopes', 'debian', hf:NAME (a hub dataset), a csv/json/jsonl/parquet file or a file "
+        "with one text a line (superscopes.corpus.texts)",
+    )
     t.add_argument("--text-column", default="text", help="the texts' column of a dataset or csv/json/parquet file")
     t.add_argument("--texts", type=int, help="use only the first N texts")
     t.add_argument("--out", required=True, help="folder for pairs.pt, checkpoint.pt, generator.pt, train.json")
@@ -680,8 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temperature", type=float, default=1.0)
     s.set_defaults(run=_sample_command)
-    e = verbs.add_parser("evaluate",
-                         help="distance to held-out z: generated vs nearest vs random inputs")  # fmt: skip
+    e = verbs.add_parser("evaluate", help="distance to held-out z: generated vs nearest vs random inputs")
     e.add_argument("--out", required=True, help="the train folder (generator.pt, pairs.pt)")
     e.add_argument("--model", help="default: the model the generator was trained on")
     e.add_argument("--queries", type=int, default=100)

@@ -53,8 +53,11 @@ class Judge:
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
                 list(texts[start : start + self.batch_size]),
-                padding=True, truncation=True, max_length=256, return_tensors="pt",
-            )  # fmt: skip
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -75,9 +78,15 @@ def default_judge() -> Judge:
     return Judge()
 
 
-def score(frame: pd.DataFrame, source_col: str = "source", output_col: str = "output",
-          judge: Judge | None = None, target: str | None = None, target_col: str = "target",
-          token_col: str = "token") -> pd.DataFrame:  # fmt: skip
+def score(
+    frame: pd.DataFrame,
+    source_col: str = "source",
+    output_col: str = "output",
+    judge: Judge | None = None,
+    target: str | None = None,
+    target_col: str = "target",
+    token_col: str = "token",
+) -> pd.DataFrame:
     """``frame`` with a ``similarity`` column (empty outputs count as text "") and the ``echo``
     flags of ``flag_echoes`` (the one echo rule, so ``best`` never picks an echo)."""
     for column in (source_col, output_col):
@@ -89,8 +98,12 @@ def score(frame: pd.DataFrame, source_col: str = "source", output_col: str = "ou
     return flag_echoes(scored, output_col, target, target_col, token_col)
 
 
-def best(frame: pd.DataFrame, group_cols: Sequence[str] = DEFAULT_GROUP, threshold: float = DEFAULT_THRESHOLD,
-         score_col: str = "similarity") -> pd.DataFrame:  # fmt: skip
+def best(
+    frame: pd.DataFrame,
+    group_cols: Sequence[str] = DEFAULT_GROUP,
+    threshold: float = DEFAULT_THRESHOLD,
+    score_col: str = "similarity",
+) -> pd.DataFrame:
     """The best-scoring row of each group, with ``success`` = its score > ``threshold``.
 
     Rows flagged ``echo`` (a column, when present: see ``superscopes.metrics.is_echo``) never
@@ -107,8 +120,13 @@ def best(frame: pd.DataFrame, group_cols: Sequence[str] = DEFAULT_GROUP, thresho
     return winners.assign(success=(winners[score_col] > threshold) & won)
 
 
-def flag_echoes(frame: pd.DataFrame, output_col: str = "output", target: str | None = None,
-                target_col: str = "target", token_col: str = "token") -> pd.DataFrame:  # fmt: skip
+def flag_echoes(
+    frame: pd.DataFrame,
+    output_col: str = "output",
+    target: str | None = None,
+    target_col: str = "target",
+    token_col: str = "token",
+) -> pd.DataFrame:
     """``frame`` with an ``echo`` column: ``metrics.is_echo`` of each readout against its
     source token (``token_col``) and target prompt (``target_col``, or ``target`` for every
     row), with what the table has; unchanged when it has neither. Without a target only
@@ -135,8 +153,13 @@ def echoes_checked(frame: pd.DataFrame, target: str | None = None, target_col: s
     return target is not None or target_col in frame.columns
 
 
-def discrimination(frame: pd.DataFrame, judge: Judge | None = None, source_col: str = "source",
-                   output_col: str = "output", seed: int = 0) -> dict:  # fmt: skip
+def discrimination(
+    frame: pd.DataFrame,
+    judge: Judge | None = None,
+    source_col: str = "source",
+    output_col: str = "output",
+    seed: int = 0,
+) -> dict:
     """How well the judge tells a readout's own prompt from the others, on this run's readouts.
 
     Every readout is compared with every source prompt of the table. Per prompt (the unit of
@@ -162,18 +185,36 @@ def discrimination(frame: pd.DataFrame, judge: Judge | None = None, source_col: 
     above = (similarity > true[:, None]).sum(1).float()
     ties = (similarity == true[:, None]).sum(1).float()  # includes the true prompt itself
     rank = above + (ties + 1) / 2
-    per = pd.DataFrame({"prompt": frame[source_col].astype(str).to_numpy(), "true": true.numpy(),
-                        "mismatched": mismatched.numpy(), "rank": rank.numpy()}).groupby("prompt").mean()  # fmt: skip
+    per = (
+        pd.DataFrame(
+            {
+                "prompt": frame[source_col].astype(str).to_numpy(),
+                "true": true.numpy(),
+                "mismatched": mismatched.numpy(),
+                "rank": rank.numpy(),
+            }
+        )
+        .groupby("prompt")
+        .mean()
+    )
     low, high = bootstrap_ci(per["rank"].to_numpy(), seed=seed)
-    return {**compare(per["true"], per["mismatched"], seed=seed), "n_readouts": len(frame),
-            "n_candidates": len(prompts), "mean_rank": float(per["rank"].mean()), "rank_ci_low": low,
-            "rank_ci_high": high, "chance_rank": (len(prompts) + 1) / 2}  # fmt: skip
+    return {
+        **compare(per["true"], per["mismatched"], seed=seed),
+        "n_readouts": len(frame),
+        "n_candidates": len(prompts),
+        "mean_rank": float(per["rank"].mean()),
+        "rank_ci_low": low,
+        "rank_ci_high": high,
+        "chance_rank": (len(prompts) + 1) / 2,
+    }
 
 
 def describe_discrimination(d: dict) -> str:
     """``discrimination`` in one sentence."""
-    return (f"the judge's discrimination on these {d['n_readouts']} readouts: similarity to the true prompt "
-            f"{d['mean_a']:.3f} vs a mismatched one {d['mean_b']:.3f} per prompt, difference {d['difference']:+.3f} "
-            f"[95% CI {d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired p = {d['p']:.3g}, {d['n_prompts']} prompts; "
-            f"the true prompt ranks {d['mean_rank']:.1f} [{d['rank_ci_low']:.1f}, {d['rank_ci_high']:.1f}] of "
-            f"{d['n_candidates']} (chance {d['chance_rank']:.1f})")  # fmt: skip
+    return (
+        f"the judge's discrimination on these {d['n_readouts']} readouts: similarity to the true prompt "
+        f"{d['mean_a']:.3f} vs a mismatched one {d['mean_b']:.3f} per prompt, difference {d['difference']:+.3f} "
+        f"[95% CI {d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired p = {d['p']:.3g}, {d['n_prompts']} prompts; "
+        f"the true prompt ranks {d['mean_rank']:.1f} [{d['rank_ci_low']:.1f}, {d['rank_ci_high']:.1f}] of "
+        f"{d['n_candidates']} (chance {d['chance_rank']:.1f})"
+    )

@@ -22,11 +22,10 @@ BOS, and its hidden states have outlier norms that would dominate a least-square
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import nnsight
 import torch
@@ -112,9 +111,18 @@ def collect(
 
         starts = range(0, len(prompts), batch_size)
         per_prompt = isinstance(positions, Sequence) and not isinstance(positions, str)
-        parts = [collect(model, prompts[i : i + batch_size], site, layers,
-                         positions[i : i + batch_size] if per_prompt else positions, batch_size, remote)
-                 for i in tqdm(starts, desc=f"reading {site}", unit="batch")]  # fmt: skip
+        parts = [
+            collect(
+                model,
+                prompts[i : i + batch_size],
+                site,
+                layers,
+                positions[i : i + batch_size] if per_prompt else positions,
+                batch_size,
+                remote,
+            )
+            for i in tqdm(starts, desc=f"reading {site}", unit="batch")
+        ]
         return {layer: torch.cat([part[layer] for part in parts]) for layer in layers}
     pairs = token_positions(model.tokenizer, prompts, positions)
     reads = [(p, i, site, layer) for p, i in pairs for layer in layers]
@@ -234,7 +242,9 @@ def logit_lens(
     if activations is None:
         activations = collect(model, prompts, "resid_post", layers, positions, batch_size, remote)
     results = [decode(model, activations[layer], top_k, remote=remote) for layer in layers]
-    return LensOutput(layers, pairs, torch.stack([r["ids"] for r in results]), torch.stack([r["probs"] for r in results]))
+    return LensOutput(
+        layers, pairs, torch.stack([r["ids"] for r in results]), torch.stack([r["probs"] for r in results])
+    )
 
 
 def fit_affine_lens(
@@ -315,8 +325,9 @@ def next_tokens(
     return decode(model, h, 1, remote=remote)["ids"][:, 0]
 
 
-def _last_block_output(model: Model, prompts: Sequence[str], positions: Positions, batch_size: int,
-                       remote: bool | str) -> torch.Tensor:  # fmt: skip
+def _last_block_output(
+    model: Model, prompts: Sequence[str], positions: Positions, batch_size: int, remote: bool | str
+) -> torch.Tensor:
     """``resid_post`` of the last block at the positions: what the model's own head reads."""
     last = num_layers(model) - 1
     return collect(model, prompts, "resid_post", [last], positions, batch_size, remote)[last]

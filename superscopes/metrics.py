@@ -156,8 +156,9 @@ def per_prompt(frame, value: str, prompt: str = "source", by: str | None = None)
     return frame.pivot_table(index=prompt, columns=by, values=value, aggfunc="mean")
 
 
-def bootstrap_ci(values: Sequence[float], stat=None, n_resamples: int = 10_000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:  # fmt: skip
+def bootstrap_ci(
+    values: Sequence[float], stat=None, n_resamples: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``stat`` (default: mean) over ``values``, one per prompt."""
     import numpy as np
 
@@ -201,8 +202,9 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
     return adjusted
 
 
-def holm_intervals(differences: Sequence[Sequence[float]], p_values: Sequence[float], level: float = 0.95,
-                   seed: int = 0) -> list[tuple[float, float]]:  # fmt: skip
+def holm_intervals(
+    differences: Sequence[Sequence[float]], p_values: Sequence[float], level: float = 0.95, seed: int = 0
+) -> list[tuple[float, float]]:
     """Bootstrap intervals of each test's mean difference at its Holm level: of m tests, the one
     with the k-th smallest p (k from 1) gets level ``1 - (1 - level) / (m - k + 1)``, the level at
     which Holm's step-down procedure tests it. A claim whose interval here reaches 0 is not one
@@ -223,9 +225,15 @@ def compare(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict:
         raise ValueError(f"paired scores need one value per prompt in both: {a.shape} vs {b.shape}")
     diff = a - b
     low, high = bootstrap_ci(diff, seed=seed)
-    return {"n_prompts": int(a.size), "mean_a": float(a.mean()) if a.size else float("nan"),
-            "mean_b": float(b.mean()) if b.size else float("nan"), "difference": float(diff.mean()) if a.size else float("nan"),
-            "ci_low": low, "ci_high": high, "p": paired_permutation_p(diff, seed=seed)}  # fmt: skip
+    return {
+        "n_prompts": int(a.size),
+        "mean_a": float(a.mean()) if a.size else float("nan"),
+        "mean_b": float(b.mean()) if b.size else float("nan"),
+        "difference": float(diff.mean()) if a.size else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "p": paired_permutation_p(diff, seed=seed),
+    }
 
 
 def prompt_means(frame, value: str, prompt: str = "source", by: Sequence[str] = ("layer",), seed: int = 0):
@@ -237,12 +245,21 @@ def prompt_means(frame, value: str, prompt: str = "source", by: Sequence[str] = 
     for key, part in frame.groupby(list(by)):
         per = part.groupby(prompt)[value].mean()
         low, high = bootstrap_ci(per.to_numpy(), seed=seed)
-        rows.append({**dict(zip(by, key)), value: float(per.mean()), "ci_low": low, "ci_high": high, "n": int(per.size)})
+        rows.append(
+            {**dict(zip(by, key)), value: float(per.mean()), "ci_low": low, "ci_high": high, "n": int(per.size)}
+        )
     return pd.DataFrame(rows)
 
 
-def compare_conditions(frame, condition: str, pairs: Sequence[tuple[str, str]], by: Sequence[str] = ("layer",),
-                       value: str = "score", prompt: str = "source", seed: int = 0):  # fmt: skip
+def compare_conditions(
+    frame,
+    condition: str,
+    pairs: Sequence[tuple[str, str]],
+    by: Sequence[str] = ("layer",),
+    value: str = "score",
+    prompt: str = "source",
+    seed: int = 0,
+):
     """Levels of ``condition`` (methods, samplers) in a long ``frame`` compared pairwise per
     ``by`` group, paired by prompt: ``compare_all`` of each group's ``(a, b)`` pairs (a minus
     b), with ``p_holm`` Holm-adjusted over every comparison of the table (one family)."""
@@ -262,8 +279,9 @@ def compare_conditions(frame, condition: str, pairs: Sequence[tuple[str, str]], 
     return table
 
 
-def cross_fitted_best(frame, choice: str, score: str, success: str, by: Sequence[str] = ("layer",),
-                      prompt: str = "source", seed: int = 0):  # fmt: skip
+def cross_fitted_best(
+    frame, choice: str, score: str, success: str, by: Sequence[str] = ("layer",), prompt: str = "source", seed: int = 0
+):
     """Best-of-K without the selection bias: split the prompts in two halves (seeded), choose
     the ``choice`` level (e.g. alpha) per ``by`` group that has the highest mean ``score`` on
     one half, read ``success`` (mean over its cells) at that level on the other half, then swap. Returns one row
@@ -285,8 +303,15 @@ def cross_fitted_best(frame, choice: str, score: str, success: str, by: Sequence
     return pd.concat(parts, ignore_index=True)
 
 
-def cross_fitted_mean(frame, choice: str, score: str, success: str, by: Sequence[str] = ("layer",),
-                      prompt: str = "source", seeds: Sequence[int] = (0, 1, 2)):  # fmt: skip
+def cross_fitted_mean(
+    frame,
+    choice: str,
+    score: str,
+    success: str,
+    by: Sequence[str] = ("layer",),
+    prompt: str = "source",
+    seeds: Sequence[int] = (0, 1, 2),
+):
     """``success`` of ``cross_fitted_best`` per (prompt, *by), averaged over one random split of the
     prompts per seed: the split is a random draw, and several keep one lucky split from deciding."""
     import pandas as pd
@@ -336,8 +361,9 @@ def compare_all(scores, pairs, family: Sequence[str] | None = None, seed: int = 
         both = scores[[a, b]].dropna()
         if len(both):
             rows.append({"comparison": name, "a": a, "b": b, **compare(both[a], both[b], seed=seed)})
-    table = pd.DataFrame(rows, columns=["comparison", "a", "b", "n_prompts", "mean_a", "mean_b", "difference",
-                                        "ci_low", "ci_high", "p"])  # fmt: skip
+    table = pd.DataFrame(
+        rows, columns=["comparison", "a", "b", "n_prompts", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p"]
+    )
     members = set(table["comparison"] if family is None else family)
     adjusted = holm({n: p for n, p in zip(table["comparison"], table["p"]) if n in members})
     table["p_holm"] = [adjusted.get(n, p) for n, p in zip(table["comparison"], table["p"])]
@@ -351,6 +377,8 @@ def describe(row, level: float = 0.05) -> str:
     if row["p_holm"] < level:
         verdict = f"{row['a']} {'>' if row['difference'] > 0 else '<'} {row['b']} at the prompt level"
     holm_text = f", Holm p = {row['p_holm']:.3g}" if row["p_holm"] != row["p"] else ""
-    return (f"{row['a']} {row['mean_a']:.3f} vs {row['b']} {row['mean_b']:.3f} per prompt: difference "
-            f"{row['difference']:+.3f} [95% CI {row['ci_low']:+.3f}, {row['ci_high']:+.3f}], paired p = "
-            f"{row['p']:.3g}{holm_text}, {row['n_prompts']} prompts: {verdict}")  # fmt: skip
+    return (
+        f"{row['a']} {row['mean_a']:.3f} vs {row['b']} {row['mean_b']:.3f} per prompt: difference "
+        f"{row['difference']:+.3f} [95% CI {row['ci_low']:+.3f}, {row['ci_high']:+.3f}], paired p = "
+        f"{row['p']:.3g}{holm_text}, {row['n_prompts']} prompts: {verdict}"
+    )

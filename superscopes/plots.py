@@ -51,9 +51,13 @@ def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> Non
 
 # Legend entries the recipes' tables hold as identifiers, in words.
 LEGEND_WORDS = {
-    "patchscope": "Patchscope", "logit_lens": "logit lens", "affine_lens": "affine lens",
-    "generator": "trained generator", "nearest": "nearest corpus inputs", "random": "random inputs",
-}  # fmt: skip
+    "patchscope": "Patchscope",
+    "logit_lens": "logit lens",
+    "affine_lens": "affine lens",
+    "generator": "trained generator",
+    "nearest": "nearest corpus inputs",
+    "random": "random inputs",
+}
 
 
 def words(value):
@@ -67,21 +71,51 @@ def _in_words(frame: pd.DataFrame, *columns: str | None) -> pd.DataFrame:
     return frame.assign(**{c: frame[c].map(words) for c in columns if c is not None})
 
 
-def heatmap(table: pd.DataFrame, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
-            ax=None, label: str | None = None, fmt: str = ".2f", annot: bool = True, cmap: str = "viridis",
-            vmin: float | None = None, vmax: float | None = None):  # fmt: skip
+def heatmap(
+    table: pd.DataFrame,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    ax=None,
+    label: str | None = None,
+    fmt: str = ".2f",
+    annot: bool = True,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+):
     """A wide table (index = rows, columns = x) as an annotated heatmap; ``label`` names the colour bar."""
     ax = _axes(ax)
-    sns.heatmap(table, ax=ax, annot=annot, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax,
-                annot_kws={"fontsize": 7}, cbar_kws={"label": label} if label else None)  # fmt: skip
+    sns.heatmap(
+        table,
+        ax=ax,
+        annot=annot,
+        fmt=fmt,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        annot_kws={"fontsize": 7},
+        cbar_kws={"label": label} if label else None,
+    )
     _label(ax, title, xlabel, ylabel)
     return ax
 
 
-def lines(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, style: str | None = None,
-          title: str | None = None, xlabel: str | None = None, ylabel: str | None = None, ax=None,
-          errorbar=None, ylim: tuple[float, float] | None = None, legend_out: bool = False,
-          band: tuple[str, str] | None = ("ci_low", "ci_high")):  # fmt: skip
+def lines(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None = None,
+    style: str | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    ax=None,
+    errorbar=None,
+    ylim: tuple[float, float] | None = None,
+    legend_out: bool = False,
+    band: tuple[str, str] | None = ("ci_low", "ci_high"),
+):
     """One line per ``hue`` (and ``style``) of ``y`` against ``x`` (e.g. a score per layer), with markers;
     ``legend_out`` puts the legend right of the axes. ``band``: the columns of each point's
     interval, shaded in its line's colour when the table has them (default: the 95% intervals
@@ -90,8 +124,18 @@ def lines(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, style: st
     frame = _in_words(frame, hue, style)
     levels = list(dict.fromkeys(frame[hue])) if hue else [None]
     palette = dict(zip(levels, sns.color_palette(n_colors=len(levels))))
-    sns.lineplot(data=frame, x=x, y=y, hue=hue, style=style, markers=True, dashes=style is not None,
-                 errorbar=errorbar, ax=ax, palette=palette if hue else None)  # fmt: skip
+    sns.lineplot(
+        data=frame,
+        x=x,
+        y=y,
+        hue=hue,
+        style=style,
+        markers=True,
+        dashes=style is not None,
+        errorbar=errorbar,
+        ax=ax,
+        palette=palette if hue else None,
+    )
     if band is not None and set(band) <= set(frame.columns):
         for level, part in frame.groupby(hue, sort=False) if hue else [(None, frame)]:
             part = part.sort_values(x)
@@ -107,8 +151,17 @@ def lines(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, style: st
     return ax
 
 
-def bars(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str | None = None,
-         xlabel: str | None = None, ylabel: str | None = None, ax=None, annotate: bool = False):  # fmt: skip
+def bars(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    ax=None,
+    annotate: bool = False,
+):
     """Grouped bars of ``y`` per ``x`` (e.g. successes per layer), one colour per ``hue``."""
     ax = _axes(ax)
     sns.barplot(data=_in_words(frame, hue), x=x, y=y, hue=hue, errorbar=None, ax=ax)

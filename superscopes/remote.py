@@ -7,14 +7,13 @@ config file, from any text we show, and ``explain`` from the exceptions it chain
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from superscopes.env import read_dotenv, value  # noqa: F401 (read_dotenv: its old home, kept importable)
 
@@ -128,9 +127,14 @@ def _transport_failure(error: BaseException) -> BaseException | None:
     import websocket
 
     # OSError covers the socket's own: refused, reset, DNS (gaierror), TLS (SSLError), TimeoutError.
-    transport = (OSError, httpx.TransportError, websocket.WebSocketConnectionClosedException,
-                 websocket.WebSocketAddressException, websocket.WebSocketTimeoutException,
-                 websocket.WebSocketProxyException)  # fmt: skip
+    transport = (
+        OSError,
+        httpx.TransportError,
+        websocket.WebSocketConnectionClosedException,
+        websocket.WebSocketAddressException,
+        websocket.WebSocketTimeoutException,
+        websocket.WebSocketProxyException,
+    )
     return next((link for link in _chain(error) if isinstance(link, transport)), None)
 
 
@@ -154,22 +158,32 @@ def diagnose(error: BaseException, host: str) -> str:
     too_old = _MIN_VERSION.search(text)
     if too_old:
         client, minimum = too_old.groups()
-        return (f"client nnsight version {client} is below the minimum supported {minimum} on {host}: "
-                f"`pip install 'nnsight>={minimum}'`")  # fmt: skip
+        return (
+            f"client nnsight version {client} is below the minimum supported {minimum} on {host}: "
+            f"`pip install 'nnsight>={minimum}'`"
+        )
     if status in (401, 403) or (status == 400 and "api key" in lowered):
-        return (f"NDIF at {host} refused the API key (HTTP {status}): set NDIF_API_KEY (environment or .env) "
-                "to a key that is allowed to use this model")  # fmt: skip
+        return (
+            f"NDIF at {host} refused the API key (HTTP {status}): set NDIF_API_KEY (environment or .env) "
+            "to a key that is allowed to use this model"
+        )
     failure = _transport_failure(error)
     if failure is not None and _is_timeout(failure):
-        return (f"the request to {host} timed out ({type(failure).__name__}): a remote grid is sent as one "
-                "request unless split, so run fewer cells per request (`run(..., cells_per_request=N, "
-                "checkpoint=PATH)` keeps each finished request), raise `timeout`, or try later")  # fmt: skip
+        return (
+            f"the request to {host} timed out ({type(failure).__name__}): a remote grid is sent as one "
+            "request unless split, so run fewer cells per request (`run(..., cells_per_request=N, "
+            "checkpoint=PATH)` keeps each finished request), raise `timeout`, or try later"
+        )
     if failure is not None:
-        return (f"the NDIF server at {host} is unreachable ({type(failure).__name__}): check NDIF_HOST and that "
-                "the server is up (`superscopes remote status`)")  # fmt: skip
+        return (
+            f"the NDIF server at {host} is unreachable ({type(failure).__name__}): check NDIF_HOST and that "
+            "the server is up (`superscopes remote status`)"
+        )
     if status == 404:
-        return (f"{host} answered 404 Not Found: it does not look like an NDIF server (no /subscribe or /request); "
-                "check NDIF_HOST")  # fmt: skip
+        return (
+            f"{host} answered 404 Not Found: it does not look like an NDIF server (no /subscribe or /request); "
+            "check NDIF_HOST"
+        )
     if status == 503:
         return f"the NDIF server at {host} is up but cannot run requests now (HTTP 503): try again in a few minutes"
     if status is not None:
@@ -178,14 +192,25 @@ def diagnose(error: BaseException, host: str) -> str:
         return "the server refused code that imports a module it does not allow"
     # Public NDIF says "... is not dedicated and hotswapping is not supported for this API key"
     # or "... is currently unavailable for deployment"; ndif 0.1.2 "Could not deploy this model".
-    if any(n in lowered for n in ("not deployed", "could not deploy", "no deployment", "model not found",
-                                  "not dedicated", "unavailable for deployment")):  # fmt: skip
+    if any(
+        n in lowered
+        for n in (
+            "not deployed",
+            "could not deploy",
+            "no deployment",
+            "model not found",
+            "not dedicated",
+            "unavailable for deployment",
+        )
+    ):
         return f"the model is not deployed on {host}; `superscopes remote status MODEL` lists what is"
     if any(n in lowered for n in ("nnsight version", "version mismatch")):
         return "the client and server disagree on versions: compare with `superscopes remote status`"
     if any(n in lowered for n in ("timed out", "time limit", "timeout")):
-        return (f"the run exceeded the time limit of {host}: a remote grid is one request unless split, so run "
-                "fewer cells per request (`run(..., cells_per_request=N)`)")  # fmt: skip
+        return (
+            f"the run exceeded the time limit of {host}: a remote grid is one request unless split, so run "
+            "fewer cells per request (`run(..., cells_per_request=N)`)"
+        )
     return "the server raised an exception while running the request"
 
 
@@ -197,7 +222,9 @@ def explain(error: BaseException, model_id: str | None = None) -> RemoteRunError
     diagnosis = diagnose(error, CONFIG.API.HOST)
     _scrub(error)
     where = f" ({model_id})" if model_id else ""
-    return RemoteRunError(redact(f"remote run failed{where}: {diagnosis}. Server/client said: {type(error).__name__}: {error}"))
+    return RemoteRunError(
+        redact(f"remote run failed{where}: {diagnosis}. Server/client said: {type(error).__name__}: {error}")
+    )
 
 
 def _repo_of(name: str, value: dict) -> str:
@@ -221,8 +248,10 @@ def compare_versions(client: str, server: str) -> tuple[bool, str]:
         same_minor = False
     if same_minor:
         return True, f"warning: client {client}, server {server} differ in patch level only (requests work across them)"
-    return False, (f"client {client}, server {server} differ in minor version: install the server's, "
-                   f"`pip install 'nnsight=={server}'`")  # fmt: skip
+    return False, (
+        f"client {client}, server {server} differ in minor version: install the server's, "
+        f"`pip install 'nnsight=={server}'`"
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -272,13 +301,19 @@ def status_report(repo_id: str | None = None, dotenv: Path | None = None) -> lis
             sentence = f"{host} is unreachable ({type(error).__name__}): check NDIF_HOST"
         elif status in (401, 403):  # an NDIF server that checks keys on every path
             rows.append(("server", True, f"{host} answers"))
-            rows.append(("api key", False, f"refused by {host} (HTTP {status} to /status): set NDIF_API_KEY to a valid key"))
+            rows.append(
+                ("api key", False, f"refused by {host} (HTTP {status} to /status): set NDIF_API_KEY to a valid key")
+            )
             return rows
         elif status in (502, 503, 504):
-            sentence = (f"{host} is up but unavailable now (HTTP {status} to /status: starting, overloaded or behind a "
-                        "proxy whose server is down); try again later")  # fmt: skip
+            sentence = (
+                f"{host} is up but unavailable now (HTTP {status} to /status: starting, overloaded or behind a "
+                "proxy whose server is down); try again later"
+            )
         elif status is not None:
-            sentence = f"{host} answered HTTP {status} to /status: it does not look like an NDIF server (check NDIF_HOST)"
+            sentence = (
+                f"{host} answered HTTP {status} to /status: it does not look like an NDIF server (check NDIF_HOST)"
+            )
         else:
             sentence = f"{host} gave no NDIF status ({type(error).__name__}: {error}): check NDIF_HOST"
         rows.append(("server", False, redact(sentence)))
@@ -348,7 +383,11 @@ def session_backend(model: Model, remote: bool | str, timeout: float | None):
 
 @contextmanager
 def request(
-    model: Model, remote: bool | str, ship: tuple[ModuleType, ...] = (), timeout: float | None = None, name: str | None = None
+    model: Model,
+    remote: bool | str,
+    ship: tuple[ModuleType, ...] = (),
+    timeout: float | None = None,
+    name: str | None = None,
 ) -> Iterator[dict]:
     """One remote request, the one way every remote run goes: ``configure`` (host, key, the
     trace code in ``ship`` sent by value), the keyword arguments of ``model.session`` (with

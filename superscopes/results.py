@@ -39,8 +39,19 @@ from superscopes.sites import ScopeError
 # Columns whose cells are lists (token ids, probabilities): JSON text in CSV.
 LIST_COLUMNS = ("output_ids", "output_probs")
 # Result columns that are text even when every value looks like a number ("1135").
-TEXT_COLUMNS = ("model", "target_model", "source", "token", "site", "target", "target_site", "transform", "mode",
-                "output", "best")  # fmt: skip
+TEXT_COLUMNS = (
+    "model",
+    "target_model",
+    "source",
+    "token",
+    "site",
+    "target",
+    "target_site",
+    "transform",
+    "mode",
+    "output",
+    "best",
+)
 TABLE_SUFFIXES = (".csv", ".parquet")
 
 
@@ -141,8 +152,12 @@ def check_table_path(path: str | Path) -> None:
     if path.suffix not in TABLE_SUFFIXES:
         raise ValueError(f"output {str(path)!r} has extension {path.suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
     folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)) or not folder.is_dir() \
-            or not os.access(folder, os.W_OK):  # fmt: skip
+    if (
+        path.is_dir()
+        or (path.exists() and not os.access(path, os.W_OK))
+        or not folder.is_dir()
+        or not os.access(folder, os.W_OK)
+    ):
         raise ValueError(f"output {str(path)!r} is not writable")
 
 
@@ -151,8 +166,14 @@ def check_table_path(path: str | Path) -> None:
 
 def _plain(value):
     """Settings as JSON values, so tuples, ranges and numpy numbers compare as written."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else list(v)
-                                 if isinstance(v, (range, set, frozenset)) else str(v)))  # fmt: skip
+    return json.loads(
+        json.dumps(
+            value,
+            default=lambda v: (
+                v.tolist() if hasattr(v, "tolist") else list(v) if isinstance(v, (range, set, frozenset)) else str(v)
+            ),
+        )
+    )
 
 
 def fingerprint(settings: Mapping[str, object]) -> str:
@@ -178,18 +199,20 @@ def _with_version(settings: Mapping[str, object]) -> dict[str, object]:
 # ---------------------------------------------------------------- the store
 
 
-
 def _read_meta_file(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise StoreReadError(f"{path} is not a readable store record ({error}); restore it, or delete it with its "
-                             "table to start over") from None  # fmt: skip
+        raise StoreReadError(
+            f"{path} is not a readable store record ({error}); restore it, or delete it with its table to start over"
+        ) from None
     if not isinstance(meta, dict):
-        raise StoreReadError(f"{path} is not a readable store record (a JSON object); restore it, or delete it with "
-                             "its table to start over")  # fmt: skip
+        raise StoreReadError(
+            f"{path} is not a readable store record (a JSON object); restore it, or delete it with "
+            "its table to start over"
+        )
     return meta
 
 
@@ -274,8 +297,13 @@ class ResultStore:
     ``on_mismatch``: ``"refuse"`` (raise ``SettingsMismatchError``) or ``"new"`` (use
     ``<stem>-<fingerprint><suffix>`` beside it)."""
 
-    def __init__(self, path: str | Path, unit_columns: Sequence[str], settings: Mapping[str, object] | None = None,
-                 on_mismatch: Literal["refuse", "new"] = "refuse"):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        unit_columns: Sequence[str],
+        settings: Mapping[str, object] | None = None,
+        on_mismatch: Literal["refuse", "new"] = "refuse",
+    ):
         self.path = Path(path)
         self.unit_columns = list(unit_columns)
         self.settings = None if settings is None else _with_version(settings)
@@ -287,17 +315,23 @@ class ResultStore:
             if on_mismatch == "new":
                 self.path = self.path.with_name(f"{self.path.stem}-{fingerprint(self.settings)}{self.path.suffix}")
                 return self.__init__(self.path, unit_columns, settings, "refuse")
-            differs = settings_diff(meta["settings"], self.settings) if meta.get("settings") else [
-                "no settings are recorded for it (made by an older version)"]  # fmt: skip
+            differs = (
+                settings_diff(meta["settings"], self.settings)
+                if meta.get("settings")
+                else ["no settings are recorded for it (made by an older version)"]
+            )
             raise SettingsMismatchError(
                 f"{self.path} was made with other settings ({'; '.join(differs)}); "
                 "use another output folder, delete it, or ask for a new file"
             )
         if meta and meta.get("unit_columns", self.unit_columns) != self.unit_columns:
             raise ValueError(f"{self.path} records units by {meta['unit_columns']}, not {self.unit_columns}")
-        self._meta = {"settings": meta.get("settings") if self.settings is None else _plain(self.settings),
-                      "unit_columns": self.unit_columns, "units": meta.get("units", []),
-                      "kinds": meta.get("kinds", {})}  # fmt: skip
+        self._meta = {
+            "settings": meta.get("settings") if self.settings is None else _plain(self.settings),
+            "unit_columns": self.unit_columns,
+            "units": meta.get("units", []),
+            "kinds": meta.get("kinds", {}),
+        }
         # A table without a record or journal (older versions, or written by hand) is only read, never
         # pruned, until something is appended to it.
         self._records: list[dict] | None = None
@@ -353,8 +387,12 @@ class ResultStore:
     def _record(self, frame: pd.DataFrame) -> dict:
         units = Counter(self._unit_keys(frame))
         # Each record carries its columns' kinds: a kill before the .meta.json write loses no type.
-        return {"units": [[*unit, rows] for unit, rows in units.items()], "columns": [str(c) for c in frame.columns],
-                "kinds": {str(c): _kind(frame[c]) for c in frame.columns}, "rows": _text_rows(frame)}  # fmt: skip
+        return {
+            "units": [[*unit, rows] for unit, rows in units.items()],
+            "columns": [str(c) for c in frame.columns],
+            "kinds": {str(c): _kind(frame[c]) for c in frame.columns},
+            "rows": _text_rows(frame),
+        }
 
     def _sync(self) -> None:
         """Make the CSV and the record's unit list say what the journal says."""
@@ -368,8 +406,10 @@ class ResultStore:
             self._write_meta()
 
     def _recorded(self) -> Counter:
-        return sum((Counter({tuple(unit): rows for *unit, rows in record["units"]}) for record in self._records or []),
-                   Counter())  # fmt: skip
+        return sum(
+            (Counter({tuple(unit): rows for *unit, rows in record["units"]}) for record in self._records or []),
+            Counter(),
+        )
 
     def _unit_keys(self, frame: pd.DataFrame) -> list[tuple]:
         if not self.unit_columns:  # the whole table is one unit

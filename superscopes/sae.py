@@ -71,8 +71,11 @@ HOOK_SITES: dict[str, str] = {
 }
 SITE_HOOKS = {site: hook for hook, site in HOOK_SITES.items()}
 CFG_FILE, WEIGHTS_FILE, STATS_FILE, METRICS_FILE = (
-    "cfg.json", "sae_weights.safetensors", "latent_stats.safetensors", "metrics.json",
-)  # fmt: skip
+    "cfg.json",
+    "sae_weights.safetensors",
+    "latent_stats.safetensors",
+    "metrics.json",
+)
 EMBEDDED_DIR = Path(__file__).parent / "data" / "sae"
 EMBEDDED: dict[str, str] = {"smollm2-135m": "smollm2-135m/resid_post-15"}  # model -> default SAE folder
 
@@ -114,8 +117,10 @@ class SAE(torch.nn.Module):
         if site not in SITE_HOOKS:
             raise SAEError(f"site {site!r} has no SAE hook; choose from {', '.join(SITE_HOOKS)}")
         if normalize_activations not in NORMALIZATIONS:
-            raise SAEError(f"normalize_activations {normalize_activations!r} is not supported; choose from "
-                           f"{', '.join(NORMALIZATIONS)}")  # fmt: skip
+            raise SAEError(
+                f"normalize_activations {normalize_activations!r} is not supported; choose from "
+                f"{', '.join(NORMALIZATIONS)}"
+            )
         shapes = {"b_enc": (b_enc, (d_sae,)), "W_dec": (W_dec, (d_sae, d_in)), "b_dec": (b_dec, (d_in,))}
         needs = {"jumprelu": {"threshold": threshold}, "gated": {"r_mag": r_mag, "b_mag": b_mag}}.get(architecture, {})
         for name, tensor in needs.items():
@@ -124,7 +129,9 @@ class SAE(torch.nn.Module):
             shapes[name] = (tensor, (d_sae,))
         for name, (tensor, shape) in shapes.items():
             if tuple(tensor.shape) != shape:
-                raise SAEError(f"{name} has shape {tuple(tensor.shape)}; with W_enc {tuple(W_enc.shape)} it must be {shape}")
+                raise SAEError(
+                    f"{name} has shape {tuple(tensor.shape)}; with W_enc {tuple(W_enc.shape)} it must be {shape}"
+                )
         if architecture == "topk" and (not isinstance(k, int) or not 0 < k <= d_sae):
             raise SAEError(f"a topk SAE needs k in 1-{d_sae}, got {k!r}")
         self.W_enc = torch.nn.Parameter(W_enc.float())
@@ -187,8 +194,10 @@ class SAE(torch.nn.Module):
         if self.normalize_activations == "none":
             return out
         if x is None:
-            raise SAEError(f"{self!r} normalizes its input ({self.normalize_activations}): decode(latents, x) needs "
-                           "the input x that was encoded, to map the reconstruction back")  # fmt: skip
+            raise SAEError(
+                f"{self!r} normalizes its input ({self.normalize_activations}): decode(latents, x) needs "
+                "the input x that was encoded, to map the reconstruction back"
+            )
         _, scale, shift = ops.sae_normalize(x.to(self.W_dec.dtype), self.normalize_activations)
         return out * scale + shift
 
@@ -263,18 +272,31 @@ class SAE(torch.nn.Module):
         """What ``ops.amplify(..., "latent")`` needs to amplify one latent, as plain tensors
         (they travel with a remote request: the whole encoder for TopK, one column otherwise)."""
         (latent,) = self._latents([latent])
-        params = {"decoder_row": self.W_dec.detach()[latent].float(), "b_dec": self.b_dec.detach().float(),
-                  "subtract_b_dec": self.apply_b_dec_to_input, "normalize": self.normalize_activations}  # fmt: skip
+        params = {
+            "decoder_row": self.W_dec.detach()[latent].float(),
+            "b_dec": self.b_dec.detach().float(),
+            "subtract_b_dec": self.apply_b_dec_to_input,
+            "normalize": self.normalize_activations,
+        }
         if self.architecture == "topk":
-            return params | {"W_enc": self.W_enc.detach().float(), "b_enc": self.b_enc.detach().float(),
-                             "index": latent, "k": self.k}  # fmt: skip
-        params |= {"W_enc": self.W_enc.detach()[:, latent : latent + 1].float(),
-                   "b_enc": self.b_enc.detach()[latent : latent + 1].float(), "index": 0}  # fmt: skip
+            return params | {
+                "W_enc": self.W_enc.detach().float(),
+                "b_enc": self.b_enc.detach().float(),
+                "index": latent,
+                "k": self.k,
+            }
+        params |= {
+            "W_enc": self.W_enc.detach()[:, latent : latent + 1].float(),
+            "b_enc": self.b_enc.detach()[latent : latent + 1].float(),
+            "index": 0,
+        }
         if self.architecture == "jumprelu":
             params["threshold"] = self.threshold.detach()[latent : latent + 1].float()
         if self.architecture == "gated":
-            params |= {"r_mag": self.r_mag.detach()[latent : latent + 1].float(),
-                       "b_mag": self.b_mag.detach()[latent : latent + 1].float()}  # fmt: skip
+            params |= {
+                "r_mag": self.r_mag.detach()[latent : latent + 1].float(),
+                "b_mag": self.b_mag.detach()[latent : latent + 1].float(),
+            }
         return params
 
     # ------------------------------------------------------------ disk
@@ -314,8 +336,9 @@ class SAE(torch.nn.Module):
         if self.architecture == "gated":  # SAELens' gated SAE names the gate's bias b_gate
             weights["b_gate"] = weights.pop("b_enc")
         save_file({n: t.detach().to(dtype).contiguous() for n, t in weights.items()}, path / WEIGHTS_FILE)
-        stats = {n: t for n, t in (("mean_activation", self.mean_activation), ("frequency", self.frequency))
-                 if t is not None}  # fmt: skip
+        stats = {
+            n: t for n, t in (("mean_activation", self.mean_activation), ("frequency", self.frequency)) if t is not None
+        }
         if stats:
             save_file({n: t.detach().float().contiguous() for n, t in stats.items()}, path / STATS_FILE)
         return path
@@ -323,21 +346,30 @@ class SAE(torch.nn.Module):
 
 # ---------------------------------------------------------------- reading SAEs
 
-FORMATS = (f"a SAELens folder ({CFG_FILE} + {WEIGHTS_FILE}), a Gemma Scope params.npz (or its folder), a sparsify "
-           "folder (cfg.json + sae.safetensors) or a dictionary_learning folder (ae.pt + config.json)")  # fmt: skip
+FORMATS = (
+    f"a SAELens folder ({CFG_FILE} + {WEIGHTS_FILE}), a Gemma Scope params.npz (or its folder), a sparsify "
+    "folder (cfg.json + sae.safetensors) or a dictionary_learning folder (ae.pt + config.json)"
+)
 SAELENS_TRAINING = ("batchtopk", "matryoshka_batchtopk")  # saved for inference as JumpReLU, as SAELens does
 # SAELens conversions (its registry's conversion_func) whose files we read; None is SAELens' own folder.
 CONVERSIONS = (None, "gemma_2", "sparsify", "dictionary_learning_1")
-DICTIONARY_LEARNING = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
-                       "JumpReluAutoEncoder", "GatedAutoEncoder")  # fmt: skip
+DICTIONARY_LEARNING = (
+    "AutoEncoder",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+    "JumpReluAutoEncoder",
+    "GatedAutoEncoder",
+)
 
 
-def hook_site(hook: str, model: Model | None=None, where: str = "") -> tuple[str, int]:
+def hook_site(hook: str, model: Model | None = None, where: str = "") -> tuple[str, int]:
     """``(site, layer)`` of a TransformerLens hook name (``blocks.L.hook_resid_post``, ...) or
     an HF module path whose output is a site (``model.layers.L``, ``layers.L.mlp``,
     ``transformer.h.L.attn``, ...; the module paths of ``model``'s architecture if given, else
     of every architecture in ``superscopes.sites``, which must agree)."""
-    from superscopes.sites import ARCHITECTURES as TABLE, architecture_of
+    from superscopes.sites import ARCHITECTURES as TABLE
+    from superscopes.sites import architecture_of
 
     match = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", hook or "")
     if match and match.group(2) in HOOK_SITES:
@@ -348,14 +380,19 @@ def hook_site(hook: str, model: Model | None=None, where: str = "") -> tuple[str
         for prefix in (".".join(parts[i:]) for i in range(len(parts))):  # with or without model./transformer.
             match = re.fullmatch(re.escape(prefix) + r"\.(\d+)(?:\.(.+))?", hook or "")
             if match:
-                found |= {(site, int(match.group(1))) for site, spec in arch.sites.items()
-                          if site in SITE_HOOKS and spec.io == "output" and spec.module == (match.group(2) or "")}  # fmt: skip
+                found |= {
+                    (site, int(match.group(1)))
+                    for site, spec in arch.sites.items()
+                    if site in SITE_HOOKS and spec.io == "output" and spec.module == (match.group(2) or "")
+                }
     if len(found) == 1:
         return found.pop()
     valid = ", ".join(f"blocks.<layer>.{h}" for h in HOOK_SITES)
     why = f"it names {len(found)} sites ({sorted(found)}): give the model" if found else "supported"
-    raise SAEError(f"{where}hook_name {hook!r} does not map to a site; {why}: {valid}, or an HF module path whose "
-                   "output is a site (e.g. model.layers.<layer>, model.layers.<layer>.mlp)")  # fmt: skip
+    raise SAEError(
+        f"{where}hook_name {hook!r} does not map to a site; {why}: {valid}, or an HF module path whose "
+        "output is a site (e.g. model.layers.<layer>, model.layers.<layer>.mlp)"
+    )
 
 
 def cfg_field(cfg: dict, name: str):
@@ -399,13 +436,23 @@ def _torch_file(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _build(file: Path, weights: dict[str, torch.Tensor], d_in: int | None = None, d_sae: int | None = None,
-           site: str | None = None, layer: int | None = None, **settings) -> SAE:  # fmt: skip
+def _build(
+    file: Path,
+    weights: dict[str, torch.Tensor],
+    d_in: int | None = None,
+    d_sae: int | None = None,
+    site: str | None = None,
+    layer: int | None = None,
+    **settings,
+) -> SAE:
     """The SAE of ``weights`` read from ``file``: every tensor finite, shapes as the config
     (``d_in``, ``d_sae``) says; errors name the file and the field."""
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if weights.get(n) is None]
-    missing += [n for n in {"jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}.get(settings["architecture"], ())
-                if weights.get(n) is None]  # fmt: skip
+    missing += [
+        n
+        for n in {"jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}.get(settings["architecture"], ())
+        if weights.get(n) is None
+    ]
     if missing:
         raise SAEError(f"{file} lacks {', '.join(missing)}")
     for name, tensor in weights.items():
@@ -416,17 +463,30 @@ def _build(file: Path, weights: dict[str, torch.Tensor], d_in: int | None = None
     if len(shape) != 2 or (d_in is not None and shape[0] != d_in) or (d_sae is not None and shape[1] != d_sae):
         raise SAEError(f"{file}: the config says d_in={d_in}, d_sae={d_sae} but W_enc has shape {shape}")
     if site is None or layer is None:
-        raise SAEError(f"{file} does not say which site and layer it reads: give site= and layer= "
-                       f"(sites: {', '.join(SITE_HOOKS)})")  # fmt: skip
+        raise SAEError(
+            f"{file} does not say which site and layer it reads: give site= and layer= (sites: {', '.join(SITE_HOOKS)})"
+        )
     try:
-        return SAE(weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], threshold=weights.get("threshold"),
-                   r_mag=weights.get("r_mag"), b_mag=weights.get("b_mag"), site=site, layer=layer, source=str(file),
-                   **settings)  # fmt: skip
+        return SAE(
+            weights["W_enc"],
+            weights["b_enc"],
+            weights["W_dec"],
+            weights["b_dec"],
+            threshold=weights.get("threshold"),
+            r_mag=weights.get("r_mag"),
+            b_mag=weights.get("b_mag"),
+            site=site,
+            layer=layer,
+            source=str(file),
+            **settings,
+        )
     except SAEError as error:
         raise SAEError(f"{file}: {error}") from None
 
 
-def _place(where: str, found: tuple[str, int] | None, site: str | None, layer: int | None) -> tuple[str | None, int | None]:
+def _place(
+    where: str, found: tuple[str, int] | None, site: str | None, layer: int | None
+) -> tuple[str | None, int | None]:
     """The site and layer: from the file (``found``) or given; given ones must agree with the file."""
     if found is None:
         return site, layer
@@ -445,8 +505,14 @@ def _fold_decoder_norm(weights: dict[str, torch.Tensor]) -> None:
     weights["W_dec"] = weights["W_dec"] / norm[:, None]
 
 
-def _load_saelens(path: Path, site: str | None, layer: int | None, model: Model | None=None, overrides: dict | None = None,
-                  norm_scaling_factor: float | None = None) -> SAE:  # fmt: skip
+def _load_saelens(
+    path: Path,
+    site: str | None,
+    layer: int | None,
+    model: Model | None = None,
+    overrides: dict | None = None,
+    norm_scaling_factor: float | None = None,
+) -> SAE:
     """A SAELens folder, pre-6.0 (hook fields, activation_fn_str/kwargs at the top level) or 6.x
     (``k`` etc. at the top level, the hook under ``metadata``). Every field that changes
     encode or decode is implemented or refused by name."""
@@ -473,8 +539,12 @@ def _load_saelens(path: Path, site: str | None, layer: int | None, model: Model 
     normalize = cfg.get("normalize_activations")
     normalize = {None: "none", False: "none", True: "expected_average_only_in"}.get(normalize, normalize)
     if normalize == "expected_average_only_in" and norm_scaling_factor is None:
-        refuse("normalize_activations", normalize, "its scaling factor is not in the folder: SAELens folds it in from "
-               "its registry (loading by release id does too), or fold it into the weights and set 'none'")
+        refuse(
+            "normalize_activations",
+            normalize,
+            "its scaling factor is not in the folder: SAELens folds it in from "
+            "its registry (loading by release id does too), or fold it into the weights and set 'none'",
+        )
     if normalize not in NORMALIZATIONS + ("expected_average_only_in",):
         refuse("normalize_activations", normalize, f"supported: {', '.join(NORMALIZATIONS)}")
     if (cfg.get("reshape_activations") or "none") != "none":
@@ -496,7 +566,9 @@ def _load_saelens(path: Path, site: str | None, layer: int | None, model: Model 
     for name in ("scaling_factor", "finetuning_scaling_factor"):  # pre-6.0: decode scaled latents by it
         if name in weights:
             if not torch.allclose(weights[name], torch.ones_like(weights[name])):
-                refuse(name, "not all ones", f"{weights_file} holds a finetuning scaling factor; SAELens 6 refuses it too")
+                refuse(
+                    name, "not all ones", f"{weights_file} holds a finetuning scaling factor; SAELens 6 refuses it too"
+                )
             del weights[name]
     if architecture in SAELENS_TRAINING:  # as SAELens' save_inference_model: a JumpReLU at the learned threshold
         if "topk_threshold" not in weights:
@@ -504,10 +576,14 @@ def _load_saelens(path: Path, site: str | None, layer: int | None, model: Model 
         d_sae = weights["W_enc"].shape[-1] if "W_enc" in weights else 0
         weights["threshold"] = torch.full((d_sae,), float(weights.pop("topk_threshold")))
         architecture = "jumprelu"
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | {"jumprelu": {"threshold"}, "gated": {"r_mag", "b_mag"}}.get(architecture, set())
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | {"jumprelu": {"threshold"}, "gated": {"r_mag", "b_mag"}}.get(
+        architecture, set()
+    )
     if set(weights) - expected:
-        raise SAEError(f"{weights_file} holds {', '.join(sorted(set(weights) - expected))}, which a {architecture} "
-                       f"SAE does not use: refused rather than ignored (expected {', '.join(sorted(expected))})")  # fmt: skip
+        raise SAEError(
+            f"{weights_file} holds {', '.join(sorted(set(weights) - expected))}, which a {architecture} "
+            f"SAE does not use: refused rather than ignored (expected {', '.join(sorted(expected))})"
+        )
     if norm_scaling_factor is not None and normalize == "expected_average_only_in":
         # As SAELens' fold_activation_norm_scaling_factor (before any decoder-norm rescaling, as there).
         weights["W_enc"] = weights["W_enc"] * norm_scaling_factor
@@ -520,10 +596,21 @@ def _load_saelens(path: Path, site: str | None, layer: int | None, model: Model 
     if rescale and "W_dec" in weights and "b_enc" in weights:  # a missing one is named below
         _fold_decoder_norm(weights)
     stats = _safetensors(path / STATS_FILE) if (path / STATS_FILE).exists() else {}
-    return _build(weights_file, weights, cfg.get("d_in"), cfg.get("d_sae"), site, layer, architecture=architecture,
-                  k=None if k is None or architecture != "topk" else int(k), model=field("model_name"),
-                  apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
-                  mean_activation=stats.get("mean_activation"), frequency=stats.get("frequency"))  # fmt: skip
+    return _build(
+        weights_file,
+        weights,
+        cfg.get("d_in"),
+        cfg.get("d_sae"),
+        site,
+        layer,
+        architecture=architecture,
+        k=None if k is None or architecture != "topk" else int(k),
+        model=field("model_name"),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        normalize_activations=normalize,
+        mean_activation=stats.get("mean_activation"),
+        frequency=stats.get("frequency"),
+    )
 
 
 def _load_gemma_scope(file: Path, site: str | None, layer: int | None) -> SAE:
@@ -534,8 +621,10 @@ def _load_gemma_scope(file: Path, site: str | None, layer: int | None) -> SAE:
     kinds = [m.group(1) for part in file.parts if (m := re.search(r"gemma-scope-.*-(res|mlp|att)(?:-|$)", part))]
     layers = [int(m.group(1)) for part in file.parts if (m := re.fullmatch(r"layer_(\d+)", part))]
     if "embedding" in file.parts or (kinds and kinds[-1] == "att"):
-        raise SAEError(f"{file}: Gemma Scope's {'embedding' if 'embedding' in file.parts else 'attention (hook_z)'} "
-                       "SAEs do not read a site; the residual (res) and MLP (mlp) ones do")  # fmt: skip
+        raise SAEError(
+            f"{file}: Gemma Scope's {'embedding' if 'embedding' in file.parts else 'attention (hook_z)'} "
+            "SAEs do not read a site; the residual (res) and MLP (mlp) ones do"
+        )
     found = ({"res": "resid_post", "mlp": "mlp_out"}[kinds[-1]], layers[-1]) if kinds and layers else None
     site, layer = _place(f"{file}: ", found, site, layer)
     extra = set(weights) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
@@ -544,34 +633,54 @@ def _load_gemma_scope(file: Path, site: str | None, layer: int | None) -> SAE:
     # gemma-scope-2b-pt-res reads gemma-2-2b, gemma-scope-9b-it-res gemma-2-9b-it (SAELens' names).
     sizes = [(m.group(1), m.group(2)) for part in file.parts if (m := re.search(r"gemma-scope-(\d+b)-(pt|it)-", part))]
     model = f"gemma-2-{sizes[-1][0]}{'-it' if sizes[-1][1] == 'it' else ''}" if sizes else None
-    return _build(file, weights, site=site, layer=layer, architecture="jumprelu", apply_b_dec_to_input=False,
-                  model=model)
+    return _build(
+        file, weights, site=site, layer=layer, architecture="jumprelu", apply_b_dec_to_input=False, model=model
+    )
 
 
-def _load_sparsify(path: Path, site: str | None, layer: int | None, model: Model | None=None) -> SAE:
+def _load_sparsify(path: Path, site: str | None, layer: int | None, model: Model | None = None) -> SAE:
     """An EleutherAI sparsify folder: ``cfg.json`` + ``sae.safetensors`` (``encoder.weight``
     ``[latents, d_in]``, ``encoder.bias``, ``W_dec`` ``[latents, d_in]``, ``b_dec``), named by
     its hookpoint (an HF module path, e.g. ``layers.5``). Its encode: ReLU((x - b_dec) W_enc +
     b_enc), the top k kept."""
     cfg_file, weights_file = path / "cfg.json", path / "sae.safetensors"
     cfg = _json(cfg_file)
-    for name, bad in (("activation", cfg.get("activation", "topk") != "topk"), ("transcode", cfg.get("transcode")),
-                      ("skip_connection", cfg.get("skip_connection")), ("signed", cfg.get("signed"))):  # fmt: skip
+    for name, bad in (
+        ("activation", cfg.get("activation", "topk") != "topk"),
+        ("transcode", cfg.get("transcode")),
+        ("skip_connection", cfg.get("skip_connection")),
+        ("signed", cfg.get("signed")),
+    ):
         if bad:
-            raise SAEError(f"{cfg_file}: {name}={cfg[name]!r} is not supported (a topk sparse autoencoder reads a site)")
+            raise SAEError(
+                f"{cfg_file}: {name}={cfg[name]!r} is not supported (a topk sparse autoencoder reads a site)"
+            )
     state = _safetensors(weights_file)
     if "W_skip" in state:
         raise SAEError(f"{weights_file} holds W_skip (a skip connection), which is not supported")
     encoder = state.get("encoder.weight")
-    weights = {"W_enc": None if encoder is None else encoder.T.contiguous(), "b_enc": state.get("encoder.bias"),
-               "W_dec": state.get("W_dec"), "b_dec": state.get("b_dec")}  # fmt: skip
+    weights = {
+        "W_enc": None if encoder is None else encoder.T.contiguous(),
+        "b_enc": state.get("encoder.bias"),
+        "W_dec": state.get("W_dec"),
+        "b_dec": state.get("b_dec"),
+    }
     d_sae = cfg.get("num_latents") or (cfg["d_in"] * cfg["expansion_factor"] if "expansion_factor" in cfg else None)
     site, layer = _place(f"{path}: ", hook_site(path.name, model, f"{path}: "), site, layer)
-    return _build(weights_file, {n: None if t is None else t.float() for n, t in weights.items()}, cfg.get("d_in"),
-                  d_sae, site, layer, architecture="topk", k=int(cfg["k"]), model=path.parent.name)  # fmt: skip
+    return _build(
+        weights_file,
+        {n: None if t is None else t.float() for n, t in weights.items()},
+        cfg.get("d_in"),
+        d_sae,
+        site,
+        layer,
+        architecture="topk",
+        k=int(cfg["k"]),
+        model=path.parent.name,
+    )
 
 
-def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, model: Model | None=None) -> SAE:
+def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, model: Model | None = None) -> SAE:
     """A dictionary_learning (saprmarks) folder: ``ae.pt`` (a state dict, read with
     ``weights_only=True``) and ``config.json`` (``trainer``: ``dict_class``, ``layer``,
     ``submodule_name``, ``k``, ...), each class's encode as its own code computes it."""
@@ -579,13 +688,19 @@ def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, m
     trainer = _json(cfg_file).get("trainer") or {}
     kind = trainer.get("dict_class")
     if kind not in DICTIONARY_LEARNING:
-        raise SAEError(f"{cfg_file}: trainer.dict_class={kind!r} is not supported; supported: {', '.join(DICTIONARY_LEARNING)}")
+        raise SAEError(
+            f"{cfg_file}: trainer.dict_class={kind!r} is not supported; supported: {', '.join(DICTIONARY_LEARNING)}"
+        )
     state = {n: t.float() if t.is_floating_point() else t for n, t in _torch_file(weights_file).items()}
     T = lambda name: None if state.get(name) is None else state[name].T.contiguous()  # noqa: E731
     settings: dict = {"architecture": "standard"}
     if kind in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "GatedAutoEncoder"):  # nn.Linear layers
-        weights = {"W_enc": T("encoder.weight"), "b_enc": state.get("encoder.bias"), "W_dec": T("decoder.weight"),
-                   "b_dec": state.get("b_dec", state.get("bias"))}  # fmt: skip
+        weights = {
+            "W_enc": T("encoder.weight"),
+            "b_enc": state.get("encoder.bias"),
+            "W_dec": T("decoder.weight"),
+            "b_dec": state.get("b_dec", state.get("bias")),
+        }
     else:
         weights = {n: state.get(n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     d_sae = weights["W_enc"].shape[1] if weights["W_enc"] is not None else None
@@ -600,8 +715,12 @@ def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, m
         weights["threshold"] = state.get("threshold")
     elif kind == "GatedAutoEncoder":  # encoder without bias; gate_bias, mag_bias, r_mag; decoder_bias
         settings = {"architecture": "gated"}
-        weights |= {"b_enc": state.get("gate_bias"), "b_mag": state.get("mag_bias"), "r_mag": state.get("r_mag"),
-                    "b_dec": state.get("decoder_bias")}  # fmt: skip
+        weights |= {
+            "b_enc": state.get("gate_bias"),
+            "b_mag": state.get("mag_bias"),
+            "r_mag": state.get("r_mag"),
+            "b_dec": state.get("decoder_bias"),
+        }
     hook = trainer.get("submodule_name") or ""
     named = [s for s in SITE_HOOKS if s in hook]
     found = None
@@ -613,12 +732,26 @@ def _load_dictionary_learning(path: Path, site: str | None, layer: int | None, m
         except SAEError:
             found = None
     site, layer = _place(f"{cfg_file}: ", found, site, layer)
-    return _build(weights_file, weights, trainer.get("activation_dim"), trainer.get("dict_size"), site, layer,
-                  model=str(trainer.get("lm_name", "")).split("/")[-1] or None, **settings)  # fmt: skip
+    return _build(
+        weights_file,
+        weights,
+        trainer.get("activation_dim"),
+        trainer.get("dict_size"),
+        site,
+        layer,
+        model=str(trainer.get("lm_name", "")).split("/")[-1] or None,
+        **settings,
+    )
 
 
-def load_folder(path: str | Path, site: str | None = None, layer: int | None = None, model: Model | None=None,
-                overrides: dict | None = None, norm_scaling_factor: float | None = None) -> SAE:  # fmt: skip
+def load_folder(
+    path: str | Path,
+    site: str | None = None,
+    layer: int | None = None,
+    model: Model | None = None,
+    overrides: dict | None = None,
+    norm_scaling_factor: float | None = None,
+) -> SAE:
     """An SAE from a folder (or Gemma Scope ``params.npz`` file) in any of ``FORMATS``, told
     apart by the files it holds. ``site``/``layer``: where the format does not record them."""
     path = Path(path)
@@ -652,8 +785,9 @@ def _cached_folder(repo: str, folder: str, download: bool) -> Path | None:
     return next((s / folder for s in snapshots if (s / folder).is_dir() and any((s / folder).iterdir())), None)
 
 
-def load_pretrained(name: str, model: Model | None=None, download: bool = False, site: str | None = None,
-                    layer: int | None = None) -> SAE:  # fmt: skip
+def load_pretrained(
+    name: str, model: Model | None = None, download: bool = False, site: str | None = None, layer: int | None = None
+) -> SAE:
     """An SAE by name: a SAELens release id ``release/sae_id`` (e.g.
     ``gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical``, resolved by SAELens'
     registry: needs ``sae-lens``, ``pip install 'superscopes[sae]'``) or a Hugging Face
@@ -671,11 +805,15 @@ def load_pretrained(name: str, model: Model | None=None, download: bool = False,
         lookup, sae_id = directory[release], name[len(release) + 1 :]
         if sae_id not in lookup.saes_map:
             ids = list(lookup.saes_map)
-            raise SAEError(f"{sae_id!r} is not an SAE of release {release}; its SAEs: {', '.join(ids[:5])}"
-                           f"{', ...' if len(ids) > 5 else ''} ({len(ids)})")  # fmt: skip
+            raise SAEError(
+                f"{sae_id!r} is not an SAE of release {release}; its SAEs: {', '.join(ids[:5])}"
+                f"{', ...' if len(ids) > 5 else ''} ({len(ids)})"
+            )
         if lookup.conversion_func not in CONVERSIONS:
-            raise SAEError(f"release {release} is stored in SAELens' {lookup.conversion_func!r} conversion, which "
-                           f"superscopes does not read; it reads {FORMATS}")  # fmt: skip
+            raise SAEError(
+                f"release {release} is stored in SAELens' {lookup.conversion_func!r} conversion, which "
+                f"superscopes does not read; it reads {FORMATS}"
+            )
         repo, folder = lookup.repo_id, lookup.saes_map[sae_id]
         overrides = {k: v for k, v in (lookup.config_overrides or {}).items() if k != "model_from_pretrained_kwargs"}
         factor = lookup.norm_scaling_factor.get(sae_id)
@@ -683,24 +821,37 @@ def load_pretrained(name: str, model: Model | None=None, download: bool = False,
         owner, repo_name, folder = name.split("/", 2)
         repo = f"{owner}/{repo_name}"
     else:
-        raise SAEError(f"no SAE {name!r}: give an SAE folder, one of the embedded SAEs ({', '.join(EMBEDDED)}), a "
-                       "SAELens release id (release/sae_id) or a Hugging Face owner/repo/folder")  # fmt: skip
+        raise SAEError(
+            f"no SAE {name!r}: give an SAE folder, one of the embedded SAEs ({', '.join(EMBEDDED)}), a "
+            "SAELens release id (release/sae_id) or a Hugging Face owner/repo/folder"
+        )
     path = _cached_folder(repo, folder, download)
     if path is None:
         from huggingface_hub import constants
 
-        registry = ("" if directory is not None else " If it is a SAELens release id, install sae-lens "
-                    "(pip install 'superscopes[sae]') so that its registry resolves it.")  # fmt: skip
-        raise SAEError(f"SAE {name!r}: {repo}/{folder} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): "
-                       f"fetch it with `huggingface-cli download {repo} --include '{folder}/*'` or "
-                       f"load(..., download=True), or give its folder.{registry}")  # fmt: skip
+        registry = (
+            ""
+            if directory is not None
+            else " If it is a SAELens release id, install sae-lens "
+            "(pip install 'superscopes[sae]') so that its registry resolves it."
+        )
+        raise SAEError(
+            f"SAE {name!r}: {repo}/{folder} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): "
+            f"fetch it with `huggingface-cli download {repo} --include '{folder}/*'` or "
+            f"load(..., download=True), or give its folder.{registry}"
+        )
     if overrides and not (path / CFG_FILE).exists():
         raise SAEError(f"release {release} overrides {', '.join(overrides)}, which only SAELens folders take here")
     return load_folder(path, site, layer, model, overrides, factor)
 
 
-def load(name_or_path: str | Path, model: Model | None=None, site: str | None = None, layer: int | None = None,
-         download: bool = False) -> SAE:  # fmt: skip
+def load(
+    name_or_path: str | Path,
+    model: Model | None = None,
+    site: str | None = None,
+    layer: int | None = None,
+    download: bool = False,
+) -> SAE:
     """An SAE: an embedded one by model name (``EMBEDDED``), a folder or file in any of
     ``FORMATS`` (``load_folder``), or a SAELens release id / Hugging Face ``owner/repo/folder``
     (``load_pretrained``); checked against ``model`` if given (whose module paths then name
@@ -721,7 +872,7 @@ def load(name_or_path: str | Path, model: Model | None=None, site: str | None = 
 # ---------------------------------------------------------------- the graph
 
 
-def latent_scope(sae: SAE, latents: Sequence[int], model: Model | None=None, scale: str | float = "mean", **settings):
+def latent_scope(sae: SAE, latents: Sequence[int], model: Model | None = None, scale: str | float = "mean", **settings):
     """A ``Scope`` whose sources are latents: each latent's ``directions(scale)`` vector,
     times each alpha, patched into the target (default ``identity``, at the SAE's layer).
     ``settings``: any other ``Scope`` field (alphas, target, target_layers, output, ...).
@@ -732,8 +883,13 @@ def latent_scope(sae: SAE, latents: Sequence[int], model: Model | None=None, sca
         sae.check(model)
     latents = sae._latents(latents)
     settings = {"target": "identity", "target_layers": ["same"]} | settings
-    return Scope(prompts=[f"latent {i}" for i in latents], vectors=sae.directions(latents, scale),
-                 sites=[sae.site], layers=[sae.layer], **settings)  # fmt: skip
+    return Scope(
+        prompts=[f"latent {i}" for i in latents],
+        vectors=sae.directions(latents, scale),
+        sites=[sae.site],
+        layers=[sae.layer],
+        **settings,
+    )
 
 
 def explanation_scores(model: Model, scope, frame: pd.DataFrame) -> pd.DataFrame:
@@ -772,8 +928,16 @@ def explanation_scores(model: Model, scope, frame: pd.DataFrame) -> pd.DataFrame
             for patched in (True, False):
                 with model.trace(ids):
                     if patched:
-                        ops.patch(model, row.target_site, row.target_layer, vector[None], position=row.target_position,
-                                  alpha=row.alpha, transform=row.transform, mode=row.mode)  # fmt: skip
+                        ops.patch(
+                            model,
+                            row.target_site,
+                            row.target_layer,
+                            vector[None],
+                            position=row.target_position,
+                            alpha=row.alpha,
+                            transform=row.transform,
+                            mode=row.mode,
+                        )
                         final = ops.read(model, "resid_post", last, position=row.target_position).save()
                     # The predictions of every generated token, and one more: the first row
                     # is there even when generation stopped at once (no output tokens).
@@ -784,8 +948,12 @@ def explanation_scores(model: Model, scope, frame: pd.DataFrame) -> pd.DataFrame
                 probs[patched] = distribution[:-1].exp().gather(-1, picked[:, None])[:, 0]
             similarity.append(float(torch.nn.functional.cosine_similarity(final[0].float(), vector, dim=0)))
             relevancy.append((probs[True] - probs[False]).tolist())
-    return frame.assign(self_similarity=similarity, entropy=entropy, relevancy=relevancy,
-                        relevancy_mean=[sum(r) / len(r) if r else float("nan") for r in relevancy])  # fmt: skip
+    return frame.assign(
+        self_similarity=similarity,
+        entropy=entropy,
+        relevancy=relevancy,
+        relevancy_mean=[sum(r) / len(r) if r else float("nan") for r in relevancy],
+    )
 
 
 # ---------------------------------------------------------------- metrics
@@ -823,9 +991,18 @@ def next_token_losses(model: Model, sae: SAE, ids: torch.Tensor, batch_size: int
 # ---------------------------------------------------------------- training
 
 
-def cache_activations(model: Model, site: str, layer: int, texts: Sequence[str], tokens: int, folder: str | Path,
-                      batch_size: int = 32, shard_passages: int = 512, progress: bool = True,
-                      require: bool = True) -> torch.Tensor:  # fmt: skip
+def cache_activations(
+    model: Model,
+    site: str,
+    layer: int,
+    texts: Sequence[str],
+    tokens: int,
+    folder: str | Path,
+    batch_size: int = 32,
+    shard_passages: int = 512,
+    progress: bool = True,
+    require: bool = True,
+) -> torch.Tensor:
     """Activations ``[n, d]`` (float16) of every text token but the first (see
     ``lens.token_positions``, "text") of ``texts`` in order, until ``tokens`` are read
     (``require``: at least ``tokens``, else all the texts hold).
@@ -840,12 +1017,20 @@ def cache_activations(model: Model, site: str, layer: int, texts: Sequence[str],
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # What the shards hold: a rerun into the same folder with other settings must not reuse them.
-    source = {"model": model_name(model), "site": site, "layer": layer, "shard_passages": shard_passages,
-              "texts": len(texts), "first_text": zlib.crc32(texts[0].encode()) if texts else None}  # fmt: skip
+    source = {
+        "model": model_name(model),
+        "site": site,
+        "layer": layer,
+        "shard_passages": shard_passages,
+        "texts": len(texts),
+        "first_text": zlib.crc32(texts[0].encode()) if texts else None,
+    }
     recorded = folder / "source.json"
     if recorded.exists() and json.loads(recorded.read_text()) != source:
-        raise SAEError(f"{folder} holds activations of {recorded.read_text().strip()}, not {json.dumps(source)}: "
-                       "give a new folder (--out), or delete it")  # fmt: skip
+        raise SAEError(
+            f"{folder} holds activations of {recorded.read_text().strip()}, not {json.dumps(source)}: "
+            "give a new folder (--out), or delete it"
+        )
     recorded.write_text(json.dumps(source))
     shards, total = [], 0
     bar = tqdm(total=tokens, desc=f"activations {site} {layer}", unit="tok", disable=not progress)
@@ -861,7 +1046,9 @@ def cache_activations(model: Model, site: str, layer: int, texts: Sequence[str],
             chunk = sorted(texts[start : start + shard_passages], key=len)
             parts = []  # read batch by batch (the same passes), so the bar moves from the first seconds
             for first in range(0, len(chunk), batch_size):
-                parts.append(collect(model, chunk[first : first + batch_size], site, [layer], "text", batch_size)[layer])
+                parts.append(
+                    collect(model, chunk[first : first + batch_size], site, [layer], "text", batch_size)[layer]
+                )
                 bar.update(max(0, min(len(parts[-1]), tokens - bar.n)))
             shard = torch.cat(parts).half()
             save_file({"activations": shard.contiguous()}, file.with_suffix(".tmp"))
@@ -874,8 +1061,16 @@ def cache_activations(model: Model, site: str, layer: int, texts: Sequence[str],
     return torch.cat(shards)
 
 
-def _new_sae(d_in: int, latents: int, k: int, site: str, layer: int, model: str | None, b_dec: torch.Tensor,
-             generator: torch.Generator) -> SAE:  # fmt: skip
+def _new_sae(
+    d_in: int,
+    latents: int,
+    k: int,
+    site: str,
+    layer: int,
+    model: str | None,
+    b_dec: torch.Tensor,
+    generator: torch.Generator,
+) -> SAE:
     W_dec = torch.randn(latents, d_in, generator=generator)
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     # Encoder initialised as the decoder's transpose (Gao et al., 2024): fewer dead latents.
@@ -893,15 +1088,28 @@ def _aux_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.T
     return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp_min(1e-12)
 
 
-def train_sae(acts: torch.Tensor, latents: int, k: int, site: str, layer: int, model: str | None = None,
-              batch_size: int = 1024, epochs: int = 1, lr: float | None = None, seed: int = 0,
-              checkpoint: str | Path | None = None, checkpoint_every: int = 200, dead_after: int = 200_000,
-              progress: bool = True) -> SAE:  # fmt: skip
+def train_sae(
+    acts: torch.Tensor,
+    latents: int,
+    k: int,
+    site: str,
+    layer: int,
+    model: str | None = None,
+    batch_size: int = 1024,
+    epochs: int = 1,
+    lr: float | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 200,
+    dead_after: int = 200_000,
+    progress: bool = True,
+) -> SAE:
     """A TopK SAE fitted to activations ``[n, d]``; returned with activations in ``acts``'s units.
 
     Training sees ``acts`` scaled to mean squared norm ``d`` (one lr fits every site and
     model); the scale is folded back at the end by dividing ``b_enc`` and ``b_dec`` by it
-    (TopK commutes with a positive scale; decoder rows stay unit norm). ``dead_after``: a latent not active for this many tokens gets the AuxK loss.
+    (TopK commutes with a positive scale; decoder rows stay unit norm). ``dead_after``: a
+    latent not active for this many tokens gets the AuxK loss.
     ``checkpoint``: a file to save to every ``checkpoint_every`` steps and resume from."""
     from tqdm.auto import tqdm
 
@@ -916,12 +1124,22 @@ def train_sae(acts: torch.Tensor, latents: int, k: int, site: str, layer: int, m
         steps_per_epoch = n // batch_size
         total = steps_per_epoch * epochs
         step, last_fired = 0, torch.zeros(latents, dtype=torch.long)
-        settings = {"n": n, "latents": latents, "k": k, "batch_size": batch_size, "epochs": epochs, "lr": lr, "seed": seed}
+        settings = {
+            "n": n,
+            "latents": latents,
+            "k": k,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "lr": lr,
+            "seed": seed,
+        }
         if checkpoint and Path(checkpoint).exists():
             state = load_torch(checkpoint)  # tensors and plain values only: a planted pickle runs no code
             if state["settings"] != settings:
-                raise SAEError(f"checkpoint {checkpoint} is of another run ({state['settings']}, this run {settings}): "
-                               "give a new --out, or delete it to start over")  # fmt: skip
+                raise SAEError(
+                    f"checkpoint {checkpoint} is of another run ({state['settings']}, this run {settings}): "
+                    "give a new --out, or delete it to start over"
+                )
             sae.load_state_dict(state["sae"])
             optimizer.load_state_dict(state["optimizer"])
             step, last_fired = state["step"], state["last_fired"]
@@ -955,8 +1173,16 @@ def train_sae(acts: torch.Tensor, latents: int, k: int, site: str, layer: int, m
                 bar.set_postfix(nmse=f"{mse.item():.3f}", dead=int((last_fired > dead_after).sum()))
             if checkpoint and (step % checkpoint_every == 0 or step == total):
                 tmp = Path(f"{checkpoint}.tmp")
-                torch.save({"settings": settings, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
-                            "step": step, "last_fired": last_fired}, tmp)  # fmt: skip
+                torch.save(
+                    {
+                        "settings": settings,
+                        "sae": sae.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "last_fired": last_fired,
+                    },
+                    tmp,
+                )
                 tmp.replace(checkpoint)
         bar.close()
         with torch.no_grad():  # activations in the model's units: pre/scale, so b_enc/scale and b_dec/scale
@@ -982,7 +1208,12 @@ def measure(sae: SAE, acts: torch.Tensor, batch_size: int = 4096) -> tuple[dict,
         l0 += float(active.sum())
         sums += latents.double().sum(0)
         counts += active.double().sum(0)
-    metrics = {"fve": 1 - residual / variance, "l0": l0 / len(acts), "dead": int((counts == 0).sum()), "tokens": len(acts)}
+    metrics = {
+        "fve": 1 - residual / variance,
+        "l0": l0 / len(acts),
+        "dead": int((counts == 0).sum()),
+        "tokens": len(acts),
+    }
     return metrics, (sums / counts.clamp_min(1)).float(), (counts / len(acts)).float()
 
 
@@ -998,10 +1229,27 @@ def loss_ids(tokenizer, texts: Sequence[str], length: int, n: int) -> torch.Tens
     return torch.tensor(rows, dtype=torch.long)
 
 
-def train(model: Model, site: str, layer: int, latents: int, k: int, tokens: int, out: str | Path,
-          texts: Sequence[str] | None = None, heldout: Sequence[str] | None = None, heldout_tokens: int = 50_000,
-          loss_texts: int = 64, loss_length: int = 64, epochs: int = 1, batch_size: int = 1024, lr: float | None = None,
-          read_batch: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32, progress: bool = True) -> SAE:  # fmt: skip
+def train(
+    model: Model,
+    site: str,
+    layer: int,
+    latents: int,
+    k: int,
+    tokens: int,
+    out: str | Path,
+    texts: Sequence[str] | None = None,
+    heldout: Sequence[str] | None = None,
+    heldout_tokens: int = 50_000,
+    loss_texts: int = 64,
+    loss_length: int = 64,
+    epochs: int = 1,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    read_batch: int = 32,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> SAE:
     """Train a TopK SAE on ``site``/``layer`` of ``model`` and write it with its metrics to ``out``.
 
     ``texts``/``heldout``: passages (default: the built corpus, ``superscopes.corpus``).
@@ -1012,19 +1260,37 @@ def train(model: Model, site: str, layer: int, latents: int, k: int, tokens: int
 
     out = Path(out)
     name = model_name(model)
-    SAE(torch.zeros(hidden_size(model), 1), torch.zeros(1), torch.zeros(1, hidden_size(model)),
-        torch.zeros(hidden_size(model)), "standard", site=site, layer=layer, model=name).check(model)  # fmt: skip
+    SAE(
+        torch.zeros(hidden_size(model), 1),
+        torch.zeros(1),
+        torch.zeros(1, hidden_size(model)),
+        torch.zeros(hidden_size(model)),
+        "standard",
+        site=site,
+        layer=layer,
+        model=name,
+    ).check(model)
     texts = corpus.load("train") if texts is None else texts
     heldout = corpus.load("heldout") if heldout is None else heldout
     started = time.time()
     acts = cache_activations(model, site, layer, texts, tokens, out / "cache" / "train", read_batch, progress=progress)
     acts = acts[:tokens]
     read_seconds = time.time() - started
-    held = cache_activations(model, site, layer, heldout, heldout_tokens, out / "cache" / "heldout", read_batch,
-                             progress=progress, require=False)[:heldout_tokens]  # fmt: skip
+    held = cache_activations(
+        model,
+        site,
+        layer,
+        heldout,
+        heldout_tokens,
+        out / "cache" / "heldout",
+        read_batch,
+        progress=progress,
+        require=False,
+    )[:heldout_tokens]
     started = time.time()
-    sae = train_sae(acts, latents, k, site, layer, name, batch_size, epochs, lr, seed, out / "checkpoint.pt",
-                    progress=progress)  # fmt: skip
+    sae = train_sae(
+        acts, latents, k, site, layer, name, batch_size, epochs, lr, seed, out / "checkpoint.pt", progress=progress
+    )
     train_seconds = time.time() - started
     # Typical activations from the training tokens (what "mean activation when active" means in use).
     train_metrics, sae.mean_activation, sae.frequency = measure(sae, acts)
@@ -1035,11 +1301,22 @@ def train(model: Model, site: str, layer: int, latents: int, k: int, tokens: int
         "loss_tokens": int(ids[:, 1:].numel()),
         "dead_in_training_tokens": train_metrics["dead"],
         "train_fve": train_metrics["fve"],
-        "training": {"model": name, "site": site, "layer": layer, "latents": latents, "k": k, "tokens": int(len(acts)),
-                     "epochs": epochs, "batch_size": batch_size, "seed": seed, "heldout_tokens": int(len(held)),
-                     "read_seconds": round(read_seconds, 1), "train_seconds": round(train_seconds, 1),
-                     "torch_threads": torch.get_num_threads()},
-    }  # fmt: skip
+        "training": {
+            "model": name,
+            "site": site,
+            "layer": layer,
+            "latents": latents,
+            "k": k,
+            "tokens": int(len(acts)),
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "heldout_tokens": int(len(held)),
+            "read_seconds": round(read_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
     sae.save(out, dtype)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return sae
@@ -1074,10 +1351,23 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_model(args.model)
     try:
-        sae = train(model, args.site, args.layer, args.latents, args.k, args.tokens, args.out,
-                    texts=corpus.load("train", args.corpus), heldout=corpus.load("heldout", args.corpus),
-                    heldout_tokens=args.heldout_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    seed=args.seed, dtype=torch.float16 if args.float16 else torch.float32)  # fmt: skip
+        sae = train(
+            model,
+            args.site,
+            args.layer,
+            args.latents,
+            args.k,
+            args.tokens,
+            args.out,
+            texts=corpus.load("train", args.corpus),
+            heldout=corpus.load("heldout", args.corpus),
+            heldout_tokens=args.heldout_tokens,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            dtype=torch.float16 if args.float16 else torch.float32,
+        )
     except (SAEError, UnsafeFileError) as error:  # one line naming the file, not a traceback
         raise SystemExit(f"superscopes sae: error: {error}") from None
     print(sae)

@@ -68,8 +68,13 @@ __all__ = [
 ]
 
 
-def read_vectors(model: Model, prompts: list[str], reads: list[tuple[int, int, str, int]], batch_size: int = 64,
-                 remote: bool | str = False) -> torch.Tensor:  # fmt: skip
+def read_vectors(
+    model: Model,
+    prompts: list[str],
+    reads: list[tuple[int, int, str, int]],
+    batch_size: int = 64,
+    remote: bool | str = False,
+) -> torch.Tensor:
     """Vectors ``[len(reads), d]`` for ``(prompt index, token index, site, layer)`` reads.
 
     Each prompt runs once, ``batch_size`` prompts per pass, and a pass saves its reads as
@@ -95,8 +100,9 @@ def _shipped(scope: Scope) -> tuple[ModuleType, ...]:
     return (graph, readouts, *(sys.modules[m] for m in sorted(others)))
 
 
-def _run_cells(model: Model, target_model: Model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None,
-               bar) -> list[dict]:  # fmt: skip
+def _run_cells(
+    model: Model, target_model: Model, the_plan: Plan, chosen: list[int], remote: bool | str, timeout: float | None, bar
+) -> list[dict]:
     """Read, patch and decode the cells ``chosen`` (indices into the plan); one remote request."""
     prepared = _prepare(model, target_model, the_plan, chosen)
     with torch.inference_mode():
@@ -138,7 +144,7 @@ class Grid:
     session does not reach the grid's passes. Torch's thread count is left as it is (the
     session may run on a server): ``superscopes.run``'s ``threads`` does not apply."""
 
-    def __init__(self, model: Model, scope: Scope, target_model: Model | None=None):
+    def __init__(self, model: Model, scope: Scope, target_model: Model | None = None):
         self._model, self._target_model = model, target_model or model
         self._plan = plan(model, scope, self._target_model)
         self._prepared = _prepare(model, self._target_model, self._plan, list(range(len(self._plan.cells))))
@@ -177,9 +183,21 @@ def _fingerprint(model: Model, target_model: Model, the_plan: Plan) -> str:
     scope = the_plan.scope
     digest = hashlib.sha256()
     targets = [[t.text, t.index] for t in the_plan.targets]
-    settings = [model_name(model), model_name(target_model), scope.prompts, targets,
-                scope.target_site, scope.mode, scope.output, scope.max_new_tokens, scope.top_k, scope.do_sample,
-                scope.temperature, scope.seed, scope.logit_lens]  # fmt: skip
+    settings = [
+        model_name(model),
+        model_name(target_model),
+        scope.prompts,
+        targets,
+        scope.target_site,
+        scope.mode,
+        scope.output,
+        scope.max_new_tokens,
+        scope.top_k,
+        scope.do_sample,
+        scope.temperature,
+        scope.seed,
+        scope.logit_lens,
+    ]
     if scope.readouts:  # a grid without further readouts keeps the fingerprint it had before they existed
         settings.append(list(scope.readouts))
     digest.update(json.dumps(settings, default=str).encode())
@@ -209,7 +227,7 @@ def _check_served(*models) -> None:
         if weights is not None and weights.device.type != "meta":
             raise ScopeError(
                 f"{model_name(m)} was loaded with its weights on this machine; to run it on NDIF, load it "
-                "with superscopes.load(NAME, remote=True) (remote=\"local\" runs a local model's request here)"
+                'with superscopes.load(NAME, remote=True) (remote="local" runs a local model\'s request here)'
             )
 
 
@@ -220,9 +238,17 @@ def _tracing() -> bool:
     return getattr(tracer._local, "depth", 0) > 0
 
 
-def run(model: Model, scope: Scope, target_model: Model | None=None, remote: bool | str = False, progress: bool = True,
-        cells_per_request: int | None = None, checkpoint: str | Path | None = None,
-        timeout: float | None = None, threads: int | None = DEFAULT_THREADS) -> pd.DataFrame:  # fmt: skip
+def run(
+    model: Model,
+    scope: Scope,
+    target_model: Model | None = None,
+    remote: bool | str = False,
+    progress: bool = True,
+    cells_per_request: int | None = None,
+    checkpoint: str | Path | None = None,
+    timeout: float | None = None,
+    threads: int | None = DEFAULT_THREADS,
+) -> pd.DataFrame:
     """Run the grid; one row per cell (see ``RESULT_COLUMNS``), in grid order.
 
     ``target_model``: patch into another model (cross-model; needs ``affine`` across

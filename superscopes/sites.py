@@ -124,11 +124,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gptj": _GPT2_STYLE,
         # Falcon's blocks return (hidden states, attention weights); with parallel_attn (7B,
         # 40B) attention and MLP read the same normalised input and are added together.
-        "falcon": dict(_GPT2_STYLE, sites=dict(_GPT2_STYLE["sites"], attn_out=SiteSpec("self_attention", "output", 0),
-                                               resid_post=SiteSpec("", "output", 0))),  # fmt: skip
+        "falcon": dict(
+            _GPT2_STYLE,
+            sites=dict(
+                _GPT2_STYLE["sites"],
+                attn_out=SiteSpec("self_attention", "output", 0),
+                resid_post=SiteSpec("", "output", 0),
+            ),
+        ),
         # GPT-NeoX adds attention and MLP updates in parallel (use_parallel_residual).
-        "gpt_neox": dict(_GPT2_STYLE, blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
-                         sites=dict(_GPT2_STYLE["sites"], attn_out=SiteSpec("attention", "output", 0))),  # fmt: skip
+        "gpt_neox": dict(
+            _GPT2_STYLE,
+            blocks="gpt_neox.layers",
+            final_norm="gpt_neox.final_layer_norm",
+            sites=dict(_GPT2_STYLE["sites"], attn_out=SiteSpec("attention", "output", 0)),
+        ),
     }.items()
 }
 
@@ -182,8 +192,11 @@ def infer_architecture(model) -> Architecture:
     if not hasattr(root, "named_modules"):
         raise refuse("it is not a torch module")
     # One block per layer; without a layer count in the config, the longest list.
-    lists = [(name, module) for name, module in root.named_modules()
-             if type(module).__name__ == "ModuleList" and len(module) > 0 and n_layers in (None, len(module))]  # fmt: skip
+    lists = [
+        (name, module)
+        for name, module in root.named_modules()
+        if type(module).__name__ == "ModuleList" and len(module) > 0 and n_layers in (None, len(module))
+    ]
     # A multimodal model also has encoder layers: prefer a list outside any vision/audio tower.
     lists.sort(key=lambda item: (any(w in item[0] for w in ("vision", "visual", "audio", "encoder")), -len(item[1])))
     if not lists:
@@ -193,15 +206,19 @@ def infer_architecture(model) -> Architecture:
     attention = next((n for n in _ATTENTION_NAMES if n in children), None)
     mlp = next((n for n in _MLP_NAMES if n in children), None)
     if attention is None or mlp is None:
-        raise refuse(f"block {type(blocks[0]).__name__} has no attention ({'/'.join(_ATTENTION_NAMES)}) or "
-                     f"MLP ({'/'.join(_MLP_NAMES)}) child; its children: {', '.join(children)}")  # fmt: skip
+        raise refuse(
+            f"block {type(blocks[0]).__name__} has no attention ({'/'.join(_ATTENTION_NAMES)}) or "
+            f"MLP ({'/'.join(_MLP_NAMES)}) child; its children: {', '.join(children)}"
+        )
     parent_name = blocks_name.rpartition(".")[0]
     siblings = dict(resolve(root, parent_name).named_children())
     final_norm = next((n for n in _FINAL_NORM_NAMES if n in siblings), None)
     if final_norm is None:
         raise refuse(f"no final norm ({'/'.join(_FINAL_NORM_NAMES)}) beside {blocks_name}")
     output_embeddings = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
-    unembed = next((n for n, m in root.named_modules() if output_embeddings is not None and m is output_embeddings), None)
+    unembed = next(
+        (n for n, m in root.named_modules() if output_embeddings is not None and m is output_embeddings), None
+    )
     if unembed is None:
         raise refuse("no output embedding (get_output_embeddings)")
     # Updates normalised again before they are added (Gemma, OLMo-2 style).
@@ -214,8 +231,13 @@ def infer_architecture(model) -> Architecture:
         "resid_post": SiteSpec("", "output"),
     }
     prefix = f"{parent_name}." if parent_name else ""
-    arch = Architecture(name=f"{model_type} (inferred)", blocks=blocks_name, final_norm=prefix + final_norm,
-                        unembed=unembed, sites=sites)  # fmt: skip
+    arch = Architecture(
+        name=f"{model_type} (inferred)",
+        blocks=blocks_name,
+        final_norm=prefix + final_norm,
+        unembed=unembed,
+        sites=sites,
+    )
     _inferred[id(root), model_type] = arch
     return arch
 

@@ -3,15 +3,13 @@ scope against the model(s) and expands it into cells before any forward pass."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import itertools
 import math
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -27,9 +25,23 @@ if TYPE_CHECKING:
 TargetLayer = int | Literal["same"]
 
 RESULT_COLUMNS = [
-    "model", "source", "token", "position", "site", "layer", "target", "target_layer", "target_site",
-    "target_position", "transform", "alpha", "mode", "sample", "output", "output_ids",
-]  # fmt: skip
+    "model",
+    "source",
+    "token",
+    "position",
+    "site",
+    "layer",
+    "target",
+    "target_layer",
+    "target_site",
+    "target_position",
+    "transform",
+    "alpha",
+    "mode",
+    "sample",
+    "output",
+    "output_ids",
+]
 
 
 @dataclass
@@ -157,8 +169,10 @@ class Scope:
         # numpy / torch scalars as Python numbers (np.arange alphas); text and None stay, for validation
         self.alphas = [float(a) if isinstance(a, numbers.Real) and not isinstance(a, bool) else a for a in self.alphas]
         if self.layer_pairs is not None:
-            self.layer_pairs = [tuple(_integer(x) for x in pair) if isinstance(pair, (list, tuple)) else pair
-                                for pair in self.layer_pairs]  # fmt: skip
+            self.layer_pairs = [
+                tuple(_integer(x) for x in pair) if isinstance(pair, (list, tuple)) else pair
+                for pair in self.layer_pairs
+            ]
 
 
 def _integer(value):
@@ -307,9 +321,7 @@ def _target(scope: Scope, target: str, tokenizer) -> Target:
         return Target(text, n - 1)
     if isinstance(scope.target_position, int) and -n <= scope.target_position < n:
         return Target(text, scope.target_position % n)
-    raise ScopeError(
-        f"target_position {scope.target_position!r} is not 'placeholder', 'last' or an index in 0-{n - 1}"
-    )
+    raise ScopeError(f"target_position {scope.target_position!r} is not 'placeholder', 'last' or an index in 0-{n - 1}")
 
 
 def _layer_pairs(scope: Scope, model: Model, target_model: Model) -> list[tuple[int, int]]:
@@ -342,8 +354,10 @@ def _check_types(scope: Scope) -> None:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can encode it
-            raise ScopeError(f"prompt {index} {prompt!r} has a character that is not valid text "
-                             f"({prompt[error.start]!r} at {error.start}, a lone surrogate)") from None  # fmt: skip
+            raise ScopeError(
+                f"prompt {index} {prompt!r} has a character that is not valid text "
+                f"({prompt[error.start]!r} at {error.start}, a lone surrogate)"
+            ) from None
     for name, kind, ok in (("token", "text", lambda v: isinstance(v, str)), ("position", "a whole number", _whole)):
         value = getattr(scope, name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
@@ -372,8 +386,9 @@ def _check_numbers(scope: Scope, target_model: Model) -> None:
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    if scope.do_sample and not (isinstance(scope.temperature, (int, float)) and math.isfinite(scope.temperature)
-                                and scope.temperature > 0):  # fmt: skip
+    if scope.do_sample and not (
+        isinstance(scope.temperature, (int, float)) and math.isfinite(scope.temperature) and scope.temperature > 0
+    ):
         raise ScopeError(f"temperature {scope.temperature!r} must be a finite number above 0")
     if scope.output == "generate" and not (is_int(scope.max_new_tokens) and scope.max_new_tokens >= 1):
         raise ScopeError(f"max_new_tokens {scope.max_new_tokens!r} must be a whole number, at least 1")
@@ -400,7 +415,7 @@ def _check_affine(scope: Scope, model: Model, target_model: Model, pairs: list[t
     shapes = {"affine_weight": (d_target, d_source), "affine_bias": (d_target,)}
     for name, shape in shapes.items():
         value = getattr(scope, name)
-        for key, tensor in (value.items() if isinstance(value, dict) else [(None, value)]):
+        for key, tensor in value.items() if isinstance(value, dict) else [(None, value)]:
             label = name if key is None else f"{name}[{key}]"
             if tensor is None:
                 continue
@@ -443,17 +458,21 @@ def _check_latent(scope: Scope, model: Model, pairs: list[tuple[int, int]]) -> N
     if "latent" not in scope.transforms:
         return
     if not (isinstance(scope.sae_latent, tuple) and len(scope.sae_latent) == 2):
-        raise ScopeError("transform 'latent' needs sae_latent=(sae, latent index), e.g. (superscopes.sae.load(...), 345)")
+        raise ScopeError(
+            "transform 'latent' needs sae_latent=(sae, latent index), e.g. (superscopes.sae.load(...), 345)"
+        )
     sae, latent = scope.sae_latent
     sae.check(model)
     sae._latents([latent])
     wrong = sorted({(site, layer) for site in scope.sites for layer, _ in pairs} - {(sae.site, sae.layer)})
     if wrong:
-        raise ScopeError(f"transform 'latent' amplifies a latent of an SAE on {sae.site} layer {sae.layer}; the grid "
-                         f"reads {wrong[:5]} too: use sites=[{sae.site!r}], layers=[{sae.layer}]")  # fmt: skip
+        raise ScopeError(
+            f"transform 'latent' amplifies a latent of an SAE on {sae.site} layer {sae.layer}; the grid "
+            f"reads {wrong[:5]} too: use sites=[{sae.site!r}], layers=[{sae.layer}]"
+        )
 
 
-def plan(model: Model, scope: Scope, target_model: Model | None=None) -> Plan:
+def plan(model: Model, scope: Scope, target_model: Model | None = None) -> Plan:
     """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
     target_model = target_model or model
     if not scope.prompts:
@@ -505,8 +524,10 @@ def plan(model: Model, scope: Scope, target_model: Model | None=None) -> Plan:
         )
     # Built only after the count is checked: product() materialises its inputs (range(samples) too).
     grid = itertools.product(sources, scope.sites, pairs, scope.transforms, scope.alphas, range(scope.samples))
-    cells = [Cell(src, site, layer, transform, float(alpha), target_layer, sample)
-             for src, site, (layer, target_layer), transform, alpha, sample in grid]  # fmt: skip
+    cells = [
+        Cell(src, site, layer, transform, float(alpha), target_layer, sample)
+        for src, site, (layer, target_layer), transform, alpha, sample in grid
+    ]
     if scope.where is not None:
         cells = [cell for cell in cells if scope.where(cell)]
         if not cells:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import sae_lens
 import torch
-from safetensors.torch import save_file
 from sae_lens import (
     SAE,
     BatchTopKTrainingSAE,
@@ -47,20 +46,33 @@ from sae_lens import (
     TopKTrainingSAEConfig,
 )
 from sae_lens.saes.sae import SAEMetadata
+from safetensors.torch import save_file
 
 
 def kinds(d_in: int, d_sae: int) -> dict:
     """kind -> (SAE class, config); hooks of several sites and layers."""
-    meta = lambda hook: SAEMetadata(hook_name=hook, model_name="tiny")  # noqa: E731
-    base = lambda layer=1, site="resid_post", **kw: dict(d_in=d_in, d_sae=d_sae, metadata=meta(f"blocks.{layer}.hook_{site}"), **kw)  # noqa: E731
+
+    def base(layer=1, site="resid_post", **kw) -> dict:
+        metadata = SAEMetadata(hook_name=f"blocks.{layer}.hook_{site}", model_name="tiny")
+        return dict(d_in=d_in, d_sae=d_sae, metadata=metadata, **kw)
+
     return {
         "standard": (StandardSAE, StandardSAEConfig(**base())),
         "standard_no_b_dec": (StandardSAE, StandardSAEConfig(**base(2, "mlp_out", apply_b_dec_to_input=False))),
-        "standard_constant_norm": (StandardSAE, StandardSAEConfig(**base(normalize_activations="constant_norm_rescale"))),
-        "standard_layer_norm": (StandardSAE, StandardSAEConfig(**base(0, "resid_pre", normalize_activations="layer_norm"))),
+        "standard_constant_norm": (
+            StandardSAE,
+            StandardSAEConfig(**base(normalize_activations="constant_norm_rescale")),
+        ),
+        "standard_layer_norm": (
+            StandardSAE,
+            StandardSAEConfig(**base(0, "resid_pre", normalize_activations="layer_norm")),
+        ),
         "topk": (TopKSAE, TopKSAEConfig(**base(k=5))),
         "topk_rescale": (TopKSAE, TopKSAEConfig(**base(3, "attn_out", k=5, rescale_acts_by_decoder_norm=True))),
-        "topk_rescale_no_b_dec": (TopKSAE, TopKSAEConfig(**base(k=7, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False))),
+        "topk_rescale_no_b_dec": (
+            TopKSAE,
+            TopKSAEConfig(**base(k=7, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False)),
+        ),
         "topk_layer_norm": (TopKSAE, TopKSAEConfig(**base(k=4, normalize_activations="layer_norm"))),
         "topk_training": (TopKTrainingSAE, TopKTrainingSAEConfig(**base(k=6))),  # rescale_acts_by_decoder_norm=True
         "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig(**base())),
@@ -71,9 +83,11 @@ def kinds(d_in: int, d_sae: int) -> dict:
         "jumprelu_training": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig(**base())),
         "gated_training": (GatedTrainingSAE, GatedTrainingSAEConfig(**base(2, "mlp_out"))),
         "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig(**base(k=4))),
-        "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE,
-                                 MatryoshkaBatchTopKTrainingSAEConfig(**base(k=4, matryoshka_widths=[d_sae // 4, d_sae // 2, d_sae]))),
-    }  # fmt: skip
+        "matryoshka_batchtopk": (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig(**base(k=4, matryoshka_widths=[d_sae // 4, d_sae // 2, d_sae])),
+        ),
+    }
 
 
 @torch.no_grad()
@@ -81,7 +95,10 @@ def randomise(sae, generator: torch.Generator) -> None:
     """Random weights: decoder rows of norm 0.3-3, b_dec nonzero, thresholds positive."""
     for name, param in sae.named_parameters():
         param.copy_(torch.randn(param.shape, generator=generator) * (0.3 if name.startswith("b_") else 1.0))
-    sae.W_dec.mul_(torch.empty(sae.W_dec.shape[0], 1).uniform_(0.3, 3.0, generator=generator) / sae.W_dec.norm(dim=-1, keepdim=True))
+    sae.W_dec.mul_(
+        torch.empty(sae.W_dec.shape[0], 1).uniform_(0.3, 3.0, generator=generator)
+        / sae.W_dec.norm(dim=-1, keepdim=True)
+    )
     if hasattr(sae, "threshold"):
         sae.threshold.copy_(torch.rand(sae.threshold.shape, generator=generator) * 1.5 + 0.05)
     if hasattr(sae, "r_mag"):
@@ -113,13 +130,26 @@ def write(out: Path, d_in: int, d_sae: int, n: int, seed: int) -> dict:
         with torch.no_grad():
             acts = reference.encode(x)
             recon = reference.decode(reference.encode(x))  # normalised SAEs map back with x's statistics
-        save_file({"x": x.contiguous(), "acts": acts.contiguous(), "recon": recon.contiguous()}, folder / "reference.safetensors")
-        written[kind] = {"class": cls.__name__, "reference": type(reference).__name__,
-                         "active": int((acts != 0).sum()), "n": n}  # fmt: skip
+        save_file(
+            {"x": x.contiguous(), "acts": acts.contiguous(), "recon": recon.contiguous()},
+            folder / "reference.safetensors",
+        )
+        written[kind] = {
+            "class": cls.__name__,
+            "reference": type(reference).__name__,
+            "active": int((acts != 0).sum()),
+            "n": n,
+        }
     for kind, source in (("pre6_topk", "topk"), ("pre6_jumprelu_no_b_dec", "jumprelu_no_b_dec")):
         written[kind] = write_pre_6(out / source, out / kind, x)
-    manifest = {"sae_lens": sae_lens.__version__, "torch": torch.__version__, "d_in": d_in, "d_sae": d_sae,
-                "seed": seed, "kinds": written}  # fmt: skip
+    manifest = {
+        "sae_lens": sae_lens.__version__,
+        "torch": torch.__version__,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "seed": seed,
+        "kinds": written,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -133,19 +163,38 @@ def write_pre_6(source: Path, folder: Path, x: torch.Tensor) -> dict:
     shutil.copy(source / "sae_weights.safetensors", folder)
     cfg = json.loads((source / "cfg.json").read_text())
     topk = cfg["architecture"] == "topk"
-    old = {"architecture": "standard" if topk else cfg["architecture"], "d_in": cfg["d_in"], "d_sae": cfg["d_sae"],
-           "dtype": "float32", "device": "cpu", "model_name": "tiny", "hook_name": cfg["metadata"]["hook_name"],
-           "hook_layer": int(cfg["metadata"]["hook_name"].split(".")[1]), "hook_head_index": None,
-           "activation_fn_str": "topk" if topk else "relu", "activation_fn_kwargs": {"k": cfg["k"]} if topk else {},
-           "apply_b_dec_to_input": cfg["apply_b_dec_to_input"], "finetuning_scaling_factor": False,
-           "normalize_activations": "none", "context_size": 128, "prepend_bos": True}  # fmt: skip
+    old = {
+        "architecture": "standard" if topk else cfg["architecture"],
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "tiny",
+        "hook_name": cfg["metadata"]["hook_name"],
+        "hook_layer": int(cfg["metadata"]["hook_name"].split(".")[1]),
+        "hook_head_index": None,
+        "activation_fn_str": "topk" if topk else "relu",
+        "activation_fn_kwargs": {"k": cfg["k"]} if topk else {},
+        "apply_b_dec_to_input": cfg["apply_b_dec_to_input"],
+        "finetuning_scaling_factor": False,
+        "normalize_activations": "none",
+        "context_size": 128,
+        "prepend_bos": True,
+    }
     (folder / "cfg.json").write_text(json.dumps(old))
     reference = SAE.load_from_disk(folder)
     with torch.no_grad():
         acts = reference.encode(x)
         recon = reference.decode(acts)
-    save_file({"x": x.contiguous(), "acts": acts.contiguous(), "recon": recon.contiguous()}, folder / "reference.safetensors")
-    return {"class": "pre-6.0 cfg.json", "reference": type(reference).__name__, "active": int((acts != 0).sum()), "n": len(x)}
+    save_file(
+        {"x": x.contiguous(), "acts": acts.contiguous(), "recon": recon.contiguous()}, folder / "reference.safetensors"
+    )
+    return {
+        "class": "pre-6.0 cfg.json",
+        "reference": type(reference).__name__,
+        "active": int((acts != 0).sum()),
+        "n": len(x),
+    }
 
 
 def main() -> None:

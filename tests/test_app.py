@@ -88,8 +88,16 @@ class Client:
         return status, json.loads(raw)
 
     def run(self, **fields):
-        body = {"client": "test", "model": NAME, "prompt": PROMPT, "layers": "0-1", "alphas": "1,3",
-                "target_layer": "same", "max_new_tokens": 4, **fields}  # fmt: skip
+        body = {
+            "client": "test",
+            "model": NAME,
+            "prompt": PROMPT,
+            "layers": "0-1",
+            "alphas": "1,3",
+            "target_layer": "same",
+            "max_new_tokens": 4,
+            **fields,
+        }
         return self.json("POST", "/api/run", body)
 
     def wait(self, job: str, timeout: float = 120) -> dict:
@@ -148,16 +156,35 @@ def test_run_to_completion_matches_the_core(api, model):
     assert state["status"] == "done" and state["error"] is None
     assert state["done"] == state["total"] == len(state["rows"]) == 72
     rows = pd.DataFrame(state["rows"])
-    assert set(rows.columns) == {"token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity",
-                                 "echo"}
+    assert set(rows.columns) == {
+        "token",
+        "position",
+        "site",
+        "layer",
+        "target_layer",
+        "alpha",
+        "output",
+        "similarity",
+        "echo",
+    }
     assert rows.groupby(["position", "site", "layer", "alpha"]).size().eq(1).all()
     assert (rows["target_layer"] == rows["layer"]).all()  # target layer "same"
     assert rows["similarity"].between(0, 1).all()
 
     # The app is the core graph: its rows for one token equal a direct superscopes.run.
-    direct = superscopes.run(model, superscopes.Scope(
-        PROMPT, position=5, sites=["mlp_in", "mlp_out", "resid_post"], layers=[0, 1], alphas=[1, 3],
-        target_layers=["same"], max_new_tokens=4), progress=False)  # fmt: skip
+    direct = superscopes.run(
+        model,
+        superscopes.Scope(
+            PROMPT,
+            position=5,
+            sites=["mlp_in", "mlp_out", "resid_post"],
+            layers=[0, 1],
+            alphas=[1, 3],
+            target_layers=["same"],
+            max_new_tokens=4,
+        ),
+        progress=False,
+    )
     mine = rows[rows["position"] == 5].reset_index(drop=True)
     assert mine["token"].eq(" Wales").all()
     key = ["site", "layer", "alpha"]
@@ -174,7 +201,10 @@ def test_run_to_completion_matches_the_core(api, model):
         ({"tokens": "match", "token": "zebra"}, "token 'zebra' is not in the prompt"),
         ({"prompt": ""}, "the prompt is empty"),
         ({"prompt": "   "}, "the prompt is empty"),
-        ({"alphas": ",".join(map(str, range(1, 70)))}, "the grid has 2484 cells (6 tokens x 3 sites x 2 layers x 69 alphas), over this page's cap of 2000"),  # fmt: skip
+        (
+            {"alphas": ",".join(map(str, range(1, 70)))},
+            "the grid has 2484 cells (6 tokens x 3 sites x 2 layers x 69 alphas), over this page's cap of 2000",
+        ),
         ({"prompt": "word " * 70}, "this page takes at most 300"),
         ({"prompt": "a b " * 30}, "the prompt has 61 tokens; this page takes at most 48"),
         ({"layers": "one-two"}, "layers 'one-two': use 'all'"),
@@ -219,8 +249,14 @@ def test_match_token_and_fixed_target_layer(api):
 
 
 def test_custom_and_identity_targets(api):
-    status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="custom",
-                          template="Tell me about @ please", placeholder="@")  # fmt: skip
+    status, job = api.run(
+        tokens="last",
+        sites=["resid_post"],
+        layers="1",
+        target="custom",
+        template="Tell me about @ please",
+        placeholder="@",
+    )
     assert status == 202, job
     assert job["grid"]["target"] == "Tell me about @ please" and job["grid"]["target_token"].strip() == "@"
     assert api.wait(job["job"])["status"] == "done"
@@ -228,8 +264,14 @@ def test_custom_and_identity_targets(api):
     assert status == 202 and job["grid"]["target"].startswith("cat -> cat") and job["grid"]["target_token"] == "?"
     assert api.wait(job["job"])["status"] == "done"
     # The placeholder is a whole token: the first word x, not the x inside "complex" or "Explain".
-    status, job = api.run(tokens="last", sites=["resid_post"], layers="1", target="custom",
-                          template="x is a complex idea. Explain", placeholder="x")  # fmt: skip
+    status, job = api.run(
+        tokens="last",
+        sites=["resid_post"],
+        layers="1",
+        target="custom",
+        template="x is a complex idea. Explain",
+        placeholder="x",
+    )
     assert status == 202 and job["grid"]["target_token"] == "x"
     assert api.wait(job["job"])["status"] == "done"
 
@@ -272,7 +314,9 @@ def test_csv_download(api):
     status, headers, raw = api.request("GET", f"/api/jobs/{job['job']}/csv")
     assert status == 200
     assert headers["Content-Type"].startswith("text/csv")
-    assert headers["Content-Disposition"] == f'attachment; filename="superscopes-diana-princess-of-wales-{job["job"]}.csv"'
+    assert (
+        headers["Content-Disposition"] == f'attachment; filename="superscopes-diana-princess-of-wales-{job["job"]}.csv"'
+    )
     frame = pd.read_csv(io.BytesIO(raw))
     assert list(frame.columns) == [*RESULT_COLUMNS, "similarity", "echo", "control"]
     assert len(frame) == state["total"] == 12
@@ -300,8 +344,9 @@ def test_http_errors(api):
     assert "no such page" in api.json("GET", "/nowhere")[1]["error"]
     status, _, raw = api.request("POST", "/api/run", None, {"Content-Type": "text/plain"})
     assert status == 415 and b"application/json" in raw
-    request = urllib.request.Request(api.base + "/api/run", data=b"{not json", method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        api.base + "/api/run", data=b"{not json", method="POST", headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=10)
     assert error.value.code == 400 and b"not valid JSON" in error.value.read()
@@ -328,10 +373,18 @@ def test_command_line_prints_the_address_and_binds_loopback(tmp_path):
     args = add_arguments(__import__("argparse").ArgumentParser()).parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8765, superscopes.DEFAULT_MODEL)
     process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from superscopes.app import main; sys.exit(main(sys.argv[1:]))",
-         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from superscopes.app import main; sys.exit(main(sys.argv[1:]))",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "SUPERSCOPES_CACHE": str(tmp_path)},
-    )  # fmt: skip
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("superscopes app: serving on http://127.0.0.1:"), line
@@ -357,7 +410,8 @@ def test_remote_models_are_offered_only_when_ndif_is_configured(model, monkeypat
     app = App(default_model=NAME, models={NAME: model}, remote_models=["smollm2-135m"], offer_embedded=False)
     assert app.remote_configured
     assert [(m["id"], m["label"], m["remote"]) for m in app.model_choices()] == [
-        (NAME, NAME, False), ("ndif:smollm2-135m", "smollm2-135m (NDIF)", True)
+        (NAME, NAME, False),
+        ("ndif:smollm2-135m", "smollm2-135m (NDIF)", True),
     ]
 
 
@@ -438,8 +492,9 @@ def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_
     path = tmp_path / "kept.sqlite"
     app, base = make_app(store=RunStore(path))
     client = Client(base, app)
-    status, job = client.run(tokens="last", layers="1", alphas="1,3", target="custom",
-                             template="Tell me about @ please", placeholder="@")  # fmt: skip
+    status, job = client.run(
+        tokens="last", layers="1", alphas="1,3", target="custom", template="Tell me about @ please", placeholder="@"
+    )
     assert status == 202
     live = client.wait(job["job"])
     _, _, live_csv = client.request("GET", f"/api/jobs/{job['job']}/csv")
@@ -450,10 +505,22 @@ def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_
     assert status == 200 and kept["status"] == "done" and job["job"] not in app2.jobs
     assert kept["rows"] == live["rows"] and kept["controls"] == live["controls"] and kept["grid"] == live["grid"]
     assert kept["settings"] == {
-        "model": NAME, "prompt": PROMPT, "tokens": "last", "token": "", "layers": "1", "target_layer": "same",
-        "sites": list(SITES), "alphas": "1,3", "transform": "scale", "target": "custom",
-        "template": "Tell me about @ please", "placeholder": "@", "max_new_tokens": 4, "controls": True, "readouts": [],
-    }  # fmt: skip
+        "model": NAME,
+        "prompt": PROMPT,
+        "tokens": "last",
+        "token": "",
+        "layers": "1",
+        "target_layer": "same",
+        "sites": list(SITES),
+        "alphas": "1,3",
+        "transform": "scale",
+        "target": "custom",
+        "template": "Tell me about @ please",
+        "placeholder": "@",
+        "max_new_tokens": 4,
+        "controls": True,
+        "readouts": [],
+    }
     status, kept = again.json("GET", f"/api/jobs/{job['job']}?since=4&controls_since=5")
     assert kept["rows"] == live["rows"][4:] and kept["controls"] == live["controls"][5:]
     status, headers, raw = again.request("GET", f"/api/jobs/{job['job']}/csv")
@@ -464,7 +531,13 @@ def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_
     status, history = again.json("GET", "/api/runs?limit=5")
     assert [r["id"] for r in history["runs"]] == [second["job"], job["job"]]
     first = history["runs"][1]
-    assert (first["status"], first["prompt"], first["model"], first["done"], first["total"]) == ("done", PROMPT, NAME, 6, 6)
+    assert (first["status"], first["prompt"], first["model"], first["done"], first["total"]) == (
+        "done",
+        PROMPT,
+        NAME,
+        6,
+        6,
+    )
     assert first["best"] == max(r["similarity"] for r in live["rows"])
     assert again.json("GET", "/api/runs?limit=1")[1]["runs"][0]["id"] == second["job"]
     status, answer = again.json("GET", "/api/runs?limit=1000")
@@ -499,8 +572,12 @@ def test_a_run_cut_off_by_a_restart_is_kept_as_interrupted(make_app, tmp_path):
 def test_run_ids_in_urls_are_validated(api):
     bad = ["0123", "0123abcd012g", "0123ABCD0123", "..%2F..%2Fetc%2Fpasswd", "x'%20OR%20'1'%3D'1", "0" * 13]
     for run_id in bad:
-        for method, path, body in (("GET", "", None), ("GET", "/csv", None), ("POST", "/cancel", {}),
-                                   ("POST", "/focus", {"position": 0})):  # fmt: skip
+        for method, path, body in (
+            ("GET", "", None),
+            ("GET", "/csv", None),
+            ("POST", "/cancel", {}),
+            ("POST", "/focus", {"position": 0}),
+        ):
             status, answer = api.json(method, f"/api/jobs/{run_id}{path}", body)
             assert status == 400, (run_id, path, answer)
             assert "is not valid: a run id is 12 characters from 0-9 and a-f" in answer["error"]
@@ -550,7 +627,7 @@ def test_controls_beside_each_best_readout(api, model):
     by = {(c["site"], c["layer"], c["control"]): c for c in state["controls"]}
     assert len(by) == 18
     target = state["grid"]["target"]
-    for (position, site, layer), row in best.items():
+    for (_, site, layer), row in best.items():
         alpha1 = next(r for r in state["rows"] if (r["site"], r["layer"], r["alpha"]) == (site, layer, 1.0))
         assert by[(site, layer, "alpha1")] | {"control": None} == alpha1 | {"control": None}  # the grid's own
         assert by[(site, layer, "norm")]["alpha"] == 1.0
@@ -561,9 +638,20 @@ def test_controls_beside_each_best_readout(api, model):
             assert c["similarity"] is not None
     # The control phase is the core graph: a direct run of one random control gives the same text.
     (position, site, layer), row = next(iter(best.items()))
-    direct = superscopes.run(model, superscopes.Scope(
-        PROMPT, position=position, sites=[site], layers=[layer], alphas=[row["alpha"]], transforms=["random"],
-        target_layers=["same"], max_new_tokens=4), progress=False)  # fmt: skip
+    direct = superscopes.run(
+        model,
+        superscopes.Scope(
+            PROMPT,
+            position=position,
+            sites=[site],
+            layers=[layer],
+            alphas=[row["alpha"]],
+            transforms=["random"],
+            target_layers=["same"],
+            max_new_tokens=4,
+        ),
+        progress=False,
+    )
     assert direct["output"].iloc[0] == by[(site, layer, "random")]["output"]
     # With controls off, none run; with transform norm, the norm-matched control is the grid's alpha 1.
     status, job = api.run(tokens="last", layers="0", sites=["mlp_out"], controls=False)
@@ -607,7 +695,10 @@ def test_progress_has_a_rate_and_estimate_and_the_clicked_token_runs_first(make_
     assert state["eta"] is None and state["rate"] > 0
     status, job = client.run(tokens="last", layers="0", sites=["mlp_out"], alphas="1", controls=False)
     status, answer = client.json("POST", f"/api/jobs/{job['job']}/focus", {"position": 0})
-    assert status == 400 and "position 0 is not a source token of this run; its source tokens are at [5]" in answer["error"]
+    assert (
+        status == 400
+        and "position 0 is not a source token of this run; its source tokens are at [5]" in answer["error"]
+    )
     client.wait(job["job"])
 
 
@@ -627,7 +718,8 @@ def test_page_permalinks_accept_only_run_ids_and_restore_the_target_layer():
         {"run": None, "compare": None, **none},
     ]
     assert page_helpers('[app.runUrl("0123456789ab"), app.runUrl("0123456789ab", "ba9876543210")]') == [
-        "/?run=0123456789ab", "/?run=0123456789ab&compare=ba9876543210"
+        "/?run=0123456789ab",
+        "/?run=0123456789ab&compare=ba9876543210",
     ]
     # The open cell and latent panel jobs travel in the URL too; ids that are not run ids never do.
     panels = page_helpers("""[
@@ -643,10 +735,14 @@ def test_page_permalinks_accept_only_run_ids_and_restore_the_target_layer():
         "/?run=0123456789ab&compare=ba9876543210",
     ]
     assert page_helpers('["same", 0, 5].map(app.targetLayerFields)') == [
-        {"select": "same", "number": None}, {"select": "0", "number": None}, {"select": "number", "number": "5"}
+        {"select": "same", "number": None},
+        {"select": "0", "number": None},
+        {"select": "number", "number": "5"},
     ]
     assert page_helpers("[app.closestPosition([1, 2, 5], 2), app.closestPosition([1, 2, 5], 9)]") == [2, 5]
-    line = page_helpers('app.historyLine({prompt: "Diana", model: "m", status: "done", done: 6, total: 6, best: 0.4567})')
+    line = page_helpers(
+        'app.historyLine({prompt: "Diana", model: "m", status: "done", done: 6, total: 6, best: 0.4567})'
+    )
     assert line == {"prompt": "Diana", "detail": "m · done · 6/6 cells · best 0.46"}
 
 
@@ -662,14 +758,16 @@ def test_page_controls_sit_beside_the_best_readout_and_echoes_never_pass():
         return app.cellControls(view.controls, 5, "mlp_out", 1).map((c) => [c.label, c.output, app.passes(c, 0.3)]);
     })()""")
     assert cells == [["α 1", "a", False], ["norm-matched", "Wales", False], ["random dir.", "r", False]]
-    assert page_helpers('[app.passes({similarity: 0.5, echo: false}, 0.3), app.passes({similarity: null}, 0.3)]') == [
-        True, False
+    assert page_helpers("[app.passes({similarity: 0.5, echo: false}, 0.3), app.passes({similarity: null}, 0.3)]") == [
+        True,
+        False,
     ]
     # The grid-size line counts the control cells the server will run (alpha 1 reused when in the grid).
     assert page_helpers("""[["scale", "1,3"], ["scale", "3,6"], ["norm", "1, 3"], ["cfg", "1,3"]].map(
         ([t, a]) => app.controlsPerBest(t, a))""") == [2, 3, 2, 3]
     hint = page_helpers(
-        'app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3, target_token: " x"}, [3], true)')
+        'app.readoutHint({target_layer: "same", transform: "scale", threshold: 0.3, target_token: " x"}, [3], true)'
+    )
     assert 'at its token " x"' in hint
     assert "norm-matched" in hint and "random direction" in hint and "not an echo" in hint
 
@@ -681,13 +779,20 @@ def test_layout_holds_from_420_px_to_wide_screens():
     html = (STATIC / "index.html").read_text()
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
     narrow = css[css.index("@media (max-width: 600px)") :]
-    for rule in (".row { flex-wrap: wrap; }", ".progress-line { flex-wrap: wrap;", "progress { flex: 1 1 100%; }",
-                 "ol.alphas li { grid-template-columns: 1fr;", "td ul.controls li { grid-template-columns: 1fr;"):
+    for rule in (
+        ".row { flex-wrap: wrap; }",
+        ".progress-line { flex-wrap: wrap;",
+        "progress { flex: 1 1 100%; }",
+        "ol.alphas li { grid-template-columns: 1fr;",
+        "td ul.controls li { grid-template-columns: 1fr;",
+    ):
         assert rule in narrow, rule
     assert "@media (max-width: 900px) { .layout { grid-template-columns: 1fr; } }" in css
     assert "repeat(auto-fit, minmax(min(100%, 460px), 1fr))" in css  # side by side when both fit, else stacked
     assert ".heatmap { max-width: 100%; height: auto; }" in css  # heatmaps have a viewBox: they scale down
-    base = css[: css.index("@media (max-width: 600px)")].replace("@media (max-width: 900px) { .layout { grid-template-columns: 1fr; } }", "")
+    base = css[: css.index("@media (max-width: 600px)")].replace(
+        "@media (max-width: 900px) { .layout { grid-template-columns: 1fr; } }", ""
+    )
     base = base.replace("grid-template-columns: 340px minmax(0, 1fr);", "")  # the form column: 900 px and up
     fixed = [int(px) for px in re.findall(r"(?:^|[\s:(])(?:min-)?width:\s*(\d+)px", base)]
     fixed += [int(px) for px in re.findall(r"flex:\s*0 0 (\d+)px", base)]

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections import Counter
-from types import SimpleNamespace
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -29,13 +29,23 @@ pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("SUPERSCOPES_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("SUPERSCOPES_CHROMEDRIVER", "/usr/bin/chromedriver")
 REAL_MODEL = os.environ.get("SUPERSCOPES_APP_MODEL")
-SCREENSHOT = Path(os.environ.get("SUPERSCOPES_APP_SCREENSHOT") or Path(__file__).resolve().parents[1] / "docs" / "app.png")
+SCREENSHOT = Path(
+    os.environ.get("SUPERSCOPES_APP_SCREENSHOT") or Path(__file__).resolve().parents[1] / "docs" / "app.png"
+)
 PROMPT = "Diana, Princess of Wales"
 FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1400,1000", "--force-device-scale-factor=1",
-]  # fmt: skip
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+    "--force-device-scale-factor=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +63,15 @@ def server(tmp_path_factory):
     else:
         model = tiny_model()
         sae, generator = tiny_panels(model, tmp_path_factory.mktemp("panels"))
-        app = App(default_model="tiny-llama", models={"tiny-llama": model}, judge=fake_similarity,
-                  offer_embedded=False, store=store, saes=[sae], generators=[generator])  # fmt: skip
+        app = App(
+            default_model="tiny-llama",
+            models={"tiny-llama": model},
+            judge=fake_similarity,
+            offer_embedded=False,
+            store=store,
+            saes=[sae],
+            generators=[generator],
+        )
     httpd = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield httpd
@@ -77,8 +94,13 @@ def gated():
     cancels.set()
     answers.set()
     folder = Path(tempfile.mkdtemp(prefix="superscopes-gated-"))
-    app = App(default_model="tiny-llama", models={"tiny-llama": tiny_model()}, judge=judge, offer_embedded=False,
-              store=RunStore(folder / "runs.sqlite"))  # fmt: skip
+    app = App(
+        default_model="tiny-llama",
+        models={"tiny-llama": tiny_model()},
+        judge=judge,
+        offer_embedded=False,
+        store=RunStore(folder / "runs.sqlite"),
+    )
     cancel, state = app.cancel, app.state
 
     def held_cancel(job_id):
@@ -93,8 +115,7 @@ def gated():
     app.cancel, app.state = held_cancel, counted_state
     httpd = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield SimpleNamespace(url=httpd.url, app=app, judge=judge, cancels=cancels, answers=answers,
-                          polls=polls)  # fmt: skip
+    yield SimpleNamespace(url=httpd.url, app=app, judge=judge, cancels=cancels, answers=answers, polls=polls)
     judge.open_all()
     cancels.set()
     answers.set()
@@ -124,8 +145,9 @@ def driver(downloads):
     options.binary_location = CHROMIUM
     for flag in [*FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})  # fmt: skip
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     yield browser
@@ -190,12 +212,14 @@ def test_page_end_to_end(server, driver, downloads):
     controls = 6 * 3 * n_layer_rows * 2  # norm-matched and random per best readout; alpha 1 is in the grid
     assert f"= {total} cells + {controls} controls (cap 2000)" in size, size
     find(By.ID, "run").click()
-    wait_for(lambda: find(By.ID, "cancel").is_enabled() or "done" in find(By.ID, "progress-text").text, 30,
-             "the run to start")  # fmt: skip
+    wait_for(
+        lambda: find(By.ID, "cancel").is_enabled() or "done" in find(By.ID, "progress-text").text,
+        30,
+        "the run to start",
+    )
     assert not error_text()
     done = f"{total} / {total} cells + {controls} / {controls} controls — done"
-    wait_for(lambda: done in find(By.ID, "progress-text").text,
-             120 if not REAL_MODEL else 3600, "the run to finish")  # fmt: skip
+    wait_for(lambda: done in find(By.ID, "progress-text").text, 120 if not REAL_MODEL else 3600, "the run to finish")
     assert not find(By.ID, "cancel").is_enabled() and find(By.ID, "run").is_enabled()
 
     # Click a token: a Layer x Site table of best-alpha readouts, as the judge picks them.
@@ -213,7 +237,9 @@ def test_page_end_to_end(server, driver, downloads):
     for cell in driver.find_elements(By.CSS_SELECTOR, "#table tbody td"):
         site, layer = cell.get_attribute("data-site"), int(cell.get_attribute("data-layer"))
         winner = winners[(winners.position == 3) & (winners.site == site) & (winners.layer == layer)].iloc[0]
-        meta = re.fullmatch(r"α (\S+) · similarity (\S+)( echo)?", cell.find_element(By.CSS_SELECTOR, "td > .meta").text)
+        meta = re.fullmatch(
+            r"α (\S+) · similarity (\S+)( echo)?", cell.find_element(By.CSS_SELECTOR, "td > .meta").text
+        )
         assert meta and float(meta.group(1)) == winner.alpha, meta
         assert abs(float(meta.group(2)) - winner.similarity) <= 0.0051
         shown = cell.find_element(By.CSS_SELECTOR, "td > .out").get_attribute("textContent")
@@ -247,8 +273,9 @@ def test_page_end_to_end(server, driver, downloads):
     find(By.CSS_SELECTOR, '#badges .badge[data-position="5"]').click()
     wait_for(lambda: "Wales" in find(By.ID, "detail-title").text, 10, "the Wales table")
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    )
     time.sleep(0.3)
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert driver.save_screenshot(str(SCREENSHOT))
@@ -274,16 +301,25 @@ def test_permalink_history_compare_and_narrow_layout(server, driver):
     find(By.ID, "run").click()
     wait_for(lambda: re.search(r"run=([0-9a-f]{12})", driver.current_url).group(1) != first.group(1), 30, "a new URL")
     wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 120 if not REAL_MODEL else 1800, "the second run")
-    entries = wait_for(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "#history-list li") if e.is_displayed()]
-                       if len(driver.find_elements(By.CSS_SELECTOR, "#history-list li")) >= 2 else None, 30, "history")
+    entries = wait_for(
+        lambda: (
+            [e for e in driver.find_elements(By.CSS_SELECTOR, "#history-list li") if e.is_displayed()]
+            if len(driver.find_elements(By.CSS_SELECTOR, "#history-list li")) >= 2
+            else None
+        ),
+        30,
+        "history",
+    )
     older = next(e for e in entries if first.group(1) in e.find_element(By.CSS_SELECTOR, "a").get_attribute("href"))
     older.find_element(By.CSS_SELECTOR, "button").click()
     wait_for(lambda: find(By.ID, "compare").is_displayed(), 30, "the compared run")
     assert PROMPT in find(By.ID, "compare-title").text and f"compare={first.group(1)}" in driver.current_url
     assert find(By.ID, "detail").location["y"] == find(By.ID, "compare").location["y"]  # side by side at 1400 px
     for width in (420, 1800):
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+        )
         time.sleep(0.3)
         overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"the page is {overflow} px wider than {width} px"
@@ -313,12 +349,17 @@ def test_cell_panels_sae_breakdown_latent_source_and_generated_inputs(server, dr
     find(By.ID, "run").click()
     wait_for(lambda: "— done" in find(By.ID, "progress-text").text, 120 if not REAL_MODEL else 1800, "the grid")
     find(By.CSS_SELECTOR, '#badges .badge[data-position="5"]').click()
-    cell = wait_for(lambda: find(By.CSS_SELECTOR, f'#table td[data-site="resid_post"][data-layer="{layer}"]'), 10, "the cell")
+    cell = wait_for(
+        lambda: find(By.CSS_SELECTOR, f'#table td[data-site="resid_post"][data-layer="{layer}"]'), 10, "the cell"
+    )
     cell.click()
 
     # The breakdown: the server's result, row by row, with each latent's promoted tokens.
-    wait_for(lambda: find(By.ID, "cell").is_displayed() and driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr"),
-             120, "the SAE breakdown")  # fmt: skip
+    wait_for(
+        lambda: find(By.ID, "cell").is_displayed() and driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr"),
+        120,
+        "the SAE breakdown",
+    )
     cell_id = re.search(r"cell=([0-9a-f]{12})", driver.current_url).group(1)
     result = server.app.jobs[cell_id].result
     rows = driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr")
@@ -334,23 +375,31 @@ def test_cell_panels_sae_breakdown_latent_source_and_generated_inputs(server, dr
 
     # A latent as the source: its readouts, and the breakdown labels it with its self-explanation.
     rows[0].find_element(By.CSS_SELECTOR, "button").click()
-    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")) == 4, 300, "the latent readouts")
+    wait_for(
+        lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")) == 4, 300, "the latent readouts"
+    )
     assert len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr.chosen")) == 1
     first = result["sae"]["latents"][0]["latent"]
-    wait_for(lambda: "not run" not in find(By.CSS_SELECTOR, f'#sae-table tr[data-latent="{first}"]').text, 30,
-             "the breakdown's self-explanation")  # fmt: skip
+    wait_for(
+        lambda: "not run" not in find(By.CSS_SELECTOR, f'#sae-table tr[data-latent="{first}"]').text,
+        30,
+        "the breakdown's self-explanation",
+    )
     assert f"Latent {first} of {sae['id']} as the source" == find(By.ID, "latent-title").text
 
     # The URL restores the grid, the cell and the latent.
     url = driver.current_url
     assert re.search(r"\?run=[0-9a-f]{12}&cell=[0-9a-f]{12}&latent=[0-9a-f]{12}$", url), url
     driver.get(url)
-    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")) == 4, 60, "the restored panels")
+    wait_for(
+        lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")) == 4, 60, "the restored panels"
+    )
     assert len(driver.find_elements(By.CSS_SELECTOR, "#sae-table tbody tr")) == len(rows)
     assert find(By.CSS_SELECTOR, "#table td.cell-open").get_attribute("data-layer") == str(layer)
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    )
     time.sleep(0.3)
     assert driver.save_screenshot(str(SCREENSHOT.with_name("app-sae.png")))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
@@ -452,8 +501,11 @@ def test_queue_and_cancel_across_two_pages(gated, driver):
         assert not find(By.ID, "controls").is_selected()
         assert buttons() == (True, False)
         find(By.ID, "run").click()
-        wait_for(lambda: re.search(r"\?run=([0-9a-f]{12})$", driver.current_url).group(1) not in (run_a, run_b), 30,
-                 "the new run's URL")  # fmt: skip
+        wait_for(
+            lambda: re.search(r"\?run=([0-9a-f]{12})$", driver.current_url).group(1) not in (run_a, run_b),
+            30,
+            "the new run's URL",
+        )
         wait_for(lambda: reads("72 / 72 cells — done"), 60, "the run again")
         assert buttons() == (True, False)
     finally:

@@ -16,10 +16,10 @@ import superscopes
 from superscopes import inverse, lens
 from superscopes import sae as S
 from superscopes.app import App
-from superscopes.app.store import RunStore
-from superscopes.app.testing import fake_similarity, tiny_model, tiny_panels
 from superscopes.app.panels import Panels
 from superscopes.app.server import main as app_main
+from superscopes.app.store import RunStore
+from superscopes.app.testing import fake_similarity, tiny_model, tiny_panels
 from tests.test_app import NAME, PROMPT, Client, page_helpers, start
 
 CELL = {"model": NAME, "prompt": PROMPT, "position": 5, "site": "resid_post", "layer": 0}  # the tiny SAE's layer
@@ -67,8 +67,15 @@ def test_cell_breakdown_and_inputs_equal_the_library_by_hand(make_app, model, tr
     client = make_app()
     status, config = client.json("GET", "/api/config")
     assert [s["id"] for s in config["panels"]["saes"]] == ["sae:sae"]
-    assert config["panels"]["saes"][0] | {"detail": ""} == {"id": "sae:sae", "model": NAME, "site": "resid_post",
-                                                            "layer": 0, "d_in": 64, "latents": 128, "detail": ""}
+    assert config["panels"]["saes"][0] | {"detail": ""} == {
+        "id": "sae:sae",
+        "model": NAME,
+        "site": "resid_post",
+        "layer": 0,
+        "d_in": 64,
+        "latents": 128,
+        "detail": "",
+    }
     assert [c["id"] for c in config["panels"]["corpora"]] == ["corpus:generator"]  # the generator's own pairs.pt
     state = post(client, "/api/cell", **CELL, k=6, samples=4, seed=3)
     assert state["kind"] == "cell" and state["status"] == "done", state
@@ -88,7 +95,8 @@ def test_cell_breakdown_and_inputs_equal_the_library_by_hand(make_app, model, tr
     assert result["sae"]["active"] == int((sae.encode(vector) > 0).sum()) == 8  # the tiny SAE's k
     assert result["sae"]["error_share"] == pytest.approx(float((vector - sae(vector)).norm() / vector.norm()), rel=1e-4)
     assert result["sae"]["reconstruction_cosine"] == pytest.approx(
-        float(torch.nn.functional.cosine_similarity(sae(vector[None])[0], vector, dim=0)), rel=1e-4)  # fmt: skip
+        float(torch.nn.functional.cosine_similarity(sae(vector[None])[0], vector, dim=0)), rel=1e-4
+    )
 
     # Generated inputs: the generator's seeded samples, each with its own activation's distance.
     generator = inverse.Generator.load(trained[1] / "generator.pt")
@@ -96,7 +104,9 @@ def test_cell_breakdown_and_inputs_equal_the_library_by_hand(make_app, model, tr
     assert [x["text"] for x in result["generated"]["inputs"]] == texts
     assert result["generated"]["detail"] == "1-layer generator, 20 steps, inputs up to 8 tokens"
     readable = [t for t in texts if t.strip()]
-    own = inverse.distance(inverse.last_token_activations(model, readable, "resid_post", 0), vector[None], generator.std)
+    own = inverse.distance(
+        inverse.last_token_activations(model, readable, "resid_post", 0), vector[None], generator.std
+    )
     shown = {x["text"]: x["distance"] for x in result["generated"]["inputs"]}
     assert [shown[t] for t in readable] == pytest.approx(own.tolist(), rel=1e-4)
     # Nearest corpus inputs: the smallest distances over the pairs, by the generator's std, one per text.
@@ -121,8 +131,9 @@ def test_a_latent_job_equals_latent_scope_run_by_hand(make_app, model, trained):
         return fake_similarity(frame)
 
     client = make_app(judge=judge)
-    state = post(client, "/api/latent", model=NAME, sae="sae:sae", latent=7, alphas="1,4", max_new_tokens=5,
-                 prompt=PROMPT)  # fmt: skip
+    state = post(
+        client, "/api/latent", model=NAME, sae="sae:sae", latent=7, alphas="1,4", max_new_tokens=5, prompt=PROMPT
+    )
     assert state["kind"] == "latent" and state["status"] == "done", state
     sae = S.load(trained[0], model=model)
     scope = S.latent_scope(sae, [7], model=model, alphas=[1.0, 4.0], max_new_tokens=5)
@@ -145,14 +156,30 @@ def test_a_latent_job_equals_latent_scope_run_by_hand(make_app, model, trained):
         ("/api/latent", {"sae": "sae:sae", "latent": 128}, "latent must be a whole number from 0 to 127, got 128"),
         ("/api/latent", {"sae": "sae:sae", "latent": -1}, "latent must be a whole number from 0 to 127"),
         ("/api/latent", {"sae": "sae:sae", "latent": "7; drop"}, "latent must be a whole number"),
-        ("/api/latent", {"sae": "sae:narrow", "latent": 0}, "sae 'sae:narrow' does not fit tiny-llama: its width 32 is not tiny-llama's hidden size 64"),  # fmt: skip
+        (
+            "/api/latent",
+            {"sae": "sae:narrow", "latent": 0},
+            "sae 'sae:narrow' does not fit tiny-llama: its width 32 is not tiny-llama's hidden size 64",
+        ),
         ("/api/latent", {"sae": "sae:elsewhere", "latent": 0}, "sae 'sae:elsewhere' is not loaded on this server"),
         ("/api/latent", {"latent": 0}, "sae is missing"),
-        ("/api/latent", {"sae": "sae:sae", "latent": 0, "alphas": "1,2,3,4,5,6,7,8,9"}, "alphas has 9 values; a run takes at most 8"),  # fmt: skip
+        (
+            "/api/latent",
+            {"sae": "sae:sae", "latent": 0, "alphas": "1,2,3,4,5,6,7,8,9"},
+            "alphas has 9 values; a run takes at most 8",
+        ),
         ("/api/latent", {"sae": "sae:sae", "latent": 0, "alphas": "1,inf"}, "alpha inf is not a finite number"),
-        ("/api/latent", {"sae": "sae:sae", "latent": 0, "max_new_tokens": 99}, "max_new_tokens must be a whole number from 1 to 32"),  # fmt: skip
+        (
+            "/api/latent",
+            {"sae": "sae:sae", "latent": 0, "max_new_tokens": 99},
+            "max_new_tokens must be a whole number from 1 to 32",
+        ),
         ("/api/cell", {**CELL, "sae": "sae:narrow"}, "sae 'sae:narrow' does not fit tiny-llama resid_post layer 0"),
-        ("/api/cell", {**CELL, "layer": 1, "sae": "sae:sae"}, "sae 'sae:sae' does not fit tiny-llama resid_post layer 1: it reads resid_post layer 0"),  # fmt: skip
+        (
+            "/api/cell",
+            {**CELL, "layer": 1, "sae": "sae:sae"},
+            "sae 'sae:sae' does not fit tiny-llama resid_post layer 1: it reads resid_post layer 0",
+        ),
         ("/api/cell", {**CELL, "position": 6}, "position must be a whole number from 0 to 5, got 6"),
         ("/api/cell", {**CELL, "site": "attn"}, "site 'attn' is not valid here"),
         ("/api/cell", {**CELL, "layer": 2}, "layer must be a whole number from 0 to 1, got 2"),
@@ -165,8 +192,16 @@ def test_a_latent_job_equals_latent_scope_run_by_hand(make_app, model, trained):
     ],
 )
 def test_bad_panel_requests_are_refused_naming_the_field(make_app, trained, tmp_path, path, fields, message):
-    narrow = S.SAE(torch.eye(32), torch.zeros(32), torch.eye(32), torch.zeros(32), "standard", site="resid_post",
-                   layer=0, model=NAME).save(tmp_path / "narrow")  # an SAE of another width  # fmt: skip
+    narrow = S.SAE(
+        torch.eye(32),
+        torch.zeros(32),
+        torch.eye(32),
+        torch.zeros(32),
+        "standard",
+        site="resid_post",
+        layer=0,
+        model=NAME,
+    ).save(tmp_path / "narrow")  # an SAE of another width
     client = make_app(saes=[trained[0], narrow])
     status, answer = client.json("POST", path, {"client": "test", "model": NAME, "prompt": PROMPT, **fields})
     assert status == 400, answer
@@ -185,11 +220,15 @@ def test_a_cell_no_sae_or_generator_fits_says_why_and_how_to_train(make_app):
     assert generated["id"] is None and "generator:generator" in generated["why"]
     assert generated["command"] == (
         "python -m superscopes.inverse train --model tiny-llama --site mlp_in --layer 1 --steps 3000 "
-        "--out results/inverse/tiny-llama-L1\nsuperscopes app --model tiny-llama --generator results/inverse/tiny-llama-L1")
+        "--out results/inverse/tiny-llama-L1\nsuperscopes app --model tiny-llama --generator results/inverse/tiny-llama-L1"
+    )
     assert nearest["id"] is None
     bare = make_app(saes=[], generators=[])
     state = post(bare, "/api/cell", **CELL)
-    assert state["result"]["sae"]["why"] == "no sae is loaded on this server, so none applies to tiny-llama resid_post layer 0"
+    assert (
+        state["result"]["sae"]["why"]
+        == "no sae is loaded on this server, so none applies to tiny-llama resid_post layer 0"
+    )
 
 
 def test_panels_are_kept_restored_after_a_restart_and_label_the_breakdown(make_app, tmp_path):
@@ -244,8 +283,12 @@ def test_panel_posts_are_json_only_and_same_origin(make_app):
     body = {"client": "test", **CELL}
     status, _, _ = client.request("POST", "/api/cell", body, headers={"Origin": "http://evil.example"})
     assert status == 403
-    request = urllib.request.Request(client.base + "/api/latent", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "text/plain"})  # fmt: skip
+    request = urllib.request.Request(
+        client.base + "/api/latent",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 415
@@ -258,9 +301,15 @@ def test_the_embedded_sae_is_offered_by_name_and_matched_without_reading_its_wei
         assert list(panels.saes) == ["embedded:smollm2-135m"]  # by its name, once
         offer = panels.saes["embedded:smollm2-135m"]
         assert offer.loaded is None  # weights are read on first use, in the worker
-        assert offer.describe() | {"detail": ""} == {"id": "embedded:smollm2-135m", "model": "smollm2-135m",
-                                                     "site": "resid_post", "layer": 15, "d_in": 576, "latents": 4608,
-                                                     "detail": ""}  # fmt: skip
+        assert offer.describe() | {"detail": ""} == {
+            "id": "embedded:smollm2-135m",
+            "model": "smollm2-135m",
+            "site": "resid_post",
+            "layer": 15,
+            "d_in": 576,
+            "latents": 4608,
+            "detail": "",
+        }
     names = ("smollm2-135m", "smollm2-135m")
     assert Panels().pick("sae", names, 576, "resid_post", 15) == ("embedded:smollm2-135m", "")
     # A SAELens folder records the repo id: the same model.
@@ -293,8 +342,10 @@ def test_page_panel_lines_say_what_each_number_is_and_why_a_panel_is_empty():
     assert lines[0] == "queued (1 ahead: it runs after the chunk in progress)"
     assert lines[1:3] == ["failed: boom", ""]
     assert lines[3] == "no sae here applies"
-    assert lines[4].startswith("SAE(x): 3 latents active; the reconstruction's cosine with the vector is 0.91 and its "
-                               "error is 41% of the vector's norm.")  # fmt: skip
+    assert lines[4].startswith(
+        "SAE(x): 3 latents active; the reconstruction's cosine with the vector is 0.91 and its "
+        "error is 41% of the vector's norm."
+    )
     assert "m's own final norm and unembedding" in lines[4]
     assert "× its mean activation when active × α" in lines[5] and "“Diana”" in lines[5]
     assert "unit norm" in lines[6] and "similarity: the judge's" not in lines[6]

@@ -50,8 +50,9 @@ def gated_judge():
 
 def post_raw(base: str, path: str, raw: bytes, headers: dict | None = None, timeout: float = 10):
     """A POST with the body exactly as given (json.dumps cannot write 1e309 or deep nesting)."""
-    request = urllib.request.Request(base + path, data=raw, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    request = urllib.request.Request(
+        base + path, data=raw, method="POST", headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -60,8 +61,16 @@ def post_raw(base: str, path: str, raw: bytes, headers: dict | None = None, time
 
 
 def grid(**fields) -> dict:
-    return {"client": "test", "model": NAME, "prompt": PROMPT, "layers": "0-1", "alphas": "1,3",
-            "target_layer": "same", "max_new_tokens": 4, **fields}  # fmt: skip
+    return {
+        "client": "test",
+        "model": NAME,
+        "prompt": PROMPT,
+        "layers": "0-1",
+        "alphas": "1,3",
+        "target_layer": "same",
+        "max_new_tokens": 4,
+        **fields,
+    }
 
 
 # ---------------------------------------------------------------- pure parsing and bounds
@@ -164,10 +173,12 @@ def test_cross_site_rule():
 
 
 def test_csv_cells_cannot_be_formulas():
-    frame = pd.DataFrame({
-        "output": ["=1+1", "+SUM(A1)", "-2+3", "@cmd", "\t=x", "\rx", "plain", "a=b", ""],
-        "alpha": [-1.0, 1, 2, 3, 4, 5, 6, 7, 8],
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "output": ["=1+1", "+SUM(A1)", "-2+3", "@cmd", "\t=x", "\rx", "plain", "a=b", ""],
+            "alpha": [-1.0, 1, 2, 3, 4, 5, 6, 7, 8],
+        }
+    )
     safe = csv_safe(frame)
     assert safe["output"].tolist() == ["'=1+1", "'+SUM(A1)", "'-2+3", "'@cmd", "'\t=x", "'\rx", "plain", "a=b", ""]
     assert safe["alpha"].tolist() == frame["alpha"].tolist()  # numbers stay numbers
@@ -237,8 +248,9 @@ def test_overflowing_deep_and_malformed_values_get_400_naming_the_field(api):
         '"sites": "mlp_out,attn"': "site 'attn' is not valid here; choose from mlp_in, mlp_out, resid_post",
         '"prompt": 5': "prompt must be text, got 5",
         '"client": "' + "c" * 100 + '"': "client has 100 characters; this page takes at most 64",
-        '"target": "custom", "template": "' + "t" * 2000 + '"':
-            "template has 2000 characters; this page takes at most 1000",
+        '"target": "custom", "template": "'
+        + "t" * 2000
+        + '"': "template has 2000 characters; this page takes at most 1000",
     }
     for field, message in cases.items():
         status, answer = run(field)
@@ -255,9 +267,15 @@ def test_cross_site_posts_are_refused(api):
     body = json.dumps(grid(tokens="last", layers="0", sites=["mlp_out"])).encode()
     other_port = {"Origin": "http://127.0.0.1:1"}  # another page on this machine
     for headers in (other_port, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
-        for path, data in (("/api/run", body), ("/api/tokens", b'{"prompt": "hi"}'), (  # the cell panels' too
-                "/api/cell", b'{"prompt": "hi", "position": 0, "site": "resid_post", "layer": 0}'),
-                ("/api/latent", b'{"sae": "x", "latent": 0}')):  # fmt: skip
+        for path, data in (
+            ("/api/run", body),
+            ("/api/tokens", b'{"prompt": "hi"}'),
+            (  # the cell panels' too
+                "/api/cell",
+                b'{"prompt": "hi", "position": 0, "site": "resid_post", "layer": 0}',
+            ),
+            ("/api/latent", b'{"sae": "x", "latent": 0}'),
+        ):
             status, answer = post_raw(base, path, data, headers)
             assert status == 403 and "another site" in answer["error"], (headers, answer)
     # The simple request a page on another site can send without a preflight.
@@ -274,8 +292,9 @@ def test_cross_site_posts_are_refused(api):
     for path in ("cancel", "focus"):  # the new focus endpoint follows the same rules
         status, answer = post_raw(base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}', other_port)
         assert status == 403, answer
-        status, answer = post_raw(base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}',
-                                  {"Content-Type": "text/plain;charset=json"})  # fmt: skip
+        status, answer = post_raw(
+            base, f"/api/jobs/{job['job']}/{path}", b'{"position": 5}', {"Content-Type": "text/plain;charset=json"}
+        )
         assert status == 415, answer
     assert api.wait(job["job"])["status"] == "done"
 

@@ -11,8 +11,27 @@ from superscopes.scope import RESULT_COLUMNS
 
 def test_scope_writes_the_documented_columns(tmp_path, capsys):
     out = tmp_path / "wales.csv"
-    code = main(["scope", "Diana, Princess of Wales", "--token", "Wales", "--sites", "mlp_out", "--layers", "1-2",
-                 "--alphas", "1,6", "--target-layer", "same", "--max-new-tokens", "4", "--judge", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "scope",
+            "Diana, Princess of Wales",
+            "--token",
+            "Wales",
+            "--sites",
+            "mlp_out",
+            "--layers",
+            "1-2",
+            "--alphas",
+            "1,6",
+            "--target-layer",
+            "same",
+            "--max-new-tokens",
+            "4",
+            "--judge",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     frame = pd.read_csv(out)
     assert set(RESULT_COLUMNS + ["similarity", "best"]) <= set(frame.columns)
@@ -24,11 +43,27 @@ def test_scope_writes_the_documented_columns(tmp_path, capsys):
 
 def test_judge_adds_similarity_and_prints_groups(tmp_path, capsys):
     table = tmp_path / "t.csv"
-    pd.DataFrame({"prompt": ["Back to the Future"] * 2, "layer": [1, 1],
-                  "text": ["Back to the Future", "soup"]}).to_csv(table, index=False)  # fmt: skip
+    pd.DataFrame(
+        {"prompt": ["Back to the Future"] * 2, "layer": [1, 1], "text": ["Back to the Future", "soup"]}
+    ).to_csv(table, index=False)
     out = tmp_path / "judged.csv"
-    assert main(["judge", str(table), "--source-col", "prompt", "--output-col", "text", "--group-cols", "layer",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "judge",
+                str(table),
+                "--source-col",
+                "prompt",
+                "--output-col",
+                "text",
+                "--group-cols",
+                "layer",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert pd.read_csv(out)["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert "1/1 groups above 0.3" in capsys.readouterr().out
 
@@ -38,7 +73,10 @@ def test_judge_adds_similarity_and_prints_groups(tmp_path, capsys):
     [
         (["scope", "Diana", "--layers", "40"], "layer 40 is out of range: smollm2-135m has layers 0-29"),
         (["scope", "Diana", "--token", "Wales"], "token 'Wales' is not in the prompt 'Diana'"),
-        (["scope", "Diana", "--model", "gpt5"], "unknown model 'gpt5': not an embedded model (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b)"),
+        (
+            ["scope", "Diana", "--model", "gpt5"],
+            "unknown model 'gpt5': not an embedded model (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b)",
+        ),
         (["scope", "Diana", "--sample"], "--sample needs --seed"),
         (["judge", "/nonexistent.csv", "--source-col", "a", "--output-col", "b"], "cannot read '/nonexistent.csv'"),
     ],
@@ -52,7 +90,10 @@ def test_judge_names_a_missing_column(tmp_path, capsys):
     table = tmp_path / "t.csv"
     pd.DataFrame({"prompt": ["x"], "text": ["y"]}).to_csv(table, index=False)
     assert main(["judge", str(table), "--source-col", "source", "--output-col", "text"]) == 2
-    assert "column(s) ['source'] are not in" in (err := capsys.readouterr().err) and "its columns are ['prompt', 'text']" in err
+    assert (
+        "column(s) ['source'] are not in" in (err := capsys.readouterr().err)
+        and "its columns are ['prompt', 'text']" in err
+    )
 
 
 def test_models_lists_the_embedded_models(capsys):

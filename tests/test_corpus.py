@@ -37,19 +37,21 @@ def test_fallback_and_errors(tmp_path):
 
 def test_gcide_entries_lose_their_markup(tmp_path):
     entry = (
-        'Democracy \\De*moc"ra*cy\\, n.; pl. {Democracies}. [F. d[\'e]mocratie, fr. Gr. dhmokrati`a.]\n'
+        "Democracy \\De*moc\"ra*cy\\, n.; pl. {Democracies}. [F. d['e]mocratie, fr. Gr. dhmokrati`a.]\n"
         "   1. Government by the people. --Milton.\n      [1913 Webster]\n"
     )
     data = entry.encode()
     (tmp_path / "gcide.dict.dz").write_bytes(gzip.compress(data))
     b64 = lambda n: corpus._B64[n // 64] + corpus._B64[n % 64]  # noqa: E731
     (tmp_path / "gcide.index").write_text(f"00-database-url\tA\tB\nDemocracy\t{b64(0)}\t{b64(len(data))}\n")
-    assert list(corpus._gcide(tmp_path / "gcide.dict.dz")) == ["Democracy, n.; pl. Democracies. 1. Government by the people."]
+    assert list(corpus._gcide(tmp_path / "gcide.dict.dz")) == [
+        "Democracy, n.; pl. Democracies. 1. Government by the people."
+    ]
 
 
 def test_wordnet_lines_become_lemmas_and_glosses(tmp_path):
     header = "  1 This software and database is being provided to you\n"
-    line = "00406612 04 n 02 fold 0 folding 0 005 @ 00404403 n 0000 | the act of folding; \"he gave the napkins a double fold\"  \n"
+    line = '00406612 04 n 02 fold 0 folding 0 005 @ 00404403 n 0000 | the act of folding; "he gave the napkins a double fold"  \n'
     for part in ("noun", "verb", "adj", "adv"):
         (tmp_path / f"data.{part}").write_text(header + (line if part == "noun" else ""))
     assert list(corpus._wordnet(tmp_path)) == ['fold, folding: the act of folding; "he gave the napkins a double fold"']

@@ -27,11 +27,22 @@ class FakeJudge:
 
 
 def table(**columns) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "model": "tiny-llama", "source": "Alexander the Great", "token": " Great", "position": 3,
-        "site": "resid_post", "layer": 4, "target": ENTITY_DESCRIPTION, "target_layer": 0, "target_position": 0,
-        "transform": "scale", "alpha": [3.0, 6.0, 9.0], "output": list(OUTPUTS),
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "model": "tiny-llama",
+            "source": "Alexander the Great",
+            "token": " Great",
+            "position": 3,
+            "site": "resid_post",
+            "layer": 4,
+            "target": ENTITY_DESCRIPTION,
+            "target_layer": 0,
+            "target_position": 0,
+            "transform": "scale",
+            "alpha": [3.0, 6.0, 9.0],
+            "output": list(OUTPUTS),
+        }
+    )
     return frame.assign(**columns)
 
 

@@ -71,10 +71,13 @@ def test_load_reads_the_hf_token_from_dotenv(dotenv, monkeypatch):
     assert seen == ["hf_fromfile1234"]
 
 
-@pytest.mark.parametrize(("name", "file_value", "env_value"), [
-    ("NDIF_HOST", "http://127.0.0.1:5001", "http://127.0.0.1:6001"),
-    ("NDIF_API_KEY", "key-from-file", "key-from-env"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "file_value", "env_value"),
+    [
+        ("NDIF_HOST", "http://127.0.0.1:5001", "http://127.0.0.1:6001"),
+        ("NDIF_API_KEY", "key-from-file", "key-from-env"),
+    ],
+)
 def test_ndif_settings(dotenv, monkeypatch, name, file_value, env_value):
     from nnsight import CONFIG
 

@@ -42,8 +42,13 @@ def test_every_torch_load_in_the_project_is_weights_only():
     for folder in ("superscopes", "recipes", "scripts", "benchmarks", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":  # fmt: skip
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "torch"
+                ):
                     flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
                     if not (isinstance(flag, ast.Constant) and flag.value is True):
                         unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
@@ -57,8 +62,16 @@ def test_a_planted_sae_checkpoint_runs_no_code(tmp_path):
     marker, checkpoint = tmp_path / "pwned", tmp_path / "checkpoint.pt"
     torch.save({"settings": _Planted(marker)}, checkpoint)
     with pytest.raises(UnsafeFileError) as caught:
-        train_sae(torch.randn(64, 8), latents=16, k=2, site="resid_post", layer=0, batch_size=16,
-                  checkpoint=checkpoint, progress=False)  # fmt: skip
+        train_sae(
+            torch.randn(64, 8),
+            latents=16,
+            k=2,
+            site="resid_post",
+            layer=0,
+            batch_size=16,
+            checkpoint=checkpoint,
+            progress=False,
+        )
     assert not marker.exists()
     message = str(caught.value)
     assert str(checkpoint) in message and "\n" not in message and "weights_only=False" not in message
@@ -82,8 +95,9 @@ def test_a_real_sae_checkpoint_still_resumes(tmp_path):
 def test_an_sae_folder_with_bad_weights_or_cfg_is_refused_naming_the_file(tmp_path, damage):
     from superscopes.sae import SAE, SAEError, load_folder
 
-    sae = SAE(torch.randn(8, 16), torch.zeros(16), torch.randn(16, 8), torch.zeros(8), "standard", site="resid_post",
-              layer=0)  # fmt: skip
+    sae = SAE(
+        torch.randn(8, 16), torch.zeros(16), torch.randn(16, 8), torch.zeros(8), "standard", site="resid_post", layer=0
+    )
     folder = sae.save(tmp_path / "sae")
     if damage == "nan":
         sae.W_dec[3, 2] = float("inf")
@@ -122,12 +136,20 @@ def _units() -> list[pd.DataFrame]:
     """Three units with what breaks naive CSV writers: quoted newlines and commas, lists, a list column
     that one unit lacks."""
     return [
-        pd.DataFrame({"source": ["Diana"] * 2, "alpha": [1, 3], "output": ['a "b",\nc', ""],
-                      "output_ids": [[1, 2], []], "output_probs": [[0.5, 0.25], []]}),
+        pd.DataFrame(
+            {
+                "source": ["Diana"] * 2,
+                "alpha": [1, 3],
+                "output": ['a "b",\nc', ""],
+                "output_ids": [[1, 2], []],
+                "output_probs": [[0.5, 0.25], []],
+            }
+        ),
         pd.DataFrame({"source": ["Wales"] * 2, "alpha": [1, 3], "output": ["x\n", "1135"], "output_ids": [[3], [4]]}),
-        pd.DataFrame({"source": ["Paris"], "alpha": [1], "output": [",\n,"], "output_ids": [[5]],
-                      "output_probs": [[1.0]]}),
-    ]  # fmt: skip
+        pd.DataFrame(
+            {"source": ["Paris"], "alpha": [1], "output": [",\n,"], "output_ids": [[5]], "output_probs": [[1.0]]}
+        ),
+    ]
 
 
 def _resume(path: Path) -> None:
@@ -209,8 +231,9 @@ def test_the_journal_cut_at_every_byte_resumes_to_the_uninterrupted_table(whole_
         _resume(scratch / "cut" / "cells.csv")
         assert _files(scratch / "cut") == files, end
     for offset in range(len(journal) + 1):
-        store = ResultStore(_cut_files(scratch / "cut", files, "cells.csv.journal", offset), ["source"],
-                            settings=SETTINGS)  # fmt: skip
+        store = ResultStore(
+            _cut_files(scratch / "cut", files, "cells.csv.journal", offset), ["source"], settings=SETTINGS
+        )
         last = max(end for end in ends if end <= offset)
         assert _files(scratch / "cut") == reopened[last], offset
         assert len(store.done()) == ends.index(last)
@@ -245,8 +268,9 @@ def test_a_corrupt_journal_line_loses_only_its_unit(whole_store, tmp_path):
     journal[second + 80] ^= 0x01  # one flipped bit inside the second unit's record
     (path.parent / "cells.csv.journal").write_bytes(bytes(journal))
     assert ResultStore(path, ["source"], settings=SETTINGS).done() == {("Diana",), ("Paris",)}
-    pd.testing.assert_frame_equal(_finish(path).sort_values("source", ignore_index=True),
-                                  table.sort_values("source", ignore_index=True))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        _finish(path).sort_values("source", ignore_index=True), table.sort_values("source", ignore_index=True)
+    )
 
 
 @pytest.mark.parametrize("data", [b"{not json", b"[1, 2]", b"\xff\xfe"])
@@ -308,8 +332,9 @@ def test_a_missing_or_damaged_manifest_is_refused_not_rebuilt(fake_cache, damage
     elif damage == "empty":
         manifest.write_text("")
     else:  # a manifest that no longer vouches for the weights
-        manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
-                                        if k != "model.safetensors"}))  # fmt: skip
+        manifest.write_text(
+            json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "model.safetensors"})
+        )
     with pytest.raises(models.CorruptCacheError, match=r"refetch smollm2-135m"):
         models.resolve_path("smollm2-135m")
     assert damage != "delete" or not manifest.exists()  # not re-recorded from the corrupt files
@@ -357,15 +382,21 @@ def tiny_llama(tokenizer):
 
 @pytest.mark.parametrize("share_prefix", [True, False])  # the shared-prefix graph and the plain one
 @pytest.mark.parametrize("output", ["topk", "generate"])
-def test_an_alpha_that_overflows_the_norm_is_refused_not_read_as_uniform(tiny_llama, share_prefix, output,
-                                                                         monkeypatch):  # fmt: skip
+def test_an_alpha_that_overflows_the_norm_is_refused_not_read_as_uniform(tiny_llama, share_prefix, output, monkeypatch):
     """Alphas from 1e18 to the dtype's bound once gave uniform probabilities and '<|endoftext|>'."""
     from superscopes import Scope, ScopeError, graph, run
 
     patched = []
     monkeypatch.setattr(graph, "_execute_patches", lambda *a, **k: patched.append(1))
-    grid = dict(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], output=output, top_k=3,
-                max_new_tokens=2, share_prefix=share_prefix)  # fmt: skip
+    grid = dict(
+        prompts=["Diana, Princess of Wales"],
+        sites=["resid_post"],
+        layers=[0],
+        output=output,
+        top_k=3,
+        max_new_tokens=2,
+        share_prefix=share_prefix,
+    )
     with pytest.raises(ScopeError, match=r"alpha 1e\+25 times the read vectors .* normalisation overflows"):
         run(tiny_llama, Scope(alphas=[1, 1e25], **grid), progress=False)
     assert not patched  # refused after the read pass, before any patched pass
@@ -378,8 +409,14 @@ def test_an_overflowing_alpha_is_refused_where_the_client_cannot_watch_the_passe
     outputs, and no cell is reported."""
     from superscopes import Grid, Scope, ScopeError, run
 
-    scope = Scope(prompts=["Diana, Princess of Wales"], sites=["resid_post"], layers=[0], alphas=[1, 1e25],
-                  output="generate", max_new_tokens=2)  # fmt: skip
+    scope = Scope(
+        prompts=["Diana, Princess of Wales"],
+        sites=["resid_post"],
+        layers=[0],
+        alphas=[1, 1e25],
+        output="generate",
+        max_new_tokens=2,
+    )
     with pytest.raises(ScopeError, match=r"alpha 1e\+25 times the read vectors .* normalisation overflows"):
         if how == "remote":
             run(tiny_llama, scope, remote="local", progress=False)
@@ -399,25 +436,29 @@ def test_a_nan_readout_is_refused_not_reported(tokenizer):
     with torch.no_grad():
         model._module.model.norm.weight[0] = float("nan")  # a NaN activation in every pass
     with pytest.raises(ScopeError, match="non-finite next-token probabilities"):
-        run(model, Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk"),
-            progress=False)  # fmt: skip
+        run(
+            model, Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk"), progress=False
+        )
 
 
 # ---------------------------------------------------------------- clear errors
 
 
-@pytest.mark.parametrize("settings,message", [
-    (dict(token=5), r"token 5 must be text"),
-    (dict(position=1.5), r"position 1.5 must be a whole number"),
-    (dict(batch_size=None), r"batch_size None must be a whole number, at least 1"),
-    (dict(batch_size="8"), r"batch_size '8' must be a whole number, at least 1"),
-    (dict(batch_size=1.5), r"batch_size 1.5 must be a whole number, at least 1"),
-    (dict(seed="a"), r"seed 'a' must be a whole number, or None"),
-    (dict(alphas=[1, torch.tensor(2.0)]), r"alpha tensor\(2.\) is a tensor; give plain numbers"),
-    (dict(prompts=[1, 2]), r"prompt 0 is 1 \(int\); prompts are text"),
-    (dict(samples=0), r"samples 0 must be a whole number, at least 1"),
-    (dict(prompts=["Diana \ud800"]), r"prompt 0 'Diana \\ud800' has a character that is not valid text"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(token=5), r"token 5 must be text"),
+        (dict(position=1.5), r"position 1.5 must be a whole number"),
+        (dict(batch_size=None), r"batch_size None must be a whole number, at least 1"),
+        (dict(batch_size="8"), r"batch_size '8' must be a whole number, at least 1"),
+        (dict(batch_size=1.5), r"batch_size 1.5 must be a whole number, at least 1"),
+        (dict(seed="a"), r"seed 'a' must be a whole number, or None"),
+        (dict(alphas=[1, torch.tensor(2.0)]), r"alpha tensor\(2.\) is a tensor; give plain numbers"),
+        (dict(prompts=[1, 2]), r"prompt 0 is 1 \(int\); prompts are text"),
+        (dict(samples=0), r"samples 0 must be a whole number, at least 1"),
+        (dict(prompts=["Diana \ud800"]), r"prompt 0 'Diana \\ud800' has a character that is not valid text"),
+    ],
+)
 def test_a_setting_of_the_wrong_type_is_named_before_any_forward_pass(tiny_llama, settings, message, monkeypatch):
     from superscopes import Scope, ScopeError, graph, run
 
@@ -434,13 +475,17 @@ def test_a_prompt_that_is_not_text_or_a_list_is_named():
         Scope(123)
 
 
-@pytest.mark.parametrize("status,row", [
-    (401, "NO  api key  refused by http://127.0.0.1:{port} (HTTP 401 to /status)"),
-    (403, "NO  api key  refused by http://127.0.0.1:{port} (HTTP 403 to /status)"),
-    (503, "NO  server   http://127.0.0.1:{port} is up but unavailable now (HTTP 503 to /status"),
-])  # fmt: skip
-def test_remote_status_tells_a_refused_key_and_an_unavailable_server_from_a_wrong_host(status, row, monkeypatch,
-                                                                                         capsys):  # fmt: skip
+@pytest.mark.parametrize(
+    "status,row",
+    [
+        (401, "NO  api key  refused by http://127.0.0.1:{port} (HTTP 401 to /status)"),
+        (403, "NO  api key  refused by http://127.0.0.1:{port} (HTTP 403 to /status)"),
+        (503, "NO  server   http://127.0.0.1:{port} is up but unavailable now (HTTP 503 to /status"),
+    ],
+)
+def test_remote_status_tells_a_refused_key_and_an_unavailable_server_from_a_wrong_host(
+    status, row, monkeypatch, capsys
+):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -471,6 +516,7 @@ def test_remote_status_tells_a_refused_key_and_an_unavailable_server_from_a_wron
 
 # ---------------------------------------------------------------- the explorer
 
+
 @pytest.mark.parametrize("method", ["POST", "GET"])
 def test_a_chunked_body_is_refused_and_never_parsed_as_a_second_request(make_app, method):
     import socket
@@ -479,8 +525,10 @@ def test_a_chunked_body_is_refused_and_never_parsed_as_a_second_request(make_app
     port = int(base.rsplit(":", 1)[1])
     smuggled = b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
-    head = (f"{method} /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"{method} /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.sendall(head + body)
         replies = b""
@@ -496,9 +544,16 @@ def _held_lock(path: Path):
     import sys
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
-         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(120)", str(path)],
-        stdout=subprocess.PIPE, text=True)  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(120)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -564,7 +619,11 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path, sc
     from superscopes.app.store import RunStore
 
     whole = tmp_path / "whole.sqlite"
-    state = {"prompt": "Diana", "rows": [{"output": f"row {i}", "similarity": i / 10} for i in range(30)], "controls": []}
+    state = {
+        "prompt": "Diana",
+        "rows": [{"output": f"row {i}", "similarity": i / 10} for i in range(30)],
+        "controls": [],
+    }
     RunStore(whole).save("0123456789ab", 1.0, "done", {"prompt": "Diana"}, state, b"csv,rows\n")
     with closing(sqlite3.connect(whole)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
@@ -619,15 +678,23 @@ def test_the_explorer_killed_mid_job_reopens_the_run_as_interrupted_with_every_k
     from .test_app import Client
 
     path = tmp_path / "runs.sqlite"
-    server = subprocess.Popen([sys.executable, "-c", _SERVE, str(path)], stdout=subprocess.PIPE, text=True,
-                              cwd=ROOT)  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-c", _SERVE, str(path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         base = server.stdout.readline().strip().rstrip("/")
         assert base.startswith("http://127.0.0.1:"), base
-        body = {"client": "test", "model": "tiny-llama", "prompt": "Diana, Princess of Wales", "tokens": "last",
-                "layers": "0-1", "alphas": "1,3,6", "max_new_tokens": 2, "controls": False}  # fmt: skip
-        request = urllib.request.Request(base + "/api/run", json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        body = {
+            "client": "test",
+            "model": "tiny-llama",
+            "prompt": "Diana, Princess of Wales",
+            "tokens": "last",
+            "layers": "0-1",
+            "alphas": "1,3,6",
+            "max_new_tokens": 2,
+            "controls": False,
+        }
+        request = urllib.request.Request(
+            base + "/api/run", json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             job = json.loads(response.read())["job"]
         deadline, kept = time.time() + 60, []
@@ -655,8 +722,14 @@ def test_the_explorer_killed_mid_job_reopens_the_run_as_interrupted_with_every_k
 
 def _unit(i: int) -> pd.DataFrame:
     """What a recipe's unit holds: quoted newlines, commas, lists, a list column some units lack."""
-    frame = pd.DataFrame({"source": [f"prompt {i}"] * 3, "alpha": [1, 3, 6], "output": [f"a,\n{i}", '"q"', ""],
-                          "output_ids": [[i, 1], [], [2]]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "source": [f"prompt {i}"] * 3,
+            "alpha": [1, 3, 6],
+            "output": [f"a,\n{i}", '"q"', ""],
+            "output_ids": [[i, 1], [], [2]],
+        }
+    )
     return frame.assign(output_probs=[[0.5], [0.25], []]) if i % 2 else frame
 
 

@@ -16,16 +16,28 @@ PROMPTS = ["Diana, Princess of Wales", "Red Hot Chili Peppers played a concert i
 
 
 def grid(**overrides) -> dict:
-    settings = dict(prompts=PROMPTS, sites=["mlp_out", "resid_post"], layers=[0, 2], alphas=[1, 4],
-                    target_layers=["same", 1], output="topk", top_k=5, batch_size=16)  # fmt: skip
+    settings = dict(
+        prompts=PROMPTS,
+        sites=["mlp_out", "resid_post"],
+        layers=[0, 2],
+        alphas=[1, 4],
+        target_layers=["same", 1],
+        output="topk",
+        top_k=5,
+        batch_size=16,
+    )
     return {**settings, **overrides}
 
 
 def assert_same_results(shared, plain) -> None:
     assert shared["output_ids"].tolist() == plain["output_ids"].tolist()
     if "output_probs" in plain:
-        torch.testing.assert_close(torch.tensor(shared["output_probs"].tolist()),
-                                   torch.tensor(plain["output_probs"].tolist()), atol=1e-4, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(shared["output_probs"].tolist()),
+            torch.tensor(plain["output_probs"].tolist()),
+            atol=1e-4,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -37,12 +49,17 @@ def test_shared_prefix_equals_whole_prompt_per_row(tiny_models, arch, output):
     assert_same_results(shared, plain)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(target="source", target_layers=[0]),  # back-patching: a prefix per source prompt
-    dict(target="source", target_layers=[0], all_tokens=True, prompts=PROMPTS[:1]),  # several positions per prompt
-    dict(target="identity", target_position=3),  # the patch in the middle of the target: tokens after it run per row
-    dict(target="identity", target_position=0),  # nothing to share
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(target="source", target_layers=[0]),  # back-patching: a prefix per source prompt
+        dict(target="source", target_layers=[0], all_tokens=True, prompts=PROMPTS[:1]),  # several positions per prompt
+        dict(
+            target="identity", target_position=3
+        ),  # the patch in the middle of the target: tokens after it run per row
+        dict(target="identity", target_position=0),  # nothing to share
+    ],
+)
 @pytest.mark.parametrize("output", ["topk", "generate"])
 def test_shared_prefix_equals_plain_for_every_target_shape(tiny_models, overrides, output):
     settings = grid(output=output, max_new_tokens=3, **overrides)
@@ -53,8 +70,15 @@ def test_shared_prefix_equals_plain_for_every_target_shape(tiny_models, override
 
 def test_shared_prefix_equals_plain_on_smollm2_paper_grid(smollm2):
     """Paper settings (entity prompt, same-layer and layer-0 targets, 10 greedy tokens)."""
-    settings = dict(prompts=["Diana, Princess of Wales"], token="Wales", sites=["mlp_out", "resid_post"],
-                    layers=[1, 4], alphas=[1, 6, 15], target_layers=["same", 0], max_new_tokens=10)  # fmt: skip
+    settings = dict(
+        prompts=["Diana, Princess of Wales"],
+        token="Wales",
+        sites=["mlp_out", "resid_post"],
+        layers=[1, 4],
+        alphas=[1, 6, 15],
+        target_layers=["same", 0],
+        max_new_tokens=10,
+    )
     shared = run(smollm2, Scope(**settings, share_prefix=True), progress=False)
     plain = run(smollm2, Scope(**settings, share_prefix=False), progress=False)
     assert shared["output"].tolist() == plain["output"].tolist()
@@ -75,8 +99,16 @@ def capped_gemma2(tokenizer):
     from nnsight.modeling.transformers import TransformersModel
 
     torch.manual_seed(0)
-    config = T.Gemma2Config(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, hidden_size=64,
-                            intermediate_size=128, num_attention_heads=4, vocab_size=49152, final_logit_softcapping=2.0)  # fmt: skip
+    config = T.Gemma2Config(
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        vocab_size=49152,
+        final_logit_softcapping=2.0,
+    )
     hf = T.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         hf.lm_head.weight.mul_(200)
@@ -86,8 +118,11 @@ def capped_gemma2(tokenizer):
 def test_topk_reads_the_models_own_soft_capped_logits(capped_gemma2):
     """Gemma-2 soft-caps its final logits; top-k must report the model's own probabilities."""
     model = capped_gemma2
-    frame = run(model, Scope(PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], target="identity",
-                             output="topk", top_k=3), progress=False)  # fmt: skip
+    frame = run(
+        model,
+        Scope(PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], target="identity", output="topk", top_k=3),
+        progress=False,
+    )
     with model.trace(PROMPTS[0]):
         v = ops.read(model, "resid_post", 1, -1).save()
     with model.trace(IDENTITY):
@@ -114,8 +149,17 @@ def test_read_pass_stops_after_its_last_layer(tiny_models):
 
 
 def sampled(model, batch_size: int, **overrides):
-    settings = dict(prompts=PROMPTS[:2], sites=["resid_post"], layers=[0, 1], alphas=[1, 3], max_new_tokens=6,
-                    do_sample=True, samples=3, seed=11, batch_size=batch_size)  # fmt: skip
+    settings = dict(
+        prompts=PROMPTS[:2],
+        sites=["resid_post"],
+        layers=[0, 1],
+        alphas=[1, 3],
+        max_new_tokens=6,
+        do_sample=True,
+        samples=3,
+        seed=11,
+        batch_size=batch_size,
+    )
     return run(model, Scope(**{**settings, **overrides}), progress=False)
 
 
@@ -124,7 +168,9 @@ def test_a_sampled_cell_does_not_depend_on_batch_size(tiny_models, share_prefix)
     model = tiny_models["llama"]
     whole = sampled(model, 64, share_prefix=share_prefix)
     for batch_size in (1, 5):
-        assert sampled(model, batch_size, share_prefix=share_prefix)["output_ids"].tolist() == whole["output_ids"].tolist()
+        assert (
+            sampled(model, batch_size, share_prefix=share_prefix)["output_ids"].tolist() == whole["output_ids"].tolist()
+        )
     fewer = sampled(model, 64, layers=[1], share_prefix=share_prefix)  # the same cells in a smaller grid
     assert fewer["output_ids"].tolist() == whole[whole["layer"] == 1]["output_ids"].tolist()
     assert sampled(model, 64, seed=12)["output_ids"].tolist() != whole["output_ids"].tolist()
@@ -143,8 +189,19 @@ def test_logit_lens_readout_at_the_last_layer_is_the_models_own_prediction(tiny_
     equals the model's own next-token distribution there."""
     model = capped_gemma2 if arch == "capped_gemma2" else tiny_models[arch]
     last = model.config.num_hidden_layers - 1
-    frame = run(model, Scope(PROMPTS[:2], sites=["resid_post", "mlp_out"], layers=[1, last], alphas=[1, 3],
-                             logit_lens=True, top_k=4, max_new_tokens=2), progress=False)  # fmt: skip
+    frame = run(
+        model,
+        Scope(
+            PROMPTS[:2],
+            sites=["resid_post", "mlp_out"],
+            layers=[1, last],
+            alphas=[1, 3],
+            logit_lens=True,
+            top_k=4,
+            max_new_tokens=2,
+        ),
+        progress=False,
+    )
     for row in frame[(frame.layer == last) & (frame.site == "resid_post")].itertuples():
         with model.trace(row.source):
             probs = model.output.logits[0, -1].softmax(-1).save()
@@ -175,8 +232,11 @@ def test_layer_pairs_and_where_equal_the_matching_cells_of_the_rectangle(tiny_mo
     assert len(pairs) == 3 * 2 * 3 * 2  # prompts x sites x pairs x alphas
     expected = ids_by(full)
     assert all(expected[key] == ids for key, ids in ids_by(pairs).items())
-    below = run(model, Scope(**grid(layers=[0, 1, 2], target_layers=[0, 1, 2], where=lambda c: c.target_layer <= c.layer)),
-                progress=False)  # fmt: skip
+    below = run(
+        model,
+        Scope(**grid(layers=[0, 1, 2], target_layers=[0, 1, 2], where=lambda c: c.target_layer <= c.layer)),
+        progress=False,
+    )
     assert (below["target_layer"] <= below["layer"]).all() and len(below) == 3 * 2 * 6 * 2
     assert all(expected[key] == ids for key, ids in ids_by(below).items())
 
@@ -187,7 +247,9 @@ def test_per_prompt_targets_and_tokens_equal_one_run_per_prompt(tiny_models):
     tokens = ["Princess", "Chili", "Future"]
     together = run(model, Scope(**grid(target=targets, token=tokens, target_layers=[0])), progress=False)
     for prompt, target, token in zip(PROMPTS, targets, tokens):
-        alone = run(model, Scope(**grid(prompts=[prompt], target=target, token=token, target_layers=[0])), progress=False)
+        alone = run(
+            model, Scope(**grid(prompts=[prompt], target=target, token=token, target_layers=[0])), progress=False
+        )
         part = together[together["source"] == prompt]
         assert part["output_ids"].tolist() == alone["output_ids"].tolist()
         assert part["target"].tolist() == alone["target"].tolist() and part["token"].tolist() == alone["token"].tolist()
@@ -200,11 +262,19 @@ def test_affine_maps_per_layer_pair_equal_one_run_per_pair(tiny_models):
     weights = {pair: torch.randn(64, 64, generator=generator) / 8 for pair in pairs}
     biases = {pair: torch.randn(64, generator=generator) for pair in pairs}
     settings = grid(transforms=["affine"], target="identity", sites=["resid_post"])
-    together = run(source, Scope(**settings, layer_pairs=pairs, affine_weight=weights, affine_bias=biases),
-                   target_model=target, progress=False)  # fmt: skip
+    together = run(
+        source,
+        Scope(**settings, layer_pairs=pairs, affine_weight=weights, affine_bias=biases),
+        target_model=target,
+        progress=False,
+    )
     for pair in pairs:
-        alone = run(source, Scope(**settings, layer_pairs=[pair], affine_weight=weights[pair], affine_bias=biases[pair]),
-                    target_model=target, progress=False)  # fmt: skip
+        alone = run(
+            source,
+            Scope(**settings, layer_pairs=[pair], affine_weight=weights[pair], affine_bias=biases[pair]),
+            target_model=target,
+            progress=False,
+        )
         part = together[(together["layer"] == pair[0]) & (together["target_layer"] == pair[1])]
         assert_same_results(part, alone)
 
@@ -212,8 +282,20 @@ def test_affine_maps_per_layer_pair_equal_one_run_per_pair(tiny_models):
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_transform_none_is_the_target_prompts_own_output(tiny_models, share_prefix):
     model = tiny_models["llama"]
-    frame = run(model, Scope(PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], transforms=["none"],
-                             target="identity", max_new_tokens=4, share_prefix=share_prefix), progress=False)  # fmt: skip
+    frame = run(
+        model,
+        Scope(
+            PROMPTS[0],
+            sites=["resid_post"],
+            layers=[1],
+            alphas=[1],
+            transforms=["none"],
+            target="identity",
+            max_new_tokens=4,
+            share_prefix=share_prefix,
+        ),
+        progress=False,
+    )
     with model.generate(IDENTITY, max_new_tokens=4, do_sample=False) as tracer:
         ids = tracer.result[:, -4:].save()
     assert frame["output_ids"].item() == ids[0].tolist()
@@ -227,17 +309,22 @@ def test_plan_is_public_and_takes_the_model_first(tiny_models):
     assert the_plan.targets[1].text is None and the_plan.target_of(the_plan.cells[0])[0] == IDENTITY
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(layer_pairs=[(0, 5)]), r"target_layer 5 is out of range"),
-    (dict(layer_pairs=[(9, 0)]), r"layer 9 is out of range"),
-    (dict(layer_pairs=[(0,)]), r"layer_pairs must be \(layer, target_layer\) pairs"),
-    (dict(layer_pairs=[3]), r"layer_pairs must be \(layer, target_layer\) pairs"),
-    (dict(target=["identity", "entity"]), r"target has 2 entries for 3 prompts"),
-    (dict(token=["Wales"]), r"token has 1 entries for 3 prompts"),
-    (dict(transforms=["affine"], layer_pairs=[(0, 0), (1, 0)], affine_weight={(0, 0): torch.eye(64)}),
-     r"affine_weight has no map for layer pair\(s\) \[\(1, 0\)\]"),
-    (dict(where=lambda cell: False), r"`where` kept none of the grid's cells"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(layer_pairs=[(0, 5)]), r"target_layer 5 is out of range"),
+        (dict(layer_pairs=[(9, 0)]), r"layer 9 is out of range"),
+        (dict(layer_pairs=[(0,)]), r"layer_pairs must be \(layer, target_layer\) pairs"),
+        (dict(layer_pairs=[3]), r"layer_pairs must be \(layer, target_layer\) pairs"),
+        (dict(target=["identity", "entity"]), r"target has 2 entries for 3 prompts"),
+        (dict(token=["Wales"]), r"token has 1 entries for 3 prompts"),
+        (
+            dict(transforms=["affine"], layer_pairs=[(0, 0), (1, 0)], affine_weight={(0, 0): torch.eye(64)}),
+            r"affine_weight has no map for layer pair\(s\) \[\(1, 0\)\]",
+        ),
+        (dict(where=lambda cell: False), r"`where` kept none of the grid's cells"),
+    ],
+)
 def test_bad_explicit_cells_are_named_before_any_forward_pass(tiny_models, overrides, message, monkeypatch):
     from superscopes import ScopeError
 
@@ -322,8 +409,13 @@ def test_preallocated_cache_equals_a_concatenating_one(tiny_models, arch, room):
     prefix = hf(ids[:, :-1], use_cache=True).cache
 
     def generate(cache):
-        return hf.generate(input_ids=ids.repeat(3, 1), attention_mask=torch.ones(3, ids.shape[1], dtype=torch.long),
-                           max_new_tokens=6, do_sample=False, cache=cache)  # fmt: skip
+        return hf.generate(
+            input_ids=ids.repeat(3, 1),
+            attention_mask=torch.ones(3, ids.shape[1], dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            cache=cache,
+        )
 
     plain, grown = ops.repeat_cache(model, prefix, 3), ops.repeat_cache(model, prefix, 3, room=room)
     assert generate(grown).tolist() == generate(plain).tolist()

@@ -10,21 +10,29 @@ import pandas as pd
 import pytest
 import torch
 
+from recipes import RECIPES
 from superscopes import Scope, ScopeError
 from superscopes.cli import main
-from recipes import RECIPES
 from superscopes.parsing import HelpFormatter, parse_layers, parse_names
 from superscopes.prompts import TokenNotFoundError, find_token
 
 
-@pytest.mark.parametrize("text,layers", [("1-7", [1, 2, 3, 4, 5, 6, 7]), ("1,3,5", [1, 3, 5]), ("all", "all"),
-                                         ("1-3, 7", [1, 2, 3, 7]), ("4", [4])])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,layers",
+    [("1-7", [1, 2, 3, 4, 5, 6, 7]), ("1,3,5", [1, 3, 5]), ("all", "all"), ("1-3, 7", [1, 2, 3, 7]), ("4", [4])],
+)
 def test_one_layer_syntax(text, layers):
     assert parse_layers(text) == layers
 
 
-@pytest.mark.parametrize("text,message", [("3-1", "the range '3-1' is reversed; write 1-3"),
-                                          ("1,,3", "'' is not a layer or range"), ("x", "'x' is not a layer")])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("3-1", "the range '3-1' is reversed; write 1-3"),
+        ("1,,3", "'' is not a layer or range"),
+        ("x", "'x' is not a layer"),
+    ],
+)
 def test_bad_layers_are_named(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse_layers(text)
@@ -40,14 +48,30 @@ def test_the_placeholder_is_a_whole_token(tokenizer):
 
 
 def test_a_sub_piece_of_a_word_is_an_error_naming_the_word(tokenizer):
-    with pytest.raises(TokenNotFoundError, match="token 'Wales' is only part of 'Walesa' in the prompt 'Lech Walesa'; give a whole word or token"):
+    with pytest.raises(
+        TokenNotFoundError,
+        match="token 'Wales' is only part of 'Walesa' in the prompt 'Lech Walesa'; give a whole word or token",
+    ):
         find_token(tokenizer, "Lech Walesa", "Wales")
     assert find_token(tokenizer, "Red Hot Chili Peppers", "ppers") == 5  # a whole token ending the word is fine
 
 
 def scope_argv(out, *extra: str) -> list[str]:
-    return ["scope", "Diana, Princess of Wales", "--token", "Wales", "--sites", "mlp_out", "--layers", "1",
-            "--max-new-tokens", "2", "--out", str(out), *extra]  # fmt: skip
+    return [
+        "scope",
+        "Diana, Princess of Wales",
+        "--token",
+        "Wales",
+        "--sites",
+        "mlp_out",
+        "--layers",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_negative_alphas_and_spaced_sites_parse(tmp_path, capsys):
@@ -58,8 +82,9 @@ def test_negative_alphas_and_spaced_sites_parse(tmp_path, capsys):
     assert sorted(set(frame["alpha"])) == [-3.0, 6.0] and set(frame["site"]) == {"mlp_out", "resid_post"}
 
 
-@pytest.mark.parametrize("name,message", [("t.xlsx", "extension '.xlsx'; use one of .csv, .parquet"),
-                                          ("missing/dir/t.csv", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,message", [("t.xlsx", "extension '.xlsx'; use one of .csv, .parquet"), ("missing/dir/t.csv", None)]
+)
 def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, name, message):
     import superscopes
 
@@ -94,7 +119,11 @@ def test_scope_help_shows_defaults_and_every_choice(capsys):
     with pytest.raises(SystemExit):
         main(["scope", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "{scale,cfg,norm,affine,random,latent}" in text and "(default: 1-7)" in text and "(default: 1,3,6,9,12,15)" in text
+    assert (
+        "{scale,cfg,norm,affine,random,latent}" in text
+        and "(default: 1-7)" in text
+        and "(default: 1,3,6,9,12,15)" in text
+    )
     assert "resid_pre, attn_out, mlp_in, mlp_out, resid_post" in text and "(default: smollm2-135m)" in text
 
 
@@ -102,7 +131,11 @@ def test_recipe_help_prints_the_recipes_help(capsys):
     with pytest.raises(SystemExit):
         main(["recipe", "superscopes_hidden_states", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "python -m superscopes.recipes.superscopes_hidden_states" in text and "--max-new-tokens" in text and "(default: smollm2-135m)" in text
+    assert (
+        "python -m superscopes.recipes.superscopes_hidden_states" in text
+        and "--max-new-tokens" in text
+        and "(default: smollm2-135m)" in text
+    )
 
 
 # ---------------------------------------------------------------- the grid's validation (no forward pass)
@@ -115,20 +148,34 @@ def smollm2_plan(smollm2):
     return lambda **kwargs: plan(smollm2, Scope("Diana, Princess of Wales", **kwargs))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(sites=[]), "no sites given"), (dict(alphas=[]), "no alphas given"),
-    (dict(transforms=[]), "no transforms given"), (dict(target_layers=[]), "no target_layers given"),
-    (dict(output="topk", top_k=0), "top_k 0 must be a whole number in 1-49152"),
-    (dict(output="topk", top_k=49153), "top_k 49153 must be a whole number in 1-49152"),
-    (dict(do_sample=True, temperature=0), "temperature 0 must be a finite number above 0"),
-    (dict(do_sample=True, temperature=float("nan")), "temperature nan must be a finite number above 0"),
-    (dict(max_new_tokens=2.5), "max_new_tokens 2.5 must be a whole number, at least 1"),
-    (dict(max_new_tokens=0), "max_new_tokens 0 must be a whole number, at least 1"),
-    (dict(alphas=[1, 1e39]), r"alpha 1e\+39 overflows the model's dtype"),
-    (dict(transforms=["affine"], affine_weight=torch.eye(3)), r"affine_weight must be a tensor of shape \[576, 576\], got \(3, 3\)"),
-    (dict(transforms=["affine"], affine_weight=torch.full((576, 576), float("inf"))), "affine_weight has non-finite values"),
-    (dict(transforms=["affine"], affine_weight=torch.eye(576), affine_bias=torch.zeros(5)), r"affine_bias must be a tensor of shape \[576\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(sites=[]), "no sites given"),
+        (dict(alphas=[]), "no alphas given"),
+        (dict(transforms=[]), "no transforms given"),
+        (dict(target_layers=[]), "no target_layers given"),
+        (dict(output="topk", top_k=0), "top_k 0 must be a whole number in 1-49152"),
+        (dict(output="topk", top_k=49153), "top_k 49153 must be a whole number in 1-49152"),
+        (dict(do_sample=True, temperature=0), "temperature 0 must be a finite number above 0"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature nan must be a finite number above 0"),
+        (dict(max_new_tokens=2.5), "max_new_tokens 2.5 must be a whole number, at least 1"),
+        (dict(max_new_tokens=0), "max_new_tokens 0 must be a whole number, at least 1"),
+        (dict(alphas=[1, 1e39]), r"alpha 1e\+39 overflows the model's dtype"),
+        (
+            dict(transforms=["affine"], affine_weight=torch.eye(3)),
+            r"affine_weight must be a tensor of shape \[576, 576\], got \(3, 3\)",
+        ),
+        (
+            dict(transforms=["affine"], affine_weight=torch.full((576, 576), float("inf"))),
+            "affine_weight has non-finite values",
+        ),
+        (
+            dict(transforms=["affine"], affine_weight=torch.eye(576), affine_bias=torch.zeros(5)),
+            r"affine_bias must be a tensor of shape \[576\]",
+        ),
+    ],
+)
 def test_bad_settings_are_named_before_any_forward_pass(smollm2_plan, kwargs, message):
     with pytest.raises(ScopeError, match=message):
         smollm2_plan(**kwargs)
@@ -167,7 +214,9 @@ def test_an_amplified_vector_that_overflows_is_refused():
     vectors = torch.tensor([[1.0, -300.0]])
     entry, norm = vectors.abs().max().item(), vectors.norm(dim=-1).max().item()
     refuse_overflow(entry, norm, [1, 200], torch.float16)
-    with pytest.raises(ScopeError, match=r"alpha 300 times the read vectors \(largest entry 300\) overflows torch.float16"):
+    with pytest.raises(
+        ScopeError, match=r"alpha 300 times the read vectors \(largest entry 300\) overflows torch.float16"
+    ):
         refuse_overflow(entry, norm, [1, 300], torch.float16)
 
 
@@ -215,10 +264,14 @@ def test_every_help_shows_every_default():
     from superscopes import cli
     from superscopes.app import server
 
-    roots = [("superscopes", cli.build_parser()),
-             ("superscopes app", server.add_arguments(argparse.ArgumentParser(formatter_class=HelpFormatter)))]
-    roots += [(f"superscopes {verb}", importlib.import_module(f"superscopes.{verb}").build_parser())
-              for verb in cli.MODULE_VERBS]  # fmt: skip
+    roots = [
+        ("superscopes", cli.build_parser()),
+        ("superscopes app", server.add_arguments(argparse.ArgumentParser(formatter_class=HelpFormatter))),
+    ]
+    roots += [
+        (f"superscopes {verb}", importlib.import_module(f"superscopes.{verb}").build_parser())
+        for verb in cli.MODULE_VERBS
+    ]
     roots += [(f"recipe {name}", importlib.import_module(f"recipes.{name}").build_parser()) for name in RECIPES]
     missing = []
     for root, parser in roots:

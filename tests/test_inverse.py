@@ -72,8 +72,7 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     pairs = toy_pairs(n=12)
     config = GeneratorConfig(steps=30, **{**TOY, "held_out": 0.25})
     whole = inverse.train(pairs, config, tmp_path / "whole", eval_every=10, checkpoint_every=10, progress=False)
-    inverse.train(pairs, config, tmp_path / "part", eval_every=10, checkpoint_every=10, progress=False,
-                  stop_after=20)  # fmt: skip
+    inverse.train(pairs, config, tmp_path / "part", eval_every=10, checkpoint_every=10, progress=False, stop_after=20)
     assert not (tmp_path / "part" / "generator.pt").exists()  # stopped early: only the checkpoint
     resumed = inverse.train(pairs, config, tmp_path / "part", eval_every=10, checkpoint_every=10, progress=False)
     for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
@@ -114,10 +113,15 @@ def test_fcr_equals_a_hand_count():
     assert inverse.fcr(True, [False, False]) == 0.0
     with pytest.raises(ValueError):
         inverse.fcr(True, [])
-    cells = pd.DataFrame({
-        "query": ["a", "b", "c", "a", "b", "c"], "hypothesis": "h", "layer": 3,
-        "sampler": ["generator"] * 3 + ["random"] * 3, "consistency": [1.0, 0.5, 0.75, 0.25, 0.0, 0.25],
-    })  # fmt: skip
+    cells = pd.DataFrame(
+        {
+            "query": ["a", "b", "c", "a", "b", "c"],
+            "hypothesis": "h",
+            "layer": 3,
+            "sampler": ["generator"] * 3 + ["random"] * 3,
+            "consistency": [1.0, 0.5, 0.75, 0.25, 0.0, 0.25],
+        }
+    )
     table = inverse.fcr_table(cells).set_index("sampler")
     assert table.loc["generator", "consistency"] == pytest.approx(0.75)  # (1 + 0.5 + 0.75) / 3
     assert table.loc["random", "consistency"] == pytest.approx(0.5 / 3)
@@ -133,8 +137,10 @@ def _fcr_cells(near0, near5, random0) -> pd.DataFrame:
     """One hypothesis "h" over 20 queries: nearest at layers 0 and 5, random at layer 0."""
     rows = []
     for sampler, layer, values in (("nearest", 0, near0), ("nearest", 5, near5), ("random", 0, random0)):
-        rows += [{"query": f"q{i}", "hypothesis": "h", "layer": layer, "sampler": sampler, "consistency": v}
-                 for i, v in enumerate(values)]  # fmt: skip
+        rows += [
+            {"query": f"q{i}", "hypothesis": "h", "layer": layer, "sampler": sampler, "consistency": v}
+            for i, v in enumerate(values)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -157,8 +163,10 @@ def test_lexical_labels_call_a_hypothesis_at_its_level_at_layer_0_lexical():
     assert almost["ci_low"] == pytest.approx(0.04) and almost["best_ci_low"] > 0.93
     assert almost["share_at_layer0"] == pytest.approx(0.90 / 0.94) and almost["label"] == "lexical"
     assert inverse.lexical_labels(_fcr_cells([0.5] * 20, [0.97] * 20, [0.03] * 20)).iloc[0]["label"] == "rises"
-    assert inverse.lexical_labels(_fcr_cells([0.93] * 20, [0.97] * 20, [0.03] * 20),
-                                  level_share=0.99).iloc[0]["label"] == "rises"  # fmt: skip
+    assert (
+        inverse.lexical_labels(_fcr_cells([0.93] * 20, [0.97] * 20, [0.03] * 20), level_share=0.99).iloc[0]["label"]
+        == "rises"
+    )
     with pytest.raises(ValueError, match="level_share 0 "):
         inverse.lexical_labels(_fcr_cells([0.9] * 20, [0.9] * 20, [0.1] * 20), level_share=0)
     # Flat and no better than random at layer 0.
@@ -224,11 +232,36 @@ def test_command_line_trains_in_pieces_evaluates_and_samples(tmp_path, tiny_mode
     tiny_models["llama"]._module.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"The {a} {b} walked to the {c}" for a in ("old", "young", "tall", "small")
-                                for b in ("man", "woman", "dog") for c in ("park", "shop")))  # fmt: skip
+    corpus.write_text(
+        "\n".join(
+            f"The {a} {b} walked to the {c}"
+            for a in ("old", "young", "tall", "small")
+            for b in ("man", "woman", "dog")
+            for c in ("park", "shop")
+        )
+    )
     out = tmp_path / "gen"
-    train = ["train", "--model", str(model_dir), "--layer", "1", "--corpus", str(corpus), "--out", str(out),
-             "--steps", "4", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--eval-every", "2"]  # fmt: skip
+    train = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--layer",
+        "1",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--d-model",
+        "32",
+        "--n-layers",
+        "1",
+        "--n-heads",
+        "2",
+        "--eval-every",
+        "2",
+    ]
     inverse.main(train + ["--stop-after", "2"])
     assert (out / "checkpoint.pt").exists() and (out / "pairs.pt").exists() and not (out / "generator.pt").exists()
     with pytest.raises(ValueError, match="other settings \\(texts\\)"):

@@ -25,12 +25,14 @@ def test_related_text_scores_above_unrelated_text():
 
 
 def test_best_picks_the_maximum_per_group_and_applies_the_threshold():
-    frame = pd.DataFrame({
-        "source": ["a"] * 3 + ["b"] * 3,
-        "layer": [1, 1, 1, 1, 1, 1],
-        "alpha": [1, 3, 6, 1, 3, 6],
-        "similarity": [0.1, 0.5, 0.2, 0.05, 0.25, 0.29],
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "source": ["a"] * 3 + ["b"] * 3,
+            "layer": [1, 1, 1, 1, 1, 1],
+            "alpha": [1, 3, 6, 1, 3, 6],
+            "similarity": [0.1, 0.5, 0.2, 0.05, 0.25, 0.29],
+        }
+    )
     best = judge.best(frame, ["source", "layer"], threshold=0.3)
     assert best["alpha"].tolist() == [3, 6]
     assert best["success"].tolist() == [True, False]
@@ -58,15 +60,45 @@ def test_judge_command_counts_successes_per_layer_and_marks_winners(tmp_path, ca
     from superscopes.results import read_table
 
     rows = [  # (layer, alpha, readout)
-        (1, 1, ": a bowl of soup"), (1, 6, ": Princess of Wales, member of the British royal family"),
-        (2, 1, " Wales Wales Wales"), (2, 6, ": Leonardo DiCaprio: American actor"),
-    ]  # fmt: skip
-    table = pd.DataFrame([{"source": "Diana, Princess of Wales", "token": "Wales", "target": ENTITY_DESCRIPTION,
-                           "layer": layer, "alpha": alpha, "output": text} for layer, alpha, text in rows])  # fmt: skip
+        (1, 1, ": a bowl of soup"),
+        (1, 6, ": Princess of Wales, member of the British royal family"),
+        (2, 1, " Wales Wales Wales"),
+        (2, 6, ": Leonardo DiCaprio: American actor"),
+    ]
+    table = pd.DataFrame(
+        [
+            {
+                "source": "Diana, Princess of Wales",
+                "token": "Wales",
+                "target": ENTITY_DESCRIPTION,
+                "layer": layer,
+                "alpha": alpha,
+                "output": text,
+            }
+            for layer, alpha, text in rows
+        ]
+    )
     table.to_csv(tmp_path / "cells.csv", index=False)
     out = tmp_path / "judged.csv"
-    assert main(["judge", str(tmp_path / "cells.csv"), "--source-col", "source", "--output-col", "output",
-                 "--group-cols", "source,layer", "--by", "layer", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "judge",
+                str(tmp_path / "cells.csv"),
+                "--source-col",
+                "source",
+                "--output-col",
+                "output",
+                "--group-cols",
+                "source,layer",
+                "--by",
+                "layer",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "1/2 groups above 0.3" in printed and "2 of 4 readouts echo" in printed
     judged = read_table(str(out))
@@ -81,6 +113,19 @@ def test_judge_command_names_a_missing_column_before_scoring(tmp_path, capsys, m
 
     pd.DataFrame({"source": ["a"], "output": ["b"]}).to_csv(tmp_path / "t.csv", index=False)
     monkeypatch.setattr(judge, "default_judge", lambda: pytest.fail("the judge loaded before the columns were checked"))
-    assert main(["judge", str(tmp_path / "t.csv"), "--source-col", "source", "--output-col", "output",
-                 "--group-cols", "source,layer"]) != 0  # fmt: skip
+    assert (
+        main(
+            [
+                "judge",
+                str(tmp_path / "t.csv"),
+                "--source-col",
+                "source",
+                "--output-col",
+                "output",
+                "--group-cols",
+                "source,layer",
+            ]
+        )
+        != 0
+    )
     assert "column(s) ['layer'] are not in" in capsys.readouterr().err

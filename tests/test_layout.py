@@ -22,8 +22,10 @@ def imports(path: Path) -> set[str]:
 
 
 def module_graph() -> dict[str, set[str]]:
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (ROOT / "superscopes").rglob("*.py")}  # fmt: skip
+    files = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (ROOT / "superscopes").rglob("*.py")
+    }
     return {name: imports(path) & set(files) for name, path in files.items()}
 
 
@@ -42,7 +44,9 @@ def reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
 def test_the_app_and_the_command_line_do_not_import_each_other():
     graph = module_graph()
     assert not reaches(graph, "superscopes.app.server", "superscopes.cli"), "server -> ... -> cli"
-    assert "superscopes.parsing" in graph["superscopes.app.server"] and "superscopes.parsing" in graph["superscopes.cli"]
+    assert (
+        "superscopes.parsing" in graph["superscopes.app.server"] and "superscopes.parsing" in graph["superscopes.cli"]
+    )
 
 
 def test_the_wheel_installs_recipes_as_superscopes_recipes(tmp_path):
@@ -58,8 +62,22 @@ def test_the_wheel_installs_recipes_as_superscopes_recipes(tmp_path):
         shutil.copy(ROOT / name, source / name)
     for name in ("superscopes", "recipes"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path), str(source)], capture_output=True, text=True)  # fmt: skip
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
@@ -73,8 +91,11 @@ def test_the_wheel_installs_recipes_as_superscopes_recipes(tmp_path):
 def test_recipes_import_each_other_relatively():
     """So that they work as ``recipes.NAME`` in a checkout and ``superscopes.recipes.NAME`` installed."""
     for path in (ROOT / "recipes").glob("*.py"):
-        absolute = [n for n in ast.walk(ast.parse(path.read_text()))
-                    if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "recipes"]  # fmt: skip
+        absolute = [
+            n
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "recipes"
+        ]
         assert not absolute, f"{path.name} imports recipes.* absolutely"
 
 
@@ -95,8 +116,12 @@ def _imported_names(path: Path) -> set[str]:
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") and node.args
-              and isinstance(node.args[0], ast.Constant)):
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func).endswith("import_module")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             found.add(node.args[0].value)
     return found
 

@@ -57,8 +57,16 @@ def test_fitted_map_runs_as_a_scope_affine_transform(tiny_models):
     model = tiny_models["llama"]
     d = model.config.hidden_size
     W, b = torch.eye(d), torch.zeros(d)
-    common = dict(prompts=PROMPTS, sites=["resid_post"], layers=[1], alphas=[1], target="identity",
-                  target_layers=["same"], output="topk", top_k=3)  # fmt: skip
+    common = dict(
+        prompts=PROMPTS,
+        sites=["resid_post"],
+        layers=[1],
+        alphas=[1],
+        target="identity",
+        target_layers=["same"],
+        output="topk",
+        top_k=3,
+    )
     affine = run(model, Scope(**common, transforms=["affine"], affine_weight=W, affine_bias=b), progress=False)
     plain = run(model, Scope(**common, transforms=["scale"]), progress=False)
     assert affine["output_ids"].tolist() == plain["output_ids"].tolist()
@@ -85,8 +93,11 @@ def test_positions_forms(tokenizer):
         (p, len(tokenizer(t)["input_ids"]) - 1) for p, t in enumerate(PROMPTS)
     ]
     assert lens.token_positions(tokenizer, PROMPTS, [-1, 0, [0, 1]]) == [
-        (0, len(tokenizer(PROMPTS[0])["input_ids"]) - 1), (1, 0), (2, 0), (2, 1),
-    ]  # fmt: skip
+        (0, len(tokenizer(PROMPTS[0])["input_ids"]) - 1),
+        (1, 0),
+        (2, 0),
+        (2, 1),
+    ]
     with pytest.raises(ValueError):
         lens.token_positions(tokenizer, PROMPTS, [0, 1])
     with pytest.raises(ValueError):
@@ -204,15 +215,37 @@ def test_fit_cross_model_maps_between_different_widths(tokenizer):
 
     source = build_tiny("llama", tokenizer)
     torch.manual_seed(1)
-    config = T.Gemma3TextConfig(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, hidden_size=48,
-                                intermediate_size=96, num_attention_heads=4, vocab_size=source.config.vocab_size)  # fmt: skip
+    config = T.Gemma3TextConfig(
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_size=48,
+        intermediate_size=96,
+        num_attention_heads=4,
+        vocab_size=source.config.vocab_size,
+    )
     target = TransformersModel(T.AutoModelForCausalLM.from_config(config).eval(), tokenizer=tokenizer)
     fit = ["one two three four five six seven eight nine ten", "the cat sat on the mat and looked around"] * 3
     maps = lens.fit_cross_model(source, target, fit, [0, 2], [1], ridge=1e-3)
     assert set(maps) == {(0, 1), (2, 1)}
     W, b = maps[(2, 1)]
     assert W.shape == (48, 64) and b.shape == (48,)
-    frame = run(source, Scope(PROMPTS, sites=["resid_post"], layers=[2], alphas=[1], transforms=["affine"],
-                              affine_weight=W, affine_bias=b, target="identity", target_layers=[1], output="topk",
-                              top_k=3), target_model=target, progress=False)  # fmt: skip
+    frame = run(
+        source,
+        Scope(
+            PROMPTS,
+            sites=["resid_post"],
+            layers=[2],
+            alphas=[1],
+            transforms=["affine"],
+            affine_weight=W,
+            affine_bias=b,
+            target="identity",
+            target_layers=[1],
+            output="topk",
+            top_k=3,
+        ),
+        target_model=target,
+        progress=False,
+    )
     assert len(frame) == len(PROMPTS) and frame["target_model"].notna().all()

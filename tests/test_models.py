@@ -35,13 +35,19 @@ def test_embedded_default_loads_from_cache_with_left_padding(smollm2):
 
 def test_cached_weights_are_the_real_model(smollm2):
     """A greedy continuation of a factual prompt, from the de-quantised GGUF weights."""
-    with torch.inference_mode(), smollm2.generate("The capital of France is", max_new_tokens=3, do_sample=False) as tracer:
+    with (
+        torch.inference_mode(),
+        smollm2.generate("The capital of France is", max_new_tokens=3, do_sample=False) as tracer,
+    ):
         ids = tracer.result.save()
     assert "Paris" in smollm2.tokenizer.decode(ids[0, -3:])
 
 
 def test_unknown_name_lists_the_embedded_models():
-    with pytest.raises(ModelNotFoundError, match=r"unknown model 'no such model!': not an embedded model \(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b\)"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"unknown model 'no such model!': not an embedded model \(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b\)",
+    ):
         superscopes.load("no such model!")
 
 
@@ -123,8 +129,10 @@ def test_unreachable_hub_fails_in_seconds_with_one_line(hub_at):
         superscopes.load("gpt2")
     assert time.monotonic() - started < 10
     message = str(caught.value)
-    assert message == ("unknown model 'gpt2': not an embedded model (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b), not a local directory, "
-                       f"and not in the local Hugging Face cache; the hub ({endpoint}) is unreachable (ConnectError)")
+    assert message == (
+        "unknown model 'gpt2': not an embedded model (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b), not a local directory, "
+        f"and not in the local Hugging Face cache; the hub ({endpoint}) is unreachable (ConnectError)"
+    )
     assert "\n" not in message
 
 
@@ -145,7 +153,10 @@ def test_a_repo_the_hub_does_not_have_is_named(hub_at):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         hub_at(f"http://127.0.0.1:{server.server_port}")
-        with pytest.raises(ModelNotFoundError, match=r"unknown model 'nobody/nothing': .*; the hub \(http://127.0.0.1:\d+\) has no such repo"):
+        with pytest.raises(
+            ModelNotFoundError,
+            match=r"unknown model 'nobody/nothing': .*; the hub \(http://127.0.0.1:\d+\) has no such repo",
+        ):
             superscopes.load("nobody/nothing")
     finally:
         server.shutdown()
@@ -154,7 +165,10 @@ def test_a_repo_the_hub_does_not_have_is_named(hub_at):
 
 @pytest.mark.parametrize("path", ["./no/such/dir", "/tmp/superscopes-no-such-dir", "~/no-such-dir", "a/b/c"])
 def test_a_missing_local_directory_is_named(path):
-    with pytest.raises(ModelNotFoundError, match=r"no such directory: .* \(a model is an embedded name: smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b; "):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"no such directory: .* \(a model is an embedded name: smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b; ",
+    ):
         superscopes.load(path)
 
 
@@ -163,7 +177,9 @@ def test_a_directory_that_is_no_checkpoint_is_named(tmp_path, tokenizer):
         superscopes.load(str(tmp_path))
     T.LlamaConfig(num_hidden_layers=1, **_SMALL).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(ModelNotFoundError, match=f"{tmp_path} is not a transformers checkpoint \\(config, weights, tokenizer\\)"):
+    with pytest.raises(
+        ModelNotFoundError, match=f"{tmp_path} is not a transformers checkpoint \\(config, weights, tokenizer\\)"
+    ):
         superscopes.load(str(tmp_path))  # no weights
 
 
@@ -256,17 +272,21 @@ def test_inferred_sites_that_do_not_add_up_are_refused(tokenizer):
     hf = T.AutoModelForCausalLM.from_config(config).eval()
     # Something in the block adds to the residual stream outside attention and MLP.
     hf.model.layers[1].register_forward_hook(lambda m, i, o: o + 1.0)
-    with pytest.raises(UnsupportedArchitectureError, match=r"the sites inferred for architecture 'stablelm' "
-                       r"\(model.layers; attention and MLP at self_attn, mlp\) do not match what HF computes: "
-                       r"resid_pre \+ attn_out \+ mlp_out differs from resid_post at layer 1"):  # fmt: skip
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"the sites inferred for architecture 'stablelm' "
+        r"\(model.layers; attention and MLP at self_attn, mlp\) do not match what HF computes: "
+        r"resid_pre \+ attn_out \+ mlp_out differs from resid_post at layer 1",
+    ):
         models.check_sites(TransformersModel(hf, tokenizer=tokenizer))
 
 
 def test_inferred_sites_on_a_block_that_returns_a_tuple_are_refused(tokenizer):
     """Falcon's blocks return (hidden states, weights): the table indexes that, inference cannot."""
     torch.manual_seed(0)
-    hf = T.AutoModelForCausalLM.from_config(T.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                                           vocab_size=49152)).eval()  # fmt: skip
+    hf = T.AutoModelForCausalLM.from_config(
+        T.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=49152)
+    ).eval()
     hf.config.model_type = "falcon_variant"  # not in the site table
     with pytest.raises(UnsupportedArchitectureError, match="resid_post is a tuple at layer 0, not a tensor"):
         models.check_sites(TransformersModel(hf, tokenizer=tokenizer))
@@ -314,11 +334,16 @@ def test_the_served_key_is_the_one_the_client_asks_for(symlinked_cache, fake_cac
 def test_serving_fetches_a_missing_embedded_model_like_load(tmp_path, monkeypatch):
     monkeypatch.setenv("SUPERSCOPES_CACHE", str(tmp_path))
     fetched = []
-    monkeypatch.setattr(models, "_install", lambda name: fetched.append(name) or models.cached_model_dir(name).mkdir(parents=True))
+    monkeypatch.setattr(
+        models, "_install", lambda name: fetched.append(name) or models.cached_model_dir(name).mkdir(parents=True)
+    )
     assert models.served_model("smollm2-135m")[0] == str(models.cached_model_dir("smollm2-135m"))
     assert fetched == ["smollm2-135m"]
 
 
 def test_serving_a_hub_id_is_refused():
-    with pytest.raises(ModelNotFoundError, match=r"serves a local directory or an embedded model \(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b\); 'gpt2' is neither"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"serves a local directory or an embedded model \(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b\); 'gpt2' is neither",
+    ):
         models.served_model("gpt2")

@@ -22,8 +22,13 @@ from superscopes.remote import RemoteRunError, configure
 pytestmark = pytest.mark.ndif
 
 HOST = os.environ.get("NDIF_HOST", "http://127.0.0.1:5001")
-GRID = dict(prompts=["Diana, Princess of Wales", "Back to the Future"], sites=["mlp_out", "resid_post"],
-            layers=[1, 3], alphas=[1, 6], target_layers=["same", 0])  # fmt: skip
+GRID = dict(
+    prompts=["Diana, Princess of Wales", "Back to the Future"],
+    sites=["mlp_out", "resid_post"],
+    layers=[1, 3],
+    alphas=[1, 6],
+    target_layers=["same", 0],
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,26 @@ def test_generated_grid_matches_local(remote_model, local_model):
 def test_graph_features_split_into_requests_match_local(remote_model, local_model, tmp_path):
     """Per-prompt targets, a cell filter, controls, the logit lens and sampling seeded per cell,
     split into requests of 10 cells with a checkpoint: equal to one local run."""
-    scope = Scope(**{**GRID, "target_layers": ["same", 0, 2]}, target=["entity", "identity"], logit_lens=True,
-                  transforms=["scale", "random", "none"], where=lambda cell: cell.target_layer <= cell.layer,
-                  max_new_tokens=5, do_sample=True, samples=2, seed=3)  # fmt: skip
-    remote = superscopes.run(remote_model, scope, remote=True, progress=False, cells_per_request=10,
-                             checkpoint=tmp_path / "grid.jsonl", timeout=300)  # fmt: skip
+    scope = Scope(
+        **{**GRID, "target_layers": ["same", 0, 2]},
+        target=["entity", "identity"],
+        logit_lens=True,
+        transforms=["scale", "random", "none"],
+        where=lambda cell: cell.target_layer <= cell.layer,
+        max_new_tokens=5,
+        do_sample=True,
+        samples=2,
+        seed=3,
+    )
+    remote = superscopes.run(
+        remote_model,
+        scope,
+        remote=True,
+        progress=False,
+        cells_per_request=10,
+        checkpoint=tmp_path / "grid.jsonl",
+        timeout=300,
+    )
     local = superscopes.run(local_model, scope, progress=False)
     assert remote["output_ids"].tolist() == local["output_ids"].tolist()
     assert remote["lens_ids"].tolist() == local["lens_ids"].tolist()
@@ -109,8 +129,12 @@ def test_recipes_run_remotely_like_locally(tmp_path, recipe):
     outputs = {}
     for mode in ("local", "remote"):
         argv = [sys.executable, "-m", f"recipes.{recipe}", "--quick", "--out", str(tmp_path / mode)]
-        result = subprocess.run(argv + (["--remote"] if mode == "remote" else []), capture_output=True, text=True,
-                                env={**os.environ, "NDIF_HOST": HOST})  # fmt: skip
+        result = subprocess.run(
+            argv + (["--remote"] if mode == "remote" else []),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "NDIF_HOST": HOST},
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[mode] = pd.read_csv(tmp_path / mode / "cells.csv", keep_default_na=False)
     assert outputs["remote"]["output"].tolist() == outputs["local"]["output"].tolist()

@@ -23,12 +23,18 @@ def shim(directory: Path, name: str, script: str) -> Path:
 
 def python_shim(directory: Path, version: str, pip_ok: bool) -> Path:
     """A stand-in server interpreter: reports ``version``; ``-m pip`` succeeds or fails."""
-    return shim(directory, f"python{version}", f'if [ "$1" = -m ]; then exit {0 if pip_ok else 1}; fi\necho {version}\n')
+    return shim(
+        directory, f"python{version}", f'if [ "$1" = -m ]; then exit {0 if pip_ok else 1}; fi\necho {version}\n'
+    )
 
 
 def up(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "SUPERSCOPES_NDIF_HOME": str(tmp_path / "ndif"),
-                   "SUPERSCOPES_CLIENT_PYTHON": sys.executable, **env}  # fmt: skip
+    environment = {
+        **os.environ,
+        "SUPERSCOPES_NDIF_HOME": str(tmp_path / "ndif"),
+        "SUPERSCOPES_CLIENT_PYTHON": sys.executable,
+        **env,
+    }
     return subprocess.run(["bash", str(UP)], capture_output=True, text=True, env=environment, timeout=60)
 
 
@@ -61,7 +67,13 @@ def test_installing_redis_without_root_says_sudo(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim(bin_dir, "id", "echo 1000\n")  # not root
-    result = up(tmp_path, SUPERSCOPES_NDIF_PYTHON=str(python_shim(tmp_path, "3.11", pip_ok=True)),
-                PATH=f"{bin_dir}:{os.environ['PATH']}")  # fmt: skip
+    result = up(
+        tmp_path,
+        SUPERSCOPES_NDIF_PYTHON=str(python_shim(tmp_path, "3.11", pip_ok=True)),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
     assert result.returncode == 1
-    assert "redis-server is not on PATH and installing it needs root: run `sudo apt-get install redis-server`" in result.stdout
+    assert (
+        "redis-server is not on PATH and installing it needs root: run `sudo apt-get install redis-server`"
+        in result.stdout
+    )

@@ -82,7 +82,9 @@ def test_transform_arithmetic():
     random = ops.amplify(v, alpha, "random", direction=direction)
     torch.testing.assert_close(random.norm(dim=-1), alpha * v.norm(dim=-1))
     assert torch.allclose(torch.nn.functional.cosine_similarity(random, direction), torch.ones(4))
-    with pytest.raises(ScopeError, match="transform 'double' is not valid; choose from scale, cfg, norm, affine, random"):
+    with pytest.raises(
+        ScopeError, match="transform 'double' is not valid; choose from scale, cfg, norm, affine, random"
+    ):
         ops.amplify(v, 1.0, "double")
 
 

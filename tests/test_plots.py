@@ -16,8 +16,17 @@ def summary() -> pd.DataFrame:
     for i, method in enumerate(["patchscope", "logit_lens", "affine_lens"]):
         for layer in range(4):
             value = 0.2 * i + 0.1 * layer
-            rows.append({"method": method, "layer": layer, "precision_at_1": value, "ci_low": value - 0.05,
-                         "ci_high": value + 0.05, "n": 20, "surprisal": 3.0 - layer})  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "layer": layer,
+                    "precision_at_1": value,
+                    "ci_low": value - 0.05,
+                    "ci_high": value + 0.05,
+                    "n": 20,
+                    "surprisal": 3.0 - layer,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -25,8 +34,9 @@ def test_save_writes_png_and_pdf_with_nothing_cut_off(tmp_path):
     """A note beside the axes (as a recipe writes a sample size) is kept: the image is
     cropped to everything drawn, not to the figure's size."""
     ax = plots.lines(summary(), "layer", "precision_at_1", hue="method", legend_out=True, title="a title")
-    ax.annotate("n = 20 prompts, 95% intervals over prompts", xy=(1.45, 0.5), xycoords="axes fraction",
-                annotation_clip=False)  # fmt: skip
+    ax.annotate(
+        "n = 20 prompts, 95% intervals over prompts", xy=(1.45, 0.5), xycoords="axes fraction", annotation_clip=False
+    )
     width, _ = ax.figure.get_size_inches() * 120
     path = plots.save(ax, tmp_path / "figure.png")
     assert path.exists() and path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
@@ -59,8 +69,9 @@ def test_recipe_figures_write_png_and_pdf(recipe, tmp_path):
     table = summary()
     if recipe == "inverse_scope":
         table = table.rename(columns={"method": "sampler", "precision_at_1": "consistency"})
-        table["sampler"] = table["sampler"].map({"patchscope": "generator", "logit_lens": "nearest",
-                                                 "affine_lens": "random"})  # fmt: skip
+        table["sampler"] = table["sampler"].map(
+            {"patchscope": "generator", "logit_lens": "nearest", "affine_lens": "random"}
+        )
         table["hypothesis"] = module.HYPOTHESES[0]
     path = module.plot(table, tmp_path / f"{recipe}.png", "title")
     assert path.exists() and path.with_suffix(".pdf").exists()

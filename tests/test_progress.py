@@ -83,9 +83,12 @@ def test_inverse_train_says_what_it_does_before_the_first_pass(tmp_path, capsys,
 def test_recipe_entry_points_print_one_line_errors(module, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", module, "--model", "nobody/no-such-model", "--quick", "--out", str(tmp_path / "o")],
-        cwd=ROOT if module.startswith("recipes") else tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=ROOT if module.startswith("recipes") else tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

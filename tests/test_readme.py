@@ -1,8 +1,8 @@
 """README.md runs as written: every ```python and ```bash block is executed or checked here.
 
 Each Python block runs on its own in a fresh interpreter, as a newcomer pastes it into a new
-file (no block relies on another's variables). Bash commands are run when they are short (``superscopes scope``, ``judge``,
-``models``) and otherwise parsed by the very parser that would run them (``make -n`` for make
+file (no block relies on another's variables). Bash commands are run when they are short
+(``superscopes scope``, ``judge``, ``models``) and otherwise parsed by the very parser that would run them (``make -n`` for make
 targets, the recipe's own parser for recipes, the app's parser for ``superscopes app``),
 because a recipe or the web server runs for minutes or forever. A block preceded by
 ``<!-- readme-test: ndif -->`` needs an NDIF server and key: here it is only compiled or
@@ -108,8 +108,14 @@ def run_alone(block: Block, folder: Path) -> None:
     blocks or from this test process (imports, models, torch's thread count) carries over."""
     compile_block(block, folder)
     source = folder / f"{block.path.stem}_line{block.line}.py"
-    result = subprocess.run([sys.executable, str(source)], cwd=folder, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(source)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, f"{block} failed on its own:\n{result.stderr[-3000:]}"
 
 
@@ -154,6 +160,11 @@ def test_import_superscopes_gives_every_name_the_readme_uses():
         f"missing = [n for n in {names!r} if not hasattr(superscopes, n)]\n"
         "assert not missing, f'superscopes has no {missing}'\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -102,8 +102,13 @@ def test_the_explorer_offers_a_registered_readout_and_serves_its_column(toy, tmp
     from superscopes.app.testing import fake_similarity, tiny_model
     from tests.test_app import NAME, Client, start
 
-    app = App(default_model=NAME, models={NAME: tiny_model(name=NAME)}, offer_embedded=False,
-              judge=fake_similarity, store=RunStore(tmp_path / "runs.sqlite"))  # fmt: skip
+    app = App(
+        default_model=NAME,
+        models={NAME: tiny_model(name=NAME)},
+        offer_embedded=False,
+        judge=fake_similarity,
+        store=RunStore(tmp_path / "runs.sqlite"),
+    )
     server = start(app)
     try:
         api = Client(server.url.rstrip("/"), app)

@@ -31,7 +31,9 @@ def toy(run: Run, computed: list[str]) -> pd.DataFrame:
 def go(tmp_path, *argv: str) -> tuple[pd.DataFrame, list[str]]:
     computed: list[str] = []
     tables: list[pd.DataFrame] = []
-    out = run_recipe("toy", build_parser, lambda run: tables.append(toy(run, computed)), ["--out", str(tmp_path), *argv])
+    out = run_recipe(
+        "toy", build_parser, lambda run: tables.append(toy(run, computed)), ["--out", str(tmp_path), *argv]
+    )
     assert out == tmp_path
     return tables[0], computed
 

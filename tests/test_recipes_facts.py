@@ -40,8 +40,13 @@ def test_success_is_lis_check_correct():
 
 
 def test_judged_never_counts_an_echo():
-    frame = pd.DataFrame({"output": ["France France", "Paris, France", "Lyon"], "object": ["France", "Paris", "Paris"],
-                          "subject": ["France"] * 3})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "output": ["France France", "Paris, France", "Lyon"],
+            "object": ["France", "Paris", "Paris"],
+            "subject": ["France"] * 3,
+        }
+    )
     out = F.judged(frame)
     assert out["echo"].tolist() == [True, False, False]
     assert out["success"].tolist() == [False, True, False]  # the first mentions the object but only echoes
@@ -85,7 +90,8 @@ def test_input_only_prompt_llama_turns_plain_text_and_bos():
     assert F.input_only_prompt(other, "A.", "In x").startswith("<s>[user][assistant]A.")  # keeps the template's BOS
     plain = _Tokenizer("google/gemma-3-270m", None)
     assert F.input_only_prompt(plain, "A snippet.", "The largest city in x") == (
-        "A snippet.\n\nComplete the sentence: The largest city in")
+        "A snippet.\n\nComplete the sentence: The largest city in"
+    )
 
 
 def test_li_rows_are_unfiltered():
@@ -132,23 +138,33 @@ def test_cropped_source_has_the_snippets_hidden_state(smollm2):
     """The recipes read the last token of the snippet cut after the subject: in a causal
     model that is the same vector as the last subject token of the full snippet."""
     rows = F.load_task("country_capital_city", limit_subjects=2)
-    rows = rows[[F.crop_is_exact(smollm2.tokenizer, s, su, so)
-                 for s, su, so in zip(rows["snippet"], rows["subject"], rows["source"])]].head(2)  # fmt: skip
+    rows = rows[
+        [
+            F.crop_is_exact(smollm2.tokenizer, s, su, so)
+            for s, su, so in zip(rows["snippet"], rows["subject"], rows["source"])
+        ]
+    ].head(2)
     assert len(rows) == 2
     from superscopes.prompts import find_token, num_tokens
 
     prompts = list(rows["snippet"]) + list(rows["source"])
-    reads = [(i, find_token(smollm2.tokenizer, s, su), "resid_post", 6) for i, (s, su) in enumerate(zip(rows["snippet"], rows["subject"]))]
+    reads = [
+        (i, find_token(smollm2.tokenizer, s, su), "resid_post", 6)
+        for i, (s, su) in enumerate(zip(rows["snippet"], rows["subject"]))
+    ]
     reads += [(2 + i, num_tokens(smollm2.tokenizer, s) - 1, "resid_post", 6) for i, s in enumerate(rows["source"])]
     v = read_vectors(smollm2, prompts, reads)
     torch.testing.assert_close(v[:2], v[2:], atol=1e-4, rtol=1e-4)
 
 
 def test_split_keeps_a_training_row_per_tested_class():
-    rows = pd.DataFrame({
-        "task": "t", "subject": ["a", "a", "b", "b", "b", "c", "d", "d"],
-        "object": ["X", "X", "Y", "Y", "Y", "Z", "X", "X"],
-    })  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            "task": "t",
+            "subject": ["a", "a", "b", "b", "b", "c", "d", "d"],
+            "object": ["X", "X", "Y", "Y", "Y", "Z", "X", "X"],
+        }
+    )
     test = ae.split(rows, max_test=10, seed=0)
     train = rows[~test]
     assert test.sum() > 0
@@ -216,8 +232,9 @@ def as_bool(column: pd.Series) -> pd.Series:
 def test_attribute_extraction_quick(shared_models, tmp_path):
     out = tmp_path / "ae"
     run_recipe("attribute_extraction", out)
-    check_outputs(out, ["cells.csv", "knowledge.csv", "probe.csv", "rows.csv", "per_row.csv", "comparisons.csv"],
-                  ["accuracy.png"])  # fmt: skip
+    check_outputs(
+        out, ["cells.csv", "knowledge.csv", "probe.csv", "rows.csv", "per_row.csv", "comparisons.csv"], ["accuracy.png"]
+    )
     rows, cells, scores = read(out / "rows.csv"), read(out / "cells.csv"), read(out / "per_row.csv")
     test_rows = rows[as_bool(rows["test"])]
     patch = cells[cells["condition"] == "Patchscopes"]
@@ -247,8 +264,9 @@ def test_attribute_extraction_quick(shared_models, tmp_path):
 def test_multihop_quick(shared_models, tmp_path):
     out = tmp_path / "mh"
     run_recipe("multihop", out)
-    check_outputs(out, ["cells.csv", "baseline.csv", "queries.csv", "per_query.csv", "comparisons.csv"],
-                  ["fixes_heatmap.png"])  # fmt: skip
+    check_outputs(
+        out, ["cells.csv", "baseline.csv", "queries.csv", "per_query.csv", "comparisons.csv"], ["fixes_heatmap.png"]
+    )
     baseline, queries, cells = read(out / "baseline.csv"), read(out / "queries.csv"), read(out / "cells.csv")
     assert len(baseline) == 3 * len(queries)
     evaluated = queries[as_bool(queries["evaluated"])]
@@ -260,13 +278,17 @@ def test_multihop_quick(shared_models, tmp_path):
     tries = cells[~notebook].groupby(["condition", "row"]).size()
     assert tries.nunique() == 1  # back-patching, the paper's CoT and their controls: the same (l, l*) pairs
     assert (cells.loc[~notebook, "target_layer"] < cells.loc[~notebook, "layer"]).all()
-    pairs = cells[notebook].groupby(["condition", "row"])[["layer", "target_layer"]].apply(lambda f: len(f.value_counts()))
+    pairs = (
+        cells[notebook].groupby(["condition", "row"])[["layer", "target_layer"]].apply(lambda f: len(f.value_counts()))
+    )
     grid = sorted(set(cells.loc[notebook, "layer"]))
     assert set(pairs) == {len(grid) ** 2} and grid == sorted(set(cells.loc[notebook, "target_layer"]))  # every pair
     back, cot = cells[cells["condition"] == mh.BACK], cells[cells["condition"] == mh.COT]
     assert (back["target"] == "source").all() and (back["position"] == back["target_position"]).all()
     span, prefix = dict(zip(evaluated["row"], evaluated["span"])), dict(zip(evaluated["row"], evaluated["prefix"]))
-    assert all(s == span[r] and t == prefix[r] for s, t, r in zip(cot["source"], cot["target"], cot["row"]))  # pi1 -> pi2
+    assert all(
+        s == span[r] and t == prefix[r] for s, t, r in zip(cot["source"], cot["target"], cot["row"])
+    )  # pi1 -> pi2
     nb = cells[cells["condition"] == mh.NOTEBOOK]  # the notebook's direction: pi2 -> pi1
     assert all(s == prefix[r] and t == span[r] for s, t, r in zip(nb["source"], nb["target"], nb["row"]))
     for seed in seeds:
@@ -306,15 +328,33 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
 
     out = tmp_path / "vc"
     run_recipe("verbalization_controls", out)
-    check_outputs(out, ["cells.csv", "knowledge.csv", "maps.csv", "rows.csv", "per_row.csv", "comparisons.csv",
-                        "li_accuracy.csv", "shuffled_draws.csv"], ["accuracy_heatmaps.png"])  # fmt: skip
+    check_outputs(
+        out,
+        [
+            "cells.csv",
+            "knowledge.csv",
+            "maps.csv",
+            "rows.csv",
+            "per_row.csv",
+            "comparisons.csv",
+            "li_accuracy.csv",
+            "shuffled_draws.csv",
+        ],
+        ["accuracy_heatmaps.png"],
+    )
     cells, rows = read(out / "cells.csv"), read(out / "rows.csv")
     a, b = "smollm2-135m", "gemma3-270m"
     seeds = [0, 1, 2]  # three shuffled-source draws
     draws = {vc.shuffled_name(v, s, seed) for v, s in ((a, b), (b, a)) for seed in seeds}
     li_conditions = {f"{m}: {c}" for m in (a, b) for c in ("input only (Li)", "Patchscope (Li's rows)")}
-    assert set(cells["condition"]) == {f"{a}: own Patchscope", f"{b}: own Patchscope", f"{a}: reads {b}",
-                                       f"{b}: reads {a}", *li_conditions, *draws}  # fmt: skip
+    assert set(cells["condition"]) == {
+        f"{a}: own Patchscope",
+        f"{b}: own Patchscope",
+        f"{a}: reads {b}",
+        f"{b}: reads {a}",
+        *li_conditions,
+        *draws,
+    }
     cross = cells[cells["condition"].str.contains("reads")]
     assert (cross["transform"] == "affine").all() and (cross["source_model"] != cross["verbaliser"]).all()
     own = cells[cells["condition"].str.contains("own")]
@@ -322,8 +362,12 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
     for name, part in cells[cells["row"].astype(int) >= 0].groupby("condition"):
         assert set(part["row"].astype(int)) == set(rows["row"]), name
     maps = read(out / "maps.csv")
-    assert len(maps) == cross[~cross["condition"].str.contains("shuffled")].groupby(
-        ["source_model", "layer", "target_layer"]).ngroups  # fmt: skip
+    assert (
+        len(maps)
+        == cross[~cross["condition"].str.contains("shuffled")]
+        .groupby(["source_model", "layer", "target_layer"])
+        .ngroups
+    )
     # Li's Patchscope: every unfiltered row (the input-only rows), the whole snippet as the source.
     li = F.li_rows("country_currency", 6)
     for m in (a, b):

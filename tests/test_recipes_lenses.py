@@ -15,7 +15,11 @@ def _outputs(out, figure: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     for name in ("cells.csv", "summary.csv", "summary.md", figure):
         assert (out / name).stat().st_size > 0, name
     summary_md = (out / "summary.md").read_text()
-    assert "**Ours:**" in summary_md and "**Paper:**" in summary_md and "Command: `python -m superscopes.recipes." in summary_md
+    assert (
+        "**Ours:**" in summary_md
+        and "**Paper:**" in summary_md
+        and "Command: `python -m superscopes.recipes." in summary_md
+    )
     assert "nan" not in summary_md.split("## Settings")[0]
     return ResultStore.read(out / "cells.csv"), pd.read_csv(out / "summary.csv"), summary_md
 
@@ -131,16 +135,23 @@ def test_inverse_scope_quick(tmp_path):
     assert cells["consistency"].between(0, 1).all() and cells["f_query"].eq(1).all()
     assert not cells.duplicated(["query", "layer", "sampler", "hypothesis"]).any()
     # Nearest inputs share the query's relation more often than random inputs do (a weak, robust effect).
-    rel = summary[summary["hypothesis"] == "same_relation"].pivot(index="layer", columns="sampler", values="consistency")
+    rel = summary[summary["hypothesis"] == "same_relation"].pivot(
+        index="layer", columns="sampler", values="consistency"
+    )
     assert (rel["nearest"] >= rel["random"]).any()
     # At the last layer, the nearest inputs' next-token prediction is the query's more often than random's.
-    pred = summary[summary["hypothesis"] == "same_prediction"].pivot(index="layer", columns="sampler", values="consistency")
+    pred = summary[summary["hypothesis"] == "same_prediction"].pivot(
+        index="layer", columns="sampler", values="consistency"
+    )
     assert pred["nearest"].iloc[-1] > pred["random"].iloc[-1]
     # The trained generator (a tiny one in --quick) at the middle layer, beside the stand-in.
     generated = ResultStore.read(tmp_path / "generator.csv")
     assert list(generated.columns) == inverse_scope.CELL_COLUMNS and set(generated["sampler"]) == {"generator"}
-    assert {"same_subject", "same_token", "same_prediction"} <= set(generated["hypothesis"]) \
+    assert (
+        {"same_subject", "same_token", "same_prediction"}
+        <= set(generated["hypothesis"])
         <= set(inverse_scope.GENERATOR_HYPOTHESES)
+    )
     assert generated["layer"].nunique() == 1 and generated["consistency"].between(0, 1).all()
     assert generated.groupby("hypothesis")["query"].nunique()["same_token"] == 16
     layer = int(generated["layer"].iloc[0])

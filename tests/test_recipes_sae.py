@@ -21,8 +21,17 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
     monkeypatch.setattr(superscopes, "load", lambda name=None, remote=False, **kw: smollm2)
     W = torch.randn(256, 576, generator=torch.Generator().manual_seed(0))
     W /= W.norm(dim=-1, keepdim=True)
-    S.SAE(W.T.clone(), torch.zeros(256), W, torch.zeros(576), "topk", k=16, site="resid_post", layer=15,
-          mean_activation=torch.full((256,), 5.0)).save(tmp_path / "sae")  # fmt: skip
+    S.SAE(
+        W.T.clone(),
+        torch.zeros(256),
+        W,
+        torch.zeros(576),
+        "topk",
+        k=16,
+        site="resid_post",
+        layer=15,
+        mean_activation=torch.full((256,), 5.0),
+    ).save(tmp_path / "sae")
     from recipes import sae_self_explanation
 
     # Killed in its second pass (2 latents x 2 alphas per pass at --batch-size 4), then resumed.
@@ -76,10 +85,13 @@ def test_sae_self_explanation_quick(smollm2, monkeypatch, tmp_path):
         curve = json.loads(row.self_similarity_curve)
         assert len(curve) == 8 and curve[0] == 0 and json.loads(row.entropy_curve)[0] == 0
         best = max(range(1, 8), key=curve.__getitem__)
-        assert row.scale_ratio == pytest.approx(2.0 * best / 7) and row.self_similarity == pytest.approx(curve[best], abs=1e-5)
+        assert row.scale_ratio == pytest.approx(2.0 * best / 7) and row.self_similarity == pytest.approx(
+            curve[best], abs=1e-5
+        )
     assert selected.loc[sae_self_explanation.AUTHORS, "mean_a"] == pytest.approx(authors["agreement"].mean(), abs=1e-6)
-    assert (tmp_path / "out" / "scales.png").stat().st_size > 10_000 and "![scales.png](scales.png)" in \
-        (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "scales.png").stat().st_size > 10_000 and "![scales.png](scales.png)" in (
+        tmp_path / "out" / "summary.md"
+    ).read_text()
     by_similarity = cells.loc[cells.groupby("latent")["self_similarity"].idxmax()]
     by_entropy = cells.loc[cells.groupby("latent")["entropy"].idxmin()]
     assert selected.loc["self-similarity", "mean_a"] == pytest.approx(by_similarity["agreement"].mean(), abs=1e-6)

@@ -84,7 +84,9 @@ def test_superscopes_hidden_states_quick(shared_model, tmp_path):
     run_recipe("superscopes_hidden_states", out)
     cells = check_common(out, ["similarity_heatmap.png"])
     assert set(cells["site"]) == {"resid_post"} and set(cells["target_layer"]) == {0}
-    assert set(cells["source"]) == {"Alexander the Great"} and not cells.duplicated(["condition", "layer", "alpha"]).any()
+    assert (
+        set(cells["source"]) == {"Alexander the Great"} and not cells.duplicated(["condition", "layer", "alpha"]).any()
+    )
     assert set(cells[cells["condition"] == "amplified"]["alpha"]) == {2.0, 3.0}  # the notebook's range(2, 7), quick
     run_recipe("superscopes_hidden_states", out)
     assert len(read(out / "cells.csv")) == len(cells)
@@ -106,7 +108,9 @@ def test_superscopes_evaluation_quick_and_resume(shared_model, tmp_path):
     assert tests["comparison"].tolist() == list(evaluation.PAIRS)
     assert (tests["p_holm"] >= tests["p"] - 1e-12).all() and (tests["ci_low"] <= tests["difference"] + 1e-12).all()
     per_prompt = read(out / "per_prompt.csv")
-    assert len(per_prompt) == cells["source"].nunique() and per_prompt.drop(columns="source").stack().between(0, 1).all()
+    assert (
+        len(per_prompt) == cells["source"].nunique() and per_prompt.drop(columns="source").stack().between(0, 1).all()
+    )
     # Chance: three mismatched-prompt draws (seeds 0, 1, 2), the control their mean, each draw reported.
     draws = [f"{evaluation.CHANCE_BEST} (seed {s})" for s in (0, 1, 2)]
     assert (per_prompt[evaluation.CHANCE_BEST] == per_prompt[draws].astype(float).mean(axis=1)).all()
@@ -171,11 +175,15 @@ def test_evaluation_follows_the_notebook(smollm2):
     from superscopes.prompts import tokens
 
     assert evaluation.NOTEBOOK_PROMPTS == NOTEBOOK_48.split("; ") and len(evaluation.NOTEBOOK_PROMPTS) == 48
-    assert evaluation.ALPHAS == [3, 6, 9, 12, 15] and evaluation.LAYERS == list(range(1, 8))  # range(3, 18, 3), range(1, 8)
+    assert evaluation.ALPHAS == [3, 6, 9, 12, 15] and evaluation.LAYERS == list(
+        range(1, 8)
+    )  # range(3, 18, 3), range(1, 8)
     grid = evaluation.conditions(evaluation.ALPHAS, 3)
     assert grid["greedy"]["alphas"] == [1, 3, 6, 9, 12, 15] and grid["norm"]["alphas"] == [1]
     assert [grid[f"random{s}"]["seed"] for s in range(3)] == [0, 1, 2] and 1 not in grid["random0"]["alphas"]
-    for prompt in evaluation.NOTEBOOK_PROMPTS:  # find_token_id's first occurrence of the last token is the last position
+    for (
+        prompt
+    ) in evaluation.NOTEBOOK_PROMPTS:  # find_token_id's first occurrence of the last token is the last position
         pieces = tokens(smollm2.tokenizer, prompt)
         assert pieces.index(pieces[-1]) == len(pieces) - 1, prompt
 
@@ -189,12 +197,18 @@ def test_examples_follow_the_notebooks():
     assert amplified["Wales"].target_layer == amplified["Future"].target_layer == "same"
     assert all(r.alphas == (3, 6, 9, 12, 15) and r.sites == ("mlp_out",) for r in amplified.values())
     assert all(r.target_layer == 0 and r.alphas == (1,) for r in MLP if r.condition == "plain")
-    assert {r.token: r.layers for r in MLP if r.condition == "plain"} == {"Wales": (1, 2, 3, 4), "Future": (1, 2, 3),
-                                                                         "Live": (2, 3, 4)}  # fmt: skip
+    assert {r.token: r.layers for r in MLP if r.condition == "plain"} == {
+        "Wales": (1, 2, 3, 4),
+        "Future": (1, 2, 3),
+        "Live": (2, 3, 4),
+    }
     assert all(r.target_layer == 0 for r in HIDDEN)
     hidden = {r.token: (r.layers, r.alphas) for r in HIDDEN if r.condition == "amplified"}
-    assert hidden == {"Great": ((4, 5), (2, 3, 4, 5, 6)), "ppers": ((3,), (1.3, 1.5, 1.7, 1.9)),
-                      "Machine": ((7, 8, 9), tuple(range(3, 24, 3)))}  # fmt: skip
+    assert hidden == {
+        "Great": ((4, 5), (2, 3, 4, 5, 6)),
+        "ppers": ((3,), (1.3, 1.5, 1.7, 1.9)),
+        "Machine": ((7, 8, 9), tuple(range(3, 24, 3))),
+    }
 
 
 TARGET = "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean multinational major appliance and consumer electronics corporation, x"
@@ -209,14 +223,16 @@ def evaluation_cells(rows) -> pd.DataFrame:
 def test_evaluation_never_counts_an_echo_or_alpha_1_as_superscopes():
     from recipes import superscopes_evaluation as evaluation
 
-    cells = evaluation_cells([
-        ("Pink Floyd", 1, 1.0, 0.9, ": British rock band"),  # alpha 1 succeeds: Patchscopes only
-        ("Pink Floyd", 1, 3.0, 0.8, " Leonardo DiCaprio: American actor"),  # echo of the few-shot example
-        ("Pink Floyd", 1, 6.0, 0.7, " Floyd Floyd Floyd"),  # echo of the source token
-        ("Deep Purple", 1, 1.0, 0.1, ": colour"),
-        ("Deep Purple", 1, 3.0, 0.5, ": British rock band"),  # a real success
-        ("Deep Purple", 1, 6.0, 0.2, ": colour"),
-    ])  # fmt: skip
+    cells = evaluation_cells(
+        [
+            ("Pink Floyd", 1, 1.0, 0.9, ": British rock band"),  # alpha 1 succeeds: Patchscopes only
+            ("Pink Floyd", 1, 3.0, 0.8, " Leonardo DiCaprio: American actor"),  # echo of the few-shot example
+            ("Pink Floyd", 1, 6.0, 0.7, " Floyd Floyd Floyd"),  # echo of the source token
+            ("Deep Purple", 1, 1.0, 0.1, ": colour"),
+            ("Deep Purple", 1, 3.0, 0.5, ": British rock band"),  # a real success
+            ("Deep Purple", 1, 6.0, 0.2, ": colour"),
+        ]
+    )
     cells = evaluation.successes(cells, draws=[0])
     assert cells["echo"].tolist() == [False, True, True, False, False, False]
     assert cells["success"].tolist() == [True, False, False, False, True, False]  # echoes above 0.3 never succeed
@@ -228,9 +244,17 @@ def test_evaluation_never_counts_an_echo_or_alpha_1_as_superscopes():
 def test_examples_never_count_an_echo_as_naming_the_entity():
     from recipes.superscopes_mlp_outputs import annotate
 
-    cells = pd.DataFrame({"output": [": Princess Diana of Wales", " Diana: Princess Diana, Leonardo DiCaprio",
-                                     " Leonardo DiCaprio: Princess Diana", ": Country in the Middle East, x"],
-                          "similarity": [0.6, 0.6, 0.6, 0.6]})  # fmt: skip
+    cells = pd.DataFrame(
+        {
+            "output": [
+                ": Princess Diana of Wales",
+                " Diana: Princess Diana, Leonardo DiCaprio",
+                " Leonardo DiCaprio: Princess Diana",
+                ": Country in the Middle East, x",
+            ],
+            "similarity": [0.6, 0.6, 0.6, 0.6],
+        }
+    )
     cells = annotate(cells.assign(source="Diana, Princess of Wales", token=" Wales", target=TARGET))
     assert cells["echo"].tolist() == [False, False, True, True]
     assert cells["names_entity"].tolist() == [True, True, False, False]
@@ -242,8 +266,14 @@ def test_entity_description_scores_an_echo_zero():
     from recipes.entity_description import score
 
     outputs = [" Leonardo DiCaprio: American actor", ": American film actor, x", " Hanks", ": American actor, x"]
-    cells = pd.DataFrame({"output": outputs, "token": [" Hanks"] * 4, "target": [TARGET] * 4,
-                          "reference": ["American actor and filmmaker"] * 4})  # fmt: skip
+    cells = pd.DataFrame(
+        {
+            "output": outputs,
+            "token": [" Hanks"] * 4,
+            "target": [TARGET] * 4,
+            "reference": ["American actor and filmmaker"] * 4,
+        }
+    )
     scored = score(cells)
     # The last copies an example's whole description ("American actor"): an echo even where it fits.
     assert scored["echo"].tolist() == [True, False, True, True]

@@ -62,7 +62,9 @@ class FakeNDIF(BaseHTTPRequestHandler):
 
     def _frame(self, text: str) -> None:
         payload = text.encode()
-        header = bytes([0x81, len(payload)]) if len(payload) < 126 else bytes([0x81, 126]) + len(payload).to_bytes(2, "big")
+        header = (
+            bytes([0x81, len(payload)]) if len(payload) < 126 else bytes([0x81, 126]) + len(payload).to_bytes(2, "big")
+        )
         self.wfile.write(header + payload)
         self.wfile.flush()
 
@@ -70,8 +72,11 @@ class FakeNDIF(BaseHTTPRequestHandler):
         if self.plain_404:
             return self._json(404, {"detail": "Not Found"})
         if self.path == "/subscribe" and self.headers.get("Upgrade", "").lower() == "websocket":
-            accept = base64.b64encode(hashlib.sha1(
-                (self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()  # fmt: skip
+            accept = base64.b64encode(
+                hashlib.sha1(
+                    (self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()
+                ).digest()
+            ).decode()
             self.send_response(101)
             self.send_header("Upgrade", "websocket")
             self.send_header("Connection", "Upgrade")
@@ -115,9 +120,17 @@ def fake_ndif(monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeNDIF)
     server.daemon_threads = True
     server.closing = threading.Event()
-    for name, value in dict(post_status=200, detail="", run_error="", plain_404=False, silent=False, server_nnsight="0.8.1",
-                            whoami=(200, {"email": "someone@example.org", "tags": []}), frames=[],
-                            requests=0).items():  # fmt: skip
+    for name, value in dict(
+        post_status=200,
+        detail="",
+        run_error="",
+        plain_404=False,
+        silent=False,
+        server_nnsight="0.8.1",
+        whoami=(200, {"email": "someone@example.org", "tags": []}),
+        frames=[],
+        requests=0,
+    ).items():
         monkeypatch.setattr(FakeNDIF, name, value)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{server.server_port}")
@@ -145,31 +158,54 @@ def run_failure(fake_ndif, **scenario) -> tuple[str, str]:
 @pytest.mark.parametrize(
     "scenario,advice",
     [
-        (dict(post_status=401, detail="Missing or invalid API key. Please visit https://login.ndif.us/"),
-         "refused the API key (HTTP 401)"),
+        (
+            dict(post_status=401, detail="Missing or invalid API key. Please visit https://login.ndif.us/"),
+            "refused the API key (HTTP 401)",
+        ),
         (dict(post_status=403, detail="Invalid API key."), "refused the API key (HTTP 403)"),
-        (dict(post_status=400, detail=f"Invalid API key format: '{SECRET}'. Keys are UUIDs."),
-         "refused the API key (HTTP 400)"),
-        (dict(post_status=400, detail="Client nnsight version 0.8.1 is below the minimum supported 0.9.0. "
-                                      "Please `pip install --upgrade nnsight`."),
-         "client nnsight version 0.8.1 is below the minimum supported 0.9.0 on http://127.0.0.1"),
+        (
+            dict(post_status=400, detail=f"Invalid API key format: '{SECRET}'. Keys are UUIDs."),
+            "refused the API key (HTTP 400)",
+        ),
+        (
+            dict(
+                post_status=400,
+                detail="Client nnsight version 0.8.1 is below the minimum supported 0.9.0. "
+                "Please `pip install --upgrade nnsight`.",
+            ),
+            "client nnsight version 0.8.1 is below the minimum supported 0.9.0 on http://127.0.0.1",
+        ),
         # An auth database that is down: the server answered, so it is not "unreachable".
-        (dict(post_status=500, detail="could not connect to server: Connection refused (postgres)"),
-         "failed to accept the request (HTTP 500)"),
-        (dict(post_status=503, detail="Service temporarily unavailable: compute backend is reconnecting."),
-         "is up but cannot run requests now (HTTP 503)"),
-        (dict(run_error="Traceback ...\nRuntimeError: CUDA out of memory on the server"),
-         "the server raised an exception while running the request"),
-        (dict(run_error="Could not deploy this model. Remotable.describe_checkpoint() got an unexpected keyword"),
-         "the model is not deployed on http://127.0.0.1"),
-        (dict(run_error='Model nnsight.modeling.language.LanguageModel:{"repo_id": "meta-llama/Llama-3.2-3B"} is not '
-                        "dedicated and hotswapping is not supported for this API key."),
-         "the model is not deployed on http://127.0.0.1"),
-        (dict(run_error="Module superscopes_helpers is not whitelisted"),
-         "the server refused code that imports a module it does not allow"),
+        (
+            dict(post_status=500, detail="could not connect to server: Connection refused (postgres)"),
+            "failed to accept the request (HTTP 500)",
+        ),
+        (
+            dict(post_status=503, detail="Service temporarily unavailable: compute backend is reconnecting."),
+            "is up but cannot run requests now (HTTP 503)",
+        ),
+        (
+            dict(run_error="Traceback ...\nRuntimeError: CUDA out of memory on the server"),
+            "the server raised an exception while running the request",
+        ),
+        (
+            dict(run_error="Could not deploy this model. Remotable.describe_checkpoint() got an unexpected keyword"),
+            "the model is not deployed on http://127.0.0.1",
+        ),
+        (
+            dict(
+                run_error='Model nnsight.modeling.language.LanguageModel:{"repo_id": "meta-llama/Llama-3.2-3B"} is not '
+                "dedicated and hotswapping is not supported for this API key."
+            ),
+            "the model is not deployed on http://127.0.0.1",
+        ),
+        (
+            dict(run_error="Module superscopes_helpers is not whitelisted"),
+            "the server refused code that imports a module it does not allow",
+        ),
         (dict(plain_404=True), "answered 404 Not Found: it does not look like an NDIF server"),
     ],
-)  # fmt: skip
+)
 def test_refusals_become_clear_errors_without_the_key(fake_ndif, scenario, advice):
     message, chained = run_failure(fake_ndif, **scenario)
     assert advice in message
@@ -201,7 +237,9 @@ def test_the_key_from_nnsights_config_file_is_scrubbed(fake_ndif, monkeypatch, t
     monkeypatch.delenv("NDIF_API_KEY")
     monkeypatch.chdir(tmp_path)  # no ./.env
     monkeypatch.setattr(CONFIG.API, "APIKEY", "nnsight-config-file-key-42")
-    message, chained = run_failure(fake_ndif, post_status=400, detail="Invalid API key format: 'nnsight-config-file-key-42'.")
+    message, chained = run_failure(
+        fake_ndif, post_status=400, detail="Invalid API key format: 'nnsight-config-file-key-42'."
+    )
     assert "nnsight-config-file-key-42" not in chained and "***" in message
     assert redact("key nnsight-config-file-key-42 here") == "key *** here"
 
@@ -213,14 +251,17 @@ def test_a_stalled_server_meets_the_client_time_out(fake_ndif):
     model = superscopes.load("smollm2-135m", remote=True)
     start = time.monotonic()
     with pytest.raises(RemoteRunError, match=r"timed out .*within the client time-out of 1\.5 s"):
-        superscopes.run(model, Scope("Diana", layers=[1], alphas=[1], output="topk"), remote=True, timeout=1.5,
-                        progress=False)  # fmt: skip
+        superscopes.run(
+            model, Scope("Diana", layers=[1], alphas=[1], output="topk"), remote=True, timeout=1.5, progress=False
+        )
     assert time.monotonic() - start < 15
 
 
 def test_a_host_without_scheme_is_refused_before_anything_is_sent(monkeypatch):
     monkeypatch.setenv("NDIF_HOST", "127.0.0.1:5001")
-    with pytest.raises(RemoteConfigError, match=r"NDIF_HOST '127.0.0.1:5001' has no scheme: write it as http://127.0.0.1:5001"):
+    with pytest.raises(
+        RemoteConfigError, match=r"NDIF_HOST '127.0.0.1:5001' has no scheme: write it as http://127.0.0.1:5001"
+    ):
         configure()
     assert main(["remote", "status"]) == 2
 
@@ -233,7 +274,8 @@ def test_transport_failures_are_recognised_by_type_not_text():
     assert "is unreachable (ConnectError)" in diagnose(refused, host)
     assert "timed out (ReadTimeout)" in diagnose(httpx.ReadTimeout("read", request=request), host)
     assert "is unreachable (WebSocketConnectionClosedException)" in diagnose(
-        websocket.WebSocketConnectionClosedException("socket is already closed."), host)
+        websocket.WebSocketConnectionClosedException("socket is already closed."), host
+    )
     # Words alone are not a transport failure: a server message mentioning "connect".
     assert "unreachable" not in diagnose(RuntimeError("could not connect to the auth database"), host)
 

@@ -20,8 +20,12 @@ def test_a_local_model_run_remotely_says_to_load_it_remotely(tiny_models, tmp_pa
 
 
 def test_remote_local_still_runs_a_local_model(tiny_models):
-    frame = superscopes.run(tiny_models["llama"], Scope("Hello world", layers=[0], alphas=[1], max_new_tokens=2,
-                                                        sites=["resid_post"]), remote="local", progress=False)  # fmt: skip
+    frame = superscopes.run(
+        tiny_models["llama"],
+        Scope("Hello world", layers=[0], alphas=[1], max_new_tokens=2, sites=["resid_post"]),
+        remote="local",
+        progress=False,
+    )
     assert len(frame) == 1
 
 

@@ -11,8 +11,14 @@ from superscopes.results import ResultStore, SettingsMismatchError, read_table, 
 
 
 def unit(prompt: str, n: int = 3) -> pd.DataFrame:
-    return pd.DataFrame({"source": [prompt] * n, "alpha": list(range(n)), "output": ["a, b", "", "x\ny"][:n],
-                         "output_ids": [[1, 2], [], [3]][:n]})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "source": [prompt] * n,
+            "alpha": list(range(n)),
+            "output": ["a, b", "", "x\ny"][:n],
+            "output_ids": [[1, 2], [], [3]][:n],
+        }
+    )
 
 
 def run_units(store: ResultStore, prompts: list[str], crash_after: int | None = None) -> None:
@@ -128,9 +134,17 @@ def test_new_columns_are_kept_on_append(tmp_path):
 
 
 def test_csv_store_round_trip_keeps_types(tmp_path):
-    frame = pd.DataFrame({"source": ["Diana", "Diana"], "layer": [1, 2], "alpha": [1.0, 6.0],
-                          "output": ["1135", "12"], "success": [True, False], "output_ids": [[5, 7], []],
-                          "output_probs": [[0.5, 0.25], []]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "source": ["Diana", "Diana"],
+            "layer": [1, 2],
+            "alpha": [1.0, 6.0],
+            "output": ["1135", "12"],
+            "success": [True, False],
+            "output_ids": [[5, 7], []],
+            "output_probs": [[0.5, 0.25], []],
+        }
+    )
     store = ResultStore(tmp_path / "cells.csv", ["source"], settings=SETTINGS)
     store.append(frame)
     back = ResultStore(tmp_path / "cells.csv", ["source"], settings=SETTINGS).load()
@@ -143,8 +157,17 @@ def test_csv_store_round_trip_keeps_types(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_save_and_read_table_keep_values_and_types(tmp_path, suffix):
-    frame = pd.DataFrame({"source": ["Diana"], "layer": [3], "alpha": [1.5], "output": ["1135"],
-                          "best": ["*"], "output_ids": [[9, 10, 11]], "success": [True]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "source": ["Diana"],
+            "layer": [3],
+            "alpha": [1.5],
+            "output": ["1135"],
+            "best": ["*"],
+            "output_ids": [[9, 10, 11]],
+            "success": [True],
+        }
+    )
     save_table(frame, tmp_path / f"t{suffix}")
     back = read_table(tmp_path / f"t{suffix}")
     assert back.to_dict("records") == frame.to_dict("records")
@@ -152,8 +175,10 @@ def test_save_and_read_table_keep_values_and_types(tmp_path, suffix):
     assert back["success"].dtype == bool and back["output"][0] == "1135"
 
 
-@pytest.mark.parametrize("name,message", [("t.xlsx", "extension '.xlsx'; use one of .csv, .parquet"),
-                                          ("t", "extension ''; use one of .csv, .parquet")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,message",
+    [("t.xlsx", "extension '.xlsx'; use one of .csv, .parquet"), ("t", "extension ''; use one of .csv, .parquet")],
+)
 def test_save_table_refuses_unknown_extensions(tmp_path, name, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         save_table(pd.DataFrame({"a": [1]}), tmp_path / name)

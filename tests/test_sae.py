@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from superscopes import ops, sae as S
+from superscopes import ops
+from superscopes import sae as S
 from superscopes.corpus import load as load_corpus
 from superscopes.scope import Scope, ScopeError, plan, run
 
@@ -20,8 +21,16 @@ D = 64  # the tiny models' hidden size
 def identity_sae(d: int = D, site: str = "resid_post", layer: int = 1) -> S.SAE:
     """ReLU SAE with latents +x_i and -x_i: reconstructs every vector exactly."""
     eye = torch.eye(d)
-    return S.SAE(torch.cat([eye, -eye], 1), torch.zeros(2 * d), torch.cat([eye, -eye]), torch.zeros(d),
-                 "standard", site=site, layer=layer, model="tiny")  # fmt: skip
+    return S.SAE(
+        torch.cat([eye, -eye], 1),
+        torch.zeros(2 * d),
+        torch.cat([eye, -eye]),
+        torch.zeros(d),
+        "standard",
+        site=site,
+        layer=layer,
+        model="tiny",
+    )
 
 
 def orthonormal_sae(architecture: str = "standard", k: int | None = None, d_sae: int = 48) -> S.SAE:
@@ -29,9 +38,20 @@ def orthonormal_sae(architecture: str = "standard", k: int | None = None, d_sae:
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
     W_dec = q[:, :d_sae].T.contiguous()
     threshold = torch.full((d_sae,), 0.1) if architecture == "jumprelu" else None
-    return S.SAE(W_dec.T.contiguous(), torch.zeros(d_sae), W_dec, torch.zeros(D), architecture, k=k,
-                 threshold=threshold, site="resid_post", layer=1, model="tiny",
-                 mean_activation=torch.linspace(1, 2, d_sae), frequency=torch.full((d_sae,), 0.01))  # fmt: skip
+    return S.SAE(
+        W_dec.T.contiguous(),
+        torch.zeros(d_sae),
+        W_dec,
+        torch.zeros(D),
+        architecture,
+        k=k,
+        threshold=threshold,
+        site="resid_post",
+        layer=1,
+        model="tiny",
+        mean_activation=torch.linspace(1, 2, d_sae),
+        frequency=torch.full((d_sae,), 0.01),
+    )
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -108,7 +128,9 @@ def test_latent_transform_in_the_graph_equals_amplify_latent_by_hand(tiny_models
     latent = int(sae.decompose(vector, k=1)[0][0])  # an active latent: amplifying it changes the vector
     activation = float(sae.encode(vector)[latent])
     by_hand = vector + 7.0 * activation * sae.W_dec[latent].detach()
-    scope = Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, latent), **grid)
+    scope = Scope(
+        "one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, latent), **grid
+    )
     frame = run(model, scope, progress=False)
     plain = run(model, Scope("one two three", position=-1, alphas=[1.0], **grid), progress=False)
     external = run(model, Scope(["v"], vectors=by_hand[None], alphas=[1.0], **grid), progress=False)
@@ -135,14 +157,29 @@ def test_a_latent_inactive_on_every_read_vector_warns(tiny_models):
     silent, active = int(acts.argmin()), int(acts.argmax())
     assert float(acts[silent]) == 0 and float(acts[active]) > 0
     for remote in (False, "local"):
-        scope = Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, silent), **grid)
-        with pytest.warns(UserWarning, match=f"latent {silent} of SAE\\(topk.* is zero on every read vector of this grid"):
+        scope = Scope(
+            "one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"], sae_latent=(sae, silent), **grid
+        )
+        with pytest.warns(
+            UserWarning, match=f"latent {silent} of SAE\\(topk.* is zero on every read vector of this grid"
+        ):
             frame = run(model, scope, remote=remote, progress=False)
         assert frame["output_probs"].iloc[0] == frame["output_probs"].iloc[1]  # identical, as the warning says
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            run(model, Scope("one two three", position=-1, alphas=[1.0, 8.0], transforms=["latent"],
-                             sae_latent=(sae, active), **grid), remote=remote, progress=False)  # fmt: skip
+            run(
+                model,
+                Scope(
+                    "one two three",
+                    position=-1,
+                    alphas=[1.0, 8.0],
+                    transforms=["latent"],
+                    sae_latent=(sae, active),
+                    **grid,
+                ),
+                remote=remote,
+                progress=False,
+            )
 
 
 def test_latent_transform_is_validated_before_any_forward_pass(tiny_models):
@@ -151,10 +188,12 @@ def test_latent_transform_is_validated_before_any_forward_pass(tiny_models):
     base = dict(sites=["resid_post"], layers=[1], alphas=[2.0], transforms=["latent"])
     with pytest.raises(ScopeError, match=r"needs sae_latent=\(sae, latent index\)"):
         plan(model, Scope("a b", **base))
-    with pytest.raises(ScopeError, match=r"SAE on resid_post layer 1; the grid reads \[\('mlp_out', 0\), "
-                                         r"\('mlp_out', 1\), \('resid_post', 0\)\] too"):
-        plan(model, Scope("a b", **{**base, "sites": ["resid_post", "mlp_out"], "layers": [0, 1]},
-                          sae_latent=(sae, 3)))  # fmt: skip
+    with pytest.raises(
+        ScopeError,
+        match=r"SAE on resid_post layer 1; the grid reads \[\('mlp_out', 0\), "
+        r"\('mlp_out', 1\), \('resid_post', 0\)\] too",
+    ):
+        plan(model, Scope("a b", **{**base, "sites": ["resid_post", "mlp_out"], "layers": [0, 1]}, sae_latent=(sae, 3)))
     with pytest.raises(S.SAEError, match=r"latent\(s\) \[48\] out of range"):
         plan(model, Scope("a b", **base, sae_latent=(sae, 48)))
     assert len(plan(model, Scope("a b", **base, sae_latent=(sae, 3))).cells) == 1
@@ -176,7 +215,9 @@ def test_directions_scales():
 
 def test_constructor_errors_name_values_and_choices():
     W = torch.zeros(4, 6)
-    with pytest.raises(S.SAEError, match="architecture 'abstopk' is not supported; choose from standard, topk, jumprelu, gated"):
+    with pytest.raises(
+        S.SAEError, match="architecture 'abstopk' is not supported; choose from standard, topk, jumprelu, gated"
+    ):
         S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), "abstopk")
     with pytest.raises(S.SAEError, match=r"a gated SAE needs r_mag \(one per latent\)"):
         S.SAE(W, torch.zeros(6), W.T, torch.zeros(4), "gated")
@@ -201,7 +242,13 @@ def test_save_load_round_trip(tmp_path, arch, k):
     loaded = S.load(tmp_path / "sae")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "mean_activation", "frequency"):
         assert torch.equal(getattr(loaded, name).detach(), getattr(sae, name).detach()), name
-    assert (loaded.architecture, loaded.k, loaded.site, loaded.layer, loaded.model) == (arch, k, "resid_post", 1, "tiny")
+    assert (loaded.architecture, loaded.k, loaded.site, loaded.layer, loaded.model) == (
+        arch,
+        k,
+        "resid_post",
+        1,
+        "tiny",
+    )
     x = torch.randn(10, D)
     assert torch.equal(loaded.encode(x), sae.encode(x))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
@@ -219,13 +266,30 @@ def _write_saelens(folder, cfg: dict, weights: dict) -> None:
 
 def test_hand_written_saelens_folders_load(tmp_path):
     g = torch.Generator().manual_seed(0)
-    weights = {"W_enc": torch.randn(D, 32, generator=g), "b_enc": torch.randn(32, generator=g),
-               "W_dec": torch.randn(32, D, generator=g), "b_dec": torch.randn(D, generator=g)}  # fmt: skip
+    weights = {
+        "W_enc": torch.randn(D, 32, generator=g),
+        "b_enc": torch.randn(32, generator=g),
+        "W_dec": torch.randn(32, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
     # The pre-6.0 layout: hook fields and activation_fn_kwargs at the top level.
-    _write_saelens(tmp_path / "old", {"architecture": "topk", "d_in": D, "d_sae": 32, "dtype": "float32",
-                                      "hook_name": "blocks.2.hook_mlp_out", "hook_layer": 2, "model_name": "tiny",
-                                      "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
-                                      "apply_b_dec_to_input": False, "normalize_activations": "none"}, weights)  # fmt: skip
+    _write_saelens(
+        tmp_path / "old",
+        {
+            "architecture": "topk",
+            "d_in": D,
+            "d_sae": 32,
+            "dtype": "float32",
+            "hook_name": "blocks.2.hook_mlp_out",
+            "hook_layer": 2,
+            "model_name": "tiny",
+            "activation_fn_str": "topk",
+            "activation_fn_kwargs": {"k": 4},
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+        },
+        weights,
+    )
     old = S.load(tmp_path / "old")
     assert (old.site, old.layer, old.k, old.apply_b_dec_to_input) == ("mlp_out", 2, 4, False)
     x = torch.randn(3, D)
@@ -235,9 +299,16 @@ def test_hand_written_saelens_folders_load(tmp_path):
     assert torch.allclose(old.encode(x), expected)
     assert torch.allclose(old(x), expected @ weights["W_dec"] + weights["b_dec"], atol=1e-5)
     # The 6.x layout: k at the top level, hook under meta; JumpReLU with its threshold.
-    _write_saelens(tmp_path / "new", {"architecture": "jumprelu", "d_in": D, "d_sae": 32,
-                                      "meta": {"hook_name": "blocks.0.hook_resid_pre", "model_name": "tiny"}},
-                   weights | {"threshold": torch.full((32,), 0.5)})  # fmt: skip
+    _write_saelens(
+        tmp_path / "new",
+        {
+            "architecture": "jumprelu",
+            "d_in": D,
+            "d_sae": 32,
+            "meta": {"hook_name": "blocks.0.hook_resid_pre", "model_name": "tiny"},
+        },
+        weights | {"threshold": torch.full((32,), 0.5)},
+    )
     new = S.load(tmp_path / "new")
     assert (new.architecture, new.site, new.layer) == ("jumprelu", "resid_pre", 0)
     pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
@@ -248,14 +319,18 @@ def test_unreadable_folders_say_why(tmp_path):
     weights = {"W_enc": torch.zeros(D, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, D), "b_dec": torch.zeros(D)}
     base = {"architecture": "standard", "d_in": D, "d_sae": 8, "hook_name": "blocks.1.hook_resid_post"}
     cases = {
-        "hook": (base | {"hook_name": "blocks.1.ln2.hook_normalized"}, "hook_name 'blocks.1.ln2.hook_normalized' does "
-                 "not map to a site; supported: blocks.<layer>.hook_resid_pre"),
+        "hook": (
+            base | {"hook_name": "blocks.1.ln2.hook_normalized"},
+            "hook_name 'blocks.1.ln2.hook_normalized' does not map to a site; supported: blocks.<layer>.hook_resid_pre",
+        ),
         "arch": (base | {"architecture": "abstopk"}, "architecture='abstopk' is not supported \\(supported: standard"),
-        "norm": (base | {"normalize_activations": "covariance_whitening"},
-                 "normalize_activations='covariance_whitening' is not supported"),
+        "norm": (
+            base | {"normalize_activations": "covariance_whitening"},
+            "normalize_activations='covariance_whitening' is not supported",
+        ),
         "width": (base | {"d_sae": 9}, r"config says d_in=64, d_sae=9 but W_enc has shape \(64, 8\)"),
         "layer": (base | {"hook_layer": 3}, "hook_layer 3 contradicts hook_name 'blocks.1.hook_resid_post'"),
-    }  # fmt: skip
+    }
     for name, (cfg, message) in cases.items():
         _write_saelens(tmp_path / name, cfg, weights)
         with pytest.raises(S.SAEError, match=message):
@@ -293,7 +368,12 @@ def test_metrics_on_constructed_cases():
     assert S.measure(first, x)[0]["fve"] == pytest.approx(-1.0)
     first.b_dec.data[:] = torch.tensor([0.0, 2.0])
     first.apply_b_dec_to_input = False
-    assert S.measure(first, x, batch_size=2)[0] == {"fve": pytest.approx(0.2), "l0": pytest.approx(5 / 3), "dead": 2, "tokens": 3}
+    assert S.measure(first, x, batch_size=2)[0] == {
+        "fve": pytest.approx(0.2),
+        "l0": pytest.approx(5 / 3),
+        "dead": 2,
+        "tokens": 3,
+    }
 
 
 def test_spliced_loss_of_an_exact_sae_is_the_clean_loss(tiny_models):
@@ -310,7 +390,9 @@ def test_spliced_loss_of_an_exact_sae_is_the_clean_loss(tiny_models):
     dead = identity_sae(layer=1)
     dead.W_dec.data.zero_()
     blank = S.next_token_losses(model, dead, ids)
-    assert blank["spliced"] == pytest.approx(blank["zero"], abs=1e-4) and blank["recovered"] == pytest.approx(0.0, abs=1e-3)
+    assert blank["spliced"] == pytest.approx(blank["zero"], abs=1e-4) and blank["recovered"] == pytest.approx(
+        0.0, abs=1e-3
+    )
 
 
 # ---------------------------------------------------------------- training
@@ -331,8 +413,12 @@ def test_training_a_tiny_sae_improves_and_resumes(tiny_models, tmp_path):
     assert fve_long > fve_short + 0.05 and fve_long > 0.6, (fve_short, fve_long)
     assert S.measure(long, acts)[0]["l0"] <= 8
     # A finished checkpoint resumes to the same SAE; another run's checkpoint is refused.
-    first = S.train_sae(acts, 128, 8, "resid_post", 1, batch_size=256, epochs=2, checkpoint=tmp_path / "c.pt", progress=False)
-    resumed = S.train_sae(acts, 128, 8, "resid_post", 1, batch_size=256, epochs=2, checkpoint=tmp_path / "c.pt", progress=False)
+    first = S.train_sae(
+        acts, 128, 8, "resid_post", 1, batch_size=256, epochs=2, checkpoint=tmp_path / "c.pt", progress=False
+    )
+    resumed = S.train_sae(
+        acts, 128, 8, "resid_post", 1, batch_size=256, epochs=2, checkpoint=tmp_path / "c.pt", progress=False
+    )
     assert torch.equal(first.W_dec, resumed.W_dec) and torch.equal(first.b_dec, resumed.b_dec)
     with pytest.raises(S.SAEError, match="checkpoint .* is of another run"):
         S.train_sae(acts, 64, 8, "resid_post", 1, batch_size=256, checkpoint=tmp_path / "c.pt", progress=False)
@@ -341,8 +427,22 @@ def test_training_a_tiny_sae_improves_and_resumes(tiny_models, tmp_path):
 def test_train_writes_a_loadable_sae_with_metrics(tiny_models, tmp_path):
     model = tiny_models["llama"]
     texts, held = (load_corpus(split, tmp_path / "none", fallback=True) for split in ("train", "heldout"))
-    sae = S.train(model, "mlp_out", 2, 96, 6, 1000, tmp_path / "out", texts=texts, heldout=held, loss_texts=4,
-                  loss_length=8, batch_size=128, epochs=3, progress=False)  # fmt: skip
+    sae = S.train(
+        model,
+        "mlp_out",
+        2,
+        96,
+        6,
+        1000,
+        tmp_path / "out",
+        texts=texts,
+        heldout=held,
+        loss_texts=4,
+        loss_length=8,
+        batch_size=128,
+        epochs=3,
+        progress=False,
+    )
     loaded = S.load(tmp_path / "out", model=model)
     assert (loaded.site, loaded.layer, loaded.k, loaded.d_sae) == ("mlp_out", 2, 6, 96)
     assert torch.equal(loaded.W_dec, sae.W_dec)
@@ -371,8 +471,9 @@ def test_a_latent_source_equals_its_decoder_direction_patched_by_hand(tiny_model
     model = tiny_models["llama"]
     sae = orthonormal_sae()
     # Written at the last position, so the read-out probabilities depend on it directly.
-    scope = S.latent_scope(sae, [3, 40], model=model, alphas=[2.0], target_layers=[0], target_position="last",
-                           output="topk", top_k=5)  # fmt: skip
+    scope = S.latent_scope(
+        sae, [3, 40], model=model, alphas=[2.0], target_layers=[0], target_position="last", output="topk", top_k=5
+    )
     frame = run(model, scope, remote=remote, progress=False)
     assert frame["source"].tolist() == ["latent 3", "latent 40"] and set(frame["layer"]) == {1}
     the_plan = plan(model, scope)
@@ -380,8 +481,16 @@ def test_a_latent_source_equals_its_decoder_direction_patched_by_hand(tiny_model
     for got, want in zip(frame["output_probs"], expected):
         assert got == pytest.approx(want, rel=1e-4)
     # The vector is the decoder row times the latent's mean activation: alpha 1 at 2x the row == alpha 2.
-    doubled = S.latent_scope(sae, [3], scale=2 * float(sae.mean_activation[3]), alphas=[1.0], target_layers=[0],
-                             target_position="last", output="topk", top_k=5)  # fmt: skip
+    doubled = S.latent_scope(
+        sae,
+        [3],
+        scale=2 * float(sae.mean_activation[3]),
+        alphas=[1.0],
+        target_layers=[0],
+        target_position="last",
+        output="topk",
+        top_k=5,
+    )
     assert run(model, doubled, progress=False)["output_probs"][0] == pytest.approx(frame["output_probs"][0], abs=1e-5)
 
 

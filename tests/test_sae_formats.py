@@ -23,9 +23,13 @@ D, L = 16, 40
 
 def weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(D, L, generator=g), "b_enc": torch.randn(L, generator=g) * 0.3,
-            "W_dec": torch.randn(L, D, generator=g), "b_dec": torch.randn(D, generator=g) * 0.3,
-            "threshold": torch.rand(L, generator=g) + 0.1}  # fmt: skip
+    return {
+        "W_enc": torch.randn(D, L, generator=g),
+        "b_enc": torch.randn(L, generator=g) * 0.3,
+        "W_dec": torch.randn(L, D, generator=g),
+        "b_dec": torch.randn(D, generator=g) * 0.3,
+        "threshold": torch.rand(L, generator=g) + 0.1,
+    }
 
 
 X = torch.randn(12, D, generator=torch.Generator().manual_seed(7)) * 2
@@ -89,11 +93,31 @@ def write_sparsify(run, hookpoint: str, w: dict, k: int = 5, **cfg) -> None:
     and sae.safetensors (encoder.weight [latents, d_in], encoder.bias, W_dec [latents, d_in], b_dec)."""
     folder = run / hookpoint
     folder.mkdir(parents=True)
-    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-                                                 "num_latents": L, "k": k, "multi_topk": False, "skip_connection": False,
-                                                 "transcode": False, "d_in": D} | cfg))  # fmt: skip
-    save_file({"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
-               "b_dec": w["b_dec"]}, folder / "sae.safetensors")  # fmt: skip
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": 32,
+                "normalize_decoder": True,
+                "num_latents": L,
+                "k": k,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": D,
+            }
+            | cfg
+        )
+    )
+    save_file(
+        {
+            "encoder.weight": w["W_enc"].T.contiguous(),
+            "encoder.bias": w["b_enc"],
+            "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"],
+        },
+        folder / "sae.safetensors",
+    )
 
 
 def test_sparsify_folder_is_topk_of_relu_on_x_minus_b_dec(tmp_path):
@@ -108,7 +132,10 @@ def test_sparsify_folder_is_topk_of_relu_on_x_minus_b_dec(tmp_path):
     assert torch.allclose(sae.encode(X), expected, atol=1e-6)
     assert torch.allclose(sae(X), expected @ w["W_dec"] + w["b_dec"], atol=1e-5)
     assert (sae.architecture, sae.k, sae.site, sae.layer) == ("topk", 5, "resid_post", 2)
-    assert (S.load(tmp_path / "run" / "layers.1.mlp").site, S.load(tmp_path / "run" / "layers.1.mlp").layer) == ("mlp_out", 1)
+    assert (S.load(tmp_path / "run" / "layers.1.mlp").site, S.load(tmp_path / "run" / "layers.1.mlp").layer) == (
+        "mlp_out",
+        1,
+    )
     with pytest.raises(S.SAEError, match="it holds sparsify hookpoints layers.1.mlp, layers.2: give one"):
         S.load(tmp_path / "run")
     write_sparsify(tmp_path / "skip", "layers.0", w, skip_connection=True)
@@ -126,41 +153,72 @@ def write_dictionary_learning(folder, dict_class: str, state: dict, **trainer) -
     """dictionary_learning's training.py: save_dir/trainer_i/ae.pt (state_dict) + config.json ({"trainer": ...})."""
     folder.mkdir(parents=True)
     torch.save(state, folder / "ae.pt")
-    (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": dict_class, "activation_dim": D,
-                                                                "dict_size": L, "layer": 3, "lm_name": "org/tiny",
-                                                                "submodule_name": "resid_post_layer_3"} | trainer,
-                                                    "buffer": {"ctx_len": 128}}))  # fmt: skip
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "trainer": {
+                    "dict_class": dict_class,
+                    "activation_dim": D,
+                    "dict_size": L,
+                    "layer": 3,
+                    "lm_name": "org/tiny",
+                    "submodule_name": "resid_post_layer_3",
+                }
+                | trainer,
+                "buffer": {"ctx_len": 128},
+            }
+        )
+    )
 
 
 def test_dictionary_learning_checkpoints_encode_as_their_classes_do(tmp_path):
     """dictionary_learning/dictionary.py and trainers/: each class's encode written out."""
     w = weights(2)
-    linear = {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"],
-              "decoder.weight": w["W_dec"].T.contiguous()}  # fmt: skip
+    linear = {
+        "encoder.weight": w["W_enc"].T.contiguous(),
+        "encoder.bias": w["b_enc"],
+        "decoder.weight": w["W_dec"].T.contiguous(),
+    }
     relu_pre = ((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
     top = relu_pre.topk(4, dim=-1)
     cases = {
         # AutoEncoder: ReLU(encoder(x - bias)); decoder(f) + bias
         "AutoEncoder": (linear | {"bias": w["b_dec"]}, relu_pre),
         # AutoEncoderTopK: topk of ReLU(encoder(x - b_dec)) (use_threshold=False by default)
-        "AutoEncoderTopK": (linear | {"b_dec": w["b_dec"], "k": torch.tensor(4), "threshold": torch.tensor(-1.0)},
-                            torch.zeros_like(relu_pre).scatter(-1, top.indices, top.values)),
+        "AutoEncoderTopK": (
+            linear | {"b_dec": w["b_dec"], "k": torch.tensor(4), "threshold": torch.tensor(-1.0)},
+            torch.zeros_like(relu_pre).scatter(-1, top.indices, top.values),
+        ),
         # BatchTopKSAE: ReLU(encoder(x - b_dec)) * (that > threshold) (use_threshold=True by default)
-        "BatchTopKSAE": (linear | {"b_dec": w["b_dec"], "k": torch.tensor(4), "threshold": torch.tensor(0.7)},
-                         relu_pre * (relu_pre > 0.7)),
-        "MatryoshkaBatchTopKSAE": ({n: w[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")} |
-                                   {"k": torch.tensor(4), "threshold": torch.tensor(0.7), "group_sizes": torch.tensor([8, 32])},
-                                   relu_pre * (relu_pre > 0.7)),
+        "BatchTopKSAE": (
+            linear | {"b_dec": w["b_dec"], "k": torch.tensor(4), "threshold": torch.tensor(0.7)},
+            relu_pre * (relu_pre > 0.7),
+        ),
+        "MatryoshkaBatchTopKSAE": (
+            {n: w[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+            | {"k": torch.tensor(4), "threshold": torch.tensor(0.7), "group_sizes": torch.tensor([8, 32])},
+            relu_pre * (relu_pre > 0.7),
+        ),
         # JumpReluAutoEncoder: no b_dec on the input; ReLU(pre * (pre > threshold))
-        "JumpReluAutoEncoder": ({n: w[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")},
-                                ((X @ w["W_enc"] + w["b_enc"]) * ((X @ w["W_enc"] + w["b_enc"]) > w["threshold"])).relu()),
-    }  # fmt: skip
+        "JumpReluAutoEncoder": (
+            {n: w[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")},
+            ((X @ w["W_enc"] + w["b_enc"]) * ((X @ w["W_enc"] + w["b_enc"]) > w["threshold"])).relu(),
+        ),
+    }
     gated_in = (X - w["b_dec"]) @ w["W_enc"]
     r_mag, mag_bias = torch.randn(L) * 0.2, torch.randn(L) * 0.2
     # GatedAutoEncoder: x_enc = encoder(x - decoder_bias); (x_enc + gate_bias > 0) * ReLU(exp(r_mag) x_enc + mag_bias)
-    cases["GatedAutoEncoder"] = ({"encoder.weight": w["W_enc"].T.contiguous(), "decoder.weight": w["W_dec"].T.contiguous(),
-                                  "decoder_bias": w["b_dec"], "r_mag": r_mag, "gate_bias": w["b_enc"], "mag_bias": mag_bias},
-                                 (gated_in + w["b_enc"] > 0) * (r_mag.exp() * gated_in + mag_bias).relu())  # fmt: skip
+    cases["GatedAutoEncoder"] = (
+        {
+            "encoder.weight": w["W_enc"].T.contiguous(),
+            "decoder.weight": w["W_dec"].T.contiguous(),
+            "decoder_bias": w["b_dec"],
+            "r_mag": r_mag,
+            "gate_bias": w["b_enc"],
+            "mag_bias": mag_bias,
+        },
+        (gated_in + w["b_enc"] > 0) * (r_mag.exp() * gated_in + mag_bias).relu(),
+    )
     for kind, (state, expected) in cases.items():
         write_dictionary_learning(tmp_path / kind, kind, state, k=4)
         sae = S.load(tmp_path / kind)
@@ -169,7 +227,9 @@ def test_dictionary_learning_checkpoints_encode_as_their_classes_do(tmp_path):
         assert torch.allclose(sae(X), expected @ w["W_dec"] + w["b_dec"], atol=1e-4), kind
         assert (sae.site, sae.layer, sae.model) == ("resid_post", 3, "tiny"), kind
     write_dictionary_learning(tmp_path / "new", "AutoEncoderNew", cases["AutoEncoder"][0])
-    with pytest.raises(S.SAEError, match="trainer.dict_class='AutoEncoderNew' is not supported; supported: AutoEncoder,"):
+    with pytest.raises(
+        S.SAEError, match="trainer.dict_class='AutoEncoderNew' is not supported; supported: AutoEncoder,"
+    ):
         S.load(tmp_path / "new")
 
 
@@ -191,17 +251,28 @@ def test_a_pickled_object_in_ae_pt_is_not_unpickled(tmp_path):
 
 def write_saelens(folder, cfg: dict, w: dict) -> None:
     folder.mkdir(parents=True)
-    (folder / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": L, "architecture": "standard",
-                                                 "metadata": {"hook_name": "blocks.1.hook_resid_post"}} | cfg))  # fmt: skip
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {"d_in": D, "d_sae": L, "architecture": "standard", "metadata": {"hook_name": "blocks.1.hook_resid_post"}}
+            | cfg
+        )
+    )
     save_file(w, folder / "sae_weights.safetensors")
 
 
 def test_math_changing_fields_not_implemented_are_refused_by_name(tmp_path):
     w = {n: t for n, t in weights().items() if n != "threshold"}
     cases = {
-        "whiten": ({"normalize_activations": "covariance_whitening"}, w, "normalize_activations='covariance_whitening'"),
-        "average": ({"normalize_activations": "expected_average_only_in"}, w,
-                    "normalize_activations='expected_average_only_in' is not supported \\(its scaling factor is not in "),
+        "whiten": (
+            {"normalize_activations": "covariance_whitening"},
+            w,
+            "normalize_activations='covariance_whitening'",
+        ),
+        "average": (
+            {"normalize_activations": "expected_average_only_in"},
+            w,
+            "normalize_activations='expected_average_only_in' is not supported \\(its scaling factor is not in ",
+        ),
         "hook_z": ({"reshape_activations": "hook_z"}, w, "reshape_activations='hook_z' is not supported"),
         "head": ({"metadata": {"hook_name": "blocks.1.hook_resid_post", "hook_head_index": 3}}, w, "hook_head_index=3"),
         "tanh": ({"activation_fn_str": "tanh-relu"}, w, "activation_fn_str='tanh-relu' is not supported"),
@@ -212,10 +283,17 @@ def test_math_changing_fields_not_implemented_are_refused_by_name(tmp_path):
         "nan": ({}, w | {"b_enc": torch.full((L,), float("inf"))}, "sae_weights.safetensors: b_enc has 40 NaN or inf"),
         "width": ({"d_in": D + 1}, w, "the config says d_in=17, d_sae=40 but W_enc has shape \\(16, 40\\)"),
         "shape": ({}, w | {"b_dec": torch.zeros(D + 1)}, "sae_weights.safetensors: b_dec has shape \\(17,\\)"),
-        "gated": ({"architecture": "gated"}, {n: t for n, t in w.items() if n != "b_enc"} | {"b_gate": w["b_enc"]},
-                  "sae_weights.safetensors lacks r_mag, b_mag"),
-        "hook": ({"metadata": {"hook_name": "hook_embed"}}, w, "cfg.json: hook_name 'hook_embed' does not map to a site"),
-    }  # fmt: skip
+        "gated": (
+            {"architecture": "gated"},
+            {n: t for n, t in w.items() if n != "b_enc"} | {"b_gate": w["b_enc"]},
+            "sae_weights.safetensors lacks r_mag, b_mag",
+        ),
+        "hook": (
+            {"metadata": {"hook_name": "hook_embed"}},
+            w,
+            "cfg.json: hook_name 'hook_embed' does not map to a site",
+        ),
+    }
     for name, (cfg, tensors, message) in cases.items():
         write_saelens(tmp_path / name, cfg, tensors)
         with pytest.raises(S.SAEError, match=message):
@@ -262,15 +340,22 @@ def test_an_hf_repo_folder_loads_from_the_local_cache_and_a_missing_one_says_wha
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     w = weights()
-    fake_hf_cache(tmp_path, "google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71",
-                  lambda folder: write_npz(folder / "params.npz", w))  # fmt: skip
+    fake_hf_cache(
+        tmp_path,
+        "google/gemma-scope-2b-pt-res",
+        "layer_20/width_16k/average_l0_71",
+        lambda folder: write_npz(folder / "params.npz", w),
+    )
     sae = S.load("google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71")
     assert (sae.site, sae.layer, sae.architecture) == ("resid_post", 20, "jumprelu")
     try:  # the message depends on whether sae-lens is installed; the default venv has none
         import sae_lens  # noqa: F401
     except ImportError:
-        with pytest.raises(S.SAEError, match="is not in the Hugging Face cache .*huggingface-cli download .*"
-                                             "install sae-lens \\(pip install 'superscopes\\[sae\\]'\\)"):  # fmt: skip
+        with pytest.raises(
+            S.SAEError,
+            match="is not in the Hugging Face cache .*huggingface-cli download .*"
+            "install sae-lens \\(pip install 'superscopes\\[sae\\]'\\)",
+        ):
             S.load("gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical")
     with pytest.raises(S.SAEError, match="no SAE 'nothing-here'.*SAELens release id"):
         S.load("nothing-here")
@@ -292,11 +377,20 @@ def fake_registry(monkeypatch, releases: dict) -> None:
 
 GEMMA_SCOPE_RELEASE = {  # as sae-lens 6.54.12's pretrained_saes.yaml has it (one of its SAEs)
     "gemma-scope-2b-pt-res-canonical": {
-        "repo_id": "google/gemma-scope-2b-pt-res", "conversion_func": "gemma_2", "config_overrides": None,
-        "saes_map": {"layer_20/width_16k/canonical": "layer_20/width_16k/average_l0_71"}, "norm_scaling_factor": {}},
-    "llama_scope_lxr_8x": {"repo_id": "fnlp/Llama3_1-8B-Base-LXR-8x", "conversion_func": "llama_scope", "config_overrides": None,
-                           "saes_map": {"l0r_8x": "Llama3_1-8B-Base-L0R-8x"}, "norm_scaling_factor": {}},
-}  # fmt: skip
+        "repo_id": "google/gemma-scope-2b-pt-res",
+        "conversion_func": "gemma_2",
+        "config_overrides": None,
+        "saes_map": {"layer_20/width_16k/canonical": "layer_20/width_16k/average_l0_71"},
+        "norm_scaling_factor": {},
+    },
+    "llama_scope_lxr_8x": {
+        "repo_id": "fnlp/Llama3_1-8B-Base-LXR-8x",
+        "conversion_func": "llama_scope",
+        "config_overrides": None,
+        "saes_map": {"l0r_8x": "Llama3_1-8B-Base-L0R-8x"},
+        "norm_scaling_factor": {},
+    },
+}
 
 
 def test_a_release_id_resolves_through_the_saelens_registry_to_the_local_cache(tmp_path, monkeypatch):
@@ -306,15 +400,24 @@ def test_a_release_id_resolves_through_the_saelens_registry_to_the_local_cache(t
     fake_registry(monkeypatch, GEMMA_SCOPE_RELEASE)
     w = weights()
     name = "gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical"
-    with pytest.raises(S.SAEError, match="google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71 is not in the "
-                                         "Hugging Face cache"):  # fmt: skip
+    with pytest.raises(
+        S.SAEError,
+        match="google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71 is not in the Hugging Face cache",
+    ):
         S.load(name)
-    fake_hf_cache(tmp_path, "google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71",
-                  lambda folder: write_npz(folder / "params.npz", w))  # fmt: skip
+    fake_hf_cache(
+        tmp_path,
+        "google/gemma-scope-2b-pt-res",
+        "layer_20/width_16k/average_l0_71",
+        lambda folder: write_npz(folder / "params.npz", w),
+    )
     sae = S.load(name)
     assert (sae.site, sae.layer, sae.architecture, sae.apply_b_dec_to_input) == ("resid_post", 20, "jumprelu", False)
-    with pytest.raises(S.SAEError, match="'layer_99/width_16k/canonical' is not an SAE of release gemma-scope-2b-pt-res"
-                                         "-canonical; its SAEs: layer_20/width_16k/canonical \\(1\\)"):  # fmt: skip
+    with pytest.raises(
+        S.SAEError,
+        match="'layer_99/width_16k/canonical' is not an SAE of release gemma-scope-2b-pt-res"
+        "-canonical; its SAEs: layer_20/width_16k/canonical \\(1\\)",
+    ):
         S.load("gemma-scope-2b-pt-res-canonical/layer_99/width_16k/canonical")
     with pytest.raises(S.SAEError, match="release llama_scope_lxr_8x is stored in SAELens' 'llama_scope' conversion"):
         S.load("llama_scope_lxr_8x/l0r_8x")
@@ -327,11 +430,25 @@ def test_a_registry_norm_scaling_factor_is_folded_in_as_saelens_does(tmp_path, m
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    fake_registry(monkeypatch, {"mine": {"repo_id": "me/saes", "conversion_func": None, "config_overrides": None,
-                                         "saes_map": {"a": "a"}, "norm_scaling_factor": {"a": 2.5}}})  # fmt: skip
+    fake_registry(
+        monkeypatch,
+        {
+            "mine": {
+                "repo_id": "me/saes",
+                "conversion_func": None,
+                "config_overrides": None,
+                "saes_map": {"a": "a"},
+                "norm_scaling_factor": {"a": 2.5},
+            }
+        },
+    )
     w = {n: t for n, t in weights().items() if n != "threshold"}
-    fake_hf_cache(tmp_path, "me/saes", "a",
-                  lambda folder: write_saelens(folder, {"normalize_activations": "expected_average_only_in"}, w))
+    fake_hf_cache(
+        tmp_path,
+        "me/saes",
+        "a",
+        lambda folder: write_saelens(folder, {"normalize_activations": "expected_average_only_in"}, w),
+    )
     sae = S.load("mine/a")
     trained = ((2.5 * X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
     assert torch.allclose(sae.encode(X), trained, atol=1e-5)

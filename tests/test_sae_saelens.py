@@ -30,10 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "data" / "sae" / "saelens-6"
 KINDS = json.loads((FIXTURES / "manifest.json").read_text())["kinds"]
 PLACES = {  # kind -> (site, layer) its hook names (tests/sae_lens_reference.py)
-    "standard_no_b_dec": ("mlp_out", 2), "standard_layer_norm": ("resid_pre", 0), "topk_rescale": ("attn_out", 3),
-    "jumprelu_no_b_dec": ("resid_post", 2), "gated": ("mlp_out", 2), "gated_training": ("mlp_out", 2),
+    "standard_no_b_dec": ("mlp_out", 2),
+    "standard_layer_norm": ("resid_pre", 0),
+    "topk_rescale": ("attn_out", 3),
+    "jumprelu_no_b_dec": ("resid_post", 2),
+    "gated": ("mlp_out", 2),
+    "gated_training": ("mlp_out", 2),
     "pre6_jumprelu_no_b_dec": ("resid_post", 2),
-}  # fmt: skip
+}
 TOLERANCE = 1e-5
 
 
@@ -73,8 +77,18 @@ def test_saelens_written_fixture_equals_saelens(kind):
 def test_fixtures_cover_every_kind_and_were_written_by_saelens():
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     assert manifest["sae_lens"].startswith("6.")
-    assert set(KINDS) >= {"standard", "topk", "topk_rescale", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk",
-                          "standard_layer_norm", "standard_constant_norm", "pre6_topk"}  # fmt: skip
+    assert set(KINDS) >= {
+        "standard",
+        "topk",
+        "topk_rescale",
+        "jumprelu",
+        "gated",
+        "batchtopk",
+        "matryoshka_batchtopk",
+        "standard_layer_norm",
+        "standard_constant_norm",
+        "pre6_topk",
+    }
     cfg = json.loads((FIXTURES / "topk_rescale" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_attn_out" and "hook_name" not in cfg  # the 6.x layout
     assert cfg["rescale_acts_by_decoder_norm"] is True
@@ -128,11 +142,28 @@ def test_fresh_saes_written_by_installed_saelens_equal_it(tmp_path):
         pytest.fail(f"{python} does not exist: run `make test-sae` (it makes .venv-sae with sae-lens)")
     for seed in (1, 2):
         out = tmp_path / f"seed{seed}"
-        subprocess.run([python, str(ROOT / "tests" / "sae_lens_reference.py"), str(out), "--d-in", "64",
-                        "--d-sae", "256", "--n", "200", "--seed", str(seed)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                python,
+                str(ROOT / "tests" / "sae_lens_reference.py"),
+                str(out),
+                "--d-in",
+                "64",
+                "--d-sae",
+                "256",
+                "--n",
+                "200",
+                "--seed",
+                str(seed),
+            ],
+            check=True,
+            capture_output=True,
+        )
         manifest = json.loads((out / "manifest.json").read_text())
         results = {kind: compare(out / kind) for kind in manifest["kinds"]}
-        print(f"\nsae-lens {manifest['sae_lens']}, torch {manifest['torch']}, seed {seed}, d_in 64, d_sae 256, 200 inputs")
+        print(
+            f"\nsae-lens {manifest['sae_lens']}, torch {manifest['torch']}, seed {seed}, d_in 64, d_sae 256, 200 inputs"
+        )
         print(f"{'kind':26} {'active':>7} {'mismatch':>8} {'encode':>9} {'decode':>9}")
         for kind, r in results.items():
             print(f"{kind:26} {r['active']:7d} {r['active_mismatches']:8d} {r['encode']:9.1e} {r['decode']:9.1e}")
@@ -147,13 +178,17 @@ def test_the_registry_entries_the_default_suite_replays_are_saelens_own():
     from tests.test_sae_formats import GEMMA_SCOPE_RELEASE
 
     python = os.environ.get("SUPERSCOPES_SAE_LENS_PYTHON", str(ROOT / ".venv-sae" / "bin" / "python"))
-    script = ("import json, sys; from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory as g\n"
-              "wanted = json.loads(sys.argv[1]); d = g()\n"
-              "print(json.dumps({r: {'repo_id': d[r].repo_id, 'conversion_func': d[r].conversion_func, "
-              "'config_overrides': d[r].config_overrides, 'saes_map': {i: d[r].saes_map[i] for i in f['saes_map']}, "
-              "'norm_scaling_factor': {i: d[r].norm_scaling_factor[i] for i in f['norm_scaling_factor']}} "
-              "for r, f in wanted.items()}))")  # fmt: skip
-    done = subprocess.run([python, "-c", script, json.dumps(GEMMA_SCOPE_RELEASE)], check=True, capture_output=True, text=True)
+    script = (
+        "import json, sys; from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory as g\n"
+        "wanted = json.loads(sys.argv[1]); d = g()\n"
+        "print(json.dumps({r: {'repo_id': d[r].repo_id, 'conversion_func': d[r].conversion_func, "
+        "'config_overrides': d[r].config_overrides, 'saes_map': {i: d[r].saes_map[i] for i in f['saes_map']}, "
+        "'norm_scaling_factor': {i: d[r].norm_scaling_factor[i] for i in f['norm_scaling_factor']}} "
+        "for r, f in wanted.items()}))"
+    )
+    done = subprocess.run(
+        [python, "-c", script, json.dumps(GEMMA_SCOPE_RELEASE)], check=True, capture_output=True, text=True
+    )
     assert json.loads(done.stdout) == GEMMA_SCOPE_RELEASE
 
 
@@ -164,5 +199,9 @@ def test_saved_again_by_superscopes_it_encodes_the_same(tmp_path, kind):
     again = S.load(tmp_path / kind)
     x = load_file(FIXTURES / kind / "reference.safetensors")["x"]
     assert (again.architecture, again.normalize_activations, again.site, again.layer) == (
-        sae.architecture, sae.normalize_activations, sae.site, sae.layer)  # fmt: skip
+        sae.architecture,
+        sae.normalize_activations,
+        sae.site,
+        sae.layer,
+    )
     assert torch.equal(again.encode(x), sae.encode(x)) and torch.equal(again(x), sae(x))

@@ -34,13 +34,22 @@ def test_every_site_of_every_layer_matches_hf(qwen):
         reference = hf_reference(qwen, layer, PROMPTS)
         for site in SITE_NAMES:
             scale = float(reference[site][mask].abs().max())
-            torch.testing.assert_close(values[site][mask], reference[site][mask], atol=1e-5 * scale, rtol=1e-4,
-                                       msg=f"{site} at layer {layer}")
+            torch.testing.assert_close(
+                values[site][mask], reference[site][mask], atol=1e-5 * scale, rtol=1e-4, msg=f"{site} at layer {layer}"
+            )
 
 
 def test_the_paper_grid_shares_its_prefix_exactly(qwen):
-    grid = dict(prompts=["Diana, Princess of Wales"], token="Wales", sites=["mlp_out", "resid_post"], layers=[1, 4],
-                alphas=[1, 6], target="entity", target_layers=["same"], max_new_tokens=6)
+    grid = dict(
+        prompts=["Diana, Princess of Wales"],
+        token="Wales",
+        sites=["mlp_out", "resid_post"],
+        layers=[1, 4],
+        alphas=[1, 6],
+        target="entity",
+        target_layers=["same"],
+        max_new_tokens=6,
+    )
     shared = superscopes.run(qwen, superscopes.Scope(**grid), progress=False)
     whole = superscopes.run(qwen, superscopes.Scope(**grid, share_prefix=False), progress=False)
     assert shared["output"].tolist() == whole["output"].tolist()

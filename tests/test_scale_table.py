@@ -21,13 +21,20 @@ def test_the_table_reads_each_models_own_runs_and_marks_the_missing(tmp_path):
     assert list(table.columns) == list(scale.MODELS.values())
     judge_row = "judge: own vs mismatched prompt (difference), own prompt's rank"
     d = pd.read_csv(RESULTS / "superscopes_evaluation" / "judge_discrimination.csv").iloc[0]
-    assert table.loc[judge_row, "SmolLM2-135M"].startswith(f"{d['mean_a']:.3f} vs {d['mean_b']:.3f}: {d['difference']:+.3f}")
+    assert table.loc[judge_row, "SmolLM2-135M"].startswith(
+        f"{d['mean_a']:.3f} vs {d['mean_b']:.3f}: {d['difference']:+.3f}"
+    )
     assert table.loc[judge_row, "Gemma-3-270m"] == table.loc[judge_row, "SmolLM2-135M"]
     assert set(table["Qwen2.5-Coder-1.5B"]) == {"not run"}
     assert table.loc["entity description: RougeL of α=1 readouts", "SmolLM2-135M"] == "not run"
-    equal_tries = table.loc["Superscopes vs Patchscopes at equal tries (cross-fitted α), per-prompt success", "SmolLM2-135M"]
-    row = pd.read_csv(RESULTS / "superscopes_evaluation" / "comparisons.csv").set_index("comparison").loc[
-        "Superscopes (cross-fitted) vs Patchscopes"]
+    equal_tries = table.loc[
+        "Superscopes vs Patchscopes at equal tries (cross-fitted α), per-prompt success", "SmolLM2-135M"
+    ]
+    row = (
+        pd.read_csv(RESULTS / "superscopes_evaluation" / "comparisons.csv")
+        .set_index("comparison")
+        .loc["Superscopes (cross-fitted) vs Patchscopes"]
+    )
     assert f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" in equal_tries and "(above)" not in equal_tries
 
 

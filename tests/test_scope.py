@@ -18,8 +18,15 @@ PROMPTS = ["Diana, Princess of Wales", "Red Hot Chili Peppers played a concert i
 
 
 def topk_grid(**overrides) -> Scope:
-    settings = dict(prompts=PROMPTS, sites=["mlp_out", "resid_post"], layers=[0, 2], alphas=[1, 4],
-                    target_layers=["same", 1], output="topk", top_k=5)  # fmt: skip
+    settings = dict(
+        prompts=PROMPTS,
+        sites=["mlp_out", "resid_post"],
+        layers=[0, 2],
+        alphas=[1, 4],
+        target_layers=["same", 1],
+        output="topk",
+        top_k=5,
+    )
     return Scope(**{**settings, **overrides})
 
 
@@ -35,8 +42,15 @@ def test_batched_grid_equals_one_cell_at_a_time(tiny_models, arch):
 
 
 def test_batched_generation_equals_looped_on_smollm2(smollm2):
-    grid = dict(prompts=PROMPTS[:2], token=None, sites=["mlp_out", "resid_post"], layers=[1, 3], alphas=[1, 6],
-                target_layers=["same"], max_new_tokens=6)  # fmt: skip
+    grid = dict(
+        prompts=PROMPTS[:2],
+        token=None,
+        sites=["mlp_out", "resid_post"],
+        layers=[1, 3],
+        alphas=[1, 6],
+        target_layers=["same"],
+        max_new_tokens=6,
+    )
     batched = run(smollm2, Scope(**grid, batch_size=64), progress=False)
     looped = run(smollm2, Scope(**grid, batch_size=1), progress=False)
     assert batched["output_ids"].tolist() == looped["output_ids"].tolist()
@@ -54,8 +68,11 @@ def reference_cell(model, source: str, site: str, layer: int, alpha: float, targ
 
 
 def test_grid_matches_hand_written_cells(smollm2):
-    frame = run(smollm2, Scope(PROMPTS[0], sites=["mlp_out"], layers=[2], alphas=[1, 9], target_layers=["same", 0],
-                               max_new_tokens=5), progress=False)  # fmt: skip
+    frame = run(
+        smollm2,
+        Scope(PROMPTS[0], sites=["mlp_out"], layers=[2], alphas=[1, 9], target_layers=["same", 0], max_new_tokens=5),
+        progress=False,
+    )
     eos = smollm2.tokenizer.eos_token_id
     for row in frame.itertuples():
         ids = reference_cell(smollm2, PROMPTS[0], row.site, row.layer, row.alpha, row.target_layer, 5)
@@ -66,8 +83,21 @@ def test_grid_matches_hand_written_cells(smollm2):
 def test_back_patching_equals_two_pass_reference(tiny_models):
     """Target layer below the source layer, written into the source prompt itself."""
     model = tiny_models["llama"]
-    frame = run(model, Scope(PROMPTS, token=None, sites=["resid_post"], layers=[2], alphas=[1.0, 3.0],
-                             target="source", target_layers=[0], output="topk", top_k=5), progress=False)  # fmt: skip
+    frame = run(
+        model,
+        Scope(
+            PROMPTS,
+            token=None,
+            sites=["resid_post"],
+            layers=[2],
+            alphas=[1.0, 3.0],
+            target="source",
+            target_layers=[0],
+            output="topk",
+            top_k=5,
+        ),
+        progress=False,
+    )
     for row in frame.itertuples():
         with model.trace(row.source):
             late = ops.read(model, "resid_post", 2, -1).save()
@@ -88,7 +118,10 @@ def test_graph_under_remote_local_equals_local(tiny_models, output):
     assert local["output_ids"].tolist() == remote["output_ids"].tolist()
     if output == "topk":
         torch.testing.assert_close(
-            torch.tensor(remote["output_probs"].tolist()), torch.tensor(local["output_probs"].tolist()), atol=1e-4, rtol=0
+            torch.tensor(remote["output_probs"].tolist()),
+            torch.tensor(local["output_probs"].tolist()),
+            atol=1e-4,
+            rtol=0,
         )
 
 
@@ -98,7 +131,9 @@ def test_a_remote_grid_is_one_request(tiny_models, monkeypatch):
 
     calls = []
     original = LocalSimulationBackend.__call__
-    monkeypatch.setattr(LocalSimulationBackend, "__call__", lambda self, tracer: calls.append(1) or original(self, tracer))
+    monkeypatch.setattr(
+        LocalSimulationBackend, "__call__", lambda self, tracer: calls.append(1) or original(self, tracer)
+    )
     frame = run(tiny_models["llama"], topk_grid(batch_size=4), remote="local", progress=False)
     assert len(frame) == 48  # 3 prompts x 2 sites x 2 layers x 2 alphas x 2 target layers, 12 passes of 4
     assert len(calls) == 1
@@ -106,8 +141,18 @@ def test_a_remote_grid_is_one_request(tiny_models, monkeypatch):
 
 def test_result_schema_one_row_per_cell(tiny_models):
     model = tiny_models["llama"]
-    frame = run(model, Scope(PROMPTS[0], all_tokens=True, sites=["mlp_in", "resid_post"], layers=[0, 1],
-                             alphas=[1, 2, 3], max_new_tokens=3), progress=False)  # fmt: skip
+    frame = run(
+        model,
+        Scope(
+            PROMPTS[0],
+            all_tokens=True,
+            sites=["mlp_in", "resid_post"],
+            layers=[0, 1],
+            alphas=[1, 2, 3],
+            max_new_tokens=3,
+        ),
+        progress=False,
+    )
     n_tokens = len(model.tokenizer(PROMPTS[0])["input_ids"])
     assert len(frame) == n_tokens * 2 * 2 * 3
     assert list(frame.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS
@@ -118,8 +163,11 @@ def test_result_schema_one_row_per_cell(tiny_models):
 
 
 def test_token_choice_is_the_last_token_of_the_first_match(smollm2):
-    frame = run(smollm2, Scope("Red Hot Chili Peppers", token="Peppers", sites=["resid_post"], layers=[1],
-                               alphas=[1], output="topk"), progress=False)  # fmt: skip
+    frame = run(
+        smollm2,
+        Scope("Red Hot Chili Peppers", token="Peppers", sites=["resid_post"], layers=[1], alphas=[1], output="topk"),
+        progress=False,
+    )
     tokens = smollm2.tokenizer.convert_ids_to_tokens(smollm2.tokenizer("Red Hot Chili Peppers")["input_ids"])
     assert frame["position"].item() == len(tokens) - 1
     assert "ppers" in frame["token"].item()
@@ -127,8 +175,9 @@ def test_token_choice_is_the_last_token_of_the_first_match(smollm2):
 
 def test_seeded_sampling_is_reproducible_and_tries_differ(tiny_models):
     model = tiny_models["llama"]
-    grid = Scope(PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], max_new_tokens=8, do_sample=True,
-                 samples=4, seed=7)  # fmt: skip
+    grid = Scope(
+        PROMPTS[0], sites=["resid_post"], layers=[1], alphas=[1], max_new_tokens=8, do_sample=True, samples=4, seed=7
+    )
     first, second = run(model, grid, progress=False), run(model, grid, progress=False)
     assert first["output_ids"].tolist() == second["output_ids"].tolist()
     assert first["sample"].tolist() == [0, 1, 2, 3]
@@ -148,8 +197,12 @@ def test_affine_identity_equals_scale_and_random_control_is_seeded(tiny_models):
 
 def test_cross_model_patch_through_affine_map(tiny_models):
     source, target = tiny_models["llama"], tiny_models["gpt2"]
-    frame = run(source, topk_grid(transforms=["affine"], affine_weight=torch.eye(64), target_layers=[0]),
-                target_model=target, progress=False)  # fmt: skip
+    frame = run(
+        source,
+        topk_grid(transforms=["affine"], affine_weight=torch.eye(64), target_layers=[0]),
+        target_model=target,
+        progress=False,
+    )
     assert set(frame["target_model"]) == {superscopes.models.model_name(target)}
     assert len(frame) == len(PROMPTS) * 2 * 2 * 2
 

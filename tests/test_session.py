@@ -173,6 +173,7 @@ def test_a_generation_every_row_ends_early_returns_only_new_tokens(tokenizer, sh
 def test_intervene_runs_before_the_grids_reads_and_writes_at_the_same_module(tiny_models):
     """Its edit is part of the model the grid reads (v = the constant it writes) and the grid's
     write comes after it (the residual entering layer 1 is alpha x v, not its constant)."""
+
     def constant_layer_0(m):
         ops.activation(m, "resid_post", 0)[:] = 5.0
         return {"entering": ops.activation(m, "resid_pre", 1)[:, -1].norm(dim=-1)}

@@ -21,13 +21,52 @@ from superscopes import graph, ops, readouts, scope, sites
 # (An older deployment, src/services/ray/src/ray/nn/security/whitelist.yaml, allowed fewer:
 # builtins, torch, collections, time, numpy, sympy, nnterp, math, einops, urllib3, typing,
 # operator, pandas, enum; nnsight only through its envoys.)
-NDIF_WHITELIST = frozenset({
-    "PIL", "re", "dataclasses", "builtins", "torch", "collections", "nnsight", "time", "numpy", "sympy",
-    "nnterp", "math", "einops", "urllib3", "typing", "_operator", "operator", "pandas", "enum", "__future__",
-    "diffusers", "transformers", "tqdm", "heapq", "json", "warnings", "functools", "_functools", "jinja2",
-    "encodings", "peft", "pydantic", "argparse", "datasets", "tokenizers", "huggingface_hub", "httpcore",
-    "fsspec", "scipy", "regex", "concurrent", "io",
-})  # fmt: skip
+NDIF_WHITELIST = frozenset(
+    {
+        "PIL",
+        "re",
+        "dataclasses",
+        "builtins",
+        "torch",
+        "collections",
+        "nnsight",
+        "time",
+        "numpy",
+        "sympy",
+        "nnterp",
+        "math",
+        "einops",
+        "urllib3",
+        "typing",
+        "_operator",
+        "operator",
+        "pandas",
+        "enum",
+        "__future__",
+        "diffusers",
+        "transformers",
+        "tqdm",
+        "heapq",
+        "json",
+        "warnings",
+        "functools",
+        "_functools",
+        "jinja2",
+        "encodings",
+        "peft",
+        "pydantic",
+        "argparse",
+        "datasets",
+        "tokenizers",
+        "huggingface_hub",
+        "httpcore",
+        "fsspec",
+        "scipy",
+        "regex",
+        "concurrent",
+        "io",
+    }
+)
 SHIPPED = {m.__name__: m for m in (ops, sites, graph, readouts)}
 SHIPPED |= {  # every readout ships with the package (its module registered by value)
     f"superscopes.readouts.{info.name}": importlib.import_module(f"superscopes.readouts.{info.name}")
@@ -43,8 +82,9 @@ def imported_modules(path: Path) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             # ``from superscopes import ops`` imports the shipped module, not the package
-            names |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in SHIPPED else node.module
-                      for a in node.names}
+            names |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in SHIPPED else node.module for a in node.names
+            }
     return names
 
 
@@ -62,7 +102,9 @@ def test_a_grid_in_a_remote_session_ships_as_the_graph_alone(tiny_models):
     """A ``Grid`` pickles as a ``graph.ShippedGrid``: the client-side ``scope`` never ships."""
     from superscopes import Grid, Scope
 
-    grid = Grid(tiny_models["llama"], Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk"))
+    grid = Grid(
+        tiny_models["llama"], Scope(prompts=["Diana"], sites=["resid_post"], layers=[0], alphas=[1], output="topk")
+    )
     cls, args = grid.__reduce__()
     assert cls is graph.ShippedGrid and cls.__module__ in SHIPPED
     assert isinstance(args[2], graph._Work) and not hasattr(args[2], "plan")

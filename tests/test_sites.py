@@ -23,25 +23,46 @@ from .conftest import _SMALL, ARCHITECTURES, VOCAB
 
 _MOE = dict(num_hidden_layers=3, num_key_value_heads=2, num_experts_per_tok=2, **_SMALL)
 MORE_CONFIGS = {
-    "gptj": lambda: T.GPTJConfig(n_layer=3, n_embd=64, n_head=4, rotary_dim=8, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
+    "gptj": lambda: T.GPTJConfig(
+        n_layer=3, n_embd=64, n_head=4, rotary_dim=8, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+    ),
     "phi3": lambda: T.Phi3Config(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **_SMALL),
     "olmo2": lambda: T.Olmo2Config(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **_SMALL),
     "mixtral": lambda: T.MixtralConfig(num_local_experts=4, **_MOE),
-    "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **_MOE),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(
+        num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **_MOE
+    ),
     "qwen3_moe": lambda: T.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=16, **_MOE),
     "gpt_oss": lambda: T.GptOssConfig(num_local_experts=4, head_dim=16, **_MOE),
     "deepseek_v3": lambda: T.DeepseekV3Config(
-        n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
-        kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-        **dict(_MOE, num_key_value_heads=4)),
+        n_routed_experts=4,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        **dict(_MOE, num_key_value_heads=4),
+    ),
     # Falcon-7B style: attention and MLP read the same normalised input, added in parallel.
     "falcon": lambda: T.FalconConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB),
     # The multimodal checkpoints (Gemma3ForConditionalGeneration): a tiny vision tower too.
     "gemma3": lambda: T.Gemma3Config(
         text_config=dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=16, **_SMALL),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14), mm_tokens_per_image=4),
-}  # fmt: skip
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    ),
+}
 # Not in the site table: their sites come from superscopes.sites.infer_architecture.
 INFERRED_CONFIGS = {
     "olmo": lambda: T.OlmoConfig(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **_SMALL),
@@ -74,20 +95,45 @@ PROMPTS = ["Diana, Princess of Wales", "The quick brown fox jumps over the lazy 
 # independently of superscopes.sites, from reading each architecture's HF source.
 HOOKED = {
     "llama": ("model.layers.{}.self_attn", "model.layers.{}.mlp", "model.layers.{}.mlp"),
-    "gemma": ("model.layers.{}.post_attention_layernorm", "model.layers.{}.mlp", "model.layers.{}.post_feedforward_layernorm"),
-    "gemma3_multimodal": ("model.language_model.layers.{}.post_attention_layernorm",
-                          "model.language_model.layers.{}.mlp",
-                          "model.language_model.layers.{}.post_feedforward_layernorm"),
+    "gemma": (
+        "model.layers.{}.post_attention_layernorm",
+        "model.layers.{}.mlp",
+        "model.layers.{}.post_feedforward_layernorm",
+    ),
+    "gemma3_multimodal": (
+        "model.language_model.layers.{}.post_attention_layernorm",
+        "model.language_model.layers.{}.mlp",
+        "model.language_model.layers.{}.post_feedforward_layernorm",
+    ),
     "gpt2": ("transformer.h.{}.attn", "transformer.h.{}.mlp", "transformer.h.{}.mlp"),
     "gpt_neox": ("gpt_neox.layers.{}.attention", "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.mlp"),
     "falcon": ("transformer.h.{}.self_attention", "transformer.h.{}.mlp", "transformer.h.{}.mlp"),
-}  # fmt: skip
+}
 # Mixture-of-experts blocks sit at .mlp and return the update (gpt-oss: (update, router scores)).
-FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma2": "gemma",
-          "gemma3_text": "gemma", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "gptj": "gpt2", "phi3": "llama",
-          "olmo2": "gemma", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
-          "deepseek_v3": "llama", "gemma3": "gemma3_multimodal", "olmo": "llama", "stablelm": "llama",
-          "olmo3": "gemma", "smollm3": "llama", "falcon": "falcon"}  # fmt: skip
+FAMILY = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "gptj": "gpt2",
+    "phi3": "llama",
+    "olmo2": "gemma",
+    "mixtral": "llama",
+    "qwen2_moe": "llama",
+    "qwen3_moe": "llama",
+    "gpt_oss": "llama",
+    "deepseek_v3": "llama",
+    "gemma3": "gemma3_multimodal",
+    "olmo": "llama",
+    "stablelm": "llama",
+    "olmo3": "gemma",
+    "smollm3": "llama",
+    "falcon": "falcon",
+}
 EVERY_ARCHITECTURE = ARCHITECTURES + list(BUILT_HERE)
 
 
@@ -188,8 +234,11 @@ def test_an_architecture_without_blocks_is_refused_with_the_reason():
             super().__init__()
             self.body = torch.nn.Linear(2, 2)
 
-    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom' is not in the site table \(deepseek_v3, falcon, gemma2, .*\) "
-                       r"and its sites cannot be inferred: no ModuleList of 2 blocks"):  # fmt: skip
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"'bloom' is not in the site table \(deepseek_v3, falcon, gemma2, .*\) "
+        r"and its sites cannot be inferred: no ModuleList of 2 blocks",
+    ):
         infer_architecture(NoBlocks())
 
 
@@ -219,8 +268,22 @@ def test_the_graph_runs_on_every_added_architecture(more_models, arch):
     from superscopes import Scope, run
 
     model = more_models[arch]
-    grid = dict(prompts=PROMPTS, sites=["mlp_out", "resid_post"], layers=[0, 2], alphas=[1, 4], target="identity",
-                target_layers=["same", 1], output="generate", max_new_tokens=3)  # fmt: skip
+    grid = dict(
+        prompts=PROMPTS,
+        sites=["mlp_out", "resid_post"],
+        layers=[0, 2],
+        alphas=[1, 4],
+        target="identity",
+        target_layers=["same", 1],
+        output="generate",
+        max_new_tokens=3,
+    )
     shared = run(model, Scope(**grid), progress=False)
-    assert shared["output_ids"].tolist() == run(model, Scope(**grid, share_prefix=False), progress=False)["output_ids"].tolist()
-    assert shared["output_ids"].tolist() == run(model, Scope(**grid), remote="local", progress=False)["output_ids"].tolist()
+    assert (
+        shared["output_ids"].tolist()
+        == run(model, Scope(**grid, share_prefix=False), progress=False)["output_ids"].tolist()
+    )
+    assert (
+        shared["output_ids"].tolist()
+        == run(model, Scope(**grid), remote="local", progress=False)["output_ids"].tolist()
+    )

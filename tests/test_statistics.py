@@ -78,8 +78,18 @@ def test_compare_all_holm_corrects_only_the_family():
 
 
 def test_describe_says_a_beats_b_only_when_the_adjusted_p_does():
-    row = {"a": "x", "b": "y", "mean_a": 0.5, "mean_b": 0.1, "difference": 0.4, "ci_low": 0.2, "ci_high": 0.6,
-           "p": 0.001, "p_holm": 0.004, "n_prompts": 48}  # fmt: skip
+    row = {
+        "a": "x",
+        "b": "y",
+        "mean_a": 0.5,
+        "mean_b": 0.1,
+        "difference": 0.4,
+        "ci_low": 0.2,
+        "ci_high": 0.6,
+        "p": 0.001,
+        "p_holm": 0.004,
+        "n_prompts": 48,
+    }
     text = describe(row)
     assert "x > y at the prompt level" in text and "[95% CI +0.200, +0.600]" in text and "Holm p = 0.004" in text
     assert "no significant" in describe(row | {"p_holm": 0.06})
@@ -95,10 +105,14 @@ def test_prompt_means_average_each_prompt_first():
 
 
 def test_compare_conditions_pairs_by_prompt_per_group_with_one_holm_family():
-    frame = pd.DataFrame({
-        "source": ["a", "b", "c"] * 4, "layer": [0] * 6 + [1] * 6,
-        "method": (["x"] * 3 + ["y"] * 3) * 2, "score": [1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 0, 0],
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "source": ["a", "b", "c"] * 4,
+            "layer": [0] * 6 + [1] * 6,
+            "method": (["x"] * 3 + ["y"] * 3) * 2,
+            "score": [1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 0, 0],
+        }
+    )
     table = compare_conditions(frame, "method", [("x", "y")]).set_index("layer")
     assert table.loc[0, "difference"] == 1.0 and table.loc[0, "p"] == pytest.approx(2 / 8)  # 3 of 3 prompts +1
     assert table.loc[1, "difference"] == pytest.approx(1 / 3) and table.loc[1, "p"] == 1.0  # one +1: 2 of 2 signs
@@ -141,13 +155,18 @@ def test_cross_fitted_choice_is_made_on_the_other_half():
 def test_cross_fitted_mean_averages_splits():
     # Every prompt succeeds only at alpha 6 except p3 (alpha 3). A half fitted without p3 picks 6, so
     # p3 scores 0 under every split; the mean over splits is the mean of each split's cross_fitted_best.
-    rows = [(p, 1, a, float(a == (3 if p == "p3" else 6)), int(a == (3 if p == "p3" else 6)))
-            for p in ["p0", "p1", "p2", "p3"] for a in (3, 6)]  # fmt: skip
+    rows = [
+        (p, 1, a, float(a == (3 if p == "p3" else 6)), int(a == (3 if p == "p3" else 6)))
+        for p in ["p0", "p1", "p2", "p3"]
+        for a in (3, 6)
+    ]
     frame = cells(rows)
     mean = cross_fitted_mean(frame, "alpha", "similarity", "success", seeds=[0, 1, 2])
     assert mean.loc[("p3", 1)] == 0
-    single = [cross_fitted_best(frame, "alpha", "similarity", "success", seed=s).set_index("source")["success"]
-              for s in (0, 1, 2)]  # fmt: skip
+    single = [
+        cross_fitted_best(frame, "alpha", "similarity", "success", seed=s).set_index("source")["success"]
+        for s in (0, 1, 2)
+    ]
     assert mean.droplevel("layer").to_dict() == pytest.approx((sum(single) / 3).to_dict())
 
 
@@ -155,16 +174,19 @@ def test_target_examples_of_the_entity_prompt():
     assert target_examples(ENTITY_DESCRIPTION) == ["Syria", "Leonardo DiCaprio", "Samsung"]
 
 
-@pytest.mark.parametrize("text,token,expected", [
-    (" Leonardo DiCaprio: American actor, Samsung", "Vinci", True),  # copies a few-shot example
-    (": Country in the Middle East, x", "Wales", True),  # copies three words of the target
-    (" Wales Wales, Wales", "Wales", True),  # only the source token
-    (" -great-great-great", "Great", True),
-    (": Princess of Wales, a British royal", "Wales", False),
-    (": a Welsh princess, Lady Di", "Wales", False),
-    (": South Korean city, Busan", "Seoul", False),  # a word of an example's description is not a copy
-    (": Country in the United Kingdom, China", "Wales", False),  # an example's frame, a new answer
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,token,expected",
+    [
+        (" Leonardo DiCaprio: American actor, Samsung", "Vinci", True),  # copies a few-shot example
+        (": Country in the Middle East, x", "Wales", True),  # copies three words of the target
+        (" Wales Wales, Wales", "Wales", True),  # only the source token
+        (" -great-great-great", "Great", True),
+        (": Princess of Wales, a British royal", "Wales", False),
+        (": a Welsh princess, Lady Di", "Wales", False),
+        (": South Korean city, Busan", "Seoul", False),  # a word of an example's description is not a copy
+        (": Country in the United Kingdom, China", "Wales", False),  # an example's frame, a new answer
+    ],
+)
 def test_echo_rule(text, token, expected):
     assert is_echo(text, token, ENTITY_DESCRIPTION) is expected
 
@@ -178,10 +200,18 @@ def test_majority_share_uses_the_training_majority():
 
 def test_any_then_mean_is_lis_patchscopes_accuracy():
     frame = pd.DataFrame(
-        [("p1", 1, 0, False), ("p1", 1, 1, True), ("p1", 2, 0, False), ("p1", 2, 1, False),
-         ("p2", 1, 0, True), ("p2", 1, 1, True), ("p2", 2, 0, True), ("p2", 2, 1, False)],
+        [
+            ("p1", 1, 0, False),
+            ("p1", 1, 1, True),
+            ("p1", 2, 0, False),
+            ("p1", 2, 1, False),
+            ("p2", 1, 0, True),
+            ("p2", 1, 1, True),
+            ("p2", 2, 0, True),
+            ("p2", 2, 1, False),
+        ],
         columns=["prompt", "layer", "target_layer", "success"],
-    )  # fmt: skip
+    )
     out = any_then_mean(frame, "success", "prompt", any_over="target_layer", mean_over="layer")
     assert out.to_dict() == {"p1": 0.5, "p2": 1.0}
 
@@ -198,7 +228,6 @@ def test_compare_all_of_pairs_holm_adjusts_over_all_and_drops_missing_prompts():
     assert table.loc["a", "comparison"] == "a vs b"
     assert "no significant prompt-level difference" in describe(table.reset_index().iloc[0])
     assert "a > b at the prompt level" in describe({**table.reset_index().iloc[0].to_dict(), "p_holm": 0.01})
-
 
 
 def test_holm_intervals_widen_with_the_holm_level():

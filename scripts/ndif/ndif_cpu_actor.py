@@ -24,11 +24,10 @@ import gc
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 import ray
 import torch
-
 from ndif.common.metrics import ModelLoadTimeMetric
 from ndif.common.telemetry import elapsed_ms
 from ndif.services.ray.deployments.modeling.base import BaseModelDeployment
@@ -46,8 +45,8 @@ class CPUModelDeployment(BaseModelDeployment):
     def __init__(
         self,
         model_key: str,
-        execution_timeout: Optional[float] = None,
-        gpu_mem_bytes_by_id: Optional[Dict[int, int]] = None,
+        execution_timeout: float | None = None,
+        gpu_mem_bytes_by_id: dict[int, int] | None = None,
         dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
@@ -93,7 +92,7 @@ class CPUModelDeployment(BaseModelDeployment):
         await self.cancel(KILL_REASON_PREEMPTED)
         self.cached = True
 
-    def from_cache(self, gpu_mem_bytes_by_id: Dict[int, int]) -> None:
+    def from_cache(self, gpu_mem_bytes_by_id: dict[int, int]) -> None:
         self.assigned_gpu_mem_bytes_by_id = dict(gpu_mem_bytes_by_id or {})
         self.cached = False
 

@@ -19,11 +19,11 @@ nnsight.CONFIG.API.APIKEY = os.environ.get("NDIF_API_KEY", "local")
 nnsight.CONFIG.APP.REMOTE_LOGGING = False
 _ID_CACHE[model_dir] = model_dir  # local path: no Hub canonicalisation
 
-model = TransformersModel(
-    model_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir), task="text-generation"
-)
+model = TransformersModel(model_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir), task="text-generation")
 started = time.time()
 with model.trace("The capital of France is", remote=True):
     logits = model.output.logits[:, -1, :].clone().save()
-print(f"probe ok: logits {tuple(logits.shape)} in {time.time() - started:.2f}s, "
-      f"argmax {model.tokenizer.decode(logits.argmax(-1))!r}")
+print(
+    f"probe ok: logits {tuple(logits.shape)} in {time.time() - started:.2f}s, "
+    f"argmax {model.tokenizer.decode(logits.argmax(-1))!r}"
+)

@@ -30,9 +30,8 @@ import sys
 import time
 import traceback
 
-import torch
-
 import nnsight
+import torch
 from nnsight.intervention.backends import remote as remote_mod
 from nnsight.modeling.huggingface import _ID_CACHE
 from nnsight.modeling.transformers import TransformersModel
@@ -61,7 +60,11 @@ class ByteMeter:
         B = remote_mod.RemoteBackend
         meter = self
         orig_serialize, orig_parse, orig_finalize, orig_download = (
-            B._serialize, B.parse, B.finalize, B.download_result)
+            B._serialize,
+            B.parse,
+            B.finalize,
+            B.download_result,
+        )
 
         def _serialize(backend, tracer):
             blob = orig_serialize(backend, tracer)
@@ -93,8 +96,10 @@ class ByteMeter:
         self.sent = self.ws_bytes = self.result = self.url_bytes = 0
 
     def line(self):
-        return (f"sent {self.sent:,} B, websocket received {self.ws_bytes:,} B, "
-                f"result blob {self.result:,} B (via URL {self.url_bytes:,} B)")
+        return (
+            f"sent {self.sent:,} B, websocket received {self.ws_bytes:,} B, "
+            f"result blob {self.result:,} B (via URL {self.url_bytes:,} B)"
+        )
 
 
 # --------------------------------------------------------------- helpers
@@ -151,7 +156,7 @@ def run_big(model, prompt, **kw):
 
 def run_raise(model, **kw):
     with model.trace(PROMPT, **kw):
-        h = model.model.layers[3].output
+        _ = model.model.layers[3].output  # a module access, so the error is raised inside a real trace
         raise ValueError("boom from inside the trace")
 
 
@@ -167,8 +172,7 @@ def expect_error(name, fn):
     try:
         fn()
     except BaseException as exc:  # noqa: BLE001 - we want to see everything
-        print(f"[INFO] {name} -> raised after {time.time() - started:.1f}s\n"
-              f"       {describe(exc)}", flush=True)
+        print(f"[INFO] {name} -> raised after {time.time() - started:.1f}s\n       {describe(exc)}", flush=True)
         return exc
     print(f"[INFO] {name} -> no exception ({time.time() - started:.1f}s)", flush=True)
     return None
@@ -178,13 +182,15 @@ def expect_error(name, fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--errors", action="store_true", help="also probe error cases")
-    ap.add_argument("--gated-host", default=None,
-                    help="an API started with NDIF_MIN_NNSIGHT_VERSION (version-gate check)")
+    ap.add_argument(
+        "--gated-host", default=None, help="an API started with NDIF_MIN_NNSIGHT_VERSION (version-gate check)"
+    )
     args = ap.parse_args()
 
     host = os.environ.get("NDIF_HOST", "http://127.0.0.1:5001")
-    model_dir = os.path.abspath(os.path.expanduser(os.environ.get(
-        "SUPERSCOPES_NDIF_MODEL_DIR", "~/.cache/superscopes/models/smollm2-135m")))
+    model_dir = os.path.abspath(
+        os.path.expanduser(os.environ.get("SUPERSCOPES_NDIF_MODEL_DIR", "~/.cache/superscopes/models/smollm2-135m"))
+    )
     nnsight.CONFIG.API.HOST = host
     nnsight.CONFIG.API.APIKEY = os.environ.get("NDIF_API_KEY", "local-dev-key")
     nnsight.CONFIG.APP.REMOTE_LOGGING = False
@@ -197,7 +203,8 @@ def main():
 
     # 1. trace ------------------------------------------------------------
     h_loc, lg_loc = run_trace(model)
-    meter.reset(); t = time.time()
+    meter.reset()
+    t = time.time()
     h_rem, lg_rem = run_trace(model, remote=True)
     dt = time.time() - t
     dh = (h_loc - h_rem).abs().max().item()
@@ -206,19 +213,18 @@ def main():
     top_rem = lg_rem.topk(5, dim=-1).indices.tolist()
     report("trace layers[3] last token", dh <= TOL, f"max|diff|={dh:.2e} shape={tuple(h_rem.shape)}")
     report("trace logits", dl <= TOL, f"max|diff|={dl:.2e}")
-    report("trace top-5", top_loc == top_rem,
-           f"{[model.tokenizer.decode(i) for i in top_rem[0]]} ({dt:.2f}s remote)")
+    report("trace top-5", top_loc == top_rem, f"{[model.tokenizer.decode(i) for i in top_rem[0]]} ({dt:.2f}s remote)")
     print(f"       bytes: {meter.line()}", flush=True)
 
     # 2. generate ----------------------------------------------------------
     try:
         ids_loc = run_generate(model)
-        meter.reset(); t = time.time()
+        meter.reset()
+        t = time.time()
         ids_rem = run_generate(model, remote=True)
         dt = time.time() - t
         same = torch.equal(ids_loc.cpu(), ids_rem.cpu())
-        report("generate 5 tokens", same,
-               f"{model.tokenizer.decode(ids_rem[0][-5:])!r} ({dt:.2f}s remote)")
+        report("generate 5 tokens", same, f"{model.tokenizer.decode(ids_rem[0][-5:])!r} ({dt:.2f}s remote)")
         print(f"       bytes: {meter.line()}", flush=True)
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
@@ -227,12 +233,16 @@ def main():
     # 3. session -------------------------------------------------------------
     try:
         p_loc = run_session(model)
-        meter.reset(); t = time.time()
+        meter.reset()
+        t = time.time()
         p_rem = run_session(model, remote=True)
         dt = time.time() - t
         d = (p_loc - p_rem).abs().max().item()
-        report("session two traces (value flows)", d <= TOL,
-               f"max|diff|={d:.2e}, top-1 {model.tokenizer.decode(p_rem.argmax(-1))!r} ({dt:.2f}s remote)")
+        report(
+            "session two traces (value flows)",
+            d <= TOL,
+            f"max|diff|={d:.2e}, top-1 {model.tokenizer.decode(p_rem.argmax(-1))!r} ({dt:.2f}s remote)",
+        )
         print(f"       bytes: {meter.line()}", flush=True)
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
@@ -243,12 +253,16 @@ def main():
     try:
         long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
         big_loc = run_big(model, long_prompt)
-        meter.reset(); t = time.time()
+        meter.reset()
+        t = time.time()
         big_rem = run_big(model, long_prompt, remote=True)
         dt = time.time() - t
         d = (big_loc - big_rem).abs().max().item()
-        report("large result via object store", d <= TOL and meter.url_bytes > 0,
-               f"shape={tuple(big_rem.shape)} max|diff|={d:.2e} ({dt:.2f}s remote)")
+        report(
+            "large result via object store",
+            d <= TOL and meter.url_bytes > 0,
+            f"shape={tuple(big_rem.shape)} max|diff|={d:.2e} ({dt:.2f}s remote)",
+        )
         print(f"       bytes: {meter.line()}", flush=True)
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
@@ -258,17 +272,22 @@ def main():
     if args.errors:
         print("--- error cases ---", flush=True)
         # (a) server down / unreachable (nothing listens on port 1)
-        expect_error("(a) server unreachable",
-                     lambda: run_trace(model, remote="http://127.0.0.1:1"))
+        expect_error("(a) server unreachable", lambda: run_trace(model, remote="http://127.0.0.1:1"))
         # (b) a model key that is not deployed: a tiny random model saved locally
         import tempfile
+
         from transformers import AutoModelForCausalLM, LlamaConfig
 
         tiny_dir = os.path.join(tempfile.gettempdir(), "ndif-smoke-undeployed")
         if not os.path.exists(os.path.join(tiny_dir, "config.json")):
-            cfg = LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                              num_attention_heads=4, num_key_value_heads=2,
-                              vocab_size=model.tokenizer.vocab_size + 100)
+            cfg = LlamaConfig(
+                num_hidden_layers=4,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=model.tokenizer.vocab_size + 100,
+            )
             AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny_dir)
             model.tokenizer.save_pretrained(tiny_dir)
         other = load_model(tiny_dir)
@@ -283,8 +302,7 @@ def main():
         expect_error("(d') out-of-range index inside the trace", lambda: run_index(model, remote=True))
         # (e) version gate (needs a second API with NDIF_MIN_NNSIGHT_VERSION)
         if args.gated_host:
-            expect_error("(e) client below NDIF_MIN_NNSIGHT_VERSION",
-                         lambda: run_trace(model, remote=args.gated_host))
+            expect_error("(e) client below NDIF_MIN_NNSIGHT_VERSION", lambda: run_trace(model, remote=args.gated_host))
         # the server still works after all that
         h2, _ = run_trace(model, remote=True)
         report("server healthy after error cases", (h2 - h_loc).abs().max().item() <= TOL)

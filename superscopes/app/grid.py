@@ -9,11 +9,10 @@ the controls of each best readout (alpha 1, norm-matched, random direction of th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -24,6 +23,7 @@ from superscopes.app.request import CONTROLS, DEFAULTS, GridRequest, grid_cells,
 
 if TYPE_CHECKING:
     from superscopes.models import Model
+
 
 def readout_columns(names: list[str]) -> list[str]:
     """The frame columns the chosen readouts add, which the page's rows carry too."""
@@ -54,7 +54,13 @@ def best_rows(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def grid_job(
-    request: GridRequest, model: Model, models: ModelCache, limits: dict, chunk_rows: int, batch_size: int, threshold: float
+    request: GridRequest,
+    model: Model,
+    models: ModelCache,
+    limits: dict,
+    chunk_rows: int,
+    batch_size: int,
+    threshold: float,
 ) -> GridJob:
     """Check the grid against the model, validate it with the core's ``plan`` (no forward
     pass) and cut it into chunks. Takes no lock that a running job holds."""
@@ -251,7 +257,11 @@ class GridRunner:
             frame["model"] = job.model
             frame = flag_echoes(frame, target=job.grid["target"])  # the one echo rule (judge.score's)
             frame["control"] = frame["transform"].map(CONTROL_OF) if control else ""
-            columns = [*ROW_COLUMNS, *readout_columns(job.common.get("readouts", [])), *(["control"] if control else [])]
+            columns = [
+                *ROW_COLUMNS,
+                *readout_columns(job.common.get("readouts", [])),
+                *(["control"] if control else []),
+            ]
             rows = [
                 {k: finite(v.item() if hasattr(v, "item") else v) for k, v in zip(columns, values)}
                 for values in frame[columns].itertuples(index=False)

@@ -3,12 +3,11 @@ private tokenizer per model for the request path."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from superscopes.app.errors import BadRequest
 from superscopes.app.request import unique

@@ -8,12 +8,11 @@ grids and between a running grid's chunks, one at a time per page (beside its gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import pandas as pd
 

@@ -20,11 +20,10 @@ worker thread, never in a request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,8 +34,10 @@ if TYPE_CHECKING:
 
 EMBEDDED_PREFIX = "embedded:"
 # The README's full-size command (about 45 min on two CPU cores), at the cell's site and layer.
-TRAIN_COMMAND = ("python -m superscopes.inverse train --model {model} --site {site} --layer {layer} --steps 3000 "
-                 "--out results/inverse/{slug}-L{layer}")  # fmt: skip
+TRAIN_COMMAND = (
+    "python -m superscopes.inverse train --model {model} --site {site} --layer {layer} --steps 3000 "
+    "--out results/inverse/{slug}-L{layer}"
+)
 SERVE_COMMAND = "superscopes app --model {model} --generator results/inverse/{slug}-L{layer}"
 CHUNK = 8192  # corpus activations compared with the vector at a time (bounded memory)
 
@@ -66,15 +67,24 @@ class Offered:
     size: int = 0  # an SAE's latents
 
     def describe(self) -> dict:
-        return {"id": self.id, "model": self.model, "site": self.site, "layer": self.layer, "d_in": self.d_in,
-                "detail": self.detail, **({"latents": self.size} if self.kind == "sae" else {})}  # fmt: skip
+        return {
+            "id": self.id,
+            "model": self.model,
+            "site": self.site,
+            "layer": self.layer,
+            "d_in": self.d_in,
+            "detail": self.detail,
+            **({"latents": self.size} if self.kind == "sae" else {}),
+        }
 
     def words(self) -> str:
         return f"{self.id} ({self.model or 'any model'}, {self.site} layer {self.layer}, width {self.d_in})"
 
-    def misfit(self, names: tuple[str, ...], hidden: int, site: str | None = None,
-               layer: int | None = None) -> str | None:  # fmt: skip
-        """Why this does not apply to a model (``names``, hidden size ``hidden``) at ``site``/``layer``; None if it does."""
+    def misfit(
+        self, names: tuple[str, ...], hidden: int, site: str | None = None, layer: int | None = None
+    ) -> str | None:
+        """Why this does not apply to a model (``names``, hidden size ``hidden``) at
+        ``site``/``layer``; None if it does."""
         if not same_model(self.model, names):
             return f"it was made for {self.model}"
         if self.d_in != hidden:
@@ -101,8 +111,17 @@ def _sae_offer(source, id_: str) -> Offered:
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     kind = cfg.get("architecture", "standard") + (f" k={k}" if k else "")
     model = S.cfg_field(cfg, "model_name")
-    return Offered(id_, "sae", model, site, layer, int(cfg["d_in"]), f"{kind}, {cfg['d_sae']} latents",
-                   path=path, size=int(cfg["d_sae"]))  # fmt: skip
+    return Offered(
+        id_,
+        "sae",
+        model,
+        site,
+        layer,
+        int(cfg["d_in"]),
+        f"{kind}, {cfg['d_sae']} latents",
+        path=path,
+        size=int(cfg["d_sae"]),
+    )
 
 
 def _generator_offer(source, id_: str) -> Offered:
@@ -116,8 +135,9 @@ def _generator_offer(source, id_: str) -> Offered:
     c = generator.config
     steps = generator.history[-1]["step"] if generator.history else c.steps
     detail = f"{c.n_layers}-layer generator, {steps} steps, inputs up to {c.max_tokens} tokens"
-    return Offered(id_, "generator", c.model or None, c.site, c.layer, generator.d_in, detail, path=path,
-                   loaded=generator)  # fmt: skip
+    return Offered(
+        id_, "generator", c.model or None, c.site, c.layer, generator.d_in, detail, path=path, loaded=generator
+    )
 
 
 def _corpus_offer(source, id_: str) -> Offered:
@@ -134,9 +154,20 @@ def _corpus_offer(source, id_: str) -> Offered:
     if not {"inputs", "activations"} <= set(saved) or "site" not in read:
         raise ValueError(f"{path}: a corpus of pairs holds read (model, site, layer), inputs and activations")
     acts = saved["activations"]
-    detail = f"{len(saved['inputs'])} inputs of {read.get('texts', '?')} {read.get('corpus', '')} texts".replace("  ", " ")
-    return Offered(id_, "corpus", read.get("model"), read["site"], int(read["layer"]), int(acts.shape[1]), detail,
-                   path=path, loaded=(saved["inputs"], acts))  # fmt: skip
+    detail = f"{len(saved['inputs'])} inputs of {read.get('texts', '?')} {read.get('corpus', '')} texts".replace(
+        "  ", " "
+    )
+    return Offered(
+        id_,
+        "corpus",
+        read.get("model"),
+        read["site"],
+        int(read["layer"]),
+        int(acts.shape[1]),
+        detail,
+        path=path,
+        loaded=(saved["inputs"], acts),
+    )
 
 
 def _unique_id(base: str, taken: dict) -> str:
@@ -187,9 +218,11 @@ class Panels:
             self.corpora[offer.id] = offer
 
     def config(self) -> dict:
-        return {"saes": [o.describe() for o in self.saes.values()],
-                "generators": [o.describe() for o in self.generators.values()],
-                "corpora": [o.describe() for o in self.corpora.values()]}  # fmt: skip
+        return {
+            "saes": [o.describe() for o in self.saes.values()],
+            "generators": [o.describe() for o in self.generators.values()],
+            "corpora": [o.describe() for o in self.corpora.values()],
+        }
 
     def offered(self, kind: str) -> dict[str, Offered]:
         return {"sae": self.saes, "generator": self.generators, "corpus": self.corpora}[kind]
@@ -224,8 +257,11 @@ def train_command(model: str, site: str, layer: int) -> str:
     import re
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", model).strip("-").lower() or "model"
-    return (TRAIN_COMMAND.format(model=model, site=site, layer=layer, slug=slug) + "\n"
-            + SERVE_COMMAND.format(model=model, slug=slug, layer=layer))  # fmt: skip
+    return (
+        TRAIN_COMMAND.format(model=model, site=site, layer=layer, slug=slug)
+        + "\n"
+        + SERVE_COMMAND.format(model=model, slug=slug, layer=layer)
+    )
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -255,9 +291,14 @@ def breakdown(model: Model, sae, vector: torch.Tensor, k: int, promotes: int) ->
     tokenizer = model.tokenizer
     shown = []
     for (latent, activation), ids, probs in zip(latents, top["ids"], top["probs"]):
-        shown.append({"latent": latent, "activation": activation,
-                      "promotes": [tokenizer.decode([int(i)]) for i in ids],
-                      "promotes_probs": [float(p) for p in probs]})  # fmt: skip
+        shown.append(
+            {
+                "latent": latent,
+                "activation": activation,
+                "promotes": [tokenizer.decode([int(i)]) for i in ids],
+                "promotes_probs": [float(p) for p in probs],
+            }
+        )
     error = (vector - reconstruction).norm() / vector.norm().clamp_min(1e-12)
     return {
         "latents": shown,
@@ -280,7 +321,9 @@ def generated(model: Model, generator, vector: torch.Tensor, samples: int, seed:
     return [{"text": t, "distance": found.get(t)} for t in texts]
 
 
-def nearest(model: Model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tensor | None) -> tuple[list[dict], str]:
+def nearest(
+    model: Model, corpus: tuple, vector: torch.Tensor, n: int, std: torch.Tensor | None
+) -> tuple[list[dict], str]:
     """The corpus's ``n`` distinct input texts whose activations are nearest the vector by the
     standardised distance (``std``: the generator's, else the corpus's own), and which std was
     used. Distinct: corpus texts often share a prefix, and a repeated input says nothing new."""
@@ -307,7 +350,8 @@ def latent_frame(model: Model, sae, latent: int, alphas: list[float], max_new_to
     from superscopes import sae as S
 
     scale = "mean" if sae.mean_activation is not None else "unit"
-    scope = S.latent_scope(sae, [latent], model=model, scale=scale, alphas=alphas, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)  # fmt: skip
+    scope = S.latent_scope(
+        sae, [latent], model=model, scale=scale, alphas=alphas, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     frame = superscopes.run(model, scope, progress=False, threads=None)  # the app's --threads
     return S.explanation_scores(model, scope, frame), scale

@@ -16,12 +16,11 @@ This module starts it: ``serve`` and the ``superscopes app`` options.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
 import sqlite3
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from superscopes.app.api import App
 from superscopes.app.grid import best_rows
@@ -44,7 +43,7 @@ def make_server(app: App | None = None, host: str = "127.0.0.1", port: int = 876
 
 
 def serve(
-    model: Model=DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     host: str = "127.0.0.1",
     port: int = 8765,
     remote_models: list[str] | None = None,

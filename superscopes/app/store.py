@@ -81,8 +81,13 @@ def _busy(error: sqlite3.Error) -> bool:
 class RunStore:
     """Finished and started runs in ``path`` (created with its folder on first use)."""
 
-    def __init__(self, path: str | Path, keep: int = KEEP_RUNS, max_bytes: int = MAX_STORE_BYTES,
-                 max_run_bytes: int = MAX_RUN_BYTES):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        keep: int = KEEP_RUNS,
+        max_bytes: int = MAX_STORE_BYTES,
+        max_run_bytes: int = MAX_RUN_BYTES,
+    ):
         self.path = Path(path)
         self.keep, self.max_bytes, self.max_run_bytes = keep, max_bytes, max_run_bytes
         self.lock = threading.Lock()  # one writer at a time (the writer thread and synchronous saves)
@@ -111,8 +116,11 @@ class RunStore:
                 part = Path(f"{self.path}{suffix}")
                 if part.exists():
                     part.replace(f"{self.moved_aside}{suffix}")
-            print(f"superscopes app: the run store {self.path} was unreadable ({error}); moved it to "
-                  f"{self.moved_aside} and started a new one", file=sys.stderr)  # fmt: skip
+            print(
+                f"superscopes app: the run store {self.path} was unreadable ({error}); moved it to "
+                f"{self.moved_aside} and started a new one",
+                file=sys.stderr,
+            )
             with closing(self._db()) as db, db:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute(SCHEMA)
@@ -128,16 +136,30 @@ class RunStore:
             why = "locked by another process" if _busy(error) else f"unreadable ({error})"
             raise RunStoreError(f"the run store {self.path} is {why}; try again in a moment") from None
 
-    def save(self, run_id: str, created: float, status: str, summary: dict, state: dict,
-             csv: bytes | Callable[[], bytes | None] | None = None) -> bool:  # fmt: skip
+    def save(
+        self,
+        run_id: str,
+        created: float,
+        status: str,
+        summary: dict,
+        state: dict,
+        csv: bytes | Callable[[], bytes | None] | None = None,
+    ) -> bool:
         """Insert or replace one run, then evict the oldest beyond the bounds; False if its
         results were too large to keep (its settings are kept). ``RunStoreError`` if locked."""
         check_run_id(run_id)
         with self.lock:
             return self._save(run_id, created, status, summary, state, csv)
 
-    def _save(self, run_id: str, created: float, status: str, summary: dict, state: dict,
-              csv: bytes | Callable[[], bytes | None] | None) -> bool:  # fmt: skip
+    def _save(
+        self,
+        run_id: str,
+        created: float,
+        status: str,
+        summary: dict,
+        state: dict,
+        csv: bytes | Callable[[], bytes | None] | None,
+    ) -> bool:
         csv = csv() if callable(csv) else csv
         packed, packed_csv = _pack(state), zlib.compress(csv, 6) if csv is not None else None
         whole = len(packed) + len(packed_csv or b"") <= self.max_run_bytes
@@ -163,8 +185,15 @@ class RunStore:
         self.ours.add(run_id)
         return whole
 
-    def save_later(self, run_id: str, created: float, status: str, summary: dict, state: dict,
-                   csv: bytes | Callable[[], bytes | None] | None = None) -> None:  # fmt: skip
+    def save_later(
+        self,
+        run_id: str,
+        created: float,
+        status: str,
+        summary: dict,
+        state: dict,
+        csv: bytes | Callable[[], bytes | None] | None = None,
+    ) -> None:
         """Hand the snapshot to the writer thread and return at once (a request never waits on the file)."""
         check_run_id(run_id)
         with self.changed:
@@ -244,10 +273,15 @@ class RunStore:
     def recent(self, limit: int, kind: str = "grid") -> list[dict]:
         """The newest ``limit`` runs of ``kind`` (``grid``, or a panel job's kind named in its
         summary), newest first."""
-        rows = self._query("SELECT id, created, status, summary FROM runs "
-                           "WHERE coalesce(json_extract(summary, '$.kind'), 'grid') = ? "
-                           "ORDER BY created DESC, id LIMIT ?", (kind, limit))  # fmt: skip
-        return [{"id": i, "created": c, "status": self._status(i, s), **json.loads(summary)} for i, c, s, summary in rows]
+        rows = self._query(
+            "SELECT id, created, status, summary FROM runs "
+            "WHERE coalesce(json_extract(summary, '$.kind'), 'grid') = ? "
+            "ORDER BY created DESC, id LIMIT ?",
+            (kind, limit),
+        )
+        return [
+            {"id": i, "created": c, "status": self._status(i, s), **json.loads(summary)} for i, c, s, summary in rows
+        ]
 
     def __len__(self) -> int:
         return self._query("SELECT COUNT(*) FROM runs")[0][0]

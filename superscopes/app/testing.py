@@ -3,10 +3,9 @@ one that holds a run in its chunk in progress for as long as a test needs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import threading
 import zlib
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -23,9 +22,13 @@ def tiny_model(seed: int = 0, name: str = "tiny-llama"):
     from superscopes.models import resolve_path
 
     config = LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=49152,
-    )  # fmt: skip
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+    )
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(config).eval()
     hf.config._name_or_path = name  # what results and error messages call it
@@ -107,11 +110,14 @@ def tiny_panels(model: Model, folder, name: str = "tiny-llama", site: str = "res
     _, sae.mean_activation, sae.frequency = S.measure(sae, acts)
     sae.save(folder / "sae")
     pairs = inverse.collect_pairs(model, texts, site, layer, max_tokens=8)
-    config = inverse.GeneratorConfig(model=name, site=site, layer=layer, steps=20, d_model=32, n_layers=1, n_heads=2,
-                                     max_tokens=8, held_out=0.0)  # fmt: skip
+    config = inverse.GeneratorConfig(
+        model=name, site=site, layer=layer, steps=20, d_model=32, n_layers=1, n_heads=2, max_tokens=8, held_out=0.0
+    )
     generator = inverse.train(pairs, config, progress=False)
     generator.save(folder / "generator" / "generator.pt")
     read = {"model": name, "site": site, "layer": layer, "corpus": "fallback", "texts": len(texts), "max_tokens": 8}
-    torch.save({"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources},
-               folder / "generator" / "pairs.pt")  # fmt: skip
+    torch.save(
+        {"read": read, "inputs": pairs.inputs, "activations": pairs.activations, "sources": pairs.sources},
+        folder / "generator" / "pairs.pt",
+    )
     return folder / "sae", folder / "generator"

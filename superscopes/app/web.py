@@ -150,11 +150,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        for pattern, handler in routes.items():
-            found = re.fullmatch(pattern, url.path)
-            if found:
-                break
-        else:
+        matches = ((handler, re.fullmatch(pattern, url.path)) for pattern, handler in routes.items())
+        handler, found = next(((h, f) for h, f in matches if f), (None, None))
+        if handler is None:
             self._error(HTTPStatus.NOT_FOUND, f"no such page or endpoint: {url.path}")
             return
         try:
