@@ -15,6 +15,10 @@ committed (or not finished) is shown as missing, never filled in. The rows:
 - token identity: the Patchscope's precision@1 at two thirds of the depth (``summary.csv``);
 - entity description: mean RougeL of the alpha = 1 readouts per entity (``scores.csv``);
 - attribute extraction: the Patchscope's accuracy on the rows the model knows (``per_row.csv``).
+
+A second table gives each committed run's wall time, from its ``timings.csv`` (the seconds of
+the invocations that added results, with their thread count); a run made before that log
+says ``not logged``.
 """
 
 from __future__ import annotations
@@ -137,6 +141,45 @@ def scale_table(results: Path, models: dict[str, str] = MODELS) -> pd.DataFrame:
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("headline (95% CI over prompts)")
 
 
+RECIPES = (
+    "superscopes_evaluation",
+    "superscopes_mlp_outputs",
+    "superscopes_hidden_states",
+    "token_identity",
+    "entity_description",
+    "attribute_extraction",
+    "multihop",
+    "verbalization_controls",
+    "cross_model",
+    "inverse_scope",
+    "sae_self_explanation",
+)
+
+
+def wall_time(folder: Path) -> str:
+    """A run's logged wall time: minutes over the invocations that added results, and their threads."""
+    if not (folder / "cells.csv").is_file() and not (folder / "summary.md").is_file():
+        return "not run"
+    if not (folder / "timings.csv").is_file():
+        return "not logged"
+    log = pd.read_csv(folder / "timings.csv").rename(columns={"cells_added": "added"})
+    made = log[log["added"] > 0]
+    if made.empty:
+        return "not logged"
+    threads = sorted({int(t) for t in made["threads"].dropna()}) if "threads" in made else []
+    on = f", {'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''}" if threads else ""
+    return f"{made['seconds'].sum() / 60:.1f} min{on}"
+
+
+def timing_table(results: Path, models: dict[str, str] = MODELS) -> pd.DataFrame:
+    """One row per recipe, one column per model: the committed run's wall time."""
+    table = {
+        recipe: {name: wall_time(run_dir(results, model, recipe)) for model, name in models.items()}
+        for recipe in RECIPES
+    }
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("recipe: full-run wall time")
+
+
 def write(results: Path, out: Path) -> Path:
     from ._common import markdown_table
 
@@ -152,6 +195,14 @@ def write(results: Path, out: Path) -> Path:
             "excludes 0 and its paired sign-flip p (Holm-adjusted within the run's family of controls) is below 0.05.",
             "",
             markdown_table(table),
+            "",
+            "## Wall time of the full runs",
+            "",
+            "From each run's `timings.csv`: the minutes of the invocations that added results, on this 2-core CPU, "
+            "and their torch threads (runs shared the machine with other jobs, so these are upper bounds). Runs made "
+            "before the log existed say `not logged`.",
+            "",
+            markdown_table(timing_table(results).reset_index()),
             "",
         ]
     )
