@@ -98,6 +98,17 @@ def _missing(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
+def _csv_rows(rows: Iterable[Sequence[str]]) -> str:
+    """Rows as CSV text, one ``\n`` per row. Python's writer quotes a field only for the line
+    terminator's characters, so a lone carriage return (a token some tokenizers decode to)
+    would go out bare and split the row for every reader: such rows have all fields quoted."""
+    out = io.StringIO()
+    plain, quoted = csv.writer(out, lineterminator="\n"), csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in str(field) for field in row) else plain).writerow(row)
+    return out.getvalue()
+
+
 def _encode(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
     for column in frame.columns:
@@ -128,7 +139,7 @@ def save_table(frame: pd.DataFrame, path: str | Path) -> None:
     if path.suffix == ".parquet":
         frame.to_parquet(path, index=False)
     else:
-        _encode(frame).to_csv(path, index=False)
+        path.write_text(_csv_rows([list(map(str, frame.columns)), *_text_rows(frame)]), newline="")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -247,7 +258,8 @@ def _read_journal(path: Path) -> tuple[list[dict], bool]:
 
 def _text_rows(frame: pd.DataFrame) -> list[list[str]]:
     """Each cell as the CSV text it is written as (lists as JSON, missing values empty)."""
-    return list(csv.reader(io.StringIO(_encode(frame).to_csv(index=False))))[1:]
+    # CRLF lines make the writer quote fields holding a carriage return, so each row reads back whole.
+    return list(csv.reader(io.StringIO(_encode(frame).to_csv(index=False, lineterminator="\r\n"))))[1:]
 
 
 def _columns(records: Sequence[dict]) -> list[str]:
@@ -258,12 +270,8 @@ def _csv_text(records: Sequence[dict]) -> str:
     """The table of ``records``: one header, the union of their columns in order of appearance."""
     if not records:
         return ""
-    out, columns = io.StringIO(), _columns(records)
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    for record in records:
-        writer.writerows(_reorder(record, columns))
-    return out.getvalue()
+    columns = _columns(records)
+    return _csv_rows([columns, *(row for record in records for row in _reorder(record, columns))])
 
 
 def _reorder(record: dict, columns: Sequence[str]) -> list[list[str]]:
@@ -458,10 +466,8 @@ class ResultStore:
         header = _columns(self._records)
         self._records.append(record)
         if header and self.path.exists() and self.path.stat().st_size > 0 and _columns(self._records) == header:
-            out = io.StringIO()
-            csv.writer(out, lineterminator="\n").writerows(_reorder(record, header))
             with open(self.path, "a", newline="") as f:
-                f.write(out.getvalue())
+                f.write(_csv_rows(_reorder(record, header)))
                 f.flush()
                 os.fsync(f.fileno())
             self._meta["units"] = [[*unit, rows] for unit, rows in self._recorded().items()]

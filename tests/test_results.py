@@ -189,3 +189,20 @@ def test_reading_a_table_without_a_record_leaves_it_alone(tmp_path):
     before = (tmp_path / "cells.csv").read_bytes()
     assert len(ResultStore(tmp_path / "cells.csv", ["source"]).load()) == 3
     assert (tmp_path / "cells.csv").read_bytes() == before
+
+
+def test_a_carriage_return_in_a_field_stays_inside_its_row(tmp_path):
+    """Tokenizers decode some tokens to a lone "\r" (Qwen2.5's top-1 at a line end): Python's CSV
+    writer leaves such a field unquoted, which split the row for every reader."""
+    frame = pd.DataFrame({"source": ["a", "b"], "pred_token": ["\r", "x\r\ny"], "ids": [[13], [1, 2]]})
+    store = ResultStore(tmp_path / "cells.csv", ["source"])
+    store.append(frame.iloc[:1])
+    store.append(frame.iloc[1:])  # one unit appended to the CSV, the other written whole
+    for loaded in (
+        store.load(),
+        ResultStore(tmp_path / "cells.csv", ["source"]).load(),
+        pd.read_csv(tmp_path / "cells.csv", keep_default_na=False),
+    ):
+        assert loaded["pred_token"].tolist() == ["\r", "x\r\ny"] and len(loaded) == 2
+    save_table(frame, tmp_path / "table.csv")
+    assert read_table(tmp_path / "table.csv")["pred_token"].tolist() == ["\r", "x\r\ny"]
