@@ -39,6 +39,7 @@ mapped vector then passes the final norm a second time).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -46,6 +47,9 @@ from superscopes.metrics import compare_conditions, holm_intervals, prompt_means
 
 from ._common import Run, parser, recipe_main, write_summary
 from ._snippets import evaluated_and_fit, load_snippets, log
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "token_identity"
 DESCRIPTION = "Patchscopes token identity: precision@1 per layer of a Patchscope, the logit lens and an affine lens"
@@ -133,16 +137,9 @@ def score(name: str, method: str, frame: pd.DataFrame, ids: str, probs: str, src
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
-def readouts(run: Run, model, src: pd.DataFrame, fit: list[str], ridge: float) -> pd.DataFrame:
-    """The three methods on every source at every layer: two runs of the graph."""
-    from superscopes import Scope, lens
-    from superscopes.models import model_name
-    from superscopes.sites import num_layers
-
-    args, prompts = run.args, src["source"].tolist()
-    n_layers, name = num_layers(model), model_name(model)
-    last, layers = n_layers - 1, list(range(n_layers))
-    grid = dict(
+def _grid(run: Run, prompts: list[str], n_layers: int) -> dict:
+    args = run.args
+    return dict(
         sites=["resid_post"],
         alphas=[1],
         output="topk",
@@ -150,42 +147,56 @@ def readouts(run: Run, model, src: pd.DataFrame, fit: list[str], ridge: float) -
         batch_size=args.batch_size,
         max_cells=len(prompts) * n_layers,
     )
-    own = lens.final_logprobs(model, prompts, "last", args.batch_size, run.remote)
-    frame = run.scope(
-        model,
-        Scope(
-            prompts,
-            layers=layers,
-            transforms=["scale"],
-            target="identity",
-            target_layers=["same"],
-            logit_lens=True,
-            **grid,
-        ),
+
+
+def patchscope_and_logit_lens(run: Run, model, src: pd.DataFrame, own: torch.Tensor) -> pd.DataFrame:
+    """The identity Patchscope and the logit lens on every source at every layer: one run of the graph."""
+    from superscopes import Scope
+    from superscopes.models import model_name
+    from superscopes.sites import num_layers
+
+    prompts, n_layers = src["source"].tolist(), num_layers(model)
+    scope = Scope(
+        prompts,
+        layers=list(range(n_layers)),
+        transforms=["scale"],
+        target="identity",
+        target_layers=["same"],
+        logit_lens=True,
+        **_grid(run, prompts, n_layers),
     )
-    log(f"patchscope and logit lens: {len(frame)} cells; fitting affine maps on {len(fit)} texts (ridge {ridge})")
-    maps = lens.fit_affine_lens(model, fit, layers, "last", ridge, batch_size=args.batch_size, remote=run.remote)
-    affine = run.scope(
-        model,
-        Scope(
-            prompts,
-            layer_pairs=[(l, last) for l in layers],
-            transforms=["affine"],
-            affine_weight={(l, last): maps[l][0] for l in layers},
-            affine_bias={(l, last): maps[l][1] for l in layers},
-            target="source",
-            **grid,
-        ),
-    )
-    tok = model.tokenizer
+    frame = run.scope(model, scope)
+    name, tok = model_name(model), model.tokenizer
     return pd.concat(
         [
             score(name, "patchscope", frame, "output_ids", "output_probs", src, own, tok),
             score(name, "logit_lens", frame, "lens_ids", "lens_probs", src, own, tok),
-            score(name, "affine_lens", affine, "output_ids", "output_probs", src, own, tok),
         ],
         ignore_index=True,
     )
+
+
+def affine_lens(run: Run, model, src: pd.DataFrame, own: torch.Tensor, fit: list[str], ridge: float) -> pd.DataFrame:
+    """The affine lens on every source at every layer: maps fitted on ``fit``, applied by the graph."""
+    from superscopes import Scope, lens
+    from superscopes.models import model_name
+    from superscopes.sites import num_layers
+
+    prompts, n_layers = src["source"].tolist(), num_layers(model)
+    last, layers = n_layers - 1, list(range(n_layers))
+    log(f"affine lens: fitting maps on {len(fit)} texts (ridge {ridge})")
+    maps = lens.fit_affine_lens(model, fit, layers, "last", ridge, batch_size=run.args.batch_size, remote=run.remote)
+    scope = Scope(
+        prompts,
+        layer_pairs=[(l, last) for l in layers],
+        transforms=["affine"],
+        affine_weight={(l, last): maps[l][0] for l in layers},
+        affine_bias={(l, last): maps[l][1] for l in layers},
+        target="source",
+        **_grid(run, prompts, n_layers),
+    )
+    affine = run.scope(model, scope)
+    return score(model_name(model), "affine_lens", affine, "output_ids", "output_probs", src, own, model.tokenizer)
 
 
 def statistics(cells: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -270,10 +281,23 @@ def experiment(run: Run) -> None:
     src, fit = sources(run, model.tokenizer, n, n_fit)
     store = run.store("cells.csv", ["method", "source"], fit_texts=len(fit), ridge=ridge)
     done = store.done()
-    if any(store.key([m, s]) not in done for m in METHODS for s in src["source"]):
+    pending = {m for m in METHODS for s in src["source"] if store.key([m, s]) not in done}
+    if pending:
+        # Two phases, each kept as it ends: a run killed in the affine lens's fit (the long part
+        # at 1.5B) resumes there, with the Patchscope and logit lens rows already in the store.
+        from superscopes import lens
+
         log(f"{name}: {len(src)} positions x {last + 1} layers x {len(METHODS)} methods")
-        cells = readouts(run, model, src, fit, ridge)
-        store.append(cells[[store.key([m, s]) not in done for m, s in zip(cells["method"], cells["source"])]])
+        own = lens.final_logprobs(model, src["source"].tolist(), "last", args.batch_size, run.remote)
+        phases = [
+            ({"patchscope", "logit_lens"}, lambda: patchscope_and_logit_lens(run, model, src, own)),
+            ({"affine_lens"}, lambda: affine_lens(run, model, src, own, fit, ridge)),
+        ]
+        for methods, compute in phases:
+            if methods & pending:
+                cells = compute()
+                keep = [store.key([m, s]) not in done for m, s in zip(cells["method"], cells["source"])]
+                store.append(cells[keep])
     cells = run.cells(store, len(src) * (last + 1) * len(METHODS), unique=["method", "source", "layer"])
     summary, comparisons = statistics(cells, args.seed)
     summary.insert(0, "model", name)

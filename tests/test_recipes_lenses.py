@@ -260,3 +260,26 @@ def test_cross_model_best_pair_does_not_depend_on_the_tables_order():
     pairs = pd.DataFrame({**grid, **scores, "ci_low": 0.0, "ci_high": 1.0})
     texts = {findings(pairs.iloc[order], pd.DataFrame())[0] for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2])}
     assert len(texts) == 1 and "best pair (l=2, l*=3;" in texts.pop()
+
+
+def test_token_identity_killed_in_the_affine_lens_keeps_its_first_phase(tmp_path, monkeypatch):
+    """The 1.5B run spends most of its time fitting the affine maps: a run killed there keeps the
+    Patchscope and logit-lens rows, and the rerun computes only the affine lens."""
+    from recipes import token_identity as recipe
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill, inside the affine phase
+
+    monkeypatch.setattr(recipe, "affine_lens", killed)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(["--quick", "--out", str(tmp_path)])
+    kept = ResultStore.read(tmp_path / "cells.csv")
+    assert set(kept["method"]) == {"patchscope", "logit_lens"}
+    monkeypatch.undo()
+    monkeypatch.setattr(recipe, "patchscope_and_logit_lens", lambda *a, **k: pytest.fail("the first phase ran again"))
+    recipe.main(["--quick", "--out", str(tmp_path)])
+    after = ResultStore.read(tmp_path / "cells.csv")
+    assert set(after["method"]) == {"patchscope", "logit_lens", "affine_lens"}
+    assert not after.duplicated(["method", "source", "layer"]).any()
+    first = after[after["method"] != "affine_lens"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, kept[after.columns].reset_index(drop=True))  # kept as they were
