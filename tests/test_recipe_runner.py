@@ -127,3 +127,21 @@ def test_record_time_logs_each_invocation_and_counts_those_that_added_units(tmp_
     (tmp_path / "timings.csv").unlink()
     write_summary(invocation("other.csv", [], 5), "toy", "ours", "paper", {}, [])
     assert "- wall time: not logged: the results were made before timings.csv" in (tmp_path / "summary.md").read_text()
+
+
+def test_every_committed_run_was_made_with_the_recipes_data_as_it_is():
+    """A run records a hash of the data the recipes read; a committed run whose hash is not the
+    current one would be refused on resume (and its numbers may not be the data's). Formatting a
+    file under recipes/data changed the hash once: recipes/data is outside ruff's reach since."""
+    import json
+    from pathlib import Path
+
+    from recipes._common import data_fingerprint
+
+    metas = sorted(Path(__file__).resolve().parents[1].glob("results/**/*.meta.json"))
+    stale = [
+        str(p)
+        for p in metas
+        if json.loads(p.read_text()).get("settings", {}).get("data", data_fingerprint()) != data_fingerprint()
+    ]
+    assert metas and not stale, f"made with other recipe data: {stale}"

