@@ -123,12 +123,18 @@ def load_task(task: str, limit_subjects: int | None = None) -> pd.DataFrame:
 
 def crop_is_exact(tokenizer, snippet: str, subject: str, source: str) -> bool:
     """True when the cropped source's last token is the snippet's last subject token with the
-    same token ids before it, so both give the model the same hidden state there."""
-    from superscopes.prompts import find_token
+    same token ids before it, so both give the model the same hidden state there. False too
+    where the subject ends inside a token of the snippet (Qwen's ' Chile'+'an' in 'Chilean')."""
+    from superscopes.prompts import TokenNotFoundError, find_token
 
     cropped = tokenizer(source)["input_ids"]
     full = tokenizer(snippet)["input_ids"]
-    return full[: len(cropped)] == cropped and find_token(tokenizer, snippet, subject) == len(cropped) - 1
+    if full[: len(cropped)] != cropped:
+        return False
+    try:
+        return find_token(tokenizer, snippet, subject) == len(cropped) - 1
+    except TokenNotFoundError:
+        return False
 
 
 def chosen_tasks(args, default: list[str], quick: list[str]) -> list[str]:

@@ -394,3 +394,10 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
 
     run_recipe("verbalization_controls", out)  # resume
     assert len(read(out / "cells.csv")) == len(cells)
+
+
+def test_a_subject_that_ends_inside_a_token_is_not_an_exact_crop(tokenizer):
+    """' Paris' + 'ian': the crop ' the Paris' has the snippet's first tokens, but its last token is
+    not a whole subject token of the snippet; the row is left out, not an error (Qwen's 'Chilean')."""
+    assert not F.crop_is_exact(tokenizer, " the Parisian cafe", "Paris", " the Paris")
+    assert F.crop_is_exact(tokenizer, " the Paris cafe", "Paris", " the Paris")
