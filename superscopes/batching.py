@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from superscopes import readouts
-from superscopes.graph import Settings, _Group, _Pass, _Work, refuse_overflow
+from superscopes.graph import Settings, _Group, _Pass, _Work, refuse_overflow, teacher_forced_passes
 from superscopes.prompts import num_tokens
+from superscopes.readouts.base import REGISTRY
 from superscopes.sites import SITE_NAMES, ScopeError, hidden_size
-from superscopes.spec import RESULT_COLUMNS, Cell, Plan, Scope, Source, _readouts
+from superscopes.spec import RESULT_COLUMNS, Cell, Plan, Scope, Source
 
 if TYPE_CHECKING:
     from superscopes.models import Model
@@ -169,7 +169,7 @@ class _Prepared:
 def _prepare(model: Model, target_model: Model, the_plan: Plan, chosen: list[int]) -> _Prepared:
     """Plan the passes that read, patch and decode the cells ``chosen`` (indices into the plan)."""
     scope = the_plan.scope
-    sub = Plan(scope, the_plan.sources, [the_plan.cells[i] for i in chosen], the_plan.targets)
+    sub = Plan(scope, the_plan.sources, [the_plan.cells[i] for i in chosen], the_plan.targets, the_plan.readouts)
     cells = sub.cells
     keys = sorted({(c.source, c.site, c.layer) for c in cells}, key=lambda k: (k[0].prompt, k[0].position, k[1], k[2]))
     vector_of = {k: i for i, k in enumerate(keys)}
@@ -189,7 +189,7 @@ def _prepare(model: Model, target_model: Model, the_plan: Plan, chosen: list[int
         latent = sae.latent_params(index)
     if "random" in scope.transforms:
         directions = _directions(scope, keys, hidden_size(target_model))
-    chosen_readouts = tuple(_readouts(scope))
+    chosen_readouts = tuple(r for r in the_plan.readouts if r.stage != "frame")  # frame readouts never ship
     settings = Settings(
         readouts=chosen_readouts,
         generate=any(r.generates for r in chosen_readouts),
@@ -253,7 +253,7 @@ def _collect(model: Model, target_model: Model, prepared: _Prepared, outputs: li
 
 def _own_columns() -> set[str]:
     """The frame's own columns: the grid's, and every registered readout's."""
-    return {*RESULT_COLUMNS, "target_model", *(c for r in readouts.REGISTRY.values() for c in r.columns)}
+    return {*RESULT_COLUMNS, "target_model", *(c for r in REGISTRY.values() for c in r.columns)}
 
 
 def _intervened(values, rows: int) -> dict[str, list]:
@@ -271,3 +271,32 @@ def _intervened(values, rows: int) -> dict[str, list]:
             raise ScopeError(f"intervene's {name!r} must be a tensor with one row per batch row ({rows}), got {shape}")
         columns[name] = [row.item() if row.dim() == 0 else row.tolist() for row in value.detach().float().cpu()]
     return columns
+
+
+def teacher_forced(model: Model, frame, vectors: list[torch.Tensor], remote: bool | str = False) -> list[tuple]:
+    """Per row of a generated grid's ``frame``, its target prompt and generated tokens rerun in
+    ``model`` teacher-forced, once with the row's patch of ``vectors[i]`` and once clean:
+    ``(patched probabilities of the generated tokens, clean ones, the patched log-distribution
+    of the first generated token, the last block's output at the patched position)``; one
+    request when remote. The ``relevancy`` readout and ``sae.explanation_scores`` read these."""
+    rows = []
+    for row, vector in zip(frame.itertuples(index=False), vectors):
+        target = row.source if row.target == "source" else row.target
+        prompt = model.tokenizer(target)["input_ids"]
+        ids = torch.tensor([prompt + list(row.output_ids)])
+        patch = (row.target_site, row.target_layer, row.target_position, row.alpha, row.transform, row.mode)
+        rows.append((ids, len(prompt), vector.float()[None], patch))
+    with torch.inference_mode():
+        if not remote:
+            return teacher_forced_passes(model, rows)
+        import nnsight
+
+        import superscopes.readouts.base as readout_base
+        from superscopes import graph
+        from superscopes import remote as ndif
+        from superscopes.models import model_name
+
+        with ndif.request(model, remote, ship=(graph, readout_base), name=model_name(model)) as options:
+            with model.session(**options):
+                scores = nnsight.save(teacher_forced_passes(model, rows))
+        return scores

@@ -56,8 +56,8 @@ def _grid_differences(existing: pd.DataFrame, planned: dict[str, list]) -> list[
 def _print_readout(frame: pd.DataFrame, extra: list[str] = ()) -> None:
     """The readouts, one line per cell; ``extra``: further readouts' columns, shortened."""
     columns = ["token", "site", "layer", "target_layer", "transform", "alpha"]
-    if "similarity" in frame.columns:
-        columns += ["similarity", "echo", "best"]  # an echo is never the best (judge.best)
+    columns += [c for c in ("similarity", "echo", "best") if c in frame.columns]  # an echo is never the best
+    extra = [c for c in extra if c not in columns]
     shown = frame[columns + ["output", *extra]].copy()
     shown["output"] = shown["output"].map(lambda s: repr(s)[1:-1][:80])
     for column in extra:
@@ -80,12 +80,16 @@ def _affine_map(path: str | None, transform: str) -> dict:
 
 
 def _sae_latent(args: argparse.Namespace, model: Model) -> dict:
-    """``--transform latent --latent N [--sae PATH]``: the model's embedded SAE by default."""
-    if args.latent is None:
+    """``--transform latent --latent N [--sae PATH]``: the model's embedded SAE by default.
+    With ``--readout sae`` too, ``--sae`` is the SAE that readout decomposes with."""
+    if args.latent is None and not (args.sae and "sae" in _readouts(args.readout)["readouts"]):
         return {}
-    from superscopes import sae
+    from superscopes import readouts, sae
 
-    return {"sae_latent": (sae.load(args.sae or args.model, model=model), args.latent)}
+    loaded = sae.load(args.sae or args.model, model=model)
+    if args.sae:
+        readouts.register(readouts.SAEDecomposition(loaded))
+    return {} if args.latent is None else {"sae_latent": (loaded, args.latent)}
 
 
 def _readouts(groups: list[list[str]] | None) -> dict:
@@ -107,6 +111,8 @@ def _readouts(groups: list[list[str]] | None) -> dict:
 def cmd_scope(args: argparse.Namespace) -> None:
     _check_out(args.out, args.force)
     chosen = _readouts(args.readout)
+    if args.judge and "judge" not in chosen["readouts"]:
+        chosen["readouts"].append("judge")
     affine = _affine_map(args.affine_map, args.transform)
     if (args.transform == "latent") != (args.latent is not None):  # before the model loads
         raise ValueError("--transform latent and --latent N go together")
@@ -153,8 +159,7 @@ def cmd_scope(args: argparse.Namespace) -> None:
                 "choose another --out or pass --force to overwrite it"
             )
     frame = superscopes.run(model, scope, remote=args.remote, threads=args.threads)
-    if args.judge:
-        frame = judge.score(frame)
+    if args.judge:  # the judge readout has scored each row
         winners = judge.best(frame, ["token", "site", "layer", "target_layer"])
         key = ["token", "site", "layer", "target_layer", "alpha"]
         marked = set(map(tuple, winners[key].itertuples(index=False)))
@@ -317,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scope.add_argument("--affine-map", help="torch file of {'weight': [d, d], 'bias': [d]} for --transform affine")
     scope.add_argument("--latent", type=int, help="SAE latent whose component --transform latent amplifies")
-    scope.add_argument("--sae", help="SAE folder for --latent (default: the model's embedded SAE)")
+    scope.add_argument(
+        "--sae", help="SAE folder or release for --latent and --readout sae (default: the model's embedded SAE)"
+    )
     scope.add_argument("--target-layer", type=parse_target_layers, default="0", help="0, same, INT or a comma list")
     scope.add_argument(
         "--target", default="entity", help=f"a template ({', '.join(TEMPLATES)}) or template text containing the word x"
@@ -328,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_names,
         action="append",
         metavar="NAME",
-        help="what each cell reads out (repeatable or a comma list): generate (default) or topk, plus e.g. lens; "
-        "superscopes.readouts.available() lists them",
+        help="what each cell reads out (repeatable or a comma list): generate (default) or topk, plus any of "
+        "lens, affine_lens, sae, self_similarity, relevancy, judge; superscopes.readouts.available() lists them",
     )
     scope.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF repo id or local directory")
     scope.add_argument("--remote", action="store_true", help="run on NDIF (NDIF_HOST, NDIF_API_KEY)")

@@ -19,7 +19,7 @@ import torch
 
 from superscopes import ops
 from superscopes.readouts.base import Context, Readout
-from superscopes.sites import ScopeError, hidden_size
+from superscopes.sites import ScopeError, hidden_size, num_layers
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,9 @@ def _execute_reads(
             with tracer.invoke(p.texts):
                 values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
                 stacked = torch.cat(values).save()
+                layers = torch.cat([torch.full((len(g.vectors),), g.layer) for g in p.groups])
                 for readout in readouts:
-                    context = Context(top_k, vectors=stacked)
+                    context = Context(top_k, vectors=stacked, layers=layers)
                     computed[readout.name] = nnsight.save(readout.compute(model, tracer, context))
                 if intervene is None:
                     tracer.stop()
@@ -238,7 +239,7 @@ def _execute_patches(
             }
             if p.seeds is not None:  # sampling as greedy decoding of Gumbel-perturbed logits, seeded per cell
                 kwargs["logits_processor"] = [ops.CellSampler(p.seeds, settings.temperature)]
-            context = Context(settings.top_k, fed=p.width if p.ids is None else p.ids.shape[1])
+            context = _patch_context(p, table, settings, fed=p.width if p.ids is None else p.ids.shape[1])
             with target_model.generate(**kwargs, **extra) as tracer:
                 if intervene is not None:  # every generated token's forward, not only the prompt's
                     with tracer.invoke():
@@ -248,7 +249,7 @@ def _execute_patches(
                     computed[primary.name] = nnsight.save(primary.compute(target_model, tracer, context))
                 _readouts_after(target_model, tracer, rest, context, computed)
         else:
-            context = Context(settings.top_k)
+            context = _patch_context(p, table, settings)
             with target_model.trace(logits_to_keep=1, **extra) as tracer:
                 if intervene is not None:
                     with tracer.invoke():
@@ -263,6 +264,17 @@ def _execute_patches(
     return outputs
 
 
+def _patch_context(p: _Pass, table: torch.Tensor, settings: Settings, fed: int = 0) -> Context:
+    """What a patch pass's readouts are given: per batch row, the token column its vector is
+    written at and that (source) vector, before any transform."""
+    positions = torch.zeros(len(p.alphas), dtype=torch.long)
+    vectors = torch.zeros(len(p.alphas), table.shape[-1])
+    for g in p.groups:
+        positions[g.rows] = g.columns
+        vectors[g.rows] = table[g.vectors].to(vectors.dtype)
+    return Context(settings.top_k, fed=fed, vectors=vectors, positions=positions)
+
+
 def _readouts_after(model, tracer, readouts: list[Readout], context: Context, computed: dict) -> None:
     """Inside a patch pass, after the patched rows' own invoke: each other readout in an invoke
     of its own over the whole batch (it sees the writes; its module accesses need not follow
@@ -270,6 +282,33 @@ def _readouts_after(model, tracer, readouts: list[Readout], context: Context, co
     for readout in readouts:
         with tracer.invoke():
             computed[readout.name] = nnsight.save(readout.compute(model, tracer, context))
+
+
+def teacher_forced_passes(model, rows: list[tuple]) -> list[tuple]:
+    """The teacher-forced reruns of ``batching.teacher_forced``: per row ``(ids [1, T], prompt
+    length, vector [1, d], (site, layer, position, alpha, transform, mode))``, the tokens after
+    the prompt's probabilities patched and clean, the patched log-distribution of the first
+    one, and the last block's output at the patched position."""
+    last = num_layers(model) - 1
+    out = []
+    for ids, n_prompt, vector, (site, layer, position, alpha, transform, mode) in rows:
+        picked = ids[0, n_prompt:]
+        found = {}
+        for patched in (True, False):
+            with model.trace(ids):
+                if patched:
+                    ops.patch(
+                        model, site, layer, vector, position=position, alpha=alpha, transform=transform, mode=mode
+                    )
+                    found["final"] = ops.read(model, "resid_post", last, position=position).save()
+                # The predictions of every generated token, and one more: the first row is
+                # there even when generation stopped at once (no output tokens).
+                found[patched] = model.output.logits[0, n_prompt - 1 :].float().log_softmax(-1).save()
+        probs = {
+            p: found[p][:-1].exp().gather(-1, picked[:, None].to(found[p].device))[:, 0].cpu() for p in (True, False)
+        }
+        out.append((probs[True], probs[False], found[True][0].cpu(), found["final"][0].float().cpu()))
+    return out
 
 
 @dataclass

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import nnsight
 import torch
 
-from superscopes import graph, readouts
+import superscopes.readouts.base as readout_base
+from superscopes import graph
 from superscopes.models import model_name
 from superscopes.scope import read_vectors
 from superscopes.sites import hidden_size, num_layers
@@ -194,7 +195,7 @@ def decode(
         if remote:
             from superscopes import remote as ndif
 
-            with ndif.request(model, remote, ship=(graph, readouts), name=model_name(model)) as options:
+            with ndif.request(model, remote, ship=(graph, readout_base), name=model_name(model)) as options:
                 with model.session(**options):  # one request, however many chunks
                     found = nnsight.save(graph.unembed_vectors(model, vectors, anchor, top_k, full, batch_size))
         else:

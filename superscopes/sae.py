@@ -907,50 +907,24 @@ def explanation_scores(model: Model, scope, frame: pd.DataFrame) -> pd.DataFrame
       (SelfIE's relevancy score: how much that token depends on the patched vector), and
       ``relevancy_mean`` over the tokens.
 
-    Each cell reruns its prompt and generated tokens teacher-forced, once patched and once clean."""
-    from superscopes import ops
-    from superscopes.sites import num_layers
+    Each cell reruns its prompt and generated tokens teacher-forced, once patched and once clean
+    (``superscopes.batching.teacher_forced``, which the grid's ``relevancy`` readout runs too)."""
+    from superscopes.batching import teacher_forced
 
     if scope.vectors is None:
         raise SAEError("explanation_scores needs a Scope with vectors (e.g. latent_scope): it patches them again")
     if "output_ids" not in frame or scope.output != "generate":
         raise SAEError("explanation_scores needs generated outputs: run the scope with output='generate'")
-    last = num_layers(model) - 1
     names = {name: i for i, name in enumerate(scope.prompts)}
-    similarity, relevancy, entropy = [], [], []
-    with torch.inference_mode():
-        for row in frame.itertuples(index=False):
-            prompt = model.tokenizer(row.target)["input_ids"]
-            ids = torch.tensor([prompt + list(row.output_ids)])
-            vector = scope.vectors[names[row.source]].float()
-            picked = ids[0, len(prompt) :]
-            probs = {}
-            for patched in (True, False):
-                with model.trace(ids):
-                    if patched:
-                        ops.patch(
-                            model,
-                            row.target_site,
-                            row.target_layer,
-                            vector[None],
-                            position=row.target_position,
-                            alpha=row.alpha,
-                            transform=row.transform,
-                            mode=row.mode,
-                        )
-                        final = ops.read(model, "resid_post", last, position=row.target_position).save()
-                    # The predictions of every generated token, and one more: the first row
-                    # is there even when generation stopped at once (no output tokens).
-                    logits = model.output.logits[0, len(prompt) - 1 :].save()
-                distribution = logits.float().log_softmax(-1)
-                if patched:
-                    entropy.append(float(-(distribution[0].exp() * distribution[0]).sum()))
-                probs[patched] = distribution[:-1].exp().gather(-1, picked[:, None])[:, 0]
-            similarity.append(float(torch.nn.functional.cosine_similarity(final[0].float(), vector, dim=0)))
-            relevancy.append((probs[True] - probs[False]).tolist())
+    vectors = [scope.vectors[names[source]].float() for source in frame["source"]]
+    scores = teacher_forced(model, frame, vectors)
+    relevancy = [(patched - clean).tolist() for patched, clean, _, _ in scores]
     return frame.assign(
-        self_similarity=similarity,
-        entropy=entropy,
+        self_similarity=[
+            float(torch.nn.functional.cosine_similarity(final, vector, dim=0))
+            for (_, _, _, final), vector in zip(scores, vectors)
+        ],
+        entropy=[float(-(first.exp() * first).sum()) for _, _, first, _ in scores],
         relevancy=relevancy,
         relevancy_mean=[sum(r) / len(r) if r else float("nan") for r in relevancy],
     )

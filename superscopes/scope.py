@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import nnsight
 import torch
 
-from superscopes import graph, readouts
+import superscopes.readouts.base as readout_base
+from superscopes import graph
 from superscopes.batching import _check_stats, _collect, _prepare, _read_passes, cell_seed
 from superscopes.graph import _execute, _execute_reads, refuse_overflow
 from superscopes.models import model_name
@@ -85,7 +86,7 @@ def read_vectors(
             return _execute_reads(model, passes, len(reads))[0]
         from superscopes import remote as ndif
 
-        with ndif.request(model, remote, ship=(graph, readouts), name=model_name(model)) as options:
+        with ndif.request(model, remote, ship=(graph, readout_base), name=model_name(model)) as options:
             with model.session(**options):
                 table = nnsight.save(_execute_reads(model, passes, len(reads))[0])
         return table
@@ -93,11 +94,9 @@ def read_vectors(
 
 def _shipped(scope: Scope) -> tuple[ModuleType, ...]:
     """What a remote request sends by value besides ``ops`` and ``sites``: the graph's passes,
-    the readouts package, and the module of any readout registered from elsewhere."""
-    own = {graph.__name__, readouts.__name__}
-    others = {type(r).__module__ for r in _readouts(scope)} - {"__main__"}
-    others = {m for m in others if m not in own and not m.startswith(readouts.__name__ + ".")}
-    return (graph, readouts, *(sys.modules[m] for m in sorted(others)))
+    the readout interface, and the module of each readout the grid runs in its passes."""
+    used = {type(r).__module__ for r in _readouts(scope) if r.stage != "frame"} - {"__main__", readout_base.__name__}
+    return (graph, readout_base, *(sys.modules[m] for m in sorted(used)))
 
 
 def _run_cells(
@@ -159,14 +158,16 @@ class Grid:
         outputs = _execute(self._model, self._target_model, self._work)
         return nnsight.save(outputs) if _tracing() else outputs
 
-    def frame(self, outputs: tuple) -> pd.DataFrame:
-        """The grid's frame (as ``superscopes.run`` returns it) from what ``run`` returned."""
+    def frame(self, outputs: tuple, remote: bool | str = False) -> pd.DataFrame:
+        """The grid's frame (as ``superscopes.run`` returns it) from what ``run`` returned.
+        ``remote``: where frame readouts that rerun passes (``relevancy``) run them."""
         if not (isinstance(outputs, tuple) and len(outputs) == 3):
             raise ScopeError("frame() takes what grid.run() returned inside the session (outputs = grid.run())")
         patched, read, stats = outputs
         _check_stats(stats, self._plan.scope, self._target_model)
         per_cell = _collect(self._model, self._target_model, self._prepared, patched, read)
-        return _frame(self._model, self._target_model, self._plan, per_cell)
+        frame = _frame(self._model, self._target_model, self._plan, per_cell)
+        return _annotated(self._model, self._target_model, self._plan, frame, remote)
 
     def __len__(self) -> int:
         return len(self._plan.cells)
@@ -300,10 +301,32 @@ def run(
                 per_cell[i] = out
             if store:
                 store.append(chosen, outputs)
+        frame = _frame(model, target_model, the_plan, per_cell)
+        return _annotated(model, target_model, the_plan, frame, remote)
     finally:
         torch.set_num_threads(previous)
         bar.close()
-    return _frame(model, target_model, the_plan, per_cell)
+
+
+def _annotated(model: Model, target_model: Model, the_plan: Plan, frame: pd.DataFrame, remote) -> pd.DataFrame:
+    """``frame`` with the columns of the plan's frame readouts (``Readout.annotate``: the judge,
+    teacher-forced reruns), computed after the grid and never checkpointed."""
+    scope, found = the_plan.scope, {}
+
+    def vectors() -> torch.Tensor:  # each row's source vector, read again (once) only if asked for
+        if "table" not in found:
+            prompt_of = {prompt: i for i, prompt in reversed(list(enumerate(scope.prompts)))}
+            if scope.vectors is not None:
+                found["table"] = scope.vectors[[prompt_of[s] for s in frame["source"]]].detach().float().cpu()
+            else:
+                keys = [(prompt_of[r.source], r.position, r.site, r.layer) for r in frame.itertuples(index=False)]
+                found["table"] = read_vectors(model, list(scope.prompts), keys, remote=remote)
+        return found["table"]
+
+    for readout in the_plan.readouts:
+        if readout.stage == "frame":
+            frame = frame.assign(**readout.annotate(model, target_model, scope, frame, remote, vectors))
+    return frame
 
 
 def _frame(model: Model, target_model: Model, the_plan: Plan, per_cell: list[dict]) -> pd.DataFrame:

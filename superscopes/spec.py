@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from superscopes import ops, readouts
+from superscopes import ops
 from superscopes.models import model_name
 from superscopes.parsing import DEFAULT_BATCH_SIZE
 from superscopes.prompts import TEMPLATES, TokenNotFoundError, find_token, num_tokens, tokens
+from superscopes.readouts.base import REGISTRY, Readout
 from superscopes.sites import ScopeError, architecture_of, hidden_size, num_layers
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ class Plan:
     sources: list[Source]
     cells: list[Cell]
     targets: list[Target]  # one per prompt
+    readouts: tuple[Readout, ...] = ()  # prepared (Readout.prepare), the primary one first
 
     def target_of(self, cell: Cell) -> tuple[str, int]:
         """The text and token index the cell's vector is written at."""
@@ -473,7 +475,9 @@ def _check_latent(scope: Scope, model: Model, pairs: list[tuple[int, int]]) -> N
 
 
 def plan(model: Model, scope: Scope, target_model: Model | None = None) -> Plan:
-    """Validate ``scope`` against the model(s) and expand it into cells. No forward pass."""
+    """Validate ``scope`` against the model(s) and expand it into cells. No forward pass, but
+    for what a readout prepares once everything is valid (``Readout.prepare``: the affine
+    lens fits its maps when none were given)."""
     target_model = target_model or model
     if not scope.prompts:
         raise ScopeError("no prompts given")
@@ -486,9 +490,9 @@ def plan(model: Model, scope: Scope, target_model: Model | None = None) -> Plan:
     for transform in scope.transforms:
         _choices("transform", transform, list(ops.TRANSFORM_TABLE))
     _choices("mode", scope.mode, ops.WRITE_MODES)
-    _choices("output", scope.output, [r.name for r in readouts.REGISTRY.values() if r.primary])
+    _choices("output", scope.output, [r.name for r in REGISTRY.values() if r.primary])
     for name in scope.readouts:
-        _choices("readout", name, [r.name for r in readouts.REGISTRY.values() if not r.primary])
+        _choices("readout", name, [r.name for r in REGISTRY.values() if not r.primary])
     pairs = _layer_pairs(scope, model, target_model)
     for alpha in scope.alphas:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -532,10 +536,13 @@ def plan(model: Model, scope: Scope, target_model: Model | None = None) -> Plan:
         cells = [cell for cell in cells if scope.where(cell)]
         if not cells:
             raise ScopeError("`where` kept none of the grid's cells")
-    return Plan(scope, sources, cells, [resolved[t] for t in targets_wanted])
+    planned = Plan(scope, sources, cells, [resolved[t] for t in targets_wanted])
+    # Last, once everything is valid: what a readout loads or fits (an SAE, a lens's maps).
+    planned.readouts = tuple(readout.prepare(planned, model, target_model) for readout in _readouts(scope))
+    return planned
 
 
-def _readouts(scope: Scope) -> list[readouts.Readout]:
+def _readouts(scope: Scope) -> list[Readout]:
     """The scope's readouts, the primary one (``output``) first; ``logit_lens`` is ``lens``."""
     names = [scope.output, *(["lens"] if scope.logit_lens else []), *scope.readouts]
-    return [readouts.REGISTRY[name] for name in dict.fromkeys(names)]
+    return [REGISTRY[name] for name in dict.fromkeys(names)]

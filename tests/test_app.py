@@ -19,7 +19,8 @@ import pytest
 
 import superscopes
 from superscopes.app import App, make_server
-from superscopes.app.request import LIMITS, SITES
+from superscopes.app.fields import SITES
+from superscopes.app.request import LIMITS
 from superscopes.app.server import add_arguments
 from superscopes.app.store import RunStore
 from superscopes.app.testing import fake_similarity, tiny_model

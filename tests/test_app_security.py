@@ -19,15 +19,9 @@ import pytest
 
 from superscopes.app import make_server
 from superscopes.app.errors import BadRequest, Refused, redact, secret_values
+from superscopes.app.fields import check_layers, parse_alphas, parse_target_layer, parse_whole
 from superscopes.app.jobs import csv_safe
-from superscopes.app.request import (
-    LIMITS,
-    check_layers,
-    parse_alphas,
-    parse_body,
-    parse_target_layer,
-    parse_whole,
-)
+from superscopes.app.request import LIMITS, parse_body
 from superscopes.app.scheduler import KEEP_JOBS
 from superscopes.app.testing import fake_similarity
 from superscopes.app.web import Handler, Server, cross_site

@@ -68,7 +68,14 @@ def test_scope_judge_command_marks_no_echo_best(fake_judge, monkeypatch, tmp_pat
     from superscopes.app.testing import tiny_model
 
     monkeypatch.setattr(superscopes, "load", lambda *args, **kwargs: tiny_model())
-    monkeypatch.setattr(superscopes, "run", lambda *args, **kwargs: table())
+
+    def run(model, scope, **settings):  # the grid's frame, then its frame readouts: --judge asks for the judge's
+        from superscopes import readouts
+
+        assert "judge" in scope.readouts
+        return table().assign(**readouts.REGISTRY["judge"].annotate(model, model, scope, table(), False, None))
+
+    monkeypatch.setattr(superscopes, "run", run)
     out = tmp_path / "great.csv"
     assert main(["scope", "Alexander the Great", "--token", "Great", "--judge", "--out", str(out)]) == 0
     frame = pd.read_csv(out, keep_default_na=False)

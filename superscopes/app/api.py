@@ -16,13 +16,14 @@ from threading import Thread
 import pandas as pd
 
 from superscopes.app.errors import BadRequest, NotFound, Refused, log_error
+from superscopes.app.fields import SITES, parse_whole, text
+from superscopes.app.fields import prompt as parse_prompt
 from superscopes.app.grid import GridRunner, grid_job
 from superscopes.app.jobs import GridJob, Job, Keeper, PanelJob, slug
 from superscopes.app.model_cache import ModelCache
 from superscopes.app.panel_jobs import PanelJobs
 from superscopes.app.panels import Panels
-from superscopes.app.request import DEFAULTS, LIMITS, PANEL_DEFAULTS, SITES, TRANSFORMS, parse_grid, parse_whole, text
-from superscopes.app.request import prompt as parse_prompt
+from superscopes.app.request import DEFAULTS, LIMITS, PANEL_DEFAULTS, TRANSFORMS, extra_readouts, parse_grid
 from superscopes.app.scheduler import Scheduler
 from superscopes.app.store import RunStore, RunStoreError, check_run_id
 from superscopes.models import DEFAULT_MODEL
@@ -105,7 +106,6 @@ class App:
 
     def config(self, client: str | None = None) -> dict:
         """What the page needs to lay out its form, and the ``client``'s active job."""
-        from superscopes import readouts
         from superscopes.prompts import TEMPLATES
 
         active = self.scheduler.active_job(client) if client else None
@@ -116,7 +116,7 @@ class App:
             "limits": self.limits,
             "sites": SITES,
             "transforms": TRANSFORMS,
-            "readouts": [r for r in readouts.available() if not r["primary"]],
+            "readouts": extra_readouts(),
             "templates": {name: {"text": t.text, "placeholder": t.placeholder} for name, t in TEMPLATES.items()},
             "defaults": DEFAULTS,
             "threshold": self.threshold,

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from superscopes.app.errors import BadRequest
-from superscopes.app.request import unique
+from superscopes.app.fields import unique
 from superscopes.models import EMBEDDED
 
 if TYPE_CHECKING:

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from superscopes.app.errors import BadRequest, error_text, log_error, show
+from superscopes.app.fields import prompt, text
 from superscopes.app.jobs import CellJob, Keeper, LatentJob, PanelJob, finite
 from superscopes.app.model_cache import ModelCache
 from superscopes.app.panels import Panels, train_command
-from superscopes.app.request import PANEL_DEFAULTS, parse_cell, parse_latent, prompt, text
+from superscopes.app.request import PANEL_DEFAULTS, parse_cell, parse_latent
 from superscopes.app.scheduler import KEEP_JOBS
 from superscopes.app.store import RunStore, RunStoreError
 

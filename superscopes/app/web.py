@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from superscopes.app.errors import Busy, NotFound, Refused, error_text, log_error, redact, show
-from superscopes.app.request import MAX_BODY, parse_body, parse_whole
+from superscopes.app.fields import parse_whole
+from superscopes.app.request import MAX_BODY, parse_body
 
 if TYPE_CHECKING:
     from superscopes.app.api import App

@@ -1,7 +1,10 @@
 """The grid's readouts, one file each, and the registry the grid and the command line read.
 
-Adding a readout is one file (a ``Readout`` subclass, see ``base``) plus one ``register``
-line here (or in your own code, before the grid is planned)::
+Each runs at one stage (``Readout.stage``): inside the read pass (``lens``, ``affine_lens``,
+``sae``: the source vector's own readouts), inside each patched pass (``generate`` or
+``topk``, the primary output; ``self_similarity``), or on the finished frame (``relevancy``,
+``judge``). Adding a readout is one file (a ``Readout`` subclass, see ``base``) plus one
+``register`` line here (or in your own code, before the grid is planned)::
 
     from superscopes.readouts import Readout, register
 
@@ -11,39 +14,32 @@ line here (or in your own code, before the grid is planned)::
 
 from __future__ import annotations
 
-from superscopes.readouts.base import Context, Readout
+from superscopes.readouts.affine_lens import AffineLens
+from superscopes.readouts.base import REGISTRY, Context, Readout, available, register
 from superscopes.readouts.generate import Generate
+from superscopes.readouts.judge import JudgeScores
 from superscopes.readouts.lens import LogitLens
+from superscopes.readouts.relevancy import Relevancy
+from superscopes.readouts.sae import SAEDecomposition
+from superscopes.readouts.self_similarity import SelfSimilarity
 from superscopes.readouts.topk import TopK
 
-__all__ = ["REGISTRY", "Context", "Readout", "available", "register"]
-
-REGISTRY: dict[str, Readout] = {}
-
-
-def register(readout: Readout) -> Readout:
-    """Make ``readout`` available by its name to ``Scope.output`` (a primary readout) or
-    ``Scope.readouts`` (any other), the command line's ``--readout`` and ``available``."""
-    if not isinstance(readout, Readout):
-        raise TypeError(f"register takes a Readout instance, got {type(readout).__name__}")
-    REGISTRY[readout.name] = readout
-    return readout
-
-
-def available() -> list[dict]:
-    """The registered readouts: name, stage, whether primary, the columns it adds, description."""
-    return [
-        {
-            "name": r.name,
-            "stage": r.stage,
-            "primary": r.primary,
-            "columns": list(r.columns),
-            "description": r.description,
-        }
-        for r in REGISTRY.values()
-    ]
-
+__all__ = [
+    "REGISTRY",
+    "AffineLens",
+    "Context",
+    "JudgeScores",
+    "Readout",
+    "SAEDecomposition",
+    "available",
+    "register",
+]
 
 register(Generate())
 register(TopK())
 register(LogitLens())
+register(AffineLens())  # fits its maps on embedded text; register(AffineLens(maps)) for your own
+register(SAEDecomposition())  # the model's embedded SAE; register(SAEDecomposition(sae)) for another
+register(SelfSimilarity())
+register(Relevancy())
+register(JudgeScores())
