@@ -7,6 +7,7 @@ Best alpha per group = the row with the highest similarity; success = best > thr
 
 from __future__ import annotations
 
+import random
 import shutil
 import sys
 import tempfile
@@ -153,35 +154,48 @@ def echoes_checked(frame: pd.DataFrame, target: str | None = None, target_col: s
     return target is not None or target_col in frame.columns
 
 
+DISCRIMINATION_DRAWS = 3  # mismatched prompts drawn per readout (each draw one shift of the prompt list)
+
+
 def discrimination(
     frame: pd.DataFrame,
     judge: Judge | None = None,
     source_col: str = "source",
     output_col: str = "output",
     seed: int = 0,
+    draws: int = DISCRIMINATION_DRAWS,
 ) -> dict:
     """How well the judge tells a readout's own prompt from the others, on this run's readouts.
 
     Every readout is compared with every source prompt of the table. Per prompt (the unit of
-    the statistics): the mean similarity of its readouts to itself (``true``) and to the prompt
-    half the sorted list away (``mismatched``: the chance control the recipes use), paired over
-    prompts with a 95% bootstrap interval and a sign-flip p (``superscopes.metrics.compare``);
-    and the mean rank of the true prompt among all ``n_candidates`` (1 = most similar; ties
-    share their mean rank) with its interval, where chance is ``(n_candidates + 1) / 2``.
-    A judge that cannot separate the true prompt from a mismatched one on a run cannot tell
-    a readout from chance on it, whatever the success counts say."""
+    the statistics): the mean similarity of its readouts to itself (``true``) and to a
+    mismatched prompt (``mismatched``: the chance control), paired over prompts with a 95%
+    bootstrap interval and a sign-flip p (``superscopes.metrics.compare``); and the mean rank
+    of the true prompt among all ``n_candidates`` (1 = most similar; ties share their mean
+    rank) with its interval, where chance is ``(n_candidates + 1) / 2``.
+
+    The mismatched prompt is drawn ``draws`` times (at most ``n_candidates - 1``): each draw
+    pairs every prompt with the one a seeded shift away in the sorted list (a shift from
+    1 to ``n_candidates - 1`` not drawn before, so no prompt is its own partner), and
+    ``mismatched`` is the mean over the draws; ``draw_low``/``draw_high`` are the smallest and
+    largest difference of a single draw (the spread). A judge that cannot separate the true
+    prompt from a mismatched one on a run cannot tell a readout from chance on it, whatever
+    the success counts say."""
     from superscopes.metrics import bootstrap_ci, compare
 
     judge = judge or default_judge()
     prompts = sorted(frame[source_col].astype(str).unique())
     if len(prompts) < 2:
         raise ValueError(f"the judge's discrimination needs at least two source prompts; this table has {prompts}")
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+        raise ValueError(f"draws must be a positive whole number, got {draws!r}")
     outputs = frame[output_col].fillna("").astype(str).tolist()
     similarity = judge.embed(outputs) @ judge.embed(prompts).T  # [readouts, prompts]
     own = torch.tensor([prompts.index(s) for s in frame[source_col].astype(str)])
-    true = similarity[torch.arange(len(own)), own]
-    partner = (own + len(prompts) // 2) % len(prompts)
-    mismatched = similarity[torch.arange(len(own)), partner]
+    rows = torch.arange(len(own))
+    true = similarity[rows, own]
+    shifts = sorted(random.Random(seed).sample(range(1, len(prompts)), min(draws, len(prompts) - 1)))
+    mismatched = {shift: similarity[rows, (own + shift) % len(prompts)] for shift in shifts}
     above = (similarity > true[:, None]).sum(1).float()
     ties = (similarity == true[:, None]).sum(1).float()  # includes the true prompt itself
     rank = above + (ties + 1) / 2
@@ -190,22 +204,27 @@ def discrimination(
             {
                 "prompt": frame[source_col].astype(str).to_numpy(),
                 "true": true.numpy(),
-                "mismatched": mismatched.numpy(),
                 "rank": rank.numpy(),
+                **{f"shift {shift}": values.numpy() for shift, values in mismatched.items()},
             }
         )
         .groupby("prompt")
         .mean()
     )
+    per_draw = per[[f"shift {shift}" for shift in shifts]]
+    differences = [float((per["true"] - per_draw[column]).mean()) for column in per_draw]
     low, high = bootstrap_ci(per["rank"].to_numpy(), seed=seed)
     return {
-        **compare(per["true"], per["mismatched"], seed=seed),
+        **compare(per["true"], per_draw.mean(axis=1), seed=seed),
         "n_readouts": len(frame),
         "n_candidates": len(prompts),
         "mean_rank": float(per["rank"].mean()),
         "rank_ci_low": low,
         "rank_ci_high": high,
         "chance_rank": (len(prompts) + 1) / 2,
+        "draws": len(shifts),
+        "draw_low": min(differences),
+        "draw_high": max(differences),
     }
 
 
@@ -213,8 +232,9 @@ def describe_discrimination(d: dict) -> str:
     """``discrimination`` in one sentence."""
     return (
         f"the judge's discrimination on these {d['n_readouts']} readouts: similarity to the true prompt "
-        f"{d['mean_a']:.3f} vs a mismatched one {d['mean_b']:.3f} per prompt, difference {d['difference']:+.3f} "
-        f"[95% CI {d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired p = {d['p']:.3g}, {d['n_prompts']} prompts; "
+        f"{d['mean_a']:.3f} vs a mismatched one {d['mean_b']:.3f} per prompt (mean of {d['draws']} draws), "
+        f"difference {d['difference']:+.3f} [95% CI {d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (single draws "
+        f"{d['draw_low']:+.3f} to {d['draw_high']:+.3f}), paired p = {d['p']:.3g}, {d['n_prompts']} prompts; "
         f"the true prompt ranks {d['mean_rank']:.1f} [{d['rank_ci_low']:.1f}, {d['rank_ci_high']:.1f}] of "
         f"{d['n_candidates']} (chance {d['chance_rank']:.1f})"
     )
