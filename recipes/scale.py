@@ -65,6 +65,7 @@ def judge_separation(folder: Path) -> str:
     d = pd.read_csv(folder / "judge_discrimination.csv").iloc[0]
     return (
         f"{d['mean_a']:.3f} vs {d['mean_b']:.3f}: {_interval(d['difference'], d['ci_low'], d['ci_high'], sign='+')}"
+        f" (single draws {d['draw_low']:+.3f} to {d['draw_high']:+.3f})"
         f"; rank {d['mean_rank']:.1f} [{d['rank_ci_low']:.1f}, {d['rank_ci_high']:.1f}] of {int(d['n_candidates'])}"
         f" (chance {d['chance_rank']:.1f})"
     )
@@ -93,7 +94,7 @@ def attribute_accuracy(folder: Path) -> str:
 
 
 ROWS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
-    "judge: own vs mismatched prompt (difference), own prompt's rank": (
+    "judge: own vs mismatched prompt (mean of 3 draws; difference), own prompt's rank": (
         "superscopes_evaluation",
         "judge_discrimination.csv",
         judge_separation,

@@ -19,10 +19,13 @@ def test_the_table_reads_each_models_own_runs_and_marks_the_missing(tmp_path):
     shutil.copytree(RESULTS / "superscopes_evaluation", tmp_path / "gemma3-270m" / "superscopes_evaluation")
     table = scale.scale_table(tmp_path)
     assert list(table.columns) == list(scale.MODELS.values())
-    judge_row = "judge: own vs mismatched prompt (difference), own prompt's rank"
+    judge_row = "judge: own vs mismatched prompt (mean of 3 draws; difference), own prompt's rank"
     d = pd.read_csv(RESULTS / "superscopes_evaluation" / "judge_discrimination.csv").iloc[0]
-    assert table.loc[judge_row, "SmolLM2-135M"].startswith(
-        f"{d['mean_a']:.3f} vs {d['mean_b']:.3f}: {d['difference']:+.3f}"
+    assert (
+        table.loc[judge_row, "SmolLM2-135M"].startswith(
+            f"{d['mean_a']:.3f} vs {d['mean_b']:.3f}: {d['difference']:+.3f}"
+        )
+        and f"(single draws {d['draw_low']:+.3f} to {d['draw_high']:+.3f})" in table.loc[judge_row, "SmolLM2-135M"]
     )
     assert table.loc[judge_row, "Gemma-3-270m"] == table.loc[judge_row, "SmolLM2-135M"]
     assert set(table["Qwen2.5-Coder-1.5B"]) == {"not run"}
