@@ -108,9 +108,8 @@ def _execute_reads(
             with tracer.invoke(p.texts):
                 values = [ops.read(model, g.site, g.layer, g.columns, g.rows) for g in p.groups]
                 stacked = torch.cat(values).save()
-                layers = torch.cat([torch.full((len(g.vectors),), g.layer) for g in p.groups])
                 for readout in readouts:
-                    context = Context(top_k, vectors=stacked, layers=layers)
+                    context = Context(top_k, vectors=stacked)
                     computed[readout.name] = nnsight.save(readout.compute(model, tracer, context))
                 if intervene is None:
                     tracer.stop()

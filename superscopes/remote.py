@@ -186,6 +186,15 @@ def diagnose(error: BaseException, host: str) -> str:
         )
     if status == 503:
         return f"the NDIF server at {host} is up but cannot run requests now (HTTP 503): try again in a few minutes"
+    if status == 400 and "error parsing the body" in lowered:
+        # ndif 0.1.2 reads the request as multipart form data, whose parser (starlette)
+        # refuses a part over 1 MB: the pickled request, after compression.
+        return (
+            f"the NDIF server at {host} could not read the request (HTTP 400, body not parsed): a server that "
+            "takes requests as form data refuses one over about 1 MB, which tensors sent with the request "
+            "reach quickly (a d x d affine map is d*d*4 bytes: 1.3 MB at d = 576); send smaller tensors, "
+            "or fewer cells per request (`run(..., cells_per_request=N)`)"
+        )
     if status is not None:
         return f"the NDIF server at {host} failed to accept the request (HTTP {status})"
     if "not whitelisted" in lowered:

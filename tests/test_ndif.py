@@ -218,3 +218,44 @@ def test_a_sweep_cut_off_midway_keeps_its_rows_and_resumes(tmp_path, remote_mode
     assert len(every) > len(kept)
     assert not every.duplicated(["source", "condition", "site", "layer", "alpha", "transform", "sample"]).any()
     assert every.iloc[: len(kept)].equals(kept)
+
+
+def test_every_readout_runs_remotely_like_locally(remote_model, local_model):
+    """The read, patch and frame readouts on the server: the affine lens's maps and the grid's
+    readout modules travel with the request, the SAE stays here, relevancy reruns remotely."""
+    from superscopes import corpus, lens, readouts
+
+    saved = dict(readouts.REGISTRY)
+    try:  # maps fitted here: a model on NDIF cannot fit them in prepare
+        maps = lens.fit_affine_lens(local_model, corpus.texts("patchscopes", limit=100), [15], "text")
+        readouts.register(readouts.AffineLens(maps))
+        scope = Scope(
+            prompts=GRID["prompts"],
+            sites=["resid_post"],
+            layers=[15],  # the embedded SAE's layer
+            alphas=[1, 6],
+            target_layers=[0, 4],
+            max_new_tokens=4,
+            readouts=["lens", "affine_lens", "sae", "self_similarity", "relevancy"],
+        )
+        remote = superscopes.run(remote_model, scope, remote=True, progress=False)
+        local = superscopes.run(local_model, scope, progress=False)
+    finally:
+        readouts.REGISTRY.clear()
+        readouts.REGISTRY.update(saved)
+    for column in ("output_ids", "lens_ids", "affine_lens_ids", "sae_latents"):
+        assert remote[column].tolist() == local[column].tolist(), column
+    assert remote["self_similarity"].tolist() == pytest.approx(local["self_similarity"].tolist(), abs=1e-4)
+    for far, near in zip(remote["relevancy"], local["relevancy"]):
+        assert far == pytest.approx(near, abs=1e-4)
+
+
+def test_a_request_too_large_for_the_server_is_explained(remote_model):
+    """ndif 0.1.2 parses a request as form data and refuses a part over 1 MB: a random (so
+    incompressible) 576 x 576 affine map is 1.3 MB."""
+    from superscopes.remote import RemoteRunError
+
+    weight = torch.randn(576, 576, generator=torch.Generator().manual_seed(0)) / 24
+    scope = Scope(prompts=["Diana"], sites=["resid_post"], layers=[3], transforms=["affine"], affine_weight=weight)
+    with pytest.raises(RemoteRunError, match=r"could not read the request \(HTTP 400, body not parsed\).*about 1 MB"):
+        superscopes.run(remote_model, scope, remote=True, progress=False)

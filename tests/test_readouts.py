@@ -184,7 +184,7 @@ def test_the_affine_lens_fits_its_maps_once_per_model_and_layers(tiny_models, re
     again = superscopes.run(model, scope, progress=False)
     assert fitted == [[0, 1]] and again["affine_lens_ids"].tolist() == first["affine_lens_ids"].tolist()
     prepared = plan(model, two_prompts(layers=[1], readouts=["affine_lens"])).readouts[-1]
-    assert fitted == [[0, 1], [1]] and list(prepared.maps) == [1]  # only the grid's layers travel
+    assert fitted == [[0, 1], [1]] and list(prepared.maps) == [1]
     with pytest.raises(ScopeError, match=r"readout 'affine_lens' maps resid_post .* reads 'mlp_out' too"):
         plan(model, two_prompts(sites=["resid_post", "mlp_out"], readouts=["affine_lens"]))
     assert len(fitted) == 2  # refused before any fit

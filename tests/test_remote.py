@@ -204,6 +204,11 @@ def run_failure(fake_ndif, **scenario) -> tuple[str, str]:
             "the server refused code that imports a module it does not allow",
         ),
         (dict(plain_404=True), "answered 404 Not Found: it does not look like an NDIF server"),
+        # ndif 0.1.2's form parser refuses a request part over 1 MB (tests/test_ndif.py meets it for real)
+        (
+            dict(post_status=400, detail="There was an error parsing the body"),
+            "could not read the request (HTTP 400, body not parsed)",
+        ),
     ],
 )
 def test_refusals_become_clear_errors_without_the_key(fake_ndif, scenario, advice):

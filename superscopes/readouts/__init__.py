@@ -1,9 +1,9 @@
 """The grid's readouts, one file each, and the registry the grid and the command line read.
 
-Each runs at one stage (``Readout.stage``): inside the read pass (``lens``, ``affine_lens``,
-``sae``: the source vector's own readouts), inside each patched pass (``generate`` or
-``topk``, the primary output; ``self_similarity``), or on the finished frame (``relevancy``,
-``judge``). Adding a readout is one file (a ``Readout`` subclass, see ``base``) plus one
+Each runs at one stage (``Readout.stage``): inside the read pass (``lens``, ``sae``: the
+source vector's own readouts), inside each patched pass (``generate`` or ``topk``, the
+primary output; ``self_similarity``), or on the finished frame (``affine_lens``,
+``relevancy``, ``judge``). Adding a readout is one file (a ``Readout`` subclass, see ``base``) plus one
 ``register`` line here (or in your own code, before the grid is planned)::
 
     from superscopes.readouts import Readout, register

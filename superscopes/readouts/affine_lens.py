@@ -1,13 +1,15 @@
-"""``affine_lens``: each read source vector through a least-squares map from its layer to the
+"""``affine_lens``: each cell's source vector through a least-squares map from its layer to the
 last layer, then the model's own final norm and unembedding (the affine, or "tuned", lens the
-Patchscopes paper compares with)."""
+Patchscopes paper compares with; ``superscopes.lens.affine_lens`` for whole prompts).
+
+A frame readout: after the grid, the source vectors are mapped here and decoded in one pass
+(one request when remote), so the maps (d x d floats per layer) never travel with a request."""
 
 from __future__ import annotations
 
 import torch
 
-from superscopes import ops
-from superscopes.readouts.base import Context, Readout
+from superscopes.readouts.base import Readout
 from superscopes.sites import ScopeError
 
 FIT_CORPUS = "patchscopes"  # superscopes.corpus.texts: embedded, so the default fit needs no download
@@ -22,7 +24,7 @@ class AffineLens(Readout):
 
     name = "affine_lens"
     columns = ("affine_lens", "affine_lens_ids", "affine_lens_probs")
-    stage = "read"
+    stage = "frame"
     description = "the source vector mapped to the last layer by a fitted affine map, then unembedded (top_k)"
 
     def __init__(
@@ -54,36 +56,34 @@ class AffineLens(Readout):
             missing = [layer for layer in layers if layer not in self.maps]
             if missing:
                 raise ScopeError(f"readout 'affine_lens' has no map for layer(s) {missing}; it has {sorted(self.maps)}")
-            maps = self.maps
-        else:
-            key = (model_name(model), layers)
-            if key not in self._fitted:
-                weights = next(model._module.parameters(), None) if hasattr(model, "_module") else None
-                if weights is not None and weights.device.type == "meta":
-                    raise ScopeError(
-                        "readout 'affine_lens' would fit its maps here, but the model's weights are on NDIF: fit "
-                        "them with superscopes.lens.fit_affine_lens(model, texts, remote=True), then "
-                        "register(AffineLens(maps))"
-                    )
-                texts = corpus.texts(self.fit_corpus, limit=self.fit_texts)
-                self._fitted[key] = lens.fit_affine_lens(model, texts, list(layers), "text", self.ridge)
-            maps = self._fitted[key]
-        # Only the grid's layers travel with a remote request.
-        return AffineLens({layer: maps[layer] for layer in layers}, self.fit_corpus, self.fit_texts, self.ridge)
+            return self
+        key = (model_name(model), layers)
+        if key not in self._fitted:
+            weights = next(model._module.parameters(), None) if hasattr(model, "_module") else None
+            if weights is not None and weights.device.type == "meta":
+                raise ScopeError(
+                    "readout 'affine_lens' would fit its maps here, but the model's weights are on NDIF: fit "
+                    "them with superscopes.lens.fit_affine_lens(model, texts, remote=True), then "
+                    "register(AffineLens(maps))"
+                )
+            texts = corpus.texts(self.fit_corpus, limit=self.fit_texts)
+            self._fitted[key] = lens.fit_affine_lens(model, texts, list(layers), "text", self.ridge)
+        return AffineLens(self._fitted[key], self.fit_corpus, self.fit_texts, self.ridge)
 
-    def compute(self, model, tracer, context: Context) -> tuple[torch.Tensor, ...]:
-        vectors = context.vectors.float()
-        mapped = torch.zeros_like(vectors)
-        for layer, (weight, bias) in self.maps.items():
-            rows = context.layers.to(vectors.device) == layer
-            mapped[rows] = vectors[rows] @ weight.to(vectors.device).T + bias.to(vectors.device)
-        top = ops.unembed(model, mapped).softmax(-1).topk(context.top_k)
-        return top.indices, top.values
+    def annotate(self, model, target_model, scope, frame, remote, vectors) -> dict[str, list]:
+        from superscopes import lens
 
-    def decode(self, tokenizer, values: tuple[torch.Tensor, ...], row: int) -> dict:
-        ids = values[0][row].tolist()
+        # Each distinct source vector once (a grid patches one vector into many cells).
+        keys = list(zip(frame["source"], frame["position"], frame["layer"]))
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        rows = list(first.values())
+        table = vectors()[rows]
+        mapped = torch.stack([lens.apply_affine(v[None], *self.maps[keys[i][2]])[0] for v, i in zip(table, rows)])
+        top = lens.decode(model, mapped, scope.top_k, remote=remote)
+        at = {key: j for j, key in enumerate(first)}
+        ids = [top["ids"][at[key]].tolist() for key in keys]
         return {
-            "affine_lens": tokenizer.decode([ids[0]]),
+            "affine_lens": [model.tokenizer.decode([row[0]]) for row in ids],
             "affine_lens_ids": ids,
-            "affine_lens_probs": values[1][row].tolist(),
+            "affine_lens_probs": [top["probs"][at[key]].tolist() for key in keys],
         }

@@ -19,7 +19,6 @@ class Context:
     fed: int = 0  # patch stage: tokens the pass feeds, which a generate pass returns before the new ones
     vectors: torch.Tensor | None = None  # read stage: the pass's read vectors [n, d]; patch: each row's source vector
     positions: torch.Tensor | None = None  # patch stage: the token column each batch row's vector is written at
-    layers: torch.Tensor | None = None  # read stage: the layer each read vector comes from
 
 
 class Readout:
