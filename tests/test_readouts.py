@@ -4,6 +4,7 @@ reads; the grid and the command line know readouts only through the registry."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -288,3 +289,18 @@ def test_frame_readouts_run_after_a_grid_in_your_own_session(tiny_models):
     expected = superscopes.run(model, scope, progress=False)
     columns = ["output", "self_similarity", "relevancy_mean"]
     pd.testing.assert_frame_equal(frame[columns], expected[columns], atol=1e-5)
+
+
+def test_the_command_line_decomposes_with_the_sae_it_is_given(smollm2, registry, monkeypatch, tmp_path, capsys):
+    from superscopes import sae as S
+
+    monkeypatch.setattr(superscopes, "load", lambda *args, **kwargs: smollm2)
+    folder = S.EMBEDDED_DIR / S.EMBEDDED["smollm2-135m"]
+    out = tmp_path / "cells.csv"
+    argv = ["scope", "Diana, Princess of Wales", "--sites", "resid_post", "--layers", "15", "--alphas", "1"]
+    assert main([*argv, "--max-new-tokens", "2", "--readout", "sae", "--sae", str(folder), "--out", str(out)]) == 0
+    assert readouts.REGISTRY["sae"].sae is not None and readouts.REGISTRY["sae"].sae.layer == 15  # --sae's SAE
+    frame = pd.read_csv(out)
+    vector = superscopes.scope.read_vectors(smollm2, ["Diana, Princess of Wales"], [(0, 5, "resid_post", 15)])[0]
+    expected = [i for i, _ in S.load(folder, model=smollm2).decompose(vector, k=10)]
+    assert frame["sae_latents"].map(json.loads).tolist() == [expected]
