@@ -245,9 +245,12 @@ def _collect(model: Model, target_model: Model, prepared: _Prepared, outputs: li
             per_cell[i].update({name: value[row] for name, value in values.items()})
     for readout in chosen:  # the source vector's own readouts, beside what the patch made of it
         if readout.stage == "read" and readout.name in read:
+            decoded = {}  # each vector once: a grid patches one vector into many cells
             for i, cell in enumerate(cells):
                 vector = prepared.vector_of[(cell.source, cell.site, cell.layer)]
-                per_cell[i].update(readout.decode(model.tokenizer, read[readout.name], vector))
+                if vector not in decoded:
+                    decoded[vector] = readout.decode(model.tokenizer, read[readout.name], vector)
+                per_cell[i].update(decoded[vector])
     return per_cell
 
 
