@@ -79,10 +79,10 @@ def _affine_map(path: str | None, transform: str) -> dict:
     return {"affine_weight": saved["weight"], "affine_bias": saved.get("bias")}
 
 
-def _sae_latent(args: argparse.Namespace, model: Model) -> dict:
+def _sae_latent(args: argparse.Namespace, model: Model, chosen: dict) -> dict:
     """``--transform latent --latent N [--sae PATH]``: the model's embedded SAE by default.
-    With ``--readout sae`` too, ``--sae`` is the SAE that readout decomposes with."""
-    if args.latent is None and not (args.sae and "sae" in _readouts(args.readout)["readouts"]):
+    With ``--readout sae`` too (``chosen``: ``_readouts``), ``--sae`` is the SAE that readout decomposes with."""
+    if args.latent is None and not (args.sae and "sae" in chosen["readouts"]):
         return {}
     from superscopes import readouts, sae
 
@@ -122,7 +122,7 @@ def cmd_scope(args: argparse.Namespace) -> None:
     from superscopes.sites import num_layers
 
     model = superscopes.load(args.model, remote=args.remote)
-    latent = _sae_latent(args, model)
+    latent = _sae_latent(args, model, chosen)
     scope = superscopes.Scope(
         args.prompt,
         token=args.token,

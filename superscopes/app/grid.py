@@ -19,7 +19,15 @@ import pandas as pd
 from superscopes.app.errors import error_text, log_error
 from superscopes.app.jobs import GridJob, Keeper, finite
 from superscopes.app.model_cache import REMOTE_PREFIX, ModelCache, WithTokenizer
-from superscopes.app.request import CONTROLS, DEFAULTS, GridRequest, grid_cells, grid_layers, reused_controls
+from superscopes.app.request import (
+    CONTROLS,
+    DEFAULTS,
+    ROW_COLUMNS,
+    GridRequest,
+    grid_cells,
+    grid_layers,
+    reused_controls,
+)
 
 if TYPE_CHECKING:
     from superscopes.models import Model
@@ -32,7 +40,6 @@ def readout_columns(names: list[str]) -> list[str]:
     return [column for name in names for column in readouts.REGISTRY[name].columns]
 
 
-ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity", "echo"]
 CONTROL_OF = {transform: name for name, (transform, _) in CONTROLS.items()}
 
 

@@ -64,6 +64,8 @@ PANEL_DEFAULTS = {"k": 10, "samples": 5, "seed": 0, "alphas": "1,2,4,8", "max_ne
 # Controls beside each best readout, as the recipes run them: control -> (transform, alpha);
 # alpha None is the best readout's own alpha (a random direction with the written vector's norm).
 CONTROLS = {"alpha1": ("scale", 1.0), "norm": ("norm", 1.0), "random": ("random", None)}
+# The columns of a grid's rows on the page; the explorer fills these itself (it judges every row).
+ROW_COLUMNS = ["token", "position", "site", "layer", "target_layer", "alpha", "output", "similarity", "echo"]
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,7 @@ def extra_readouts() -> list[dict]:
     ones and those whose columns the explorer fills itself (it judges every row: ``judge``)."""
     from superscopes import readouts
 
-    own = {"output", "similarity", "echo"}
-    return [r for r in readouts.available() if not r["primary"] and not own & set(r["columns"])]
+    return [r for r in readouts.available() if not r["primary"] and not set(ROW_COLUMNS) & set(r["columns"])]
 
 
 def parse_readouts(value) -> list[str]:
