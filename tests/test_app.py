@@ -69,6 +69,20 @@ def api(make_app):
     return Client(base, app)
 
 
+def grid_body(**fields) -> dict:
+    """A small grid as the page posts it to /api/run; ``fields`` override."""
+    return {
+        "client": "test",
+        "model": NAME,
+        "prompt": PROMPT,
+        "layers": "0-1",
+        "alphas": "1,3",
+        "target_layer": "same",
+        "max_new_tokens": 4,
+        **fields,
+    }
+
+
 class Client:
     def __init__(self, base: str, app: App):
         self.base, self.app = base, app
@@ -89,17 +103,7 @@ class Client:
         return status, json.loads(raw)
 
     def run(self, **fields):
-        body = {
-            "client": "test",
-            "model": NAME,
-            "prompt": PROMPT,
-            "layers": "0-1",
-            "alphas": "1,3",
-            "target_layer": "same",
-            "max_new_tokens": 4,
-            **fields,
-        }
-        return self.json("POST", "/api/run", body)
+        return self.json("POST", "/api/run", grid_body(**fields))
 
     def wait(self, job: str, timeout: float = 120) -> dict:
         deadline = time.time() + timeout

@@ -25,7 +25,7 @@ from superscopes.app.request import LIMITS, parse_body
 from superscopes.app.scheduler import KEEP_JOBS
 from superscopes.app.testing import fake_similarity
 from superscopes.app.web import Handler, Server, cross_site
-from tests.test_app import NAME, PROMPT, Client, api, make_app, model  # noqa: F401 - fixtures
+from tests.test_app import NAME, PROMPT, Client, api, grid_body, make_app, model  # noqa: F401 - fixtures
 
 SECRET = "hf_Zq8example0secret0value"  # a made-up token
 
@@ -52,19 +52,6 @@ def post_raw(base: str, path: str, raw: bytes, headers: dict | None = None, time
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
-
-
-def grid(**fields) -> dict:
-    return {
-        "client": "test",
-        "model": NAME,
-        "prompt": PROMPT,
-        "layers": "0-1",
-        "alphas": "1,3",
-        "target_layer": "same",
-        "max_new_tokens": 4,
-        **fields,
-    }
 
 
 # ---------------------------------------------------------------- pure parsing and bounds
@@ -198,10 +185,10 @@ def test_huge_grids_are_refused_fast_while_a_job_runs(make_app):
     assert entered.wait(60), "the job never reached the judge"
     try:
         cases = [
-            (grid(client="a", layers="1-1000000000"), "layers '1-1000000000': layer 2 is out of range"),
-            (grid(client="b", alphas="1," * 30000), "alphas has 30000 values; a run takes at most 2000"),
-            (grid(client="c", alphas=",".join(str(a) for a in range(1000))), "the grid has 36000 cells"),
-            (grid(client="d", max_new_tokens=10**9), "max_new_tokens must be a whole number from 1 to 32"),
+            (grid_body(client="a", layers="1-1000000000"), "layers '1-1000000000': layer 2 is out of range"),
+            (grid_body(client="b", alphas="1," * 30000), "alphas has 30000 values; a run takes at most 2000"),
+            (grid_body(client="c", alphas=",".join(str(a) for a in range(1000))), "the grid has 36000 cells"),
+            (grid_body(client="d", max_new_tokens=10**9), "max_new_tokens must be a whole number from 1 to 32"),
         ]
         for body, message in cases:
             started = time.perf_counter()
@@ -211,7 +198,9 @@ def test_huge_grids_are_refused_fast_while_a_job_runs(make_app):
         assert list(app.jobs) == [job["job"]]
         # A good grid is queued at once too: the request path shares no lock with the running job.
         started = time.perf_counter()
-        status, queued = post_raw(base, "/api/run", json.dumps(grid(client="e", tokens="last")).encode(), timeout=10)
+        status, queued = post_raw(
+            base, "/api/run", json.dumps(grid_body(client="e", tokens="last")).encode(), timeout=10
+        )
         assert status == 202 and (queued["status"], queued["ahead"]) == ("queued", 1)
         assert time.perf_counter() - started < 3
     finally:
@@ -222,7 +211,7 @@ def test_huge_grids_are_refused_fast_while_a_job_runs(make_app):
 
 def test_overflowing_deep_and_malformed_values_get_400_naming_the_field(api):
     base = api.base
-    valid = json.dumps(grid(tokens="last"))[1:-1]  # the fields, to append one raw field after
+    valid = json.dumps(grid_body(tokens="last"))[1:-1]  # the fields, to append one raw field after
 
     def run(field: str) -> tuple[int, dict]:
         return post_raw(base, "/api/run", ("{" + valid + ", " + field + "}").encode())
@@ -258,7 +247,7 @@ def test_overflowing_deep_and_malformed_values_get_400_naming_the_field(api):
 
 def test_cross_site_posts_are_refused(api):
     base = api.base
-    body = json.dumps(grid(tokens="last", layers="0", sites=["mlp_out"])).encode()
+    body = json.dumps(grid_body(tokens="last", layers="0", sites=["mlp_out"])).encode()
     other_port = {"Origin": "http://127.0.0.1:1"}  # another page on this machine
     for headers in (other_port, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
         for path, data in (

@@ -11,22 +11,11 @@ from superscopes import Scope, ops, run
 from superscopes.prompts import IDENTITY
 from superscopes.scope import read_vectors
 from tests.conftest import ARCHITECTURES
-
-PROMPTS = ["Diana, Princess of Wales", "Red Hot Chili Peppers played a concert in the park", "Back to the Future"]
+from tests.test_scope import PROMPTS, TOPK_GRID
 
 
 def grid(**overrides) -> dict:
-    settings = dict(
-        prompts=PROMPTS,
-        sites=["mlp_out", "resid_post"],
-        layers=[0, 2],
-        alphas=[1, 4],
-        target_layers=["same", 1],
-        output="topk",
-        top_k=5,
-        batch_size=16,
-    )
-    return {**settings, **overrides}
+    return {**TOPK_GRID, "batch_size": 16, **overrides}
 
 
 def assert_same_results(shared, plain) -> None:

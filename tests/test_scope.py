@@ -17,17 +17,20 @@ from superscopes.scope import RESULT_COLUMNS
 PROMPTS = ["Diana, Princess of Wales", "Red Hot Chili Peppers played a concert in the park", "Back to the Future"]
 
 
+# A grid of every feature at once (sites, layers, target layers, alphas), top-k readout.
+TOPK_GRID = dict(
+    prompts=PROMPTS,
+    sites=["mlp_out", "resid_post"],
+    layers=[0, 2],
+    alphas=[1, 4],
+    target_layers=["same", 1],
+    output="topk",
+    top_k=5,
+)
+
+
 def topk_grid(**overrides) -> Scope:
-    settings = dict(
-        prompts=PROMPTS,
-        sites=["mlp_out", "resid_post"],
-        layers=[0, 2],
-        alphas=[1, 4],
-        target_layers=["same", 1],
-        output="topk",
-        top_k=5,
-    )
-    return Scope(**{**settings, **overrides})
+    return Scope(**{**TOPK_GRID, **overrides})
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
