@@ -13,7 +13,8 @@ A recipe module defines ``NAME``, ``DESCRIPTION``, ``build_parser()`` (starting 
   writes a new file with ``--new-file``);
 - the check that the finished table holds exactly the grid's rows (``Run.cells``), and the
   summary (``write_summary``), which states the run's wall time as logged in ``timings.csv``
-  (``record_time``: one row per invocation, with its model and threads).
+  (``record_time``: one row per invocation, with its model and threads, updated as each unit
+  finishes, so that a killed invocation's finished units keep their cost).
 Column types (booleans, token-id lists) come back from the stores as written.
 """
 
@@ -36,7 +37,7 @@ import pandas as pd
 from superscopes.corpus import PATCHSCOPES_DATA
 from superscopes.models import DEFAULT_MODEL, EMBEDDED
 from superscopes.parsing import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, CommandParser
-from superscopes.results import ResultStore, SettingsMismatchError
+from superscopes.results import ResultStore, SettingsMismatchError, write_atomic
 
 DATA = Path(__file__).parent / "data"
 T = TypeVar("T")
@@ -94,7 +95,6 @@ class Run:
     # Each store this invocation opened, with its finished units when opened: what the invocation added.
     opened: dict[Path, tuple[ResultStore, int]] = field(default_factory=dict)
     seconds: float | None = None  # set by record_time (None: no logged invocation added results)
-    timed: bool = False
 
     @property
     def remote(self) -> bool:
@@ -124,7 +124,8 @@ class Run:
     def store(self, filename: str, unit_columns: list[str], **settings: object) -> ResultStore:
         """A resumable table of this run; ``settings``: what else decides its rows (resolved layers...)."""
         on_mismatch = "new" if self.args.new_file else "refuse"
-        store = ResultStore(self.out / filename, unit_columns, {**self.settings, **settings}, on_mismatch)
+        store = _TimedStore(self.out / filename, unit_columns, {**self.settings, **settings}, on_mismatch)
+        store.run = self
         self.opened.setdefault(store.path, (store, len(store.done())))
         return store
 
@@ -146,6 +147,16 @@ class Run:
         import superscopes
 
         return superscopes.load(name or self.args.model, remote=self.args.remote)
+
+
+class _TimedStore(ResultStore):
+    """A run's store: each append also logs the invocation's time so far (``record_time``)."""
+
+    run: Run
+
+    def append(self, frame: pd.DataFrame) -> None:
+        super().append(frame)
+        record_time(self.run)
 
 
 def setup(name: str, args: argparse.Namespace, argv: list[str] | None) -> Run:
@@ -218,24 +229,30 @@ def depth_layers(fractions: Iterable[float], n_layers: int) -> list[int]:
 
 
 def record_time(run: Run) -> float | None:
-    """Log this invocation in ``timings.csv`` (when it finished, its seconds, the finished units it
-    added to the run's stores, the model(s), threads and CPUs); returns the seconds spent by the
-    invocations that added units (the cost of the results, whatever the number of resumes), None
-    when none is logged (results made before the log). An invocation that found no finished unit
-    starts the log anew: the rows of earlier ones were deleted or never made."""
+    """Log this invocation in ``timings.csv`` (when it started and last logged, its seconds so far,
+    the finished units it added to the run's stores, the model(s), threads and CPUs); returns the
+    seconds spent by the invocations that added units (the cost of the results, whatever the
+    number of resumes), None when none is logged (results made before the log). Called after every
+    appended unit and by ``write_summary``; each call rewrites the invocation's own row (keyed by
+    its start), so a killed invocation keeps the time up to its last finished unit. An invocation
+    that found no finished unit starts the log anew: the rows of earlier ones were deleted or
+    never made."""
     path = run.out / "timings.csv"
     found = sum(before for _, before in run.opened.values())
     added = sum(len(store.done()) - before for store, before in run.opened.values())
     models = [m for m in (getattr(run.args, "model", None), getattr(run.args, "other", None)) if m]
-    seconds = round(time.time() - run.started, 1)
-    row = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "added": added}
-    log = pd.DataFrame([{**row, "model": " + ".join(models), "threads": run.args.threads, "cpus": os.cpu_count()}])
-    if found and path.exists():  # an older log may name its count cells_added
-        log = pd.concat([pd.read_csv(path).rename(columns={"cells_added": "added"}), log], ignore_index=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
+    row = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    row |= {"seconds": round(time.time() - run.started, 1), "added": added, "model": " + ".join(models)}
+    log = pd.DataFrame([{**row, "threads": run.args.threads, "cpus": os.cpu_count()}])
+    if found and path.exists():  # an older log may name its count cells_added and lack the start
+        earlier = pd.read_csv(path).rename(columns={"cells_added": "added"})
+        earlier = earlier[earlier["started"] != started] if "started" in earlier else earlier
+        log = pd.concat([earlier, log], ignore_index=True)[list(log.columns)]
         log = log.astype({"threads": "Int64", "cpus": "Int64"})  # counts, blank where an older log has none
-    log.to_csv(path, index=False)
+    write_atomic(path, log.to_csv(index=False).encode())  # a kill mid-write leaves the previous log
     made = log.loc[log["added"] > 0, "seconds"]
-    run.seconds, run.timed = (float(made.sum()) if len(made) else None), True
+    run.seconds = float(made.sum()) if len(made) else None
     return run.seconds
 
 
@@ -263,7 +280,7 @@ def write_summary(
     figures: list[str] | None = None,
 ) -> Path:
     """summary.md: our number next to the paper's, the settings, the command that made it, its wall time."""
-    seconds = run.seconds if run.timed else record_time(run)
+    seconds = record_time(run)
     if seconds is None:
         wall = "not logged: the results were made before timings.csv, which logs every invocation since"
     else:

@@ -288,7 +288,7 @@ def _kinds(records: Sequence[dict], recorded: Mapping[str, str]) -> dict[str, st
     return kinds
 
 
-def _replace(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably: a kill leaves the old file or the new one."""
     partial = path.with_name(path.name + ".part")
     with open(partial, "wb") as f:
@@ -359,7 +359,7 @@ class ResultStore:
         return _read_meta_file(self.meta_path)
 
     def _write_meta(self) -> None:
-        _replace(self.meta_path, json.dumps(self._meta).encode())
+        write_atomic(self.meta_path, json.dumps(self._meta).encode())
 
     def _has_rows(self) -> bool:
         """Rows in the table, or in its journal (a CSV cut short still belongs to its settings)."""
@@ -375,10 +375,10 @@ class ResultStore:
         if self.journal_path.exists():
             records, damaged = _read_journal(self.journal_path)
             if damaged:  # drop the torn tail now, so the next record starts on a line of its own
-                _replace(self.journal_path, b"".join(_frame_line(record) for record in records))
+                write_atomic(self.journal_path, b"".join(_frame_line(record) for record in records))
             return records
         records = self._finished_csv_rows()  # a CSV store of an older version, or a committed one
-        _replace(self.journal_path, b"".join(_frame_line(record) for record in records))
+        write_atomic(self.journal_path, b"".join(_frame_line(record) for record in records))
         return records
 
     def _finished_csv_rows(self) -> list[dict]:
@@ -406,7 +406,7 @@ class ResultStore:
         """Make the CSV and the record's unit list say what the journal says."""
         text = _csv_text(self._records).encode()
         if not self.path.exists() or self.path.read_bytes() != text:
-            _replace(self.path, text)
+            write_atomic(self.path, text)
         units = [[*unit, rows] for unit, rows in self._recorded().items()]
         kinds = _kinds(self._records, self._meta["kinds"])
         if units != self._meta["units"] or kinds != self._meta["kinds"] or not self.meta_path.exists():
@@ -456,7 +456,7 @@ class ResultStore:
             return
         if self._records is None:  # a table without a record: its rows become the first record
             self._records = [self._record(self.load())] if self._has_rows() else []
-            _replace(self.journal_path, b"".join(_frame_line(record) for record in self._records))
+            write_atomic(self.journal_path, b"".join(_frame_line(record) for record in self._records))
         record = self._record(frame)
         self._meta["kinds"] = {**record["kinds"], **self._meta["kinds"]}
         with open(self.journal_path, "ab") as f:

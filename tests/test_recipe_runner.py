@@ -112,7 +112,9 @@ def test_record_time_logs_each_invocation_and_counts_those_that_added_units(tmp_
             store.append(pd.DataFrame({"source": [source], "alpha": [1.0]}))
         return run
 
-    assert record_time(invocation("cells.csv", UNITS[:1], 10)) == pytest.approx(10, abs=0.5)
+    invocation("cells.csv", UNITS[:1], 10)  # killed before its summary: its finished unit logged its time
+    log = pd.read_csv(tmp_path / "timings.csv")
+    assert list(log["added"]) == [1] and log["seconds"].iloc[0] == pytest.approx(10, abs=0.5)
     assert record_time(invocation("cells.csv", UNITS[1:], 4)) == pytest.approx(14, abs=1)  # a resume adds 2
     run = invocation("cells.csv", [], 2)  # nothing to do: logged, not counted
     write_summary(run, "toy", "ours", "paper", {}, [])
@@ -120,6 +122,7 @@ def test_record_time_logs_each_invocation_and_counts_those_that_added_units(tmp_
     assert "- wall time: 14 s over the invocations that added results" in (tmp_path / "summary.md").read_text()
     log = pd.read_csv(tmp_path / "timings.csv")
     assert list(log["added"]) == [1, 2, 0] and set(log["threads"]) == {1} and set(log["model"]) == {args.model}
+    assert log["started"].is_unique  # each invocation one row, however often it logged
     # A table made again from nothing: the earlier invocations no longer count.
     assert record_time(invocation("other.csv", UNITS, 3)) == pytest.approx(3, abs=0.5)
     assert len(pd.read_csv(tmp_path / "timings.csv")) == 1
