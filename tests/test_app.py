@@ -22,7 +22,7 @@ from superscopes.app import App, make_server
 from superscopes.app.fields import SITES
 from superscopes.app.request import LIMITS
 from superscopes.app.server import add_arguments
-from superscopes.app.store import RunStore
+from superscopes.app.store import RunStore, Snapshot
 from superscopes.app.testing import fake_similarity, tiny_model
 from superscopes.app.web import STATIC
 from superscopes.prompts import tokens as prompt_tokens
@@ -548,7 +548,9 @@ def test_runs_are_kept_across_restarts_with_settings_rows_and_csv(make_app, tmp_
     status, answer = again.json("GET", "/api/runs?limit=1000")
     assert status == 400 and "limit must be a whole number from 1 to 100" in answer["error"]
     # A run too large to keep has no CSV to give.
-    app2.store.save("0000000000ff", 1.0, "done", {}, {"prompt": "p", "rows": [], "controls": [], "dropped": True})
+    app2.store.save(
+        "0000000000ff", Snapshot(1.0, "done", {}, {"prompt": "p", "rows": [], "controls": [], "dropped": True})
+    )
     status, answer = again.json("GET", "/api/jobs/0000000000ff/csv")
     assert status == 404 and "too large to keep its results" in answer["error"]
 
@@ -598,18 +600,18 @@ def test_the_store_is_bounded_and_parameterised(tmp_path):
     state = {"prompt": "p", "rows": [{"output": "a"}], "controls": []}
     ids = [f"{i:012x}" for i in range(5)]
     for i, run_id in enumerate(ids):
-        assert store.save(run_id, 1000.0 + i, "done", {"prompt": "p"}, state, b"csv")
+        assert store.save(run_id, Snapshot(1000.0 + i, "done", {"prompt": "p"}, state, b"csv"))
     assert len(store) == 3 and [r["id"] for r in store.recent(10)] == ids[:1:-1]  # the newest three
     assert store.state(ids[0]) is None and store.state(ids[4]) == state and store.csv(ids[4]) == b"csv"
     # A run over max_run_bytes keeps its settings, not its rows.
     noisy = {"prompt": "p", "rows": [{"output": os.urandom(16).hex()} for _ in range(200)], "controls": []}
-    assert not store.save("0000000000ff", 2000.0, "done", {}, noisy, b"x" * 10)
+    assert not store.save("0000000000ff", Snapshot(2000.0, "done", {}, noisy, b"x" * 10))
     assert store.state("0000000000ff") == {"prompt": "p", "rows": [], "controls": [], "dropped": True}
     assert store.csv("0000000000ff") is None
     # The byte bound evicts the oldest too.
     small = RunStore(tmp_path / "b.sqlite", keep=100, max_bytes=3000, max_run_bytes=2000)
     for i in range(6):
-        small.save(f"{i:012x}", float(i), "done", {}, {"rows": [{"output": os.urandom(700).hex()}]})
+        small.save(f"{i:012x}", Snapshot(float(i), "done", {}, {"rows": [{"output": os.urandom(700).hex()}]}))
     assert 1 <= len(small) < 6 and small.recent(1)[0]["id"] == f"{5:012x}"
     for run_id in ("'; DROP TABLE runs; --", "../../x", "", None):
         with pytest.raises(ValueError, match="is not valid: a run id is 12 characters"):

@@ -592,12 +592,14 @@ def test_a_store_locked_by_another_process_blocks_no_request_and_keeps_the_run(m
 
 @pytest.mark.parametrize("damage", [b"", b"not a database" * 100, b"SQLite format 3\x00" + bytes(4000)])
 def test_a_corrupt_run_store_is_moved_aside_with_a_message(make_app, tmp_path, capfd, damage):
-    from superscopes.app.store import RunStore
+    from superscopes.app.store import RunStore, Snapshot
 
     from .test_app import Client
 
     path = tmp_path / "runs.sqlite"
-    RunStore(path).save("0123456789ab", 1.0, "done", {"prompt": "p"}, {"prompt": "p", "rows": [], "controls": []})
+    RunStore(path).save(
+        "0123456789ab", Snapshot(1.0, "done", {"prompt": "p"}, {"prompt": "p", "rows": [], "controls": []})
+    )
     path.write_bytes(damage + path.read_bytes()[len(damage) : len(damage) + 100] if damage else b"\xff" * 5000)
     store = RunStore(path)
     message = capfd.readouterr().err
@@ -616,7 +618,7 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path, sc
     import sqlite3
     from contextlib import closing
 
-    from superscopes.app.store import RunStore
+    from superscopes.app.store import RunStore, Snapshot
 
     whole = tmp_path / "whole.sqlite"
     state = {
@@ -624,7 +626,7 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path, sc
         "rows": [{"output": f"row {i}", "similarity": i / 10} for i in range(30)],
         "controls": [],
     }
-    RunStore(whole).save("0123456789ab", 1.0, "done", {"prompt": "Diana"}, state, b"csv,rows\n")
+    RunStore(whole).save("0123456789ab", Snapshot(1.0, "done", {"prompt": "Diana"}, state, b"csv,rows\n"))
     with closing(sqlite3.connect(whole)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
     data = whole.read_bytes()
@@ -640,7 +642,7 @@ def test_a_run_store_cut_at_many_offsets_opens_whole_or_moved_aside(tmp_path, sc
         assert kept in (state, None), offset  # whole, or gone: never a torn state
         outcomes["whole" if kept else "moved aside" if store.moved_aside else "started empty"] += 1
         assert store.recent(5) in ([], [{"id": "0123456789ab", "created": 1.0, "status": "done", "prompt": "Diana"}])
-        store.save("ba9876543210", 2.0, "done", {}, {"rows": []})  # and it takes new runs
+        store.save("ba9876543210", Snapshot(2.0, "done", {}, {"rows": []}))  # and it takes new runs
     assert len(offsets) > 500 and outcomes["moved aside"] > 0, outcomes
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import pandas as pd
 
 from superscopes.app.errors import log_error
-from superscopes.app.store import RunStore
+from superscopes.app.store import RunStore, Snapshot
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula
 # The keys of a job's state in the order the page and the store have always had them.
@@ -249,6 +249,6 @@ class Keeper:
             with self.lock:  # snapshots are taken in order: the store writes the newest last
                 state = job.state() | {"ahead": 0, "cancelling": False, "eta": None}
                 save = self.store.save_now if now else self.store.save_later
-                save(job.id, job.created, state["status"], job.summary(), state, job.csv_later())
+                save(job.id, Snapshot(job.created, state["status"], job.summary(), state, job.csv_later()))
         except Exception as error:  # a full disk must not fail the run
             log_error(error)

@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 RUN_ID = re.compile(r"[0-9a-f]{12}")
@@ -78,6 +79,18 @@ def _busy(error: sqlite3.Error) -> bool:
     return "locked" in str(error) or "busy" in str(error)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One run as the store keeps it; ``csv`` may be a callable, called when the snapshot is
+    written (the writer thread, not the request, pays for rendering the table)."""
+
+    created: float
+    status: str
+    summary: dict
+    state: dict
+    csv: bytes | Callable[[], bytes | None] | None = None
+
+
 class RunStore:
     """Finished and started runs in ``path`` (created with its folder on first use)."""
 
@@ -91,7 +104,7 @@ class RunStore:
         self.path = Path(path)
         self.keep, self.max_bytes, self.max_run_bytes = keep, max_bytes, max_run_bytes
         self.lock = threading.Lock()  # one writer at a time (the writer thread and synchronous saves)
-        self.pending: dict[str, tuple[int, tuple]] = {}  # run id -> (sequence, save arguments) not yet written
+        self.pending: dict[str, tuple[int, Snapshot]] = {}  # run id -> (sequence, snapshot) not yet written
         self.sequence = 0
         self.changed = threading.Condition()  # guards pending and sequence
         self.ours: set[str] = set()  # runs saved by this process: their queued/running is live
@@ -136,42 +149,27 @@ class RunStore:
             why = "locked by another process" if _busy(error) else f"unreadable ({error})"
             raise RunStoreError(f"the run store {self.path} is {why}; try again in a moment") from None
 
-    def save(
-        self,
-        run_id: str,
-        created: float,
-        status: str,
-        summary: dict,
-        state: dict,
-        csv: bytes | Callable[[], bytes | None] | None = None,
-    ) -> bool:
+    def save(self, run_id: str, snapshot: Snapshot) -> bool:
         """Insert or replace one run, then evict the oldest beyond the bounds; False if its
         results were too large to keep (its settings are kept). ``RunStoreError`` if locked."""
         check_run_id(run_id)
         with self.lock:
-            return self._save(run_id, created, status, summary, state, csv)
+            return self._save(run_id, snapshot)
 
-    def _save(
-        self,
-        run_id: str,
-        created: float,
-        status: str,
-        summary: dict,
-        state: dict,
-        csv: bytes | Callable[[], bytes | None] | None,
-    ) -> bool:
-        csv = csv() if callable(csv) else csv
+    def _save(self, run_id: str, snapshot: Snapshot) -> bool:
+        state, csv = snapshot.state, snapshot.csv() if callable(snapshot.csv) else snapshot.csv
         packed, packed_csv = _pack(state), zlib.compress(csv, 6) if csv is not None else None
         whole = len(packed) + len(packed_csv or b"") <= self.max_run_bytes
         if not whole:
             light = {k: v for k, v in state.items() if k not in ("rows", "controls")}
             packed, packed_csv = _pack({**light, "rows": [], "controls": [], "dropped": True}), None
         size = len(packed) + len(packed_csv or b"")
+        row = (run_id, snapshot.created, snapshot.status, json.dumps(snapshot.summary), packed, packed_csv, size)
         try:
             with closing(self._db()) as db, db:
                 db.execute(
                     "INSERT OR REPLACE INTO runs (id, created, status, summary, state, csv, size) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, created, status, json.dumps(summary), packed, packed_csv, size),
+                    row,
                 )
                 kept, total, drop = 0, 0, []
                 for old_id, old_size in db.execute("SELECT id, size FROM runs ORDER BY created DESC, id"):
@@ -185,29 +183,21 @@ class RunStore:
         self.ours.add(run_id)
         return whole
 
-    def save_later(
-        self,
-        run_id: str,
-        created: float,
-        status: str,
-        summary: dict,
-        state: dict,
-        csv: bytes | Callable[[], bytes | None] | None = None,
-    ) -> None:
+    def save_later(self, run_id: str, snapshot: Snapshot) -> None:
         """Hand the snapshot to the writer thread and return at once (a request never waits on the file)."""
         check_run_id(run_id)
         with self.changed:
             self.sequence += 1
-            self.pending[run_id] = (self.sequence, (created, status, summary, state, csv))
+            self.pending[run_id] = (self.sequence, snapshot)
             self.ours.add(run_id)
             if self.writer is None:
                 self.writer = threading.Thread(target=self._writer, name="superscopes-run-store", daemon=True)
                 self.writer.start()
             self.changed.notify()
 
-    def save_now(self, run_id: str, *args, **kwargs) -> bool:
+    def save_now(self, run_id: str, snapshot: Snapshot) -> bool:
         """``save_later``, then one try to write it at once; True if it is on disk."""
-        self.save_later(run_id, *args, **kwargs)
+        self.save_later(run_id, snapshot)
         return self._write(run_id)
 
     def _write(self, run_id: str) -> bool:
@@ -217,9 +207,9 @@ class RunStore:
                 item = self.pending.get(run_id)
             if item is None:
                 return True
-            sequence, arguments = item
+            sequence, snapshot = item
             try:
-                self._save(run_id, *arguments)
+                self._save(run_id, snapshot)
             except Exception as error:  # the writer thread must outlive any one snapshot
                 if isinstance(error, RunStoreError) and "locked" in str(error):
                     return False
