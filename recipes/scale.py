@@ -201,7 +201,8 @@ def write(results: Path, out: Path) -> Path:
             "",
             "From each run's `timings.csv`: the minutes of the invocations that added results, on this 2-core CPU, "
             "and their torch threads (runs shared the machine with other jobs, so these are upper bounds). Runs made "
-            "before the log existed say `not logged`.",
+            "before the log existed say `not logged`; [recipes.md](recipes.md) gives the 1.5B ones' wall time as "
+            "measured outside the log.",
             "",
             markdown_table(timing_table(results).reset_index()),
             "",
