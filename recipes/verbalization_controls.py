@@ -311,7 +311,8 @@ def li_accuracy(cells: pd.DataFrame, scores: pd.DataFrame, names: list[str], tas
     notebook computes it (Li's rows: ``check_correct``; the Patchscope: any l* per l, then the mean
     over l). Beside them, the Patchscopes paper's variant: the own Patchscope (subject-cropped
     source, judged with echoes excluded) on the picked rows whose fact the verbaliser knows.
-    Extension tasks get their columns but never enter the mean over Li's tasks."""
+    Extension tasks get their columns but never enter the mean over Li's tasks; the mean is over
+    the tasks with rows, and a column counts them."""
     li = cells[cells["row"] < 0]
     li = li.assign(hit=[F.mentions(o, b) for o, b in zip(li["output"], li["object"])])
     records = []
@@ -331,6 +332,8 @@ def li_accuracy(cells: pd.DataFrame, scores: pd.DataFrame, names: list[str], tas
     table = pd.DataFrame(records).reindex(columns=["model", "method", *tasks])
     ours = [t for t in tasks if t in LI_TASKS]
     table.insert(2, f"mean over {len(ours)} of Li's tasks", table[ours].mean(axis=1))
+    # The known-facts variant has no row for a task whose facts the verbaliser knows none of.
+    table.insert(3, "Li's tasks with rows", table[ours].notna().sum(axis=1))
     return table.sort_values(["model", "method"]).reset_index(drop=True)
 
 

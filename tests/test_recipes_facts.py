@@ -380,6 +380,7 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
         accuracy = read(out / "li_accuracy.csv").set_index(["model", "method"]).loc[(m, "Patchscope (Li's rows)")]
         assert float(accuracy["country_currency"]) == pytest.approx(per_row.mean())
         assert float(accuracy["mean over 1 of Li's tasks"]) == pytest.approx(per_row.mean())
+        assert int(accuracy["Li's tasks with rows"]) == 1
     scores = read(out / "per_row.csv")
     assert len(scores) == len(rows) and scores["majority class"].astype(float).between(0, 1).all()
     control = scores[[vc.shuffled_name(a, b, seed) for seed in seeds]].astype(float).mean(axis=1)
