@@ -306,25 +306,33 @@ def row_scores(cells: pd.DataFrame, rows: pd.DataFrame, names: list[str], seed0:
     return scores.astype({c: float for c in scores.columns if ":" in c or c == MAJORITY})
 
 
-def li_accuracy(cells: pd.DataFrame, scores: pd.DataFrame, names: list[str], tasks: list[str]) -> pd.DataFrame:
-    """Li et al.'s table: per method, its accuracy per task and the mean over the tasks, as their
-    notebook computes it (Li's rows: ``check_correct``; the Patchscope: any l* per l, then the mean
-    over l). Beside them, the Patchscopes paper's variant: the own Patchscope (subject-cropped
-    source, judged with echoes excluded) on the picked rows whose fact the verbaliser knows.
-    Extension tasks get their columns but never enter the mean over Li's tasks; the mean is over
-    the tasks with rows, and a column counts them."""
+def li_row_scores(cells: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """One row per Li row (index ``li_row``): its task and, per model, the input-only prompt's hit
+    and Li's Patchscope score (any l* per l, then the mean over l), each judged by Li's
+    ``check_correct`` as their notebook judges it."""
     li = cells[cells["row"] < 0]
     li = li.assign(hit=[F.mentions(o, b) for o, b in zip(li["output"], li["object"])])
+    table = li.drop_duplicates("li_row").set_index("li_row")[["task"]].sort_index()
+    for m in names:
+        inputs = li[li["condition"] == f"{m}: {INPUT}"]
+        patched = li[li["condition"] == f"{m}: {LI_PATCH}"]
+        table[f"{m}: {INPUT}"] = inputs.set_index("li_row")["hit"].astype(float)
+        table[f"{m}: {LI_PATCH}"] = metrics.any_then_mean(
+            patched, "hit", "li_row", any_over="target_layer", mean_over="layer"
+        )
+    return table
+
+
+def li_accuracy(li_scores: pd.DataFrame, scores: pd.DataFrame, names: list[str], tasks: list[str]) -> pd.DataFrame:
+    """Li et al.'s table: per method, its accuracy per task and the mean over the tasks, as their
+    notebook computes it (from ``li_row_scores``). Beside them, the Patchscopes paper's variant:
+    the own Patchscope (subject-cropped source, judged with echoes excluded) on the picked rows
+    whose fact the verbaliser knows. Extension tasks get their columns but never enter the mean
+    over Li's tasks; the mean is over the tasks with rows, and a column counts them."""
     records = []
     for m in names:
         for method in (INPUT, LI_PATCH):
-            part = li[li["condition"] == f"{m}: {method}"]
-            if method == LI_PATCH:
-                per_row = metrics.any_then_mean(part, "hit", "li_row", any_over="target_layer", mean_over="layer")
-                by_task = part.drop_duplicates("li_row").set_index("li_row")["task"].reindex(per_row.index)
-                accuracy = per_row.groupby(by_task).mean()
-            else:
-                accuracy = part.groupby("task")["hit"].mean()
+            accuracy = li_scores.groupby("task")[f"{m}: {method}"].mean()
             records.append({"model": m, "method": method, **accuracy.to_dict()})
         known = scores[scores[f"{m} knows"].astype(bool)]
         paper = known.groupby("task")[f"{m}: own Patchscope"].mean()
@@ -382,8 +390,12 @@ def experiment(run: Run) -> None:
     seeds = draw_seeds(args.seed)
     scores = row_scores(cells, rows, names, args.seed)
     scores.to_csv(run.out / "per_row.csv")
-    accuracy = li_accuracy(cells, scores, names, tasks)
+    li_scores = li_row_scores(cells, names)
+    accuracy = li_accuracy(li_scores, scores, names, tasks)
     accuracy.to_csv(run.out / "li_accuracy.csv", index=False)
+    li_table = F.comparisons(
+        run, li_scores, [(f"{m}: {INPUT}", f"{m}: {LI_PATCH}") for m in names], "li_comparisons.csv"
+    )
     spread = draw_spread(scores, names, seeds)
     spread.to_csv(run.out / "shuffled_draws.csv", index=False)
     table = F.comparisons(run, scores, family(names), "comparisons.csv")
@@ -397,7 +409,7 @@ def experiment(run: Run) -> None:
         plots.heatmap(wide, ax=ax, vmin=0, vmax=1, label="success", title=name, xlabel="l", ylabel="l*")
     plots.save(fig, run.out / "accuracy_heatmaps.png", title=f"Patch success per (l, l*), {len(rows)} rows")
     maps = pd.read_csv(run.out / "maps.csv")
-    findings = [metrics.describe(r) for _, r in table.iterrows()] + [
+    findings = [metrics.describe(r) for _, r in pd.concat([li_table, table]).iterrows()] + [
         "Rows by who knows the fact: "
         + ", ".join(f"{k} {v}" for k, v in rows["category"].value_counts().sort_index().items())
         + ".",
@@ -417,7 +429,10 @@ def experiment(run: Run) -> None:
     for m in names:
         a = accuracy[accuracy["model"] == m].set_index("method")[mean]
         parts.append(f"{m}: input only {a[INPUT]:.3f}, Patchscope {a[LI_PATCH]:.3f}")
-    ours = f"Li's comparison ({mean}): " + "; ".join(parts)
+    paired = "; ".join(
+        f"{r.a.split(':')[0]} {r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for r in li_table.itertuples()
+    )
+    ours = f"Li's comparison ({mean}): " + "; ".join(parts) + f". Input only minus Patchscope per row: {paired}"
     write_summary(
         run,
         f"Verbalisation controls on {names[0]} and {names[1]}",
@@ -438,6 +453,7 @@ def experiment(run: Run) -> None:
         findings,
         {
             "Li et al.'s comparison: accuracy per task, then their mean": accuracy.round(3),
+            "Li's comparison over rows (each unfiltered row a prompt; Holm over the two models)": li_table.round(4),
             "Comparisons over rows (Holm over the family)": table.round(4),
             "Shuffled-source draws (accuracy over the rows per draw)": spread.round(4),
             "Accuracy by knowledge category": by_category.round(3).reset_index(),

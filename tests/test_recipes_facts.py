@@ -338,6 +338,7 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
             "per_row.csv",
             "comparisons.csv",
             "li_accuracy.csv",
+            "li_comparisons.csv",
             "shuffled_draws.csv",
         ],
         ["accuracy_heatmaps.png"],
@@ -381,6 +382,9 @@ def test_verbalization_controls_quick(shared_models, tmp_path):
         assert float(accuracy["country_currency"]) == pytest.approx(per_row.mean())
         assert float(accuracy["mean over 1 of Li's tasks"]) == pytest.approx(per_row.mean())
         assert int(accuracy["Li's tasks with rows"]) == 1
+        paired = read(out / "li_comparisons.csv").set_index("a").loc[f"{m}: input only (Li)"]
+        assert paired["b"] == f"{m}: Patchscope (Li's rows)" and int(paired["n_prompts"]) == len(li)
+        assert float(paired["mean_b"]) == pytest.approx(per_row.mean())  # each Li row one prompt
     scores = read(out / "per_row.csv")
     assert len(scores) == len(rows) and scores["majority class"].astype(float).between(0, 1).all()
     control = scores[[vc.shuffled_name(a, b, seed) for seed in seeds]].astype(float).mean(axis=1)
