@@ -430,7 +430,8 @@ def experiment(run: Run) -> None:
         a = accuracy[accuracy["model"] == m].set_index("method")[mean]
         parts.append(f"{m}: input only {a[INPUT]:.3f}, Patchscope {a[LI_PATCH]:.3f}")
     paired = "; ".join(
-        f"{r.a.split(':')[0]} {r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for r in li_table.itertuples()
+        f"{r.a.removesuffix(f': {INPUT}')} {r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        for r in li_table.itertuples()
     )
     ours = f"Li's comparison ({mean}): " + "; ".join(parts) + f". Input only minus Patchscope per row: {paired}"
     write_summary(

@@ -75,7 +75,9 @@ class AffineLens(Readout):
 
         # Each distinct source vector once (a grid patches one vector into many cells).
         keys = list(zip(frame["source"], frame["position"], frame["layer"]))
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        first: dict[tuple, int] = {}  # each key's first row, in order of first appearance
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
         rows = list(first.values())
         table = vectors()[rows]
         mapped = torch.stack([lens.apply_affine(v[None], *self.maps[keys[i][2]])[0] for v, i in zip(table, rows)])
